@@ -1,0 +1,282 @@
+//! Special tokens (the `tokenizer` section of `config.json`) and the tokenizer wrapper over the
+//! `tokenizers` crate: load any `tokenizer.json`, or train a SentencePiece-style Unigram model.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::models::unigram::{Unigram, UnigramTrainer};
+use tokenizers::normalizers::unicode::NFKC;
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+use tokenizers::{AddedToken, DecoderWrapper, Tokenizer, TokenizerImpl};
+
+use crate::atomic::write_atomic;
+use crate::error::{ModelsError, Result};
+
+/// The special tokens of the KOSMOS sequence layout
+/// `<s> <image> [image embeddings] </image> text </s>`, with their ids (fairseq order).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SpecialTokens {
+    pub bos_token: String,
+    pub bos_token_id: u32,
+    pub pad_token: String,
+    pub pad_token_id: u32,
+    pub eos_token: String,
+    pub eos_token_id: u32,
+    pub unk_token: String,
+    pub unk_token_id: u32,
+    pub image_start_token: String,
+    pub image_start_token_id: u32,
+    pub image_end_token: String,
+    pub image_end_token_id: u32,
+}
+
+impl Default for SpecialTokens {
+    fn default() -> Self {
+        SpecialTokens {
+            bos_token: "<s>".into(),
+            bos_token_id: 0,
+            pad_token: "<pad>".into(),
+            pad_token_id: 1,
+            eos_token: "</s>".into(),
+            eos_token_id: 2,
+            unk_token: "<unk>".into(),
+            unk_token_id: 3,
+            image_start_token: "<image>".into(),
+            image_start_token_id: 4,
+            image_end_token: "</image>".into(),
+            image_end_token_id: 5,
+        }
+    }
+}
+
+impl SpecialTokens {
+    /// (token, id) pairs in id order of the default layout.
+    pub fn pairs(&self) -> [(&str, u32); 6] {
+        [
+            (&self.bos_token, self.bos_token_id),
+            (&self.pad_token, self.pad_token_id),
+            (&self.eos_token, self.eos_token_id),
+            (&self.unk_token, self.unk_token_id),
+            (&self.image_start_token, self.image_start_token_id),
+            (&self.image_end_token, self.image_end_token_id),
+        ]
+    }
+
+    pub fn max_id(&self) -> u32 {
+        self.pairs().iter().map(|p| p.1).max().unwrap_or(0)
+    }
+
+    /// Id written into the `input_ids` slots that image embeddings replace. Any id is correct
+    /// there (the embeddings overwrite it); `<pad>` keeps the ids in range and obviously inert.
+    pub fn image_slot_id(&self) -> u32 {
+        self.pad_token_id
+    }
+}
+
+/// Number of byte-fallback pieces (`<0x00>`..`<0xFF>`), so any UTF-8 text encodes without `<unk>`.
+const BYTE_PIECES: usize = 256;
+
+/// A loaded tokenizer whose special tokens are checked against the config.
+#[derive(Clone)]
+pub struct KosmosTokenizer {
+    inner: Tokenizer,
+    special: SpecialTokens,
+}
+
+impl std::fmt::Debug for KosmosTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KosmosTokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .finish()
+    }
+}
+
+impl KosmosTokenizer {
+    /// Load any Hugging Face `tokenizer.json` and check that the special tokens have the ids the
+    /// config says.
+    pub fn load(path: &Path, special: &SpecialTokens) -> Result<Self> {
+        if !path.exists() {
+            return Err(ModelsError::MissingFile {
+                path: path.to_path_buf(),
+                what: "tokenizer",
+            });
+        }
+        let inner = Tokenizer::from_file(path).map_err(|e| ModelsError::Tokenizer {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let tok = KosmosTokenizer {
+            inner,
+            special: special.clone(),
+        };
+        tok.check_special(path)?;
+        Ok(tok)
+    }
+
+    fn check_special(&self, path: &Path) -> Result<()> {
+        for (token, id) in self.special.pairs() {
+            match self.inner.token_to_id(token) {
+                Some(found) if found == id => {}
+                found => {
+                    return Err(ModelsError::Tokenizer {
+                        path: path.to_path_buf(),
+                        message: format!(
+                            "special token {token:?} has id {found:?}, config.json says {id}"
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Train a Unigram (SentencePiece-style) tokenizer of exactly `vocab_size` entries.
+    ///
+    /// Layout: the special tokens at their configured ids, the trained pieces, then (when the
+    /// vocabulary has room) 256 byte-fallback pieces so no text maps to `<unk>`, then
+    /// `<reserved_N>` entries up to `vocab_size` (as T5's `<extra_id_N>` and Llama 3's reserved
+    /// tokens do) when the corpus is too small to fill the vocabulary.
+    pub fn train<I, S>(corpus: I, vocab_size: usize, special: &SpecialTokens) -> Result<Self>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+    {
+        let specials = special.pairs();
+        let mut by_id = specials.to_vec();
+        by_id.sort_by_key(|p| p.1);
+        if by_id.iter().enumerate().any(|(i, p)| p.1 as usize != i) {
+            return Err(ModelsError::TokenizerTraining(
+                "special token ids must be 0..6 to train a tokenizer".into(),
+            ));
+        }
+        let n_special = by_id.len();
+        let byte_fallback = vocab_size >= n_special + BYTE_PIECES + 64;
+        let budget = vocab_size
+            .checked_sub(n_special + if byte_fallback { BYTE_PIECES } else { 0 })
+            .filter(|b| *b > 0)
+            .ok_or_else(|| {
+                ModelsError::TokenizerTraining(format!(
+                    "vocab size {vocab_size} leaves no room beside {n_special} special tokens"
+                ))
+            })?;
+
+        let special_added: Vec<AddedToken> = by_id
+            .iter()
+            .map(|(t, _)| AddedToken::from(t.to_string(), true))
+            .collect();
+        let mut trainer = UnigramTrainer::builder()
+            .show_progress(false)
+            .vocab_size((budget + n_special) as u32)
+            .special_tokens(special_added.clone())
+            .unk_token(Some(special.unk_token.clone()))
+            .build()
+            .map_err(|e| ModelsError::TokenizerTraining(e.to_string()))?;
+        let mut trainable: TokenizerImpl<
+            Unigram,
+            tokenizers::NormalizerWrapper,
+            tokenizers::PreTokenizerWrapper,
+            tokenizers::PostProcessorWrapper,
+            DecoderWrapper,
+        > = TokenizerImpl::new(Unigram::default());
+        trainable.with_normalizer(Some(NFKC));
+        trainable.with_pre_tokenizer(Some(metaspace()));
+        trainable
+            .train(&mut trainer, corpus)
+            .map_err(|e| ModelsError::TokenizerTraining(e.to_string()))?;
+
+        // Trained pieces without the specials (which the trainer put first), best score first.
+        let special_names: Vec<&str> = by_id.iter().map(|p| p.0).collect();
+        let mut pieces: Vec<(String, f64)> = trainable
+            .get_model()
+            .iter()
+            .filter(|(p, _)| !special_names.contains(&p.as_str()))
+            .cloned()
+            .collect();
+        if pieces.is_empty() {
+            return Err(ModelsError::TokenizerTraining("the corpus is empty".into()));
+        }
+        pieces.sort_by(|a, b| b.1.total_cmp(&a.1));
+        pieces.truncate(budget);
+        let floor = pieces.iter().map(|p| p.1).fold(f64::INFINITY, f64::min) - 10.0;
+
+        let mut vocab: Vec<(String, f64)> = special_names.iter().map(|s| (s.to_string(), 0.0)).collect();
+        vocab.extend(pieces);
+        if byte_fallback {
+            vocab.extend((0..BYTE_PIECES).map(|b| (format!("<0x{b:02X}>"), floor)));
+        }
+        let mut reserved = 0;
+        while vocab.len() < vocab_size {
+            vocab.push((format!("<reserved_{reserved}>"), floor - 10.0));
+            reserved += 1;
+        }
+        let model = Unigram::from(vocab, Some(special.unk_token_id as usize), byte_fallback)
+            .map_err(|e| ModelsError::TokenizerTraining(e.to_string()))?;
+
+        let mut inner = Tokenizer::new(model);
+        inner.with_normalizer(Some(NFKC));
+        inner.with_pre_tokenizer(Some(metaspace()));
+        inner.with_decoder(Some(DecoderSequence::new(vec![
+            DecoderWrapper::ByteFallback(ByteFallback::new()),
+            DecoderWrapper::Fuse(Fuse::new()),
+            DecoderWrapper::Metaspace(metaspace()),
+        ])));
+        inner.add_special_tokens(&special_added);
+        let tok = KosmosTokenizer {
+            inner,
+            special: special.clone(),
+        };
+        tok.check_special(Path::new("<trained tokenizer>"))?;
+        debug_assert_eq!(tok.vocab_size(), vocab_size);
+        Ok(tok)
+    }
+
+    /// Entries in the vocabulary, added tokens included (what the decoder's `vocab_size` must equal).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn special(&self) -> &SpecialTokens {
+        &self.special
+    }
+
+    /// Token ids of `text`, without `<s>`/`</s>` (the sequence assembly adds those).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelsError::TokenizerTraining(format!("encoding failed: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| ModelsError::TokenizerTraining(format!("decoding failed: {e}")))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Write `tokenizer.json` atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = self.inner.to_string(true).map_err(|e| ModelsError::Tokenizer {
+            path: PathBuf::from(path),
+            message: e.to_string(),
+        })?;
+        write_atomic(path, json.as_bytes())
+    }
+
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+}
+
+fn metaspace() -> Metaspace {
+    Metaspace::new('▁', PrependScheme::Always, true)
+}

@@ -1,0 +1,15 @@
+//! `kosmos-train`: KOSMOS-1 in libtorch (tch) — the model, its initialisation, checkpoints, and
+//! the `kosmos-train` command line.
+//!
+//! The model mirrors the reference implementations parameter for parameter (Hugging Face
+//! `CLIPVisionModel`, flamingo-pytorch `PerceiverResampler`, torchscale `Decoder`), so a
+//! checkpoint written here loads into them with `strict=True`; the parity tests hold it to that.
+
+pub mod checkpoint;
+pub mod corpus;
+pub mod error;
+pub mod generate;
+pub mod model;
+
+pub use error::{Result, TrainError};
+pub use model::{Kosmos, LayerKv, StepOutput};
