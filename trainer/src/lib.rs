@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod corpus;
 pub mod error;
 pub mod generate;
+pub mod init;
 pub mod model;
 
 pub use error::{Result, TrainError};

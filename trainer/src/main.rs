@@ -1,13 +1,14 @@
 //! `kosmos-train`: create, train and evaluate KOSMOS-1 checkpoints.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kosmos_models::config::PRESETS;
-use kosmos_models::{KosmosConfig, KosmosTokenizer, param_count};
-use kosmos_train::{checkpoint, corpus, model::Kosmos};
+use kosmos_models::{KosmosConfig, param_count};
+use kosmos_train::checkpoint;
+use kosmos_train::init::{TokenizerSource, init_checkpoint};
 
 #[derive(Parser)]
 #[command(name = "kosmos-train", version, about = "Create, train and evaluate KOSMOS-1 checkpoints")]
@@ -40,6 +41,12 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Load a checkpoint fully (every file validated, every tensor loaded) and summarise it.
+    #[command(after_help = "Example:\n  kosmos-train info runs/tiny-init")]
+    Info {
+        /// Checkpoint directory.
+        checkpoint: PathBuf,
+    },
 }
 
 fn main() {
@@ -64,6 +71,7 @@ fn run(cli: Cli) -> Result<()> {
             output,
             force,
         } => init(&preset, seed, tokenizer, output, force),
+        Command::Info { checkpoint } => info(&checkpoint),
     }
 }
 
@@ -75,40 +83,43 @@ fn spinner(msg: &str) -> indicatif::ProgressBar {
 }
 
 fn init(preset: &str, seed: i64, tokenizer: Option<PathBuf>, output: PathBuf, force: bool) -> Result<()> {
-    let mut config = KosmosConfig::preset(preset)?;
-    if output.exists() && !force && output.read_dir().map(|mut d| d.next().is_some()).unwrap_or(true) {
-        anyhow::bail!("{}: output exists; pass --force to replace it", output.display());
-    }
-    let tok = match tokenizer {
-        Some(path) => {
-            let tok = KosmosTokenizer::load(&path, &config.tokenizer)
-                .with_context(|| format!("loading tokenizer {}", path.display()))?;
-            config.decoder.vocab_size = tok.vocab_size();
-            config.validate()?;
-            tok
-        }
-        None => {
-            let pb = spinner("training the built-in tokenizer");
-            let tok = KosmosTokenizer::train(
-                corpus::builtin_corpus().into_iter(),
-                config.decoder.vocab_size,
-                &config.tokenizer,
-            )?;
-            pb.finish_and_clear();
-            tok
-        }
+    let config = KosmosConfig::preset(preset)?;
+    let source = match &tokenizer {
+        Some(path) => TokenizerSource::File(path),
+        None => TokenizerSource::Builtin,
     };
-    let n = param_count(&config);
-    tracing::info!(preset, seed, params = n, "initialising");
+    tracing::info!(preset, seed, params = param_count(&config), "initialising");
     let t0 = Instant::now();
-    let pb = spinner(&format!("initialising {n} parameters"));
-    let (vs, _model) = Kosmos::build(&config, tch::Device::Cpu, Some(seed));
-    pb.finish_and_clear();
-    let pb = spinner(&format!("writing {}", output.display()));
-    let dir = checkpoint::save(&vs, &output, &config, &tok, force, None)
+    let pb = spinner("initialising and writing the checkpoint");
+    let dir = init_checkpoint(config, seed, source, &output, force)
         .with_context(|| format!("writing checkpoint {}", output.display()))?;
     pb.finish_and_clear();
     tracing::info!(dir = %dir.display(), secs = t0.elapsed().as_secs_f32(), "checkpoint written");
     println!("{}", dir.display());
+    Ok(())
+}
+
+/// Load a checkpoint completely (config, tokenizer, every tensor into the model) and summarise it.
+fn info(dir: &Path) -> Result<()> {
+    let (_vs, model, ckpt) = checkpoint::load(dir, tch::Device::Cpu)?;
+    let c = &model.config;
+    println!("checkpoint   {}", ckpt.dir.display());
+    println!("variant      {:?}", c.variant);
+    println!("parameters   {}", param_count(c));
+    println!(
+        "vision       CLIP ViT {} layers x {} ({} heads), {} px, patch {}, {} tokens",
+        c.vision.num_hidden_layers, c.vision.hidden_size, c.vision.num_attention_heads,
+        c.vision.image_size, c.vision.patch_size, c.vision.num_positions()
+    );
+    println!(
+        "resampler    depth {}, {} latents, {} heads x {}",
+        c.resampler.depth, c.resampler.num_latents, c.resampler.heads, c.resampler.dim_head
+    );
+    println!(
+        "decoder      {} layers x {} ({} heads), FFN {}, vocab {}, context {}",
+        c.decoder.decoder_layers, c.decoder.decoder_embed_dim, c.decoder.decoder_attention_heads,
+        c.decoder.decoder_ffn_embed_dim, c.decoder.vocab_size, c.decoder.max_target_positions
+    );
+    println!("tokenizer    {} entries", ckpt.tokenizer.vocab_size());
     Ok(())
 }
