@@ -47,6 +47,9 @@ impl View for &TensorBytes<'_> {
     }
 }
 
+/// Adds files to a checkpoint being staged (given the staging directory).
+pub type ExtraFiles<'a> = &'a dyn Fn(&Path) -> Result<()>;
+
 /// Write a complete checkpoint to `dir`. The tensors must be exactly the config's parameters.
 /// `extra` may add files (e.g. `trainer_state/`) to the staged directory before it is committed.
 pub fn write_checkpoint(
@@ -55,7 +58,7 @@ pub fn write_checkpoint(
     tokenizer: &KosmosTokenizer,
     tensors: &BTreeMap<String, TensorBytes<'_>>,
     overwrite: bool,
-    extra: Option<&dyn Fn(&Path) -> Result<()>>,
+    extra: Option<ExtraFiles<'_>>,
 ) -> Result<PathBuf> {
     config.validate()?;
     check_tokenizer_size(config, tokenizer, Path::new(TOKENIZER_FILE))?;
@@ -79,11 +82,9 @@ pub fn write_checkpoint(
     let weights = root.join(WEIGHTS_FILE);
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     write_atomic_with(&weights, |tmp| {
-        safetensors::serialize_to_file(tensors.iter(), Some(metadata), tmp).map_err(|e| {
-            ModelsError::Io {
-                path: tmp.to_path_buf(),
-                source: std::io::Error::other(e.to_string()),
-            }
+        safetensors::serialize_to_file(tensors.iter(), Some(metadata), tmp).map_err(|e| ModelsError::Io {
+            path: tmp.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
         })
     })?;
     tokenizer.save(&root.join(TOKENIZER_FILE))?;

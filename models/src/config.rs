@@ -353,34 +353,37 @@ impl KosmosConfig {
         if !problems.is_empty() {
             return Err(ModelsError::config(problems.join("; ")));
         }
-        let mut need = |ok: bool, msg: String| {
-            if !ok {
-                problems.push(msg)
-            }
-        };
         need(
-            v.hidden_size % v.num_attention_heads == 0,
+            &mut problems,
+            v.hidden_size.is_multiple_of(v.num_attention_heads),
             format!(
                 "vision.hidden_size {} is not divisible by vision.num_attention_heads {}",
                 v.hidden_size, v.num_attention_heads
             ),
         );
         need(
-            v.image_size % v.patch_size == 0,
+            &mut problems,
+            v.image_size.is_multiple_of(v.patch_size),
             format!(
                 "vision.image_size {} is not a multiple of vision.patch_size {}",
                 v.image_size, v.patch_size
             ),
         );
         need(
+            &mut problems,
             v.num_channels == 3,
             format!("vision.num_channels must be 3 (RGB), got {}", v.num_channels),
         );
         need(
+            &mut problems,
             v.hidden_act == "quick_gelu",
-            format!("vision.hidden_act {:?} is not supported (quick_gelu)", v.hidden_act),
+            format!(
+                "vision.hidden_act {:?} is not supported (quick_gelu)",
+                v.hidden_act
+            ),
         );
         need(
+            &mut problems,
             r.dim == v.hidden_size,
             format!(
                 "resampler.dim {} must equal vision.hidden_size {} (it resamples the tower's features)",
@@ -388,26 +391,41 @@ impl KosmosConfig {
             ),
         );
         need(
-            d.decoder_embed_dim % d.decoder_attention_heads == 0,
+            &mut problems,
+            d.decoder_embed_dim.is_multiple_of(d.decoder_attention_heads),
             format!(
                 "decoder.decoder_embed_dim {} is not divisible by decoder.decoder_attention_heads {}",
                 d.decoder_embed_dim, d.decoder_attention_heads
             ),
         );
         need(
-            d.head_dim() % 2 == 0,
-            format!("decoder head dim {} must be even (xPos rotates pairs)", d.head_dim()),
+            &mut problems,
+            d.head_dim().is_multiple_of(2),
+            format!(
+                "decoder head dim {} must be even (xPos rotates pairs)",
+                d.head_dim()
+            ),
         );
         need(
+            &mut problems,
             d.activation_fn == "gelu",
-            format!("decoder.activation_fn {:?} is not supported (gelu)", d.activation_fn),
+            format!(
+                "decoder.activation_fn {:?} is not supported (gelu)",
+                d.activation_fn
+            ),
         );
         let unsupported = [
             ("decoder.subln = false", !d.subln),
-            ("decoder.decoder_normalize_before = false", !d.decoder_normalize_before),
+            (
+                "decoder.decoder_normalize_before = false",
+                !d.decoder_normalize_before,
+            ),
             ("decoder.deepnorm", d.deepnorm),
             ("decoder.layernorm_embedding", d.layernorm_embedding),
-            ("decoder.share_decoder_input_output_embed", d.share_decoder_input_output_embed),
+            (
+                "decoder.share_decoder_input_output_embed",
+                d.share_decoder_input_output_embed,
+            ),
             ("decoder.no_output_layer", d.no_output_layer),
             ("decoder.xpos_rel_pos = false", !d.xpos_rel_pos),
             ("decoder.rel_pos_buckets", d.rel_pos_buckets != 0),
@@ -417,7 +435,11 @@ impl KosmosConfig {
             ("decoder.drop_path_rate", d.drop_path_rate != 0.0),
         ];
         for (what, set) in unsupported {
-            need(!set, format!("{what} is not supported by this toolchain"));
+            need(
+                &mut problems,
+                !set,
+                format!("{what} is not supported by this toolchain"),
+            );
         }
         for (name, p) in [
             ("decoder.dropout", d.dropout),
@@ -425,9 +447,14 @@ impl KosmosConfig {
             ("decoder.activation_dropout", d.activation_dropout),
             ("vision.attention_dropout", v.attention_dropout),
         ] {
-            need((0.0..1.0).contains(&p), format!("{name} {p} must be in [0, 1)"));
+            need(
+                &mut problems,
+                (0.0..1.0).contains(&p),
+                format!("{name} {p} must be in [0, 1)"),
+            );
         }
         need(
+            &mut problems,
             self.decoder.vocab_size > self.tokenizer.max_id() as usize,
             format!(
                 "decoder.vocab_size {} does not cover the special token ids (largest {})",
@@ -435,7 +462,6 @@ impl KosmosConfig {
                 self.tokenizer.max_id()
             ),
         );
-        drop(need);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -446,6 +472,13 @@ impl KosmosConfig {
     /// Image embeddings each image contributes to the decoder sequence.
     pub fn image_tokens(&self) -> usize {
         self.resampler.num_latents
+    }
+}
+
+/// Record `msg` unless `ok`.
+fn need(problems: &mut Vec<String>, ok: bool, msg: String) {
+    if !ok {
+        problems.push(msg);
     }
 }
 

@@ -23,17 +23,12 @@ pub enum ModelsError {
     },
 
     #[error("invalid config{}: {message}", path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
-    InvalidConfig {
-        path: Option<PathBuf>,
-        message: String,
-    },
+    InvalidConfig { path: Option<PathBuf>, message: String },
 
     #[error("{path}: not a readable safetensors file (truncated or corrupt?): {message}")]
     CorruptWeights { path: PathBuf, message: String },
 
-    #[error(
-        "{path}: weights do not match the config: {message}\n  (the config says one model, the weights hold another; re-create the checkpoint or fix config.json)"
-    )]
+    #[error("{path}: weights do not match config.json: {message}")]
     WeightsMismatch { path: PathBuf, message: String },
 
     #[error("{path}: tokenizer: {message}")]

@@ -49,7 +49,10 @@ pub fn expected_params(cfg: &KosmosConfig) -> Vec<ParamSpec> {
     let r = &cfg.resampler;
     let inner = r.dim_head * r.heads;
     c.tensor(format!("{RESAMPLER}.latents"), &[r.num_latents, r.dim]);
-    c.tensor(format!("{RESAMPLER}.media_pos_emb"), &[r.num_media_embeds, 1, r.dim]);
+    c.tensor(
+        format!("{RESAMPLER}.media_pos_emb"),
+        &[r.num_media_embeds, 1, r.dim],
+    );
     for l in 0..r.depth {
         let a = format!("{RESAMPLER}.layers.{l}.0");
         c.norm(&format!("{a}.norm_media"), r.dim);

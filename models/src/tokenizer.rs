@@ -1,6 +1,7 @@
 //! Special tokens (the `tokenizer` section of `config.json`) and the tokenizer wrapper over the
 //! `tokenizers` crate: load any `tokenizer.json`, or train a SentencePiece-style Unigram model.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -10,7 +11,7 @@ use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::models::unigram::{Unigram, UnigramTrainer};
 use tokenizers::normalizers::unicode::NFKC;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
-use tokenizers::{AddedToken, DecoderWrapper, Tokenizer, TokenizerImpl};
+use tokenizers::{AddedToken, DecoderWrapper, NormalizedString, Normalizer, Tokenizer, TokenizerImpl};
 
 use crate::atomic::write_atomic;
 use crate::error::{ModelsError, Result};
@@ -124,9 +125,7 @@ impl KosmosTokenizer {
                 found => {
                     return Err(ModelsError::Tokenizer {
                         path: path.to_path_buf(),
-                        message: format!(
-                            "special token {token:?} has id {found:?}, config.json says {id}"
-                        ),
+                        message: format!("special token {token:?} has id {found:?}, config.json says {id}"),
                     });
                 }
             }
@@ -140,8 +139,14 @@ impl KosmosTokenizer {
     /// vocabulary has room) 256 byte-fallback pieces so no text maps to `<unk>`, then
     /// `<reserved_N>` entries up to `vocab_size` (as T5's `<extra_id_N>` and Llama 3's reserved
     /// tokens do) when the corpus is too small to fill the vocabulary.
-    pub fn train<I, S>(corpus: I, vocab_size: usize, special: &SpecialTokens) -> Result<Self>
+    ///
+    /// `corpus` yields the lines; it is called twice (the Unigram trainer, then a word count).
+    /// Hugging Face's Unigram trainer seeds pieces from the corpus' *distinct* words, so on a small
+    /// corpus it misses frequent whole words (`▁the`); words seen at least twice are therefore
+    /// added as pieces scored by their log frequency, and the best pieces fill the budget.
+    pub fn train<F, I, S>(corpus: F, vocab_size: usize, special: &SpecialTokens) -> Result<Self>
     where
+        F: Fn() -> I,
         I: Iterator<Item = S> + Send,
         S: AsRef<str> + Send,
     {
@@ -185,21 +190,38 @@ impl KosmosTokenizer {
         trainable.with_normalizer(Some(NFKC));
         trainable.with_pre_tokenizer(Some(metaspace()));
         trainable
-            .train(&mut trainer, corpus)
+            .train(&mut trainer, corpus())
             .map_err(|e| ModelsError::TokenizerTraining(e.to_string()))?;
 
         // Trained pieces without the specials (which the trainer put first), best score first.
         let special_names: Vec<&str> = by_id.iter().map(|p| p.0).collect();
-        let mut pieces: Vec<(String, f64)> = trainable
+        let mut scores: HashMap<String, f64> = trainable
             .get_model()
             .iter()
             .filter(|(p, _)| !special_names.contains(&p.as_str()))
             .cloned()
             .collect();
-        if pieces.is_empty() {
+        if scores.is_empty() {
             return Err(ModelsError::TokenizerTraining("the corpus is empty".into()));
         }
-        pieces.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let words = count_words(corpus());
+        let total: u64 = words.values().sum();
+        for (word, count) in words {
+            if count >= 2 && word.chars().count() > 1 {
+                let score = (count as f64 / total as f64).ln();
+                let entry = scores.entry(word).or_insert(score);
+                *entry = entry.max(score);
+            }
+        }
+        // Single characters first (so text stays encodable), then by score; ties by piece.
+        let mut pieces: Vec<(String, f64)> = scores.into_iter().collect();
+        pieces.sort_by(|a, b| {
+            let single = |p: &str| p.chars().count() == 1;
+            single(&b.0)
+                .cmp(&single(&a.0))
+                .then(b.1.total_cmp(&a.1))
+                .then(a.0.cmp(&b.0))
+        });
         pieces.truncate(budget);
         let floor = pieces.iter().map(|p| p.1).fold(f64::INFINITY, f64::min) - 10.0;
 
@@ -219,10 +241,11 @@ impl KosmosTokenizer {
         let mut inner = Tokenizer::new(model);
         inner.with_normalizer(Some(NFKC));
         inner.with_pre_tokenizer(Some(metaspace()));
+        // Metaspace first, per token: after Fuse it would see one token and drop every `▁`.
         inner.with_decoder(Some(DecoderSequence::new(vec![
+            DecoderWrapper::Metaspace(metaspace()),
             DecoderWrapper::ByteFallback(ByteFallback::new()),
             DecoderWrapper::Fuse(Fuse::new()),
-            DecoderWrapper::Metaspace(metaspace()),
         ])));
         inner.add_special_tokens(&special_added);
         let tok = KosmosTokenizer {
@@ -275,6 +298,25 @@ impl KosmosTokenizer {
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
     }
+}
+
+/// Words as the pre-tokenizer sees them: NFKC, split on spaces, each prefixed with `▁`.
+fn count_words<I, S>(corpus: I) -> HashMap<String, u64>
+where
+    I: Iterator<Item = S>,
+    S: AsRef<str>,
+{
+    let mut counts = HashMap::new();
+    for line in corpus {
+        let mut normalized = NormalizedString::from(line.as_ref());
+        if NFKC.normalize(&mut normalized).is_err() {
+            continue;
+        }
+        for word in normalized.get().split(' ').filter(|w| !w.is_empty()) {
+            *counts.entry(format!("▁{word}")).or_insert(0) += 1;
+        }
+    }
+    counts
 }
 
 fn metaspace() -> Metaspace {

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use kosmos_models::checkpoint::ExtraFiles;
 use kosmos_models::{Checkpoint, KosmosConfig, KosmosTokenizer, TensorBytes, write_checkpoint};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -19,13 +20,17 @@ pub fn save(
     config: &KosmosConfig,
     tokenizer: &KosmosTokenizer,
     overwrite: bool,
-    extra: Option<&dyn Fn(&Path) -> kosmos_models::Result<()>>,
+    extra: Option<ExtraFiles<'_>>,
 ) -> Result<PathBuf> {
     let host: BTreeMap<String, Tensor> = vs
         .variables()
         .into_iter()
         .map(|(name, t)| {
-            let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+            let t = t
+                .detach()
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Float)
+                .contiguous();
             (name, t)
         })
         .collect();
@@ -40,7 +45,9 @@ pub fn save(
             (name.clone(), TensorBytes { shape, data })
         })
         .collect();
-    Ok(write_checkpoint(dir, config, tokenizer, &views, overwrite, extra)?)
+    Ok(write_checkpoint(
+        dir, config, tokenizer, &views, overwrite, extra,
+    )?)
 }
 
 /// Copy a checkpoint's weights into the matching variables of `vs`.

@@ -25,7 +25,9 @@ pub fn builtin_corpus() -> Vec<String> {
                 }
             }
             for side in SIDES {
-                lines.push(format!("Question: what colour is the shape on the {side}? Answer: {c1}"));
+                lines.push(format!(
+                    "Question: what colour is the shape on the {side}? Answer: {c1}"
+                ));
                 lines.push(format!("Question: what shape is on the {side}? Answer: {s1}"));
             }
         }

@@ -49,7 +49,14 @@ pub fn greedy(
         let image_embeds = pixel_values
             .map(|p| model.encode_images(&p.to_device(device), false))
             .transpose()?;
-        let mut out = model.step(&input_ids, image_embeds.as_ref(), &image_mask, &attention_mask, None, false)?;
+        let mut out = model.step(
+            &input_ids,
+            image_embeds.as_ref(),
+            &image_mask,
+            &attention_mask,
+            None,
+            false,
+        )?;
         let mut generated: Vec<Vec<u32>> = vec![Vec::new(); b];
         let mut done = vec![false; b];
         for _ in 0..max_new {
@@ -70,8 +77,21 @@ pub fn greedy(
             }
             let step_ids = Tensor::from_slice(&next).view([b as i64, 1]).to_device(device);
             let no_image = Tensor::zeros([b as i64, 1], (Kind::Bool, device));
-            attention_mask = Tensor::cat(&[&attention_mask, &Tensor::ones([b as i64, 1], (Kind::Int64, device))], 1);
-            out = model.step(&step_ids, None, &no_image, &attention_mask, Some(&out.present), false)?;
+            attention_mask = Tensor::cat(
+                &[
+                    &attention_mask,
+                    &Tensor::ones([b as i64, 1], (Kind::Int64, device)),
+                ],
+                1,
+            );
+            out = model.step(
+                &step_ids,
+                None,
+                &no_image,
+                &attention_mask,
+                Some(&out.present),
+                false,
+            )?;
         }
         Ok(generated)
     })

@@ -21,7 +21,7 @@ pub enum TokenizerSource<'a> {
 pub fn tokenizer_for(config: &mut KosmosConfig, source: TokenizerSource<'_>) -> Result<KosmosTokenizer> {
     match source {
         TokenizerSource::Builtin => Ok(KosmosTokenizer::train(
-            corpus::builtin_corpus().into_iter(),
+            || corpus::builtin_corpus().into_iter(),
             config.decoder.vocab_size,
             &config.tokenizer,
         )?),

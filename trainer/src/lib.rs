@@ -11,6 +11,7 @@ pub mod error;
 pub mod generate;
 pub mod init;
 pub mod model;
+pub mod rng;
 
 pub use error::{Result, TrainError};
 pub use model::{Kosmos, LayerKv, StepOutput};

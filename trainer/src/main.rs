@@ -11,7 +11,11 @@ use kosmos_train::checkpoint;
 use kosmos_train::init::{TokenizerSource, init_checkpoint};
 
 #[derive(Parser)]
-#[command(name = "kosmos-train", version, about = "Create, train and evaluate KOSMOS-1 checkpoints")]
+#[command(
+    name = "kosmos-train",
+    version,
+    about = "Create, train and evaluate KOSMOS-1 checkpoints"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,9 +24,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Write a freshly initialised checkpoint (config.json, model.safetensors, tokenizer.json).
-    #[command(after_help = "Examples:\n  kosmos-train init --preset tiny -o runs/tiny-init\n  \
+    #[command(
+        after_help = "Examples:\n  kosmos-train init --preset tiny -o runs/tiny-init\n  \
         kosmos-train init --preset kosmos-1 --seed 7 -o runs/kosmos1-random\n  \
-        kosmos-train init --preset kosmos-1 --tokenizer my/tokenizer.json -o runs/k1")]
+        kosmos-train init --preset kosmos-1 --tokenizer my/tokenizer.json -o runs/k1"
+    )]
     Init {
         /// Built-in model config.
         #[arg(long, default_value = "tiny", value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
@@ -108,8 +114,12 @@ fn info(dir: &Path) -> Result<()> {
     println!("parameters   {}", param_count(c));
     println!(
         "vision       CLIP ViT {} layers x {} ({} heads), {} px, patch {}, {} tokens",
-        c.vision.num_hidden_layers, c.vision.hidden_size, c.vision.num_attention_heads,
-        c.vision.image_size, c.vision.patch_size, c.vision.num_positions()
+        c.vision.num_hidden_layers,
+        c.vision.hidden_size,
+        c.vision.num_attention_heads,
+        c.vision.image_size,
+        c.vision.patch_size,
+        c.vision.num_positions()
     );
     println!(
         "resampler    depth {}, {} latents, {} heads x {}",
@@ -117,8 +127,12 @@ fn info(dir: &Path) -> Result<()> {
     );
     println!(
         "decoder      {} layers x {} ({} heads), FFN {}, vocab {}, context {}",
-        c.decoder.decoder_layers, c.decoder.decoder_embed_dim, c.decoder.decoder_attention_heads,
-        c.decoder.decoder_ffn_embed_dim, c.decoder.vocab_size, c.decoder.max_target_positions
+        c.decoder.decoder_layers,
+        c.decoder.decoder_embed_dim,
+        c.decoder.decoder_attention_heads,
+        c.decoder.decoder_ffn_embed_dim,
+        c.decoder.vocab_size,
+        c.decoder.max_target_positions
     );
     println!("tokenizer    {} entries", ckpt.tokenizer.vocab_size());
     Ok(())

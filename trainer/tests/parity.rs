@@ -18,8 +18,18 @@ fn check_parity(config: &KosmosConfig, seed: i64) {
     let tok = &ckpt.tokenizer;
 
     // Two prompts, each with an image between two pieces of text, of equal length.
-    let a = image_in_middle(tok, config, "a red circle on the left", "and a blue square on the right");
-    let b = image_in_middle(tok, config, "a blue square on the right", "and a red circle on the left");
+    let a = image_in_middle(
+        tok,
+        config,
+        "a red circle on the left",
+        "and a blue square on the right",
+    );
+    let b = image_in_middle(
+        tok,
+        config,
+        "a blue square on the right",
+        "and a red circle on the left",
+    );
     assert_eq!(a.len(), b.len());
     let (input_ids, image_mask) = batch(&[a, b]);
     let pixel_values = pixels(config, 2, seed + 1);
@@ -49,11 +59,23 @@ fn check_parity(config: &KosmosConfig, seed: i64) {
     let expected = Tensor::read_safetensors(&reference).unwrap().remove(0).1;
 
     let attention_mask = input_ids.ones_like();
-    let logits = tch::no_grad(|| model.forward(&input_ids, Some(&pixel_values), &image_mask, &attention_mask, false)).unwrap();
+    let logits = tch::no_grad(|| {
+        model.forward(
+            &input_ids,
+            Some(&pixel_values),
+            &image_mask,
+            &attention_mask,
+            false,
+        )
+    })
+    .unwrap();
     let diff = max_abs_diff(&logits, &expected);
     let scale = expected.abs().max().double_value(&[]);
     eprintln!("max |tch - reference| = {diff:.3e} (logits up to {scale:.2})");
-    assert!(diff <= TOLERANCE, "tch logits differ from the reference by {diff:e} > {TOLERANCE:e}");
+    assert!(
+        diff <= TOLERANCE,
+        "tch logits differ from the reference by {diff:e} > {TOLERANCE:e}"
+    );
     // A real signal: the logits are far from constant, so agreement is not vacuous.
     assert!(scale > 0.1, "degenerate logits");
     let _ = Checkpoint::open(&dir).unwrap();

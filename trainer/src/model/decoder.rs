@@ -66,7 +66,8 @@ impl Decoder {
         let d = cfg.decoder_embed_dim;
         let eps = cfg.layernorm_eps;
         let std = (d as f64).powf(-0.5);
-        let embed_tokens = (p / "embed_tokens").var("weight", &[cfg.vocab_size as i64, d as i64], m.init(normal(std)));
+        let embed_tokens =
+            (p / "embed_tokens").var("weight", &[cfg.vocab_size as i64, d as i64], m.init(normal(std)));
         tch::no_grad(|| {
             let _ = embed_tokens.get(pad_id as i64).fill_(0.0);
         });
@@ -93,7 +94,12 @@ impl Decoder {
                     final_layer_norm: LayerNorm::new(&p, "final_layer_norm", d, eps),
                 };
                 if m.random {
-                    for lin in [&layer.ffn.fc1, &layer.ffn.fc2, &layer.self_attn.v_proj, &layer.self_attn.out_proj] {
+                    for lin in [
+                        &layer.ffn.fc1,
+                        &layer.ffn.fc2,
+                        &layer.self_attn.v_proj,
+                        &layer.self_attn.out_proj,
+                    ] {
                         lin.scale_(gamma);
                     }
                 }
@@ -156,14 +162,19 @@ impl Decoder {
             let layer_past = past.map(|p| &p[i]);
             let h = layer.self_attn_layer_norm.forward(&x);
             let (h, kv) = self.attention(&layer.self_attn, &h, &tables, &blocked, layer_past, train);
-            x = x + h.dropout(self.cfg.dropout, train);
+            x = &x + h.dropout(self.cfg.dropout, train); // out of place: autograd saved x
             present.push(kv);
             let h = layer.final_layer_norm.forward(&x);
             let ffn = &layer.ffn;
-            let h = ffn.fc1.forward(&h).to_kind(Kind::Float).gelu("none").to_kind(h.kind());
+            let h = ffn
+                .fc1
+                .forward(&h)
+                .to_kind(Kind::Float)
+                .gelu("none")
+                .to_kind(h.kind());
             let h = h.dropout(self.cfg.activation_dropout, train);
             let h = ffn.fc2.forward(&ffn.ffn_layernorm.forward(&h));
-            x = x + h.dropout(self.cfg.dropout, train);
+            x = &x + h.dropout(self.cfg.dropout, train); // out of place: autograd saved x
         }
         let x = self.layer_norm.forward(&x);
         (self.output_projection.forward(&x), present)

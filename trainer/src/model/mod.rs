@@ -39,7 +39,8 @@ pub struct StepOutput {
 
 impl Kosmos {
     /// Build the model under `root`. With `random`, variables get the reference initialisation
-    /// (seed it with `tch::manual_seed` first); without, zeros, to be overwritten by a load.
+    /// (from the global generator: seed it through [`crate::rng::seeded`]); without, zeros, to be
+    /// overwritten by a load.
     pub fn new(root: &Path, config: &KosmosConfig, random: bool) -> Self {
         let m = InitMode { random };
         let d = config.decoder.decoder_embed_dim;
@@ -49,17 +50,23 @@ impl Kosmos {
             vision: ClipVision::new(&(root / VISION), &config.vision, m),
             resampler: PerceiverResampler::new(&(root / RESAMPLER), &config.resampler, m),
             image_proj: Linear::new(root, IMAGE_PROJ, r, d, normal((d as f64).powf(-0.5)), None, m),
-            decoder: Decoder::new(&(root / DECODER), &config.decoder, config.tokenizer.pad_token_id, m),
+            decoder: Decoder::new(
+                &(root / DECODER),
+                &config.decoder,
+                config.tokenizer.pad_token_id,
+                m,
+            ),
         }
     }
 
     /// A fresh VarStore on `device` holding a randomly initialised (seeded) or zeroed model.
+    /// The same seed gives the same weights, also with other threads drawing random numbers.
     pub fn build(config: &KosmosConfig, device: tch::Device, seed: Option<i64>) -> (VarStore, Self) {
         let vs = VarStore::new(device);
-        if let Some(seed) = seed {
-            tch::manual_seed(seed);
-        }
-        let model = Kosmos::new(&vs.root(), config, seed.is_some());
+        let model = match seed {
+            Some(seed) => crate::rng::seeded(seed, || Kosmos::new(&vs.root(), config, true)),
+            None => Kosmos::new(&vs.root(), config, false),
+        };
         (vs, model)
     }
 
@@ -80,7 +87,12 @@ impl Kosmos {
 
     /// Token embeddings with the image slots (`image_mask` true) filled, in order, by the rows of
     /// `image_embeds` [n, num_latents, D] (or already flattened [n·num_latents, D]).
-    pub fn embed(&self, input_ids: &Tensor, image_embeds: Option<&Tensor>, image_mask: &Tensor) -> Result<Tensor> {
+    pub fn embed(
+        &self,
+        input_ids: &Tensor,
+        image_embeds: Option<&Tensor>,
+        image_mask: &Tensor,
+    ) -> Result<Tensor> {
         let vocab = self.config.decoder.vocab_size as i64;
         if input_ids.numel() > 0 {
             let (lo, hi) = (input_ids.min().int64_value(&[]), input_ids.max().int64_value(&[]));
@@ -125,7 +137,9 @@ impl Kosmos {
         past: Option<&[LayerKv]>,
         train: bool,
     ) -> Result<StepOutput> {
-        let (b, s) = input_ids.size2().map_err(|_| TrainError::Input("input_ids must be [batch, seq]".into()))?;
+        let (b, s) = input_ids
+            .size2()
+            .map_err(|_| TrainError::Input("input_ids must be [batch, seq]".into()))?;
         let past_len = past.and_then(|p| p.first()).map_or(0, |kv| kv.len());
         if attention_mask.size() != [b, past_len + s] {
             return Err(TrainError::Input(format!(
@@ -150,7 +164,14 @@ impl Kosmos {
     ) -> Result<Tensor> {
         let image_embeds = pixel_values.map(|p| self.encode_images(p, train)).transpose()?;
         Ok(self
-            .step(input_ids, image_embeds.as_ref(), image_mask, attention_mask, None, train)?
+            .step(
+                input_ids,
+                image_embeds.as_ref(),
+                image_mask,
+                attention_mask,
+                None,
+                train,
+            )?
             .logits)
     }
 }

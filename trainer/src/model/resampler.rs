@@ -35,10 +35,18 @@ impl PerceiverResampler {
     pub fn new(p: &Path, cfg: &ResamplerConfig, m: InitMode) -> Self {
         let d = cfg.dim;
         let inner = cfg.dim_head * cfg.heads;
-        let randn = Init::Randn { mean: 0.0, stdev: 1.0 };
+        let randn = Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
+        };
         let latents = p.var("latents", &[cfg.num_latents as i64, d as i64], m.init(randn));
-        let media_pos_emb = p.var("media_pos_emb", &[cfg.num_media_embeds as i64, 1, d as i64], m.init(randn));
-        let no_bias = |p: &Path, name: &str, i: usize, o: usize| Linear::new(p, name, i, o, torch_default(i), None, m);
+        let media_pos_emb = p.var(
+            "media_pos_emb",
+            &[cfg.num_media_embeds as i64, 1, d as i64],
+            m.init(randn),
+        );
+        let no_bias =
+            |p: &Path, name: &str, i: usize, o: usize| Linear::new(p, name, i, o, torch_default(i), None, m);
         let layers = (0..cfg.depth)
             .map(|l| {
                 let a = p / "layers" / l / 0;

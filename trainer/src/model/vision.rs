@@ -3,8 +3,8 @@
 //! kept as a parameter so HF loads the checkpoint strictly).
 
 use kosmos_models::VisionConfig;
-use tch::nn::Path;
 use tch::Tensor;
+use tch::nn::Path;
 
 use super::layers::{InitMode, LayerNorm, Linear, merge_heads, normal, softmax_f32, split_heads};
 
@@ -38,10 +38,19 @@ impl ClipVision {
         let eps = cfg.layer_norm_eps;
         let n_layers = cfg.num_hidden_layers as f64;
         let emb = p / "embeddings";
-        let class_embedding = emb.var("class_embedding", &[h as i64], m.init(normal((h as f64).powf(-0.5) * f)));
+        let class_embedding = emb.var(
+            "class_embedding",
+            &[h as i64],
+            m.init(normal((h as f64).powf(-0.5) * f)),
+        );
         let patch_embedding = (&emb / "patch_embedding").var(
             "weight",
-            &[h as i64, cfg.num_channels as i64, cfg.patch_size as i64, cfg.patch_size as i64],
+            &[
+                h as i64,
+                cfg.num_channels as i64,
+                cfg.patch_size as i64,
+                cfg.patch_size as i64,
+            ],
             m.init(normal(cfg.initializer_range * f)),
         );
         let position_embedding = (&emb / "position_embedding").var(
@@ -65,8 +74,24 @@ impl ClipVision {
                     q_proj: Linear::new(&a, "q_proj", h, h, normal(in_std), zero, m),
                     out_proj: Linear::new(&a, "out_proj", h, h, normal(out_std), zero, m),
                     layer_norm1: LayerNorm::new(&p, "layer_norm1", h, eps),
-                    fc1: Linear::new(&(&p / "mlp"), "fc1", h, cfg.intermediate_size, normal(fc1_std), zero, m),
-                    fc2: Linear::new(&(&p / "mlp"), "fc2", cfg.intermediate_size, h, normal(in_std), zero, m),
+                    fc1: Linear::new(
+                        &(&p / "mlp"),
+                        "fc1",
+                        h,
+                        cfg.intermediate_size,
+                        normal(fc1_std),
+                        zero,
+                        m,
+                    ),
+                    fc2: Linear::new(
+                        &(&p / "mlp"),
+                        "fc2",
+                        cfg.intermediate_size,
+                        h,
+                        normal(in_std),
+                        zero,
+                        m,
+                    ),
                     layer_norm2: LayerNorm::new(&p, "layer_norm2", h, eps),
                 }
             })

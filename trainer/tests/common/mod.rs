@@ -11,9 +11,8 @@ use tch::{Kind, Tensor};
 
 /// The Python of the venv made by scripts/setup.sh (path set by .cargo/config.toml).
 pub fn venv_python() -> PathBuf {
-    let venv = std::env::var("KOSMOS_VENV").unwrap_or_else(|_| {
-        format!("{}/../.venv", env!("CARGO_MANIFEST_DIR"))
-    });
+    let venv =
+        std::env::var("KOSMOS_VENV").unwrap_or_else(|_| format!("{}/../.venv", env!("CARGO_MANIFEST_DIR")));
     let py = Path::new(&venv).join("bin/python");
     assert!(py.exists(), "{} missing: run scripts/setup.sh", py.display());
     py
@@ -73,16 +72,26 @@ pub fn make_checkpoint(config: &KosmosConfig, seed: i64, dir: &Path) -> PathBuf 
 
 /// Deterministic pixels for `n` images (already normalised, roughly CLIP's range).
 pub fn pixels(config: &KosmosConfig, n: i64, seed: i64) -> Tensor {
-    tch::manual_seed(seed);
     let s = config.vision.image_size as i64;
-    Tensor::randn([n, 3, s, s], (Kind::Float, tch::Device::Cpu))
+    kosmos_train::rng::seeded(seed, || {
+        Tensor::randn([n, 3, s, s], (Kind::Float, tch::Device::Cpu))
+    })
 }
 
 /// Text, an image, more text: the parity prompt.
-pub fn image_in_middle(tok: &kosmos_models::KosmosTokenizer, config: &KosmosConfig, before: &str, after: &str) -> Assembled {
+pub fn image_in_middle(
+    tok: &kosmos_models::KosmosTokenizer,
+    config: &KosmosConfig,
+    before: &str,
+    after: &str,
+) -> Assembled {
     assemble(
         tok,
-        &[Segment::Text(before.into()), Segment::Image, Segment::Text(after.into())],
+        &[
+            Segment::Text(before.into()),
+            Segment::Image,
+            Segment::Text(after.into()),
+        ],
         config.image_tokens(),
         false,
     )
@@ -93,10 +102,19 @@ pub fn image_in_middle(tok: &kosmos_models::KosmosTokenizer, config: &KosmosConf
 pub fn batch(prompts: &[Assembled]) -> (Tensor, Tensor) {
     let s = prompts[0].len() as i64;
     assert!(prompts.iter().all(|p| p.len() as i64 == s), "equal lengths");
-    let ids: Vec<i64> = prompts.iter().flat_map(|p| p.input_ids.iter().map(|&i| i as i64)).collect();
-    let mask: Vec<bool> = prompts.iter().flat_map(|p| p.image_mask.iter().copied()).collect();
+    let ids: Vec<i64> = prompts
+        .iter()
+        .flat_map(|p| p.input_ids.iter().map(|&i| i as i64))
+        .collect();
+    let mask: Vec<bool> = prompts
+        .iter()
+        .flat_map(|p| p.image_mask.iter().copied())
+        .collect();
     let b = prompts.len() as i64;
-    (Tensor::from_slice(&ids).view([b, s]), Tensor::from_slice(&mask).view([b, s]))
+    (
+        Tensor::from_slice(&ids).view([b, s]),
+        Tensor::from_slice(&mask).view([b, s]),
+    )
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {

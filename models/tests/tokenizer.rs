@@ -1,0 +1,81 @@
+//! The built-in tokenizer: exact vocabulary size, special ids, round trips, byte fallback; and
+//! loading a tokenizer.json whose special tokens disagree with the config.
+
+use kosmos_models::{KosmosTokenizer, ModelsError, SpecialTokens};
+
+fn corpus() -> Vec<String> {
+    let mut v = Vec::new();
+    for c in ["red", "green", "blue", "yellow"] {
+        for s in ["circle", "square", "triangle"] {
+            v.push(format!("a {c} {s} on the left and a {c} {s} on the right"));
+            v.push(format!("Question: what colour is the {s}? Answer: {c}"));
+        }
+    }
+    v
+}
+
+#[test]
+fn trained_vocab_has_exactly_the_requested_size_and_special_ids() {
+    let sp = SpecialTokens::default();
+    for size in [64, 301, 512, 32002] {
+        let tok = KosmosTokenizer::train(|| corpus().into_iter(), size, &sp).unwrap();
+        assert_eq!(tok.vocab_size(), size);
+        for (t, id) in sp.pairs() {
+            assert_eq!(tok.token_to_id(t), Some(id), "{t}");
+        }
+    }
+}
+
+#[test]
+fn round_trips_text_and_specials_stay_whole() {
+    let sp = SpecialTokens::default();
+    let tok = KosmosTokenizer::train(|| corpus().into_iter(), 512, &sp).unwrap();
+    for text in [
+        "a red circle on the left",
+        "Question: what colour is the square? Answer: blue",
+    ] {
+        let ids = tok.encode(text).unwrap();
+        assert!(!ids.contains(&sp.unk_token_id), "{text}: {ids:?}");
+        assert_eq!(tok.decode(&ids).unwrap(), text);
+    }
+    // Words seen in training are single pieces.
+    assert_eq!(tok.encode("circle").unwrap().len(), 1);
+    // `<image>` in a prompt is the special token, not characters.
+    let ids = tok.encode("see <image> here").unwrap();
+    assert!(ids.contains(&sp.image_start_token_id));
+}
+
+#[test]
+fn unseen_text_falls_back_to_bytes_not_unk() {
+    let sp = SpecialTokens::default();
+    let tok = KosmosTokenizer::train(|| corpus().into_iter(), 512, &sp).unwrap();
+    let text = "Zebra ünïcode 東京 ✓";
+    let ids = tok.encode(text).unwrap();
+    assert!(!ids.contains(&sp.unk_token_id), "{ids:?}");
+    assert_eq!(tok.decode(&ids).unwrap(), text);
+}
+
+#[test]
+fn saved_tokenizer_loads_and_a_wrong_special_id_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let sp = SpecialTokens::default();
+    let tok = KosmosTokenizer::train(|| corpus().into_iter(), 300, &sp).unwrap();
+    let path = dir.path().join("tokenizer.json");
+    tok.save(&path).unwrap();
+    let back = KosmosTokenizer::load(&path, &sp).unwrap();
+    assert_eq!(back.vocab_size(), 300);
+    assert_eq!(
+        back.encode("a red circle").unwrap(),
+        tok.encode("a red circle").unwrap()
+    );
+
+    let mut other = sp.clone();
+    other.eos_token_id = 7;
+    let err = KosmosTokenizer::load(&path, &other).unwrap_err();
+    assert!(matches!(err, ModelsError::Tokenizer { .. }));
+    let msg = err.to_string();
+    assert!(msg.contains("tokenizer.json") && msg.contains("</s>"), "{msg}");
+
+    let missing = KosmosTokenizer::load(&dir.path().join("nope.json"), &sp).unwrap_err();
+    assert!(missing.to_string().contains("nope.json"), "{missing}");
+}

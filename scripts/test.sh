@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Every test, from nothing: set-up (idempotent), formatting, lints, then the whole workspace's
+# tests (the parity tests run the Python reference modules from .venv).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+scripts/setup.sh
+
+step() { printf '\n== %s ==\n' "$*" >&2; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked --no-fail-fast
