@@ -29,6 +29,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = sibling(path, "tmp");
     let result = write(&tmp).and_then(|()| {
+        // Some writers create their file 0600; outputs are meant to be shared like any other file.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))
+                .map_err(|e| ModelsError::io(&tmp, e))?;
+        }
         let f = fs::File::open(&tmp).map_err(|e| ModelsError::io(&tmp, e))?;
         f.sync_all().map_err(|e| ModelsError::io(&tmp, e))?;
         fs::rename(&tmp, path).map_err(|e| ModelsError::io(path, e))

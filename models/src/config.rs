@@ -19,6 +19,14 @@ pub enum Variant {
     Kosmos1,
 }
 
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Variant::Kosmos1 => "kosmos-1",
+        })
+    }
+}
+
 /// Hugging Face `CLIPVisionConfig` fields (the ones that shape the model).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct VisionConfig {

@@ -110,7 +110,7 @@ fn info(dir: &Path) -> Result<()> {
     let (_vs, model, ckpt) = checkpoint::load(dir, tch::Device::Cpu)?;
     let c = &model.config;
     println!("checkpoint   {}", ckpt.dir.display());
-    println!("variant      {:?}", c.variant);
+    println!("variant      {}", c.variant);
     println!("parameters   {}", param_count(c));
     println!(
         "vision       CLIP ViT {} layers x {} ({} heads), {} px, patch {}, {} tokens",
