@@ -34,6 +34,9 @@ pub enum ModelsError {
     #[error("{path}: tokenizer: {message}")]
     Tokenizer { path: PathBuf, message: String },
 
+    #[error("{what}: bad image: {message}")]
+    Image { what: String, message: String },
+
     #[error("tokenizer training failed: {0}")]
     TokenizerTraining(String),
 

@@ -13,6 +13,7 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod image;
 pub mod params;
 pub mod sequence;
 pub mod tokenizer;

@@ -8,6 +8,9 @@ pub enum TrainError {
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 
+    #[error("data: {0}")]
+    Data(String),
+
     #[error("bad model input: {0}")]
     Input(String),
 }

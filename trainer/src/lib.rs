@@ -7,11 +7,19 @@
 
 pub mod checkpoint;
 pub mod corpus;
+pub mod data;
+pub mod device;
+pub mod eval;
+pub mod fit;
+pub mod plot;
 pub mod error;
 pub mod generate;
 pub mod init;
 pub mod model;
+pub mod optim;
+pub mod prng;
 pub mod rng;
+pub mod synthetic;
 
 pub use error::{Result, TrainError};
 pub use model::{Kosmos, LayerKv, StepOutput};

@@ -1,8 +1,28 @@
 //! The building blocks: Linear and LayerNorm over tch variables, created with the reference
 //! implementations' own initialisation so that building a model is initialising it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
+
+/// Mixed precision: when on, matrix products run in bfloat16 and everything else (LayerNorm,
+/// softmax, GELU, the residual stream, the loss) stays float32 — what `torch.autocast` does for
+/// bf16. Process-wide, set once by the training loop.
+static BF16_MATMULS: AtomicBool = AtomicBool::new(false);
+
+pub fn set_bf16_matmuls(on: bool) {
+    BF16_MATMULS.store(on, Ordering::Relaxed);
+}
+
+/// `a @ b`, in bf16 when mixed precision is on (result in `a`'s kind).
+pub fn matmul(a: &Tensor, b: &Tensor) -> Tensor {
+    if BF16_MATMULS.load(Ordering::Relaxed) {
+        a.to_kind(Kind::BFloat16).matmul(&b.to_kind(Kind::BFloat16)).to_kind(a.kind())
+    } else {
+        a.matmul(b)
+    }
+}
 
 /// How a variable starts. `zeros` skips random draws when the weights are about to be loaded.
 #[derive(Clone, Copy, Debug)]
@@ -50,7 +70,13 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        if BF16_MATMULS.load(Ordering::Relaxed) {
+            let h = Kind::BFloat16;
+            let b = self.bias.as_ref().map(|b| b.to_kind(h));
+            x.to_kind(h).linear(&self.weight.to_kind(h), b.as_ref()).to_kind(x.kind())
+        } else {
+            x.linear(&self.weight, self.bias.as_ref())
+        }
     }
 
     /// Multiply weight and bias in place (Magneto's γ).

@@ -6,7 +6,7 @@ use kosmos_models::ResamplerConfig;
 use tch::Tensor;
 use tch::nn::{Init, Path};
 
-use super::layers::{InitMode, LayerNorm, Linear, merge_heads, softmax_f32, split_heads, torch_default};
+use super::layers::{matmul, InitMode, LayerNorm, Linear, merge_heads, softmax_f32, split_heads, torch_default};
 
 const LN_EPS: f64 = 1e-5; // torch.nn.LayerNorm default, as flamingo-pytorch uses
 
@@ -89,9 +89,9 @@ impl PerceiverResampler {
             let kv = layer.to_kv.forward(&Tensor::cat(&[&xm, &lat], 1));
             let kv = kv.chunk(2, -1);
             let (k, v) = (split_heads(&kv[0], heads), split_heads(&kv[1], heads));
-            let sim = q.matmul(&k.transpose(-2, -1));
+            let sim = matmul(&q, &k.transpose(-2, -1));
             let attn = softmax_f32(&sim);
-            latents = layer.to_out.forward(&merge_heads(&attn.matmul(&v))) + latents;
+            latents = layer.to_out.forward(&merge_heads(&matmul(&attn, &v))) + latents;
             let y = layer.ff_norm.forward(&latents);
             let y = layer.ff_out.forward(&layer.ff_in.forward(&y).gelu("none"));
             latents = y + latents;

@@ -6,7 +6,7 @@ use kosmos_models::VisionConfig;
 use tch::Tensor;
 use tch::nn::Path;
 
-use super::layers::{InitMode, LayerNorm, Linear, merge_heads, normal, softmax_f32, split_heads};
+use super::layers::{matmul, InitMode, LayerNorm, Linear, merge_heads, normal, softmax_f32, split_heads};
 
 #[derive(Debug)]
 struct ClipLayer {
@@ -129,9 +129,9 @@ impl ClipVision {
             let q = split_heads(&layer.q_proj.forward(&y), heads);
             let k = split_heads(&layer.k_proj.forward(&y), heads);
             let v = split_heads(&layer.v_proj.forward(&y), heads);
-            let w = softmax_f32(&(q.matmul(&k.transpose(-2, -1)) * scale))
+            let w = softmax_f32(&(matmul(&q, &k.transpose(-2, -1)) * scale))
                 .dropout(self.cfg.attention_dropout, train);
-            let y = layer.out_proj.forward(&merge_heads(&w.matmul(&v)));
+            let y = layer.out_proj.forward(&merge_heads(&matmul(&w, &v)));
             x = r + y;
             let y = layer.layer_norm2.forward(&x);
             let y = layer.fc1.forward(&y);
