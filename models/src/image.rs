@@ -14,7 +14,7 @@ use crate::error::{ModelsError, Result};
 
 /// CLIP's per-channel normalisation (OpenAI CLIP, as in `CLIPImageProcessor`).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// Largest accepted image side and decoder allocation; bigger inputs are refused before decoding.
 #[derive(Clone, Copy, Debug)]
@@ -64,9 +64,15 @@ pub fn clip_preprocess(img: &RgbImage, size: u32) -> Vec<f32> {
     let (w, h) = img.dimensions();
     // Hugging Face: the short side becomes `size`, the long side int(size * long / short).
     let (nw, nh) = if w <= h {
-        (size, ((size as u64 * h as u64) / w.max(1) as u64).max(size as u64) as u32)
+        (
+            size,
+            ((size as u64 * h as u64) / w.max(1) as u64).max(size as u64) as u32,
+        )
     } else {
-        (((size as u64 * w as u64) / h.max(1) as u64).max(size as u64) as u32, size)
+        (
+            ((size as u64 * w as u64) / h.max(1) as u64).max(size as u64) as u32,
+            size,
+        )
     };
     let resized;
     let src = if (nw, nh) == (w, h) {

@@ -8,7 +8,8 @@ use image::{Rgb, RgbImage, Rgba, RgbaImage};
 use kosmos_models::image::{ImageLimits, clip_preprocess, decode_image, load_image};
 
 fn venv_python() -> PathBuf {
-    let venv = std::env::var("KOSMOS_VENV").unwrap_or_else(|_| format!("{}/../.venv", env!("CARGO_MANIFEST_DIR")));
+    let venv =
+        std::env::var("KOSMOS_VENV").unwrap_or_else(|_| format!("{}/../.venv", env!("CARGO_MANIFEST_DIR")));
     let py = Path::new(&venv).join("bin/python");
     assert!(py.exists(), "{} missing: run scripts/setup.sh", py.display());
     py
@@ -38,9 +39,11 @@ fn matches_hf_clip_image_processor() {
     save("small.png", &|p| picture(40, 30).save(p).unwrap()); // upscaled
     save("exact.png", &|p| picture(64, 64).save(p).unwrap());
     save("alpha.png", &|p| {
-        RgbaImage::from_fn(90, 70, |x, y| Rgba([(x * 2) as u8, (y * 3) as u8, 128, (x + y) as u8]))
-            .save(p)
-            .unwrap()
+        RgbaImage::from_fn(90, 70, |x, y| {
+            Rgba([(x * 2) as u8, (y * 3) as u8, 128, (x + y) as u8])
+        })
+        .save(p)
+        .unwrap()
     });
     save("photo.webp", &|p| picture(77, 133).save(p).unwrap());
 
@@ -55,13 +58,21 @@ fn matches_hf_clip_image_processor() {
         let bytes = std::fs::read(&out).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let t = st.tensor("pixel_values").unwrap();
-        let reference: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let reference: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         let per = (3 * size * size) as usize;
         for (i, f) in files.iter().enumerate() {
             let ours = clip_preprocess(&load_image(f, ImageLimits::default()).unwrap(), size);
             let theirs = &reference[i * per..(i + 1) * per];
-            let mean_abs: f64 =
-                ours.iter().zip(theirs).map(|(a, b)| (a - b).abs() as f64).sum::<f64>() / per as f64;
+            let mean_abs: f64 = ours
+                .iter()
+                .zip(theirs)
+                .map(|(a, b)| (a - b).abs() as f64)
+                .sum::<f64>()
+                / per as f64;
             eprintln!("{} @ {size}: mean abs {mean_abs:.4}", f.display());
             assert!(mean_abs <= 1e-2, "{}: mean abs {mean_abs} > 1e-2", f.display());
         }
@@ -73,10 +84,15 @@ fn bad_images_are_named_errors() {
     let e = decode_image(b"hello, not an image", "notes.txt", ImageLimits::default()).unwrap_err();
     assert!(e.to_string().contains("notes.txt"), "{e}");
     let mut png = Vec::new();
-    picture(50, 50).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    picture(50, 50)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
     let e = decode_image(&png[..png.len() / 2], "cut.png", ImageLimits::default()).unwrap_err();
     assert!(e.to_string().contains("cut.png"), "{e}");
-    let small = ImageLimits { max_side: 32, max_bytes: 1 << 20 };
+    let small = ImageLimits {
+        max_side: 32,
+        max_bytes: 1 << 20,
+    };
     let e = decode_image(&png, "big.png", small).unwrap_err();
     assert!(e.to_string().contains("big.png"), "{e}");
 }

@@ -87,23 +87,28 @@ pub fn load(dir: &Path, device: Device) -> Result<(VarStore, Kosmos, Checkpoint)
 pub fn load_hf_clip_vision(vs: &VarStore, path: &Path) -> Result<()> {
     let bad = |m: String| TrainError::Input(format!("{}: {m}", path.display()));
     let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let mut found = std::collections::HashMap::new();
+    // Text-tower and projection tensors never match a vision variable name, so they are ignored.
     for (name, view) in st.iter() {
-        let key = name.strip_prefix("vision_model.").unwrap_or(&name);
-        if key.starts_with("text_model.") || !name.starts_with("vision_model.") && name.contains("text") {
-            continue;
-        }
-        found.insert(key.to_string(), view);
+        found.insert(name.strip_prefix("vision_model.").unwrap_or(name).to_string(), view);
     }
     let device = vs.device();
     tch::no_grad(|| -> Result<()> {
         for (name, var) in vs.variables() {
-            let Some(key) = name.strip_prefix("vision.") else { continue };
-            let view = found.get(key).ok_or_else(|| bad(format!("no tensor for vision_model.{key}")))?;
+            let Some(key) = name.strip_prefix("vision.") else {
+                continue;
+            };
+            let view = found
+                .get(key)
+                .ok_or_else(|| bad(format!("no tensor for vision_model.{key}")))?;
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             if shape != var.size() {
-                return Err(bad(format!("{key} has shape {shape:?}, the config needs {:?}", var.size())));
+                return Err(bad(format!(
+                    "{key} has shape {shape:?}, the config needs {:?}",
+                    var.size()
+                )));
             }
             let kind = match view.dtype() {
                 safetensors::Dtype::F32 => Kind::Float,
@@ -112,7 +117,8 @@ pub fn load_hf_clip_vision(vs: &VarStore, path: &Path) -> Result<()> {
                 other => return Err(bad(format!("{key}: unsupported dtype {other:?}"))),
             };
             let src = Tensor::f_from_data_size(view.data(), &shape, kind)?;
-            var.shallow_clone().f_copy_(&src.to_kind(Kind::Float).to_device(device))?;
+            var.shallow_clone()
+                .f_copy_(&src.to_kind(Kind::Float).to_device(device))?;
         }
         Ok(())
     })?;

@@ -81,7 +81,12 @@ pub fn evaluate(
             pixels: Vec::new(),
             n_images: 0,
             tokens: 0,
-            state: DataState { rng: Prng::new(0), cursors: vec![], valid: vec![], pending: None },
+            state: DataState {
+                rng: Prng::new(0),
+                cursors: vec![],
+                valid: vec![],
+                pending: None,
+            },
         };
         let mut n_targets = 0;
         for (r, (_, e)) in encoded.iter().enumerate() {
@@ -125,7 +130,9 @@ pub fn evaluate(
         }
         if !prompts.is_empty() {
             let s = cfg.vision.image_size as i64;
-            let px = Tensor::from_slice(&pixels).view([prompts.len() as i64, 3, s, s]).to_kind(Kind::Float);
+            let px = Tensor::from_slice(&pixels)
+                .view([prompts.len() as i64, 3, s, s])
+                .to_kind(Kind::Float);
             let max_new = refs.iter().map(|r| r.2).max().unwrap_or(0) + 8;
             let out = greedy(model, &prompts, Some(&px), max_new)?;
             for ((origin, reference, _), ids) in refs.into_iter().zip(out) {
@@ -134,7 +141,11 @@ pub fn evaluate(
                 if generated.trim() == reference.trim() {
                     correct += 1;
                 }
-                on_prediction(&Prediction { origin, reference, generated });
+                on_prediction(&Prediction {
+                    origin,
+                    reference,
+                    generated,
+                });
             }
         }
         chunk.clear();
@@ -154,7 +165,11 @@ pub fn evaluate(
         }
     }
     flush(&mut chunk)?;
-    let loss = if loss_tokens > 0 { loss_sum / loss_tokens as f64 } else { f64::NAN };
+    let loss = if loss_tokens > 0 {
+        loss_sum / loss_tokens as f64
+    } else {
+        f64::NAN
+    };
     Ok(EvalReport {
         loss,
         perplexity: loss.exp(),
@@ -166,14 +181,23 @@ pub fn evaluate(
 }
 
 /// Greedy caption/answer for one image (and optional prompt): the trainer's reference decoding.
-pub fn caption(model: &Kosmos, tok: &KosmosTokenizer, cfg: &KosmosConfig, pixels: &[f32], prompt: Option<&str>, max_new: usize) -> Result<String> {
+pub fn caption(
+    model: &Kosmos,
+    tok: &KosmosTokenizer,
+    cfg: &KosmosConfig,
+    pixels: &[f32],
+    prompt: Option<&str>,
+    max_new: usize,
+) -> Result<String> {
     let mut segs = vec![Segment::Image];
     if let Some(p) = prompt {
         segs.push(Segment::Text(p.to_string()));
     }
     let a = assemble(tok, &segs, cfg.image_tokens(), false)?;
     let s = cfg.vision.image_size as i64;
-    let px = Tensor::from_slice(pixels).view([1, 3, s, s]).to_device(Device::Cpu);
+    let px = Tensor::from_slice(pixels)
+        .view([1, 3, s, s])
+        .to_device(Device::Cpu);
     let ids = greedy(model, &[a], Some(&px), max_new)?.remove(0);
     Ok(tok.decode(&ids)?)
 }

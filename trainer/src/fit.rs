@@ -210,7 +210,8 @@ fn prepare(opts: &FitOptions<'_>) -> Result<Run> {
         }
         let state_path = out.join(TRAINER_STATE_DIR).join(STATE_FILE);
         let state: TrainerState = serde_json::from_str(
-            &std::fs::read_to_string(&state_path).map_err(|e| TrainError::Input(format!("{}: {e}", state_path.display())))?,
+            &std::fs::read_to_string(&state_path)
+                .map_err(|e| TrainError::Input(format!("{}: {e}", state_path.display())))?,
         )
         .map_err(|e| TrainError::Input(format!("{}: {e}", state_path.display())))?;
         opts.recipe
@@ -231,7 +232,9 @@ fn prepare(opts: &FitOptions<'_>) -> Result<Run> {
         });
     }
     if out.exists() && !opts.force && out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(true) {
-        return Err(TrainError::Models(kosmos_models::ModelsError::OutputExists { path: out.clone() }));
+        return Err(TrainError::Models(kosmos_models::ModelsError::OutputExists {
+            path: out.clone(),
+        }));
     }
     let (vs, model, config, tokenizer) = match opts.start {
         Start::Preset(name) => {
@@ -272,7 +275,10 @@ fn read_metrics(path: &Path, upto: u64) -> Vec<StepMetrics> {
 
 /// Names of the variables the recipe trains.
 fn trainable(vs: &VarStore, config: &KosmosConfig, freeze: FreezeVision) -> BTreeMap<String, Tensor> {
-    let last = format!("vision.encoder.layers.{}.", config.vision.num_hidden_layers.saturating_sub(1));
+    let last = format!(
+        "vision.encoder.layers.{}.",
+        config.vision.num_hidden_layers.saturating_sub(1)
+    );
     vs.variables()
         .into_iter()
         .filter(|(name, t)| {
@@ -303,23 +309,32 @@ pub fn to_tensors(b: &Batch, config: &KosmosConfig, device: Device) -> BatchTens
     BatchTensors {
         input_ids: Tensor::from_slice(&b.input_ids).view(shape).to_device(device),
         image_mask: Tensor::from_slice(&b.image_mask).view(shape).to_device(device),
-        attention_mask: Tensor::from_slice(&b.attention_mask).view(shape).to_device(device),
+        attention_mask: Tensor::from_slice(&b.attention_mask)
+            .view(shape)
+            .to_device(device),
         targets: Tensor::from_slice(&b.targets).view(shape).to_device(device),
-        pixels: (b.n_images > 0).then(|| Tensor::from_slice(&b.pixels).view([b.n_images as i64, 3, s, s]).to_device(device)),
+        pixels: (b.n_images > 0).then(|| {
+            Tensor::from_slice(&b.pixels)
+                .view([b.n_images as i64, 3, s, s])
+                .to_device(device)
+        }),
     }
 }
 
 /// Mean cross-entropy over the target tokens of a batch.
 pub fn batch_loss(model: &Kosmos, t: &BatchTensors, train: bool) -> Result<Tensor> {
-    let logits = model.forward(&t.input_ids, t.pixels.as_ref(), &t.image_mask, &t.attention_mask, train)?;
+    let logits = model.forward(
+        &t.input_ids,
+        t.pixels.as_ref(),
+        &t.image_mask,
+        &t.attention_mask,
+        train,
+    )?;
     let vocab = logits.size()[2];
-    Ok(logits.to_kind(Kind::Float).view([-1, vocab]).cross_entropy_loss::<Tensor>(
-        &t.targets.view([-1]),
-        None,
-        Reduction::Mean,
-        -100,
-        0.0,
-    ))
+    Ok(logits
+        .to_kind(Kind::Float)
+        .view([-1, vocab])
+        .cross_entropy_loss::<Tensor>(&t.targets.view([-1]), None, Reduction::Mean, -100, 0.0))
 }
 
 /// Run (or resume) training as `opts` says.
@@ -369,7 +384,7 @@ pub fn fit(opts: FitOptions<'_>) -> Result<FitSummary> {
 
     let out = opts.output.clone();
     std::fs::create_dir_all(&out).map_err(|e| TrainError::Input(format!("{}: {e}", out.display())))?;
-    let mut metrics_file = open_metrics(&out, &run.metrics)?;
+    let mut metrics_file = open_metrics(&out, &run.metrics, true)?;
 
     let total = recipe.steps;
     let pb = progress_bar(opts.progress, run.step, total);
@@ -388,7 +403,11 @@ pub fn fit(opts: FitOptions<'_>) -> Result<FitSummary> {
     while step < total {
         let lr = learning_rate(step, recipe.lr, recipe.warmup, total);
         // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
-        tch::manual_seed((recipe.seed as i64).wrapping_mul(1_000_003).wrapping_add(step as i64));
+        tch::manual_seed(
+            (recipe.seed as i64)
+                .wrapping_mul(1_000_003)
+                .wrapping_add(step as i64),
+        );
         let ts = Instant::now();
         let mut loss_sum = 0.0;
         let mut tokens = 0;
@@ -407,7 +426,9 @@ pub fn fit(opts: FitOptions<'_>) -> Result<FitSummary> {
         step += 1;
         let loss = loss_sum / recipe.grad_accum.max(1) as f64;
         if !loss.is_finite() {
-            return Err(TrainError::Data(format!("loss is {loss} at step {step}: lower --lr or check the data")));
+            return Err(TrainError::Data(format!(
+                "loss is {loss} at step {step}: lower --lr or check the data"
+            )));
         }
         let dt = ts.elapsed().as_secs_f64();
         let m = StepMetrics {
@@ -419,10 +440,17 @@ pub fn fit(opts: FitOptions<'_>) -> Result<FitSummary> {
             tokens_per_s: tokens as f64 / dt.max(1e-9),
             elapsed_s: t0.elapsed().as_secs_f64(),
         };
-        writeln!(metrics_file, "{}", serde_json::to_string(&m).expect("metrics serialise"))
-            .map_err(|e| TrainError::Input(format!("{}: {e}", out.join(METRICS_FILE).display())))?;
+        writeln!(
+            metrics_file,
+            "{}",
+            serde_json::to_string(&m).expect("metrics serialise")
+        )
+        .map_err(|e| TrainError::Input(format!("{}: {e}", out.join(METRICS_FILE).display())))?;
         pb.set_position(step);
-        pb.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {:.0} tok/s", m.tokens_per_s));
+        pb.set_message(format!(
+            "loss {loss:.4}  lr {lr:.2e}  {:.0} tok/s",
+            m.tokens_per_s
+        ));
         run.metrics.push(m);
 
         interrupted = opts.stop.load(Ordering::SeqCst);
@@ -435,7 +463,7 @@ pub fn fit(opts: FitOptions<'_>) -> Result<FitSummary> {
                 skipped_records: run.skipped_before + skips.count(),
             };
             checkpoint = save_checkpoint(&run, &opt, &state, &out)?;
-            metrics_file = open_metrics(&out, &[])?;
+            metrics_file = open_metrics(&out, &[], false)?;
             tracing::debug!(step, "checkpoint saved");
         }
         if interrupted {
@@ -480,11 +508,12 @@ fn progress_bar(show: bool, pos: u64, len: u64) -> indicatif::ProgressBar {
     pb
 }
 
-/// (Re)write the live metrics file with `existing` lines, then append from there.
-fn open_metrics(dir: &Path, existing: &[StepMetrics]) -> Result<File> {
+/// The live metrics file, opened for appending; with `rewrite`, first reset to `existing` lines
+/// (a fresh run starts empty, a resumed one at its checkpoint's step).
+fn open_metrics(dir: &Path, existing: &[StepMetrics], rewrite: bool) -> Result<File> {
     let path = dir.join(METRICS_FILE);
     let err = |e: std::io::Error| TrainError::Input(format!("{}: {e}", path.display()));
-    if !existing.is_empty() || !path.exists() {
+    if rewrite || !path.exists() {
         let mut f = File::create(&path).map_err(err)?;
         for m in existing {
             writeln!(f, "{}", serde_json::to_string(m).expect("metrics serialise")).map_err(err)?;
@@ -495,11 +524,15 @@ fn open_metrics(dir: &Path, existing: &[StepMetrics]) -> Result<File> {
 
 fn save_checkpoint(run: &Run, opt: &AdamW, state: &TrainerState, out: &Path) -> Result<PathBuf> {
     let extra = |root: &Path| -> kosmos_models::Result<()> {
-        let io = |p: &Path, e: std::io::Error| kosmos_models::ModelsError::Io { path: p.to_path_buf(), source: e };
+        let io = |p: &Path, e: std::io::Error| kosmos_models::ModelsError::Io {
+            path: p.to_path_buf(),
+            source: e,
+        };
         let ts = root.join(TRAINER_STATE_DIR);
         std::fs::create_dir_all(&ts).map_err(|e| io(&ts, e))?;
         let opt_path = ts.join(OPTIMIZER_FILE);
-        opt.save(&opt_path).map_err(|e| io(&opt_path, std::io::Error::other(e.to_string())))?;
+        opt.save(&opt_path)
+            .map_err(|e| io(&opt_path, std::io::Error::other(e.to_string())))?;
         let json = serde_json::to_string_pretty(state).expect("state serialises");
         kosmos_models::atomic::write_atomic(&ts.join(STATE_FILE), json.as_bytes())?;
         let lines: String = run
@@ -510,7 +543,8 @@ fn save_checkpoint(run: &Run, opt: &AdamW, state: &TrainerState, out: &Path) -> 
         kosmos_models::atomic::write_atomic(&root.join(METRICS_FILE), lines.as_bytes())?;
         let points: Vec<(u64, f64)> = run.metrics.iter().map(|m| (m.step, m.loss)).collect();
         let plot = root.join(LOSS_PLOT_FILE);
-        crate::plot::loss_curve(&points, &plot).map_err(|e| io(&plot, std::io::Error::other(e.to_string())))?;
+        crate::plot::loss_curve(&points, &plot)
+            .map_err(|e| io(&plot, std::io::Error::other(e.to_string())))?;
         Ok(())
     };
     crate::checkpoint::save(&run.vs, out, &run.config, &run.tokenizer, true, Some(&extra))

@@ -12,8 +12,8 @@ use kosmos_models::{KosmosConfig, param_count};
 use kosmos_train::checkpoint;
 use kosmos_train::device::{DeviceArg, resolve};
 use kosmos_train::fit::{FitOptions, FreezeVision, Precision, Recipe, Start};
-use kosmos_train::synthetic::Split;
 use kosmos_train::init::{TokenizerSource, init_checkpoint};
+use kosmos_train::synthetic::Split;
 
 #[derive(Parser)]
 #[command(
@@ -63,8 +63,10 @@ enum Command {
         Unset recipe flags take the preset's default recipe (tiny: its own; otherwise the paper's).")]
     Fit(Box<FitArgs>),
     /// Loss, perplexity and (for caption/VQA data) greedy exact match of a checkpoint.
-    #[command(after_help = "Examples:\n  kosmos-train eval runs/tiny --data synthetic:shapes-captions --limit 200\n  \
-        kosmos-train eval runs/tiny --data data/test/manifest.jsonl --json")]
+    #[command(
+        after_help = "Examples:\n  kosmos-train eval runs/tiny --data synthetic:shapes-captions --limit 200\n  \
+        kosmos-train eval runs/tiny --data data/test/manifest.jsonl --json"
+    )]
     Eval {
         checkpoint: PathBuf,
         #[arg(long)]
@@ -100,7 +102,9 @@ enum Command {
 #[derive(Subcommand)]
 enum DataCommand {
     /// Write synthetic items as PNG files plus DIR/manifest.jsonl.
-    #[command(after_help = "Example:\n  kosmos-train data synth --task shapes --split test --count 200 -o data/shapes-test")]
+    #[command(
+        after_help = "Example:\n  kosmos-train data synth --task shapes --split test --count 200 -o data/shapes-test"
+    )]
     Synth {
         #[arg(long, value_parser = ["shapes", "shapes-vqa"])]
         task: String,
@@ -120,7 +124,9 @@ enum DataCommand {
 #[derive(Subcommand)]
 enum TokenizerCommand {
     /// Train a Unigram tokenizer with the KOSMOS special tokens from text files (one text per line).
-    #[command(after_help = "Example:\n  kosmos-train tokenizer train --corpus a.txt b.txt --vocab-size 32002 -o tokenizer.json")]
+    #[command(
+        after_help = "Example:\n  kosmos-train tokenizer train --corpus a.txt b.txt --vocab-size 32002 -o tokenizer.json"
+    )]
     Train {
         #[arg(long, num_args = 1.., required = true)]
         corpus: Vec<PathBuf>,
@@ -306,14 +312,36 @@ fn info(dir: &Path) -> Result<()> {
 fn fit(a: FitArgs) -> Result<()> {
     let device = resolve(a.device)?;
     let preset = a.preset.as_deref().unwrap_or("kosmos-1");
-    let mut r = if a.init.is_some() { Recipe::paper() } else { Recipe::for_preset(preset) };
+    let mut r = if a.init.is_some() {
+        Recipe::paper()
+    } else {
+        Recipe::for_preset(preset)
+    };
     r.data = a.data.clone();
     r.seed = a.seed;
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f { r.$f = v; } )* };
     }
-    set!(steps, batch_size, grad_accum, max_len, lr, warmup, weight_decay, beta1, beta2, eps, clip, freeze_vision, save_every);
-    r.precision = a.precision.unwrap_or(if device.is_cuda() { Precision::Bf16 } else { Precision::Fp32 });
+    set!(
+        steps,
+        batch_size,
+        grad_accum,
+        max_len,
+        lr,
+        warmup,
+        weight_decay,
+        beta1,
+        beta2,
+        eps,
+        clip,
+        freeze_vision,
+        save_every
+    );
+    r.precision = a.precision.unwrap_or(if device.is_cuda() {
+        Precision::Bf16
+    } else {
+        Precision::Fp32
+    });
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -344,12 +372,20 @@ fn fit(a: FitArgs) -> Result<()> {
     .with_context(|| format!("training into {}", a.output.display()))?;
     eprintln!(
         "{} after {} steps: loss {} -> {}; checkpoint {}{}",
-        if summary.interrupted { "interrupted" } else { "done" },
+        if summary.interrupted {
+            "interrupted"
+        } else {
+            "done"
+        },
         summary.steps_done,
         summary.first_loss.map_or("-".into(), |l| format!("{l:.4}")),
         summary.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
         summary.checkpoint.display(),
-        if summary.skipped_records > 0 { format!(" ({} bad records skipped)", summary.skipped_records) } else { String::new() }
+        if summary.skipped_records > 0 {
+            format!(" ({} bad records skipped)", summary.skipped_records)
+        } else {
+            String::new()
+        }
     );
     if summary.interrupted {
         std::process::exit(130);
@@ -358,18 +394,45 @@ fn fit(a: FitArgs) -> Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn eval(dir: &Path, data: &str, limit: Option<usize>, batch: usize, json: bool, show: bool, device: DeviceArg) -> Result<()> {
+fn eval(
+    dir: &Path,
+    data: &str,
+    limit: Option<usize>,
+    batch: usize,
+    json: bool,
+    show: bool,
+    device: DeviceArg,
+) -> Result<()> {
     let device = resolve(device)?;
     let (_vs, model, ckpt) = checkpoint::load(dir, device)?;
     let synthetic = data.starts_with("synthetic:");
     let limit = limit.or(synthetic.then_some(200));
-    let mut source = kosmos_train::data::open_source(data, Split::Test, 0, limit.map(|l| l as u64).filter(|_| synthetic))?;
-    let report = kosmos_train::eval::evaluate(&model, &ckpt.tokenizer, source.as_mut(), limit, batch.max(1), |p| {
-        if show {
-            let mark = if p.generated.trim() == p.reference.trim() { "ok " } else { "BAD" };
-            eprintln!("{mark} {}: {:?} (reference {:?})", p.origin, p.generated, p.reference);
-        }
-    })?;
+    let mut source = kosmos_train::data::open_source(
+        data,
+        Split::Test,
+        0,
+        limit.map(|l| l as u64).filter(|_| synthetic),
+    )?;
+    let report = kosmos_train::eval::evaluate(
+        &model,
+        &ckpt.tokenizer,
+        source.as_mut(),
+        limit,
+        batch.max(1),
+        |p| {
+            if show {
+                let mark = if p.generated.trim() == p.reference.trim() {
+                    "ok "
+                } else {
+                    "BAD"
+                };
+                eprintln!(
+                    "{mark} {}: {:?} (reference {:?})",
+                    p.origin, p.generated, p.reference
+                );
+            }
+        },
+    )?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -389,14 +452,20 @@ fn eval(dir: &Path, data: &str, limit: Option<usize>, batch: usize, json: bool, 
 
 fn synth(task: &str, split: Split, count: u64, seed: u64, out: &Path, force: bool) -> Result<()> {
     use kosmos_train::synthetic::{Task, item};
-    let task_kind = if task == "shapes" { Task::Shapes } else { Task::ShapesVqa };
+    let task_kind = if task == "shapes" {
+        Task::Shapes
+    } else {
+        Task::ShapesVqa
+    };
     let staged = kosmos_models::atomic::StagedDir::new(out, force)?;
     let mut manifest = String::new();
     let pb = indicatif::ProgressBar::new(count);
     for i in 0..count {
         let it = item(task_kind, split, seed, i);
         let name = format!("{i:06}.png");
-        it.image.save(staged.path().join(&name)).with_context(|| format!("writing {name}"))?;
+        it.image
+            .save(staged.path().join(&name))
+            .with_context(|| format!("writing {name}"))?;
         let mut rec = serde_json::json!({ "image": name, "text": it.text });
         if let Some(p) = it.prompt {
             rec["prompt"] = p.into();

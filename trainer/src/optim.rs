@@ -29,7 +29,9 @@ pub struct AdamW {
 impl AdamW {
     pub fn new(params: BTreeMap<String, Tensor>, cfg: AdamWConfig) -> Self {
         let zeros = |p: &BTreeMap<String, Tensor>| -> BTreeMap<String, Tensor> {
-            p.iter().map(|(n, t)| (n.clone(), t.zeros_like().set_requires_grad(false))).collect()
+            p.iter()
+                .map(|(n, t)| (n.clone(), t.zeros_like().set_requires_grad(false)))
+                .collect()
         };
         AdamW {
             exp_avg: zeros(&params),
@@ -44,7 +46,12 @@ impl AdamW {
     /// (as `torch.nn.utils.clip_grad_norm_`). Returns the norm before clipping.
     pub fn clip_grad_norm(&self, max_norm: f64) -> f64 {
         tch::no_grad(|| {
-            let grads: Vec<Tensor> = self.params.values().map(|p| p.grad()).filter(|g| g.defined()).collect();
+            let grads: Vec<Tensor> = self
+                .params
+                .values()
+                .map(|p| p.grad())
+                .filter(|g| g.defined())
+                .collect();
             if grads.is_empty() {
                 return 0.0;
             }

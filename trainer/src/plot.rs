@@ -54,7 +54,10 @@ pub fn loss_curve(points: &[(u64, f64)], path: &Path) -> image::ImageResult<()> 
             .map(|i| {
                 let lo = i.saturating_sub(k);
                 let win = &finite[lo..=i];
-                (finite[i].0, win.iter().map(|p| p.1).sum::<f64>() / win.len() as f64)
+                (
+                    finite[i].0,
+                    win.iter().map(|p| p.1).sum::<f64>() / win.len() as f64,
+                )
             })
             .collect();
         for w in smooth.windows(2) {

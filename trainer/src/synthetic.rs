@@ -92,7 +92,15 @@ pub fn item(task: Task, split: Split, seed: u64, index: u64) -> Item {
 }
 
 fn caption(shapes: &[Shape]) -> String {
-    let name = |s: &Shape| format!("a {} {}", COLOURS[s.colour].0, SHAPES[s.kind]);
+    let name = |s: &Shape| {
+        let colour = COLOURS[s.colour].0;
+        let article = if colour.starts_with(['a', 'e', 'i', 'o', 'u']) {
+            "an"
+        } else {
+            "a"
+        };
+        format!("{article} {colour} {}", SHAPES[s.kind])
+    };
     match shapes {
         [one] => name(one),
         [l, r] => format!("{} on the left and {} on the right", name(l), name(r)),
@@ -115,7 +123,10 @@ fn question(shapes: &[Shape], rng: &mut Prng) -> (String, String) {
                 0 => {
                     let side = rng.below(2);
                     let s = if side == 0 { l } else { r };
-                    (format!("what colour is the shape on the {}?", SIDES[side]), colour(s))
+                    (
+                        format!("what colour is the shape on the {}?", SIDES[side]),
+                        colour(s),
+                    )
                 }
                 1 => {
                     let side = rng.below(2);
@@ -144,8 +155,9 @@ fn render(shapes: &[Shape], rng: &mut Prng) -> RgbImage {
     for (i, s) in shapes.iter().enumerate() {
         // Each shape lives in its own vertical band (left / right when there are two).
         let band = n / slots;
-        let r = rng.range(7, (band / 2 - 3).min(14));
-        let cx = band * i as i64 + band / 2 + rng.range(-(band / 2 - r - 1).max(0), (band / 2 - r - 1).max(0));
+        let r = rng.range(10, (band / 2 - 2).min(15));
+        let cx =
+            band * i as i64 + band / 2 + rng.range(-(band / 2 - r - 1).max(0), (band / 2 - r - 1).max(0));
         let cy = n / 2 + rng.range(-(n / 2 - r - 2), n / 2 - r - 2);
         let jitter = |c: u8, d: i64| (c as i64 + d).clamp(0, 255) as u8;
         let [cr, cg, cb] = COLOURS[s.colour].1;
@@ -187,7 +199,9 @@ pub fn all_texts() -> Vec<String> {
             out.push(format!("Question: what colour is the {s}? Answer: {c}"));
         }
         for side in SIDES {
-            out.push(format!("Question: what colour is the shape on the {side}? Answer: {c}"));
+            out.push(format!(
+                "Question: what colour is the shape on the {side}? Answer: {c}"
+            ));
         }
     }
     for s in SHAPES {

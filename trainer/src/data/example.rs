@@ -20,7 +20,10 @@ pub enum ImageSource {
 #[derive(Clone, Debug)]
 pub enum Part {
     /// Text; `loss` says whether the model is trained to produce it (prompts are not).
-    Text { text: String, loss: bool },
+    Text {
+        text: String,
+        loss: bool,
+    },
     Image(ImageSource),
 }
 
@@ -47,9 +50,11 @@ impl Example {
     pub fn as_captioned(&self) -> Option<(&ImageSource, Option<&str>, &str)> {
         match self.parts.as_slice() {
             [Part::Image(img), Part::Text { text, loss: true }] => Some((img, None, text)),
-            [Part::Image(img), Part::Text { text: p, loss: false }, Part::Text { text, loss: true }] => {
-                Some((img, Some(p), text))
-            }
+            [
+                Part::Image(img),
+                Part::Text { text: p, loss: false },
+                Part::Text { text, loss: true },
+            ] => Some((img, Some(p), text)),
             _ => None,
         }
     }
@@ -117,7 +122,8 @@ pub fn encode(ex: &Example, tok: &KosmosTokenizer, cfg: &KosmosConfig) -> kosmos
                 last_loss = *loss;
             }
             Part::Image(src) => {
-                out.pixels.push(preprocess(src, &ex.origin, cfg.vision.image_size as u32)?);
+                out.pixels
+                    .push(preprocess(src, &ex.origin, cfg.vision.image_size as u32)?);
                 push_seq(&[Segment::Image], false, &mut out)?;
                 last_loss = false;
             }

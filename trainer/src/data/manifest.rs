@@ -85,14 +85,22 @@ impl ManifestSource {
             if images > MAX_IMAGES {
                 return Err(format!("{images} images, at most {MAX_IMAGES}"));
             }
-            if !parts.iter().any(|p| matches!(p, Part::Text { text, .. } if !text.trim().is_empty())) {
+            if !parts
+                .iter()
+                .any(|p| matches!(p, Part::Text { text, .. } if !text.trim().is_empty()))
+            {
                 return Err("no text in segments".into());
             }
             return Ok(Some(Example { parts, origin }));
         }
         let text = nonempty(str_field(&v, "text")?.ok_or("no \"text\" field")?, "text")?;
         match str_field(&v, "image")? {
-            Some(i) => Ok(Some(Example::captioned(image(&i)?, str_field(&v, "prompt")?, text, origin))),
+            Some(i) => Ok(Some(Example::captioned(
+                image(&i)?,
+                str_field(&v, "prompt")?,
+                text,
+                origin,
+            ))),
             None => Ok(Some(Example {
                 parts: vec![Part::Text { text, loss: true }],
                 origin,

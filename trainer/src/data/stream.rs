@@ -115,6 +115,8 @@ impl DataStream {
                 TrainError::Data("the pending example of the checkpoint no longer encodes".into())
             })?;
             self.pending = Some((i, enc, before));
+            // Re-reading counted the pending example again; the saved counts already hold it.
+            self.valid = state.valid.clone();
         }
         Ok(())
     }
@@ -149,7 +151,10 @@ impl DataStream {
             self.valid[i] = 0;
             self.sources[i].rewind()?;
         }
-        Err(TrainError::Data(format!("{}: no valid record", self.sources[i].name())))
+        Err(TrainError::Data(format!(
+            "{}: no valid record",
+            self.sources[i].name()
+        )))
     }
 
     fn encode_or_skip(&mut self, i: usize, ex: &Example) -> Option<Encoded> {
@@ -157,7 +162,10 @@ impl DataStream {
             Ok(e) if e.len() <= self.max_len => Some(e),
             Ok(e) => {
                 self.valid[i] = self.valid[i].saturating_sub(1);
-                self.skips.skip(&ex.origin, &format!("{} tokens, longer than max_len {}", e.len(), self.max_len));
+                self.skips.skip(
+                    &ex.origin,
+                    &format!("{} tokens, longer than max_len {}", e.len(), self.max_len),
+                );
                 None
             }
             Err(err) => {
@@ -230,16 +238,27 @@ impl DataStream {
         b.state = self.state();
         // Drop the padding columns every row has: no work is spent on them.
         let used = (0..rows)
-            .map(|r| b.attention_mask[r * len..(r + 1) * len].iter().filter(|&&m| m == 1).count())
+            .map(|r| {
+                b.attention_mask[r * len..(r + 1) * len]
+                    .iter()
+                    .filter(|&&m| m == 1)
+                    .count()
+            })
             .max()
             .unwrap_or(len)
             .max(1);
         if used < len {
-            let cut = |v: &mut Vec<i64>| *v = (0..rows).flat_map(|r| v[r * len..r * len + used].to_vec()).collect();
+            let cut = |v: &mut Vec<i64>| {
+                *v = (0..rows)
+                    .flat_map(|r| v[r * len..r * len + used].to_vec())
+                    .collect()
+            };
             cut(&mut b.input_ids);
             cut(&mut b.attention_mask);
             cut(&mut b.targets);
-            b.image_mask = (0..rows).flat_map(|r| b.image_mask[r * len..r * len + used].to_vec()).collect();
+            b.image_mask = (0..rows)
+                .flat_map(|r| b.image_mask[r * len..r * len + used].to_vec())
+                .collect();
             b.len = used;
         }
         Ok(b)

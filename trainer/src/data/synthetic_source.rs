@@ -56,7 +56,12 @@ impl Source for SyntheticSource {
         let it = item(task, self.split, self.seed, self.index / n);
         let origin = format!("{}#{}", self.name, self.index);
         self.index += 1;
-        Ok(Some(Example::captioned(ImageSource::Pixels(it.image), it.prompt, it.text, origin)))
+        Ok(Some(Example::captioned(
+            ImageSource::Pixels(it.image),
+            it.prompt,
+            it.text,
+            origin,
+        )))
     }
 
     fn rewind(&mut self) -> Result<()> {

@@ -66,7 +66,10 @@ impl TarSource {
     pub fn open(spec: &str) -> Result<Self> {
         let shards: Vec<PathBuf> = expand_braces(spec)?.into_iter().map(PathBuf::from).collect();
         if let Some(missing) = shards.iter().find(|s| !s.is_file()) {
-            return Err(TrainError::Data(format!("{}: shard not found", missing.display())));
+            return Err(TrainError::Data(format!(
+                "{}: shard not found",
+                missing.display()
+            )));
         }
         Ok(TarSource {
             name: spec.to_string(),
@@ -79,7 +82,10 @@ impl TarSource {
     }
 
     fn shard_name(&self) -> String {
-        self.shards.get(self.shard).map(|p| p.display().to_string()).unwrap_or_default()
+        self.shards
+            .get(self.shard)
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
     }
 
     fn reader(&mut self) -> Result<&mut BufReader<File>> {
@@ -100,7 +106,12 @@ impl TarSource {
             let mut header = [0u8; 512];
             let r = self.reader()?;
             match read_full(r, &mut header) {
-                Ok(0) => return Ok(Err(TarEnd::End)),
+                // A tar ends with zero blocks; end of file before them means the shard was cut.
+                Ok(0) => {
+                    return Ok(Err(TarEnd::Broken(
+                        "archive ends without its end-of-archive blocks".into(),
+                    )));
+                }
                 Ok(512) => {}
                 Ok(_) => return Ok(Err(TarEnd::Broken("header cut short".into()))),
                 Err(e) => return Ok(Err(TarEnd::Broken(e.to_string()))),
@@ -133,7 +144,11 @@ impl TarSource {
                     let name = long_name.take().unwrap_or_else(|| {
                         let prefix = cstr(&header[345..500]);
                         let base = cstr(&header[0..100]);
-                        if prefix.is_empty() { base } else { format!("{prefix}/{base}") }
+                        if prefix.is_empty() {
+                            base
+                        } else {
+                            format!("{prefix}/{base}")
+                        }
                     });
                     return Ok(Ok(Entry { name, data }));
                 }
@@ -155,7 +170,9 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 fn parse_octal(field: &[u8]) -> Option<u64> {
-    let s = std::str::from_utf8(field).ok()?.trim_matches(|c: char| c == '\0' || c == ' ');
+    let s = std::str::from_utf8(field)
+        .ok()?
+        .trim_matches(|c: char| c == '\0' || c == ' ');
     if s.is_empty() {
         return Some(0);
     }
@@ -231,7 +248,10 @@ impl Source for TarSource {
             let origin = format!("{}:{key}", self.shard_name());
             if let Some(why) = broken {
                 // The group may be incomplete: skip it and the rest of the shard.
-                skips.skip(&origin, &format!("shard is damaged ({why}); skipping the rest of it"));
+                skips.skip(
+                    &origin,
+                    &format!("shard is damaged ({why}); skipping the rest of it"),
+                );
                 self.shard += 1;
                 self.reader = None;
                 self.offset = 0;
@@ -243,7 +263,12 @@ impl Source for TarSource {
             match (image, text) {
                 (Some(img), Some(txt)) => match String::from_utf8(txt.data.clone()) {
                     Ok(t) if !t.trim().is_empty() => {
-                        let ex = Example::captioned(ImageSource::Bytes(img.data.clone()), None, t.trim().to_string(), origin);
+                        let ex = Example::captioned(
+                            ImageSource::Bytes(img.data.clone()),
+                            None,
+                            t.trim().to_string(),
+                            origin,
+                        );
                         return Ok(Some(ex));
                     }
                     Ok(_) => skips.skip(&origin, "empty caption"),

@@ -7,7 +7,7 @@ use kosmos_models::DecoderConfig;
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
-use super::layers::{matmul, InitMode, LayerNorm, Linear, merge_heads, normal, softmax_f32, split_heads};
+use super::layers::{InitMode, LayerNorm, Linear, matmul, merge_heads, normal, softmax_f32, split_heads};
 use super::xpos::{Xpos, XposTables};
 
 /// Cached keys (after xPos) and values of one layer: [b, heads, past, head_dim] each.
@@ -202,8 +202,7 @@ impl Decoder {
             v = Tensor::cat(&[&p.value, &v], 2);
         }
         // A finite fill keeps rows with no visible key (left-padding queries) free of NaN.
-        let scores = matmul(&q, &k.transpose(-2, -1))
-            .masked_fill(blocked, f64::from(f32::MIN));
+        let scores = matmul(&q, &k.transpose(-2, -1)).masked_fill(blocked, f64::from(f32::MIN));
         let probs = softmax_f32(&scores).dropout(self.cfg.attention_dropout, train);
         let out = merge_heads(&matmul(&probs, &v));
         let out = a.out_proj.forward(&a.inner_attn_ln.forward(&out));

@@ -18,7 +18,9 @@ pub fn set_bf16_matmuls(on: bool) {
 /// `a @ b`, in bf16 when mixed precision is on (result in `a`'s kind).
 pub fn matmul(a: &Tensor, b: &Tensor) -> Tensor {
     if BF16_MATMULS.load(Ordering::Relaxed) {
-        a.to_kind(Kind::BFloat16).matmul(&b.to_kind(Kind::BFloat16)).to_kind(a.kind())
+        a.to_kind(Kind::BFloat16)
+            .matmul(&b.to_kind(Kind::BFloat16))
+            .to_kind(a.kind())
     } else {
         a.matmul(b)
     }
@@ -73,7 +75,9 @@ impl Linear {
         if BF16_MATMULS.load(Ordering::Relaxed) {
             let h = Kind::BFloat16;
             let b = self.bias.as_ref().map(|b| b.to_kind(h));
-            x.to_kind(h).linear(&self.weight.to_kind(h), b.as_ref()).to_kind(x.kind())
+            x.to_kind(h)
+                .linear(&self.weight.to_kind(h), b.as_ref())
+                .to_kind(x.kind())
         } else {
             x.linear(&self.weight, self.bias.as_ref())
         }

@@ -6,7 +6,9 @@ use kosmos_models::ResamplerConfig;
 use tch::Tensor;
 use tch::nn::{Init, Path};
 
-use super::layers::{matmul, InitMode, LayerNorm, Linear, merge_heads, softmax_f32, split_heads, torch_default};
+use super::layers::{
+    InitMode, LayerNorm, Linear, matmul, merge_heads, softmax_f32, split_heads, torch_default,
+};
 
 const LN_EPS: f64 = 1e-5; // torch.nn.LayerNorm default, as flamingo-pytorch uses
 

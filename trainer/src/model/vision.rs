@@ -6,7 +6,7 @@ use kosmos_models::VisionConfig;
 use tch::Tensor;
 use tch::nn::Path;
 
-use super::layers::{matmul, InitMode, LayerNorm, Linear, merge_heads, normal, softmax_f32, split_heads};
+use super::layers::{InitMode, LayerNorm, Linear, matmul, merge_heads, normal, softmax_f32, split_heads};
 
 #[derive(Debug)]
 struct ClipLayer {
