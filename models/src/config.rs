@@ -253,8 +253,8 @@ impl KosmosConfig {
         }
     }
 
-    /// A model small enough to train on a 2-core CPU in minutes (ViT 4×128 on 64 px, 16 latents,
-    /// decoder 4×256).
+    /// A model small enough to train on a 2-core CPU in minutes (ViT 4×128 on 32 px with patch 4,
+    /// 16 latents, decoder 4×256).
     pub fn tiny() -> Self {
         KosmosConfig {
             variant: Variant::Kosmos1,

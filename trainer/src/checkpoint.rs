@@ -92,7 +92,10 @@ pub fn load_hf_clip_vision(vs: &VarStore, path: &Path) -> Result<()> {
     let mut found = std::collections::HashMap::new();
     // Text-tower and projection tensors never match a vision variable name, so they are ignored.
     for (name, view) in st.iter() {
-        found.insert(name.strip_prefix("vision_model.").unwrap_or(name).to_string(), view);
+        found.insert(
+            name.strip_prefix("vision_model.").unwrap_or(name).to_string(),
+            view,
+        );
     }
     let device = vs.device();
     tch::no_grad(|| -> Result<()> {

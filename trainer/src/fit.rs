@@ -97,8 +97,8 @@ impl Recipe {
     /// 2-core CPU in minutes (so the tower trains too: it starts random, not from CLIP).
     pub fn tiny() -> Self {
         Recipe {
-            steps: 1200,
-            batch_size: 32,
+            steps: 1600,
+            batch_size: 16,
             max_len: 48,
             lr: 1e-3,
             warmup: 100,

@@ -58,6 +58,9 @@ impl ClipVision {
             &[cfg.num_positions() as i64, h as i64],
             m.init(normal(cfg.initializer_range * f)),
         );
+        if m.random {
+            init_position_sincos(&position_embedding, cfg.grid(), h);
+        }
         let pre_layrnorm = LayerNorm::new(p, "pre_layrnorm", h, eps);
         // HF CLIPPreTrainedModel._init_weights: normal weights, zero biases.
         let zero = Some(tch::nn::Init::Const(0.0));
@@ -140,4 +143,38 @@ impl ClipVision {
         }
         x
     }
+}
+
+/// Patch positions start from a fixed 2-D sine-cosine table (as MAE and other from-scratch ViTs
+/// do) instead of HF's N(0, 0.02): at that scale the position signal is ~20× weaker than the patch
+/// content, and a tower trained from scratch first learns bag-of-patches features that cannot tell
+/// left from right. Half the channels encode the row, half the column; amplitude 0.5. The CLS row
+/// keeps its random init. (Loading CLIP weights overwrites all of this.)
+fn init_position_sincos(table: &Tensor, grid: usize, hidden: usize) {
+    let quarter = (hidden / 4).max(1);
+    let mut values = vec![0f32; grid * grid * hidden];
+    for y in 0..grid {
+        for x in 0..grid {
+            let row = &mut values[(y * grid + x) * hidden..(y * grid + x + 1) * hidden];
+            for i in 0..quarter {
+                let freq = 1.0 / 10000f64.powf(i as f64 / quarter as f64);
+                let (py, px) = (y as f64 * freq, x as f64 * freq);
+                let put = |row: &mut [f32], j: usize, v: f64| {
+                    if j < row.len() {
+                        row[j] = (0.5 * v) as f32;
+                    }
+                };
+                put(row, i, py.sin());
+                put(row, quarter + i, py.cos());
+                put(row, 2 * quarter + i, px.sin());
+                put(row, 3 * quarter + i, px.cos());
+            }
+        }
+    }
+    let patches = Tensor::from_slice(&values).view([(grid * grid) as i64, hidden as i64]);
+    tch::no_grad(|| {
+        table
+            .narrow(0, 1, (grid * grid) as i64)
+            .copy_(&patches.to_device(table.device()));
+    });
 }
