@@ -13,7 +13,6 @@ use crate::error::Result;
 use crate::fit::{batch_loss, to_tensors};
 use crate::generate::greedy;
 use crate::model::Kosmos;
-use crate::prng::Prng;
 
 #[derive(Debug, Serialize)]
 pub struct EvalReport {
@@ -71,39 +70,10 @@ pub fn evaluate(
         let len = encoded.iter().map(|(_, e)| e.len()).max().unwrap_or(1);
         let rows = encoded.len();
         let pad = tok.special().pad_token_id as i64;
-        let mut b = Batch {
-            rows,
-            len,
-            input_ids: vec![pad; rows * len],
-            image_mask: vec![false; rows * len],
-            attention_mask: vec![0; rows * len],
-            targets: vec![-100; rows * len],
-            pixels: Vec::new(),
-            n_images: 0,
-            tokens: 0,
-            state: DataState {
-                rng: Prng::new(0),
-                cursors: vec![],
-                valid: vec![],
-                pending: None,
-            },
-        };
+        let mut b = Batch::padded(rows, len, pad, DataState::default());
         let mut n_targets = 0;
         for (r, (_, e)) in encoded.iter().enumerate() {
-            for t in 0..e.len() {
-                let i = r * len + t;
-                b.input_ids[i] = e.input_ids[t];
-                b.image_mask[i] = e.image_mask[t];
-                b.attention_mask[i] = 1;
-                if t + 1 < e.len() && e.loss_mask[t + 1] {
-                    b.targets[i] = e.input_ids[t + 1];
-                    n_targets += 1;
-                }
-            }
-            for p in &e.pixels {
-                b.pixels.extend_from_slice(p);
-            }
-            b.n_images += e.pixels.len();
+            n_targets += b.place(r, 0, e);
         }
         let t = to_tensors(&b, cfg, device);
         let loss = tch::no_grad(|| batch_loss(model, &t, false))?.double_value(&[]);

@@ -29,7 +29,7 @@ pub struct Batch {
     pub state: DataState,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DataState {
     pub rng: Prng,
     pub cursors: Vec<Value>,
@@ -37,6 +37,46 @@ pub struct DataState {
     pub valid: Vec<u64>,
     /// A source whose next example was read but not yet placed (its cursor points before it).
     pub pending: Option<usize>,
+}
+
+impl Batch {
+    /// `rows` × `len` of padding: no attention, no targets.
+    pub fn padded(rows: usize, len: usize, pad: i64, state: DataState) -> Self {
+        Batch {
+            rows,
+            len,
+            input_ids: vec![pad; rows * len],
+            image_mask: vec![false; rows * len],
+            attention_mask: vec![0; rows * len],
+            targets: vec![-100; rows * len],
+            pixels: Vec::new(),
+            n_images: 0,
+            tokens: 0,
+            state,
+        }
+    }
+
+    /// Write `enc` into `row` from column `at` (it must fit); returns its number of targets.
+    /// Targets are next tokens where the next token carries loss.
+    pub fn place(&mut self, row: usize, at: usize, enc: &Encoded) -> usize {
+        let base = row * self.len + at;
+        let mut targets = 0;
+        for t in 0..enc.len() {
+            self.input_ids[base + t] = enc.input_ids[t];
+            self.image_mask[base + t] = enc.image_mask[t];
+            self.attention_mask[base + t] = 1;
+            if t + 1 < enc.len() && enc.loss_mask[t + 1] {
+                self.targets[base + t] = enc.input_ids[t + 1];
+                targets += 1;
+            }
+        }
+        for p in &enc.pixels {
+            self.pixels.extend_from_slice(p);
+        }
+        self.n_images += enc.pixels.len();
+        self.tokens += enc.len();
+        targets
+    }
 }
 
 pub struct DataStream {
@@ -194,18 +234,7 @@ impl DataStream {
     pub fn next_batch(&mut self) -> Result<Batch> {
         let (rows, len) = (self.rows, self.max_len);
         let pad = self.tokenizer.special().pad_token_id as i64;
-        let mut b = Batch {
-            rows,
-            len,
-            input_ids: vec![pad; rows * len],
-            image_mask: vec![false; rows * len],
-            attention_mask: vec![0; rows * len],
-            targets: vec![-100; rows * len],
-            pixels: Vec::new(),
-            n_images: 0,
-            tokens: 0,
-            state: self.state(),
-        };
+        let mut b = Batch::padded(rows, len, pad, self.state());
         let mut row = 0;
         let mut fill = 0;
         while row < rows {
@@ -219,20 +248,7 @@ impl DataStream {
                 fill = 0;
                 continue;
             }
-            let base = row * len + fill;
-            for t in 0..enc.len() {
-                b.input_ids[base + t] = enc.input_ids[t];
-                b.image_mask[base + t] = enc.image_mask[t];
-                b.attention_mask[base + t] = 1;
-                if t + 1 < enc.len() && enc.loss_mask[t + 1] {
-                    b.targets[base + t] = enc.input_ids[t + 1];
-                }
-            }
-            for p in &enc.pixels {
-                b.pixels.extend_from_slice(p);
-            }
-            b.n_images += enc.pixels.len();
-            b.tokens += enc.len();
+            b.place(row, fill, &enc);
             fill += enc.len();
         }
         b.state = self.state();
