@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use kosmos_models::checkpoint::{CONFIG_FILE, TRAINER_STATE_DIR};
-use kosmos_models::{Checkpoint, KosmosConfig, KosmosTokenizer};
+use kosmos_models::{KosmosConfig, KosmosTokenizer};
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Reduction, Tensor};
@@ -548,9 +548,4 @@ fn save_checkpoint(run: &Run, opt: &AdamW, state: &TrainerState, out: &Path) -> 
         Ok(())
     };
     crate::checkpoint::save(&run.vs, out, &run.config, &run.tokenizer, true, Some(&extra))
-}
-
-/// Check that a checkpoint directory holds a resumable run.
-pub fn resumable(dir: &Path) -> bool {
-    has_checkpoint(dir) && Checkpoint::open(dir).is_ok()
 }
