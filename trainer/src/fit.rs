@@ -168,7 +168,16 @@ pub struct StepMetrics {
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens: usize,
+    /// Images encoded in this step (all micro-batches).
+    #[serde(default)]
+    pub images: usize,
     pub tokens_per_s: f64,
+    /// Wall time of this step alone (data wait, forward, backward, optimizer).
+    #[serde(default)]
+    pub step_s: f64,
+    /// Part of `step_s` spent waiting for the data loader.
+    #[serde(default)]
+    pub data_wait_s: f64,
     pub elapsed_s: f64,
 }
 
@@ -411,13 +420,18 @@ pub fn fit(opts: FitOptions<'_>) -> Result<FitSummary> {
         let ts = Instant::now();
         let mut loss_sum = 0.0;
         let mut tokens = 0;
+        let mut images = 0;
+        let mut data_wait_s = 0.0;
         for _ in 0..recipe.grad_accum.max(1) {
+            let tw = Instant::now();
             let batch = loader.next()?;
+            data_wait_s += tw.elapsed().as_secs_f64();
             let t = to_tensors(&batch, &run.config, opts.device);
             let loss = batch_loss(&run.model, &t, true)?;
             (&loss / recipe.grad_accum.max(1) as f64).backward();
             loss_sum += loss.double_value(&[]);
             tokens += batch.tokens;
+            images += batch.n_images;
             last_state = Some(batch.state);
         }
         let grad_norm = opt.clip_grad_norm(recipe.clip);
@@ -437,7 +451,10 @@ pub fn fit(opts: FitOptions<'_>) -> Result<FitSummary> {
             lr,
             grad_norm,
             tokens,
+            images,
             tokens_per_s: tokens as f64 / dt.max(1e-9),
+            step_s: dt,
+            data_wait_s,
             elapsed_s: t0.elapsed().as_secs_f64(),
         };
         writeln!(

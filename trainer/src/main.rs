@@ -52,6 +52,12 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print a built-in preset's config.json (what `init --preset` writes) to stdout.
+    #[command(after_help = "Example:\n  kosmos-train preset kosmos-1 > config.json")]
+    Preset {
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
+        name: String,
+    },
     /// Train: from a preset (random init) or a checkpoint, on mixed data sources.
     #[command(after_help = "Examples:\n  \
         kosmos-train fit --preset tiny --data synthetic:shapes -o runs/tiny\n  \
@@ -226,6 +232,11 @@ fn run(cli: Cli) -> Result<()> {
             force,
         } => init(&preset, seed, tokenizer, output, force),
         Command::Info { checkpoint } => info(&checkpoint),
+        Command::Preset { name } => {
+            let config = KosmosConfig::preset(&name)?;
+            println!("{}", serde_json::to_string_pretty(&config)?);
+            Ok(())
+        }
         Command::Fit(args) => fit(*args),
         Command::Eval {
             checkpoint,
