@@ -1,6 +1,237 @@
 //! `kosmos-export`: lowers a KOSMOS-1 checkpoint (read through `kosmos-models`) to an ONNX package
 //! as DESIGN §5 specifies — `vision.onnx`, `decoder.onnx` with `past_key_values.N.key|value` /
-//! `present.N.key|value`, external weight data, `kosmos_rt.json`, `tokenizer.json`.
+//! `present.N.key|value`, weights as external data, `kosmos_rt.json`, `tokenizer.json`.
 //!
-//! Not written yet: this crate holds no lowering code, and exposes nothing that pretends to.
-//! The exporter issue fills it.
+//! **ONNX writer.** The protobuf messages are `prost` structs written by hand from the published
+//! `onnx.proto` ([`onnx::proto`], IR version 10). No maintained crate fits: `onnx-protobuf` and
+//! friends pin old protobuf runtimes or need `protoc` at build time, and we write only a small,
+//! stable subset of the schema. Graphs are built node by node ([`onnx::builder`]) with readable
+//! names (`/decoder/layers.3/self_attn/q_proj/MatMul`), shared constants and a type and shape on
+//! every value; weights stream to `<graph>.onnx.data` as they are converted, one tensor at a time.
+//!
+//! **Profiles.** `portable`: standard ONNX operators only, opset 17 (ONNX Runtime, TensorRT's
+//! parser and OpenVINO all take it). `ort`: ONNX Runtime's `com.microsoft` contrib operators where
+//! they help — `MultiHeadAttention` with the KV cache, `RotaryEmbedding` with xPos-scaled cos/sin
+//! caches, fused `Gelu`/`QuickGelu`.
+//!
+//! **Precision.** `fp32`, or `fp16` weights and activations with LayerNorm statistics, softmax and
+//! GELU in fp32; graph inputs/outputs stay f32 except the fp16 KV cache.
+
+pub mod error;
+pub mod lower;
+pub mod onnx;
+pub mod verify;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Instant;
+
+use kosmos_models::atomic::StagedDir;
+use kosmos_models::package::{self, PackageDtype, PackageManifest};
+use kosmos_models::params::{self, expected_params};
+use kosmos_models::{Checkpoint, KosmosConfig};
+use prost::Message;
+
+pub use error::{ExportError, Result};
+use lower::{Lower, Weights};
+use onnx::builder::{DType, GraphBuilder};
+use onnx::external::WeightSink;
+use onnx::proto::{IR_VERSION, ModelProto, OperatorSetIdProto, StringStringEntryProto};
+
+/// The standard-domain opset of every exported graph.
+pub const OPSET: i64 = 17;
+pub const PRODUCER: &str = "kosmos-export";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    Portable,
+    Ort,
+}
+
+impl Profile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Portable => "portable",
+            Profile::Ort => "ort",
+        }
+    }
+}
+
+impl FromStr for Profile {
+    type Err = ExportError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "portable" => Ok(Profile::Portable),
+            "ort" => Ok(Profile::Ort),
+            other => Err(ExportError::UnknownProfile(other.to_string())),
+        }
+    }
+}
+
+pub fn parse_dtype(s: &str) -> Result<PackageDtype> {
+    match s {
+        "fp32" => Ok(PackageDtype::Fp32),
+        "fp16" => Ok(PackageDtype::Fp16),
+        other => Err(ExportError::UnknownDtype(other.to_string())),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    pub profile: Profile,
+    pub dtype: PackageDtype,
+    /// Replace an existing output directory.
+    pub force: bool,
+    /// Show a progress bar per component.
+    pub progress: bool,
+}
+
+/// What an export wrote.
+#[derive(Debug)]
+pub struct ExportSummary {
+    pub package: PathBuf,
+    pub vision_bytes: u64,
+    pub decoder_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Export the checkpoint in `ckpt_dir` to a package directory `out` (written to a staging
+/// directory and renamed into place, so a failure leaves nothing behind).
+pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportSummary> {
+    let t0 = Instant::now();
+    let ckpt = Checkpoint::open(ckpt_dir)?;
+    let staged = StagedDir::new(out, opts.force)?;
+    let dir = staged.path().to_path_buf();
+    let cfg = &ckpt.config;
+    let dtype = match opts.dtype {
+        PackageDtype::Fp32 => DType::F32,
+        PackageDtype::Fp16 => DType::F16,
+    };
+
+    let vision_bytes = write_component(&ckpt, &dir, package::VISION_FILE, dtype, opts, |l| {
+        l.vision_graph(cfg)
+    })?;
+    let decoder_bytes = write_component(&ckpt, &dir, package::DECODER_FILE, dtype, opts, |l| {
+        l.decoder_graph(cfg)
+    })?;
+
+    let tok_src = ckpt.dir.join(package::TOKENIZER_FILE);
+    let tok_dst = dir.join(package::TOKENIZER_FILE);
+    std::fs::copy(&tok_src, &tok_dst).map_err(|e| ExportError::io(&tok_src, e))?;
+    let manifest = PackageManifest::new(
+        cfg,
+        opts.profile.as_str(),
+        opts.dtype,
+        OPSET,
+        &format!("{PRODUCER} {}", env!("CARGO_PKG_VERSION")),
+    );
+    kosmos_models::atomic::write_atomic(&dir.join(package::MANIFEST_FILE), manifest.to_json().as_bytes())?;
+    let package = staged.commit()?;
+    Ok(ExportSummary {
+        package,
+        vision_bytes,
+        decoder_bytes,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Checkpoint prefixes whose weights each graph holds (for progress totals).
+fn component_prefixes(file: &str) -> &'static [&'static str] {
+    if file == package::VISION_FILE {
+        &[params::VISION, params::RESAMPLER, params::IMAGE_PROJ]
+    } else {
+        &[params::DECODER]
+    }
+}
+
+fn write_component(
+    ckpt: &Checkpoint,
+    dir: &Path,
+    file: &str,
+    dtype: DType,
+    opts: &ExportOptions,
+    build: impl FnOnce(&mut Lower<'_, '_, '_>) -> Result<()>,
+) -> Result<u64> {
+    let cfg = &ckpt.config;
+    let prefixes = component_prefixes(file);
+    let total: u64 = expected_params(cfg)
+        .iter()
+        .filter(|p| {
+            prefixes
+                .iter()
+                .any(|x| p.name.starts_with(&format!("{x}.")) || p.name == *x)
+        })
+        .map(|p| p.shape.iter().product::<usize>() as u64 * dtype.size() as u64)
+        .sum();
+    let pb = progress_bar(opts.progress, total, file);
+    let data_name = format!("{file}.data");
+    let data_path = dir.join(&data_name);
+    let mut sink = WeightSink::create(&data_path)?;
+    let weights = Weights::new(ckpt.weights()?, dtype, Box::new(|n| pb.inc(n)));
+    let graph_name = file.trim_end_matches(".onnx");
+    let mut lower = Lower {
+        g: GraphBuilder::new(graph_name, OPSET, &mut sink),
+        w: &weights,
+        profile: opts.profile,
+    };
+    build(&mut lower)?;
+    let (graph, opsets) = lower.g.finish();
+    let model = model_proto(graph, opsets, cfg, opts);
+    let bytes = model.encode_to_vec();
+    let path = dir.join(file);
+    kosmos_models::atomic::write_atomic(&path, &bytes)?;
+    let data_bytes = sink.finish()?;
+    pb.finish_and_clear();
+    tracing::info!(file, graph_bytes = bytes.len(), data_bytes, "written");
+    Ok(bytes.len() as u64 + data_bytes)
+}
+
+fn model_proto(
+    graph: onnx::proto::GraphProto,
+    opsets: std::collections::BTreeMap<String, i64>,
+    cfg: &KosmosConfig,
+    opts: &ExportOptions,
+) -> ModelProto {
+    let meta = [
+        ("kosmos.variant", cfg.variant.to_string()),
+        ("kosmos.profile", opts.profile.as_str().to_string()),
+        ("kosmos.dtype", opts.dtype.as_str().to_string()),
+    ];
+    ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: opsets
+            .into_iter()
+            .map(|(domain, version)| OperatorSetIdProto { domain, version })
+            .collect(),
+        producer_name: PRODUCER.into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        domain: "ai.kosmos".into(),
+        model_version: 1,
+        doc_string: String::new(),
+        graph: Some(graph),
+        metadata_props: meta
+            .into_iter()
+            .map(|(k, v)| StringStringEntryProto {
+                key: k.into(),
+                value: v,
+            })
+            .collect(),
+        functions: Vec::new(),
+    }
+}
+
+fn progress_bar(show: bool, total: u64, what: &str) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>14} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}

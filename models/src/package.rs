@@ -1,0 +1,243 @@
+//! The package contract between `kosmos-export` and `kosmos-rt` (DESIGN §5): file names, graph
+//! I/O names (the Hugging Face / ONNX Runtime GenAI convention) and `kosmos_rt.json`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::KosmosConfig;
+use crate::error::{ModelsError, Result};
+use crate::image::{CLIP_MEAN, CLIP_STD};
+
+pub const MANIFEST_FILE: &str = "kosmos_rt.json";
+pub const VISION_FILE: &str = "vision.onnx";
+pub const DECODER_FILE: &str = "decoder.onnx";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Version of the package layout this crate reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Graph input and output names.
+pub mod io {
+    pub const PIXEL_VALUES: &str = "pixel_values";
+    pub const IMAGE_EMBEDS: &str = "image_embeds";
+    pub const INPUT_IDS: &str = "input_ids";
+    pub const IMAGE_MASK: &str = "image_mask";
+    pub const ATTENTION_MASK: &str = "attention_mask";
+    pub const LOGITS: &str = "logits";
+
+    pub fn past_key(layer: usize) -> String {
+        format!("past_key_values.{layer}.key")
+    }
+    pub fn past_value(layer: usize) -> String {
+        format!("past_key_values.{layer}.value")
+    }
+    pub fn present_key(layer: usize) -> String {
+        format!("present.{layer}.key")
+    }
+    pub fn present_value(layer: usize) -> String {
+        format!("present.{layer}.value")
+    }
+}
+
+/// Weight/activation precision of a package.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PackageDtype {
+    Fp32,
+    Fp16,
+}
+
+impl PackageDtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PackageDtype::Fp32 => "fp32",
+            PackageDtype::Fp16 => "fp16",
+        }
+    }
+}
+
+/// `kosmos_rt.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageManifest {
+    pub format_version: u32,
+    /// e.g. "kosmos-export 0.1.0".
+    pub producer: String,
+    /// `portable`, `ort` (and later `trt`).
+    pub profile: String,
+    /// Precision of weights and activations; graph inputs and outputs other than the KV cache
+    /// stay f32.
+    pub dtype: PackageDtype,
+    pub opset: i64,
+    pub vision: VisionGraph,
+    pub decoder: DecoderGraph,
+    pub tokenizer: TokenizerInfo,
+    pub preprocess: Preprocess,
+    /// Optional chat template (the server's prompt assembly uses it when present).
+    #[serde(default)]
+    pub chat_template: Option<String>,
+    /// The checkpoint's model config.
+    pub config: KosmosConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisionGraph {
+    pub file: String,
+    pub input: String,
+    pub output: String,
+    pub image_size: usize,
+    /// Embeddings per image (the resampler's latents).
+    pub tokens_per_image: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecoderGraph {
+    pub file: String,
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub head_dim: usize,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    /// Longest past + new sequence the decoder supports.
+    pub context_length: usize,
+    /// Element type of `past_key_values.*` / `present.*` ("float32" or "float16").
+    pub kv_dtype: String,
+    /// Template of the cache input/output names; `{i}` is the layer.
+    pub past_key: String,
+    pub past_value: String,
+    pub present_key: String,
+    pub present_value: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerInfo {
+    pub file: String,
+    pub special_tokens: crate::tokenizer::SpecialTokens,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preprocess {
+    /// Shortest side resized to this with bicubic filtering, then centre-cropped square.
+    pub image_size: usize,
+    pub resample: String,
+    pub crop: String,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl PackageManifest {
+    /// The manifest of a package of `config` in `dtype`/`profile`.
+    pub fn new(
+        config: &KosmosConfig,
+        profile: &str,
+        dtype: PackageDtype,
+        opset: i64,
+        producer: &str,
+    ) -> Self {
+        let d = &config.decoder;
+        let layers = d.decoder_layers;
+        let mut inputs: Vec<String> = [
+            io::INPUT_IDS,
+            io::IMAGE_EMBEDS,
+            io::IMAGE_MASK,
+            io::ATTENTION_MASK,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut outputs = vec![io::LOGITS.to_string()];
+        for i in 0..layers {
+            inputs.push(io::past_key(i));
+            inputs.push(io::past_value(i));
+            outputs.push(io::present_key(i));
+            outputs.push(io::present_value(i));
+        }
+        PackageManifest {
+            format_version: FORMAT_VERSION,
+            producer: producer.to_string(),
+            profile: profile.to_string(),
+            dtype,
+            opset,
+            vision: VisionGraph {
+                file: VISION_FILE.into(),
+                input: io::PIXEL_VALUES.into(),
+                output: io::IMAGE_EMBEDS.into(),
+                image_size: config.vision.image_size,
+                tokens_per_image: config.resampler.num_latents,
+            },
+            decoder: DecoderGraph {
+                file: DECODER_FILE.into(),
+                inputs,
+                outputs,
+                num_layers: layers,
+                num_heads: d.decoder_attention_heads,
+                head_dim: d.head_dim(),
+                hidden_size: d.decoder_embed_dim,
+                vocab_size: d.vocab_size,
+                context_length: d.max_target_positions,
+                kv_dtype: match dtype {
+                    PackageDtype::Fp32 => "float32",
+                    PackageDtype::Fp16 => "float16",
+                }
+                .into(),
+                past_key: "past_key_values.{i}.key".into(),
+                past_value: "past_key_values.{i}.value".into(),
+                present_key: "present.{i}.key".into(),
+                present_value: "present.{i}.value".into(),
+            },
+            tokenizer: TokenizerInfo {
+                file: TOKENIZER_FILE.into(),
+                special_tokens: config.tokenizer.clone(),
+            },
+            preprocess: Preprocess {
+                image_size: config.vision.image_size,
+                resample: "bicubic".into(),
+                crop: "center".into(),
+                mean: CLIP_MEAN,
+                std: CLIP_STD,
+            },
+            chat_template: None,
+            config: config.clone(),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("manifest serialises") + "\n"
+    }
+
+    /// Read and check `dir/kosmos_rt.json`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                ModelsError::MissingFile {
+                    path: path.clone(),
+                    what: "package manifest",
+                }
+            } else {
+                ModelsError::io(&path, e)
+            }
+        })?;
+        let m: PackageManifest = serde_json::from_str(&text).map_err(|e| ModelsError::Json {
+            path: path.clone(),
+            source: e,
+        })?;
+        if m.format_version != FORMAT_VERSION {
+            return Err(ModelsError::InvalidConfig {
+                path: Some(path),
+                message: format!(
+                    "package format_version {} (this build reads {FORMAT_VERSION})",
+                    m.format_version
+                ),
+            });
+        }
+        m.config.validate()?;
+        Ok(m)
+    }
+}
