@@ -1,56 +1,180 @@
 use std::path::PathBuf;
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kosmos_export::onnx::inspect;
+use kosmos_export::verify::{VerifyOptions, verify};
+use kosmos_export::{ExportOptions, Profile, export, parse_dtype};
 
 #[derive(Parser)]
 #[command(
     name = "kosmos-export",
     version,
-    about = "Export KOSMOS-1 checkpoints to ONNX packages"
+    about = "Lower a KOSMOS-1 checkpoint to an ONNX package (vision.onnx + decoder.onnx with KV cache)",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Examples:\n  \
+        kosmos-export runs/tiny --to onnx -o pkg/tiny\n  \
+        kosmos-export runs/k1 -o pkg/k1-fp16 --dtype fp16 --profile ort\n  \
+        kosmos-export inspect pkg/tiny/decoder.onnx\n  \
+        kosmos-export verify runs/tiny pkg/tiny"
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    export: ExportArgs,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// Checkpoint directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(required = true)]
+    checkpoint: Option<PathBuf>,
+    /// Target format.
+    #[arg(long, value_enum, default_value = "onnx")]
+    to: Target,
+    /// Output package directory (refused if it exists, unless --force).
+    #[arg(short, long, required = true)]
+    output: Option<PathBuf>,
+    /// portable: standard ONNX ops, opset 17; ort: ONNX Runtime contrib ops (MultiHeadAttention
+    /// with KV cache, RotaryEmbedding, fused GELU).
+    #[arg(long, default_value = "portable")]
+    profile: String,
+    /// fp32 or fp16 (LayerNorm statistics, softmax and GELU stay fp32).
+    #[arg(long, default_value = "fp32")]
+    dtype: String,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    force: bool,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Target {
+    Onnx,
+    Trt,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    Ckpt {
+    /// Print a stable text summary of an ONNX model: I/O, op histogram, weights, nodes per layer.
+    Inspect { model: PathBuf },
+    /// Run the checkpoint (tch) and the package (ONNX Runtime) on the same inputs — a left-padded
+    /// batch with images, then greedy decode steps — and print the largest difference per output.
+    /// Exits non-zero above tolerance or when greedy tokens differ.
+    Verify {
         checkpoint: PathBuf,
-        #[arg(long, default_value = "onnx")]
-        to: String,
-        #[arg(short, long)]
-        output: PathBuf,
-        #[arg(long, default_value = "portable")]
-        profile: String,
-        #[arg(long, default_value = "fp32")]
-        dtype: String,
+        package: PathBuf,
+        /// Decode steps after the prefill.
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        /// Tolerance (default: 1e-4 absolute for fp32, 1e-2 relative for fp16).
         #[arg(long)]
-        force: bool,
+        tolerance: Option<f64>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
     },
 }
 
-fn main() -> Result<()> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
-    match Cli::parse().command {
-        Command::Ckpt {
-            checkpoint,
-            to: _,
-            output,
-            profile,
-            dtype,
-            force,
-        } => {
-            let opts = kosmos_export::ExportOptions {
-                profile: profile.parse()?,
-                dtype: kosmos_export::parse_dtype(&dtype)?,
-                force,
-                progress: true,
-            };
-            let s = kosmos_export::export(&checkpoint, &output, &opts)?;
-            println!("{s:?}");
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
         }
     }
-    Ok(())
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Some(Command::Inspect { model }) => {
+            let m = inspect::load_model(&model)?;
+            print!("{}", inspect::summary(&m));
+            Ok(0)
+        }
+        Some(Command::Verify {
+            checkpoint,
+            package,
+            steps,
+            tolerance,
+            json,
+        }) => {
+            let opts = VerifyOptions {
+                decode_steps: steps,
+                tolerance,
+                ..Default::default()
+            };
+            let r = verify(&checkpoint, &package, &opts)
+                .with_context(|| format!("verifying {} against {}", package.display(), checkpoint.display()))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{} {} package, {} decode steps", r.profile, r.dtype, steps);
+                for d in &r.diffs {
+                    println!(
+                        "  {:18} max |diff| {:.3e}  (max |ref| {:.3e}, relative {:.3e})",
+                        d.output,
+                        d.max_abs,
+                        d.ref_max,
+                        d.relative()
+                    );
+                }
+                println!(
+                    "  greedy tokens {}",
+                    if r.reference_tokens == r.package_tokens { "equal" } else { "DIFFER" }
+                );
+                println!(
+                    "{}: tolerance {:.0e} {}",
+                    if r.passed { "PASS" } else { "FAIL" },
+                    r.tolerance,
+                    r.tolerance_kind
+                );
+            }
+            Ok(if r.passed { 0 } else { 2 })
+        }
+        None => {
+            let a = cli.export;
+            let (Some(checkpoint), Some(output)) = (a.checkpoint, a.output) else {
+                bail!("a checkpoint and -o <package dir> are required");
+            };
+            let profile: Profile = a.profile.parse()?;
+            let dtype = parse_dtype(&a.dtype)?;
+            if let Target::Trt = a.to {
+                bail!(
+                    "--to trt builds TensorRT engines and needs TensorRT (trtexec or libnvinfer), \
+                     which this build does not support; export --to onnx and build engines with \
+                     trtexec on a machine that has TensorRT"
+                );
+            }
+            let opts = ExportOptions {
+                profile,
+                dtype,
+                force: a.force,
+                progress: !a.quiet,
+            };
+            let s = export(&checkpoint, &output, &opts)
+                .with_context(|| format!("exporting {}", checkpoint.display()))?;
+            println!(
+                "{}: vision {:.1} MB, decoder {:.1} MB ({} {}), {:.1} s",
+                s.package.display(),
+                s.vision_bytes as f64 / 1e6,
+                s.decoder_bytes as f64 / 1e6,
+                profile.as_str(),
+                dtype.as_str(),
+                s.seconds
+            );
+            Ok(0)
+        }
+    }
 }

@@ -1,1 +1,372 @@
-//! verify (below)
+//! `kosmos-export verify`: runs the trainer's tch model and the exported package in ONNX Runtime
+//! on the same deterministic inputs — a left-padded batch of two prompts, each with an image
+//! between text, then greedy decode steps over the KV cache — and reports the largest difference
+//! per output.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use kosmos_models::package::{PackageDtype, PackageManifest, io};
+use ort::session::Session;
+use ort::value::{DynValue, Tensor as OrtTensor};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{ExportError, Result};
+
+/// Where the ONNX Runtime shared library is: `ORT_DYLIB_PATH`, else the set-up's
+/// `.deps/libonnxruntime.so` beside the binary's `target/` directory, else the system's.
+pub fn ort_dylib_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for up in ["../../.deps", "../../../.deps"] {
+            let p = exe.parent().unwrap_or(Path::new(".")).join(up).join("libonnxruntime.so");
+            if p.exists() {
+                return p;
+            }
+        }
+    }
+    PathBuf::from("libonnxruntime.so")
+}
+
+/// The process-wide ONNX Runtime environment (the library is loaded once).
+pub fn ort_environment() -> Result<&'static ort::environment::Environment> {
+    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let path = ort_dylib_path();
+        let builder = ort::init_from(&path)
+            .map_err(|e| format!("cannot load ONNX Runtime from {}: {e} (set ORT_DYLIB_PATH)", path.display()))?;
+        builder.with_name("kosmos").build().map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| ExportError::Ort(e.clone()))
+}
+
+/// A CPU session for `path`.
+pub fn session(path: &Path) -> Result<Session> {
+    let env = ort_environment()?;
+    let err = |e: ort::Error| ExportError::Ort(format!("{}: {e}", path.display()));
+    Session::builder(env)
+        .map_err(err)?
+        .commit_from_file(path)
+        .map_err(err)
+}
+
+#[derive(Clone, Debug)]
+pub struct VerifyOptions {
+    pub decode_steps: usize,
+    /// Largest accepted difference; default by dtype (fp32: 1e-4 absolute, fp16: 1e-2 relative
+    /// to the largest reference magnitude of that output).
+    pub tolerance: Option<f64>,
+    pub seed: i64,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        VerifyOptions {
+            decode_steps: 8,
+            tolerance: None,
+            seed: 0,
+        }
+    }
+}
+
+/// Difference of one output (over all steps where it is produced).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OutputDiff {
+    pub output: String,
+    pub max_abs: f64,
+    /// Largest |reference| value, for relative tolerances.
+    pub ref_max: f64,
+}
+
+impl OutputDiff {
+    pub fn relative(&self) -> f64 {
+        self.max_abs / self.ref_max.max(1e-12)
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VerifyReport {
+    pub dtype: String,
+    pub profile: String,
+    pub diffs: Vec<OutputDiff>,
+    /// Greedy tokens (argmax of the last position per step and row) of the reference and package.
+    pub reference_tokens: Vec<Vec<i64>>,
+    pub package_tokens: Vec<Vec<i64>>,
+    pub tolerance: f64,
+    /// `absolute` (fp32) or `relative` (fp16).
+    pub tolerance_kind: String,
+    pub passed: bool,
+}
+
+struct Diffs(Vec<OutputDiff>);
+
+impl Diffs {
+    fn add(&mut self, name: &str, reference: &[f32], got: &[f32]) -> Result<()> {
+        if reference.len() != got.len() {
+            return Err(ExportError::Ort(format!(
+                "{name}: {} values from the package, {} expected",
+                got.len(),
+                reference.len()
+            )));
+        }
+        let max_abs = reference
+            .iter()
+            .zip(got)
+            .map(|(a, b)| (a - b).abs() as f64)
+            .fold(0.0, |m, d| if d.is_nan() || d > m { d } else { m });
+        let ref_max = reference.iter().map(|a| a.abs() as f64).fold(0.0, f64::max);
+        match self.0.iter_mut().find(|d| d.output == name) {
+            Some(d) => {
+                d.max_abs = if max_abs.is_nan() { max_abs } else { d.max_abs.max(max_abs) };
+                d.ref_max = d.ref_max.max(ref_max);
+            }
+            None => self.0.push(OutputDiff {
+                output: name.to_string(),
+                max_abs,
+                ref_max,
+            }),
+        }
+        Ok(())
+    }
+}
+
+fn to_vec(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().view([-1])).expect("f32 tensor")
+}
+
+fn ort_f32(v: &DynValue, name: &str) -> Result<Vec<f32>> {
+    if let Ok((_, data)) = v.try_extract_tensor::<f32>() {
+        return Ok(data.to_vec());
+    }
+    if let Ok((_, data)) = v.try_extract_tensor::<half::f16>() {
+        return Ok(data.iter().map(|x| x.to_f32()).collect());
+    }
+    Err(ExportError::Ort(format!("{name}: not a float tensor")))
+}
+
+fn ort_err(e: ort::Error) -> ExportError {
+    ExportError::Ort(e.to_string())
+}
+
+fn i64_tensor(t: &Tensor) -> Result<DynValue> {
+    let shape = t.size();
+    let data = Vec::<i64>::try_from(t.contiguous().view([-1])).expect("i64 tensor");
+    Ok(OrtTensor::from_array((shape, data)).map_err(ort_err)?.into_dyn())
+}
+
+fn f32_tensor(t: &Tensor) -> Result<DynValue> {
+    let shape = t.size();
+    Ok(OrtTensor::from_array((shape, to_vec(t))).map_err(ort_err)?.into_dyn())
+}
+
+fn bool_tensor(t: &Tensor) -> Result<DynValue> {
+    let shape = t.size();
+    let data: Vec<bool> = Vec::<i64>::try_from(t.to_kind(Kind::Int64).contiguous().view([-1]))
+        .expect("i64 tensor")
+        .into_iter()
+        .map(|v| v != 0)
+        .collect();
+    Ok(OrtTensor::from_array((shape, data)).map_err(ort_err)?.into_dyn())
+}
+
+fn empty_kv(shape: [i64; 4], dtype: PackageDtype) -> Result<DynValue> {
+    Ok(match dtype {
+        PackageDtype::Fp32 => OrtTensor::<f32>::from_array((shape, Vec::<f32>::new()))
+            .map_err(ort_err)?
+            .into_dyn(),
+        PackageDtype::Fp16 => OrtTensor::<half::f16>::from_array((shape, Vec::<half::f16>::new()))
+            .map_err(ort_err)?
+            .into_dyn(),
+    })
+}
+
+/// Compare the package in `pkg` with the checkpoint in `ckpt`.
+pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
+    let manifest = PackageManifest::load(pkg)?;
+    let (_vs, model, ck) =
+        kosmos_train::checkpoint::load(ckpt, Device::Cpu).map_err(|e| ExportError::Reference(e.to_string()))?;
+    if ck.config != manifest.config {
+        return Err(ExportError::BadPackage {
+            path: pkg.to_path_buf(),
+            message: format!("was exported from another model than {}", ckpt.display()),
+        });
+    }
+    let cfg = &ck.config;
+    let tok = &cfg.tokenizer;
+    let lat = cfg.resampler.num_latents;
+    let size = cfg.vision.image_size as i64;
+    let d = &cfg.decoder;
+    let (layers, heads, hd) = (d.decoder_layers, d.decoder_attention_heads as i64, d.head_dim() as i64);
+    let vocab = d.vocab_size as i64;
+    let mut vision = session(&pkg.join(&manifest.vision.file))?;
+    let mut decoder = session(&pkg.join(&manifest.decoder.file))?;
+
+    // Two prompts, left-padded to one length: text before and after the image in each.
+    tch::manual_seed(opts.seed);
+    let text = |n: usize, start: i64| -> Vec<i64> { (0..n as i64).map(|i| 6 + (start + 7 * i) % (vocab - 6)).collect() };
+    let image = |pre: Vec<i64>, post: Vec<i64>| {
+        let mut ids = vec![tok.bos_token_id as i64];
+        ids.extend(pre);
+        ids.push(tok.image_start_token_id as i64);
+        let slot_start = ids.len();
+        ids.extend(std::iter::repeat_n(tok.pad_token_id as i64, lat));
+        ids.push(tok.image_end_token_id as i64);
+        ids.extend(post);
+        (ids, slot_start)
+    };
+    let rows = [image(text(2, 11), text(5, 3)), image(Vec::new(), text(2, 40))];
+    let len = rows.iter().map(|(r, _)| r.len()).max().unwrap_or(0);
+    let b = rows.len() as i64;
+    let mut ids = vec![tok.pad_token_id as i64; rows.len() * len];
+    let mut attn = vec![0i64; rows.len() * len];
+    let mut img_mask = vec![0i64; rows.len() * len];
+    for (r, (row, slot_start)) in rows.iter().enumerate() {
+        let pad = len - row.len();
+        for (j, &t) in row.iter().enumerate() {
+            ids[r * len + pad + j] = t;
+            attn[r * len + pad + j] = 1;
+        }
+        for j in 0..lat {
+            img_mask[r * len + pad + slot_start + j] = 1;
+        }
+    }
+    let shape = [b, len as i64];
+    let ids = Tensor::from_slice(&ids).view(shape);
+    let mut attention_mask = Tensor::from_slice(&attn).view(shape);
+    let image_mask = Tensor::from_slice(&img_mask).view(shape).to_kind(Kind::Bool);
+    let pixels = Tensor::randn([b, 3, size, size], (Kind::Float, Device::Cpu));
+
+    let mut diffs = Diffs(Vec::new());
+    let err = |e: kosmos_train::TrainError| ExportError::Reference(e.to_string());
+
+    // Vision.
+    let ref_embeds = tch::no_grad(|| model.encode_images(&pixels, false)).map_err(err)?;
+    let out = vision
+        .run(ort::inputs![io::PIXEL_VALUES => f32_tensor(&pixels)?])
+        .map_err(ort_err)?;
+    let embeds = ort_f32(&out[io::IMAGE_EMBEDS], io::IMAGE_EMBEDS)?;
+    diffs.add(io::IMAGE_EMBEDS, &to_vec(&ref_embeds), &embeds)?;
+    drop(out);
+
+    // Prefill: the package gets the reference image embeddings, so decoder differences are its own.
+    let real = attention_mask.to_kind(Kind::Bool);
+    let step = tch::no_grad(|| {
+        model.step(&ids, Some(&ref_embeds), &image_mask, &attention_mask, None, false)
+    })
+    .map_err(err)?;
+    let mut inputs: Vec<(String, DynValue)> = vec![
+        (io::INPUT_IDS.into(), i64_tensor(&ids)?),
+        (io::IMAGE_EMBEDS.into(), f32_tensor(&ref_embeds)?),
+        (io::IMAGE_MASK.into(), bool_tensor(&image_mask)?),
+        (io::ATTENTION_MASK.into(), i64_tensor(&attention_mask)?),
+    ];
+    for i in 0..layers {
+        inputs.push((io::past_key(i), empty_kv([b, heads, 0, hd], manifest.dtype)?));
+        inputs.push((io::past_value(i), empty_kv([b, heads, 0, hd], manifest.dtype)?));
+    }
+    let mut out = decoder.run(inputs).map_err(ort_err)?;
+    let logits = ort_f32(&out[io::LOGITS], io::LOGITS)?;
+    // Left-padding positions are not compared: no token reads their logits.
+    let keep = real.unsqueeze(-1).expand([b, len as i64, vocab], false);
+    let got = Tensor::from_slice(&logits).view([b, len as i64, vocab]);
+    diffs.add(io::LOGITS, &to_vec(&step.logits.masked_select(&keep)), &to_vec(&got.masked_select(&keep)))?;
+    let mut present: Vec<DynValue> = Vec::with_capacity(2 * layers);
+    collect_present(&mut diffs, &step.present, &mut out, &attention_mask, &mut present)?;
+    let mut ref_past = step.present;
+    let last = |l: &Tensor| l.select(1, -1).argmax(-1, false);
+    let mut next = last(&step.logits);
+    let mut pkg_next = last(&got);
+    drop(out);
+    let mut reference_tokens = vec![to_i64(&next)];
+    let mut package_tokens = vec![to_i64(&pkg_next)];
+
+    // Decode steps: both sides are fed the reference's greedy token, so inputs stay identical.
+    let no_image = Tensor::zeros([b, 1], (Kind::Bool, Device::Cpu));
+    let no_embeds = Tensor::zeros([b, 0, d.decoder_embed_dim as i64], (Kind::Float, Device::Cpu));
+    for _ in 0..opts.decode_steps {
+        let ids = next.view([b, 1]);
+        attention_mask = Tensor::cat(&[&attention_mask, &Tensor::ones([b, 1], (Kind::Int64, Device::Cpu))], 1);
+        let step = tch::no_grad(|| {
+            model.step(&ids, None, &no_image, &attention_mask, Some(&ref_past), false)
+        })
+        .map_err(err)?;
+        let mut inputs: Vec<(String, DynValue)> = vec![
+            (io::INPUT_IDS.into(), i64_tensor(&ids)?),
+            (io::IMAGE_EMBEDS.into(), f32_tensor(&no_embeds)?),
+            (io::IMAGE_MASK.into(), bool_tensor(&no_image)?),
+            (io::ATTENTION_MASK.into(), i64_tensor(&attention_mask)?),
+        ];
+        for (i, kv) in present.drain(..).enumerate() {
+            let name = if i % 2 == 0 { io::past_key(i / 2) } else { io::past_value(i / 2) };
+            inputs.push((name, kv));
+        }
+        let mut out = decoder.run(inputs).map_err(ort_err)?;
+        let logits = ort_f32(&out[io::LOGITS], io::LOGITS)?;
+        diffs.add(io::LOGITS, &to_vec(&step.logits), &logits)?;
+        collect_present(&mut diffs, &step.present, &mut out, &attention_mask, &mut present)?;
+        ref_past = step.present;
+        next = last(&step.logits);
+        pkg_next = last(&Tensor::from_slice(&logits).view([b, 1, vocab]));
+        reference_tokens.push(to_i64(&next));
+        package_tokens.push(to_i64(&pkg_next));
+    }
+
+    let (tolerance, kind) = match manifest.dtype {
+        PackageDtype::Fp32 => (opts.tolerance.unwrap_or(1e-4), "absolute"),
+        PackageDtype::Fp16 => (opts.tolerance.unwrap_or(1e-2), "relative"),
+    };
+    let within = |d: &OutputDiff| match manifest.dtype {
+        PackageDtype::Fp32 => d.max_abs <= tolerance,
+        PackageDtype::Fp16 => d.relative() <= tolerance,
+    };
+    let passed = diffs.0.iter().all(within) && reference_tokens == package_tokens;
+    Ok(VerifyReport {
+        dtype: manifest.dtype.as_str().into(),
+        profile: manifest.profile.clone(),
+        diffs: diffs.0,
+        reference_tokens,
+        package_tokens,
+        tolerance,
+        tolerance_kind: kind.into(),
+        passed,
+    })
+}
+
+/// Compare the package's `present.*` with the reference cache at real (non-padding) positions —
+/// padding slots hold whatever each implementation computes for queries that see no key, and no
+/// real token ever reads them — and keep the package's values for the next step.
+fn collect_present(
+    diffs: &mut Diffs,
+    reference: &[kosmos_train::LayerKv],
+    out: &mut ort::session::SessionOutputs<'_>,
+    attention_mask: &Tensor,
+    keep: &mut Vec<DynValue>,
+) -> Result<()> {
+    for (i, kv) in reference.iter().enumerate() {
+        let shape = kv.key.size();
+        let real = attention_mask
+            .to_kind(Kind::Bool)
+            .view([shape[0], 1, shape[2], 1])
+            .expand(shape.as_slice(), false);
+        for (name, label, r) in [
+            (io::present_key(i), "present.*.key", &kv.key),
+            (io::present_value(i), "present.*.value", &kv.value),
+        ] {
+            let got = ort_f32(&out[name.as_str()], &name)?;
+            let got = Tensor::from_slice(&got).view(shape.as_slice());
+            diffs.add(label, &to_vec(&r.masked_select(&real)), &to_vec(&got.masked_select(&real)))?;
+            keep.push(
+                out.remove(name.as_str())
+                    .ok_or_else(|| ExportError::Ort(format!("{name} missing from the outputs")))?,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn to_i64(t: &Tensor) -> Vec<i64> {
+    Vec::<i64>::try_from(t.contiguous().view([-1])).expect("i64 tensor")
+}
