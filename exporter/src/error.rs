@@ -9,8 +9,6 @@ pub enum ExportError {
     Checkpoint(#[from] ModelsError),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{} already exists (use --force to replace it)", path.display())]
-    OutputExists { path: PathBuf },
     #[error("unknown profile '{0}' (available: portable, ort)")]
     UnknownProfile(String),
     #[error("unknown dtype '{0}' (available: fp32, fp16)")]

@@ -115,8 +115,9 @@ fn run(cli: Cli) -> Result<i32> {
                 tolerance,
                 ..Default::default()
             };
-            let r = verify(&checkpoint, &package, &opts)
-                .with_context(|| format!("verifying {} against {}", package.display(), checkpoint.display()))?;
+            let r = verify(&checkpoint, &package, &opts).with_context(|| {
+                format!("verifying {} against {}", package.display(), checkpoint.display())
+            })?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -132,7 +133,11 @@ fn run(cli: Cli) -> Result<i32> {
                 }
                 println!(
                     "  greedy tokens {}",
-                    if r.reference_tokens == r.package_tokens { "equal" } else { "DIFFER" }
+                    if r.reference_tokens == r.package_tokens {
+                        "equal"
+                    } else {
+                        "DIFFER"
+                    }
                 );
                 println!(
                     "{}: tolerance {:.0e} {}",

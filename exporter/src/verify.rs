@@ -21,7 +21,11 @@ pub fn ort_dylib_path() -> PathBuf {
     }
     if let Ok(exe) = std::env::current_exe() {
         for up in ["../../.deps", "../../../.deps"] {
-            let p = exe.parent().unwrap_or(Path::new(".")).join(up).join("libonnxruntime.so");
+            let p = exe
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(up)
+                .join("libonnxruntime.so");
             if p.exists() {
                 return p;
             }
@@ -35,8 +39,12 @@ pub fn ort_environment() -> Result<&'static ort::environment::Environment> {
     static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
     ENV.get_or_init(|| {
         let path = ort_dylib_path();
-        let builder = ort::init_from(&path)
-            .map_err(|e| format!("cannot load ONNX Runtime from {}: {e} (set ORT_DYLIB_PATH)", path.display()))?;
+        let builder = ort::init_from(&path).map_err(|e| {
+            format!(
+                "cannot load ONNX Runtime from {}: {e} (set ORT_DYLIB_PATH)",
+                path.display()
+            )
+        })?;
         builder.with_name("kosmos").build().map_err(|e| e.to_string())
     })
     .as_ref()
@@ -120,7 +128,11 @@ impl Diffs {
         let ref_max = reference.iter().map(|a| a.abs() as f64).fold(0.0, f64::max);
         match self.0.iter_mut().find(|d| d.output == name) {
             Some(d) => {
-                d.max_abs = if max_abs.is_nan() { max_abs } else { d.max_abs.max(max_abs) };
+                d.max_abs = if max_abs.is_nan() {
+                    max_abs
+                } else {
+                    d.max_abs.max(max_abs)
+                };
                 d.ref_max = d.ref_max.max(ref_max);
             }
             None => self.0.push(OutputDiff {
@@ -159,7 +171,9 @@ fn i64_tensor(t: &Tensor) -> Result<DynValue> {
 
 fn f32_tensor(t: &Tensor) -> Result<DynValue> {
     let shape = t.size();
-    Ok(OrtTensor::from_array((shape, to_vec(t))).map_err(ort_err)?.into_dyn())
+    Ok(OrtTensor::from_array((shape, to_vec(t)))
+        .map_err(ort_err)?
+        .into_dyn())
 }
 
 fn bool_tensor(t: &Tensor) -> Result<DynValue> {
@@ -186,8 +200,8 @@ fn empty_kv(shape: [i64; 4], dtype: PackageDtype) -> Result<DynValue> {
 /// Compare the package in `pkg` with the checkpoint in `ckpt`.
 pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
     let manifest = PackageManifest::load(pkg)?;
-    let (_vs, model, ck) =
-        kosmos_train::checkpoint::load(ckpt, Device::Cpu).map_err(|e| ExportError::Reference(e.to_string()))?;
+    let (_vs, model, ck) = kosmos_train::checkpoint::load(ckpt, Device::Cpu)
+        .map_err(|e| ExportError::Reference(e.to_string()))?;
     if ck.config != manifest.config {
         return Err(ExportError::BadPackage {
             path: pkg.to_path_buf(),
@@ -199,14 +213,20 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     let lat = cfg.resampler.num_latents;
     let size = cfg.vision.image_size as i64;
     let d = &cfg.decoder;
-    let (layers, heads, hd) = (d.decoder_layers, d.decoder_attention_heads as i64, d.head_dim() as i64);
+    let (layers, heads, hd) = (
+        d.decoder_layers,
+        d.decoder_attention_heads as i64,
+        d.head_dim() as i64,
+    );
     let vocab = d.vocab_size as i64;
     let mut vision = session(&pkg.join(&manifest.vision.file))?;
     let mut decoder = session(&pkg.join(&manifest.decoder.file))?;
 
     // Two prompts, left-padded to one length: text before and after the image in each.
     tch::manual_seed(opts.seed);
-    let text = |n: usize, start: i64| -> Vec<i64> { (0..n as i64).map(|i| 6 + (start + 7 * i) % (vocab - 6)).collect() };
+    let text = |n: usize, start: i64| -> Vec<i64> {
+        (0..n as i64).map(|i| 6 + (start + 7 * i) % (vocab - 6)).collect()
+    };
     let image = |pre: Vec<i64>, post: Vec<i64>| {
         let mut ids = vec![tok.bos_token_id as i64];
         ids.extend(pre);
@@ -253,10 +273,9 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
 
     // Prefill: the package gets the reference image embeddings, so decoder differences are its own.
     let real = attention_mask.to_kind(Kind::Bool);
-    let step = tch::no_grad(|| {
-        model.step(&ids, Some(&ref_embeds), &image_mask, &attention_mask, None, false)
-    })
-    .map_err(err)?;
+    let step =
+        tch::no_grad(|| model.step(&ids, Some(&ref_embeds), &image_mask, &attention_mask, None, false))
+            .map_err(err)?;
     let mut inputs: Vec<(String, DynValue)> = vec![
         (io::INPUT_IDS.into(), i64_tensor(&ids)?),
         (io::IMAGE_EMBEDS.into(), f32_tensor(&ref_embeds)?),
@@ -272,7 +291,11 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     // Left-padding positions are not compared: no token reads their logits.
     let keep = real.unsqueeze(-1).expand([b, len as i64, vocab], false);
     let got = Tensor::from_slice(&logits).view([b, len as i64, vocab]);
-    diffs.add(io::LOGITS, &to_vec(&step.logits.masked_select(&keep)), &to_vec(&got.masked_select(&keep)))?;
+    diffs.add(
+        io::LOGITS,
+        &to_vec(&step.logits.masked_select(&keep)),
+        &to_vec(&got.masked_select(&keep)),
+    )?;
     let mut present: Vec<DynValue> = Vec::with_capacity(2 * layers);
     collect_present(&mut diffs, &step.present, &mut out, &attention_mask, &mut present)?;
     let mut ref_past = step.present;
@@ -288,11 +311,13 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     let no_embeds = Tensor::zeros([b, 0, d.decoder_embed_dim as i64], (Kind::Float, Device::Cpu));
     for _ in 0..opts.decode_steps {
         let ids = next.view([b, 1]);
-        attention_mask = Tensor::cat(&[&attention_mask, &Tensor::ones([b, 1], (Kind::Int64, Device::Cpu))], 1);
-        let step = tch::no_grad(|| {
-            model.step(&ids, None, &no_image, &attention_mask, Some(&ref_past), false)
-        })
-        .map_err(err)?;
+        attention_mask = Tensor::cat(
+            &[&attention_mask, &Tensor::ones([b, 1], (Kind::Int64, Device::Cpu))],
+            1,
+        );
+        let step =
+            tch::no_grad(|| model.step(&ids, None, &no_image, &attention_mask, Some(&ref_past), false))
+                .map_err(err)?;
         let mut inputs: Vec<(String, DynValue)> = vec![
             (io::INPUT_IDS.into(), i64_tensor(&ids)?),
             (io::IMAGE_EMBEDS.into(), f32_tensor(&no_embeds)?),
@@ -300,7 +325,11 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
             (io::ATTENTION_MASK.into(), i64_tensor(&attention_mask)?),
         ];
         for (i, kv) in present.drain(..).enumerate() {
-            let name = if i % 2 == 0 { io::past_key(i / 2) } else { io::past_value(i / 2) };
+            let name = if i % 2 == 0 {
+                io::past_key(i / 2)
+            } else {
+                io::past_value(i / 2)
+            };
             inputs.push((name, kv));
         }
         let mut out = decoder.run(inputs).map_err(ort_err)?;
@@ -357,7 +386,11 @@ fn collect_present(
         ] {
             let got = ort_f32(&out[name.as_str()], &name)?;
             let got = Tensor::from_slice(&got).view(shape.as_slice());
-            diffs.add(label, &to_vec(&r.masked_select(&real)), &to_vec(&got.masked_select(&real)))?;
+            diffs.add(
+                label,
+                &to_vec(&r.masked_select(&real)),
+                &to_vec(&got.masked_select(&real)),
+            )?;
             keep.push(
                 out.remove(name.as_str())
                     .ok_or_else(|| ExportError::Ort(format!("{name} missing from the outputs")))?,

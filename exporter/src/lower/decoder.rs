@@ -79,7 +79,7 @@ impl Lower<'_, '_, '_> {
         }
         let x = self.layer_norm(&x, &format!("{DECODER}.layer_norm"), eps)?;
         let logits = self.linear(&x, &format!("{DECODER}.output_projection"), false)?;
-        let logits = self.g.cast(&logits, DType::F32);
+        let logits = self.in_module(DECODER, |l| Ok(l.g.cast(&logits, DType::F32)))?;
         self.g.output(&logits, io::LOGITS)?;
         for (i, (k, v)) in presents.iter().enumerate() {
             self.g.output(k, &io::present_key(i))?;

@@ -77,7 +77,7 @@ impl Lower<'_, '_, '_> {
             .g
             .input(io::PIXEL_VALUES, DType::F32, shape!["batch", 3i64, size, size]);
         let batch = Dim::sym("batch");
-        let x = self.g.cast(&pixels, dt);
+        let x = self.in_module(VISION, |l| Ok(l.g.cast(&pixels, dt)))?;
 
         let emb = format!("{VISION}.embeddings");
         let w = self.w;
@@ -149,7 +149,7 @@ impl Lower<'_, '_, '_> {
 
         let latents = self.resampler(cfg, &x)?;
         let embeds = self.linear(&latents, IMAGE_PROJ, false)?;
-        let embeds = self.g.cast(&embeds, DType::F32);
+        let embeds = self.in_module(IMAGE_PROJ, |l| Ok(l.g.cast(&embeds, DType::F32)))?;
         self.g.output(&embeds, io::IMAGE_EMBEDS)
     }
 

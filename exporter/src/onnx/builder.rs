@@ -293,11 +293,22 @@ impl<'w> GraphBuilder<'w> {
         }
     }
 
-    /// Make `v` a graph output called `name` (an Identity node renames it when needed).
+    /// Make `v` a graph output called `name`. A value computed by a node is renamed in place (no
+    /// Identity node); a graph input or initializer gets an Identity.
     pub fn output(&mut self, v: &Value, name: &str) -> Result<()> {
-        let v = if v.name == name {
-            v.clone()
-        } else {
+        let produced = self.nodes.iter().any(|n| n.output.contains(&v.name));
+        if v.name != name && self.nodes.iter().any(|n| n.output.iter().any(|o| o == name)) {
+            return Err(ExportError::Graph(format!("output name {name} is taken")));
+        }
+        if v.name != name && produced {
+            for n in &mut self.nodes {
+                for io in n.input.iter_mut().chain(n.output.iter_mut()) {
+                    if *io == v.name {
+                        *io = name.to_string();
+                    }
+                }
+            }
+        } else if v.name != name {
             let n = self.node_name("Identity");
             self.nodes.push(NodeProto {
                 input: vec![v.name.clone()],
@@ -306,14 +317,10 @@ impl<'w> GraphBuilder<'w> {
                 op_type: "Identity".into(),
                 ..Default::default()
             });
-            Value {
-                name: name.to_string(),
-                ..v.clone()
-            }
-        };
+        }
         // An output needs no value_info entry of its own.
-        self.value_info.retain(|vi| vi.name != v.name);
-        self.outputs.push(value_info(&v.name, v.dtype, &v.shape));
+        self.value_info.retain(|vi| vi.name != v.name && vi.name != name);
+        self.outputs.push(value_info(name, v.dtype, &v.shape));
         Ok(())
     }
 

@@ -164,10 +164,19 @@ mod tests {
 
     #[test]
     fn scopes() {
-        assert_eq!(layer_scope("/decoder/layers.3/self_attn/q_proj/MatMul"), "/decoder/layers.3");
+        assert_eq!(
+            layer_scope("/decoder/layers.3/self_attn/q_proj/MatMul"),
+            "/decoder/layers.3"
+        );
         assert_eq!(layer_scope("/decoder/positions/CumSum"), "/decoder/positions");
         assert_eq!(layer_scope("/Identity"), "/");
-        assert_eq!(layer_scope("/vision/encoder/layers.0/mlp/fc1/MatMul"), "/vision/encoder/layers.0");
-        assert_eq!(layer_scope("/resampler/layers.1.0/to_q/MatMul"), "/resampler/layers.1.0");
+        assert_eq!(
+            layer_scope("/vision/encoder/layers.0/mlp/fc1/MatMul"),
+            "/vision/encoder/layers.0"
+        );
+        assert_eq!(
+            layer_scope("/resampler/layers.1.0/to_q/MatMul"),
+            "/resampler/layers.1.0"
+        );
     }
 }
