@@ -3,8 +3,7 @@
 //! between text, then greedy decode steps over the KV cache — and reports the largest difference
 //! per output.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 
 use kosmos_models::package::{PackageDtype, PackageManifest, io};
 use ort::session::Session;
@@ -13,52 +12,10 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{ExportError, Result};
 
-/// Where the ONNX Runtime shared library is: `ORT_DYLIB_PATH`, else the set-up's
-/// `.deps/libonnxruntime.so` beside the binary's `target/` directory, else the system's.
-pub fn ort_dylib_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        for up in ["../../.deps", "../../../.deps"] {
-            let p = exe
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join(up)
-                .join("libonnxruntime.so");
-            if p.exists() {
-                return p;
-            }
-        }
-    }
-    PathBuf::from("libonnxruntime.so")
-}
-
-/// The process-wide ONNX Runtime environment (the library is loaded once).
-pub fn ort_environment() -> Result<&'static ort::environment::Environment> {
-    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let path = ort_dylib_path();
-        let builder = ort::init_from(&path).map_err(|e| {
-            format!(
-                "cannot load ONNX Runtime from {}: {e} (set ORT_DYLIB_PATH)",
-                path.display()
-            )
-        })?;
-        builder.with_name("kosmos").build().map_err(|e| e.to_string())
-    })
-    .as_ref()
-    .map_err(|e| ExportError::Ort(e.clone()))
-}
-
-/// A CPU session for `path`.
+/// A CPU session for `path` (ONNX Runtime loaded as the runtime crate does).
 pub fn session(path: &Path) -> Result<Session> {
-    let env = ort_environment()?;
-    let err = |e: ort::Error| ExportError::Ort(format!("{}: {e}", path.display()));
-    Session::builder(env)
-        .map_err(err)?
-        .commit_from_file(path)
-        .map_err(err)
+    kosmos_rt::ort_env::session(path, &kosmos_rt::SessionOptions::default())
+        .map_err(|e| ExportError::Ort(e.to_string()))
 }
 
 #[derive(Clone, Debug)]

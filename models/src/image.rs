@@ -44,6 +44,18 @@ pub fn decode_image(bytes: &[u8], what: &str, limits: ImageLimits) -> Result<Rgb
     if reader.format().is_none() {
         return Err(bad("not a PNG, JPEG or WebP image".into()));
     }
+    // Read the header first so an oversized image is named with its size, before any allocation.
+    let (w, h) = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| bad(e.to_string()))?
+        .into_dimensions()
+        .map_err(|e| bad(e.to_string()))?;
+    if w > limits.max_side || h > limits.max_side {
+        return Err(bad(format!(
+            "{w}x{h} pixels exceeds the limit of {} pixels per side",
+            limits.max_side
+        )));
+    }
     let mut l = Limits::default();
     l.max_image_width = Some(limits.max_side);
     l.max_image_height = Some(limits.max_side);

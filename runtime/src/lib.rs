@@ -1,6 +1,20 @@
 //! `kosmos-rt`: loads a package written by `kosmos-export` and generates over ONNX Runtime
 //! (`ort` with `load-dynamic`; `scripts/setup.sh` exposes `.deps/libonnxruntime.so` and
-//! `.cargo/config.toml` sets `ORT_DYLIB_PATH` to it) with a preallocated KV cache.
+//! `.cargo/config.toml` sets `ORT_DYLIB_PATH` to it).
 //!
-//! Not written yet: this crate holds no runtime code, and exposes nothing that pretends to.
-//! The runtime and serving issues fill it.
+//! * [`Package::open`] loads `kosmos_rt.json`, the tokenizer and both graphs, and refuses graphs
+//!   whose inputs/outputs do not match the manifest;
+//! * [`Package::generate`] runs a batch of prompts (text with `<image>` markers, or images then
+//!   text) through the vision graph (with an embedding cache keyed by image content) and the
+//!   decoder with its KV cache: greedy, sampling (temperature, top-k, top-p, repetition penalty,
+//!   seeded), stop strings, beam search, and a streaming token callback.
+
+pub mod error;
+pub mod generate;
+pub mod ort_env;
+pub mod package;
+
+pub use error::{Result, RtError};
+pub use generate::{FinishReason, GenerateParams, Generation, ImageInput, Prompt, VisionCache};
+pub use ort_env::{Device, SessionOptions};
+pub use package::Package;

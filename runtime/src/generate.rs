@@ -1,0 +1,753 @@
+//! Generation over a package: prompt assembly with interleaved images, a vision-embedding cache,
+//! batched prefill of left-padded prompts, then decode steps over the KV cache with greedy,
+//! temperature / top-k / top-p sampling, repetition penalty, stop strings, or beam search.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use half::f16;
+use kosmos_models::image::{ImageLimits, clip_preprocess, decode_image, load_image};
+use kosmos_models::package::io;
+use kosmos_models::sequence::{Assembled, Segment, assemble};
+use ort::value::{DynValue, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Result, RtError};
+use crate::package::Package;
+
+/// An image given to a prompt.
+#[derive(Clone, Debug)]
+pub enum ImageInput {
+    Path(PathBuf),
+    /// Encoded PNG/JPEG/WebP bytes.
+    Bytes(Vec<u8>),
+}
+
+/// A prompt: text and images in order.
+#[derive(Clone, Debug, Default)]
+pub struct Prompt {
+    pub segments: Vec<Segment>,
+    pub images: Vec<ImageInput>,
+}
+
+/// The marker that places an image in prompt text.
+pub const IMAGE_MARKER: &str = "<image>";
+
+impl Prompt {
+    /// `text` with `<image>` markers placing `images` in order; without markers, the images come
+    /// first (so an image and no text is a captioning prompt).
+    pub fn parse(text: &str, images: Vec<ImageInput>) -> Result<Self> {
+        let markers = text.matches(IMAGE_MARKER).count();
+        let mut segments = Vec::new();
+        if markers == 0 {
+            segments.extend(images.iter().map(|_| Segment::Image));
+            if !text.is_empty() {
+                segments.push(Segment::Text(text.to_string()));
+            }
+        } else {
+            if markers != images.len() {
+                return Err(RtError::Input(format!(
+                    "the prompt has {markers} {IMAGE_MARKER} markers but {} images were given",
+                    images.len()
+                )));
+            }
+            for (i, part) in text.split(IMAGE_MARKER).enumerate() {
+                if i > 0 {
+                    segments.push(Segment::Image);
+                }
+                if !part.is_empty() {
+                    segments.push(Segment::Text(part.to_string()));
+                }
+            }
+        }
+        Ok(Prompt { segments, images })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    /// 0: greedy.
+    pub temperature: f32,
+    /// 0: off.
+    pub top_k: usize,
+    /// 1: off.
+    pub top_p: f32,
+    /// 1: off (CTRL-style: positive logits divided, negative multiplied, for tokens seen so far).
+    pub repetition_penalty: f32,
+    pub seed: u64,
+    /// Generation stops before any of these strings.
+    pub stop: Vec<String>,
+    /// Beam search width (1: off). Beams are deterministic: sampling settings are ignored.
+    pub beams: usize,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            max_tokens: 32,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+            beams: 1,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// `</s>` or a stop string.
+    Stop,
+    /// `max_tokens` or the context limit.
+    Length,
+    /// The token callback asked to stop.
+    Cancelled,
+}
+
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+}
+
+/// Streaming callback: (prompt index, new text) → keep going.
+pub type OnToken<'a> = dyn FnMut(usize, &str) -> bool + 'a;
+
+/// Bounded cache of image embeddings keyed by the SHA-256 of the preprocessed pixels.
+#[derive(Default)]
+pub struct VisionCache {
+    map: HashMap<[u8; 32], Arc<Vec<f32>>>,
+    order: VecDeque<[u8; 32]>,
+    pub capacity: usize,
+    pub hits: u64,
+}
+
+impl VisionCache {
+    pub fn new(capacity: usize) -> Self {
+        VisionCache {
+            capacity,
+            ..Default::default()
+        }
+    }
+    fn get(&mut self, k: &[u8; 32]) -> Option<Arc<Vec<f32>>> {
+        let v = self.map.get(k).cloned();
+        if v.is_some() {
+            self.hits += 1;
+        }
+        v
+    }
+    fn put(&mut self, k: [u8; 32], v: Arc<Vec<f32>>) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.map.insert(k, v).is_none() {
+            self.order.push_back(k);
+        }
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+}
+
+/// The KV cache of a batch: the package's `present.*` values, fed back as `past_key_values.*`.
+struct Cache {
+    values: Vec<DynValue>,
+    len: usize,
+}
+
+/// A cache tensor's elements, whatever its dtype.
+enum KvData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl Package {
+    /// Decode and preprocess `img` (size limits enforced).
+    pub fn preprocess(&self, img: &ImageInput) -> Result<Vec<f32>> {
+        let limits = ImageLimits::default();
+        let rgb = match img {
+            ImageInput::Path(p) => load_image(p, limits)?,
+            ImageInput::Bytes(b) => decode_image(b, "image", limits)?,
+        };
+        Ok(clip_preprocess(&rgb, self.manifest.preprocess.image_size as u32))
+    }
+
+    /// Embeddings [tokens_per_image · D] of each image, from the cache or one vision batch.
+    pub fn encode_images(
+        &mut self,
+        cache: &mut VisionCache,
+        pixels: &[Vec<f32>],
+    ) -> Result<Vec<Arc<Vec<f32>>>> {
+        let keys: Vec<[u8; 32]> = pixels
+            .iter()
+            .map(|p| {
+                let mut h = Sha256::new();
+                for v in p {
+                    h.update(v.to_le_bytes());
+                }
+                h.finalize().into()
+            })
+            .collect();
+        let mut out: Vec<Option<Arc<Vec<f32>>>> = keys.iter().map(|k| cache.get(k)).collect();
+        let missing: Vec<usize> = (0..pixels.len()).filter(|&i| out[i].is_none()).collect();
+        if !missing.is_empty() {
+            let size = self.manifest.preprocess.image_size;
+            let mut batch = Vec::with_capacity(missing.len() * 3 * size * size);
+            for &i in &missing {
+                batch.extend_from_slice(&pixels[i]);
+            }
+            let shape = [missing.len() as i64, 3, size as i64, size as i64];
+            let input = Tensor::from_array((shape, batch))?;
+            let res = self.vision.run(ort::inputs![io::PIXEL_VALUES => input])?;
+            let (_, data) = res[io::IMAGE_EMBEDS].try_extract_tensor::<f32>()?;
+            let per = data.len() / missing.len();
+            for (j, &i) in missing.iter().enumerate() {
+                let e = Arc::new(data[j * per..(j + 1) * per].to_vec());
+                cache.put(keys[i], e.clone());
+                out[i] = Some(e);
+            }
+        }
+        Ok(out.into_iter().map(|e| e.expect("every image encoded")).collect())
+    }
+
+    /// Assemble a prompt's tokens (image slots included).
+    pub fn assemble(&self, p: &Prompt) -> Result<Assembled> {
+        let n = p.segments.iter().filter(|s| matches!(s, Segment::Image)).count();
+        if n != p.images.len() {
+            return Err(RtError::Input(format!(
+                "{n} image places in the prompt but {} images",
+                p.images.len()
+            )));
+        }
+        Ok(assemble(
+            &self.tokenizer,
+            &p.segments,
+            self.manifest.vision.tokens_per_image,
+            false,
+        )?)
+    }
+
+    fn empty_cache(&self, batch: usize) -> Result<Cache> {
+        let d = &self.manifest.decoder;
+        let shape = [batch as i64, d.num_heads as i64, 0, d.head_dim as i64];
+        let mut values = Vec::with_capacity(2 * d.num_layers);
+        for _ in 0..2 * d.num_layers {
+            values.push(if d.kv_dtype == "float16" {
+                Tensor::<f16>::from_array((shape, Vec::<f16>::new()))?.into_dyn()
+            } else {
+                Tensor::<f32>::from_array((shape, Vec::<f32>::new()))?.into_dyn()
+            });
+        }
+        Ok(Cache { values, len: 0 })
+    }
+
+    /// One decoder call. Returns the last position's logits per row ([b · vocab]).
+    #[allow(clippy::too_many_arguments)]
+    fn decode(
+        &mut self,
+        ids: &[i64],
+        image_mask: &[bool],
+        image_embeds: (&[f32], usize),
+        attention_mask: &[i64],
+        b: usize,
+        cache: &mut Cache,
+    ) -> Result<Vec<f32>> {
+        let d = &self.manifest.decoder;
+        let (layers, dm, vocab) = (d.num_layers, d.hidden_size, d.vocab_size);
+        let s = ids.len() / b;
+        let t = attention_mask.len() / b;
+        let mut inputs: Vec<(String, DynValue)> = vec![
+            (
+                io::INPUT_IDS.into(),
+                Tensor::from_array(([b, s], ids.to_vec()))?.into_dyn(),
+            ),
+            (
+                io::IMAGE_EMBEDS.into(),
+                Tensor::from_array(([b, image_embeds.1, dm], image_embeds.0.to_vec()))?.into_dyn(),
+            ),
+            (
+                io::IMAGE_MASK.into(),
+                Tensor::from_array(([b, s], image_mask.to_vec()))?.into_dyn(),
+            ),
+            (
+                io::ATTENTION_MASK.into(),
+                Tensor::from_array(([b, t], attention_mask.to_vec()))?.into_dyn(),
+            ),
+        ];
+        for (i, v) in cache.values.drain(..).enumerate() {
+            let name = if i % 2 == 0 {
+                io::past_key(i / 2)
+            } else {
+                io::past_value(i / 2)
+            };
+            inputs.push((name, v));
+        }
+        let mut out = self.decoder.run(inputs)?;
+        let (_, logits) = out[io::LOGITS].try_extract_tensor::<f32>()?;
+        let mut last = Vec::with_capacity(b * vocab);
+        for r in 0..b {
+            let off = (r * s + s - 1) * vocab;
+            last.extend_from_slice(&logits[off..off + vocab]);
+        }
+        for i in 0..layers {
+            for name in [io::present_key(i), io::present_value(i)] {
+                let v = out
+                    .remove(name.as_str())
+                    .ok_or_else(|| RtError::Ort(format!("{name} missing from the decoder's outputs")))?;
+                cache.values.push(v);
+            }
+        }
+        cache.len = t;
+        Ok(last)
+    }
+
+    /// Generate a continuation of every prompt (batched; left-padded). `on_token` receives each
+    /// prompt's new text as it is produced and may stop that prompt by returning false.
+    pub fn generate(
+        &mut self,
+        cache: &mut VisionCache,
+        prompts: &[Prompt],
+        params: &GenerateParams,
+        on_token: &mut OnToken<'_>,
+    ) -> Result<Vec<Generation>> {
+        if prompts.is_empty() {
+            return Ok(Vec::new());
+        }
+        if params.max_tokens == 0 {
+            return Err(RtError::Input("max_tokens must be at least 1".into()));
+        }
+        if params.beams > 1 {
+            return prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| self.beam_search(cache, i, p, params, on_token))
+                .collect();
+        }
+        let assembled: Vec<Assembled> = prompts.iter().map(|p| self.assemble(p)).collect::<Result<_>>()?;
+        let b = prompts.len();
+        let width = assembled.iter().map(|a| a.len()).max().unwrap_or(0);
+        self.check_context(width, params.max_tokens)?;
+
+        let pixels: Vec<Vec<f32>> = prompts
+            .iter()
+            .flat_map(|p| p.images.iter())
+            .map(|img| self.preprocess(img))
+            .collect::<Result<_>>()?;
+        let embeds = if pixels.is_empty() {
+            Vec::new()
+        } else {
+            self.encode_images(cache, &pixels)?
+        };
+        let (image_embeds, n_tok) = self.row_embeds(prompts, &embeds);
+
+        let pad = self.manifest.config.tokenizer.pad_token_id as i64;
+        let mut ids = vec![pad; b * width];
+        let mut img = vec![false; b * width];
+        let mut attn = vec![0i64; b * width];
+        for (r, a) in assembled.iter().enumerate() {
+            let off = r * width + width - a.len();
+            for (j, (&id, &m)) in a.input_ids.iter().zip(&a.image_mask).enumerate() {
+                ids[off + j] = id as i64;
+                img[off + j] = m;
+                attn[off + j] = 1;
+            }
+        }
+        let mut kv = self.empty_cache(b)?;
+        let mut logits = self.decode(&ids, &img, (&image_embeds, n_tok), &attn, b, &mut kv)?;
+
+        let eos = self.manifest.config.tokenizer.eos_token_id;
+        let vocab = self.manifest.decoder.vocab_size;
+        let mut rows: Vec<RowState> = assembled
+            .iter()
+            .enumerate()
+            .map(|(r, a)| RowState::new(a, params.seed.wrapping_add(r as u64)))
+            .collect();
+        for step in 0..params.max_tokens {
+            let mut next = Vec::with_capacity(b);
+            for (r, row) in rows.iter_mut().enumerate() {
+                if row.finish.is_some() {
+                    next.push(pad);
+                    continue;
+                }
+                let l = &mut logits[r * vocab..(r + 1) * vocab];
+                let tok = row.pick(l, params);
+                if tok == eos {
+                    row.finish = Some(FinishReason::Stop);
+                    next.push(pad);
+                    continue;
+                }
+                row.push(tok, &self.tokenizer, params, r, on_token)?;
+                next.push(tok as i64);
+            }
+            if rows.iter().all(|r| r.finish.is_some()) || step + 1 == params.max_tokens {
+                break;
+            }
+            let t = kv.len + 1;
+            let mut mask = Vec::with_capacity(b * t);
+            for r in 0..b {
+                let prev = &self.row_mask(&assembled[r], width, &rows[r]);
+                mask.extend_from_slice(prev);
+                mask.push(1);
+            }
+            let no_img = vec![false; b];
+            logits = self.decode(&next, &no_img, (&[], 0), &mask, b, &mut kv)?;
+            for row in rows.iter_mut() {
+                row.steps += 1;
+            }
+        }
+        Ok(rows
+            .into_iter()
+            .zip(&assembled)
+            .map(|(r, a)| r.finish(a.len()))
+            .collect())
+    }
+
+    /// The attention mask of a row before its next token: left padding, prompt, generated steps.
+    fn row_mask(&self, a: &Assembled, width: usize, row: &RowState) -> Vec<i64> {
+        let mut m = vec![0i64; width - a.len()];
+        m.extend(std::iter::repeat_n(1, a.len() + row.steps));
+        m
+    }
+
+    fn check_context(&self, prompt: usize, max_new: usize) -> Result<()> {
+        let context = self.context_length();
+        if prompt + max_new > context {
+            return Err(RtError::ContextOverflow {
+                prompt,
+                max_new,
+                context,
+            });
+        }
+        Ok(())
+    }
+
+    /// Per-row image embeddings [b, n_tok, D], each row's images in order, zero-padded.
+    fn row_embeds(&self, prompts: &[Prompt], embeds: &[Arc<Vec<f32>>]) -> (Vec<f32>, usize) {
+        let per = self.manifest.vision.tokens_per_image;
+        let dm = self.manifest.decoder.hidden_size;
+        let most = prompts.iter().map(|p| p.images.len()).max().unwrap_or(0);
+        let n_tok = most * per;
+        let mut out = vec![0f32; prompts.len() * n_tok * dm];
+        let mut k = 0;
+        for (r, p) in prompts.iter().enumerate() {
+            for j in 0..p.images.len() {
+                let dst = (r * n_tok + j * per) * dm;
+                out[dst..dst + per * dm].copy_from_slice(&embeds[k]);
+                k += 1;
+            }
+        }
+        (out, n_tok)
+    }
+
+    /// Beam search for one prompt (length-normalised log-probability; `</s>` ends a beam).
+    fn beam_search(
+        &mut self,
+        cache: &mut VisionCache,
+        index: usize,
+        prompt: &Prompt,
+        params: &GenerateParams,
+        on_token: &mut OnToken<'_>,
+    ) -> Result<Generation> {
+        let k = params.beams;
+        let a = self.assemble(prompt)?;
+        self.check_context(a.len(), params.max_tokens)?;
+        let pixels: Vec<Vec<f32>> = prompt
+            .images
+            .iter()
+            .map(|i| self.preprocess(i))
+            .collect::<Result<_>>()?;
+        let embeds = if pixels.is_empty() {
+            Vec::new()
+        } else {
+            self.encode_images(cache, &pixels)?
+        };
+        let (image_embeds, n_tok) = self.row_embeds(std::slice::from_ref(prompt), &embeds);
+        let ids: Vec<i64> = a.input_ids.iter().map(|&i| i as i64).collect();
+        let mut attn = vec![1i64; a.len()];
+        let mut kv = self.empty_cache(1)?;
+        let logits = self.decode(&ids, &a.image_mask, (&image_embeds, n_tok), &attn, 1, &mut kv)?;
+        let eos = self.manifest.config.tokenizer.eos_token_id;
+        let vocab = self.manifest.decoder.vocab_size;
+
+        // (tokens, sum of log-probs) of live beams; finished hypotheses separately.
+        let mut beams: Vec<(Vec<u32>, f64)> = vec![(Vec::new(), 0.0)];
+        let mut finished: Vec<(Vec<u32>, f64)> = Vec::new();
+        let mut logp = log_softmax(&logits);
+        for step in 0..params.max_tokens {
+            let mut cand: Vec<(f64, usize, u32)> = Vec::with_capacity(beams.len() * vocab);
+            for (bi, (_, score)) in beams.iter().enumerate() {
+                for (t, &lp) in logp[bi * vocab..(bi + 1) * vocab].iter().enumerate() {
+                    cand.push((score + lp as f64, bi, t as u32));
+                }
+            }
+            cand.sort_by(|x, y| y.0.total_cmp(&x.0));
+            let mut next: Vec<(Vec<u32>, f64)> = Vec::with_capacity(k);
+            let mut parents = Vec::with_capacity(k);
+            for (score, bi, t) in cand.into_iter().take(2 * k) {
+                let mut toks = beams[bi].0.clone();
+                if t == eos {
+                    if finished.len() < k {
+                        finished.push((toks, score));
+                    }
+                    continue;
+                }
+                toks.push(t);
+                next.push((toks, score));
+                parents.push(bi);
+                if next.len() == k {
+                    break;
+                }
+            }
+            let best_live = next.first().map(|(t, s)| s / t.len().max(1) as f64);
+            let worst_done = finished
+                .iter()
+                .map(|(t, s)| s / t.len().max(1) as f64)
+                .fold(f64::INFINITY, f64::min);
+            if next.is_empty()
+                || step + 1 == params.max_tokens
+                || (finished.len() >= k && best_live.is_none_or(|b| b <= worst_done))
+            {
+                finished.extend(next);
+                break;
+            }
+            self.reorder(&mut kv, &parents, beams.len())?;
+            beams = next;
+            let n = beams.len();
+            let last: Vec<i64> = beams
+                .iter()
+                .map(|(t, _)| *t.last().expect("a token") as i64)
+                .collect();
+            attn = vec![1i64; n * (kv.len + 1)];
+            let no_img = vec![false; n];
+            let l = self.decode(&last, &no_img, (&[], 0), &attn, n, &mut kv)?;
+            logp = l.chunks(vocab).flat_map(log_softmax).collect();
+        }
+        let (tokens, _) = finished
+            .into_iter()
+            .max_by(|x, y| (x.1 / x.0.len().max(1) as f64).total_cmp(&(y.1 / y.0.len().max(1) as f64)))
+            .unwrap_or_default();
+        let mut row = RowState::new(&a, 0);
+        for &t in &tokens {
+            row.push(t, &self.tokenizer, params, index, on_token)?;
+            if row.finish.is_some() {
+                break;
+            }
+        }
+        if row.finish.is_none() {
+            row.finish = Some(if tokens.len() >= params.max_tokens {
+                FinishReason::Length
+            } else {
+                FinishReason::Stop
+            });
+        }
+        Ok(row.finish(a.len()))
+    }
+
+    /// Keep cache rows `parents` (a gather along the batch axis) of a batch of `from` rows.
+    fn reorder(&self, kv: &mut Cache, parents: &[usize], from: usize) -> Result<()> {
+        let values = std::mem::take(&mut kv.values);
+        for v in values {
+            let data = if let Ok((_, d)) = v.try_extract_tensor::<f32>() {
+                KvData::F32(d.to_vec())
+            } else {
+                let (_, d) = v.try_extract_tensor::<f16>()?;
+                KvData::F16(d.to_vec())
+            };
+            let shape = v.dtype().tensor_shape().expect("a tensor").to_vec();
+            let row = shape[1..].iter().product::<i64>() as usize;
+            let mut new_shape = shape.clone();
+            new_shape[0] = parents.len() as i64;
+            debug_assert_eq!(shape[0] as usize, from);
+            let gathered = match data {
+                KvData::F32(d) => Tensor::from_array((
+                    new_shape,
+                    parents
+                        .iter()
+                        .flat_map(|&p| d[p * row..(p + 1) * row].to_vec())
+                        .collect::<Vec<_>>(),
+                ))?
+                .into_dyn(),
+                KvData::F16(d) => Tensor::from_array((
+                    new_shape,
+                    parents
+                        .iter()
+                        .flat_map(|&p| d[p * row..(p + 1) * row].to_vec())
+                        .collect::<Vec<_>>(),
+                ))?
+                .into_dyn(),
+            };
+            kv.values.push(gathered);
+        }
+        Ok(())
+    }
+}
+
+fn log_softmax(l: &[f32]) -> Vec<f32> {
+    let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = l.iter().map(|&x| ((x - m) as f64).exp()).sum();
+    let lse = m as f64 + sum.ln();
+    l.iter().map(|&x| (x as f64 - lse) as f32).collect()
+}
+
+/// One row's decoding state.
+struct RowState {
+    tokens: Vec<u32>,
+    /// Token ids counted for the repetition penalty (prompt text and generated).
+    seen: Vec<u32>,
+    text: String,
+    emitted: usize,
+    finish: Option<FinishReason>,
+    steps: usize,
+    rng: StdRng,
+}
+
+impl RowState {
+    fn new(a: &Assembled, seed: u64) -> Self {
+        let seen = a
+            .input_ids
+            .iter()
+            .zip(&a.image_mask)
+            .filter(|(_, m)| !**m)
+            .map(|(&t, _)| t)
+            .collect();
+        RowState {
+            tokens: Vec::new(),
+            seen,
+            text: String::new(),
+            emitted: 0,
+            finish: None,
+            steps: 0,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// The next token from `logits` (modified in place) under `p`.
+    fn pick(&mut self, logits: &mut [f32], p: &GenerateParams) -> u32 {
+        if p.repetition_penalty != 1.0 {
+            for &t in &self.seen {
+                let l = &mut logits[t as usize];
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
+            }
+        }
+        if p.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        if p.top_k > 0 {
+            idx.truncate(p.top_k);
+        }
+        let m = logits[idx[0]];
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| (((logits[i] - m) / p.temperature) as f64).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= total);
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (i, x) in probs.iter().enumerate() {
+                acc += x;
+                if acc >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            let t: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|x| *x /= t);
+        }
+        let u: f64 = self.rng.random();
+        let mut acc = 0.0;
+        for (i, x) in probs.iter().enumerate() {
+            acc += x;
+            if u < acc {
+                return idx[i] as u32;
+            }
+        }
+        idx[probs.len() - 1] as u32
+    }
+
+    /// Append `tok`, stream the new text, apply stop strings.
+    fn push(
+        &mut self,
+        tok: u32,
+        tokenizer: &kosmos_models::KosmosTokenizer,
+        p: &GenerateParams,
+        index: usize,
+        on_token: &mut OnToken<'_>,
+    ) -> Result<()> {
+        self.tokens.push(tok);
+        self.seen.push(tok);
+        self.text = tokenizer.decode(&self.tokens)?;
+        // Hold back text that may still become a stop string.
+        let mut cut = None;
+        for s in &p.stop {
+            if let Some(i) = self.text.find(s.as_str()) {
+                cut = Some(cut.map_or(i, |c: usize| c.min(i)));
+            }
+        }
+        if let Some(i) = cut {
+            self.text.truncate(i);
+            self.finish = Some(FinishReason::Stop);
+        }
+        let held = if self.finish.is_some() {
+            0
+        } else {
+            p.stop
+                .iter()
+                .map(|s| s.len().saturating_sub(1))
+                .max()
+                .unwrap_or(0)
+        };
+        // Text from a byte-fallback sequence may be incomplete; emit only up to a char boundary.
+        let mut upto = self.text.len().saturating_sub(held);
+        while !self.text.is_char_boundary(upto) {
+            upto -= 1;
+        }
+        if upto > self.emitted && !self.text.ends_with('\u{FFFD}') {
+            let piece = self.text[self.emitted..upto].to_string();
+            self.emitted = upto;
+            if !on_token(index, &piece) {
+                self.finish = Some(FinishReason::Cancelled);
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self, prompt_tokens: usize) -> Generation {
+        let reason = self.finish.unwrap_or(FinishReason::Length);
+        Generation {
+            tokens: self.tokens,
+            text: self.text,
+            finish_reason: reason,
+            prompt_tokens,
+        }
+    }
+}
+
+fn argmax(l: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in l.iter().enumerate() {
+        if v > l[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

@@ -1,0 +1,164 @@
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use kosmos_rt::{Device, GenerateParams, ImageInput, Package, Prompt, SessionOptions, VisionCache};
+
+#[derive(Parser)]
+#[command(
+    name = "kosmos-rt",
+    version,
+    about = "Run exported KOSMOS-1 packages over ONNX Runtime"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+    Tensorrt,
+}
+
+#[derive(clap::Args)]
+struct Engine {
+    /// Execution provider; a missing one is an error unless --allow-fallback.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// Run on the CPU when the requested provider is missing.
+    #[arg(long)]
+    allow_fallback: bool,
+    /// TensorRT engine cache directory (default: <package>/trt_cache).
+    #[arg(long)]
+    engine_cache: Option<PathBuf>,
+    /// Intra-op threads (0: ONNX Runtime's default).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text for one prompt; prints only the generated text on stdout.
+    #[command(after_help = "Examples:\n  \
+        kosmos-rt run pkg/tiny --image cat.png                      # caption\n  \
+        kosmos-rt run pkg/tiny --image a.png --prompt 'Question: what colour is the circle? Answer:'\n  \
+        kosmos-rt run pkg/tiny --image a.png --image b.png --prompt '<image> left, <image> right:'\n  \
+        kosmos-rt run pkg/k1 --image cat.jpg --beams 5 --max-tokens 20")]
+    Run {
+        package: PathBuf,
+        /// An image (PNG/JPEG/WebP); repeat for several, placed by <image> markers in the prompt.
+        #[arg(long)]
+        image: Vec<PathBuf>,
+        /// Prompt text; without it, the model continues after the image(s) (captioning).
+        #[arg(long, default_value = "")]
+        prompt: String,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// 0: greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop before this string (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Beam search width (the paper captions with 5).
+        #[arg(long, default_value_t = 1)]
+        beams: usize,
+        /// Print tokens as they are generated.
+        #[arg(long)]
+        stream: bool,
+        #[command(flatten)]
+        engine: Engine,
+    },
+}
+
+fn session_options(e: &Engine, package: &std::path::Path) -> SessionOptions {
+    SessionOptions {
+        device: match e.device {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda,
+            DeviceArg::Tensorrt => Device::TensorRt {
+                engine_cache: e
+                    .engine_cache
+                    .clone()
+                    .unwrap_or_else(|| package.join("trt_cache")),
+            },
+        },
+        allow_fallback: e.allow_fallback,
+        threads: e.threads,
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run {
+            package,
+            image,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            stop,
+            beams,
+            stream,
+            engine,
+        } => {
+            let mut pkg = Package::open(&package, &session_options(&engine, &package))
+                .with_context(|| format!("opening package {}", package.display()))?;
+            let images = image.into_iter().map(ImageInput::Path).collect();
+            let prompt = Prompt::parse(&prompt, images)?;
+            let params = GenerateParams {
+                max_tokens,
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                seed,
+                stop,
+                beams: beams.max(1),
+            };
+            let mut cache = VisionCache::new(16);
+            let mut out = std::io::stdout();
+            let mut on_token = |_: usize, piece: &str| {
+                if stream {
+                    let _ = out.write_all(piece.as_bytes());
+                    let _ = out.flush();
+                }
+                true
+            };
+            let g = pkg.generate(&mut cache, &[prompt], &params, &mut on_token)?;
+            if stream {
+                println!();
+            } else {
+                println!("{}", g[0].text.trim_start());
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Loading ONNX Runtime (`load-dynamic`) and creating sessions on a chosen execution provider.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::ep::ExecutionProvider;
+use ort::session::Session;
+
+use crate::error::{Result, RtError};
+
+/// Where the ONNX Runtime shared library is: `ORT_DYLIB_PATH`, else the set-up's
+/// `.deps/libonnxruntime.so` relative to the binary (`target/<profile>/`), else the system's.
+pub fn ort_dylib_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for up in ["../../.deps", "../../../.deps"] {
+            let p = exe
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(up)
+                .join("libonnxruntime.so");
+            if p.exists() {
+                return p;
+            }
+        }
+    }
+    PathBuf::from("libonnxruntime.so")
+}
+
+/// The process-wide ONNX Runtime environment (the library is loaded once).
+pub fn environment() -> Result<&'static ort::environment::Environment> {
+    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let path = ort_dylib_path();
+        let builder = ort::init_from(&path).map_err(|e| {
+            format!(
+                "cannot load ONNX Runtime from {}: {e} (set ORT_DYLIB_PATH)",
+                path.display()
+            )
+        })?;
+        builder.with_name("kosmos").build().map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| RtError::Ort(e.clone()))
+}
+
+/// Where sessions run.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda,
+    /// ORT's TensorRT execution provider, with its engine cache in the given directory.
+    TensorRt {
+        engine_cache: PathBuf,
+    },
+}
+
+impl Device {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+            Device::TensorRt { .. } => "tensorrt",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SessionOptions {
+    pub device: Device,
+    /// Run on the CPU when the device's provider is missing, instead of failing.
+    pub allow_fallback: bool,
+    /// Intra-op threads (0: ONNX Runtime's default).
+    pub threads: usize,
+}
+
+/// Check that the loaded ONNX Runtime has the provider `opts.device` needs.
+pub fn check_provider(opts: &SessionOptions) -> Result<bool> {
+    environment()?;
+    let (name, available) = match &opts.device {
+        Device::Cpu => return Ok(true),
+        Device::Cuda => (ort::ep::CUDA::NAME, ort::ep::CUDA::is_available()?),
+        Device::TensorRt { .. } => (ort::ep::TensorRT::NAME, ort::ep::TensorRT::is_available()?),
+    };
+    if available {
+        return Ok(true);
+    }
+    if opts.allow_fallback {
+        tracing::warn!(
+            provider = name,
+            "not available: running on the CPU (--allow-fallback)"
+        );
+        return Ok(false);
+    }
+    Err(RtError::Provider(
+        name.to_string(),
+        format!(
+            "{} has only {}; install an ONNX Runtime build with {name}, or pass --allow-fallback",
+            ort_dylib_path().display(),
+            available_providers().join(", ")
+        ),
+    ))
+}
+
+fn available_providers() -> Vec<String> {
+    let mut v = vec!["CPUExecutionProvider".to_string()];
+    if ort::ep::CUDA::is_available().unwrap_or(false) {
+        v.push(ort::ep::CUDA::NAME.into());
+    }
+    if ort::ep::TensorRT::is_available().unwrap_or(false) {
+        v.push(ort::ep::TensorRT::NAME.into());
+    }
+    v
+}
+
+/// A session for the ONNX file `path`.
+pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
+    let env = environment()?;
+    let use_device = check_provider(opts)?;
+    let err = |e: ort::Error| RtError::Package {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let mut b = Session::builder(env).map_err(err)?;
+    if opts.threads > 0 {
+        b = b.with_intra_threads(opts.threads).map_err(|e| err(e.into()))?;
+    }
+    if use_device {
+        let ep = match &opts.device {
+            Device::Cpu => None,
+            Device::Cuda => Some(ort::ep::CUDA::default().build().error_on_failure()),
+            Device::TensorRt { engine_cache } => Some(
+                ort::ep::TensorRT::default()
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(engine_cache.display())
+                    .build()
+                    .error_on_failure(),
+            ),
+        };
+        if let Some(ep) = ep {
+            b = b.with_execution_providers([ep]).map_err(|e| err(e.into()))?;
+        }
+    }
+    b.commit_from_file(path).map_err(err)
+}

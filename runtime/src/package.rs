@@ -1,0 +1,161 @@
+//! Opening a package written by `kosmos-export`: the manifest, tokenizer and the two sessions,
+//! checked against each other so an ONNX file from another model is refused up front.
+
+use std::path::{Path, PathBuf};
+
+use kosmos_models::package::{PackageManifest, TOKENIZER_FILE, io};
+use kosmos_models::{KosmosTokenizer, ModelsError};
+use ort::session::Session;
+
+use crate::error::{Result, RtError};
+use crate::ort_env::{SessionOptions, session};
+
+pub struct Package {
+    pub dir: PathBuf,
+    pub manifest: PackageManifest,
+    pub tokenizer: KosmosTokenizer,
+    pub(crate) vision: Session,
+    pub(crate) decoder: Session,
+}
+
+impl std::fmt::Debug for Package {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Package").field("dir", &self.dir).finish()
+    }
+}
+
+fn require(path: &Path, what: &'static str) -> Result<()> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(ModelsError::MissingFile {
+            path: path.to_path_buf(),
+            what,
+        }
+        .into())
+    }
+}
+
+/// The (fixed) dims of an outlet: `-1` where symbolic.
+fn dims(s: &Session, name: &str, input: bool) -> Option<Vec<i64>> {
+    let outlets = if input { s.inputs() } else { s.outputs() };
+    outlets
+        .iter()
+        .find(|o| o.name() == name)
+        .and_then(|o| o.dtype().tensor_shape().map(|sh| sh.iter().copied().collect()))
+}
+
+impl Package {
+    pub fn open(dir: &Path, opts: &SessionOptions) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(ModelsError::MissingFile {
+                path: dir.to_path_buf(),
+                what: "package directory",
+            }
+            .into());
+        }
+        let manifest = PackageManifest::load(dir)?;
+        let vision_path = dir.join(&manifest.vision.file);
+        let decoder_path = dir.join(&manifest.decoder.file);
+        require(&vision_path, "vision graph")?;
+        require(&decoder_path, "decoder graph")?;
+        for g in [&vision_path, &decoder_path] {
+            let data = PathBuf::from(format!("{}.data", g.display()));
+            require(&data, "external weight data")?;
+        }
+        let tok_path = dir.join(TOKENIZER_FILE);
+        let tokenizer = KosmosTokenizer::load(&tok_path, &manifest.config.tokenizer)?;
+        if tokenizer.vocab_size() != manifest.decoder.vocab_size {
+            return Err(RtError::Package {
+                path: tok_path,
+                message: format!(
+                    "tokenizer has {} entries, the decoder's vocabulary {}",
+                    tokenizer.vocab_size(),
+                    manifest.decoder.vocab_size
+                ),
+            });
+        }
+        let vision = session(&vision_path, opts)?;
+        let decoder = session(&decoder_path, opts)?;
+        let pkg = Package {
+            dir: dir.to_path_buf(),
+            manifest,
+            tokenizer,
+            vision,
+            decoder,
+        };
+        pkg.check_graphs()?;
+        Ok(pkg)
+    }
+
+    /// The graphs' inputs and outputs must be the ones `kosmos_rt.json` describes.
+    fn check_graphs(&self) -> Result<()> {
+        let m = &self.manifest;
+        let d = &m.decoder;
+        let bad = |file: &str, message: String| RtError::Package {
+            path: self.dir.join(file),
+            message: format!(
+                "does not match {}: {message}",
+                kosmos_models::package::MANIFEST_FILE
+            ),
+        };
+        let size = m.vision.image_size as i64;
+        match dims(&self.vision, io::PIXEL_VALUES, true) {
+            Some(v) if v.len() == 4 && v[1..] == [3, size, size] => {}
+            other => {
+                return Err(bad(
+                    &m.vision.file,
+                    format!("pixel_values is {other:?}, expected [batch, 3, {size}, {size}]"),
+                ));
+            }
+        }
+        match dims(&self.vision, io::IMAGE_EMBEDS, false) {
+            Some(v)
+                if v.len() == 3
+                    && v[1] == m.vision.tokens_per_image as i64
+                    && v[2] == d.hidden_size as i64 => {}
+            other => {
+                return Err(bad(
+                    &m.vision.file,
+                    format!(
+                        "image_embeds is {other:?}, expected [batch, {}, {}]",
+                        m.vision.tokens_per_image, d.hidden_size
+                    ),
+                ));
+            }
+        }
+        let names: Vec<&str> = self.decoder.inputs().iter().map(|o| o.name()).collect();
+        for want in &d.inputs {
+            if !names.contains(&want.as_str()) {
+                return Err(bad(&d.file, format!("input {want} is missing")));
+            }
+        }
+        if names.len() != d.inputs.len() {
+            return Err(bad(
+                &d.file,
+                format!("{} inputs, the manifest lists {}", names.len(), d.inputs.len()),
+            ));
+        }
+        let kv = dims(&self.decoder, &io::past_key(0), true).unwrap_or_default();
+        if kv.len() != 4 || kv[1] != d.num_heads as i64 || kv[3] != d.head_dim as i64 {
+            return Err(bad(
+                &d.file,
+                format!(
+                    "past_key_values.0.key is {kv:?}, expected [batch, {}, past, {}]",
+                    d.num_heads, d.head_dim
+                ),
+            ));
+        }
+        match dims(&self.decoder, io::LOGITS, false) {
+            Some(v) if v.len() == 3 && v[2] == d.vocab_size as i64 => Ok(()),
+            other => Err(bad(
+                &d.file,
+                format!("logits is {other:?}, expected [batch, seq, {}]", d.vocab_size),
+            )),
+        }
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.manifest.decoder.context_length
+    }
+}

@@ -1,0 +1,267 @@
+//! `kosmos-rt` generation equals the trainer's greedy generation token for token (DESIGN §7
+//! step 4), batched equals single, and bad input is a clear error.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use kosmos_export::{ExportOptions, Profile, export};
+use kosmos_models::image::{ImageLimits, clip_preprocess, load_image};
+use kosmos_models::package::PackageDtype;
+use kosmos_models::sequence::{Segment, assemble};
+use kosmos_rt::{GenerateParams, ImageInput, Package, Prompt, RtError, SessionOptions, VisionCache};
+use kosmos_train::fit::{FitOptions, Recipe, Start, fit};
+use kosmos_train::synthetic::{Split, Task, item};
+use tch::{Device, Tensor};
+
+/// A briefly trained tiny model, exported (portable fp32), plus held-out images.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    ckpt: PathBuf,
+    pkg: PathBuf,
+    images: Vec<PathBuf>,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let mut recipe = Recipe::tiny();
+    recipe.steps = 60;
+    recipe.save_every = 0;
+    recipe.data = vec!["synthetic:shapes".into()];
+    fit(FitOptions {
+        start: Start::Preset("tiny"),
+        recipe,
+        output: ckpt.clone(),
+        resume: false,
+        force: false,
+        device: Device::Cpu,
+        vision_from: None,
+        stop: Arc::new(AtomicBool::new(false)),
+        progress: false,
+    })
+    .expect("fit");
+    let pkg = dir.path().join("pkg");
+    let opts = ExportOptions {
+        profile: Profile::Portable,
+        dtype: PackageDtype::Fp32,
+        force: false,
+        progress: false,
+    };
+    export(&ckpt, &pkg, &opts).expect("export");
+    let images = (0..3)
+        .map(|i| {
+            let p = dir.path().join(format!("img{i}.png"));
+            item(Task::Shapes, Split::Test, 0, i).image.save(&p).unwrap();
+            p
+        })
+        .collect();
+    Fixture {
+        _dir: dir,
+        ckpt,
+        pkg,
+        images,
+    }
+}
+
+fn open(pkg: &Path) -> Package {
+    Package::open(pkg, &SessionOptions::default()).expect("open package")
+}
+
+fn greedy(max: usize) -> GenerateParams {
+    GenerateParams {
+        max_tokens: max,
+        ..Default::default()
+    }
+}
+
+/// The trainer's greedy tokens for (segments, image files) prompts.
+fn trainer_greedy(ckpt: &Path, prompts: &[(Vec<Segment>, Vec<PathBuf>)], max: usize) -> Vec<Vec<u32>> {
+    let (_vs, model, ck) = kosmos_train::checkpoint::load(ckpt, Device::Cpu).expect("load");
+    let size = ck.config.vision.image_size;
+    let mut pixels = Vec::new();
+    let mut n = 0;
+    let assembled: Vec<_> = prompts
+        .iter()
+        .map(|(segs, imgs)| {
+            for p in imgs {
+                pixels.extend(clip_preprocess(
+                    &load_image(p, ImageLimits::default()).unwrap(),
+                    size as u32,
+                ));
+                n += 1;
+            }
+            assemble(&ck.tokenizer, segs, ck.config.image_tokens(), false).unwrap()
+        })
+        .collect();
+    let pv = (n > 0).then(|| Tensor::from_slice(&pixels).view([n, 3, size as i64, size as i64]));
+    kosmos_train::generate::greedy(&model, &assembled, pv.as_ref(), max).expect("greedy")
+}
+
+#[test]
+fn greedy_equals_trainer_and_batch_equals_single() {
+    let f = fixture();
+    let mut pkg = open(&f.pkg);
+    let mut cache = VisionCache::new(8);
+    let vqa = "Question: what colour is the circle? Answer:";
+    let cases: Vec<(String, Vec<PathBuf>)> = vec![
+        (String::new(), vec![f.images[0].clone()]),
+        (vqa.to_string(), vec![f.images[1].clone()]),
+        (
+            "<image> and <image> show".to_string(),
+            vec![f.images[1].clone(), f.images[2].clone()],
+        ),
+        ("a red".to_string(), vec![]),
+    ];
+    let prompts: Vec<Prompt> = cases
+        .iter()
+        .map(|(t, imgs)| Prompt::parse(t, imgs.iter().cloned().map(ImageInput::Path).collect()).unwrap())
+        .collect();
+    let max = 12;
+    let want = trainer_greedy(
+        &f.ckpt,
+        &prompts
+            .iter()
+            .zip(&cases)
+            .map(|(p, (_, imgs))| (p.segments.clone(), imgs.clone()))
+            .collect::<Vec<_>>(),
+        max,
+    );
+    let mut streamed = vec![String::new(); prompts.len()];
+    let batch = pkg
+        .generate(&mut cache, &prompts, &greedy(max), &mut |i, piece| {
+            streamed[i].push_str(piece);
+            true
+        })
+        .expect("generate");
+    for (i, g) in batch.iter().enumerate() {
+        eprintln!("prompt {i}: {:?} -> {:?}", cases[i].0, g.text);
+        assert_eq!(g.tokens, want[i], "prompt {i}: runtime vs trainer greedy");
+        assert_eq!(streamed[i], g.text, "streamed text adds up");
+        let single = pkg
+            .generate(
+                &mut cache,
+                std::slice::from_ref(&prompts[i]),
+                &greedy(max),
+                &mut |_, _| true,
+            )
+            .expect("single");
+        assert_eq!(single[0].tokens, g.tokens, "prompt {i}: batch vs single");
+    }
+    assert!(cache.hits > 0, "identical images reuse their embeddings");
+
+    // Seeded sampling is reproducible; beam search with width 1 is greedy.
+    let sample = GenerateParams {
+        max_tokens: 8,
+        temperature: 0.9,
+        top_k: 20,
+        top_p: 0.9,
+        seed: 7,
+        ..Default::default()
+    };
+    let a = pkg
+        .generate(&mut cache, &prompts[..1], &sample, &mut |_, _| true)
+        .unwrap();
+    let b = pkg
+        .generate(&mut cache, &prompts[..1], &sample, &mut |_, _| true)
+        .unwrap();
+    assert_eq!(a[0].tokens, b[0].tokens);
+    let beams = GenerateParams {
+        max_tokens: max,
+        beams: 3,
+        ..Default::default()
+    };
+    let g = pkg
+        .generate(&mut cache, &prompts[..1], &beams, &mut |_, _| true)
+        .unwrap();
+    assert!(!g[0].tokens.is_empty());
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let f = fixture();
+    let mut pkg = open(&f.pkg);
+    let mut cache = VisionCache::new(8);
+    let dir = tempfile::tempdir().unwrap();
+
+    // Missing files.
+    for file in [
+        "kosmos_rt.json",
+        "decoder.onnx",
+        "vision.onnx.data",
+        "tokenizer.json",
+    ] {
+        let broken = dir.path().join(format!("no-{file}"));
+        std::fs::create_dir(&broken).unwrap();
+        for e in std::fs::read_dir(&f.pkg).unwrap() {
+            let e = e.unwrap();
+            if e.file_name() != file {
+                std::fs::copy(e.path(), broken.join(e.file_name())).unwrap();
+            }
+        }
+        let err = Package::open(&broken, &SessionOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(file), "{file}: {err}");
+    }
+
+    // A non-image file, and an image over the pixel limit.
+    let not_image = dir.path().join("notes.png");
+    std::fs::write(&not_image, b"hello").unwrap();
+    let huge = dir.path().join("huge.png");
+    image_header_only(&huge, 20000, 20000);
+    for (bad, want) in [(&not_image, "notes.png"), (&huge, "20000")] {
+        let p = Prompt::parse("", vec![ImageInput::Path(bad.clone())]).unwrap();
+        let err = pkg
+            .generate(&mut cache, &[p], &greedy(4), &mut |_, _| true)
+            .unwrap_err();
+        eprintln!("{err}");
+        assert!(err.to_string().contains(want), "{want}: {err}");
+    }
+
+    // A prompt longer than the context.
+    let long = "a red circle ".repeat(400);
+    let p = Prompt::parse(&long, vec![]).unwrap();
+    let err = pkg
+        .generate(&mut cache, &[p], &greedy(4), &mut |_, _| true)
+        .unwrap_err();
+    assert!(matches!(err, RtError::ContextOverflow { .. }), "{err}");
+
+    // Marker count that disagrees with the images.
+    let err = Prompt::parse("<image> <image>", vec![ImageInput::Path(f.images[0].clone())]).unwrap_err();
+    assert!(err.to_string().contains("2 <image> markers"), "{err}");
+}
+
+/// A small PNG file whose header claims `w`×`h` pixels (a decompression bomb's shape: the
+/// decoder must refuse it before allocating).
+fn image_header_only(path: &Path, w: u32, h: u32) {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let empty_zlib = [0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01];
+    for (kind, data) in [(&b"IHDR"[..], &ihdr[..]), (b"IDAT", &empty_zlib), (b"IEND", &[])] {
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut chunk = kind.to_vec();
+        chunk.extend_from_slice(data);
+        png.extend_from_slice(&chunk);
+        png.extend_from_slice(&crc32(&chunk).to_be_bytes());
+    }
+    std::fs::write(path, png).unwrap();
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = 0xFFFF_FFFFu32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
