@@ -5,6 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use half::f16;
 use kosmos_models::image::{ImageLimits, clip_preprocess, decode_image, load_image};
@@ -24,6 +25,8 @@ pub enum ImageInput {
     Path(PathBuf),
     /// Encoded PNG/JPEG/WebP bytes.
     Bytes(Vec<u8>),
+    /// Decoded RGB pixels.
+    Rgb(image::RgbImage),
 }
 
 /// A prompt: text and images in order.
@@ -83,6 +86,8 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// Beam search width (1: off). Beams are deterministic: sampling settings are ignored.
     pub beams: usize,
+    /// Keep generating after `</s>` (benchmarks).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerateParams {
@@ -96,6 +101,7 @@ impl Default for GenerateParams {
             seed: 0,
             stop: Vec::new(),
             beams: 1,
+            ignore_eos: false,
         }
     }
 }
@@ -117,6 +123,18 @@ pub struct Generation {
     pub text: String,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    pub timings: Timings,
+}
+
+/// Wall times of one `generate` call (shared by the prompts of a batch).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Timings {
+    /// Image preprocessing and vision graph (0 when every image was cached).
+    pub vision_ms: f64,
+    /// The prefill decoder call.
+    pub prefill_ms: f64,
+    /// Each later decoder call (one token per prompt each).
+    pub decode_ms: Vec<f64>,
 }
 
 /// Streaming callback: (prompt index, new text) → keep going.
@@ -179,6 +197,16 @@ impl Package {
         let rgb = match img {
             ImageInput::Path(p) => load_image(p, limits)?,
             ImageInput::Bytes(b) => decode_image(b, "image", limits)?,
+            ImageInput::Rgb(img) => {
+                let (w, h) = img.dimensions();
+                if w.max(h) > limits.max_side {
+                    return Err(RtError::Input(format!(
+                        "image of {w}x{h} pixels exceeds the limit of {} pixels per side",
+                        limits.max_side
+                    )));
+                }
+                img.clone()
+            }
         };
         Ok(clip_preprocess(&rgb, self.manifest.preprocess.image_size as u32))
     }
@@ -339,6 +367,8 @@ impl Package {
         let width = assembled.iter().map(|a| a.len()).max().unwrap_or(0);
         self.check_context(width, params.max_tokens)?;
 
+        let mut timings = Timings::default();
+        let t0 = Instant::now();
         let pixels: Vec<Vec<f32>> = prompts
             .iter()
             .flat_map(|p| p.images.iter())
@@ -350,6 +380,7 @@ impl Package {
             self.encode_images(cache, &pixels)?
         };
         let (image_embeds, n_tok) = self.row_embeds(prompts, &embeds);
+        timings.vision_ms = ms(t0);
 
         let pad = self.manifest.config.tokenizer.pad_token_id as i64;
         let mut ids = vec![pad; b * width];
@@ -364,7 +395,9 @@ impl Package {
             }
         }
         let mut kv = self.empty_cache(b)?;
+        let t0 = Instant::now();
         let mut logits = self.decode(&ids, &img, (&image_embeds, n_tok), &attn, b, &mut kv)?;
+        timings.prefill_ms = ms(t0);
 
         let eos = self.manifest.config.tokenizer.eos_token_id;
         let vocab = self.manifest.decoder.vocab_size;
@@ -382,7 +415,7 @@ impl Package {
                 }
                 let l = &mut logits[r * vocab..(r + 1) * vocab];
                 let tok = row.pick(l, params);
-                if tok == eos {
+                if tok == eos && !params.ignore_eos {
                     row.finish = Some(FinishReason::Stop);
                     next.push(pad);
                     continue;
@@ -401,15 +434,20 @@ impl Package {
                 mask.push(1);
             }
             let no_img = vec![false; b];
+            let t0 = Instant::now();
             logits = self.decode(&next, &no_img, (&[], 0), &mask, b, &mut kv)?;
+            timings.decode_ms.push(ms(t0));
             for row in rows.iter_mut() {
                 row.steps += 1;
             }
         }
+        for (i, row) in rows.iter_mut().enumerate() {
+            row.flush(i, on_token);
+        }
         Ok(rows
             .into_iter()
             .zip(&assembled)
-            .map(|(r, a)| r.finish(a.len()))
+            .map(|(r, a)| r.finish(a.len(), timings.clone()))
             .collect())
     }
 
@@ -544,6 +582,7 @@ impl Package {
                 break;
             }
         }
+        row.flush(index, on_token);
         if row.finish.is_none() {
             row.finish = Some(if tokens.len() >= params.max_tokens {
                 FinishReason::Length
@@ -551,7 +590,7 @@ impl Package {
                 FinishReason::Stop
             });
         }
-        Ok(row.finish(a.len()))
+        Ok(row.finish(a.len(), Timings::default()))
     }
 
     /// Keep cache rows `parents` (a gather along the batch axis) of a batch of `from` rows.
@@ -591,6 +630,10 @@ impl Package {
         }
         Ok(())
     }
+}
+
+fn ms(t0: Instant) -> f64 {
+    t0.elapsed().as_secs_f64() * 1e3
 }
 
 fn log_softmax(l: &[f32]) -> Vec<f32> {
@@ -716,28 +759,42 @@ impl RowState {
                 .max()
                 .unwrap_or(0)
         };
-        // Text from a byte-fallback sequence may be incomplete; emit only up to a char boundary.
-        let mut upto = self.text.len().saturating_sub(held);
+        // Byte-fallback tokens decode to U+FFFD until their character is complete: stream only
+        // the text before the first one (stable from then on); `flush` sends the rest at the end.
+        let stable = self.text.find('\u{FFFD}').unwrap_or(self.text.len());
+        let mut upto = stable.min(self.text.len().saturating_sub(held));
         while !self.text.is_char_boundary(upto) {
             upto -= 1;
         }
-        if upto > self.emitted && !self.text.ends_with('\u{FFFD}') {
-            let piece = self.text[self.emitted..upto].to_string();
-            self.emitted = upto;
-            if !on_token(index, &piece) {
-                self.finish = Some(FinishReason::Cancelled);
-            }
-        }
+        self.emit(upto, index, on_token);
         Ok(())
     }
 
-    fn finish(self, prompt_tokens: usize) -> Generation {
+    /// Send text up to byte `upto` that was not sent yet.
+    fn emit(&mut self, upto: usize, index: usize, on_token: &mut OnToken<'_>) {
+        if let Some(piece) = self.text.get(self.emitted..upto).filter(|p| !p.is_empty()) {
+            let piece = piece.to_string();
+            self.emitted = upto;
+            if !on_token(index, &piece) && self.finish.is_none() {
+                self.finish = Some(FinishReason::Cancelled);
+            }
+        }
+    }
+
+    /// Send whatever text is still held back (the row has finished).
+    fn flush(&mut self, index: usize, on_token: &mut OnToken<'_>) {
+        let end = self.text.len();
+        self.emit(end, index, on_token);
+    }
+
+    fn finish(self, prompt_tokens: usize, timings: Timings) -> Generation {
         let reason = self.finish.unwrap_or(FinishReason::Length);
         Generation {
             tokens: self.tokens,
             text: self.text,
             finish_reason: reason,
             prompt_tokens,
+            timings,
         }
     }
 }

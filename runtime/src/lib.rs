@@ -9,6 +9,7 @@
 //!   decoder with its KV cache: greedy, sampling (temperature, top-k, top-p, repetition penalty,
 //!   seeded), stop strings, beam search, and a streaming token callback.
 
+pub mod bench;
 pub mod error;
 pub mod generate;
 pub mod ort_env;

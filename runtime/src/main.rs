@@ -41,6 +41,30 @@ struct Engine {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Measure time to first token, decode latency, throughput at batch 1/4/8 and peak memory.
+    #[command(after_help = "Examples:\n  \
+        kosmos-rt bench pkg/tiny\n  \
+        kosmos-rt bench pkg/k1 --json --new-tokens 64 --batch 1 --batch 8")]
+    Bench {
+        package: PathBuf,
+        /// Words of prompt text after the image.
+        #[arg(long, default_value_t = 32)]
+        prompt_words: usize,
+        /// Tokens generated per prompt.
+        #[arg(long, default_value_t = 32)]
+        new_tokens: usize,
+        /// Batch sizes (repeatable; default 1, 4, 8).
+        #[arg(long = "batch")]
+        batches: Vec<usize>,
+        /// Timed runs per batch size.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        engine: Engine,
+    },
     /// Generate text for one prompt; prints only the generated text on stdout.
     #[command(after_help = "Examples:\n  \
         kosmos-rt run pkg/tiny --image cat.png                      # caption\n  \
@@ -114,6 +138,44 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Bench {
+            package,
+            prompt_words,
+            new_tokens,
+            batches,
+            runs,
+            json,
+            engine,
+        } => {
+            let mut pkg = Package::open(&package, &session_options(&engine, &package))
+                .with_context(|| format!("opening package {}", package.display()))?;
+            let opts = kosmos_rt::bench::BenchOptions {
+                prompt_words,
+                new_tokens,
+                batches: if batches.is_empty() { vec![1, 4, 8] } else { batches },
+                runs: runs.max(1),
+            };
+            let r = kosmos_rt::bench::run(&mut pkg, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("package          {}", package.display());
+                println!("prompt           {} tokens (image + text), {} new tokens", r.prompt_tokens, r.new_tokens);
+                println!(
+                    "ttft             {:.1} ms (vision {:.1} ms + prefill {:.1} ms)",
+                    r.ttft_ms, r.vision_ms, r.prefill_ms
+                );
+                println!("decode           {:.2} ms/token median, {:.2} p90", r.decode_ms_median, r.decode_ms_p90);
+                for (b, t) in &r.tokens_per_s {
+                    println!(
+                        "batch {b:<3}        {t:.1} tokens/s decode, {:.1} tokens/s end to end",
+                        r.end_to_end_tokens_per_s[b]
+                    );
+                }
+                println!("peak RSS         {:.0} MB", r.peak_rss_mb);
+            }
+            Ok(())
+        }
         Command::Run {
             package,
             image,
@@ -142,6 +204,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
                 stop,
                 beams: beams.max(1),
+                ignore_eos: false,
             };
             let mut cache = VisionCache::new(16);
             let mut out = std::io::stdout();
