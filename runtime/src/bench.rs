@@ -85,12 +85,14 @@ fn bench_image(seed: u32) -> image::RgbImage {
 }
 
 pub fn run(pkg: &mut Package, opts: &BenchOptions) -> Result<BenchReport> {
-    let words: Vec<&str> = ["a", "red", "circle", "on", "the", "left", "and", "a", "blue", "square"]
-        .iter()
-        .copied()
-        .cycle()
-        .take(opts.prompt_words)
-        .collect();
+    let words: Vec<&str> = [
+        "a", "red", "circle", "on", "the", "left", "and", "a", "blue", "square",
+    ]
+    .iter()
+    .copied()
+    .cycle()
+    .take(opts.prompt_words)
+    .collect();
     let text = words.join(" ");
     let prompt = |i: u32| Prompt::parse(&text, vec![ImageInput::Rgb(bench_image(i))]);
     let params = GenerateParams {

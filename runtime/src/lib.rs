@@ -7,10 +7,14 @@
 //! * [`Package::generate`] runs a batch of prompts (text with `<image>` markers, or images then
 //!   text) through the vision graph (with an embedding cache keyed by image content) and the
 //!   decoder with its KV cache: greedy, sampling (temperature, top-k, top-p, repetition penalty,
-//!   seeded), stop strings, beam search, and a streaming token callback.
+//!   seeded), stop strings, beam search, and a streaming token callback;
+//! * [`bench`] measures it; [`ffi`] is the C ABI of `libkosmos_rt.so`
+//!   (`runtime/include/kosmos_rt.h`).
 
 pub mod bench;
 pub mod error;
+#[allow(non_camel_case_types)]
+pub mod ffi;
 pub mod generate;
 pub mod ort_env;
 pub mod package;

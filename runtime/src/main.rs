@@ -152,7 +152,11 @@ fn run(cli: Cli) -> Result<()> {
             let opts = kosmos_rt::bench::BenchOptions {
                 prompt_words,
                 new_tokens,
-                batches: if batches.is_empty() { vec![1, 4, 8] } else { batches },
+                batches: if batches.is_empty() {
+                    vec![1, 4, 8]
+                } else {
+                    batches
+                },
                 runs: runs.max(1),
             };
             let r = kosmos_rt::bench::run(&mut pkg, &opts)?;
@@ -160,12 +164,18 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!("package          {}", package.display());
-                println!("prompt           {} tokens (image + text), {} new tokens", r.prompt_tokens, r.new_tokens);
+                println!(
+                    "prompt           {} tokens (image + text), {} new tokens",
+                    r.prompt_tokens, r.new_tokens
+                );
                 println!(
                     "ttft             {:.1} ms (vision {:.1} ms + prefill {:.1} ms)",
                     r.ttft_ms, r.vision_ms, r.prefill_ms
                 );
-                println!("decode           {:.2} ms/token median, {:.2} p90", r.decode_ms_median, r.decode_ms_p90);
+                println!(
+                    "decode           {:.2} ms/token median, {:.2} p90",
+                    r.decode_ms_median, r.decode_ms_p90
+                );
                 for (b, t) in &r.tokens_per_s {
                     println!(
                         "batch {b:<3}        {t:.1} tokens/s decode, {:.1} tokens/s end to end",

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Valgrind memcheck of the C ABI: builds libkosmos_rt.so and the C++ examples, exports a tiny
+# random-weight package, and runs `caption` and `abi_errors` (every failure path) under
+# valgrind. Fails on any invalid read/write or on memory definitely lost in our library.
+# Not part of scripts/test.sh (slow); run it after changing runtime/src/ffi.rs.
+#
+#   scripts/memcheck.sh            # logs in target/memcheck/
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+scripts/setup.sh >/dev/null
+out="$root/target/memcheck"
+rm -rf "$out" && mkdir -p "$out"
+cargo build --release -p kosmos-rt --lib -p kosmos-export -p kosmos-train --bins
+target/release/kosmos-train init --preset tiny -o "$out/ckpt" >/dev/null
+target/release/kosmos-export "$out/ckpt" -o "$out/pkg" --quiet >/dev/null
+target/release/kosmos-train data synth --task shapes --split test --count 1 -o "$out/img" >/dev/null
+image=$(ls "$out"/img/*.png | head -1)
+echo "not an image" >"$out/notes.txt"
+.venv/bin/cmake -S runtime/examples/cpp -B "$out/build" -DKOSMOS_RT_LIB_DIR="$root/target/release" >/dev/null
+.venv/bin/cmake --build "$out/build" >/dev/null
+export ORT_DYLIB_PATH="$root/.deps/libonnxruntime.so"
+status=0
+for prog in "caption $out/pkg $image '' 8" "abi_errors $out/pkg $out/notes.txt"; do
+  name=${prog%% *}
+  echo "== valgrind $name"
+  # ONNX Runtime keeps process-lifetime singletons (thread pools, registries): count only
+  # errors and definite leaks whose stack passes through libkosmos_rt.
+  eval valgrind --error-exitcode=99 --leak-check=full --show-leak-kinds=definite \
+    --errors-for-leak-kinds=definite --log-file="$out/$name.valgrind" \
+    "$out/build/$prog" >"$out/$name.stdout" 2>"$out/$name.stderr" || status=$?
+  grep -E "ERROR SUMMARY|definitely lost" "$out/$name.valgrind" || true
+  if grep -q "Invalid \(read\|write\)" "$out/$name.valgrind"; then
+    echo "invalid memory access: see $out/$name.valgrind"; status=1
+  fi
+  if awk '/definitely lost in/,/^==[0-9]+== $/' "$out/$name.valgrind" | grep -q kosmos_rt; then
+    echo "definite leak through libkosmos_rt: see $out/$name.valgrind"; status=1
+  fi
+done
+cat "$out/abi_errors.stdout" | tail -1
+exit $status

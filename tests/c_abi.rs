@@ -1,0 +1,132 @@
+//! The C ABI from C++: `runtime/examples/cpp` is built with CMake and the system compiler against
+//! `libkosmos_rt.so`, captions an image of the tiny package exactly as the Rust API does, and
+//! every failure path returns its status code (abi_errors).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kosmos_export::{ExportOptions, Profile, export};
+use kosmos_models::KosmosConfig;
+use kosmos_models::package::PackageDtype;
+use kosmos_rt::{GenerateParams, ImageInput, Package, Prompt, SessionOptions, VisionCache};
+use kosmos_train::init::{TokenizerSource, init_checkpoint};
+use kosmos_train::synthetic::{Split, Task, item};
+
+fn root() -> PathBuf {
+    kosmos_e2e::workspace_root()
+}
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Build libkosmos_rt.so (debug) and the C++ examples; returns the examples' build dir.
+pub fn build_examples(build: &Path) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo)
+        .current_dir(root())
+        .args(["build", "-p", "kosmos-rt", "--lib"]));
+    let lib_dir = root().join("target/debug");
+    assert!(lib_dir.join("libkosmos_rt.so").exists());
+    let cmake = root().join(".venv/bin/cmake");
+    run(Command::new(&cmake)
+        .arg("-S")
+        .arg(root().join("runtime/examples/cpp"))
+        .arg("-B")
+        .arg(build)
+        .arg(format!("-DKOSMOS_RT_LIB_DIR={}", lib_dir.display()))
+        .arg("-DCMAKE_BUILD_TYPE=Debug"));
+    run(Command::new(&cmake).arg("--build").arg(build));
+    build.to_path_buf()
+}
+
+#[test]
+fn cpp_example_captions_like_the_rust_api_and_errors_are_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = init_checkpoint(
+        KosmosConfig::tiny(),
+        4,
+        TokenizerSource::Builtin,
+        &dir.path().join("ckpt"),
+        true,
+    )
+    .expect("init");
+    let pkg = dir.path().join("pkg");
+    let opts = ExportOptions {
+        profile: Profile::Portable,
+        dtype: PackageDtype::Fp32,
+        force: false,
+        progress: false,
+    };
+    export(&ckpt, &pkg, &opts).expect("export");
+    let image = dir.path().join("shape.png");
+    item(Task::Shapes, Split::Test, 0, 0).image.save(&image).unwrap();
+
+    let mut package = Package::open(&pkg, &SessionOptions::default()).unwrap();
+    let prompt = Prompt::parse("", vec![ImageInput::Path(image.clone())]).unwrap();
+    let params = GenerateParams {
+        max_tokens: 10,
+        ..Default::default()
+    };
+    let want = package
+        .generate(&mut VisionCache::new(1), &[prompt], &params, &mut |_, _| true)
+        .unwrap()
+        .remove(0)
+        .text;
+
+    let build = build_examples(&dir.path().join("build"));
+    let ort = kosmos_rt::ort_env::ort_dylib_path();
+    let out = run(Command::new(build.join("caption"))
+        .env("ORT_DYLIB_PATH", &ort)
+        .arg(&pkg)
+        .arg(&image)
+        .arg("")
+        .arg("10"));
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(got.trim_end_matches('\n'), want, "C++ caption vs Rust API");
+
+    let not_image = dir.path().join("notes.txt");
+    std::fs::write(&not_image, "not an image").unwrap();
+    let mixed = mixed_package(dir.path(), &pkg);
+    let out = run(Command::new(build.join("abi_errors"))
+        .env("ORT_DYLIB_PATH", &ort)
+        .arg(&pkg)
+        .arg(&not_image)
+        .arg(&mixed));
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}");
+    assert!(report.contains("all failure paths behave"), "{report}");
+}
+
+/// A copy of `pkg` whose decoder graph comes from a model with other sizes.
+pub fn mixed_package(dir: &Path, pkg: &Path) -> PathBuf {
+    let mut other = KosmosConfig::tiny();
+    other.decoder.decoder_attention_heads = 8;
+    let ckpt =
+        init_checkpoint(other, 1, TokenizerSource::Builtin, &dir.join("other-ckpt"), true).expect("init");
+    let other_pkg = dir.join("other-pkg");
+    let opts = ExportOptions {
+        profile: Profile::Portable,
+        dtype: PackageDtype::Fp32,
+        force: false,
+        progress: false,
+    };
+    export(&ckpt, &other_pkg, &opts).expect("export");
+    let mixed = dir.join("mixed-pkg");
+    std::fs::create_dir(&mixed).unwrap();
+    for e in std::fs::read_dir(pkg).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), mixed.join(e.file_name())).unwrap();
+    }
+    for f in ["decoder.onnx", "decoder.onnx.data"] {
+        std::fs::copy(other_pkg.join(f), mixed.join(f)).unwrap();
+    }
+    mixed
+}
