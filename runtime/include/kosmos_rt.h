@@ -167,6 +167,13 @@ enum kosmos_status kosmos_generate(struct kosmos_model *model,
                                    char **out_text);
 
 /*
+ Release the library's ONNX Runtime environment. Call once before the process exits, after every
+ model is freed (as `OgaShutdown` in ONNX Runtime GenAI): ONNX Runtime's threads then stop
+ before static destructors run. A later `kosmos_model_open` starts a new environment.
+ */
+enum kosmos_status kosmos_shutdown(void);
+
+/*
  Release a string returned by this library (NULL is ignored).
 
  # Safety

@@ -401,6 +401,17 @@ pub unsafe extern "C" fn kosmos_generate(
     })
 }
 
+/// Release the library's ONNX Runtime environment. Call once before the process exits, after every
+/// model is freed (as `OgaShutdown` in ONNX Runtime GenAI): ONNX Runtime's threads then stop
+/// before static destructors run. A later `kosmos_model_open` starts a new environment.
+#[unsafe(no_mangle)]
+pub extern "C" fn kosmos_shutdown() -> kosmos_status {
+    guard(|| {
+        crate::ort_env::shutdown();
+        kosmos_status::KOSMOS_OK
+    })
+}
+
 /// Release a string returned by this library (NULL is ignored).
 ///
 /// # Safety

@@ -295,6 +295,16 @@ impl Package {
         let (layers, dm, vocab) = (d.num_layers, d.hidden_size, d.vocab_size);
         let s = ids.len() / b;
         let t = attention_mask.len() / b;
+        // No images: one zero row instead of an empty tensor. The graph never reads it (no slot
+        // is marked), and ONNX Runtime's handling of zero-sized inputs is avoided (under valgrind
+        // it left a worker reading freed memory at exit).
+        let zeros;
+        let image_embeds = if image_embeds.1 == 0 {
+            zeros = vec![0f32; b * dm];
+            (zeros.as_slice(), 1)
+        } else {
+            image_embeds
+        };
         let mut inputs: Vec<(String, DynValue)> = vec![
             (
                 io::INPUT_IDS.into(),

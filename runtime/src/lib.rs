@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod eval;
 #[allow(non_camel_case_types)]
 pub mod ffi;
 pub mod generate;

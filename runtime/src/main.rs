@@ -41,6 +41,28 @@ struct Engine {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Greedy exact match on a caption/VQA manifest (as `kosmos-train eval` measures it).
+    #[command(after_help = "Example:\n  \
+        kosmos-train data synth --task shapes --split test --count 200 -o test-captions\n  \
+        kosmos-rt eval pkg/tiny --data test-captions/manifest.jsonl")]
+    Eval {
+        package: PathBuf,
+        /// JSONL manifest: {"image": path, "prompt"?: text, "text": reference} per line.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print each reference and output on stderr.
+        #[arg(long)]
+        show: bool,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        engine: Engine,
+    },
     /// Measure time to first token, decode latency, throughput at batch 1/4/8 and peak memory.
     #[command(after_help = "Examples:\n  \
         kosmos-rt bench pkg/tiny\n  \
@@ -138,6 +160,38 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Eval {
+            package,
+            data,
+            batch_size,
+            limit,
+            show,
+            json,
+            engine,
+        } => {
+            let mut pkg = Package::open(&package, &session_options(&engine, &package))
+                .with_context(|| format!("opening package {}", package.display()))?;
+            let r = kosmos_rt::eval::evaluate(&mut pkg, &data, batch_size, limit, |want, got| {
+                if show {
+                    eprintln!(
+                        "{} | {want} | {got}",
+                        if want.trim() == got.trim() { "ok  " } else { "MISS" }
+                    );
+                }
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "exact match {:.1}% ({}/{}) on {}",
+                    100.0 * r.exact_match,
+                    r.correct,
+                    r.items,
+                    data.display()
+                );
+            }
+            Ok(())
+        }
         Command::Bench {
             package,
             prompt_words,

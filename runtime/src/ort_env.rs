@@ -1,7 +1,7 @@
 //! Loading ONNX Runtime (`load-dynamic`) and creating sessions on a chosen execution provider.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use ort::ep::ExecutionProvider;
 use ort::session::Session;
@@ -29,21 +29,41 @@ pub fn ort_dylib_path() -> PathBuf {
     PathBuf::from("libonnxruntime.so")
 }
 
-/// The process-wide ONNX Runtime environment (the library is loaded once).
-pub fn environment() -> Result<&'static ort::environment::Environment> {
-    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let path = ort_dylib_path();
-        let builder = ort::init_from(&path).map_err(|e| {
-            format!(
-                "cannot load ONNX Runtime from {}: {e} (set ORT_DYLIB_PATH)",
-                path.display()
-            )
-        })?;
-        builder.with_name("kosmos").build().map_err(|e| e.to_string())
-    })
-    .as_ref()
-    .map_err(|e| RtError::Ort(e.clone()))
+static ENV: Mutex<Option<ort::environment::Environment>> = Mutex::new(None);
+static LOADED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+
+/// The process-wide ONNX Runtime environment (the library is loaded once; the environment is
+/// created again after [`shutdown`]).
+pub fn environment() -> Result<ort::environment::Environment> {
+    let mut env = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = env.as_ref() {
+        return Ok(e.clone());
+    }
+    LOADED
+        .get_or_init(|| {
+            let path = ort_dylib_path();
+            ort::init_from(&path).map(|_| ()).map_err(|e| {
+                format!(
+                    "cannot load ONNX Runtime from {}: {e} (set ORT_DYLIB_PATH)",
+                    path.display()
+                )
+            })
+        })
+        .clone()
+        .map_err(RtError::Ort)?;
+    let e = ort::init()
+        .with_name("kosmos")
+        .build()
+        .map_err(|e| RtError::Ort(e.to_string()))?;
+    *env = Some(e.clone());
+    Ok(e)
+}
+
+/// Release this library's reference to the ONNX Runtime environment; ONNX Runtime tears it down
+/// (joining its threads) once the last session is gone too. Call before the process exits, after
+/// every model is freed, as ONNX Runtime GenAI's `OgaShutdown` asks.
+pub fn shutdown() {
+    ENV.lock().unwrap_or_else(|p| p.into_inner()).take();
 }
 
 /// Where sessions run.
@@ -124,7 +144,7 @@ pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
         path: path.to_path_buf(),
         message: e.to_string(),
     };
-    let mut b = Session::builder(env).map_err(err)?;
+    let mut b = Session::builder(&env).map_err(err)?;
     if opts.threads > 0 {
         b = b.with_intra_threads(opts.threads).map_err(|e| err(e.into()))?;
     }

@@ -104,6 +104,7 @@ int main(int argc, char** argv) {
            KOSMOS_ERR_INVALID_HANDLE);
     expect("free: NULL", kosmos_model_free(nullptr), KOSMOS_OK);
 
+    expect("shutdown", kosmos_shutdown(), KOSMOS_OK);
     std::printf("%s\n", failures == 0 ? "all failure paths behave" : "SOME FAILURE PATHS ARE WRONG");
     return failures == 0 ? 0 : 1;
 }

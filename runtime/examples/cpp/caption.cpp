@@ -58,5 +58,8 @@ int main(int argc, char** argv) {
     Text text(out);
     std::fprintf(stderr, "\n[%d pieces streamed]\n", pieces);
     std::printf("%s\n", text.get());
+    text.reset();
+    model.reset();
+    kosmos_shutdown();
     return 0;
 }
