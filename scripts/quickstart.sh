@@ -1,28 +1,43 @@
 #!/usr/bin/env bash
 # The main job on the built-in default, from nothing: set up, train the tiny KOSMOS-1 on the
-# built-in synthetic task (shape captions + VQA), write the held-out test sets as PNG + JSONL,
-# and report greedy exact-match accuracy on them. (Export to ONNX and captioning through kosmos-rt
-# join this script when the exporter and runtime land.)
+# built-in synthetic task (shape captions + VQA), export it to ONNX, and caption / answer
+# held-out images through kosmos-rt (ONNX Runtime), printing accuracy next to the trainer's own.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 scripts/setup.sh
-cargo build --locked -p kosmos-train
+cargo build --locked -p kosmos-train -p kosmos-export -p kosmos-rt
 
 out="${KOSMOS_QUICKSTART_DIR:-runs/quickstart}"
-bin=target/debug/kosmos-train
+train=target/debug/kosmos-train
+export_bin=target/debug/kosmos-export
+rt=target/debug/kosmos-rt
 mkdir -p "$out"
 
 echo "== training the tiny model on synthetic:shapes (tiny preset's default recipe) =="
-$bin fit --preset tiny --data synthetic:shapes -o "$out/tiny" --force
+$train fit --preset tiny --data synthetic:shapes -o "$out/tiny" --force
+
+echo "== exporting to ONNX =="
+$export_bin "$out/tiny" --to onnx -o "$out/tiny-onnx" --force
+$export_bin verify "$out/tiny" "$out/tiny-onnx" --steps 8
 
 echo "== held-out test sets =="
-$bin data synth --task shapes --split test --count 200 -o "$out/test-captions" --force
-$bin data synth --task shapes-vqa --split test --count 200 -o "$out/test-vqa" --force
+$train data synth --task shapes --split test --count 200 -o "$out/test-captions" --force
+$train data synth --task shapes-vqa --split test --count 200 -o "$out/test-vqa" --force
 
-echo "== accuracy (greedy exact match) =="
-$bin eval "$out/tiny" --data "$out/test-captions/manifest.jsonl"
-$bin eval "$out/tiny" --data "$out/test-vqa/manifest.jsonl"
+echo "== a few held-out images captioned by kosmos-rt =="
+for i in 000000 000001 000002; do
+  printf '%s: %s\n' "$out/test-captions/$i.png" "$($rt run "$out/tiny-onnx" --image "$out/test-captions/$i.png")"
+done
+q=$(head -1 "$out/test-vqa/manifest.jsonl" | sed -E 's/.*"prompt": *"([^"]*)".*/\1/')
+printf '%s %s\n' "$q" "$($rt run "$out/tiny-onnx" --image "$out/test-vqa/000000.png" --prompt "$q")"
+
+echo "== accuracy (greedy exact match): trainer (tch) vs exported package (ONNX Runtime) =="
+for set in test-captions test-vqa; do
+  echo "-- $set"
+  $train eval "$out/tiny" --data "$out/$set/manifest.jsonl"
+  $rt eval "$out/tiny-onnx" --data "$out/$set/manifest.jsonl"
+done
 echo
-echo "checkpoint: $out/tiny (loss curve: $out/tiny/loss.png, metrics: $out/tiny/metrics.jsonl)"
+echo "checkpoint: $out/tiny (loss curve: $out/tiny/loss.png), package: $out/tiny-onnx"

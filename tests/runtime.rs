@@ -205,6 +205,30 @@ fn bad_input_is_a_clear_error() {
         assert!(err.contains(file), "{file}: {err}");
     }
 
+    // A provider this ONNX Runtime build lacks: a clear error naming it, unless fallback is allowed.
+    for (device, name) in [
+        (kosmos_rt::Device::Cuda, "CUDAExecutionProvider"),
+        (
+            kosmos_rt::Device::TensorRt {
+                engine_cache: dir.path().join("trt"),
+            },
+            "TensorrtExecutionProvider",
+        ),
+    ] {
+        let opts = SessionOptions {
+            device: device.clone(),
+            ..Default::default()
+        };
+        let err = Package::open(&f.pkg, &opts).unwrap_err().to_string();
+        assert!(err.contains(name) && err.contains("--allow-fallback"), "{err}");
+        let fallback = SessionOptions {
+            device,
+            allow_fallback: true,
+            ..Default::default()
+        };
+        Package::open(&f.pkg, &fallback).expect("CPU fallback when allowed");
+    }
+
     // A non-image file, and an image over the pixel limit.
     let not_image = dir.path().join("notes.png");
     std::fs::write(&not_image, b"hello").unwrap();
