@@ -166,6 +166,52 @@ fn greedy_equals_trainer_and_batch_equals_single() {
         .generate(&mut cache, &prompts[..1], &sample, &mut |_, _| true)
         .unwrap();
     assert_eq!(a[0].tokens, b[0].tokens);
+    // top-k 1 sampling is greedy whatever the temperature and seed.
+    let top1 = GenerateParams {
+        max_tokens: max,
+        temperature: 1.5,
+        top_k: 1,
+        seed: 99,
+        ..Default::default()
+    };
+    let g = pkg
+        .generate(&mut cache, &prompts[..1], &top1, &mut |_, _| true)
+        .unwrap();
+    assert_eq!(g[0].tokens, batch[0].tokens, "top-k 1 == greedy");
+
+    // A stop string ends the text before it, and streaming never shows it.
+    let full = &batch[0].text;
+    let word = full
+        .split_whitespace()
+        .nth(2)
+        .expect("a caption of several words")
+        .to_string();
+    let stop = GenerateParams {
+        max_tokens: max,
+        stop: vec![format!(" {word}")],
+        ..Default::default()
+    };
+    let mut seen = String::new();
+    let g = pkg
+        .generate(&mut cache, &prompts[..1], &stop, &mut |_, p| {
+            seen.push_str(p);
+            true
+        })
+        .unwrap();
+    assert_eq!(g[0].finish_reason, kosmos_rt::FinishReason::Stop);
+    assert!(
+        full.starts_with(&g[0].text) && !g[0].text.contains(&format!(" {word}")),
+        "{:?}",
+        g[0].text
+    );
+    assert_eq!(seen, g[0].text);
+
+    // The callback can cancel.
+    let g = pkg
+        .generate(&mut cache, &prompts[..1], &greedy(max), &mut |_, _| false)
+        .unwrap();
+    assert_eq!(g[0].finish_reason, kosmos_rt::FinishReason::Cancelled);
+
     let beams = GenerateParams {
         max_tokens: max,
         beams: 3,
