@@ -62,6 +62,7 @@ fn cpp_example_captions_like_the_rust_api_and_errors_are_codes() {
     let opts = ExportOptions {
         profile: Profile::Portable,
         dtype: PackageDtype::Fp32,
+        kv_cache: Default::default(),
         force: false,
         progress: false,
     };
@@ -115,6 +116,7 @@ pub fn mixed_package(dir: &Path, pkg: &Path) -> PathBuf {
     let opts = ExportOptions {
         profile: Profile::Portable,
         dtype: PackageDtype::Fp32,
+        kv_cache: Default::default(),
         force: false,
         progress: false,
     };

@@ -1,6 +1,6 @@
 //! Exported packages in ONNX Runtime agree with the trainer's tch model (DESIGN §7 step 3) and pass
-//! the official ONNX validators, for the tiny preset and an odd-sized config, in every profile and
-//! dtype: a left-padded batch with an image between text, prefill then 8 greedy decode steps.
+//! the official ONNX validators, for the tiny preset and an odd-sized config, in every profile,
+//! dtype and KV-cache layout: a left-padded batch with an image between text, prefill then 8 greedy decode steps.
 
 #[path = "../trainer/tests/common/mod.rs"]
 mod common;
@@ -11,38 +11,52 @@ use std::process::Command;
 use kosmos_export::verify::{VerifyOptions, verify};
 use kosmos_export::{ExportOptions, Profile, export};
 use kosmos_models::KosmosConfig;
-use kosmos_models::package::{PackageDtype, PackageManifest};
+use kosmos_models::package::{KvCacheLayout, PackageDtype, PackageManifest};
 
 fn export_pkg(ckpt: &Path, out: &Path, profile: Profile, dtype: PackageDtype) {
+    export_kv(ckpt, out, profile, dtype, KvCacheLayout::Concat);
+}
+
+fn export_kv(ckpt: &Path, out: &Path, profile: Profile, dtype: PackageDtype, kv_cache: KvCacheLayout) {
     let opts = ExportOptions {
         profile,
         dtype,
+        kv_cache,
         force: false,
         progress: false,
     };
     export(ckpt, out, &opts).expect("export");
 }
 
-/// Export in all four variants; each must verify against tch and pass the Python checks.
+/// Export in every variant; each must verify against tch and pass the Python checks.
 fn check_all(config: &KosmosConfig, seed: i64) {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = common::make_checkpoint(config, seed, &dir.path().join("ckpt"));
-    for profile in [Profile::Portable, Profile::Ort] {
-        for dtype in [PackageDtype::Fp32, PackageDtype::Fp16] {
-            let pkg = dir
-                .path()
-                .join(format!("{}-{}", profile.as_str(), dtype.as_str()));
-            export_pkg(&ckpt, &pkg, profile, dtype);
+    let variants = [
+        (Profile::Portable, PackageDtype::Fp32, KvCacheLayout::Concat),
+        (Profile::Portable, PackageDtype::Fp16, KvCacheLayout::Concat),
+        (Profile::Ort, PackageDtype::Fp32, KvCacheLayout::Concat),
+        (Profile::Ort, PackageDtype::Fp16, KvCacheLayout::Concat),
+        (Profile::Portable, PackageDtype::Fp32, KvCacheLayout::Buffer),
+        (Profile::Portable, PackageDtype::Fp16, KvCacheLayout::Buffer),
+    ];
+    for (profile, dtype, kv) in variants {
+        {
+            let tag = format!("{}-{}-{}", profile.as_str(), dtype.as_str(), kv.as_str());
+            let pkg = dir.path().join(tag);
+            export_kv(&ckpt, &pkg, profile, dtype, kv);
             let m = PackageManifest::load(&pkg).expect("manifest");
             assert_eq!(m.config, *config);
             assert_eq!(m.dtype, dtype);
+            assert_eq!(m.decoder.kv_cache, kv);
 
             let r = verify(&ckpt, &pkg, &VerifyOptions::default()).expect("verify");
             for d in &r.diffs {
                 eprintln!(
-                    "{} {} {}: max |diff| {:.2e} (relative {:.2e})",
+                    "{} {} {} {}: max |diff| {:.2e} (relative {:.2e})",
                     profile.as_str(),
                     dtype.as_str(),
+                    kv.as_str(),
                     d.output,
                     d.max_abs,
                     d.relative()

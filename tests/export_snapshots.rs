@@ -4,7 +4,7 @@
 use kosmos_export::onnx::inspect::{load_model, summary};
 use kosmos_export::{ExportOptions, Profile, export};
 use kosmos_models::KosmosConfig;
-use kosmos_models::package::PackageDtype;
+use kosmos_models::package::{KvCacheLayout, PackageDtype};
 use kosmos_train::init::{TokenizerSource, init_checkpoint};
 
 #[test]
@@ -25,6 +25,7 @@ fn tiny_preset_graphs() {
             let opts = ExportOptions {
                 profile,
                 dtype,
+                kv_cache: Default::default(),
                 force: false,
                 progress: false,
             };
@@ -35,4 +36,16 @@ fn tiny_preset_graphs() {
             }
         }
     }
+    // The buffer KV layout changes only the decoder.
+    let pkg = dir.path().join("buffer");
+    let opts = ExportOptions {
+        profile: Profile::Portable,
+        dtype: PackageDtype::Fp32,
+        kv_cache: KvCacheLayout::Buffer,
+        force: false,
+        progress: false,
+    };
+    export(&ckpt, &pkg, &opts).expect("export");
+    let model = load_model(&pkg.join("decoder.onnx")).expect("load");
+    insta::assert_snapshot!("tiny-portable-fp32-buffer-decoder", summary(&model));
 }

@@ -19,6 +19,8 @@ struct Fixture {
     _dir: tempfile::TempDir,
     ckpt: PathBuf,
     pkg: PathBuf,
+    /// The same model with the buffer KV layout (updated in place through IoBinding).
+    pkg_buffer: PathBuf,
     images: Vec<PathBuf>,
 }
 
@@ -45,10 +47,17 @@ fn fixture() -> Fixture {
     let opts = ExportOptions {
         profile: Profile::Portable,
         dtype: PackageDtype::Fp32,
+        kv_cache: Default::default(),
         force: false,
         progress: false,
     };
     export(&ckpt, &pkg, &opts).expect("export");
+    let pkg_buffer = dir.path().join("pkg-buffer");
+    let buffer_opts = ExportOptions {
+        kv_cache: kosmos_models::package::KvCacheLayout::Buffer,
+        ..opts
+    };
+    export(&ckpt, &pkg_buffer, &buffer_opts).expect("export buffer layout");
     let images = (0..3)
         .map(|i| {
             let p = dir.path().join(format!("img{i}.png"));
@@ -60,6 +69,7 @@ fn fixture() -> Fixture {
         _dir: dir,
         ckpt,
         pkg,
+        pkg_buffer,
         images,
     }
 }
@@ -101,7 +111,17 @@ fn trainer_greedy(ckpt: &Path, prompts: &[(Vec<Segment>, Vec<PathBuf>)], max: us
 #[test]
 fn greedy_equals_trainer_and_batch_equals_single() {
     let f = fixture();
-    let mut pkg = open(&f.pkg);
+    check_generation(&f, &f.pkg);
+}
+
+#[test]
+fn in_place_kv_buffer_generates_the_same() {
+    let f = fixture();
+    check_generation(&f, &f.pkg_buffer);
+}
+
+fn check_generation(f: &Fixture, package: &Path) {
+    let mut pkg = open(package);
     let mut cache = VisionCache::new(8);
     let vqa = "Question: what colour is the circle? Answer:";
     let cases: Vec<(String, Vec<PathBuf>)> = vec![

@@ -27,7 +27,7 @@ use std::str::FromStr;
 use std::time::Instant;
 
 use kosmos_models::atomic::StagedDir;
-use kosmos_models::package::{self, PackageDtype, PackageManifest};
+use kosmos_models::package::{self, KvCacheLayout, PackageDtype, PackageManifest};
 use kosmos_models::params::{self, expected_params};
 use kosmos_models::{Checkpoint, KosmosConfig};
 use prost::Message;
@@ -68,6 +68,16 @@ impl FromStr for Profile {
     }
 }
 
+pub fn parse_kv_cache(s: &str) -> Result<KvCacheLayout> {
+    match s {
+        "concat" => Ok(KvCacheLayout::Concat),
+        "buffer" => Ok(KvCacheLayout::Buffer),
+        other => Err(ExportError::Unsupported(format!(
+            "unknown --kv-cache '{other}' (available: concat, buffer)"
+        ))),
+    }
+}
+
 pub fn parse_dtype(s: &str) -> Result<PackageDtype> {
     match s {
         "fp32" => Ok(PackageDtype::Fp32),
@@ -80,6 +90,9 @@ pub fn parse_dtype(s: &str) -> Result<PackageDtype> {
 pub struct ExportOptions {
     pub profile: Profile,
     pub dtype: PackageDtype,
+    /// How the decoder passes its KV cache (`concat`: the HF/GenAI convention; `buffer`:
+    /// fixed-capacity buffers updated in place).
+    pub kv_cache: KvCacheLayout,
     /// Replace an existing output directory.
     pub force: bool,
     /// Show a progress bar per component.
@@ -108,6 +121,13 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         PackageDtype::Fp16 => DType::F16,
     };
 
+    if opts.kv_cache == KvCacheLayout::Buffer && opts.profile == Profile::Ort {
+        return Err(ExportError::Unsupported(
+            "--kv-cache buffer with --profile ort (MultiHeadAttention concatenates its cache); \
+             use --profile portable"
+                .into(),
+        ));
+    }
     let vision_bytes = write_component(&ckpt, &dir, package::VISION_FILE, dtype, opts, |l| {
         l.vision_graph(cfg)
     })?;
@@ -122,6 +142,7 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         cfg,
         opts.profile.as_str(),
         opts.dtype,
+        opts.kv_cache,
         OPSET,
         &format!("{PRODUCER} {}", env!("CARGO_PKG_VERSION")),
     );
@@ -173,6 +194,7 @@ fn write_component(
         g: GraphBuilder::new(graph_name, OPSET, &mut sink),
         w: &weights,
         profile: opts.profile,
+        kv_cache: opts.kv_cache,
     };
     build(&mut lower)?;
     let (graph, opsets) = lower.g.finish();
@@ -196,6 +218,7 @@ fn model_proto(
         ("kosmos.variant", cfg.variant.to_string()),
         ("kosmos.profile", opts.profile.as_str().to_string()),
         ("kosmos.dtype", opts.dtype.as_str().to_string()),
+        ("kosmos.kv_cache", opts.kv_cache.as_str().to_string()),
     ];
     ModelProto {
         ir_version: IR_VERSION,

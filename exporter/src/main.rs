@@ -44,6 +44,11 @@ struct ExportArgs {
     /// fp32 or fp16 (LayerNorm statistics, softmax and GELU stay fp32).
     #[arg(long, default_value = "fp32")]
     dtype: String,
+    /// KV cache passing: concat (past → present = past + new, the Hugging Face / ONNX Runtime
+    /// GenAI convention) or buffer (fixed-capacity buffers written in place at
+    /// past_sequence_length; kosmos-rt binds them once per sequence).
+    #[arg(long, default_value = "concat")]
+    kv_cache: String,
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
@@ -121,7 +126,10 @@ fn run(cli: Cli) -> Result<i32> {
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                println!("{} {} package, {} decode steps", r.profile, r.dtype, steps);
+                println!(
+                    "{} {} package ({} KV cache), {} decode steps",
+                    r.profile, r.dtype, r.kv_cache, steps
+                );
                 for d in &r.diffs {
                     println!(
                         "  {:18} max |diff| {:.3e}  (max |ref| {:.3e}, relative {:.3e})",
@@ -155,6 +163,7 @@ fn run(cli: Cli) -> Result<i32> {
             };
             let profile: Profile = a.profile.parse()?;
             let dtype = parse_dtype(&a.dtype)?;
+            let kv_cache = kosmos_export::parse_kv_cache(&a.kv_cache)?;
             if let Target::Trt = a.to {
                 bail!(
                     "--to trt builds TensorRT engines and needs TensorRT (trtexec or libnvinfer), \
@@ -165,6 +174,7 @@ fn run(cli: Cli) -> Result<i32> {
             let opts = ExportOptions {
                 profile,
                 dtype,
+                kv_cache,
                 force: a.force,
                 progress: !a.quiet,
             };

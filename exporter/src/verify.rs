@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use kosmos_models::package::{PackageDtype, PackageManifest, io};
+use kosmos_models::package::{KvCacheLayout, PackageDtype, PackageManifest, io};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor as OrtTensor};
 use tch::{Device, Kind, Tensor};
@@ -56,6 +56,7 @@ impl OutputDiff {
 pub struct VerifyReport {
     pub dtype: String,
     pub profile: String,
+    pub kv_cache: String,
     pub diffs: Vec<OutputDiff>,
     /// Greedy tokens (argmax of the last position per step and row) of the reference and package.
     pub reference_tokens: Vec<Vec<i64>>,
@@ -143,15 +144,46 @@ fn bool_tensor(t: &Tensor) -> Result<DynValue> {
     Ok(OrtTensor::from_array((shape, data)).map_err(ort_err)?.into_dyn())
 }
 
-fn empty_kv(shape: [i64; 4], dtype: PackageDtype) -> Result<DynValue> {
+/// A zero cache tensor: empty (concat layout) or a zeroed buffer (buffer layout).
+fn zero_kv(shape: [i64; 4], dtype: PackageDtype) -> Result<DynValue> {
+    let n = shape.iter().product::<i64>() as usize;
     Ok(match dtype {
-        PackageDtype::Fp32 => OrtTensor::<f32>::from_array((shape, Vec::<f32>::new()))
+        PackageDtype::Fp32 => OrtTensor::<f32>::from_array((shape, vec![0f32; n]))
             .map_err(ort_err)?
             .into_dyn(),
-        PackageDtype::Fp16 => OrtTensor::<half::f16>::from_array((shape, Vec::<half::f16>::new()))
+        PackageDtype::Fp16 => OrtTensor::<half::f16>::from_array((shape, vec![half::f16::ZERO; n]))
             .map_err(ort_err)?
             .into_dyn(),
     })
+}
+
+/// How the package takes the cache: its capacity (buffer layout) and the mask/offset inputs.
+struct Layout {
+    capacity: Option<i64>,
+}
+
+impl Layout {
+    /// The package's attention mask for the reference's [b, t] mask.
+    fn mask(&self, m: &Tensor) -> Tensor {
+        match self.capacity {
+            Some(c) => {
+                let (b, t) = m.size2().expect("[b, t]");
+                Tensor::cat(&[m, &Tensor::zeros([b, c - t], (Kind::Int64, Device::Cpu))], 1)
+            }
+            None => m.shallow_clone(),
+        }
+    }
+    fn extra(&self, past: i64) -> Result<Vec<(String, DynValue)>> {
+        Ok(match self.capacity {
+            Some(_) => vec![(
+                io::PAST_SEQUENCE_LENGTH.into(),
+                OrtTensor::from_array(([1i64], vec![past]))
+                    .map_err(ort_err)?
+                    .into_dyn(),
+            )],
+            None => Vec::new(),
+        })
+    }
 }
 
 /// Compare the package in `pkg` with the checkpoint in `ckpt`.
@@ -217,6 +249,10 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     let pixels = Tensor::randn([b, 3, size, size], (Kind::Float, Device::Cpu));
 
     let mut diffs = Diffs(Vec::new());
+    let layout = Layout {
+        capacity: (manifest.decoder.kv_cache == KvCacheLayout::Buffer)
+            .then_some(len as i64 + opts.decode_steps as i64),
+    };
     let err = |e: kosmos_train::TrainError| ExportError::Reference(e.to_string());
 
     // Vision.
@@ -237,11 +273,16 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
         (io::INPUT_IDS.into(), i64_tensor(&ids)?),
         (io::IMAGE_EMBEDS.into(), f32_tensor(&ref_embeds)?),
         (io::IMAGE_MASK.into(), bool_tensor(&image_mask)?),
-        (io::ATTENTION_MASK.into(), i64_tensor(&attention_mask)?),
+        (
+            io::ATTENTION_MASK.into(),
+            i64_tensor(&layout.mask(&attention_mask))?,
+        ),
     ];
+    inputs.extend(layout.extra(0)?);
+    let past0 = layout.capacity.unwrap_or(0);
     for i in 0..layers {
-        inputs.push((io::past_key(i), empty_kv([b, heads, 0, hd], manifest.dtype)?));
-        inputs.push((io::past_value(i), empty_kv([b, heads, 0, hd], manifest.dtype)?));
+        inputs.push((io::past_key(i), zero_kv([b, heads, past0, hd], manifest.dtype)?));
+        inputs.push((io::past_value(i), zero_kv([b, heads, past0, hd], manifest.dtype)?));
     }
     let mut out = decoder.run(inputs).map_err(ort_err)?;
     let logits = ort_f32(&out[io::LOGITS], io::LOGITS)?;
@@ -279,8 +320,12 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
             (io::INPUT_IDS.into(), i64_tensor(&ids)?),
             (io::IMAGE_EMBEDS.into(), f32_tensor(&no_embeds)?),
             (io::IMAGE_MASK.into(), bool_tensor(&no_image)?),
-            (io::ATTENTION_MASK.into(), i64_tensor(&attention_mask)?),
+            (
+                io::ATTENTION_MASK.into(),
+                i64_tensor(&layout.mask(&attention_mask))?,
+            ),
         ];
+        inputs.extend(layout.extra(attention_mask.size()[1] - 1)?);
         for (i, kv) in present.drain(..).enumerate() {
             let name = if i % 2 == 0 {
                 io::past_key(i / 2)
@@ -312,6 +357,7 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     Ok(VerifyReport {
         dtype: manifest.dtype.as_str().into(),
         profile: manifest.profile.clone(),
+        kv_cache: manifest.decoder.kv_cache.as_str().into(),
         diffs: diffs.0,
         reference_tokens,
         package_tokens,
@@ -342,7 +388,11 @@ fn collect_present(
             (io::present_value(i), "present.*.value", &kv.value),
         ] {
             let got = ort_f32(&out[name.as_str()], &name)?;
-            let got = Tensor::from_slice(&got).view(shape.as_slice());
+            // A buffer-layout cache holds `capacity` slots: the first t are the sequence.
+            let cap = got.len() as i64 / (shape[0] * shape[1] * shape[3]);
+            let got = Tensor::from_slice(&got)
+                .view([shape[0], shape[1], cap, shape[3]])
+                .narrow(2, 0, shape[2]);
             diffs.add(
                 label,
                 &to_vec(&r.masked_select(&real)),

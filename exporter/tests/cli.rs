@@ -110,6 +110,22 @@ fn bad_input_gets_one_clear_error_and_no_output() {
             "unknown dtype 'int3'",
         ),
         (vec![s(&ckpt), "-o", s(&out), "--to", "trt"], "needs TensorRT"),
+        (
+            vec![s(&ckpt), "-o", s(&out), "--kv-cache", "ring"],
+            "unknown --kv-cache 'ring'",
+        ),
+        (
+            vec![
+                s(&ckpt),
+                "-o",
+                s(&out),
+                "--kv-cache",
+                "buffer",
+                "--profile",
+                "ort",
+            ],
+            "use --profile portable",
+        ),
     ];
     for (args, want) in &cases {
         let o = exporter(args);

@@ -23,6 +23,8 @@ pub mod io {
     pub const INPUT_IDS: &str = "input_ids";
     pub const IMAGE_MASK: &str = "image_mask";
     pub const ATTENTION_MASK: &str = "attention_mask";
+    /// Buffer layout only: i64 [1], where the new tokens' keys and values go.
+    pub const PAST_SEQUENCE_LENGTH: &str = "past_sequence_length";
     pub const LOGITS: &str = "logits";
 
     pub fn past_key(layer: usize) -> String {
@@ -52,6 +54,30 @@ impl PackageDtype {
         match self {
             PackageDtype::Fp32 => "fp32",
             PackageDtype::Fp16 => "fp16",
+        }
+    }
+}
+
+/// How the decoder's KV cache is passed (DESIGN §5 describes `concat`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheLayout {
+    /// `past_key_values.*` hold the past [batch, heads, past, hd]; `present.*` = past + new
+    /// (the Hugging Face / ONNX Runtime GenAI convention).
+    #[default]
+    Concat,
+    /// `past_key_values.*` are fixed-capacity buffers [batch, heads, capacity, hd]; the new keys
+    /// and values are written at `past_sequence_length` and `present.*` is the whole buffer, so a
+    /// runtime binds the same memory as input and output and the cache is never reallocated.
+    /// `attention_mask` spans the capacity (0 for free slots).
+    Buffer,
+}
+
+impl KvCacheLayout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvCacheLayout::Concat => "concat",
+            KvCacheLayout::Buffer => "buffer",
         }
     }
 }
@@ -106,6 +132,8 @@ pub struct DecoderGraph {
     pub context_length: usize,
     /// Element type of `past_key_values.*` / `present.*` ("float32" or "float16").
     pub kv_dtype: String,
+    #[serde(default)]
+    pub kv_cache: KvCacheLayout,
     /// Template of the cache input/output names; `{i}` is the layer.
     pub past_key: String,
     pub past_value: String,
@@ -137,6 +165,7 @@ impl PackageManifest {
         config: &KosmosConfig,
         profile: &str,
         dtype: PackageDtype,
+        kv_cache: KvCacheLayout,
         opset: i64,
         producer: &str,
     ) -> Self {
@@ -151,6 +180,9 @@ impl PackageManifest {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if kv_cache == KvCacheLayout::Buffer {
+            inputs.push(io::PAST_SEQUENCE_LENGTH.to_string());
+        }
         let mut outputs = vec![io::LOGITS.to_string()];
         for i in 0..layers {
             inputs.push(io::past_key(i));
@@ -186,6 +218,7 @@ impl PackageManifest {
                     PackageDtype::Fp16 => "float16",
                 }
                 .into(),
+                kv_cache,
                 past_key: "past_key_values.{i}.key".into(),
                 past_value: "past_key_values.{i}.value".into(),
                 present_key: "present.{i}.key".into(),

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use half::f16;
 use kosmos_models::image::{ImageLimits, clip_preprocess, decode_image, load_image};
-use kosmos_models::package::io;
+use kosmos_models::package::{KvCacheLayout, io};
 use kosmos_models::sequence::{Assembled, Segment, assemble};
 use ort::value::{DynValue, Tensor};
 use rand::rngs::StdRng;
@@ -181,7 +181,11 @@ impl VisionCache {
 /// The KV cache of a batch: the package's `present.*` values, fed back as `past_key_values.*`.
 struct Cache {
     values: Vec<DynValue>,
+    /// Tokens in the cache.
     len: usize,
+    /// Buffer layout: the preallocated slots per row (the values are bound as both past and
+    /// present, so the decoder writes new entries in place).
+    capacity: Option<usize>,
 }
 
 /// A cache tensor's elements, whatever its dtype.
@@ -266,18 +270,51 @@ impl Package {
         )?)
     }
 
-    fn empty_cache(&self, batch: usize) -> Result<Cache> {
+    /// A cache for `batch` rows that will hold up to `capacity` tokens: empty tensors for the
+    /// concat layout, zeroed preallocated buffers for the buffer layout.
+    fn empty_cache(&self, batch: usize, capacity: usize) -> Result<Cache> {
         let d = &self.manifest.decoder;
-        let shape = [batch as i64, d.num_heads as i64, 0, d.head_dim as i64];
+        let buffer = d.kv_cache == KvCacheLayout::Buffer;
+        let slots = if buffer { capacity } else { 0 };
+        let shape = [batch as i64, d.num_heads as i64, slots as i64, d.head_dim as i64];
         let mut values = Vec::with_capacity(2 * d.num_layers);
         for _ in 0..2 * d.num_layers {
-            values.push(if d.kv_dtype == "float16" {
+            values.push(if buffer {
+                self.kv_buffer(shape, None)?
+            } else if d.kv_dtype == "float16" {
                 Tensor::<f16>::from_array((shape, Vec::<f16>::new()))?.into_dyn()
             } else {
                 Tensor::<f32>::from_array((shape, Vec::<f32>::new()))?.into_dyn()
             });
         }
-        Ok(Cache { values, len: 0 })
+        Ok(Cache {
+            values,
+            len: 0,
+            capacity: buffer.then_some(capacity),
+        })
+    }
+
+    /// A cache buffer from ONNX Runtime's allocator (so it can be bound as an output), zeroed
+    /// or filled with `data`.
+    fn kv_buffer(&self, shape: [i64; 4], data: Option<KvData>) -> Result<DynValue> {
+        let alloc = self.decoder.allocator();
+        Ok(if self.manifest.decoder.kv_dtype == "float16" {
+            let mut t = Tensor::<f16>::new(alloc, shape)?;
+            let (_, dst) = t.try_extract_tensor_mut::<f16>()?;
+            match data {
+                Some(KvData::F16(v)) => dst.copy_from_slice(&v),
+                _ => dst.fill(f16::ZERO),
+            }
+            t.into_dyn()
+        } else {
+            let mut t = Tensor::<f32>::new(alloc, shape)?;
+            let (_, dst) = t.try_extract_tensor_mut::<f32>()?;
+            match data {
+                Some(KvData::F32(v)) => dst.copy_from_slice(&v),
+                _ => dst.fill(0.0),
+            }
+            t.into_dyn()
+        })
     }
 
     /// One decoder call. Returns the last position's logits per row ([b · vocab]).
@@ -305,6 +342,9 @@ impl Package {
         } else {
             image_embeds
         };
+        if let Some(capacity) = cache.capacity {
+            return self.decode_in_place(ids, image_mask, image_embeds, attention_mask, b, capacity, cache);
+        }
         let mut inputs: Vec<(String, DynValue)> = vec![
             (
                 io::INPUT_IDS.into(),
@@ -346,6 +386,74 @@ impl Package {
                 cache.values.push(v);
             }
         }
+        cache.len = t;
+        Ok(last)
+    }
+
+    /// A decoder call on a buffer-layout package: the cache buffers are bound as inputs and as
+    /// outputs through IoBinding, so ONNX Runtime writes the new keys and values into them.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_in_place(
+        &mut self,
+        ids: &[i64],
+        image_mask: &[bool],
+        image_embeds: (&[f32], usize),
+        attention_mask: &[i64],
+        b: usize,
+        capacity: usize,
+        cache: &mut Cache,
+    ) -> Result<Vec<f32>> {
+        let d = &self.manifest.decoder;
+        let (layers, dm, vocab) = (d.num_layers, d.hidden_size, d.vocab_size);
+        let s = ids.len() / b;
+        let t = attention_mask.len() / b;
+        if t > capacity {
+            return Err(RtError::Input(format!(
+                "{t} tokens exceed the cache's {capacity} slots"
+            )));
+        }
+        // The mask spans the capacity: free slots are 0.
+        let mut mask = vec![0i64; b * capacity];
+        for r in 0..b {
+            mask[r * capacity..r * capacity + t].copy_from_slice(&attention_mask[r * t..(r + 1) * t]);
+        }
+        let mut binding = self.decoder.create_binding()?;
+        binding.bind_input(io::INPUT_IDS, &Tensor::from_array(([b, s], ids.to_vec()))?)?;
+        binding.bind_input(
+            io::IMAGE_EMBEDS,
+            &Tensor::from_array(([b, image_embeds.1, dm], image_embeds.0.to_vec()))?,
+        )?;
+        binding.bind_input(
+            io::IMAGE_MASK,
+            &Tensor::from_array(([b, s], image_mask.to_vec()))?,
+        )?;
+        binding.bind_input(io::ATTENTION_MASK, &Tensor::from_array(([b, capacity], mask))?)?;
+        binding.bind_input(
+            io::PAST_SEQUENCE_LENGTH,
+            &Tensor::from_array(([1usize], vec![cache.len as i64]))?,
+        )?;
+        for (i, v) in cache.values.iter_mut().enumerate() {
+            let (past, present) = if i % 2 == 0 {
+                (io::past_key(i / 2), io::present_key(i / 2))
+            } else {
+                (io::past_value(i / 2), io::present_value(i / 2))
+            };
+            binding.bind_input(past, &*v)?;
+            binding.bind_output(present, &mut *v)?;
+        }
+        {
+            // ONNX Runtime keeps the device, not the MemoryInfo, so this borrow may end here.
+            let mem = self.decoder.allocator().memory_info();
+            binding.bind_output_to_device(io::LOGITS, mem)?;
+        }
+        let out = self.decoder.run_binding(&binding)?;
+        let (_, logits) = out[io::LOGITS].try_extract_tensor::<f32>()?;
+        let mut last = Vec::with_capacity(b * vocab);
+        for r in 0..b {
+            let off = (r * s + s - 1) * vocab;
+            last.extend_from_slice(&logits[off..off + vocab]);
+        }
+        debug_assert_eq!(cache.values.len(), 2 * layers);
         cache.len = t;
         Ok(last)
     }
@@ -404,7 +512,7 @@ impl Package {
                 attn[off + j] = 1;
             }
         }
-        let mut kv = self.empty_cache(b)?;
+        let mut kv = self.empty_cache(b, width + params.max_tokens)?;
         let t0 = Instant::now();
         let mut logits = self.decode(&ids, &img, (&image_embeds, n_tok), &attn, b, &mut kv)?;
         timings.prefill_ms = ms(t0);
@@ -523,7 +631,7 @@ impl Package {
         let (image_embeds, n_tok) = self.row_embeds(std::slice::from_ref(prompt), &embeds);
         let ids: Vec<i64> = a.input_ids.iter().map(|&i| i as i64).collect();
         let mut attn = vec![1i64; a.len()];
-        let mut kv = self.empty_cache(1)?;
+        let mut kv = self.empty_cache(1, a.len() + params.max_tokens)?;
         let logits = self.decode(&ids, &a.image_mask, (&image_embeds, n_tok), &attn, 1, &mut kv)?;
         let eos = self.manifest.config.tokenizer.eos_token_id;
         let vocab = self.manifest.decoder.vocab_size;
@@ -618,6 +726,25 @@ impl Package {
             let mut new_shape = shape.clone();
             new_shape[0] = parents.len() as i64;
             debug_assert_eq!(shape[0] as usize, from);
+            if kv.capacity.is_some() {
+                let gathered = match data {
+                    KvData::F32(d) => KvData::F32(
+                        parents
+                            .iter()
+                            .flat_map(|&p| d[p * row..(p + 1) * row].to_vec())
+                            .collect(),
+                    ),
+                    KvData::F16(d) => KvData::F16(
+                        parents
+                            .iter()
+                            .flat_map(|&p| d[p * row..(p + 1) * row].to_vec())
+                            .collect(),
+                    ),
+                };
+                let shape4 = [new_shape[0], new_shape[1], new_shape[2], new_shape[3]];
+                kv.values.push(self.kv_buffer(shape4, Some(gathered))?);
+                continue;
+            }
             let gathered = match data {
                 KvData::F32(d) => Tensor::from_array((
                     new_shape,

@@ -85,9 +85,15 @@ def reference_logits(pkg, ckpt, atol, rtol):
         "image_mask": mask.numpy().astype(bool),
         "attention_mask": np.ones(ids.shape, np.int64),
     }
+    # concat layout: an empty past; buffer layout: buffers of exactly the prompt's length, written
+    # from slot 0.
+    buffer = d.get("kv_cache", "concat") == "buffer"
+    past = ids.shape[1] if buffer else 0
+    if buffer:
+        feed["past_sequence_length"] = np.array([0], np.int64)
     for i in range(d["num_layers"]):
         for part in ("key", "value"):
-            feed[f"past_key_values.{i}.{part}"] = np.zeros((1, d["num_heads"], 0, d["head_dim"]), kv)
+            feed[f"past_key_values.{i}.{part}"] = np.zeros((1, d["num_heads"], past, d["head_dim"]), kv)
     logits = decoder.run(["logits"], feed)[0]
     diff = float(np.abs(logits - expected).max())
     scale = float(np.abs(expected).max())

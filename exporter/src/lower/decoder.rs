@@ -6,7 +6,7 @@
 //! `max_target_positions / 2`, exactly as the trainer's cache stores them.
 
 use kosmos_models::KosmosConfig;
-use kosmos_models::package::io;
+use kosmos_models::package::{KvCacheLayout, io};
 use kosmos_models::params::DECODER;
 
 use super::{Lower, MS_DOMAIN, float_data};
@@ -28,6 +28,8 @@ struct Positions {
     rotate: Option<Value>,
     /// Which keys each new token sees: bool [b, 1, s, t] (portable) or additive f32 bias (ort).
     visible: Value,
+    /// Buffer layout: the cache slot of each new key/value, i64 [b, heads, s, hd].
+    scatter: Option<Value>,
 }
 
 impl Lower<'_, '_, '_> {
@@ -50,7 +52,19 @@ impl Lower<'_, '_, '_> {
             .g
             .input(io::IMAGE_EMBEDS, DType::F32, shape![&b, "num_image_tokens", dm]);
         let image_mask = self.g.input(io::IMAGE_MASK, DType::Bool, shape![&b, &s]);
+        let buffer = self.kv_cache == KvCacheLayout::Buffer;
+        // Buffer layout: the cache (and the mask) span a fixed capacity; new entries go at `past`.
+        let (p, t) = if buffer {
+            (Dim::sym("capacity"), Dim::sym("capacity"))
+        } else {
+            (p, t)
+        };
         let attention_mask = self.g.input(io::ATTENTION_MASK, DType::I64, shape![&b, &t]);
+        let past_len = if buffer {
+            Some(self.g.input(io::PAST_SEQUENCE_LENGTH, DType::I64, shape![1i64]))
+        } else {
+            None
+        };
         let mut past = Vec::with_capacity(d.decoder_layers);
         for i in 0..d.decoder_layers {
             let k = self.g.input(&io::past_key(i), dt, shape![&b, heads, &p, hd]);
@@ -59,7 +73,9 @@ impl Lower<'_, '_, '_> {
         }
 
         let mut x = self.embed(cfg, &input_ids, &image_embeds, &image_mask)?;
-        let pos = self.in_module(DECODER, |l| l.positions(cfg, &input_ids, &attention_mask))?;
+        let pos = self.in_module(DECODER, |l| {
+            l.positions(cfg, &input_ids, &attention_mask, past_len.as_ref())
+        })?;
 
         let eps = d.layernorm_eps;
         let mut presents = Vec::with_capacity(d.decoder_layers);
@@ -144,7 +160,13 @@ impl Lower<'_, '_, '_> {
     }
 
     /// Positions, xPos tables and the visibility mask, computed once for all layers.
-    fn positions(&mut self, cfg: &KosmosConfig, ids: &Value, attention_mask: &Value) -> Result<Positions> {
+    fn positions(
+        &mut self,
+        cfg: &KosmosConfig,
+        ids: &Value,
+        attention_mask: &Value,
+        past_len: Option<&Value>,
+    ) -> Result<Positions> {
         let d = &cfg.decoder;
         let dt = self.dtype();
         let hd = d.head_dim();
@@ -168,8 +190,11 @@ impl Lower<'_, '_, '_> {
         let all = g.sub(&cs, &one)?;
         let s_vec = g.shape_of(ids, 1, 2);
         let t_vec = g.shape_of(attention_mask, 1, 2);
-        let start = g.unary("Neg", &s_vec);
-        let end = g.i64s(&[i64::MAX])?;
+        // The new tokens: the last s (concat layout) or slots past .. past + s (buffer layout).
+        let (start, end) = match past_len {
+            Some(p) => (p.clone(), g.add(p, &s_vec)?),
+            None => (g.unary("Neg", &s_vec), g.i64s(&[i64::MAX])?),
+        };
         let axes = g.i64s(&[1])?;
         let new = g.node(
             "Slice",
@@ -186,7 +211,10 @@ impl Lower<'_, '_, '_> {
         g.scope_push("mask");
         let t_scalar = g.squeeze(&t_vec, &[0])?;
         let s_scalar = g.squeeze(&s_vec, &[0])?;
-        let past = g.sub(&t_scalar, &s_scalar)?;
+        let past = match past_len {
+            Some(p) => g.squeeze(p, &[0])?,
+            None => g.sub(&t_scalar, &s_scalar)?,
+        };
         let step = g.scalar_i64(1)?;
         let key_idx = g.node(
             "Range",
@@ -195,13 +223,32 @@ impl Lower<'_, '_, '_> {
             DType::I64,
             shape![&t],
         );
+        let query_end = g.add(&past, &s_scalar)?;
         let query_idx = g.node(
             "Range",
-            &[&past, &t_scalar, &step],
+            &[&past, &query_end, &step],
             vec![],
             DType::I64,
             shape![&s],
         );
+        // Buffer layout: where each new key/value goes, [b, heads, s, hd] for ScatterElements.
+        let scatter = if past_len.is_some() {
+            let heads = d.decoder_attention_heads as i64;
+            let slots = g.reshape(&query_idx, &[1, 1, -1, 1], shape![1i64, 1i64, &s, 1i64])?;
+            let b_vec = g.shape_of(ids, 0, 1);
+            let h = g.i64s(&[heads])?;
+            let hdv = g.i64s(&[hd as i64])?;
+            let target = g.concat(&[&b_vec, &h, &s_vec, &hdv], 0, Dim::Fixed(4));
+            Some(g.node(
+                "Expand",
+                &[&slots, &target],
+                vec![],
+                DType::I64,
+                shape![&b, heads, &s, hd as i64],
+            ))
+        } else {
+            None
+        };
         let key_idx = g.unsqueeze(&key_idx, &[0])?;
         let query_idx = g.unsqueeze(&query_idx, &[1])?;
         let causal = g.less_or_equal(&key_idx, &query_idx)?;
@@ -227,6 +274,7 @@ impl Lower<'_, '_, '_> {
             k_sin: None,
             rotate: None,
             visible,
+            scatter,
         };
         let tables = XposTables::new(hd, d.xpos_scale_base, d.xpos_centre());
         if self.profile == Profile::Ort {
@@ -296,8 +344,31 @@ impl Lower<'_, '_, '_> {
                 let rot = pos.rotate.as_ref().expect("portable tables");
                 let qh = l.xpos(&qh, rot, pos.q_cos.as_ref().unwrap(), pos.q_sin.as_ref().unwrap())?;
                 let kh = l.xpos(&kh, rot, pos.k_cos.as_ref().unwrap(), pos.k_sin.as_ref().unwrap())?;
-                let keys = l.g.concat(&[past_k, &kh], 2, total.clone());
-                let values = l.g.concat(&[past_v, &vh], 2, total.clone());
+                let (keys, values) = match &pos.scatter {
+                    // Written in place when the runtime binds one buffer as past and present.
+                    Some(idx) => {
+                        let attrs = || vec![("axis", Attr::Int(2))];
+                        let k = l.g.node(
+                            "ScatterElements",
+                            &[past_k, idx, &kh],
+                            attrs(),
+                            kh.dtype,
+                            past_k.shape.clone(),
+                        );
+                        let v = l.g.node(
+                            "ScatterElements",
+                            &[past_v, idx, &vh],
+                            attrs(),
+                            vh.dtype,
+                            past_v.shape.clone(),
+                        );
+                        (k, v)
+                    }
+                    None => (
+                        l.g.concat(&[past_k, &kh], 2, total.clone()),
+                        l.g.concat(&[past_v, &vh], 2, total.clone()),
+                    ),
+                };
                 let kt = l.g.transpose(&keys, &[0, 1, 3, 2]);
                 let scores = l.g.matmul(&qh, &kt)?;
                 // A finite fill keeps rows with no visible key (left-padding queries) free of NaN.

@@ -93,6 +93,7 @@ pub struct Lower<'a, 'c, 'w> {
     pub g: GraphBuilder<'w>,
     pub w: &'a Weights<'c>,
     pub profile: Profile,
+    pub kv_cache: kosmos_models::package::KvCacheLayout,
 }
 
 impl Lower<'_, '_, '_> {
