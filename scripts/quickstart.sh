@@ -18,8 +18,8 @@ mkdir -p "$out"
 echo "== training the tiny model on synthetic:shapes (tiny preset's default recipe) =="
 $train fit --preset tiny --data synthetic:shapes -o "$out/tiny" --force
 
-echo "== exporting to ONNX =="
-$export_bin "$out/tiny" --to onnx -o "$out/tiny-onnx" --force
+echo "== exporting to ONNX (KV cache as preallocated buffers that kosmos-rt updates in place) =="
+$export_bin "$out/tiny" --to onnx --kv-cache buffer -o "$out/tiny-onnx" --force
 $export_bin verify "$out/tiny" "$out/tiny-onnx" --steps 8
 
 echo "== held-out test sets =="
