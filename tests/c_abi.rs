@@ -132,3 +132,99 @@ pub fn mixed_package(dir: &Path, pkg: &Path) -> PathBuf {
     }
     mixed
 }
+
+/// One model used from several threads at once through the C ABI: every thread gets the
+/// single-threaded answer, and each thread's `kosmos_last_error` is its own.
+#[test]
+fn c_abi_is_thread_safe() {
+    use kosmos_rt::ffi::*;
+    use std::ffi::{CStr, CString};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = init_checkpoint(
+        KosmosConfig::tiny(),
+        6,
+        TokenizerSource::Builtin,
+        &dir.path().join("ckpt"),
+        true,
+    )
+    .expect("init");
+    let pkg = dir.path().join("pkg");
+    let opts = ExportOptions {
+        profile: Profile::Portable,
+        dtype: PackageDtype::Fp32,
+        kv_cache: Default::default(),
+        force: false,
+        progress: false,
+    };
+    export(&ckpt, &pkg, &opts).expect("export");
+
+    let dir_c = CString::new(pkg.to_str().unwrap()).unwrap();
+    let mut model: *mut kosmos_model = std::ptr::null_mut();
+    // SAFETY: valid strings and out pointer.
+    let st = unsafe { kosmos_model_open(dir_c.as_ptr(), std::ptr::null(), &mut model) };
+    assert_eq!(st, kosmos_status::KOSMOS_OK);
+
+    let generate = |model: usize, prompt: &str| -> (kosmos_status, String, String) {
+        let prompt = CString::new(prompt).unwrap();
+        let mut params = kosmos_default_params();
+        params.max_tokens = 8;
+        let mut out: *mut std::ffi::c_char = std::ptr::null_mut();
+        // SAFETY: live handle, valid strings and out pointer.
+        let st = unsafe {
+            kosmos_generate(
+                model as *mut kosmos_model,
+                prompt.as_ptr(),
+                std::ptr::null(),
+                0,
+                &params,
+                None,
+                std::ptr::null_mut(),
+                &mut out,
+            )
+        };
+        // SAFETY: the library returns NUL-terminated strings.
+        let err = unsafe { CStr::from_ptr(kosmos_last_error()) }
+            .to_string_lossy()
+            .into_owned();
+        let text = if out.is_null() {
+            String::new()
+        } else {
+            // SAFETY: `out` came from kosmos_generate.
+            let t = unsafe { CStr::from_ptr(out) }.to_string_lossy().into_owned();
+            unsafe { kosmos_string_free(out) };
+            t
+        };
+        (st, text, err)
+    };
+    let (st, want, _) = generate(model as usize, "a red circle");
+    assert_eq!(st, kosmos_status::KOSMOS_OK);
+
+    let handle = model as usize;
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            std::thread::spawn(move || {
+                if i == 3 {
+                    // This thread fails; the others must not see its message.
+                    let long = "a red circle ".repeat(400);
+                    generate(handle, &long)
+                } else {
+                    generate(handle, "a red circle")
+                }
+            })
+        })
+        .collect();
+    for (i, t) in threads.into_iter().enumerate() {
+        let (st, text, err) = t.join().expect("no panic");
+        if i == 3 {
+            assert_eq!(st, kosmos_status::KOSMOS_ERR_CONTEXT);
+            assert!(err.contains("context"), "{err}");
+        } else {
+            assert_eq!(st, kosmos_status::KOSMOS_OK, "{err}");
+            assert_eq!(text, want);
+            assert_eq!(err, "", "another thread's error leaked");
+        }
+    }
+    // SAFETY: the handle is live; freed once.
+    assert_eq!(unsafe { kosmos_model_free(model) }, kosmos_status::KOSMOS_OK);
+}
