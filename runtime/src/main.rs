@@ -41,6 +41,45 @@ struct Engine {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text for one prompt; prints only the generated text on stdout.
+    #[command(after_help = "Examples:\n  \
+        kosmos-rt run pkg/tiny --image cat.png                      # caption\n  \
+        kosmos-rt run pkg/tiny --image a.png --prompt 'Question: what colour is the circle? Answer:'\n  \
+        kosmos-rt run pkg/tiny --image a.png --image b.png --prompt '<image> left, <image> right:'\n  \
+        kosmos-rt run pkg/k1 --image cat.jpg --beams 5 --max-tokens 20")]
+    Run {
+        package: PathBuf,
+        /// An image (PNG/JPEG/WebP); repeat for several, placed by <image> markers in the prompt.
+        #[arg(long)]
+        image: Vec<PathBuf>,
+        /// Prompt text; without it, the model continues after the image(s) (captioning).
+        #[arg(long, default_value = "")]
+        prompt: String,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// 0: greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop before this string (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Beam search width (the paper captions with 5).
+        #[arg(long, default_value_t = 1)]
+        beams: usize,
+        /// Print tokens as they are generated.
+        #[arg(long)]
+        stream: bool,
+        #[command(flatten)]
+        engine: Engine,
+    },
     /// Greedy exact match on a caption/VQA manifest (as `kosmos-train eval` measures it).
     #[command(after_help = "Example:\n  \
         kosmos-train data synth --task shapes --split test --count 200 -o test-captions\n  \
@@ -84,45 +123,6 @@ enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        engine: Engine,
-    },
-    /// Generate text for one prompt; prints only the generated text on stdout.
-    #[command(after_help = "Examples:\n  \
-        kosmos-rt run pkg/tiny --image cat.png                      # caption\n  \
-        kosmos-rt run pkg/tiny --image a.png --prompt 'Question: what colour is the circle? Answer:'\n  \
-        kosmos-rt run pkg/tiny --image a.png --image b.png --prompt '<image> left, <image> right:'\n  \
-        kosmos-rt run pkg/k1 --image cat.jpg --beams 5 --max-tokens 20")]
-    Run {
-        package: PathBuf,
-        /// An image (PNG/JPEG/WebP); repeat for several, placed by <image> markers in the prompt.
-        #[arg(long)]
-        image: Vec<PathBuf>,
-        /// Prompt text; without it, the model continues after the image(s) (captioning).
-        #[arg(long, default_value = "")]
-        prompt: String,
-        #[arg(long, default_value_t = 32)]
-        max_tokens: usize,
-        /// 0: greedy.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        #[arg(long, default_value_t = 1.0)]
-        repetition_penalty: f32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Stop before this string (repeatable).
-        #[arg(long)]
-        stop: Vec<String>,
-        /// Beam search width (the paper captions with 5).
-        #[arg(long, default_value_t = 1)]
-        beams: usize,
-        /// Print tokens as they are generated.
-        #[arg(long)]
-        stream: bool,
         #[command(flatten)]
         engine: Engine,
     },
