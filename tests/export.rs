@@ -124,3 +124,130 @@ fn verify_fails_on_a_package_of_another_model() {
     let r = verify(&a, &pkg_c, &VerifyOptions::default()).expect("verify runs");
     assert!(!r.passed, "different weights must not verify");
 }
+
+/// Buffer layout: rows with different past lengths share one decoder call (each row writes at
+/// its own `past_sequence_length`) and get the logits they get alone — what continuous batching
+/// needs.
+#[test]
+fn buffer_layout_rows_with_different_past_lengths_share_a_call() {
+    use kosmos_models::package::io;
+    use ort::value::{DynValue, Tensor};
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = KosmosConfig::tiny();
+    let ckpt = common::make_checkpoint(&config, 8, &dir.path().join("ckpt"));
+    let pkg = dir.path().join("pkg");
+    export_kv(
+        &ckpt,
+        &pkg,
+        Profile::Portable,
+        PackageDtype::Fp32,
+        KvCacheLayout::Buffer,
+    );
+    let m = PackageManifest::load(&pkg).unwrap();
+    let d = &m.decoder;
+    let (layers, heads, hd, dm, vocab) = (d.num_layers, d.num_heads, d.head_dim, d.hidden_size, d.vocab_size);
+    let mut session = kosmos_export::verify::session(&pkg.join("decoder.onnx")).unwrap();
+    let cap = 12usize;
+
+    // One call: rows of `ids` (new tokens, one length for all rows) at offsets `past` over the
+    // given caches (each [heads, cap, hd] per layer and k/v), with masks covering past + new.
+    let mut run =
+        |ids: &[Vec<i64>], past: &[usize], kv: &[Vec<Vec<f32>>]| -> (Vec<f32>, Vec<Vec<Vec<f32>>>) {
+            let b = ids.len();
+            let s = ids[0].len();
+            let mut mask = vec![0i64; b * cap];
+            for r in 0..b {
+                for j in 0..past[r] + s {
+                    mask[r * cap + j] = 1;
+                }
+            }
+            let mut inputs: Vec<(String, DynValue)> = vec![
+                (
+                    io::INPUT_IDS.into(),
+                    Tensor::from_array(([b, s], ids.concat())).unwrap().into_dyn(),
+                ),
+                (
+                    io::IMAGE_EMBEDS.into(),
+                    Tensor::from_array(([b, 1, dm], vec![0f32; b * dm]))
+                        .unwrap()
+                        .into_dyn(),
+                ),
+                (
+                    io::IMAGE_MASK.into(),
+                    Tensor::from_array(([b, s], vec![false; b * s]))
+                        .unwrap()
+                        .into_dyn(),
+                ),
+                (
+                    io::ATTENTION_MASK.into(),
+                    Tensor::from_array(([b, cap], mask)).unwrap().into_dyn(),
+                ),
+                (
+                    io::PAST_SEQUENCE_LENGTH.into(),
+                    Tensor::from_array(([b], past.iter().map(|&p| p as i64).collect::<Vec<_>>()))
+                        .unwrap()
+                        .into_dyn(),
+                ),
+            ];
+            for i in 0..2 * layers {
+                let name = if i % 2 == 0 {
+                    io::past_key(i / 2)
+                } else {
+                    io::past_value(i / 2)
+                };
+                let data: Vec<f32> = kv.iter().flat_map(|row| row[i].iter().copied()).collect();
+                inputs.push((
+                    name,
+                    Tensor::from_array(([b, heads, cap, hd], data))
+                        .unwrap()
+                        .into_dyn(),
+                ));
+            }
+            let out = session.run(inputs).unwrap();
+            let (_, logits) = out[io::LOGITS].try_extract_tensor::<f32>().unwrap();
+            let last: Vec<f32> = (0..b)
+                .flat_map(|r| logits[(r * s + s - 1) * vocab..(r * s + s) * vocab].to_vec())
+                .collect();
+            let per_row = heads * cap * hd;
+            let caches = (0..b)
+                .map(|r| {
+                    (0..2 * layers)
+                        .map(|i| {
+                            let name = if i % 2 == 0 {
+                                io::present_key(i / 2)
+                            } else {
+                                io::present_value(i / 2)
+                            };
+                            let (_, v) = out[name.as_str()].try_extract_tensor::<f32>().unwrap();
+                            v[r * per_row..(r + 1) * per_row].to_vec()
+                        })
+                        .collect()
+                })
+                .collect();
+            (last, caches)
+        };
+    let empty = vec![vec![0f32; heads * cap * hd]; 2 * layers];
+    let a: Vec<i64> = vec![0, 17, 33, 48, 9];
+    let bb: Vec<i64> = vec![0, 21, 5, 77, 90, 13, 64, 101, 7];
+    let (_, kv_a) = run(std::slice::from_ref(&a), &[0], std::slice::from_ref(&empty));
+    let (_, kv_b) = run(std::slice::from_ref(&bb), &[0], &[empty]);
+    let (alone_a, _) = run(&[vec![40]], &[a.len()], &[kv_a[0].clone()]);
+    let (alone_b, _) = run(&[vec![41]], &[bb.len()], &[kv_b[0].clone()]);
+    let (together, _) = run(
+        &[vec![40], vec![41]],
+        &[a.len(), bb.len()],
+        &[kv_a[0].clone(), kv_b[0].clone()],
+    );
+    let diff = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+    assert!(
+        diff(&together[..vocab], &alone_a) <= 1e-5,
+        "{}",
+        diff(&together[..vocab], &alone_a)
+    );
+    assert!(
+        diff(&together[vocab..], &alone_b) <= 1e-5,
+        "{}",
+        diff(&together[vocab..], &alone_b)
+    );
+}

@@ -173,11 +173,12 @@ impl Layout {
             None => m.shallow_clone(),
         }
     }
-    fn extra(&self, past: i64) -> Result<Vec<(String, DynValue)>> {
+    /// The buffer layout's per-row write offset (every row of this left-padded batch shares it).
+    fn extra(&self, past: i64, batch: i64) -> Result<Vec<(String, DynValue)>> {
         Ok(match self.capacity {
             Some(_) => vec![(
                 io::PAST_SEQUENCE_LENGTH.into(),
-                OrtTensor::from_array(([1i64], vec![past]))
+                OrtTensor::from_array(([batch], vec![past; batch as usize]))
                     .map_err(ort_err)?
                     .into_dyn(),
             )],
@@ -278,7 +279,7 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
             i64_tensor(&layout.mask(&attention_mask))?,
         ),
     ];
-    inputs.extend(layout.extra(0)?);
+    inputs.extend(layout.extra(0, b)?);
     let past0 = layout.capacity.unwrap_or(0);
     for i in 0..layers {
         inputs.push((io::past_key(i), zero_kv([b, heads, past0, hd], manifest.dtype)?));
@@ -325,7 +326,7 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
                 i64_tensor(&layout.mask(&attention_mask))?,
             ),
         ];
-        inputs.extend(layout.extra(attention_mask.size()[1] - 1)?);
+        inputs.extend(layout.extra(attention_mask.size()[1] - 1, b)?);
         for (i, kv) in present.drain(..).enumerate() {
             let name = if i % 2 == 0 {
                 io::past_key(i / 2)

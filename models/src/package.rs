@@ -23,7 +23,8 @@ pub mod io {
     pub const INPUT_IDS: &str = "input_ids";
     pub const IMAGE_MASK: &str = "image_mask";
     pub const ATTENTION_MASK: &str = "attention_mask";
-    /// Buffer layout only: i64 [1], where the new tokens' keys and values go.
+    /// Buffer layout only: i64 [batch], the slot where each row's new keys and values go (rows
+    /// may differ, so sequences of different lengths can share a decoder call).
     pub const PAST_SEQUENCE_LENGTH: &str = "past_sequence_length";
     pub const LOGITS: &str = "logits";
 
@@ -67,7 +68,8 @@ pub enum KvCacheLayout {
     #[default]
     Concat,
     /// `past_key_values.*` are fixed-capacity buffers [batch, heads, capacity, hd]; the new keys
-    /// and values are written at `past_sequence_length` and `present.*` is the whole buffer, so a
+    /// and values are written at each row's `past_sequence_length` and `present.*` is the whole
+    /// buffer, so a
     /// runtime binds the same memory as input and output and the cache is never reallocated.
     /// `attention_mask` spans the capacity (0 for free slots).
     Buffer,

@@ -430,7 +430,7 @@ impl Package {
         binding.bind_input(io::ATTENTION_MASK, &Tensor::from_array(([b, capacity], mask))?)?;
         binding.bind_input(
             io::PAST_SEQUENCE_LENGTH,
-            &Tensor::from_array(([1usize], vec![cache.len as i64]))?,
+            &Tensor::from_array(([b], vec![cache.len as i64; b]))?,
         )?;
         for (i, v) in cache.values.iter_mut().enumerate() {
             let (past, present) = if i % 2 == 0 {

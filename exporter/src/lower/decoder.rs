@@ -61,7 +61,7 @@ impl Lower<'_, '_, '_> {
         };
         let attention_mask = self.g.input(io::ATTENTION_MASK, DType::I64, shape![&b, &t]);
         let past_len = if buffer {
-            Some(self.g.input(io::PAST_SEQUENCE_LENGTH, DType::I64, shape![1i64]))
+            Some(self.g.input(io::PAST_SEQUENCE_LENGTH, DType::I64, shape![&b]))
         } else {
             None
         };
@@ -177,7 +177,7 @@ impl Lower<'_, '_, '_> {
         );
         let g = &mut self.g;
         g.scope_push("positions");
-        // cumsum(mask) - 1 over past + new tokens; the new tokens are the last s.
+        // cumsum(mask) - 1 over all positions of the mask (past and new tokens).
         let axis = g.scalar_i64(1)?;
         let cs = g.node(
             "CumSum",
@@ -190,32 +190,10 @@ impl Lower<'_, '_, '_> {
         let all = g.sub(&cs, &one)?;
         let s_vec = g.shape_of(ids, 1, 2);
         let t_vec = g.shape_of(attention_mask, 1, 2);
-        // The new tokens: the last s (concat layout) or slots past .. past + s (buffer layout).
-        let (start, end) = match past_len {
-            Some(p) => (p.clone(), g.add(p, &s_vec)?),
-            None => (g.unary("Neg", &s_vec), g.i64s(&[i64::MAX])?),
-        };
-        let axes = g.i64s(&[1])?;
-        let new = g.node(
-            "Slice",
-            &[&all, &start, &end, &axes],
-            vec![],
-            DType::I64,
-            shape![&b, &s],
-        );
         let zero = g.scalar_i64(0)?;
-        let ids_pos = g.max(&new, &zero)?;
-        g.scope_pop();
-
-        // Visibility: key j is seen by new token i when j ≤ past + i and key j is real.
-        g.scope_push("mask");
+        let step = g.scalar_i64(1)?;
         let t_scalar = g.squeeze(&t_vec, &[0])?;
         let s_scalar = g.squeeze(&s_vec, &[0])?;
-        let past = match past_len {
-            Some(p) => g.squeeze(p, &[0])?,
-            None => g.sub(&t_scalar, &s_scalar)?,
-        };
-        let step = g.scalar_i64(1)?;
         let key_idx = g.node(
             "Range",
             &[&zero, &t_scalar, &step],
@@ -223,35 +201,78 @@ impl Lower<'_, '_, '_> {
             DType::I64,
             shape![&t],
         );
-        let query_end = g.add(&past, &s_scalar)?;
-        let query_idx = g.node(
-            "Range",
-            &[&past, &query_end, &step],
-            vec![],
-            DType::I64,
-            shape![&s],
-        );
-        // Buffer layout: where each new key/value goes, [b, heads, s, hd] for ScatterElements.
-        let scatter = if past_len.is_some() {
-            let heads = d.decoder_attention_heads as i64;
-            let slots = g.reshape(&query_idx, &[1, 1, -1, 1], shape![1i64, 1i64, &s, 1i64])?;
-            let b_vec = g.shape_of(ids, 0, 1);
-            let h = g.i64s(&[heads])?;
-            let hdv = g.i64s(&[hd as i64])?;
-            let target = g.concat(&[&b_vec, &h, &s_vec, &hdv], 0, Dim::Fixed(4));
-            Some(g.node(
-                "Expand",
-                &[&slots, &target],
-                vec![],
-                DType::I64,
-                shape![&b, heads, &s, hd as i64],
-            ))
-        } else {
-            None
+        let (ids_pos, causal, scatter) = match past_len {
+            // Buffer layout: row r's new tokens sit in slots past[r] .. past[r] + s.
+            Some(p) => {
+                let offsets = g.node(
+                    "Range",
+                    &[&zero, &s_scalar, &step],
+                    vec![],
+                    DType::I64,
+                    shape![&s],
+                );
+                let p_col = g.unsqueeze(p, &[1])?; // [b, 1]
+                let slots = g.add(&p_col, &offsets)?; // [b, s]
+                let picked = g.node(
+                    "GatherElements",
+                    &[&all, &slots],
+                    vec![("axis", Attr::Int(1))],
+                    DType::I64,
+                    shape![&b, &s],
+                );
+                let ids_pos = g.max(&picked, &zero)?;
+                g.scope_pop();
+                g.scope_push("mask");
+                // Key j is seen by new token i of row r when j ≤ past[r] + i and key j is real.
+                let keys = g.unsqueeze(&key_idx, &[0, 1])?; // [1, 1, t]
+                let queries = g.unsqueeze(&slots, &[2])?; // [b, s, 1]
+                let causal = g.less_or_equal(&keys, &queries)?; // [b, s, t]
+                let causal = g.unsqueeze(&causal, &[1])?; // [b, 1, s, t]
+                // Where each new key/value goes, [b, heads, s, hd] for ScatterElements.
+                let heads = d.decoder_attention_heads as i64;
+                let slots4 = g.reshape(&slots, &[0, 1, -1, 1], shape![&b, 1i64, &s, 1i64])?;
+                let b_vec = g.shape_of(ids, 0, 1);
+                let h = g.i64s(&[heads])?;
+                let hdv = g.i64s(&[hd as i64])?;
+                let target = g.concat(&[&b_vec, &h, &s_vec, &hdv], 0, Dim::Fixed(4));
+                let scatter = g.node(
+                    "Expand",
+                    &[&slots4, &target],
+                    vec![],
+                    DType::I64,
+                    shape![&b, heads, &s, hd as i64],
+                );
+                (ids_pos, causal, Some(scatter))
+            }
+            // Concat layout: the new tokens are the last s of the mask.
+            None => {
+                let start = g.unary("Neg", &s_vec);
+                let end = g.i64s(&[i64::MAX])?;
+                let axes = g.i64s(&[1])?;
+                let new = g.node(
+                    "Slice",
+                    &[&all, &start, &end, &axes],
+                    vec![],
+                    DType::I64,
+                    shape![&b, &s],
+                );
+                let ids_pos = g.max(&new, &zero)?;
+                g.scope_pop();
+                g.scope_push("mask");
+                // Key j is seen by new token i when j ≤ past + i and key j is real.
+                let past = g.sub(&t_scalar, &s_scalar)?;
+                let query_idx = g.node(
+                    "Range",
+                    &[&past, &t_scalar, &step],
+                    vec![],
+                    DType::I64,
+                    shape![&s],
+                );
+                let keys = g.unsqueeze(&key_idx, &[0])?;
+                let queries = g.unsqueeze(&query_idx, &[1])?;
+                (ids_pos, g.less_or_equal(&keys, &queries)?, None)
+            }
         };
-        let key_idx = g.unsqueeze(&key_idx, &[0])?;
-        let query_idx = g.unsqueeze(&query_idx, &[1])?;
-        let causal = g.less_or_equal(&key_idx, &query_idx)?;
         let real = g.cast(attention_mask, DType::Bool);
         let real = g.unsqueeze(&real, &[1, 2])?;
         let mut visible = g.and(&causal, &real)?;
