@@ -5,11 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kosmos_export::{ExportOptions, Profile, export};
+use kosmos_export::Profile;
 use kosmos_models::KosmosConfig;
-use kosmos_models::package::PackageDtype;
+use kosmos_models::package::{KvCacheLayout, PackageDtype};
 use kosmos_rt::{GenerateParams, ImageInput, Package, Prompt, SessionOptions, VisionCache};
-use kosmos_train::init::{TokenizerSource, init_checkpoint};
 use kosmos_train::synthetic::{Split, Task, item};
 
 fn root() -> PathBuf {
@@ -50,23 +49,7 @@ pub fn build_examples(build: &Path) -> PathBuf {
 #[test]
 fn cpp_example_captions_like_the_rust_api_and_errors_are_codes() {
     let dir = tempfile::tempdir().unwrap();
-    let ckpt = init_checkpoint(
-        KosmosConfig::tiny(),
-        4,
-        TokenizerSource::Builtin,
-        &dir.path().join("ckpt"),
-        true,
-    )
-    .expect("init");
-    let pkg = dir.path().join("pkg");
-    let opts = ExportOptions {
-        profile: Profile::Portable,
-        dtype: PackageDtype::Fp32,
-        kv_cache: Default::default(),
-        force: false,
-        progress: false,
-    };
-    export(&ckpt, &pkg, &opts).expect("export");
+    let (_ckpt, pkg) = kosmos_e2e::tiny_package(dir.path(), 4);
     let image = dir.path().join("shape.png");
     item(Task::Shapes, Split::Test, 0, 0).image.save(&image).unwrap();
 
@@ -110,17 +93,15 @@ fn cpp_example_captions_like_the_rust_api_and_errors_are_codes() {
 pub fn mixed_package(dir: &Path, pkg: &Path) -> PathBuf {
     let mut other = KosmosConfig::tiny();
     other.decoder.decoder_attention_heads = 8;
-    let ckpt =
-        init_checkpoint(other, 1, TokenizerSource::Builtin, &dir.join("other-ckpt"), true).expect("init");
+    let ckpt = kosmos_e2e::checkpoint(&other, 1, &dir.join("other-ckpt"));
     let other_pkg = dir.join("other-pkg");
-    let opts = ExportOptions {
-        profile: Profile::Portable,
-        dtype: PackageDtype::Fp32,
-        kv_cache: Default::default(),
-        force: false,
-        progress: false,
-    };
-    export(&ckpt, &other_pkg, &opts).expect("export");
+    kosmos_e2e::export_package(
+        &ckpt,
+        &other_pkg,
+        Profile::Portable,
+        PackageDtype::Fp32,
+        KvCacheLayout::Concat,
+    );
     let mixed = dir.join("mixed-pkg");
     std::fs::create_dir(&mixed).unwrap();
     for e in std::fs::read_dir(pkg).unwrap() {
@@ -141,23 +122,7 @@ fn c_abi_is_thread_safe() {
     use std::ffi::{CStr, CString};
 
     let dir = tempfile::tempdir().unwrap();
-    let ckpt = init_checkpoint(
-        KosmosConfig::tiny(),
-        6,
-        TokenizerSource::Builtin,
-        &dir.path().join("ckpt"),
-        true,
-    )
-    .expect("init");
-    let pkg = dir.path().join("pkg");
-    let opts = ExportOptions {
-        profile: Profile::Portable,
-        dtype: PackageDtype::Fp32,
-        kv_cache: Default::default(),
-        force: false,
-        progress: false,
-    };
-    export(&ckpt, &pkg, &opts).expect("export");
+    let (_ckpt, pkg) = kosmos_e2e::tiny_package(dir.path(), 6);
 
     let dir_c = CString::new(pkg.to_str().unwrap()).unwrap();
     let mut model: *mut kosmos_model = std::ptr::null_mut();

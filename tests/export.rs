@@ -8,24 +8,14 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use kosmos_e2e::export_package as export_kv;
+use kosmos_export::Profile;
 use kosmos_export::verify::{VerifyOptions, verify};
-use kosmos_export::{ExportOptions, Profile, export};
 use kosmos_models::KosmosConfig;
 use kosmos_models::package::{KvCacheLayout, PackageDtype, PackageManifest};
 
 fn export_pkg(ckpt: &Path, out: &Path, profile: Profile, dtype: PackageDtype) {
     export_kv(ckpt, out, profile, dtype, KvCacheLayout::Concat);
-}
-
-fn export_kv(ckpt: &Path, out: &Path, profile: Profile, dtype: PackageDtype, kv_cache: KvCacheLayout) {
-    let opts = ExportOptions {
-        profile,
-        dtype,
-        kv_cache,
-        force: false,
-        progress: false,
-    };
-    export(ckpt, out, &opts).expect("export");
 }
 
 /// Export in every variant; each must verify against tch and pass the Python checks.

@@ -10,3 +10,47 @@ pub fn workspace_root() -> PathBuf {
         .expect("tests/ sits in the workspace")
         .to_path_buf()
 }
+
+use std::path::Path;
+
+use kosmos_export::{ExportOptions, Profile};
+use kosmos_models::KosmosConfig;
+use kosmos_models::package::{KvCacheLayout, PackageDtype};
+use kosmos_train::init::{TokenizerSource, init_checkpoint};
+
+/// A seeded random checkpoint of `config` in `dir`.
+pub fn checkpoint(config: &KosmosConfig, seed: i64, dir: &Path) -> PathBuf {
+    init_checkpoint(config.clone(), seed, TokenizerSource::Builtin, dir, true).expect("init checkpoint")
+}
+
+/// Export `ckpt` to `out` (no progress bars, no overwrite).
+pub fn export_package(
+    ckpt: &Path,
+    out: &Path,
+    profile: Profile,
+    dtype: PackageDtype,
+    kv_cache: KvCacheLayout,
+) {
+    let opts = ExportOptions {
+        profile,
+        dtype,
+        kv_cache,
+        force: false,
+        progress: false,
+    };
+    kosmos_export::export(ckpt, out, &opts).expect("export");
+}
+
+/// A random tiny checkpoint (`dir/ckpt`) and its portable fp32 package (`dir/pkg`).
+pub fn tiny_package(dir: &Path, seed: i64) -> (PathBuf, PathBuf) {
+    let ckpt = checkpoint(&KosmosConfig::tiny(), seed, &dir.join("ckpt"));
+    let pkg = dir.join("pkg");
+    export_package(
+        &ckpt,
+        &pkg,
+        Profile::Portable,
+        PackageDtype::Fp32,
+        KvCacheLayout::Concat,
+    );
+    (ckpt, pkg)
+}

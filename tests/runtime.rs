@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use kosmos_export::{ExportOptions, Profile, export};
+use kosmos_e2e::export_package;
+use kosmos_export::Profile;
 use kosmos_models::image::{ImageLimits, clip_preprocess, load_image};
-use kosmos_models::package::PackageDtype;
+use kosmos_models::package::{KvCacheLayout, PackageDtype};
 use kosmos_models::sequence::{Segment, assemble};
 use kosmos_rt::{GenerateParams, ImageInput, Package, Prompt, RtError, SessionOptions, VisionCache};
 use kosmos_train::fit::{FitOptions, Recipe, Start, fit};
@@ -47,20 +48,21 @@ fn fixture() -> Fixture {
     })
     .expect("fit");
     let pkg = dir.path().join("pkg");
-    let opts = ExportOptions {
-        profile: Profile::Portable,
-        dtype: PackageDtype::Fp32,
-        kv_cache: Default::default(),
-        force: false,
-        progress: false,
-    };
-    export(&ckpt, &pkg, &opts).expect("export");
+    export_package(
+        &ckpt,
+        &pkg,
+        Profile::Portable,
+        PackageDtype::Fp32,
+        KvCacheLayout::Concat,
+    );
     let pkg_buffer = dir.path().join("pkg-buffer");
-    let buffer_opts = ExportOptions {
-        kv_cache: kosmos_models::package::KvCacheLayout::Buffer,
-        ..opts
-    };
-    export(&ckpt, &pkg_buffer, &buffer_opts).expect("export buffer layout");
+    export_package(
+        &ckpt,
+        &pkg_buffer,
+        Profile::Portable,
+        PackageDtype::Fp32,
+        KvCacheLayout::Buffer,
+    );
     let images = (0..3)
         .map(|i| {
             let p = dir.path().join(format!("img{i}.png"));

@@ -145,6 +145,11 @@ fn session_options(e: &Engine, package: &std::path::Path) -> SessionOptions {
     }
 }
 
+fn open(package: &std::path::Path, engine: &Engine) -> Result<Package> {
+    Package::open(package, &session_options(engine, package))
+        .with_context(|| format!("opening package {}", package.display()))
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -169,8 +174,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             engine,
         } => {
-            let mut pkg = Package::open(&package, &session_options(&engine, &package))
-                .with_context(|| format!("opening package {}", package.display()))?;
+            let mut pkg = open(&package, &engine)?;
             let r = kosmos_rt::eval::evaluate(&mut pkg, &data, batch_size, limit, |want, got| {
                 if show {
                     eprintln!(
@@ -201,8 +205,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             engine,
         } => {
-            let mut pkg = Package::open(&package, &session_options(&engine, &package))
-                .with_context(|| format!("opening package {}", package.display()))?;
+            let mut pkg = open(&package, &engine)?;
             let opts = kosmos_rt::bench::BenchOptions {
                 prompt_words,
                 new_tokens,
@@ -255,8 +258,7 @@ fn run(cli: Cli) -> Result<()> {
             stream,
             engine,
         } => {
-            let mut pkg = Package::open(&package, &session_options(&engine, &package))
-                .with_context(|| format!("opening package {}", package.display()))?;
+            let mut pkg = open(&package, &engine)?;
             let images = image.into_iter().map(ImageInput::Path).collect();
             let prompt = Prompt::parse(&prompt, images)?;
             let params = GenerateParams {
