@@ -373,11 +373,7 @@ impl Package {
         }
         let mut out = self.decoder.run(inputs)?;
         let (_, logits) = out[io::LOGITS].try_extract_tensor::<f32>()?;
-        let mut last = Vec::with_capacity(b * vocab);
-        for r in 0..b {
-            let off = (r * s + s - 1) * vocab;
-            last.extend_from_slice(&logits[off..off + vocab]);
-        }
+        let last = last_positions(logits, b, s, vocab);
         for i in 0..layers {
             for name in [io::present_key(i), io::present_value(i)] {
                 let v = out
@@ -448,11 +444,7 @@ impl Package {
         }
         let out = self.decoder.run_binding(&binding)?;
         let (_, logits) = out[io::LOGITS].try_extract_tensor::<f32>()?;
-        let mut last = Vec::with_capacity(b * vocab);
-        for r in 0..b {
-            let off = (r * s + s - 1) * vocab;
-            last.extend_from_slice(&logits[off..off + vocab]);
-        }
+        let last = last_positions(logits, b, s, vocab);
         debug_assert_eq!(cache.values.len(), 2 * layers);
         cache.len = t;
         Ok(last)
@@ -767,6 +759,16 @@ impl Package {
         }
         Ok(())
     }
+}
+
+/// The logits of each row's last position, from [b, s, vocab].
+fn last_positions(logits: &[f32], b: usize, s: usize, vocab: usize) -> Vec<f32> {
+    (0..b)
+        .flat_map(|r| {
+            let off = (r * s + s - 1) * vocab;
+            logits[off..off + vocab].iter().copied()
+        })
+        .collect()
 }
 
 fn ms(t0: Instant) -> f64 {
