@@ -99,7 +99,10 @@ pub fn load_hf_clip_vision(vs: &VarStore, path: &Path) -> Result<()> {
     }
     let device = vs.device();
     tch::no_grad(|| -> Result<()> {
-        for (name, var) in vs.variables() {
+        // In name order, so the first mismatch reported is the same every run.
+        let mut vars: Vec<_> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, var) in vars {
             let Some(key) = name.strip_prefix("vision.") else {
                 continue;
             };
