@@ -173,14 +173,16 @@ pub extern "C" fn kosmos_version() -> *const c_char {
 /// Default generation settings: 32 tokens, greedy.
 #[unsafe(no_mangle)]
 pub extern "C" fn kosmos_default_params() -> kosmos_params {
+    // The Rust API's defaults, so the two never drift apart.
+    let d = GenerateParams::default();
     kosmos_params {
-        max_tokens: 32,
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        repetition_penalty: 1.0,
-        seed: 0,
-        beams: 1,
+        max_tokens: d.max_tokens as u32,
+        temperature: d.temperature,
+        top_k: d.top_k as u32,
+        top_p: d.top_p,
+        repetition_penalty: d.repetition_penalty,
+        seed: d.seed,
+        beams: d.beams as u32,
     }
 }
 
