@@ -762,7 +762,7 @@ impl Package {
 }
 
 /// The logits of each row's last position, from [b, s, vocab].
-fn last_positions(logits: &[f32], b: usize, s: usize, vocab: usize) -> Vec<f32> {
+pub(crate) fn last_positions(logits: &[f32], b: usize, s: usize, vocab: usize) -> Vec<f32> {
     (0..b)
         .flat_map(|r| {
             let off = (r * s + s - 1) * vocab;
@@ -783,19 +783,19 @@ fn log_softmax(l: &[f32]) -> Vec<f32> {
 }
 
 /// One row's decoding state.
-struct RowState {
-    tokens: Vec<u32>,
+pub(crate) struct RowState {
+    pub(crate) tokens: Vec<u32>,
     /// Token ids counted for the repetition penalty (prompt text and generated).
     seen: Vec<u32>,
-    text: String,
+    pub(crate) text: String,
     emitted: usize,
-    finish: Option<FinishReason>,
+    pub(crate) finish: Option<FinishReason>,
     steps: usize,
     rng: StdRng,
 }
 
 impl RowState {
-    fn new(a: &Assembled, seed: u64) -> Self {
+    pub(crate) fn new(a: &Assembled, seed: u64) -> Self {
         let seen = a
             .input_ids
             .iter()
@@ -815,7 +815,7 @@ impl RowState {
     }
 
     /// The next token from `logits` (modified in place) under `p`.
-    fn pick(&mut self, logits: &mut [f32], p: &GenerateParams) -> u32 {
+    pub(crate) fn pick(&mut self, logits: &mut [f32], p: &GenerateParams) -> u32 {
         if p.repetition_penalty != 1.0 {
             for &t in &self.seen {
                 let l = &mut logits[t as usize];
@@ -867,7 +867,7 @@ impl RowState {
     }
 
     /// Append `tok`, stream the new text, apply stop strings.
-    fn push(
+    pub(crate) fn push(
         &mut self,
         tok: u32,
         tokenizer: &kosmos_models::KosmosTokenizer,
@@ -921,7 +921,7 @@ impl RowState {
     }
 
     /// Send whatever text is still held back (the row has finished).
-    fn flush(&mut self, index: usize, on_token: &mut OnToken<'_>) {
+    pub(crate) fn flush(&mut self, index: usize, on_token: &mut OnToken<'_>) {
         let end = self.text.len();
         self.emit(end, index, on_token);
     }

@@ -11,12 +11,14 @@
 //! * [`bench`] measures it; [`ffi`] is the C ABI of `libkosmos_rt.so`
 //!   (`runtime/include/kosmos_rt.h`).
 
+pub mod batch;
 pub mod bench;
 pub mod error;
 pub mod eval;
 #[allow(non_camel_case_types)]
 pub mod ffi;
 pub mod generate;
+pub mod metrics;
 pub mod ort_env;
 pub mod package;
 

@@ -1,0 +1,693 @@
+//! Continuous (in-flight) batching over a buffer-layout package (`kosmos-export --kv-cache
+//! buffer`), the engine behind `kosmos-rt serve`.
+//!
+//! One loop owns the package. Each iteration it admits waiting sequences into free rows of a KV
+//! pool (their prefill batched in one decoder call, their images through the vision cache), then
+//! steps every running sequence by one token in one decoder call, then retires the finished ones.
+//! The decoder's `past_sequence_length` is per row, so rows at different lengths share a call.
+//!
+//! The pool is one buffer per layer and key/value, [rows, heads, capacity, head_dim]. Running
+//! sequences occupy rows `0..n` (a retired row is refilled by moving the last one down), so a
+//! call binds views of a contiguous prefix (decode) or of the rows just admitted (prefill) as
+//! both `past_key_values.*` and `present.*`: ONNX Runtime writes the new keys and values in place
+//! and nothing is copied per step. The capacity follows the longest reservation (prompt width +
+//! `max_tokens`) among running sequences, because attention spans the whole capacity.
+
+use std::collections::VecDeque;
+use std::ffi::{CStr, CString};
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::time::Instant;
+
+use half::f16;
+use kosmos_models::package::{KvCacheLayout, io};
+use kosmos_models::sequence::Assembled;
+use ort::AsPointer;
+use ort::memory::MemoryInfo;
+use ort::session::IoBinding;
+use ort::value::{DynTensor, DynValueRefMut, Shape, Tensor, TensorRefMut};
+
+use crate::error::{Result, RtError};
+use crate::generate::{FinishReason, GenerateParams, RowState, VisionCache, last_positions};
+use crate::metrics::Metrics;
+use crate::package::Package;
+
+/// One sequence to generate: an assembled prompt, its preprocessed images, and where its output
+/// goes.
+pub struct SeqRequest {
+    pub assembled: Assembled,
+    /// CLIP-preprocessed pixels of each image, in prompt order.
+    pub pixels: Vec<Vec<f32>>,
+    pub params: GenerateParams,
+    pub arrived: Instant,
+    /// Past this instant the sequence ends with [`SeqFailure::Timeout`].
+    pub deadline: Option<Instant>,
+    /// Set by the requester (e.g. a disconnected client); the sequence ends and frees its row.
+    pub cancel: Arc<AtomicBool>,
+    /// Receives the sequence's events; returning false cancels it.
+    pub sink: Box<dyn FnMut(SeqEvent) -> bool + Send>,
+}
+
+#[derive(Clone, Debug)]
+pub enum SeqEvent {
+    /// New text (stop strings held back until they cannot match).
+    Text(String),
+    Done(SeqSummary),
+    Failed(SeqFailure),
+}
+
+#[derive(Clone, Debug)]
+pub struct SeqSummary {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+}
+
+#[derive(Clone, Debug)]
+pub enum SeqFailure {
+    Timeout,
+    Engine(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Rows of the KV pool: sequences decoded together.
+    pub max_batch: usize,
+    /// Images whose embeddings are kept.
+    pub vision_cache: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_batch: 8,
+            vision_cache: 256,
+        }
+    }
+}
+
+/// A running sequence (its pool row is its index in `Engine::running`).
+struct Running {
+    req: SeqRequest,
+    state: RowState,
+    /// Attention mask of the slots written so far (left padding of its prefill group is 0).
+    mask: Vec<i64>,
+    /// The token to feed at the next step.
+    next: i64,
+    /// Slots this sequence may use (prefill width + max_tokens).
+    reserved: usize,
+    last_token_at: Option<Instant>,
+}
+
+/// The KV pool: per layer a key and a value buffer [rows, heads, capacity, head_dim].
+struct KvPool {
+    tensors: Vec<DynTensor>,
+    /// Data pointers of `tensors` (stable while they live), as integers so the pool is `Send`.
+    bases: Vec<usize>,
+    rows: usize,
+    capacity: usize,
+    heads: usize,
+    head_dim: usize,
+    fp16: bool,
+}
+
+impl KvPool {
+    fn empty(heads: usize, head_dim: usize, fp16: bool) -> Self {
+        KvPool {
+            tensors: Vec::new(),
+            bases: Vec::new(),
+            rows: 0,
+            capacity: 0,
+            heads,
+            head_dim,
+            fp16,
+        }
+    }
+
+    fn elem(&self) -> usize {
+        if self.fp16 { 2 } else { 4 }
+    }
+
+    /// Bytes of one (row, head) run of `slots` slots.
+    fn run_bytes(&self, slots: usize) -> usize {
+        slots * self.head_dim * self.elem()
+    }
+
+    /// Byte offset of slot 0 of (row, head) at `capacity`.
+    fn offset(&self, row: usize, head: usize, capacity: usize) -> usize {
+        (row * self.heads + head) * capacity * self.head_dim * self.elem()
+    }
+
+    /// A zeroed pool of `rows` x `capacity` (unused slots must hold finite values: they are
+    /// masked, but a NaN would survive the mask), keeping the first `used[r]` slots of rows
+    /// `0..used.len()`.
+    fn resize(
+        &mut self,
+        pkg: &Package,
+        tensors: usize,
+        rows: usize,
+        capacity: usize,
+        used: &[usize],
+    ) -> Result<()> {
+        let alloc = pkg.decoder.allocator();
+        let shape = [rows as i64, self.heads as i64, capacity as i64, self.head_dim as i64];
+        let mut new = Vec::with_capacity(tensors);
+        let mut bases = Vec::with_capacity(tensors);
+        for i in 0..tensors {
+            let mut t: DynTensor = if self.fp16 {
+                let mut t = Tensor::<f16>::new(alloc, shape)?;
+                t.try_extract_tensor_mut::<f16>()?.1.fill(f16::ZERO);
+                t.upcast()
+            } else {
+                let mut t = Tensor::<f32>::new(alloc, shape)?;
+                t.try_extract_tensor_mut::<f32>()?.1.fill(0.0);
+                t.upcast()
+            };
+            let dst = t.data_ptr_mut() as usize;
+            if let Some(&src) = self.bases.get(i) {
+                for (r, &u) in used.iter().enumerate() {
+                    for h in 0..self.heads {
+                        // SAFETY: both runs lie inside their buffers (r < rows of each, u ≤ both
+                        // capacities) and the buffers are distinct allocations.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                (src + self.offset(r, h, self.capacity)) as *const u8,
+                                (dst + self.offset(r, h, capacity)) as *mut u8,
+                                self.run_bytes(u),
+                            );
+                        }
+                    }
+                }
+            }
+            bases.push(dst);
+            new.push(t);
+        }
+        self.tensors = new;
+        self.bases = bases;
+        self.rows = rows;
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// Copy the first `used` slots of row `from` to row `to`.
+    fn move_row(&mut self, from: usize, to: usize, used: usize) {
+        for &base in &self.bases {
+            for h in 0..self.heads {
+                // SAFETY: distinct rows of one buffer, runs within the capacity.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        (base + self.offset(from, h, self.capacity)) as *const u8,
+                        (base + self.offset(to, h, self.capacity)) as *mut u8,
+                        self.run_bytes(used),
+                    );
+                }
+            }
+        }
+    }
+
+    /// A tensor over rows `rows` of buffer `i`, sharing its memory.
+    fn view(&self, i: usize, rows: &Range<usize>) -> Result<DynValueRefMut<'_>> {
+        let info: MemoryInfo = self.tensors[i].memory_info().clone();
+        let ptr = (self.bases[i] + self.offset(rows.start, 0, self.capacity)) as *mut std::ffi::c_void;
+        let shape = Shape::new([
+            rows.len() as i64,
+            self.heads as i64,
+            self.capacity as i64,
+            self.head_dim as i64,
+        ]);
+        // SAFETY: the view covers rows.start..rows.end of a live buffer of `self.rows` rows, and
+        // its lifetime is tied to `&self`, so the buffer outlives it.
+        Ok(unsafe {
+            if self.fp16 {
+                TensorRefMut::<f16>::from_raw(info, ptr.cast(), shape)?.into_dyn()
+            } else {
+                TensorRefMut::<f32>::from_raw(info, ptr.cast(), shape)?.into_dyn()
+            }
+        })
+    }
+}
+
+/// Bind `value` as input `name` without the copy `IoBinding::bind_input` makes of borrowed
+/// tensors: the pool buffers are meant to be read and written in place.
+fn bind_input_in_place(binding: &mut IoBinding, name: &str, value: &DynValueRefMut<'_>) -> Result<()> {
+    let api = ort::api();
+    let name = CString::new(name).map_err(|e| RtError::Input(e.to_string()))?;
+    // SAFETY: both pointers are live for the call; ONNX Runtime keeps its own reference to the
+    // OrtValue, and the caller keeps the memory alive until the run has finished.
+    let status = unsafe { (api.BindInput)(binding.ptr_mut(), name.as_ptr(), value.ptr()) };
+    if status.0.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null status carries a message; it is released once read.
+    let message = unsafe {
+        let m = CStr::from_ptr((api.GetErrorMessage)(status.0))
+            .to_string_lossy()
+            .into_owned();
+        (api.ReleaseStatus)(status.0);
+        m
+    };
+    Err(RtError::Ort(message))
+}
+
+/// Inputs of one decoder call over a range of pool rows.
+struct Call {
+    ids: Vec<i64>,
+    /// Tokens per row.
+    s: usize,
+    embeds: Vec<f32>,
+    /// Image-embedding tokens per row (≥ 1).
+    n_tok: usize,
+    image_mask: Vec<bool>,
+    /// [rows, capacity].
+    mask: Vec<i64>,
+    past: Vec<i64>,
+}
+
+pub struct Engine {
+    pkg: Package,
+    config: EngineConfig,
+    vision: VisionCache,
+    pool: KvPool,
+    running: Vec<Running>,
+    pending: VecDeque<SeqRequest>,
+    metrics: Arc<Metrics>,
+}
+
+impl Engine {
+    /// An engine over `pkg`, which must use the buffer KV layout.
+    pub fn new(pkg: Package, config: EngineConfig, metrics: Arc<Metrics>) -> Result<Self> {
+        if pkg.manifest.decoder.kv_cache != KvCacheLayout::Buffer {
+            return Err(RtError::Package {
+                path: pkg.dir.clone(),
+                message: "continuous batching needs a decoder that updates its KV cache in place; \
+                          re-export with `kosmos-export <ckpt> --to onnx --kv-cache buffer`"
+                    .into(),
+            });
+        }
+        if config.max_batch == 0 {
+            return Err(RtError::Input("max_batch must be at least 1".into()));
+        }
+        let d = &pkg.manifest.decoder;
+        let pool = KvPool::empty(d.num_heads, d.head_dim, d.kv_dtype == "float16");
+        Ok(Engine {
+            vision: VisionCache::new(config.vision_cache),
+            pkg,
+            config,
+            pool,
+            running: Vec::new(),
+            pending: VecDeque::new(),
+            metrics,
+        })
+    }
+
+    pub fn package(&self) -> &Package {
+        &self.pkg
+    }
+
+    /// Queue a sequence; it is admitted at the next step with a free row.
+    pub fn submit(&mut self, req: SeqRequest) {
+        self.pending.push_back(req);
+    }
+
+    /// Nothing running and nothing waiting.
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.pending.is_empty()
+    }
+
+    /// Serve requests from `rx` until every sender is gone and the work is done.
+    pub fn run(mut self, rx: Receiver<SeqRequest>) {
+        loop {
+            if self.is_idle() {
+                match rx.recv() {
+                    Ok(r) => self.submit(r),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(r) = rx.try_recv() {
+                self.submit(r);
+            }
+            self.step();
+        }
+    }
+
+    /// Admit what fits, then advance every running sequence by one token.
+    pub fn step(&mut self) {
+        self.drop_abandoned();
+        if let Err(e) = self.admit() {
+            tracing::error!("prefill failed: {e}");
+        }
+        self.retire_finished();
+        if !self.running.is_empty() {
+            if let Err(e) = self.decode_step() {
+                tracing::error!("decode step failed: {e}; failing {} sequences", self.running.len());
+                for mut r in std::mem::take(&mut self.running) {
+                    self.metrics.finished("error", r.req.assembled.len(), r.state.tokens.len());
+                    (r.req.sink)(SeqEvent::Failed(SeqFailure::Engine(e.to_string())));
+                }
+            }
+            self.retire_finished();
+        }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        m.active_sequences.store(self.running.len() as u64, Ordering::Relaxed);
+        let used: usize = self.running.iter().map(|r| r.mask.len()).sum();
+        m.kv_slots_used.store(used as u64, Ordering::Relaxed);
+        m.kv_slots_total
+            .store((self.pool.rows * self.pool.capacity) as u64, Ordering::Relaxed);
+        m.set_vision_cache_hits(self.vision.hits);
+    }
+
+    /// End waiting or running sequences that were cancelled or ran out of time.
+    fn drop_abandoned(&mut self) {
+        let now = Instant::now();
+        let metrics = self.metrics.clone();
+        self.pending.retain_mut(|req| {
+            if req.cancel.load(Ordering::Relaxed) {
+                metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                metrics.finished("cancelled", req.assembled.len(), 0);
+                return false;
+            }
+            if req.deadline.is_some_and(|d| now >= d) {
+                metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                metrics.finished("timeout", req.assembled.len(), 0);
+                (req.sink)(SeqEvent::Failed(SeqFailure::Timeout));
+                return false;
+            }
+            true
+        });
+        for r in &mut self.running {
+            if r.state.finish.is_some() {
+                continue;
+            }
+            if r.req.cancel.load(Ordering::Relaxed) {
+                r.state.finish = Some(FinishReason::Cancelled);
+            }
+        }
+    }
+
+    /// Take waiting sequences into free rows and prefill them together.
+    fn admit(&mut self) -> Result<()> {
+        let free = self.config.max_batch - self.running.len();
+        if free == 0 || self.pending.is_empty() {
+            return Ok(());
+        }
+        let context = self.pkg.context_length();
+        // FIFO; a sequence joins the group while every member still fits its prompt width +
+        // max_tokens in the context (a short prompt's slots start after the group's padding).
+        let mut group: Vec<SeqRequest> = Vec::new();
+        let (mut width, mut most_new) = (0, 0);
+        while group.len() < free {
+            let Some(next) = self.pending.front() else { break };
+            let w = width.max(next.assembled.len());
+            let n = most_new.max(next.params.max_tokens);
+            if w + n > context && !group.is_empty() {
+                break;
+            }
+            let req = self.pending.pop_front().expect("front exists");
+            self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            if req.assembled.len() + req.params.max_tokens > context || req.params.max_tokens == 0 {
+                // Callers check this before queueing; a request that slipped through fails alone.
+                let mut req = req;
+                self.metrics.finished("error", req.assembled.len(), 0);
+                (req.sink)(SeqEvent::Failed(SeqFailure::Engine(
+                    RtError::ContextOverflow {
+                        prompt: req.assembled.len(),
+                        max_new: req.params.max_tokens,
+                        context,
+                    }
+                    .to_string(),
+                )));
+                continue;
+            }
+            width = w;
+            most_new = n;
+            group.push(req);
+        }
+        if group.is_empty() {
+            return Ok(());
+        }
+        match self.prefill(&mut group, width) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                for mut req in group {
+                    self.metrics.finished("error", req.assembled.len(), 0);
+                    (req.sink)(SeqEvent::Failed(SeqFailure::Engine(e.to_string())));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Make room for `rows` rows of `needed` slots, keeping the running sequences.
+    fn ensure_pool(&mut self, needed: usize) -> Result<()> {
+        // Round up so that small differences between requests do not reallocate.
+        let needed = needed.div_ceil(32) * 32;
+        let needed = needed.min(self.pkg.context_length().max(1));
+        let rows = self.config.max_batch;
+        let shrink = self.running.is_empty() && needed * 2 <= self.pool.capacity;
+        if self.pool.rows == rows && needed <= self.pool.capacity && !shrink {
+            return Ok(());
+        }
+        let capacity = if self.running.is_empty() {
+            needed
+        } else {
+            needed.max(self.pool.capacity)
+        };
+        let used: Vec<usize> = self.running.iter().map(|r| r.mask.len()).collect();
+        let tensors = 2 * self.pkg.manifest.decoder.num_layers;
+        tracing::info!(
+            rows,
+            capacity,
+            "KV pool: {rows} rows x {capacity} slots ({:.1} MiB)",
+            (tensors * rows * capacity * self.pool.heads * self.pool.head_dim * self.pool.elem()) as f64
+                / (1 << 20) as f64
+        );
+        self.pool.resize(&self.pkg, tensors, rows, capacity, &used)
+    }
+
+    fn prefill(&mut self, group: &mut Vec<SeqRequest>, width: usize) -> Result<()> {
+        let most_new = group.iter().map(|r| r.params.max_tokens).max().unwrap_or(0);
+        let reserved_max = self
+            .running
+            .iter()
+            .map(|r| r.reserved)
+            .max()
+            .unwrap_or(0)
+            .max(width + most_new);
+        self.ensure_pool(reserved_max)?;
+        let dm = self.pkg.manifest.decoder.hidden_size;
+        let vocab = self.pkg.manifest.decoder.vocab_size;
+        let per = self.pkg.manifest.vision.tokens_per_image;
+        let cap = self.pool.capacity;
+        let m = group.len();
+
+        // Images: one vision batch (cached embeddings reused), laid out per row in prompt order.
+        let pixels: Vec<Vec<f32>> = group.iter().flat_map(|r| r.pixels.iter().cloned()).collect();
+        let embeds = if pixels.is_empty() {
+            Vec::new()
+        } else {
+            self.pkg.encode_images(&mut self.vision, &pixels)?
+        };
+        let most_images = group.iter().map(|r| r.pixels.len()).max().unwrap_or(0);
+        let n_tok = (most_images * per).max(1);
+        let mut row_embeds = vec![0f32; m * n_tok * dm];
+        let mut k = 0;
+        for (r, req) in group.iter().enumerate() {
+            for j in 0..req.pixels.len() {
+                let dst = (r * n_tok + j * per) * dm;
+                row_embeds[dst..dst + per * dm].copy_from_slice(&embeds[k]);
+                k += 1;
+            }
+        }
+
+        let pad = self.pkg.manifest.config.tokenizer.pad_token_id as i64;
+        let mut ids = vec![pad; m * width];
+        let mut img = vec![false; m * width];
+        let mut mask = vec![0i64; m * cap];
+        for (r, req) in group.iter().enumerate() {
+            let a = &req.assembled;
+            let off = width - a.len();
+            for (j, (&id, &im)) in a.input_ids.iter().zip(&a.image_mask).enumerate() {
+                ids[r * width + off + j] = id as i64;
+                img[r * width + off + j] = im;
+                mask[r * cap + off + j] = 1;
+            }
+        }
+        let first = self.running.len();
+        let call = Call {
+            ids,
+            s: width,
+            embeds: row_embeds,
+            n_tok,
+            image_mask: img,
+            mask: mask.clone(),
+            past: vec![0; m],
+        };
+        let mut logits = self.call(first..first + m, call)?;
+
+        for (r, req) in group.drain(..).enumerate() {
+            let seed = req.params.seed;
+            let mut run = Running {
+                state: RowState::new(&req.assembled, seed),
+                mask: mask[r * cap..r * cap + width].to_vec(),
+                next: pad,
+                reserved: width + req.params.max_tokens,
+                last_token_at: None,
+                req,
+            };
+            self.take_token(&mut run, &mut logits[r * vocab..(r + 1) * vocab]);
+            self.running.push(run);
+        }
+        Ok(())
+    }
+
+    /// Pick, emit and record `run`'s next token from its logits.
+    fn take_token(&self, run: &mut Running, logits: &mut [f32]) {
+        if run.state.finish.is_some() {
+            return;
+        }
+        let eos = self.pkg.manifest.config.tokenizer.eos_token_id;
+        let Running { req, state, .. } = run;
+        let tok = state.pick(logits, &req.params);
+        let now = Instant::now();
+        match run.last_token_at {
+            None => self
+                .metrics
+                .time_to_first_token((now - run.req.arrived).as_secs_f64()),
+            Some(t) => self.metrics.inter_token((now - t).as_secs_f64()),
+        }
+        run.last_token_at = Some(now);
+        let Running { req, state, .. } = run;
+        if tok == eos && !req.params.ignore_eos {
+            state.finish = Some(FinishReason::Stop);
+            return;
+        }
+        let sink = &mut req.sink;
+        let mut on_text = |_: usize, text: &str| sink(SeqEvent::Text(text.to_string()));
+        if let Err(e) = state.push(tok, &self.pkg.tokenizer, &req.params, 0, &mut on_text) {
+            tracing::warn!("detokenising failed: {e}");
+            state.finish = Some(FinishReason::Stop);
+            return;
+        }
+        run.next = tok as i64;
+        if run.state.finish.is_none() && run.state.tokens.len() >= run.req.params.max_tokens {
+            run.state.finish = Some(FinishReason::Length);
+        }
+    }
+
+    /// One token for every running sequence.
+    fn decode_step(&mut self) -> Result<()> {
+        let n = self.running.len();
+        let cap = self.pool.capacity;
+        let dm = self.pkg.manifest.decoder.hidden_size;
+        let mut mask = vec![0i64; n * cap];
+        let mut past = Vec::with_capacity(n);
+        for (r, run) in self.running.iter().enumerate() {
+            let u = run.mask.len();
+            mask[r * cap..r * cap + u].copy_from_slice(&run.mask);
+            mask[r * cap + u] = 1;
+            past.push(u as i64);
+        }
+        let call = Call {
+            ids: self.running.iter().map(|r| r.next).collect(),
+            s: 1,
+            embeds: vec![0f32; n * dm],
+            n_tok: 1,
+            image_mask: vec![false; n],
+            mask,
+            past,
+        };
+        let mut logits = self.call(0..n, call)?;
+        let vocab = self.pkg.manifest.decoder.vocab_size;
+        let mut running = std::mem::take(&mut self.running);
+        for (r, run) in running.iter_mut().enumerate() {
+            run.mask.push(1);
+            self.take_token(run, &mut logits[r * vocab..(r + 1) * vocab]);
+        }
+        self.running = running;
+        Ok(())
+    }
+
+    /// Report and remove finished sequences; the last row moves into each freed one.
+    fn retire_finished(&mut self) {
+        for i in (0..self.running.len()).rev() {
+            if self.running[i].state.finish.is_none() {
+                continue;
+            }
+            let last = self.running.len() - 1;
+            if i != last {
+                let used = self.running[last].mask.len();
+                self.pool.move_row(last, i, used);
+            }
+            let mut run = self.running.swap_remove(i);
+            let reason = run.state.finish.expect("finished");
+            let sink = &mut run.req.sink;
+            let mut on_text = |_: usize, text: &str| sink(SeqEvent::Text(text.to_string()));
+            if reason != FinishReason::Cancelled {
+                run.state.flush(0, &mut on_text);
+            }
+            let label = match reason {
+                FinishReason::Stop => "stop",
+                FinishReason::Length => "length",
+                FinishReason::Cancelled => "cancelled",
+            };
+            let prompt_tokens = run.req.assembled.len();
+            self.metrics.finished(label, prompt_tokens, run.state.tokens.len());
+            let summary = SeqSummary {
+                text: std::mem::take(&mut run.state.text),
+                tokens: std::mem::take(&mut run.state.tokens),
+                finish_reason: reason,
+                prompt_tokens,
+            };
+            (run.req.sink)(SeqEvent::Done(summary));
+        }
+    }
+
+    /// One decoder call over pool rows `rows`, the pool bound in place. Returns the last
+    /// position's logits per row.
+    fn call(&mut self, rows: Range<usize>, c: Call) -> Result<Vec<f32>> {
+        let m = rows.len();
+        let d = &self.pkg.manifest.decoder;
+        let (layers, dm, vocab) = (d.num_layers, d.hidden_size, d.vocab_size);
+        let cap = self.pool.capacity;
+        let mut binding = self.pkg.decoder.create_binding()?;
+        binding.bind_input(io::INPUT_IDS, &Tensor::from_array(([m, c.s], c.ids))?)?;
+        binding.bind_input(
+            io::IMAGE_EMBEDS,
+            &Tensor::from_array(([m, c.n_tok, dm], c.embeds))?,
+        )?;
+        binding.bind_input(io::IMAGE_MASK, &Tensor::from_array(([m, c.s], c.image_mask))?)?;
+        binding.bind_input(io::ATTENTION_MASK, &Tensor::from_array(([m, cap], c.mask))?)?;
+        binding.bind_input(io::PAST_SEQUENCE_LENGTH, &Tensor::from_array(([m], c.past))?)?;
+        // Inputs bound in place must outlive the run.
+        let mut inputs = Vec::with_capacity(2 * layers);
+        for i in 0..2 * layers {
+            let (past, present) = if i % 2 == 0 {
+                (io::past_key(i / 2), io::present_key(i / 2))
+            } else {
+                (io::past_value(i / 2), io::present_value(i / 2))
+            };
+            let input = self.pool.view(i, &rows)?;
+            bind_input_in_place(&mut binding, &past, &input)?;
+            inputs.push(input);
+            binding.bind_output(present, self.pool.view(i, &rows)?)?;
+        }
+        {
+            let mem = self.pkg.decoder.allocator().memory_info();
+            binding.bind_output_to_device(io::LOGITS, mem)?;
+        }
+        let out = self.pkg.decoder.run_binding(&binding)?;
+        let (_, logits) = out[io::LOGITS].try_extract_tensor::<f32>()?;
+        let last = last_positions(logits, m, c.s, vocab);
+        drop(out);
+        drop(binding);
+        drop(inputs);
+        Ok(last)
+    }
+}

@@ -1,0 +1,229 @@
+//! Continuous batching (`kosmos_rt::batch::Engine`): sequences admitted at different steps,
+//! sharing decoder calls at different lengths, produce exactly what `Package::generate` produces
+//! for each alone; cancelled and timed-out sequences free their rows.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kosmos_e2e::{checkpoint, export_package};
+use kosmos_export::Profile;
+use kosmos_models::KosmosConfig;
+use kosmos_models::package::{KvCacheLayout, PackageDtype};
+use kosmos_rt::batch::{Engine, EngineConfig, SeqEvent, SeqFailure, SeqRequest};
+use kosmos_rt::metrics::Metrics;
+use kosmos_rt::{FinishReason, GenerateParams, ImageInput, Package, Prompt, SessionOptions, VisionCache};
+use kosmos_train::synthetic::{Split, Task, item};
+
+fn buffer_package(dir: &Path) -> std::path::PathBuf {
+    let ckpt = checkpoint(&KosmosConfig::tiny(), 7, &dir.join("ckpt"));
+    let pkg = dir.join("pkg");
+    export_package(&ckpt, &pkg, Profile::Portable, PackageDtype::Fp32, KvCacheLayout::Buffer);
+    pkg
+}
+
+fn png(i: u64) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    item(Task::Shapes, Split::Test, 0, i)
+        .image
+        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .unwrap();
+    bytes
+}
+
+/// Events of one sequence, collected.
+#[derive(Default)]
+struct Collected {
+    text: String,
+    done: Option<kosmos_rt::batch::SeqSummary>,
+    failed: Option<SeqFailure>,
+}
+
+fn request(
+    pkg: &Package,
+    prompt: &Prompt,
+    params: &GenerateParams,
+) -> (SeqRequest, Arc<Mutex<Collected>>, Arc<AtomicBool>) {
+    let assembled = pkg.assemble(prompt).unwrap();
+    let pixels = prompt.images.iter().map(|i| pkg.preprocess(i).unwrap()).collect();
+    let out = Arc::new(Mutex::new(Collected::default()));
+    let cancel = Arc::new(AtomicBool::new(false));
+    let sink_out = out.clone();
+    let req = SeqRequest {
+        assembled,
+        pixels,
+        params: params.clone(),
+        arrived: Instant::now(),
+        deadline: None,
+        cancel: cancel.clone(),
+        sink: Box::new(move |ev| {
+            let mut c = sink_out.lock().unwrap();
+            match ev {
+                SeqEvent::Text(t) => c.text.push_str(&t),
+                SeqEvent::Done(s) => c.done = Some(s),
+                SeqEvent::Failed(f) => c.failed = Some(f),
+            }
+            true
+        }),
+    };
+    (req, out, cancel)
+}
+
+#[test]
+fn staggered_sequences_equal_single_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg_dir = buffer_package(dir.path());
+    let mut pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    let img = |i| ImageInput::Bytes(png(i));
+    let greedy = |n| GenerateParams {
+        max_tokens: n,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let cases: Vec<(Prompt, GenerateParams)> = vec![
+        (Prompt::parse("", vec![img(0)]).unwrap(), greedy(12)),
+        (Prompt::parse("a red circle", vec![]).unwrap(), greedy(5)),
+        (
+            Prompt::parse("Question: what colour is the circle? Answer:", vec![img(1)]).unwrap(),
+            greedy(9),
+        ),
+        (
+            Prompt::parse("<image> and <image> side by side:", vec![img(2), img(0)]).unwrap(),
+            greedy(7),
+        ),
+        (
+            Prompt::parse("", vec![img(1)]).unwrap(),
+            GenerateParams {
+                max_tokens: 10,
+                temperature: 0.8,
+                top_p: 0.9,
+                seed: 42,
+                ignore_eos: true,
+                ..Default::default()
+            },
+        ),
+        // Same image as the first (also in the fourth): embeddings come from the vision cache.
+        (Prompt::parse("the", vec![img(0)]).unwrap(), greedy(3)),
+        (Prompt::parse("a", vec![]).unwrap(), greedy(14)),
+    ];
+    let expected: Vec<_> = cases
+        .iter()
+        .map(|(p, params)| {
+            let mut cache = VisionCache::new(0);
+            pkg.generate(&mut cache, std::slice::from_ref(p), params, &mut |_, _| true)
+                .unwrap()
+                .remove(0)
+        })
+        .collect();
+
+    let metrics = Arc::new(Metrics::default());
+    let config = EngineConfig {
+        max_batch: 3,
+        vision_cache: 16,
+    };
+    let mut engine = Engine::new(pkg, config, metrics.clone()).unwrap();
+    let mut outs = Vec::new();
+    // Two now, then one more every other step, so admissions land between decode steps of
+    // sequences at other lengths and a full batch makes later ones wait.
+    let mut queue: Vec<_> = cases.iter().collect();
+    queue.reverse();
+    let mut steps = 0;
+    while !queue.is_empty() || !engine.is_idle() {
+        if steps == 0 || steps % 2 == 1 {
+            for _ in 0..if steps == 0 { 2 } else { 1 } {
+                if let Some((p, params)) = queue.pop() {
+                    let (req, out, _) = request(engine.package(), p, params);
+                    metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+                    engine.submit(req);
+                    outs.push(out);
+                }
+            }
+        }
+        engine.step();
+        steps += 1;
+        assert!(steps < 500, "engine did not finish");
+    }
+    for (i, (out, want)) in outs.iter().zip(&expected).enumerate() {
+        let c = out.lock().unwrap();
+        let done = c.done.as_ref().unwrap_or_else(|| panic!("sequence {i} did not finish"));
+        assert_eq!(done.tokens, want.tokens, "sequence {i}: tokens differ from generate()");
+        assert_eq!(done.text, want.text, "sequence {i}");
+        assert_eq!(c.text, want.text, "sequence {i}: streamed text");
+        assert_eq!(done.finish_reason, want.finish_reason, "sequence {i}");
+        assert_eq!(done.prompt_tokens, want.prompt_tokens, "sequence {i}");
+    }
+    let text = metrics.render();
+    assert!(text.contains("kosmos_sequences_finished_total{reason=\"length\"} 7"), "{text}");
+    assert!(text.contains("kosmos_active_sequences 0"));
+    assert!(text.contains("kosmos_queue_depth 0"));
+    assert!(text.contains("kosmos_vision_cache_hits_total 3"), "{text}");
+}
+
+#[test]
+fn cancelled_and_timed_out_sequences_free_their_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg_dir = buffer_package(dir.path());
+    let pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let config = EngineConfig {
+        max_batch: 1,
+        vision_cache: 0,
+    };
+    let mut engine = Engine::new(pkg, config, metrics.clone()).unwrap();
+    let params = GenerateParams {
+        max_tokens: 50,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let prompt = Prompt::parse("a blue square", vec![]).unwrap();
+    let (first, first_out, cancel) = request(engine.package(), &prompt, &params);
+    let (mut late, late_out, _) = request(engine.package(), &prompt, &params);
+    late.deadline = Some(Instant::now() + Duration::from_millis(1));
+    let (short, short_out, _) = request(
+        engine.package(),
+        &prompt,
+        &GenerateParams {
+            max_tokens: 3,
+            ..params.clone()
+        },
+    );
+    for r in [first, late, short] {
+        metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        engine.submit(r);
+    }
+    engine.step();
+    engine.step();
+    cancel.store(true, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(5));
+    let mut steps = 0;
+    while !engine.is_idle() {
+        engine.step();
+        steps += 1;
+        assert!(steps < 100);
+    }
+    let first = first_out.lock().unwrap();
+    let done = first.done.as_ref().expect("the cancelled sequence reports its end");
+    assert_eq!(done.finish_reason, FinishReason::Cancelled);
+    assert!(done.tokens.len() < 50);
+    assert!(matches!(late_out.lock().unwrap().failed, Some(SeqFailure::Timeout)));
+    // The single row was freed twice over: the third sequence ran to its length.
+    let short = short_out.lock().unwrap();
+    assert_eq!(short.done.as_ref().unwrap().tokens.len(), 3);
+    let text = metrics.render();
+    assert!(text.contains("reason=\"cancelled\"} 1"), "{text}");
+    assert!(text.contains("reason=\"timeout\"} 1"), "{text}");
+    assert!(text.contains("reason=\"length\"} 1"), "{text}");
+}
+
+#[test]
+fn concat_packages_are_refused_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pkg_dir) = kosmos_e2e::tiny_package(dir.path(), 3);
+    let pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    let err = Engine::new(pkg, EngineConfig::default(), Arc::new(Metrics::default()))
+        .err()
+        .expect("a concat package is refused")
+        .to_string();
+    assert!(err.contains("--kv-cache buffer"), "{err}");
+}
