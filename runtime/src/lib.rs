@@ -21,6 +21,7 @@ pub mod generate;
 pub mod metrics;
 pub mod ort_env;
 pub mod package;
+pub mod serve;
 
 pub use error::{Result, RtError};
 pub use generate::{FinishReason, GenerateParams, Generation, ImageInput, Prompt, VisionCache};

@@ -126,6 +126,61 @@ enum Command {
         #[command(flatten)]
         engine: Engine,
     },
+    /// OpenAI-compatible HTTP server with continuous batching (needs a `--kv-cache buffer` package).
+    #[command(after_help = "Examples:\n  \
+        kosmos-export ckpt --to onnx --kv-cache buffer -o pkg/tiny\n  \
+        kosmos-rt serve pkg/tiny --port 8000\n  \
+        kosmos-rt serve pkg/k1 --host 0.0.0.0 --api-key \"$KEY\" --max-batch 16\n\n\
+        curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{\n  \
+          \"model\": \"tiny\", \"max_tokens\": 16, \"temperature\": 0,\n  \
+          \"messages\": [{\"role\": \"user\", \"content\": [\n    \
+            {\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/png;base64,...\"}}]}]}'\n\n\
+        KV memory: max-batch x capacity x 2 x layers x hidden x 4 bytes (fp32); the capacity follows\n\
+        the longest prompt + max_tokens among running requests.")]
+    Serve {
+        package: PathBuf,
+        /// Address to listen on (0.0.0.0 exposes the server to the network).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port (0: any free port; the bound address is printed on stdout).
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Require `Authorization: Bearer KEY` on every endpoint but /health (or set KOSMOS_API_KEY).
+        #[arg(long, env = "KOSMOS_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Model id clients send (default: the package directory's name).
+        #[arg(long)]
+        served_model_name: Option<String>,
+        /// Sequences decoded together (rows of the KV pool).
+        #[arg(long, default_value_t = 8)]
+        max_batch: usize,
+        /// Sequences waiting for a row before requests get HTTP 429.
+        #[arg(long, default_value_t = 256)]
+        max_queue: usize,
+        /// max_tokens for requests that give none (bounded by the context left).
+        #[arg(long, default_value_t = 256)]
+        default_max_tokens: usize,
+        /// Seconds before a request ends with HTTP 504.
+        #[arg(long, default_value_t = 600)]
+        request_timeout: u64,
+        /// Largest request body in bytes.
+        #[arg(long, default_value_t = 32 << 20)]
+        max_body_bytes: usize,
+        /// Largest encoded image in bytes.
+        #[arg(long, default_value_t = 16 << 20)]
+        max_image_bytes: usize,
+        /// Largest image side in pixels (checked before decoding).
+        #[arg(long, default_value_t = 4096)]
+        max_image_side: u32,
+        /// Images per request.
+        #[arg(long, default_value_t = 8)]
+        max_images: usize,
+        /// Allow `file://` image URLs, only for files under this directory.
+        #[arg(long)]
+        allow_file_root: Option<PathBuf>,
+        #[command(flatten)]
+        engine: Engine,
+    },
 }
 
 fn session_options(e: &Engine, package: &std::path::Path) -> SessionOptions {
@@ -151,13 +206,20 @@ fn open(package: &std::path::Path, engine: &Engine) -> Result<Package> {
 }
 
 fn main() {
+    let cli = Cli::parse();
+    // The server logs its address, pool sizes and shutdown; one-shot commands stay quiet.
+    let default = if matches!(cli.command, Command::Serve { .. }) {
+        "kosmos_rt=info,warn"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = run(Cli::parse()) {
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -241,6 +303,48 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 println!("peak RSS         {:.0} MB", r.peak_rss_mb);
             }
+            Ok(())
+        }
+        Command::Serve {
+            package,
+            host,
+            port,
+            api_key,
+            served_model_name,
+            max_batch,
+            max_queue,
+            default_max_tokens,
+            request_timeout,
+            max_body_bytes,
+            max_image_bytes,
+            max_image_side,
+            max_images,
+            allow_file_root,
+            engine,
+        } => {
+            let pkg = open(&package, &engine)?;
+            let cfg = kosmos_rt::serve::ServeConfig {
+                host,
+                port,
+                api_key: api_key.filter(|k| !k.is_empty()),
+                model_name: served_model_name,
+                max_batch,
+                max_queue,
+                default_max_tokens,
+                request_timeout: std::time::Duration::from_secs(request_timeout),
+                max_body_bytes,
+                max_image_bytes,
+                max_image_side,
+                max_images,
+                allow_file_root,
+                ..Default::default()
+            };
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            rt.block_on(kosmos_rt::serve::serve(pkg, cfg, |addr| {
+                // Scripts read this line to find a port chosen with --port 0.
+                println!("listening on http://{addr}");
+                let _ = std::io::stdout().flush();
+            }))?;
             Ok(())
         }
         Command::Run {

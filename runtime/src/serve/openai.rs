@@ -1,0 +1,754 @@
+//! The OpenAI-compatible endpoints: request parsing and validation, prompt assembly (chat
+//! template or parts in order), submission to the engine, and the JSON / SSE responses.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use kosmos_models::sequence::{Segment, assemble};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use super::AppState;
+use super::error::ApiError;
+use super::images;
+use crate::batch::{SeqEvent, SeqFailure, SeqRequest};
+use crate::generate::{FinishReason, GenerateParams, IMAGE_MARKER};
+
+/// `stop`: one string or several.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Sampling fields shared by both endpoints (OpenAI's names, plus `top_k` and
+/// `repetition_penalty` as vLLM and llama.cpp accept them).
+#[derive(Deserialize, Default)]
+struct Sampling {
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    repetition_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    stop: Option<Stop>,
+    seed: Option<i64>,
+    n: Option<i64>,
+    logprobs: Option<Value>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<Message>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Part {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ImageUrl {
+    Object { url: String },
+    Plain(String),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CompletionPrompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    model: String,
+    prompt: CompletionPrompt,
+    #[serde(flatten)]
+    sampling: Sampling,
+    echo: Option<bool>,
+    suffix: Option<String>,
+    best_of: Option<i64>,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(format!("request body too large: {e}"))
+        } else {
+            ApiError::invalid(format!("cannot read the request body: {e}"), "body")
+        }
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
+        let what = if e.is_syntax() || e.is_eof() {
+            "malformed JSON"
+        } else {
+            "invalid request"
+        };
+        ApiError::invalid(format!("{what}: {e}"), "body")
+    })
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn request_id(prefix: &str) -> String {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-{:x}{:06x}",
+        now_secs(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A validated prompt ready for the engine.
+struct Prepared {
+    assembled: kosmos_models::sequence::Assembled,
+    pixels: Vec<Vec<f32>>,
+}
+
+impl AppState {
+    fn check_model(&self, model: &str) -> Result<(), ApiError> {
+        if model != self.model_name {
+            return Err(ApiError::not_found(format!(
+                "The model '{model}' does not exist; this server serves '{}'",
+                self.model_name
+            ))
+            .with_code("model_not_found"));
+        }
+        Ok(())
+    }
+
+    /// Segments and image URLs of a chat, through the package's chat template if it has one.
+    fn chat_prompt(&self, messages: &[Message]) -> Result<(Vec<Segment>, Vec<String>), ApiError> {
+        if messages.is_empty() {
+            return Err(ApiError::invalid("messages must not be empty", "messages"));
+        }
+        let mut urls = Vec::new();
+        // Per message: its parts in order (text, or an image place).
+        let mut per_message: Vec<(String, Vec<Segment>)> = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].role '{}' is not one of system, developer, user, assistant", m.role),
+                    "messages",
+                ));
+            }
+            let mut segs = Vec::new();
+            match &m.content {
+                None => {}
+                Some(Content::Text(t)) => segs.push(Segment::Text(t.clone())),
+                Some(Content::Parts(parts)) => {
+                    for p in parts {
+                        match p {
+                            Part::Text { text } => segs.push(Segment::Text(text.clone())),
+                            Part::ImageUrl { image_url } => {
+                                let url = match image_url {
+                                    ImageUrl::Object { url } | ImageUrl::Plain(url) => url.clone(),
+                                };
+                                urls.push(url);
+                                segs.push(Segment::Image);
+                            }
+                        }
+                    }
+                }
+            }
+            per_message.push((m.role.clone(), segs));
+        }
+        if urls.len() > self.cfg.max_images {
+            return Err(ApiError::invalid(
+                format!(
+                    "{} images in the request; the limit is {} (--max-images)",
+                    urls.len(),
+                    self.cfg.max_images
+                ),
+                "messages",
+            ));
+        }
+        let segments = match &self.template {
+            Some(env) => {
+                let msgs: Vec<Value> = per_message
+                    .iter()
+                    .map(|(role, segs)| {
+                        let text: String = segs
+                            .iter()
+                            .map(|s| match s {
+                                Segment::Text(t) => t.as_str(),
+                                Segment::Image => IMAGE_MARKER,
+                            })
+                            .collect();
+                        json!({"role": role, "content": text})
+                    })
+                    .collect();
+                let tmpl = env
+                    .get_template("chat")
+                    .map_err(|e| ApiError::internal(format!("chat template: {e}")))?;
+                let sp = self.tokenizer.special();
+                let text = tmpl
+                    .render(json!({
+                        "messages": msgs,
+                        "add_generation_prompt": true,
+                        "bos_token": sp.bos_token,
+                        "eos_token": sp.eos_token,
+                    }))
+                    .map_err(|e| ApiError::invalid(format!("the package's chat template failed: {e}"), "messages"))?;
+                let markers = text.matches(IMAGE_MARKER).count();
+                if markers != urls.len() {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "the chat template placed {markers} {IMAGE_MARKER} markers for {} images",
+                            urls.len()
+                        ),
+                        "messages",
+                    ));
+                }
+                split_markers(&text)
+            }
+            None => {
+                // Parts in order; adjacent text joins (messages separated by a newline), so a
+                // single user message is exactly what `kosmos-rt run` builds.
+                let mut segs: Vec<Segment> = Vec::new();
+                for (i, (_, parts)) in per_message.into_iter().enumerate() {
+                    if i > 0 {
+                        push_text(&mut segs, "\n");
+                    }
+                    for s in parts {
+                        match s {
+                            Segment::Text(t) => push_text(&mut segs, &t),
+                            Segment::Image => segs.push(Segment::Image),
+                        }
+                    }
+                }
+                segs.retain(|s| !matches!(s, Segment::Text(t) if t.is_empty()));
+                segs
+            }
+        };
+        Ok((segments, urls))
+    }
+
+    /// Fetch, decode and preprocess the images, and assemble the tokens.
+    async fn prepare(self: &Arc<Self>, segments: Vec<Segment>, urls: Vec<String>) -> Result<Prepared, ApiError> {
+        let st = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let size = st.manifest.preprocess.image_size as u32;
+            let pixels = urls
+                .iter()
+                .enumerate()
+                .map(|(i, url)| {
+                    let bytes = images::fetch(url, &st.images, i)?;
+                    images::preprocess(&bytes, i, size, &st.images)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let assembled = assemble(
+                &st.tokenizer,
+                &segments,
+                st.manifest.vision.tokens_per_image,
+                false,
+            )
+            .map_err(|e| ApiError::invalid(e.to_string(), "messages"))?;
+            Ok(Prepared { assembled, pixels })
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("preprocessing task failed: {e}")))?
+    }
+
+    /// Generation parameters from the request; `prompt_len` bounds max_tokens by the context.
+    fn params(&self, s: &Sampling, prompt_len: usize) -> Result<(GenerateParams, usize), ApiError> {
+        let context = self.manifest.decoder.context_length;
+        let room = context.saturating_sub(prompt_len);
+        let requested = s.max_completion_tokens.or(s.max_tokens);
+        let max_tokens = match requested {
+            Some(n) if n < 1 => {
+                return Err(ApiError::invalid(format!("max_tokens must be at least 1, got {n}"), "max_tokens"));
+            }
+            Some(n) => {
+                if prompt_len as i64 + n > context as i64 {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt_len} in the messages, {n} in the completion). Please reduce the length of the messages or completion.",
+                            prompt_len as i64 + n
+                        ),
+                        "messages",
+                    )
+                    .with_code("context_length_exceeded"));
+                }
+                n as usize
+            }
+            None => {
+                if room == 0 {
+                    return Err(ApiError::invalid(
+                        format!("the prompt's {prompt_len} tokens fill the model's context of {context} tokens"),
+                        "messages",
+                    )
+                    .with_code("context_length_exceeded"));
+                }
+                self.cfg.default_max_tokens.min(room)
+            }
+        };
+        let temperature = s.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::invalid(format!("temperature must be in [0, 2], got {temperature}"), "temperature"));
+        }
+        let top_p = s.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::invalid(format!("top_p must be in (0, 1], got {top_p}"), "top_p"));
+        }
+        let top_k = s.top_k.unwrap_or(0);
+        if top_k < 0 {
+            return Err(ApiError::invalid(format!("top_k must be ≥ 0, got {top_k}"), "top_k"));
+        }
+        let repetition_penalty = s.repetition_penalty.unwrap_or(1.0);
+        if repetition_penalty <= 0.0 || !repetition_penalty.is_finite() {
+            return Err(ApiError::invalid("repetition_penalty must be positive", "repetition_penalty"));
+        }
+        for (name, v) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
+            if v.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::invalid(
+                    format!("{name} is not supported; use repetition_penalty"),
+                    if name == "presence_penalty" { "presence_penalty" } else { "frequency_penalty" },
+                ));
+            }
+        }
+        if s.logprobs.as_ref().is_some_and(|v| !v.is_null() && v != &json!(false)) {
+            return Err(ApiError::invalid("logprobs are not supported", "logprobs"));
+        }
+        let stop = match &s.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop.len() > 4 || stop.iter().any(|s| s.is_empty()) {
+            return Err(ApiError::invalid("stop takes up to 4 non-empty strings", "stop"));
+        }
+        let seed = match s.seed {
+            Some(seed) => seed as u64,
+            None => rand::random(),
+        };
+        let n = s.n.unwrap_or(1);
+        if n < 1 || n as usize > self.cfg.max_n {
+            return Err(ApiError::invalid(format!("n must be in 1..={}, got {n}", self.cfg.max_n), "n"));
+        }
+        Ok((
+            GenerateParams {
+                max_tokens,
+                temperature,
+                top_k: top_k as usize,
+                top_p,
+                repetition_penalty,
+                seed,
+                stop,
+                beams: 1,
+                ignore_eos: false,
+            },
+            n as usize,
+        ))
+    }
+
+    /// Queue `n` sequences per prompt; their events arrive tagged with the choice index.
+    fn submit(
+        &self,
+        prompts: Vec<Prepared>,
+        params: &GenerateParams,
+        n: usize,
+    ) -> Result<(UnboundedReceiver<(usize, SeqEvent)>, CancelOnDrop, usize), ApiError> {
+        let total = prompts.len() * n;
+        let depth = self.metrics.queue_depth.fetch_add(total as u64, Ordering::SeqCst) as usize;
+        if depth + total > self.cfg.max_queue {
+            self.metrics.queue_depth.fetch_sub(total as u64, Ordering::SeqCst);
+            return Err(ApiError::queue_full(depth));
+        }
+        let (tx, rx) = unbounded_channel();
+        let arrived = Instant::now();
+        let deadline = Some(arrived + self.cfg.request_timeout);
+        let mut flags = Vec::with_capacity(total);
+        let mut prompt_tokens = 0;
+        let engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        for (pi, p) in prompts.into_iter().enumerate() {
+            // OpenAI counts a prompt once however many choices it has.
+            prompt_tokens += p.assembled.len();
+            for j in 0..n {
+                let index = pi * n + j;
+                let cancel = Arc::new(AtomicBool::new(false));
+                flags.push(cancel.clone());
+                let tx = tx.clone();
+                let mut params = params.clone();
+                params.seed = params.seed.wrapping_add(j as u64);
+                let req = SeqRequest {
+                    assembled: p.assembled.clone(),
+                    pixels: p.pixels.clone(),
+                    params,
+                    arrived,
+                    deadline,
+                    cancel,
+                    sink: Box::new(move |ev| tx.send((index, ev)).is_ok()),
+                };
+                if engine.send(req).is_err() {
+                    self.metrics.queue_depth.fetch_sub((total - index) as u64, Ordering::SeqCst);
+                    return Err(ApiError::unavailable("the engine has stopped"));
+                }
+            }
+        }
+        Ok((rx, CancelOnDrop(flags), prompt_tokens))
+    }
+}
+
+fn push_text(segs: &mut Vec<Segment>, t: &str) {
+    if let Some(Segment::Text(last)) = segs.last_mut() {
+        last.push_str(t);
+    } else {
+        segs.push(Segment::Text(t.to_string()));
+    }
+}
+
+fn split_markers(text: &str) -> Vec<Segment> {
+    let mut segs = Vec::new();
+    for (i, part) in text.split(IMAGE_MARKER).enumerate() {
+        if i > 0 {
+            segs.push(Segment::Image);
+        }
+        if !part.is_empty() {
+            segs.push(Segment::Text(part.to_string()));
+        }
+    }
+    segs
+}
+
+/// Cancels the request's sequences when the response (or the handler) is dropped: a client that
+/// disconnects frees its KV rows. Harmless once they have finished.
+pub struct CancelOnDrop(Vec<Arc<AtomicBool>>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            f.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+fn finish_str(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        // Only a disconnected client cancels; nobody reads this.
+        FinishReason::Cancelled => "stop",
+    }
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// Which endpoint a response is for.
+#[derive(Clone, Copy)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+struct Choice {
+    text: String,
+    finish: Option<FinishReason>,
+    tokens: usize,
+}
+
+/// Wait for every choice and build the non-streaming response.
+async fn collect(
+    st: &AppState,
+    kind: Kind,
+    mut rx: UnboundedReceiver<(usize, SeqEvent)>,
+    total: usize,
+    prompt_tokens: usize,
+) -> Result<Response, ApiError> {
+    let mut choices: Vec<Choice> = (0..total)
+        .map(|_| Choice {
+            text: String::new(),
+            finish: None,
+            tokens: 0,
+        })
+        .collect();
+    let mut done = 0;
+    while done < total {
+        let Some((i, ev)) = rx.recv().await else {
+            return Err(ApiError::internal("the engine stopped before the request finished"));
+        };
+        match ev {
+            SeqEvent::Text(_) => {}
+            SeqEvent::Done(s) => {
+                choices[i] = Choice {
+                    text: s.text,
+                    finish: Some(s.finish_reason),
+                    tokens: s.tokens.len(),
+                };
+                done += 1;
+            }
+            SeqEvent::Failed(SeqFailure::Timeout) => {
+                return Err(ApiError::timeout(st.cfg.request_timeout.as_secs_f64()));
+            }
+            SeqEvent::Failed(SeqFailure::Engine(m)) => return Err(ApiError::internal(m)),
+        }
+    }
+    let completion: usize = choices.iter().map(|c| c.tokens).sum();
+    let created = now_secs();
+    let body = match kind {
+        Kind::Chat => json!({
+            "id": request_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": created,
+            "model": st.model_name,
+            "choices": choices.iter().enumerate().map(|(i, c)| json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": null,
+                "finish_reason": finish_str(c.finish.unwrap_or(FinishReason::Length)),
+            })).collect::<Vec<_>>(),
+            "usage": usage(prompt_tokens, completion),
+        }),
+        Kind::Completion => json!({
+            "id": request_id("cmpl"),
+            "object": "text_completion",
+            "created": created,
+            "model": st.model_name,
+            "choices": choices.iter().enumerate().map(|(i, c)| json!({
+                "index": i,
+                "text": c.text,
+                "logprobs": null,
+                "finish_reason": finish_str(c.finish.unwrap_or(FinishReason::Length)),
+            })).collect::<Vec<_>>(),
+            "usage": usage(prompt_tokens, completion),
+        }),
+    };
+    Ok(axum::Json(body).into_response())
+}
+
+/// The SSE response: chunks as OpenAI sends them, `[DONE]` last.
+fn stream(
+    st: Arc<AppState>,
+    kind: Kind,
+    mut rx: UnboundedReceiver<(usize, SeqEvent)>,
+    guard: CancelOnDrop,
+    total: usize,
+    prompt_tokens: usize,
+    include_usage: bool,
+) -> Response {
+    let id = request_id(match kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Completion => "cmpl",
+    });
+    let created = now_secs();
+    let model = st.model_name.clone();
+    let chunk = move |choices: Value, usage: Option<Value>| -> Event {
+        let mut c = json!({
+            "id": id,
+            "object": match kind { Kind::Chat => "chat.completion.chunk", Kind::Completion => "text_completion" },
+            "created": created,
+            "model": model,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            c["usage"] = u;
+        }
+        Event::default().data(c.to_string())
+    };
+    let body = async_stream::stream! {
+        // Held by the stream: dropping the response (client gone) cancels the sequences.
+        let _guard = guard;
+        if let Kind::Chat = kind {
+            for i in 0..total {
+                yield Ok::<Event, Infallible>(chunk(
+                    json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+                    None,
+                ));
+            }
+        }
+        let mut done = 0;
+        let mut completion = 0;
+        while done < total {
+            let Some((i, ev)) = rx.recv().await else { break };
+            match ev {
+                SeqEvent::Text(t) => {
+                    let choice = match kind {
+                        Kind::Chat => json!({"index": i, "delta": {"content": t}, "logprobs": null, "finish_reason": null}),
+                        Kind::Completion => json!({"index": i, "text": t, "logprobs": null, "finish_reason": null}),
+                    };
+                    yield Ok(chunk(json!([choice]), None));
+                }
+                SeqEvent::Done(s) => {
+                    done += 1;
+                    completion += s.tokens.len();
+                    let reason = finish_str(s.finish_reason);
+                    let choice = match kind {
+                        Kind::Chat => json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": reason}),
+                        Kind::Completion => json!({"index": i, "text": "", "logprobs": null, "finish_reason": reason}),
+                    };
+                    // The last finish chunk carries the usage too (clients that did not ask for
+                    // the usage chunk still see it).
+                    let u = (done == total).then(|| usage(prompt_tokens, completion));
+                    yield Ok(chunk(json!([choice]), u));
+                }
+                SeqEvent::Failed(f) => {
+                    let e = match f {
+                        SeqFailure::Timeout => ApiError::timeout(st.cfg.request_timeout.as_secs_f64()),
+                        SeqFailure::Engine(m) => ApiError::internal(m),
+                    };
+                    // OpenAI reports a mid-stream failure as an error object in a data line.
+                    yield Ok(Event::default().data(e.body().to_string()));
+                    break;
+                }
+            }
+        }
+        if include_usage && done == total {
+            yield Ok(chunk(json!([]), Some(usage(prompt_tokens, completion))));
+        }
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    Sse::new(body).keep_alive(KeepAlive::default()).into_response()
+}
+
+pub async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse(body)?;
+    st.check_model(&req.model)?;
+    let (segments, urls) = st.chat_prompt(&req.messages)?;
+    let prepared = st.prepare(segments, urls).await?;
+    let (params, n) = st.params(&req.sampling, prepared.assembled.len())?;
+    let streaming = req.sampling.stream.unwrap_or(false);
+    let include_usage = req
+        .sampling
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let (rx, guard, prompt_tokens) = st.submit(vec![prepared], &params, n)?;
+    if streaming {
+        return Ok(stream(st.clone(), Kind::Chat, rx, guard, n, prompt_tokens, include_usage));
+    }
+    let _guard = guard;
+    collect(&st, Kind::Chat, rx, n, prompt_tokens).await
+}
+
+pub async fn completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse(body)?;
+    st.check_model(&req.model)?;
+    if req.echo == Some(true) {
+        return Err(ApiError::invalid("echo is not supported", "echo"));
+    }
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid("suffix is not supported", "suffix"));
+    }
+    if req.best_of.is_some_and(|b| b != 1) {
+        return Err(ApiError::invalid("best_of is not supported", "best_of"));
+    }
+    let texts = match req.prompt {
+        CompletionPrompt::One(t) => vec![t],
+        CompletionPrompt::Many(v) => v,
+    };
+    if texts.is_empty() || texts.len() > st.cfg.max_n {
+        return Err(ApiError::invalid(format!("prompt takes 1 to {} strings", st.cfg.max_n), "prompt"));
+    }
+    let mut prepared = Vec::with_capacity(texts.len());
+    for t in texts {
+        if t.contains(IMAGE_MARKER) {
+            return Err(ApiError::invalid(
+                format!("{IMAGE_MARKER} in a completions prompt has no image; send images through /v1/chat/completions"),
+                "prompt",
+            ));
+        }
+        let segs = if t.is_empty() { Vec::new() } else { vec![Segment::Text(t)] };
+        prepared.push(st.prepare(segs, Vec::new()).await?);
+    }
+    let longest = prepared.iter().map(|p| p.assembled.len()).max().unwrap_or(0);
+    let (params, n) = st.params(&req.sampling, longest)?;
+    let total = prepared.len() * n;
+    if total > st.cfg.max_n {
+        return Err(ApiError::invalid(format!("prompts x n must be at most {}", st.cfg.max_n), "n"));
+    }
+    let streaming = req.sampling.stream.unwrap_or(false);
+    let include_usage = req
+        .sampling
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let (rx, guard, prompt_tokens) = st.submit(prepared, &params, n)?;
+    if streaming {
+        return Ok(stream(st.clone(), Kind::Completion, rx, guard, total, prompt_tokens, include_usage));
+    }
+    let _guard = guard;
+    collect(&st, Kind::Completion, rx, total, prompt_tokens).await
+}
+
+pub async fn models(State(st): State<Arc<AppState>>) -> Response {
+    axum::Json(json!({
+        "object": "list",
+        "data": [st.model_card()],
+    }))
+    .into_response()
+}
+
+pub async fn model(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    st.check_model(&id)?;
+    Ok(axum::Json(st.model_card()).into_response())
+}
+
+impl AppState {
+    fn model_card(&self) -> Value {
+        json!({
+            "id": self.model_name,
+            "object": "model",
+            "created": self.started,
+            "owned_by": "kosmos-rt",
+            "max_model_len": self.manifest.decoder.context_length,
+        })
+    }
+}

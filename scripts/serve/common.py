@@ -1,0 +1,49 @@
+"""Shared helpers of the `kosmos-rt serve` checks: data URLs, the `kosmos-rt run` reference,
+Prometheus text parsing, and the server's resident memory."""
+
+import base64
+import re
+import subprocess
+
+
+def data_url(path):
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+
+def run_reference(binary, package, prompt="", images=(), max_tokens=16):
+    """Greedy output of `kosmos-rt run` (the single-request path, no server, no batching)."""
+    cmd = [binary, "run", package, "--prompt", prompt, "--max-tokens", str(max_tokens)]
+    for img in images:
+        cmd += ["--image", img]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return out.stdout.rstrip("\n")
+
+
+def parse_metrics(text):
+    """{(name, frozenset(labels.items())): value} of a Prometheus text exposition."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$", line)
+        assert m, f"unparsable metrics line: {line!r}"
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        out[(m.group(1), frozenset(labels.items()))] = float(m.group(3))
+    return out
+
+
+def metric_sum(metrics, name, **labels):
+    return sum(
+        v
+        for (n, ls), v in metrics.items()
+        if n == name and all((k, val) in ls for k, val in labels.items())
+    )
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
