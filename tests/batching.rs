@@ -19,7 +19,13 @@ use kosmos_train::synthetic::{Split, Task, item};
 fn buffer_package(dir: &Path) -> std::path::PathBuf {
     let ckpt = checkpoint(&KosmosConfig::tiny(), 7, &dir.join("ckpt"));
     let pkg = dir.join("pkg");
-    export_package(&ckpt, &pkg, Profile::Portable, PackageDtype::Fp32, KvCacheLayout::Buffer);
+    export_package(
+        &ckpt,
+        &pkg,
+        Profile::Portable,
+        PackageDtype::Fp32,
+        KvCacheLayout::Buffer,
+    );
     pkg
 }
 
@@ -146,15 +152,24 @@ fn staggered_sequences_equal_single_generation() {
     }
     for (i, (out, want)) in outs.iter().zip(&expected).enumerate() {
         let c = out.lock().unwrap();
-        let done = c.done.as_ref().unwrap_or_else(|| panic!("sequence {i} did not finish"));
-        assert_eq!(done.tokens, want.tokens, "sequence {i}: tokens differ from generate()");
+        let done = c
+            .done
+            .as_ref()
+            .unwrap_or_else(|| panic!("sequence {i} did not finish"));
+        assert_eq!(
+            done.tokens, want.tokens,
+            "sequence {i}: tokens differ from generate()"
+        );
         assert_eq!(done.text, want.text, "sequence {i}");
         assert_eq!(c.text, want.text, "sequence {i}: streamed text");
         assert_eq!(done.finish_reason, want.finish_reason, "sequence {i}");
         assert_eq!(done.prompt_tokens, want.prompt_tokens, "sequence {i}");
     }
     let text = metrics.render();
-    assert!(text.contains("kosmos_sequences_finished_total{reason=\"length\"} 7"), "{text}");
+    assert!(
+        text.contains("kosmos_sequences_finished_total{reason=\"length\"} 7"),
+        "{text}"
+    );
     assert!(text.contains("kosmos_active_sequences 0"));
     assert!(text.contains("kosmos_queue_depth 0"));
     assert!(text.contains("kosmos_vision_cache_hits_total 3"), "{text}");
@@ -203,10 +218,16 @@ fn cancelled_and_timed_out_sequences_free_their_rows() {
         assert!(steps < 100);
     }
     let first = first_out.lock().unwrap();
-    let done = first.done.as_ref().expect("the cancelled sequence reports its end");
+    let done = first
+        .done
+        .as_ref()
+        .expect("the cancelled sequence reports its end");
     assert_eq!(done.finish_reason, FinishReason::Cancelled);
     assert!(done.tokens.len() < 50);
-    assert!(matches!(late_out.lock().unwrap().failed, Some(SeqFailure::Timeout)));
+    assert!(matches!(
+        late_out.lock().unwrap().failed,
+        Some(SeqFailure::Timeout)
+    ));
     // The single row was freed twice over: the third sequence ran to its length.
     let short = short_out.lock().unwrap();
     assert_eq!(short.done.as_ref().unwrap().tokens.len(), 3);

@@ -153,7 +153,12 @@ impl KvPool {
         used: &[usize],
     ) -> Result<()> {
         let alloc = pkg.decoder.allocator();
-        let shape = [rows as i64, self.heads as i64, capacity as i64, self.head_dim as i64];
+        let shape = [
+            rows as i64,
+            self.heads as i64,
+            capacity as i64,
+            self.head_dim as i64,
+        ];
         let mut new = Vec::with_capacity(tensors);
         let mut bases = Vec::with_capacity(tensors);
         for i in 0..tensors {
@@ -342,9 +347,13 @@ impl Engine {
         self.retire_finished();
         if !self.running.is_empty() {
             if let Err(e) = self.decode_step() {
-                tracing::error!("decode step failed: {e}; failing {} sequences", self.running.len());
+                tracing::error!(
+                    "decode step failed: {e}; failing {} sequences",
+                    self.running.len()
+                );
                 for mut r in std::mem::take(&mut self.running) {
-                    self.metrics.finished("error", r.req.assembled.len(), r.state.tokens.len());
+                    self.metrics
+                        .finished("error", r.req.assembled.len(), r.state.tokens.len());
                     (r.req.sink)(SeqEvent::Failed(SeqFailure::Engine(e.to_string())));
                 }
             }
@@ -355,7 +364,8 @@ impl Engine {
 
     fn update_gauges(&self) {
         let m = &self.metrics;
-        m.active_sequences.store(self.running.len() as u64, Ordering::Relaxed);
+        m.active_sequences
+            .store(self.running.len() as u64, Ordering::Relaxed);
         let used: usize = self.running.iter().map(|r| r.mask.len()).sum();
         m.kv_slots_used.store(used as u64, Ordering::Relaxed);
         m.kv_slots_total
@@ -638,7 +648,8 @@ impl Engine {
                 FinishReason::Cancelled => "cancelled",
             };
             let prompt_tokens = run.req.assembled.len();
-            self.metrics.finished(label, prompt_tokens, run.state.tokens.len());
+            self.metrics
+                .finished(label, prompt_tokens, run.state.tokens.len());
             let summary = SeqSummary {
                 text: std::mem::take(&mut run.state.text),
                 tokens: std::mem::take(&mut run.state.tokens),

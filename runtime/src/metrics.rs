@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const TTFT_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
-const ITL_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
+const ITL_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
 struct Histogram {
     bounds: &'static [f64],
@@ -40,7 +38,11 @@ impl Histogram {
     }
 
     fn observe(&self, v: f64) {
-        let i = self.bounds.iter().position(|&b| v <= b).unwrap_or(self.bounds.len());
+        let i = self
+            .bounds
+            .iter()
+            .position(|&b| v <= b)
+            .unwrap_or(self.bounds.len());
         let mut d = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         d.counts[i] += 1;
         d.sum += v;
@@ -107,8 +109,10 @@ impl Metrics {
     pub fn finished(&self, reason: &'static str, prompt_tokens: usize, generated: usize) {
         let mut m = self.finished.lock().unwrap_or_else(|e| e.into_inner());
         *m.entry(reason).or_default() += 1;
-        self.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
-        self.generation_tokens.fetch_add(generated as u64, Ordering::Relaxed);
+        self.prompt_tokens
+            .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+        self.generation_tokens
+            .fetch_add(generated as u64, Ordering::Relaxed);
     }
 
     pub fn time_to_first_token(&self, seconds: f64) {
@@ -152,15 +156,65 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         };
-        counter(&mut out, "kosmos_prompt_tokens_total", "Prompt tokens (image slots included) of finished sequences.", &self.prompt_tokens, "counter");
-        counter(&mut out, "kosmos_generation_tokens_total", "Generated tokens of finished sequences.", &self.generation_tokens, "counter");
-        counter(&mut out, "kosmos_vision_cache_hits_total", "Images whose embeddings came from the cache.", &self.vision_cache_hits, "counter");
-        counter(&mut out, "kosmos_queue_depth", "Requests waiting for the engine.", &self.queue_depth, "gauge");
-        counter(&mut out, "kosmos_active_sequences", "Sequences in the running batch.", &self.active_sequences, "gauge");
-        counter(&mut out, "kosmos_kv_slots_used", "KV cache slots holding tokens of running sequences.", &self.kv_slots_used, "gauge");
-        counter(&mut out, "kosmos_kv_slots_total", "KV cache slots allocated (rows x capacity).", &self.kv_slots_total, "gauge");
-        self.ttft.render(&mut out, "kosmos_time_to_first_token_seconds", "From arrival to the first generated token.");
-        self.itl.render(&mut out, "kosmos_inter_token_latency_seconds", "Between consecutive tokens of a sequence.");
+        counter(
+            &mut out,
+            "kosmos_prompt_tokens_total",
+            "Prompt tokens (image slots included) of finished sequences.",
+            &self.prompt_tokens,
+            "counter",
+        );
+        counter(
+            &mut out,
+            "kosmos_generation_tokens_total",
+            "Generated tokens of finished sequences.",
+            &self.generation_tokens,
+            "counter",
+        );
+        counter(
+            &mut out,
+            "kosmos_vision_cache_hits_total",
+            "Images whose embeddings came from the cache.",
+            &self.vision_cache_hits,
+            "counter",
+        );
+        counter(
+            &mut out,
+            "kosmos_queue_depth",
+            "Requests waiting for the engine.",
+            &self.queue_depth,
+            "gauge",
+        );
+        counter(
+            &mut out,
+            "kosmos_active_sequences",
+            "Sequences in the running batch.",
+            &self.active_sequences,
+            "gauge",
+        );
+        counter(
+            &mut out,
+            "kosmos_kv_slots_used",
+            "KV cache slots holding tokens of running sequences.",
+            &self.kv_slots_used,
+            "gauge",
+        );
+        counter(
+            &mut out,
+            "kosmos_kv_slots_total",
+            "KV cache slots allocated (rows x capacity).",
+            &self.kv_slots_total,
+            "gauge",
+        );
+        self.ttft.render(
+            &mut out,
+            "kosmos_time_to_first_token_seconds",
+            "From arrival to the first generated token.",
+        );
+        self.itl.render(
+            &mut out,
+            "kosmos_inter_token_latency_seconds",
+            "Between consecutive tokens of a sequence.",
+        );
         out
     }
 }

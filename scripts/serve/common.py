@@ -17,7 +17,7 @@ def run_reference(binary, package, prompt="", images=(), max_tokens=16):
     for img in images:
         cmd += ["--image", img]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return out.stdout.rstrip("\n")
+    return out.stdout.strip()
 
 
 def parse_metrics(text):

@@ -70,8 +70,12 @@ impl ApiError {
     }
 
     pub fn timeout(seconds: f64) -> Self {
-        Self::new(504, "timeout_error", format!("the request did not finish within {seconds} s"))
-            .with_code("timeout")
+        Self::new(
+            504,
+            "timeout_error",
+            format!("the request did not finish within {seconds} s"),
+        )
+        .with_code("timeout")
     }
 
     pub fn internal(message: impl Into<String>) -> Self {

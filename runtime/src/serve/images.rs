@@ -24,7 +24,10 @@ pub fn fetch(url: &str, policy: &ImagePolicy, index: usize) -> Result<Vec<u8>, A
     let what = format!("image {}", index + 1);
     if let Some(rest) = url.strip_prefix("data:") {
         let Some((meta, payload)) = rest.split_once(',') else {
-            return Err(ApiError::invalid(format!("{what}: a data: URL needs a ',' before its payload"), "messages"));
+            return Err(ApiError::invalid(
+                format!("{what}: a data: URL needs a ',' before its payload"),
+                "messages",
+            ));
         };
         if !meta.ends_with(";base64") {
             return Err(ApiError::invalid(
@@ -38,7 +41,12 @@ pub fn fetch(url: &str, policy: &ImagePolicy, index: usize) -> Result<Vec<u8>, A
         }
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(payload.trim())
-            .map_err(|e| ApiError::invalid(format!("{what}: invalid base64 in the data: URL ({e})"), "messages"))?;
+            .map_err(|e| {
+                ApiError::invalid(
+                    format!("{what}: invalid base64 in the data: URL ({e})"),
+                    "messages",
+                )
+            })?;
         if bytes.len() > policy.max_bytes {
             return Err(too_big(&what, bytes.len(), policy.max_bytes));
         }
@@ -47,19 +55,25 @@ pub fn fetch(url: &str, policy: &ImagePolicy, index: usize) -> Result<Vec<u8>, A
     if let Some(path) = url.strip_prefix("file://") {
         let Some(root) = &policy.file_root else {
             return Err(ApiError::invalid(
-                format!("{what}: file:// URLs are refused; start the server with --allow-file-root DIR to allow files under DIR"),
+                format!(
+                    "{what}: file:// URLs are refused; start the server with --allow-file-root DIR to allow files under DIR"
+                ),
                 "messages",
             ));
         };
-        let path = resolve_under(root, Path::new(path)).map_err(|m| ApiError::forbidden(format!("{what}: {m}")))?;
+        let path =
+            resolve_under(root, Path::new(path)).map_err(|m| ApiError::forbidden(format!("{what}: {m}")))?;
         let len = std::fs::metadata(&path)
-            .map_err(|e| ApiError::invalid(format!("{what}: cannot read {}: {e}", path.display()), "messages"))?
+            .map_err(|e| {
+                ApiError::invalid(format!("{what}: cannot read {}: {e}", path.display()), "messages")
+            })?
             .len();
         if len as usize > policy.max_bytes {
             return Err(too_big(&what, len as usize, policy.max_bytes));
         }
-        return std::fs::read(&path)
-            .map_err(|e| ApiError::invalid(format!("{what}: cannot read {}: {e}", path.display()), "messages"));
+        return std::fs::read(&path).map_err(|e| {
+            ApiError::invalid(format!("{what}: cannot read {}: {e}", path.display()), "messages")
+        });
     }
     let scheme = url.split(':').next().unwrap_or_default();
     Err(ApiError::invalid(
@@ -71,7 +85,9 @@ pub fn fetch(url: &str, policy: &ImagePolicy, index: usize) -> Result<Vec<u8>, A
 }
 
 fn too_big(what: &str, bytes: usize, limit: usize) -> ApiError {
-    ApiError::too_large(format!("{what}: {bytes} bytes exceeds the limit of {limit} bytes per image"))
+    ApiError::too_large(format!(
+        "{what}: {bytes} bytes exceeds the limit of {limit} bytes per image"
+    ))
 }
 
 /// `path` if it lies under `root` (canonical) after resolving symlinks; no `..` components.
@@ -127,7 +143,11 @@ mod tests {
             let e = resolve_under(&root, &root.join("link")).unwrap_err();
             assert!(e.contains("outside the allowed file root"), "{e}");
         }
-        assert!(resolve_under(&root, Path::new("a.png")).unwrap_err().contains("not absolute"));
+        assert!(
+            resolve_under(&root, Path::new("a.png"))
+                .unwrap_err()
+                .contains("not absolute")
+        );
     }
 
     #[test]
@@ -137,11 +157,39 @@ mod tests {
             max_side: 64,
             file_root: None,
         };
-        assert_eq!(fetch("data:image/png;base64,aGVsbG8=", &policy, 0).unwrap(), b"hello");
-        assert!(fetch("data:image/png;base64,@@@", &policy, 0).unwrap_err().message.contains("invalid base64"));
-        assert!(fetch("data:image/png,abc", &policy, 0).unwrap_err().message.contains("base64"));
-        assert_eq!(fetch("data:image/png;base64,aGVsbG8gd29ybGQgaGVsbG8=", &policy, 0).unwrap_err().status, 413);
-        assert!(fetch("https://example.com/a.png", &policy, 0).unwrap_err().message.contains("no network"));
-        assert!(fetch("file:///etc/passwd", &policy, 0).unwrap_err().message.contains("--allow-file-root"));
+        assert_eq!(
+            fetch("data:image/png;base64,aGVsbG8=", &policy, 0).unwrap(),
+            b"hello"
+        );
+        assert!(
+            fetch("data:image/png;base64,@@@", &policy, 0)
+                .unwrap_err()
+                .message
+                .contains("invalid base64")
+        );
+        assert!(
+            fetch("data:image/png,abc", &policy, 0)
+                .unwrap_err()
+                .message
+                .contains("base64")
+        );
+        assert_eq!(
+            fetch("data:image/png;base64,aGVsbG8gd29ybGQgaGVsbG8=", &policy, 0)
+                .unwrap_err()
+                .status,
+            413
+        );
+        assert!(
+            fetch("https://example.com/a.png", &policy, 0)
+                .unwrap_err()
+                .message
+                .contains("no network")
+        );
+        assert!(
+            fetch("file:///etc/passwd", &policy, 0)
+                .unwrap_err()
+                .message
+                .contains("--allow-file-root")
+        );
     }
 }

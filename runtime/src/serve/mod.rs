@@ -105,18 +105,20 @@ pub async fn serve(pkg: Package, cfg: ServeConfig, on_ready: impl FnOnce(SocketA
     let template = match &pkg.manifest.chat_template {
         Some(src) => {
             let mut env = minijinja::Environment::new();
-            env.add_template_owned("chat", src.clone()).map_err(|e| RtError::Package {
-                path: pkg.dir.join(kosmos_models::package::MANIFEST_FILE),
-                message: format!("chat_template does not parse: {e}"),
-            })?;
+            env.add_template_owned("chat", src.clone())
+                .map_err(|e| RtError::Package {
+                    path: pkg.dir.join(kosmos_models::package::MANIFEST_FILE),
+                    message: format!("chat_template does not parse: {e}"),
+                })?;
             Some(env)
         }
         None => None,
     };
     let file_root = match &cfg.allow_file_root {
-        Some(root) => Some(root.canonicalize().map_err(|e| {
-            RtError::Input(format!("--allow-file-root {}: {e}", root.display()))
-        })?),
+        Some(root) => Some(
+            root.canonicalize()
+                .map_err(|e| RtError::Input(format!("--allow-file-root {}: {e}", root.display())))?,
+        ),
         None => None,
     };
     let metrics = Arc::new(Metrics::default());
@@ -192,7 +194,8 @@ fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(state.clone(), count))
-        .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
+        // The handlers enforce --max-body-bytes themselves (see `openai::read_body`).
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -235,10 +238,8 @@ async fn authorize(State(st): State<Arc<AppState>>, req: Request, next: Next) ->
     match given {
         Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => next.run(req).await,
         Some(_) => ApiError::unauthorized("Incorrect API key provided").into_response(),
-        None => ApiError::unauthorized(
-            "Missing API key: send it as 'Authorization: Bearer <key>'",
-        )
-        .into_response(),
+        None => ApiError::unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'")
+            .into_response(),
     }
 }
 

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
 use kosmos_models::sequence::{Segment, assemble};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -109,14 +109,38 @@ struct CompletionRequest {
     best_of: Option<i64>,
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let body = body.map_err(|e| {
-        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(format!("request body too large: {e}"))
-        } else {
-            ApiError::invalid(format!("cannot read the request body: {e}"), "body")
+/// The request body, at most `limit` bytes. A bigger body is still read (and dropped) up to
+/// [`DRAIN_LIMIT`] before the 413 goes out: closing a connection whose client is still sending
+/// makes the kernel reset it, and the client would never see the answer.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let mut body = body;
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ApiError::invalid(format!("cannot read the request body: {e}"), "body"))?;
+        let Ok(data) = frame.into_data() else { continue };
+        seen += data.len();
+        if seen <= limit {
+            buf.extend_from_slice(&data);
+        } else if seen > DRAIN_LIMIT {
+            break;
         }
-    })?;
+    }
+    if seen > limit {
+        return Err(ApiError::too_large(format!(
+            "request body too large: {}{seen} bytes, the limit is {limit} (--max-body-bytes)",
+            if seen > DRAIN_LIMIT { "over " } else { "" }
+        )));
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// How much of an oversized body is read before giving up on a clean answer.
+const DRAIN_LIMIT: usize = 256 << 20;
+
+async fn parse<T: serde::de::DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
+    let body = read_body(body, limit).await?;
     serde_json::from_slice(&body).map_err(|e| {
         let what = if e.is_syntax() || e.is_eof() {
             "malformed JSON"
@@ -142,6 +166,14 @@ fn request_id(prefix: &str) -> String {
         now_secs(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// A request's sequences in the engine: their events (tagged with the choice index), the guard
+/// that cancels them when dropped, and the prompt tokens counted for `usage`.
+struct Submitted {
+    events: UnboundedReceiver<(usize, SeqEvent)>,
+    guard: CancelOnDrop,
+    prompt_tokens: usize,
 }
 
 /// A validated prompt ready for the engine.
@@ -173,7 +205,10 @@ impl AppState {
         for (i, m) in messages.iter().enumerate() {
             if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
                 return Err(ApiError::invalid(
-                    format!("messages[{i}].role '{}' is not one of system, developer, user, assistant", m.role),
+                    format!(
+                        "messages[{i}].role '{}' is not one of system, developer, user, assistant",
+                        m.role
+                    ),
                     "messages",
                 ));
             }
@@ -234,7 +269,9 @@ impl AppState {
                         "bos_token": sp.bos_token,
                         "eos_token": sp.eos_token,
                     }))
-                    .map_err(|e| ApiError::invalid(format!("the package's chat template failed: {e}"), "messages"))?;
+                    .map_err(|e| {
+                        ApiError::invalid(format!("the package's chat template failed: {e}"), "messages")
+                    })?;
                 let markers = text.matches(IMAGE_MARKER).count();
                 if markers != urls.len() {
                     return Err(ApiError::invalid(
@@ -270,7 +307,11 @@ impl AppState {
     }
 
     /// Fetch, decode and preprocess the images, and assemble the tokens.
-    async fn prepare(self: &Arc<Self>, segments: Vec<Segment>, urls: Vec<String>) -> Result<Prepared, ApiError> {
+    async fn prepare(
+        self: &Arc<Self>,
+        segments: Vec<Segment>,
+        urls: Vec<String>,
+    ) -> Result<Prepared, ApiError> {
         let st = self.clone();
         tokio::task::spawn_blocking(move || {
             let size = st.manifest.preprocess.image_size as u32;
@@ -302,7 +343,10 @@ impl AppState {
         let requested = s.max_completion_tokens.or(s.max_tokens);
         let max_tokens = match requested {
             Some(n) if n < 1 => {
-                return Err(ApiError::invalid(format!("max_tokens must be at least 1, got {n}"), "max_tokens"));
+                return Err(ApiError::invalid(
+                    format!("max_tokens must be at least 1, got {n}"),
+                    "max_tokens",
+                ));
             }
             Some(n) => {
                 if prompt_len as i64 + n > context as i64 {
@@ -320,7 +364,9 @@ impl AppState {
             None => {
                 if room == 0 {
                     return Err(ApiError::invalid(
-                        format!("the prompt's {prompt_len} tokens fill the model's context of {context} tokens"),
+                        format!(
+                            "the prompt's {prompt_len} tokens fill the model's context of {context} tokens"
+                        ),
                         "messages",
                     )
                     .with_code("context_length_exceeded"));
@@ -330,29 +376,51 @@ impl AppState {
         };
         let temperature = s.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
-            return Err(ApiError::invalid(format!("temperature must be in [0, 2], got {temperature}"), "temperature"));
+            return Err(ApiError::invalid(
+                format!("temperature must be in [0, 2], got {temperature}"),
+                "temperature",
+            ));
         }
         let top_p = s.top_p.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(ApiError::invalid(format!("top_p must be in (0, 1], got {top_p}"), "top_p"));
+            return Err(ApiError::invalid(
+                format!("top_p must be in (0, 1], got {top_p}"),
+                "top_p",
+            ));
         }
         let top_k = s.top_k.unwrap_or(0);
         if top_k < 0 {
-            return Err(ApiError::invalid(format!("top_k must be ≥ 0, got {top_k}"), "top_k"));
+            return Err(ApiError::invalid(
+                format!("top_k must be ≥ 0, got {top_k}"),
+                "top_k",
+            ));
         }
         let repetition_penalty = s.repetition_penalty.unwrap_or(1.0);
         if repetition_penalty <= 0.0 || !repetition_penalty.is_finite() {
-            return Err(ApiError::invalid("repetition_penalty must be positive", "repetition_penalty"));
+            return Err(ApiError::invalid(
+                "repetition_penalty must be positive",
+                "repetition_penalty",
+            ));
         }
-        for (name, v) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
+        for (name, v) in [
+            ("presence_penalty", s.presence_penalty),
+            ("frequency_penalty", s.frequency_penalty),
+        ] {
             if v.is_some_and(|v| v != 0.0) {
                 return Err(ApiError::invalid(
                     format!("{name} is not supported; use repetition_penalty"),
-                    if name == "presence_penalty" { "presence_penalty" } else { "frequency_penalty" },
+                    if name == "presence_penalty" {
+                        "presence_penalty"
+                    } else {
+                        "frequency_penalty"
+                    },
                 ));
             }
         }
-        if s.logprobs.as_ref().is_some_and(|v| !v.is_null() && v != &json!(false)) {
+        if s.logprobs
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && v != &json!(false))
+        {
             return Err(ApiError::invalid("logprobs are not supported", "logprobs"));
         }
         let stop = match &s.stop {
@@ -369,7 +437,10 @@ impl AppState {
         };
         let n = s.n.unwrap_or(1);
         if n < 1 || n as usize > self.cfg.max_n {
-            return Err(ApiError::invalid(format!("n must be in 1..={}, got {n}", self.cfg.max_n), "n"));
+            return Err(ApiError::invalid(
+                format!("n must be in 1..={}, got {n}", self.cfg.max_n),
+                "n",
+            ));
         }
         Ok((
             GenerateParams {
@@ -393,7 +464,7 @@ impl AppState {
         prompts: Vec<Prepared>,
         params: &GenerateParams,
         n: usize,
-    ) -> Result<(UnboundedReceiver<(usize, SeqEvent)>, CancelOnDrop, usize), ApiError> {
+    ) -> Result<Submitted, ApiError> {
         let total = prompts.len() * n;
         let depth = self.metrics.queue_depth.fetch_add(total as u64, Ordering::SeqCst) as usize;
         if depth + total > self.cfg.max_queue {
@@ -426,12 +497,18 @@ impl AppState {
                     sink: Box::new(move |ev| tx.send((index, ev)).is_ok()),
                 };
                 if engine.send(req).is_err() {
-                    self.metrics.queue_depth.fetch_sub((total - index) as u64, Ordering::SeqCst);
+                    self.metrics
+                        .queue_depth
+                        .fetch_sub((total - index) as u64, Ordering::SeqCst);
                     return Err(ApiError::unavailable("the engine has stopped"));
                 }
             }
         }
-        Ok((rx, CancelOnDrop(flags), prompt_tokens))
+        Ok(Submitted {
+            events: rx,
+            guard: CancelOnDrop(flags),
+            prompt_tokens,
+        })
     }
 }
 
@@ -512,7 +589,9 @@ async fn collect(
     let mut done = 0;
     while done < total {
         let Some((i, ev)) = rx.recv().await else {
-            return Err(ApiError::internal("the engine stopped before the request finished"));
+            return Err(ApiError::internal(
+                "the engine stopped before the request finished",
+            ));
         };
         match ev {
             SeqEvent::Text(_) => {}
@@ -564,15 +643,12 @@ async fn collect(
 }
 
 /// The SSE response: chunks as OpenAI sends them, `[DONE]` last.
-fn stream(
-    st: Arc<AppState>,
-    kind: Kind,
-    mut rx: UnboundedReceiver<(usize, SeqEvent)>,
-    guard: CancelOnDrop,
-    total: usize,
-    prompt_tokens: usize,
-    include_usage: bool,
-) -> Response {
+fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_usage: bool) -> Response {
+    let Submitted {
+        events: mut rx,
+        guard,
+        prompt_tokens,
+    } = sub;
     let id = request_id(match kind {
         Kind::Chat => "chatcmpl",
         Kind::Completion => "cmpl",
@@ -647,11 +723,25 @@ fn stream(
     Sse::new(body).keep_alive(KeepAlive::default()).into_response()
 }
 
-pub async fn chat_completions(
-    State(st): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
+/// The response to submitted sequences: SSE or one JSON body.
+async fn respond(
+    st: Arc<AppState>,
+    kind: Kind,
+    sub: Submitted,
+    total: usize,
+    streaming: bool,
+    include_usage: bool,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse(body)?;
+    if streaming {
+        return Ok(stream(st, kind, sub, total, include_usage));
+    }
+    // Held while waiting: a client that hangs up drops this future and cancels its sequences.
+    let _guard = sub.guard;
+    collect(&st, kind, sub.events, total, sub.prompt_tokens).await
+}
+
+pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse(body, st.cfg.max_body_bytes).await?;
     st.check_model(&req.model)?;
     let (segments, urls) = st.chat_prompt(&req.messages)?;
     let prepared = st.prepare(segments, urls).await?;
@@ -663,19 +753,12 @@ pub async fn chat_completions(
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
-    let (rx, guard, prompt_tokens) = st.submit(vec![prepared], &params, n)?;
-    if streaming {
-        return Ok(stream(st.clone(), Kind::Chat, rx, guard, n, prompt_tokens, include_usage));
-    }
-    let _guard = guard;
-    collect(&st, Kind::Chat, rx, n, prompt_tokens).await
+    let sub = st.submit(vec![prepared], &params, n)?;
+    respond(st, Kind::Chat, sub, n, streaming, include_usage).await
 }
 
-pub async fn completions(
-    State(st): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse(body)?;
+pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse(body, st.cfg.max_body_bytes).await?;
     st.check_model(&req.model)?;
     if req.echo == Some(true) {
         return Err(ApiError::invalid("echo is not supported", "echo"));
@@ -691,24 +774,36 @@ pub async fn completions(
         CompletionPrompt::Many(v) => v,
     };
     if texts.is_empty() || texts.len() > st.cfg.max_n {
-        return Err(ApiError::invalid(format!("prompt takes 1 to {} strings", st.cfg.max_n), "prompt"));
+        return Err(ApiError::invalid(
+            format!("prompt takes 1 to {} strings", st.cfg.max_n),
+            "prompt",
+        ));
     }
     let mut prepared = Vec::with_capacity(texts.len());
     for t in texts {
         if t.contains(IMAGE_MARKER) {
             return Err(ApiError::invalid(
-                format!("{IMAGE_MARKER} in a completions prompt has no image; send images through /v1/chat/completions"),
+                format!(
+                    "{IMAGE_MARKER} in a completions prompt has no image; send images through /v1/chat/completions"
+                ),
                 "prompt",
             ));
         }
-        let segs = if t.is_empty() { Vec::new() } else { vec![Segment::Text(t)] };
+        let segs = if t.is_empty() {
+            Vec::new()
+        } else {
+            vec![Segment::Text(t)]
+        };
         prepared.push(st.prepare(segs, Vec::new()).await?);
     }
     let longest = prepared.iter().map(|p| p.assembled.len()).max().unwrap_or(0);
     let (params, n) = st.params(&req.sampling, longest)?;
     let total = prepared.len() * n;
     if total > st.cfg.max_n {
-        return Err(ApiError::invalid(format!("prompts x n must be at most {}", st.cfg.max_n), "n"));
+        return Err(ApiError::invalid(
+            format!("prompts x n must be at most {}", st.cfg.max_n),
+            "n",
+        ));
     }
     let streaming = req.sampling.stream.unwrap_or(false);
     let include_usage = req
@@ -717,12 +812,8 @@ pub async fn completions(
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
-    let (rx, guard, prompt_tokens) = st.submit(prepared, &params, n)?;
-    if streaming {
-        return Ok(stream(st.clone(), Kind::Completion, rx, guard, total, prompt_tokens, include_usage));
-    }
-    let _guard = guard;
-    collect(&st, Kind::Completion, rx, total, prompt_tokens).await
+    let sub = st.submit(prepared, &params, n)?;
+    respond(st, Kind::Completion, sub, total, streaming, include_usage).await
 }
 
 pub async fn models(State(st): State<Arc<AppState>>) -> Response {

@@ -1,0 +1,143 @@
+"""Bad-input battery for `kosmos-rt serve`: each case must get a 4xx JSON error in OpenAI's shape
+({"error": {"message", "type", "param", "code"}}) naming what is wrong, and the server must keep
+answering a good request after every one of them.
+
+The server must run with --api-key (given here) and --allow-file-root ROOT (ROOT given here, with
+an image `ok.png` inside and a file `secret.png` beside it).
+
+    python scripts/serve/bad_input.py --base-url http://127.0.0.1:8000 --api-key KEY \
+        --model tiny --image a.png --file-root /tmp/root
+"""
+
+import argparse
+import base64
+import io
+import os
+import sys
+import zlib
+import struct
+
+import httpx2 as httpx  # the HTTP client the openai package ships with
+
+from common import data_url
+
+
+def png_header(width, height):
+    """A PNG whose header claims width x height (a decompression bomb needs no more than this)."""
+
+    def chunk(kind, data):
+        c = struct.pack(">I", len(data)) + kind + data
+        return c + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def b64url(data, mime="image/png"):
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base-url", required=True)
+    ap.add_argument("--api-key", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--image", required=True)
+    ap.add_argument("--file-root", required=True)
+    ap.add_argument("--context", type=int, required=True)
+    args = ap.parse_args()
+    auth = {"Authorization": f"Bearer {args.api_key}"}
+    client = httpx.Client(base_url=args.base_url, timeout=60)
+    png = open(args.image, "rb").read()
+
+    def chat(content, **extra):
+        return {"model": args.model, "messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
+
+    def image(url):
+        return [{"type": "image_url", "image_url": {"url": url}}]
+
+    good = chat(image(data_url(args.image)), temperature=0)
+    root = os.path.realpath(args.file_root)
+    cases = [
+        # (name, method, path, body (dict | bytes), headers, expected status, words the message must contain)
+        ("malformed JSON", "POST", "/v1/chat/completions", b'{"model": "x", "messages": [', auth, 400, "malformed JSON"),
+        ("body not an object", "POST", "/v1/chat/completions", b"[1, 2]", auth, 400, "invalid request"),
+        ("messages wrong type", "POST", "/v1/chat/completions", {"model": args.model, "messages": "hi"}, auth, 400, "invalid"),
+        ("max_tokens wrong type", "POST", "/v1/chat/completions", chat("hi", max_tokens="ten"), auth, 400, "invalid"),
+        ("missing messages", "POST", "/v1/chat/completions", {"model": args.model}, auth, 400, "messages"),
+        ("empty messages", "POST", "/v1/chat/completions", {"model": args.model, "messages": []}, auth, 400, "messages must not be empty"),
+        ("unknown role", "POST", "/v1/chat/completions", {"model": args.model, "messages": [{"role": "robot", "content": "hi"}]}, auth, 400, "role"),
+        ("unknown part type", "POST", "/v1/chat/completions", chat([{"type": "audio", "audio": {}}]), auth, 400, "invalid"),
+        ("unknown model", "POST", "/v1/chat/completions", {**good, "model": "gpt-4"}, auth, 404, "does not exist"),
+        ("invalid base64", "POST", "/v1/chat/completions", chat(image("data:image/png;base64,!!!not-base64!!!")), auth, 400, "invalid base64"),
+        ("data URL without base64", "POST", "/v1/chat/completions", chat(image("data:image/png,rawbytes")), auth, 400, "base64"),
+        ("non-image bytes", "POST", "/v1/chat/completions", chat(image(b64url(b"this is plain text, not a picture"))), auth, 400, "image 1"),
+        ("truncated PNG", "POST", "/v1/chat/completions", chat(image(b64url(png[: len(png) // 2]))), auth, 400, "image 1"),
+        ("huge image (header)", "POST", "/v1/chat/completions", chat(image(b64url(png_header(100000, 100000)))), auth, 400, "exceeds the limit"),
+        ("too many images", "POST", "/v1/chat/completions", chat(image(data_url(args.image)) * 9), auth, 400, "images in the request"),
+        ("prompt over context", "POST", "/v1/completions", {"model": args.model, "prompt": "red " * (2 * args.context), "max_tokens": 4}, auth, 400, "context"),
+        ("max_tokens over context", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "max_tokens": 10 * args.context}, auth, 400, "maximum context length"),
+        ("negative max_tokens", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "max_tokens": -5}, auth, 400, "max_tokens"),
+        ("huge max_tokens", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "max_tokens": 2**62}, auth, 400, "context"),
+        ("temperature out of range", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "temperature": 7}, auth, 400, "temperature"),
+        ("n too large", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "n": 1000}, auth, 400, "n must be"),
+        ("image marker in completions", "POST", "/v1/completions", {"model": args.model, "prompt": "<image> a"}, auth, 400, "image"),
+        ("missing API key", "POST", "/v1/chat/completions", good, {}, 401, "API key"),
+        ("wrong API key", "POST", "/v1/chat/completions", good, {"Authorization": "Bearer wrong"}, 401, "Incorrect API key"),
+        ("wrong API key on models", "GET", "/v1/models", None, {"Authorization": "Bearer wrong"}, 401, "API key"),
+        ("metrics need the key", "GET", "/metrics", None, {}, 401, "API key"),
+        ("http image URL", "POST", "/v1/chat/completions", chat(image("http://169.254.169.254/latest/meta-data")), auth, 400, "no network"),
+        ("file URL with ..", "POST", "/v1/chat/completions", chat(image(f"file://{root}/../secret.png")), auth, 403, ".."),
+        ("file URL outside root", "POST", "/v1/chat/completions", chat(image("file:///etc/passwd")), auth, 403, "outside the allowed file root"),
+        ("file URL symlink escape", "POST", "/v1/chat/completions", chat(image(f"file://{root}/escape.png")), auth, 403, "outside the allowed file root"),
+        ("unknown route", "GET", "/v1/nothing", None, auth, 404, "no route"),
+        ("wrong method", "GET", "/v1/chat/completions", None, auth, 405, "not allowed"),
+        ("body too large", "POST", "/v1/chat/completions", b'{"model": "' + b"x" * (40 << 20) + b'"}', auth, 413, "too large"),
+    ]
+    failures = []
+    for name, method, path, body, headers, status, words in cases:
+        kw = {"headers": headers}
+        if isinstance(body, bytes):
+            kw["content"] = body
+            kw["headers"] = {**headers, "Content-Type": "application/json"}
+        elif body is not None:
+            kw["json"] = body
+        r = client.request(method, path, **kw)
+        problems = []
+        if r.status_code != status:
+            problems.append(f"status {r.status_code}, wanted {status}")
+        try:
+            err = r.json()["error"]
+            for key in ("message", "type", "param", "code"):
+                if key not in err:
+                    problems.append(f"error object lacks '{key}'")
+            if words.lower() not in err["message"].lower():
+                problems.append(f"message {err['message']!r} does not mention {words!r}")
+        except Exception as e:  # noqa: BLE001 - any non-JSON answer is a failure to report
+            problems.append(f"not an OpenAI error body ({e}): {r.text[:200]!r}")
+        # After each bad request the server must still answer a good one.
+        ok = client.post("/v1/chat/completions", json=good, headers=auth)
+        if ok.status_code != 200 or not ok.json()["choices"][0]["message"]["content"]:
+            problems.append(f"server did not answer a good request afterwards ({ok.status_code})")
+        print(f"{'ok' if not problems else 'FAIL':5} {name}: {r.status_code} {r.text[:120]}")
+        if problems:
+            failures.append(f"{name}: {'; '.join(problems)}")
+
+    # Allowed: a file under the root, and /health without the key.
+    r = client.post("/v1/chat/completions", json=chat(image(f"file://{root}/ok.png"), temperature=0), headers=auth)
+    print(f"{'ok' if r.status_code == 200 else 'FAIL':5} file URL under the root: {r.status_code}")
+    if r.status_code != 200:
+        failures.append(f"file under the root refused: {r.text}")
+    r = client.get("/health")
+    if r.status_code != 200:
+        failures.append(f"/health without a key: {r.status_code}")
+
+    if failures:
+        print("FAILED:\n  " + "\n  ".join(failures))
+        sys.exit(1)
+    print(f"all {len(cases)} bad inputs answered with 4xx OpenAI errors; the server kept serving")
+
+
+if __name__ == "__main__":
+    main()
