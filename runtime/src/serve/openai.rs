@@ -48,6 +48,8 @@ struct Sampling {
     logprobs: Option<Value>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
+    /// vLLM's extension for benchmarks: keep generating after `</s>`.
+    ignore_eos: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -452,7 +454,7 @@ impl AppState {
                 seed,
                 stop,
                 beams: 1,
-                ignore_eos: false,
+                ignore_eos: s.ignore_eos.unwrap_or(false),
             },
             n as usize,
         ))
