@@ -39,5 +39,29 @@ for set in test-captions test-vqa; do
   $train eval "$out/tiny" --data "$out/$set/manifest.jsonl"
   $rt eval "$out/tiny-onnx" --data "$out/$set/manifest.jsonl"
 done
+
+echo "== the package behind the OpenAI-compatible server, asked through the openai client =="
+$rt serve "$out/tiny-onnx" --port 0 > "$out/serve.out" 2> "$out/serve.log" &
+server=$!
+trap 'kill "$server" 2>/dev/null || true' EXIT
+for _ in $(seq 300); do grep -q '^listening on ' "$out/serve.out" && break; sleep 0.1; done
+url=$(sed -n 's/^listening on //p' "$out/serve.out")
+.venv/bin/python - "$url" "$out/test-vqa/000000.png" "$q" <<'PY'
+import base64, sys
+import openai
+url, image, question = sys.argv[1:]
+client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+data = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
+r = client.chat.completions.create(
+    model="tiny-onnx", temperature=0, max_tokens=8,
+    messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data}},
+        {"type": "text", "text": question}]}])
+print(f"{url}: {question} {r.choices[0].message.content.strip()}  ({r.usage.total_tokens} tokens)")
+PY
+kill -TERM "$server" && wait "$server"
+trap - EXIT
+
 echo
 echo "checkpoint: $out/tiny (loss curve: $out/tiny/loss.png), package: $out/tiny-onnx"
+echo "serve it: $rt serve $out/tiny-onnx   (OpenAI-compatible, http://127.0.0.1:8000/v1)"
