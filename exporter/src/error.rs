@@ -9,7 +9,7 @@ pub enum ExportError {
     Checkpoint(#[from] ModelsError),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("unknown profile '{0}' (available: portable, ort)")]
+    #[error("unknown profile '{0}' (available: portable, ort, trt)")]
     UnknownProfile(String),
     #[error("unknown dtype '{0}' (available: fp32, fp16)")]
     UnknownDtype(String),

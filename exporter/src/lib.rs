@@ -46,6 +46,9 @@ pub const PRODUCER: &str = "kosmos-export";
 pub enum Profile {
     Portable,
     Ort,
+    /// Standard ops TensorRT's ONNX parser imports, plus `ai.kosmos` XPos / SubLnGelu nodes
+    /// (with their function bodies in the model) for the TensorRT plugins or ORT kernels.
+    Trt,
 }
 
 impl Profile {
@@ -53,6 +56,7 @@ impl Profile {
         match self {
             Profile::Portable => "portable",
             Profile::Ort => "ort",
+            Profile::Trt => "trt",
         }
     }
 }
@@ -63,6 +67,7 @@ impl FromStr for Profile {
         match s {
             "portable" => Ok(Profile::Portable),
             "ort" => Ok(Profile::Ort),
+            "trt" => Ok(Profile::Trt),
             other => Err(ExportError::UnknownProfile(other.to_string())),
         }
     }
@@ -125,6 +130,13 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         return Err(ExportError::Unsupported(
             "--kv-cache buffer with --profile ort (MultiHeadAttention concatenates its cache); \
              use --profile portable"
+                .into(),
+        ));
+    }
+    if opts.profile == Profile::Trt && opts.dtype != PackageDtype::Fp32 {
+        return Err(ExportError::Unsupported(
+            "--profile trt with --dtype fp16: the trt profile is float32 and TensorRT picks \
+             precisions when it builds an engine (trtexec --fp16)"
                 .into(),
         ));
     }
@@ -220,6 +232,7 @@ fn model_proto(
         ("kosmos.dtype", opts.dtype.as_str().to_string()),
         ("kosmos.kv_cache", opts.kv_cache.as_str().to_string()),
     ];
+    let uses_kosmos_ops = opsets.contains_key(kosmos_plugins::DOMAIN);
     ModelProto {
         ir_version: IR_VERSION,
         opset_import: opsets
@@ -239,7 +252,12 @@ fn model_proto(
                 value: v,
             })
             .collect(),
-        functions: Vec::new(),
+        // Model-local bodies of the ai.kosmos ops, so runtimes without their kernels inline them.
+        functions: if uses_kosmos_ops {
+            lower::kosmos_ops::functions()
+        } else {
+            Vec::new()
+        },
     }
 }
 

@@ -16,6 +16,7 @@ use kosmos_export::{ExportOptions, Profile, export, parse_dtype};
     after_help = "Examples:\n  \
         kosmos-export runs/tiny --to onnx -o pkg/tiny\n  \
         kosmos-export runs/k1 -o pkg/k1-fp16 --dtype fp16 --profile ort\n  \
+        kosmos-export runs/k1 -o pkg/k1-trt --profile trt\n  \
         kosmos-export inspect pkg/tiny/decoder.onnx\n  \
         kosmos-export verify runs/tiny pkg/tiny"
 )]
@@ -38,7 +39,9 @@ struct ExportArgs {
     #[arg(short, long, required = true)]
     output: Option<PathBuf>,
     /// portable: standard ONNX ops, opset 17; ort: ONNX Runtime contrib ops (MultiHeadAttention
-    /// with KV cache, RotaryEmbedding, fused GELU).
+    /// with KV cache, RotaryEmbedding, fused GELU); trt: ops TensorRT's parser imports plus
+    /// ai.kosmos XPos / SubLnGelu nodes (function bodies included; fused kernels in kosmos-rt,
+    /// TensorRT plugins in plugins/tensorrt), float32.
     #[arg(long, default_value = "portable")]
     profile: String,
     /// fp32 or fp16 (LayerNorm statistics, softmax and GELU stay fp32).
@@ -82,6 +85,10 @@ enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Run the ai.kosmos ops' ONNX function bodies instead of their fused kernels (trt
+        /// profile).
+        #[arg(long)]
+        without_custom_ops: bool,
     },
 }
 
@@ -114,10 +121,12 @@ fn run(cli: Cli) -> Result<i32> {
             steps,
             tolerance,
             json,
+            without_custom_ops,
         }) => {
             let opts = VerifyOptions {
                 decode_steps: steps,
                 tolerance,
+                without_custom_ops,
                 ..Default::default()
             };
             let r = verify(&checkpoint, &package, &opts).with_context(|| {

@@ -12,10 +12,20 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{ExportError, Result};
 
-/// A CPU session for `path` (ONNX Runtime loaded as the runtime crate does).
+/// A CPU session for `path` (ONNX Runtime loaded as the runtime crate does, the fused
+/// `ai.kosmos` kernels registered).
 pub fn session(path: &Path) -> Result<Session> {
-    kosmos_rt::ort_env::session(path, &kosmos_rt::SessionOptions::default())
-        .map_err(|e| ExportError::Ort(e.to_string()))
+    session_with(path, false)
+}
+
+/// As [`session`]; `without_custom_ops` leaves the `ai.kosmos` kernels out so ONNX Runtime
+/// inlines the ops' function bodies.
+pub fn session_with(path: &Path, without_custom_ops: bool) -> Result<Session> {
+    let opts = kosmos_rt::SessionOptions {
+        without_custom_ops,
+        ..Default::default()
+    };
+    kosmos_rt::ort_env::session(path, &opts).map_err(|e| ExportError::Ort(e.to_string()))
 }
 
 #[derive(Clone, Debug)]
@@ -25,6 +35,8 @@ pub struct VerifyOptions {
     /// to the largest reference magnitude of that output).
     pub tolerance: Option<f64>,
     pub seed: i64,
+    /// Run the `ai.kosmos` ops' function bodies instead of their fused kernels.
+    pub without_custom_ops: bool,
 }
 
 impl Default for VerifyOptions {
@@ -33,6 +45,7 @@ impl Default for VerifyOptions {
             decode_steps: 8,
             tolerance: None,
             seed: 0,
+            without_custom_ops: false,
         }
     }
 }
@@ -209,8 +222,8 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
         d.head_dim() as i64,
     );
     let vocab = d.vocab_size as i64;
-    let mut vision = session(&pkg.join(&manifest.vision.file))?;
-    let mut decoder = session(&pkg.join(&manifest.decoder.file))?;
+    let mut vision = session_with(&pkg.join(&manifest.vision.file), opts.without_custom_ops)?;
+    let mut decoder = session_with(&pkg.join(&manifest.decoder.file), opts.without_custom_ops)?;
 
     // Two prompts, left-padded to one length: text before and after the image in each.
     tch::manual_seed(opts.seed);

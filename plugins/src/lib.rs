@@ -1,6 +1,80 @@
-//! `kosmos-plugins`: the custom ops of domain `ai.kosmos` (DESIGN §6) — xPos and sub-LN — each
-//! with a written spec, an ONNX FunctionProto body of standard ops, a fused ONNX Runtime CPU
-//! kernel, and (under `plugins/tensorrt/`) a TensorRT IPluginV3 with CUDA kernels.
+//! `kosmos-plugins`: the custom ops of domain `ai.kosmos`, version 1 (DESIGN §6), for the two
+//! pieces of KOSMOS-1 that standard ONNX spells out in many small nodes: xPos and the FFN's
+//! sub-LN.
 //!
-//! Not written yet: this crate holds no op code, and exposes nothing that pretends to.
-//! The plugins issue fills it.
+//! Each op has four forms that must agree (tests/plugins.rs checks the first three to ≤1e-5):
+//! * the spec below;
+//! * an ONNX `FunctionProto` body of standard opset-17 ops, written into every `trt`-profile
+//!   model by `kosmos-export` (`kosmos_export::lower::kosmos_ops`), so ONNX Runtime and
+//!   TensorRT's parser inline it wherever no kernel is registered;
+//! * a fused ONNX Runtime CPU kernel ([`ort_ops`], math in [`reference`]), which `kosmos-rt`
+//!   registers on its sessions (a registered kernel takes precedence over the model-local
+//!   function);
+//! * a TensorRT `IPluginV3` with CUDA kernels (`plugins/tensorrt/`, built with CMake where the
+//!   TensorRT SDK is installed; nodes carry `plugin_namespace = "ai.kosmos"`).
+//!
+//! # `ai.kosmos::XPos` (v1)
+//!
+//! Rotary embedding with xPos's per-position scale (Sun et al. 2022, as torchscale 0.3.0),
+//! GPT-J-style interleaved pairs, for any per-token absolute positions and a fixed centre.
+//!
+//! * input `X`: T[batch, heads, seq, head_dim] (head_dim even) — queries or keys, one head each;
+//! * input `positions`: int64[batch, seq] — absolute position t of each token;
+//! * output `Y`: T, same shape as `X`;
+//! * attributes: `theta` (float, 10000), `scale_base` (float, 512), `centre` (float, c),
+//!   `downscale` (int: 0 for queries, 1 for keys); `plugin_namespace`, `plugin_version`
+//!   (strings, read by TensorRT's parser only);
+//! * T: float32 (the `trt` profile is float32; TensorRT chooses precisions when it builds).
+//!
+//! With d = head_dim, i = 0..d/2, θ_i = 1 / theta^(i/(d/2)), ζ_i = (2i + 0.4d) / (1.4d),
+//! s_i = ζ_i^((t − c)/scale_base) for queries and 1/ζ_i^((t − c)/scale_base) for keys:
+//!
+//! ```text
+//! Y[.., 2i]   = (X[.., 2i]·cos(tθ_i) − X[.., 2i+1]·sin(tθ_i)) · s_i
+//! Y[.., 2i+1] = (X[.., 2i+1]·cos(tθ_i) + X[.., 2i]·sin(tθ_i)) · s_i
+//! ```
+//!
+//! The tables are formed in float32 exactly as the trainer forms them (`kosmos_train`'s xPos).
+//!
+//! # `ai.kosmos::SubLnGelu` (v1)
+//!
+//! The middle of the sub-LN feed-forward block, `ffn_layernorm(gelu(fc1(x)))`:
+//!
+//! * inputs `X`: T[..., F], `gamma`: T[F], `beta`: T[F]; output `Y`: T[..., F];
+//! * attribute `epsilon` (float, 1e-5); `plugin_namespace`, `plugin_version` as above;
+//! * `Y = (G − mean(G)) / sqrt(var(G) + epsilon) · gamma + beta` over the last axis, with
+//!   `G = 0.5·X·(1 + erf(X/√2))` (exact GELU) and the biased variance.
+//!
+//! The LayerNorm before `out_proj` (`inner_attn_ln`) stays a standard `LayerNormalization`: it
+//! has nothing to fuse with (TensorRT ≥ 8.6 and ONNX Runtime have it natively).
+
+pub mod ort_ops;
+pub mod reference;
+
+/// The op domain of every custom op here.
+pub const DOMAIN: &str = "ai.kosmos";
+/// Its version.
+pub const DOMAIN_VERSION: i64 = 1;
+/// The `plugin_namespace` the TensorRT plugins register under, carried by every node.
+pub const PLUGIN_NAMESPACE: &str = "ai.kosmos";
+/// The `plugin_version` of the TensorRT plugins.
+pub const PLUGIN_VERSION: &str = "1";
+
+/// `ai.kosmos::XPos`.
+pub mod xpos {
+    pub const OP: &str = "XPos";
+    pub const THETA: &str = "theta";
+    pub const SCALE_BASE: &str = "scale_base";
+    pub const CENTRE: &str = "centre";
+    pub const DOWNSCALE: &str = "downscale";
+}
+
+/// `ai.kosmos::SubLnGelu`.
+pub mod subln {
+    pub const OP: &str = "SubLnGelu";
+    pub const EPSILON: &str = "epsilon";
+}
+
+/// Attributes every node carries for TensorRT's parser.
+pub const PLUGIN_NAMESPACE_ATTR: &str = "plugin_namespace";
+pub const PLUGIN_VERSION_ATTR: &str = "plugin_version";

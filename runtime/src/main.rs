@@ -37,6 +37,9 @@ struct Engine {
     /// Intra-op threads (0: ONNX Runtime's default).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Do not register the fused ai.kosmos kernels (their ONNX function bodies run instead).
+    #[arg(long)]
+    without_custom_ops: bool,
 }
 
 #[derive(Subcommand)]
@@ -197,6 +200,7 @@ fn session_options(e: &Engine, package: &std::path::Path) -> SessionOptions {
         },
         allow_fallback: e.allow_fallback,
         threads: e.threads,
+        without_custom_ops: e.without_custom_ops,
     }
 }
 

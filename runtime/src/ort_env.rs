@@ -95,6 +95,9 @@ pub struct SessionOptions {
     pub allow_fallback: bool,
     /// Intra-op threads (0: ONNX Runtime's default).
     pub threads: usize,
+    /// Leave the fused `ai.kosmos` kernels (`kosmos_plugins`) unregistered, so ONNX Runtime
+    /// inlines the ops' function bodies instead (a check that both agree).
+    pub without_custom_ops: bool,
 }
 
 /// Check that the loaded ONNX Runtime has the provider `opts.device` needs.
@@ -147,6 +150,12 @@ pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
     let mut b = Session::builder(&env).map_err(err)?;
     if opts.threads > 0 {
         b = b.with_intra_threads(opts.threads).map_err(|e| err(e.into()))?;
+    }
+    if !opts.without_custom_ops {
+        // Harmless for graphs without ai.kosmos nodes; for `trt` packages it replaces the
+        // function bodies with the fused kernels.
+        let domain = kosmos_plugins::ort_ops::operator_domain().map_err(err)?;
+        b = b.with_operators(domain).map_err(|e| err(e.into()))?;
     }
     if use_device {
         let ep = match &opts.device {

@@ -88,8 +88,12 @@ impl Lower<'_, '_, '_> {
             let h = self.layer_norm(&x, &format!("{pl}.final_layer_norm"), eps)?;
             let f = format!("{pl}.ffn");
             let h = self.linear(&h, &format!("{f}.fc1"), true)?;
-            let h = self.in_module(&f, |l| l.gelu(&h))?;
-            let h = self.layer_norm(&h, &format!("{f}.ffn_layernorm"), eps)?;
+            let h = if self.profile == Profile::Trt {
+                self.subln_gelu(&h, &format!("{f}.ffn_layernorm"), eps)?
+            } else {
+                let h = self.in_module(&f, |l| l.gelu(&h))?;
+                self.layer_norm(&h, &format!("{f}.ffn_layernorm"), eps)?
+            };
             let h = self.linear(&h, &format!("{f}.fc2"), true)?;
             x = self.in_module(&pl, |l| l.g.add(&x, &h))?;
         }
@@ -298,7 +302,8 @@ impl Lower<'_, '_, '_> {
             scatter,
         };
         let tables = XposTables::new(hd, d.xpos_scale_base, d.xpos_centre());
-        if self.profile == Profile::Ort {
+        // ort: RotaryEmbedding caches per layer; trt: ai.kosmos XPos nodes take the positions.
+        if self.profile != Profile::Portable {
             return Ok(pos);
         }
 
@@ -362,9 +367,15 @@ impl Lower<'_, '_, '_> {
                 let qh = l.split_heads(&q, heads)?;
                 let kh = l.split_heads(&k, heads)?;
                 let vh = l.split_heads(&v, heads)?;
-                let rot = pos.rotate.as_ref().expect("portable tables");
-                let qh = l.xpos(&qh, rot, pos.q_cos.as_ref().unwrap(), pos.q_sin.as_ref().unwrap())?;
-                let kh = l.xpos(&kh, rot, pos.k_cos.as_ref().unwrap(), pos.k_sin.as_ref().unwrap())?;
+                let (qh, kh) = if l.profile == Profile::Trt {
+                    (l.xpos_op(cfg, &qh, pos, false)?, l.xpos_op(cfg, &kh, pos, true)?)
+                } else {
+                    let rot = pos.rotate.as_ref().expect("portable tables");
+                    (
+                        l.xpos(&qh, rot, pos.q_cos.as_ref().unwrap(), pos.q_sin.as_ref().unwrap())?,
+                        l.xpos(&kh, rot, pos.k_cos.as_ref().unwrap(), pos.k_sin.as_ref().unwrap())?,
+                    )
+                };
                 let (keys, values) = match &pos.scatter {
                     // Written in place when the runtime binds one buffer as past and present.
                     Some(idx) => {
@@ -405,6 +416,33 @@ impl Lower<'_, '_, '_> {
         let out = self.layer_norm(&out, &format!("{a}.inner_attn_ln"), d.layernorm_eps)?;
         let out = self.linear(&out, &format!("{a}.out_proj"), true)?;
         Ok((out, present))
+    }
+
+    /// `ai.kosmos::XPos` on heads [b, h, s, hd] (queries, or keys when `keys`).
+    fn xpos_op(&mut self, cfg: &KosmosConfig, x: &Value, pos: &Positions, keys: bool) -> Result<Value> {
+        let d = &cfg.decoder;
+        let attrs = super::kosmos_ops::xpos_attributes(&super::kosmos_ops::XposNodeAttrs {
+            theta: super::kosmos_ops::XPOS_THETA,
+            scale_base: d.xpos_scale_base as f32,
+            centre: d.xpos_centre() as f32,
+            downscale: keys,
+        });
+        self.g
+            .use_domain(kosmos_plugins::DOMAIN, kosmos_plugins::DOMAIN_VERSION);
+        let name = if keys { "xpos_k" } else { "xpos_q" };
+        self.g.scope_push(name);
+        let y = self
+            .g
+            .node_in(
+                kosmos_plugins::DOMAIN,
+                kosmos_plugins::xpos::OP,
+                &[Some(x), Some(&pos.ids)],
+                attrs,
+                vec![(x.dtype, x.shape.clone())],
+            )
+            .remove(0);
+        self.g.scope_pop();
+        Ok(y)
     }
 
     /// x·cos + rotate_every_two(x)·sin with the pair rotation as a matrix product.

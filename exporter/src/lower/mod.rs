@@ -3,6 +3,7 @@
 //! rounding; `Profile::Ort` swaps groups of nodes for ONNX Runtime's fused contrib operators.
 
 pub mod decoder;
+pub mod kosmos_ops;
 pub mod vision;
 
 use half::f16;
@@ -123,6 +124,25 @@ impl Lower<'_, '_, '_> {
             let scale = w.param(&mut l.g, &format!("{prefix}.weight"))?;
             let bias = w.param(&mut l.g, &format!("{prefix}.bias"))?;
             Ok(l.g.layer_norm(x, &scale, &bias, eps))
+        })
+    }
+
+    /// `ai.kosmos::SubLnGelu`: LayerNorm `prefix` of GELU(x) in one node.
+    pub fn subln_gelu(&mut self, x: &Value, prefix: &str, eps: f64) -> Result<Value> {
+        let w = self.w;
+        self.in_module(prefix, |l| {
+            let scale = w.param(&mut l.g, &format!("{prefix}.weight"))?;
+            let bias = w.param(&mut l.g, &format!("{prefix}.bias"))?;
+            l.g.use_domain(kosmos_plugins::DOMAIN, kosmos_plugins::DOMAIN_VERSION);
+            Ok(l.g
+                .node_in(
+                    kosmos_plugins::DOMAIN,
+                    kosmos_plugins::subln::OP,
+                    &[Some(x), Some(&scale), Some(&bias)],
+                    kosmos_ops::subln_attributes(eps as f32),
+                    vec![(x.dtype, x.shape.clone())],
+                )
+                .remove(0))
         })
     }
 

@@ -127,7 +127,7 @@ pub enum Attr {
     Tensor(TensorProto),
 }
 
-fn attribute(name: &str, a: Attr) -> AttributeProto {
+pub fn attribute(name: &str, a: Attr) -> AttributeProto {
     let mut p = AttributeProto {
         name: name.to_string(),
         ..Default::default()

@@ -1,0 +1,141 @@
+//! Fused ONNX Runtime CPU kernels for the `ai.kosmos` ops, through `ort`'s custom-operator API.
+//! [`operator_domain`] is what a session registers. Float32 only, as the `trt` profile that
+//! uses these ops (a float16 node would find no kernel and fail to load, not run the body).
+
+use ort::operator::{
+    ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput,
+};
+use ort::value::TensorElementType;
+
+use crate::reference::{XposAttrs, subln_gelu, xpos};
+use crate::{DOMAIN, subln, xpos as xpos_names};
+
+/// The `ai.kosmos` domain with every op.
+pub fn operator_domain() -> ort::Result<OperatorDomain> {
+    OperatorDomain::new(DOMAIN)?.add(XposOp)?.add(SubLnGeluOp)
+}
+
+fn missing(what: &str) -> ort::Error {
+    ort::Error::new(format!("ai.kosmos: missing {what}"))
+}
+
+fn input_f32(ctx: &ComputeContext, idx: usize) -> ort::Result<(Vec<i64>, Vec<f32>)> {
+    let v = ctx.input(idx)?.ok_or_else(|| missing(&format!("input {idx}")))?;
+    let (shape, data) = v.try_extract_tensor::<f32>()?;
+    Ok((shape.to_vec(), data.to_vec()))
+}
+
+fn write_output(ctx: &ComputeContext, shape: Vec<i64>, data: &[f32]) -> ort::Result<()> {
+    let mut out = ctx.output(0, shape)?.ok_or_else(|| missing("output 0"))?;
+    let (_, dst) = out.try_extract_tensor_mut::<f32>()?;
+    dst.copy_from_slice(data);
+    Ok(())
+}
+
+pub struct XposOp;
+
+pub struct XposKernel {
+    attrs: XposAttrs,
+}
+
+impl Operator for XposOp {
+    type Kernel<'attr> = XposKernel;
+
+    fn name(&self) -> &str {
+        xpos_names::OP
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [
+            OperatorInput::required(TensorElementType::Float32),
+            OperatorInput::required(TensorElementType::Int64),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<XposKernel> {
+        let f = |name: &str| {
+            kctx.get::<f32>(name)
+                .ok_or_else(|| ort::Error::new(format!("ai.kosmos::XPos: attribute '{name}' missing")))
+        };
+        let downscale = kctx
+            .get::<i64>(xpos_names::DOWNSCALE)
+            .ok_or_else(|| ort::Error::new("ai.kosmos::XPos: attribute 'downscale' missing"))?;
+        Ok(XposKernel {
+            attrs: XposAttrs {
+                theta: f(xpos_names::THETA)?,
+                scale_base: f(xpos_names::SCALE_BASE)?,
+                centre: f(xpos_names::CENTRE)?,
+                downscale: downscale != 0,
+            },
+        })
+    }
+}
+
+impl Kernel for XposKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let (shape, x) = input_f32(ctx, 0)?;
+        let pos = ctx.input(1)?.ok_or_else(|| missing("input 1 (positions)"))?;
+        let (_, positions) = pos.try_extract_tensor::<i64>()?;
+        let dims: [usize; 4] = match shape.as_slice() {
+            [b, h, s, d] => [*b as usize, *h as usize, *s as usize, *d as usize],
+            _ => {
+                return Err(ort::Error::new(format!(
+                    "ai.kosmos::XPos: X must be [batch, heads, seq, head_dim], got {shape:?}"
+                )));
+            }
+        };
+        let mut y = vec![0f32; x.len()];
+        xpos(&x, dims, positions, &self.attrs, &mut y).map_err(ort::Error::new)?;
+        write_output(ctx, shape, &y)
+    }
+}
+
+pub struct SubLnGeluOp;
+
+pub struct SubLnGeluKernel {
+    epsilon: f32,
+}
+
+impl Operator for SubLnGeluOp {
+    type Kernel<'attr> = SubLnGeluKernel;
+
+    fn name(&self) -> &str {
+        subln::OP
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        let t = TensorElementType::Float32;
+        [
+            OperatorInput::required(t),
+            OperatorInput::required(t),
+            OperatorInput::required(t),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<SubLnGeluKernel> {
+        Ok(SubLnGeluKernel {
+            epsilon: kctx
+                .get::<f32>(subln::EPSILON)
+                .ok_or_else(|| ort::Error::new("ai.kosmos::SubLnGelu: attribute 'epsilon' missing"))?,
+        })
+    }
+}
+
+impl Kernel for SubLnGeluKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let (shape, x) = input_f32(ctx, 0)?;
+        let (_, gamma) = input_f32(ctx, 1)?;
+        let (_, beta) = input_f32(ctx, 2)?;
+        let mut y = vec![0f32; x.len()];
+        subln_gelu(&x, &gamma, &beta, self.epsilon, &mut y).map_err(ort::Error::new)?;
+        write_output(ctx, shape, &y)
+    }
+}

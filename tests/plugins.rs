@@ -1,0 +1,286 @@
+//! The `ai.kosmos` ops (DESIGN §6): for each, the fused ONNX Runtime kernel, the ONNX function
+//! body (ONNX Runtime inlining it when no kernel is registered) and the trainer's tch math agree
+//! to ≤1e-5 over random shapes with odd head dims and large offsets; a `trt`-profile package
+//! equals the trainer's logits with and without the kernels; its graphs use only ops TensorRT's
+//! ONNX parser imports, or `ai.kosmos`; and the TensorRT paths fail with one clear message here.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use kosmos_e2e::{checkpoint, export_package, workspace_root};
+use kosmos_export::Profile;
+use kosmos_export::lower::kosmos_ops::{SingleOp, XPOS_THETA, XposNodeAttrs, single_op_model};
+use kosmos_export::verify::{VerifyOptions, session_with, verify};
+use kosmos_models::KosmosConfig;
+use kosmos_models::package::{KvCacheLayout, PackageDtype};
+use kosmos_train::model::xpos::Xpos;
+use ort::value::Tensor;
+use tch::{Kind, Tensor as TchTensor};
+
+/// Deterministic values in [-2, 2).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect()
+}
+
+type Inputs = Vec<(&'static str, ort::value::DynValue)>;
+
+/// Run a single-op model with and without the fused kernels; (kernel output, body output).
+fn run_both(dir: &Path, op: SingleOp, inputs: impl Fn() -> Inputs) -> (Vec<f32>, Vec<f32>) {
+    let path = dir.join("op.onnx");
+    std::fs::write(&path, single_op_model(op)).unwrap();
+    let mut outs = Vec::new();
+    for without in [false, true] {
+        let mut s = session_with(&path, without).expect("session");
+        let r = s.run(inputs()).expect("run");
+        outs.push(r["Y"].try_extract_tensor::<f32>().unwrap().1.to_vec());
+    }
+    let body = outs.pop().unwrap();
+    (outs.pop().unwrap(), body)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn xpos_kernel_equals_function_body_equals_trainer() {
+    let dir = tempfile::tempdir().unwrap();
+    // (batch, heads, seq, head_dim, first position per row, centre). head_dim is even (pairs);
+    // "odd" ones have an odd number of pairs. Positions stay within 2 x centre, KOSMOS-1's range
+    // (2048 positions, centre 1024): further out keys reach |y| ~ 250, where one float32 ulp
+    // is already 1.5e-5.
+    let cases: &[(usize, usize, usize, usize, &[i64], f64)] = &[
+        (1, 1, 1, 2, &[0], 1024.0),
+        (2, 3, 5, 6, &[0, 17], 1024.0),
+        (1, 4, 7, 10, &[300], 128.0),
+        (3, 2, 4, 64, &[0, 1000, 2040], 1024.0),
+        (2, 1, 9, 34, &[5, 63], 64.0),
+        (1, 2, 3, 18, &[2045], 1024.0),
+    ];
+    for (ci, &(b, h, s, d, starts, centre)) in cases.iter().enumerate() {
+        let x = values(b * h * s * d, ci as u64 + 1);
+        let positions: Vec<i64> = starts
+            .iter()
+            .flat_map(|&p| (0..s as i64).map(move |i| p + i))
+            .collect();
+        // The trainer's xPos on the same values.
+        let xpos = Xpos::new(d, 512.0, centre);
+        let tables = xpos.tables(&TchTensor::from_slice(&positions).view([b as i64, s as i64]));
+        let xt = TchTensor::from_slice(&x).view([b as i64, h as i64, s as i64, d as i64]);
+        for keys in [false, true] {
+            let reference = if keys {
+                tables.apply_k(&xt)
+            } else {
+                tables.apply_q(&xt)
+            };
+            let reference: Vec<f32> =
+                Vec::<f32>::try_from(reference.to_kind(Kind::Float).flatten(0, -1)).unwrap();
+            let op = SingleOp::Xpos(XposNodeAttrs {
+                theta: XPOS_THETA,
+                scale_base: 512.0,
+                centre: centre as f32,
+                downscale: keys,
+            });
+            let inputs = || {
+                vec![
+                    (
+                        "X",
+                        Tensor::from_array(([b, h, s, d], x.clone())).unwrap().into_dyn(),
+                    ),
+                    (
+                        "positions",
+                        Tensor::from_array(([b, s], positions.clone()))
+                            .unwrap()
+                            .into_dyn(),
+                    ),
+                ]
+            };
+            let (kernel, body) = run_both(dir.path(), op, inputs);
+            let (dk, db, dkb) = (
+                max_diff(&kernel, &reference),
+                max_diff(&body, &reference),
+                max_diff(&kernel, &body),
+            );
+            let magnitude = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+            eprintln!(
+                "XPos {b}x{h}x{s}x{d} from {starts:?} centre {centre} {}: kernel {dk:.1e}, body {db:.1e}, kernel-body {dkb:.1e} (|y| ≤ {magnitude:.1})",
+                if keys { "k" } else { "q" }
+            );
+            assert!(dk <= 1e-5 && db <= 1e-5 && dkb <= 1e-5, "case {ci} keys={keys}");
+        }
+    }
+}
+
+#[test]
+fn subln_gelu_kernel_equals_function_body_equals_trainer() {
+    let dir = tempfile::tempdir().unwrap();
+    for (ci, &(n, f)) in [(1usize, 1usize), (3, 7), (5, 64), (2, 257), (17, 33)]
+        .iter()
+        .enumerate()
+    {
+        let x = values(n * f, 100 + ci as u64);
+        let gamma: Vec<f32> = values(f, 200 + ci as u64).iter().map(|v| 1.0 + v / 4.0).collect();
+        let beta = values(f, 300 + ci as u64);
+        let eps = 1e-5;
+        // The trainer's FFN: gelu (exact) then LayerNorm, in tch.
+        let xt = TchTensor::from_slice(&x).view([n as i64, f as i64]);
+        let reference = xt.gelu("none").layer_norm(
+            [f as i64],
+            Some(&TchTensor::from_slice(&gamma)),
+            Some(&TchTensor::from_slice(&beta)),
+            eps,
+            false,
+        );
+        let reference: Vec<f32> = Vec::<f32>::try_from(reference.flatten(0, -1)).unwrap();
+        let inputs = || {
+            vec![
+                ("X", Tensor::from_array(([n, f], x.clone())).unwrap().into_dyn()),
+                (
+                    "gamma",
+                    Tensor::from_array(([f], gamma.clone())).unwrap().into_dyn(),
+                ),
+                (
+                    "beta",
+                    Tensor::from_array(([f], beta.clone())).unwrap().into_dyn(),
+                ),
+            ]
+        };
+        let (kernel, body) = run_both(dir.path(), SingleOp::SubLnGelu { epsilon: eps as f32 }, inputs);
+        let (dk, db, dkb) = (
+            max_diff(&kernel, &reference),
+            max_diff(&body, &reference),
+            max_diff(&kernel, &body),
+        );
+        eprintln!("SubLnGelu {n}x{f}: kernel {dk:.1e}, body {db:.1e}, kernel-body {dkb:.1e}");
+        // f = 1 normalises to beta exactly; the others are real checks.
+        assert!(dk <= 1e-5 && db <= 1e-5 && dkb <= 1e-5, "case {ci}");
+    }
+}
+
+/// The op names of every node in the graphs of `pkg` (and of its function bodies), by domain.
+fn graph_ops(pkg: &Path) -> BTreeSet<(String, String)> {
+    let mut ops = BTreeSet::new();
+    for file in ["vision.onnx", "decoder.onnx"] {
+        let m = kosmos_export::onnx::inspect::load_model(&pkg.join(file)).unwrap();
+        let g = m.graph.as_ref().unwrap();
+        for n in &g.node {
+            ops.insert((n.domain.clone(), n.op_type.clone()));
+        }
+        for f in &m.functions {
+            for n in &f.node {
+                ops.insert((n.domain.clone(), n.op_type.clone()));
+            }
+        }
+    }
+    ops
+}
+
+#[test]
+fn trt_package_equals_trainer_with_and_without_kernels_and_uses_only_tensorrt_ops() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(&KosmosConfig::tiny(), 21, &dir.path().join("ckpt"));
+    let pkg = dir.path().join("trt");
+    export_package(
+        &ckpt,
+        &pkg,
+        Profile::Trt,
+        PackageDtype::Fp32,
+        KvCacheLayout::Concat,
+    );
+
+    for without_custom_ops in [false, true] {
+        let opts = VerifyOptions {
+            without_custom_ops,
+            ..Default::default()
+        };
+        let r = verify(&ckpt, &pkg, &opts).expect("verify");
+        for d in &r.diffs {
+            eprintln!(
+                "trt package, {}: {} max |diff| {:.2e}",
+                if without_custom_ops {
+                    "function bodies"
+                } else {
+                    "fused kernels"
+                },
+                d.output,
+                d.max_abs
+            );
+            assert!(d.max_abs <= 1e-4, "{d:?}");
+        }
+        assert_eq!(r.reference_tokens, r.package_tokens);
+        assert!(r.passed);
+    }
+
+    // Every node: an op TensorRT's ONNX parser imports (its published support matrix, kept in
+    // plugins/tensorrt/onnx_ops_supported.txt) or one of ours.
+    let list =
+        std::fs::read_to_string(workspace_root().join("plugins/tensorrt/onnx_ops_supported.txt")).unwrap();
+    let supported: BTreeSet<&str> = list
+        .lines()
+        .map(|l| l.split('#').next().unwrap().trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let ops = graph_ops(&pkg);
+    let mut ours = 0;
+    for (domain, op) in &ops {
+        match domain.as_str() {
+            "" | "ai.onnx" => assert!(
+                supported.contains(op.as_str()),
+                "{op} is not in TensorRT's ONNX operator list"
+            ),
+            "ai.kosmos" => {
+                assert!(
+                    ["XPos", "SubLnGelu"].contains(&op.as_str()),
+                    "unknown ai.kosmos op {op}"
+                );
+                ours += 1;
+            }
+            other => panic!("node {op} of domain {other} in a trt graph"),
+        }
+    }
+    assert_eq!(ours, 2, "both ai.kosmos ops are used: {ops:?}");
+    // Each ai.kosmos node names its TensorRT plugin.
+    let m = kosmos_export::onnx::inspect::load_model(&pkg.join("decoder.onnx")).unwrap();
+    for n in m
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .filter(|n| n.domain == "ai.kosmos")
+    {
+        let ns = n
+            .attribute
+            .iter()
+            .find(|a| a.name == "plugin_namespace")
+            .expect("plugin_namespace");
+        assert_eq!(ns.s.as_deref(), Some(b"ai.kosmos".as_slice()), "{}", n.name);
+    }
+}
+
+#[test]
+fn trt_profile_refuses_fp16_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(&KosmosConfig::tiny(), 2, &dir.path().join("ckpt"));
+    let opts = kosmos_export::ExportOptions {
+        profile: Profile::Trt,
+        dtype: PackageDtype::Fp16,
+        kv_cache: KvCacheLayout::Concat,
+        force: false,
+        progress: false,
+    };
+    let e = kosmos_export::export(&ckpt, &dir.path().join("pkg"), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("trtexec --fp16"), "{e}");
+    assert!(!dir.path().join("pkg").exists());
+}
