@@ -29,6 +29,7 @@ fn check_all(config: &KosmosConfig, seed: i64) {
         (Profile::Ort, PackageDtype::Fp16, KvCacheLayout::Concat),
         (Profile::Portable, PackageDtype::Fp32, KvCacheLayout::Buffer),
         (Profile::Portable, PackageDtype::Fp16, KvCacheLayout::Buffer),
+        (Profile::Trt, PackageDtype::Fp32, KvCacheLayout::Concat),
     ];
     for (profile, dtype, kv) in variants {
         {

@@ -1,5 +1,5 @@
 //! `kosmos-export inspect` summaries of the tiny preset's graphs in every profile and dtype (and
-//! the buffer KV layout's decoder), pinned with insta. A change to a lowering shows up here as a
+//! the buffer KV layout's decoder, and the trt profile with its function bodies), pinned with insta. A change to a lowering shows up here as a
 //! reviewed diff (`cargo insta review`).
 
 use kosmos_e2e::{checkpoint, export_package};
@@ -35,4 +35,16 @@ fn tiny_preset_graphs() {
         KvCacheLayout::Buffer,
     );
     insta::assert_snapshot!("tiny-portable-fp32-buffer-decoder", summarise(&pkg, "decoder"));
+    // The trt profile: ai.kosmos nodes and their function bodies.
+    let pkg = dir.path().join("trt");
+    export_package(
+        &ckpt,
+        &pkg,
+        Profile::Trt,
+        PackageDtype::Fp32,
+        KvCacheLayout::Concat,
+    );
+    for graph in ["vision", "decoder"] {
+        insta::assert_snapshot!(format!("tiny-trt-fp32-{graph}"), summarise(&pkg, graph));
+    }
 }

@@ -51,6 +51,9 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
+/// (batch, heads, seq, head_dim, first position of each row, centre).
+type XposCase = (usize, usize, usize, usize, &'static [i64], f64);
+
 #[test]
 fn xpos_kernel_equals_function_body_equals_trainer() {
     let dir = tempfile::tempdir().unwrap();
@@ -58,7 +61,7 @@ fn xpos_kernel_equals_function_body_equals_trainer() {
     // "odd" ones have an odd number of pairs. Positions stay within 2 x centre, KOSMOS-1's range
     // (2048 positions, centre 1024): further out keys reach |y| ~ 250, where one float32 ulp
     // is already 1.5e-5.
-    let cases: &[(usize, usize, usize, usize, &[i64], f64)] = &[
+    let cases: &[XposCase] = &[
         (1, 1, 1, 2, &[0], 1024.0),
         (2, 3, 5, 6, &[0, 17], 1024.0),
         (1, 4, 7, 10, &[300], 128.0),

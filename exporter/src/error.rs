@@ -15,6 +15,9 @@ pub enum ExportError {
     UnknownDtype(String),
     #[error("this model cannot be exported: {0}")]
     Unsupported(String),
+    /// TensorRT or the plugin library is missing, or trtexec failed.
+    #[error("TensorRT: {0}")]
+    TensorRt(String),
     #[error("graph construction: {0}")]
     Graph(String),
     #[error("{}: not a readable ONNX model: {message}", path.display())]

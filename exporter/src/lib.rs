@@ -12,7 +12,8 @@
 //! **Profiles.** `portable`: standard ONNX operators only, opset 17 (ONNX Runtime, TensorRT's
 //! parser and OpenVINO all take it). `ort`: ONNX Runtime's `com.microsoft` contrib operators where
 //! they help — `MultiHeadAttention` with the KV cache, `RotaryEmbedding` with xPos-scaled cos/sin
-//! caches, fused `Gelu`/`QuickGelu`.
+//! caches, fused `Gelu`/`QuickGelu`. `trt`: operators TensorRT's ONNX parser imports plus the
+//! `ai.kosmos` `XPos` / `SubLnGelu` nodes (`kosmos_plugins`), their function bodies in the model.
 //!
 //! **Precision.** `fp32`, or `fp16` weights and activations with LayerNorm statistics, softmax and
 //! GELU in fp32; graph inputs/outputs stay f32 except the fp16 KV cache.
@@ -20,6 +21,7 @@
 pub mod error;
 pub mod lower;
 pub mod onnx;
+pub mod trt;
 pub mod verify;
 
 use std::path::{Path, PathBuf};

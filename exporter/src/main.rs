@@ -32,7 +32,8 @@ struct ExportArgs {
     /// Checkpoint directory (config.json, model.safetensors, tokenizer.json).
     #[arg(required = true)]
     checkpoint: Option<PathBuf>,
-    /// Target format.
+    /// Target format: onnx (a package), or trt (a trt-profile package plus TensorRT engines
+    /// built by trtexec with the ai.kosmos plugin library; --dtype fp16 lets TensorRT use fp16).
     #[arg(long, value_enum, default_value = "onnx")]
     to: Target,
     /// Output package directory (refused if it exists, unless --force).
@@ -58,6 +59,12 @@ struct ExportArgs {
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
+    /// --to trt: the ai.kosmos TensorRT plugin library (default: $KOSMOS_TRT_PLUGINS).
+    #[arg(long)]
+    trt_plugins: Option<PathBuf>,
+    /// --to trt: largest batch the engines accept.
+    #[arg(long, default_value_t = 8)]
+    trt_max_batch: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -174,11 +181,20 @@ fn run(cli: Cli) -> Result<i32> {
             let dtype = parse_dtype(&a.dtype)?;
             let kv_cache = kosmos_export::parse_kv_cache(&a.kv_cache)?;
             if let Target::Trt = a.to {
-                bail!(
-                    "--to trt builds TensorRT engines and needs TensorRT (trtexec or libnvinfer), \
-                     which this build does not support; export --to onnx and build engines with \
-                     trtexec on a machine that has TensorRT"
-                );
+                // Checked before anything is written: the error names what is missing.
+                let tools = kosmos_export::trt::find_tools(a.trt_plugins.as_deref())?;
+                let opts = kosmos_export::trt::TrtOptions {
+                    fp16: dtype == kosmos_models::package::PackageDtype::Fp16,
+                    max_batch: a.trt_max_batch,
+                    force: a.force,
+                    progress: !a.quiet,
+                };
+                let engines = kosmos_export::trt::build(&checkpoint, &output, &tools, &opts)
+                    .with_context(|| format!("building TensorRT engines for {}", checkpoint.display()))?;
+                for e in engines {
+                    println!("{}", e.display());
+                }
+                return Ok(0);
             }
             let opts = ExportOptions {
                 profile,

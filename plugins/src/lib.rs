@@ -75,6 +75,12 @@ pub mod subln {
     pub const EPSILON: &str = "epsilon";
 }
 
+/// The TensorRT plugin library `plugins/tensorrt/CMakeLists.txt` builds.
+pub const TRT_PLUGIN_LIBRARY: &str = "libkosmos_trt_plugins.so";
+/// The environment variable naming it for `kosmos-export --to trt` and `kosmos-rt --device
+/// tensorrt`.
+pub const TRT_PLUGIN_LIBRARY_ENV: &str = "KOSMOS_TRT_PLUGINS";
+
 /// Attributes every node carries for TensorRT's parser.
 pub const PLUGIN_NAMESPACE_ATTR: &str = "plugin_namespace";
 pub const PLUGIN_VERSION_ATTR: &str = "plugin_version";

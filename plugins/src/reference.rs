@@ -20,7 +20,7 @@ pub fn xpos(
     out: &mut [f32],
 ) -> Result<(), String> {
     let [b, h, s, d] = shape;
-    if d % 2 != 0 {
+    if !d.is_multiple_of(2) {
         return Err(format!("XPos: head_dim {d} is odd"));
     }
     if positions.len() != b * s {
@@ -83,7 +83,7 @@ pub fn subln_gelu(
             beta.len()
         ));
     }
-    if x.len() % f != 0 || out.len() != x.len() {
+    if !x.len().is_multiple_of(f) || out.len() != x.len() {
         return Err(format!(
             "SubLnGelu: X has {} elements, not rows of {f} features",
             x.len()

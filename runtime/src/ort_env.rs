@@ -161,13 +161,25 @@ pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
         let ep = match &opts.device {
             Device::Cpu => None,
             Device::Cuda => Some(ort::ep::CUDA::default().build().error_on_failure()),
-            Device::TensorRt { engine_cache } => Some(
-                ort::ep::TensorRT::default()
+            Device::TensorRt { engine_cache } => {
+                let mut trt = ort::ep::TensorRT::default()
                     .with_engine_cache(true)
-                    .with_engine_cache_path(engine_cache.display())
-                    .build()
-                    .error_on_failure(),
-            ),
+                    .with_engine_cache_path(engine_cache.display());
+                // The ai.kosmos plugins, so TensorRT takes the trt profile's custom nodes.
+                if let Some(lib) = std::env::var_os(kosmos_plugins::TRT_PLUGIN_LIBRARY_ENV)
+                    .map(std::path::PathBuf::from)
+                    .filter(|p| p.is_file())
+                {
+                    trt = trt.with_extra_plugin_lib_paths(lib.display());
+                } else {
+                    tracing::warn!(
+                        "{} is not set to the ai.kosmos TensorRT plugin library; trt-profile \
+                         nodes run through their ONNX function bodies",
+                        kosmos_plugins::TRT_PLUGIN_LIBRARY_ENV
+                    );
+                }
+                Some(trt.build().error_on_failure())
+            }
         };
         if let Some(ep) = ep {
             b = b.with_execution_providers([ep]).map_err(|e| err(e.into()))?;

@@ -155,6 +155,43 @@ pub fn summary(model: &ModelProto) -> String {
     for (s, ops) in scopes {
         let _ = writeln!(out, "  {s} ({}): {}", ops.len(), ops.join(" "));
     }
+    // Model-local functions (the ai.kosmos op bodies of the trt profile), node by node.
+    for f in &model.functions {
+        let _ = writeln!(
+            out,
+            "function {}.{}({}) -> ({}) [{}]:",
+            f.domain,
+            f.name,
+            f.input.join(", "),
+            f.output.join(", "),
+            f.attribute.join(", ")
+        );
+        for n in &f.node {
+            let refs: Vec<String> = n
+                .attribute
+                .iter()
+                .map(|a| {
+                    if a.ref_attr_name.is_empty() {
+                        a.name.clone()
+                    } else {
+                        format!("{}=@{}", a.name, a.ref_attr_name)
+                    }
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "  {} = {}({}){}",
+                n.output.join(", "),
+                n.op_type,
+                n.input.join(", "),
+                if refs.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {{{}}}", refs.join(", "))
+                }
+            );
+        }
+    }
     out
 }
 
