@@ -334,8 +334,28 @@ impl Engine {
             while let Ok(r) = rx.try_recv() {
                 self.submit(r);
             }
-            self.step();
+            // A bug in one step must not take the server down: fail what was in flight and go on.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+            if stepped.is_err() {
+                tracing::error!("engine step panicked; failing the sequences in flight");
+                self.fail_all("internal error in the engine (see the server log)");
+            }
         }
+    }
+
+    /// End every running and waiting sequence with an error (their rows are free afterwards).
+    fn fail_all(&mut self, message: &str) {
+        let running = std::mem::take(&mut self.running);
+        let pending = std::mem::take(&mut self.pending);
+        let waiting = pending.len() as u64;
+        for mut req in running.into_iter().map(|r| r.req).chain(pending) {
+            self.metrics.finished("error", req.assembled.len(), 0);
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                (req.sink)(SeqEvent::Failed(SeqFailure::Engine(message.to_string())))
+            }));
+        }
+        self.metrics.queue_depth.fetch_sub(waiting, Ordering::Relaxed);
+        self.update_gauges();
     }
 
     /// Admit what fits, then advance every running sequence by one token.

@@ -343,7 +343,13 @@ fn run(cli: Cli) -> Result<()> {
                 allow_file_root,
                 ..Default::default()
             };
-            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            // One async worker is plenty for HTTP and JSON (image decoding runs on the blocking
+            // pool); the cores belong to the engine's ONNX Runtime threads.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
             rt.block_on(kosmos_rt::serve::serve(pkg, cfg, |addr| {
                 // Scripts read this line to find a port chosen with --port 0.
                 println!("listening on http://{addr}");
