@@ -7,26 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kosmos_e2e::{checkpoint, export_package};
-use kosmos_export::Profile;
-use kosmos_models::KosmosConfig;
-use kosmos_models::package::{KvCacheLayout, PackageDtype};
 use kosmos_rt::batch::{Engine, EngineConfig, SeqEvent, SeqFailure, SeqRequest};
 use kosmos_rt::metrics::Metrics;
 use kosmos_rt::{FinishReason, GenerateParams, ImageInput, Package, Prompt, SessionOptions, VisionCache};
 use kosmos_train::synthetic::{Split, Task, item};
 
 fn buffer_package(dir: &Path) -> std::path::PathBuf {
-    let ckpt = checkpoint(&KosmosConfig::tiny(), 7, &dir.join("ckpt"));
-    let pkg = dir.join("pkg");
-    export_package(
-        &ckpt,
-        &pkg,
-        Profile::Portable,
-        PackageDtype::Fp32,
-        KvCacheLayout::Buffer,
-    );
-    pkg
+    kosmos_e2e::tiny_buffer_package(dir, 7).1
 }
 
 fn png(i: u64) -> Vec<u8> {

@@ -54,3 +54,18 @@ pub fn tiny_package(dir: &Path, seed: i64) -> (PathBuf, PathBuf) {
     );
     (ckpt, pkg)
 }
+
+/// A random tiny checkpoint (`dir/ckpt`) and its package with the buffer KV layout (`dir/pkg`),
+/// as `kosmos-rt serve` needs.
+pub fn tiny_buffer_package(dir: &Path, seed: i64) -> (PathBuf, PathBuf) {
+    let ckpt = checkpoint(&KosmosConfig::tiny(), seed, &dir.join("ckpt"));
+    let pkg = dir.join("pkg");
+    export_package(
+        &ckpt,
+        &pkg,
+        Profile::Portable,
+        PackageDtype::Fp32,
+        KvCacheLayout::Buffer,
+    );
+    (ckpt, pkg)
+}

@@ -10,10 +10,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use kosmos_e2e::{checkpoint, export_package, workspace_root};
-use kosmos_export::Profile;
+use kosmos_e2e::workspace_root;
 use kosmos_models::KosmosConfig;
-use kosmos_models::package::{KvCacheLayout, PackageDtype};
 use kosmos_train::synthetic::{Split, Task, item};
 
 fn binary() -> PathBuf {
@@ -37,15 +35,7 @@ fn python() -> PathBuf {
 
 /// A random tiny package with the buffer layout (`dir/pkg`, model id "pkg") and four images.
 fn fixture(dir: &Path) -> (PathBuf, Vec<PathBuf>) {
-    let ckpt = checkpoint(&KosmosConfig::tiny(), 11, &dir.join("ckpt"));
-    let pkg = dir.join("pkg");
-    export_package(
-        &ckpt,
-        &pkg,
-        Profile::Portable,
-        PackageDtype::Fp32,
-        KvCacheLayout::Buffer,
-    );
+    let (_, pkg) = kosmos_e2e::tiny_buffer_package(dir, 11);
     let images = (0..4)
         .map(|i| {
             let p = dir.join(format!("img{i}.png"));

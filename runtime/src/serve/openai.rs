@@ -731,10 +731,14 @@ async fn respond(
     kind: Kind,
     sub: Submitted,
     total: usize,
-    streaming: bool,
-    include_usage: bool,
+    sampling: &Sampling,
 ) -> Result<Response, ApiError> {
-    if streaming {
+    if sampling.stream.unwrap_or(false) {
+        let include_usage = sampling
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
         return Ok(stream(st, kind, sub, total, include_usage));
     }
     // Held while waiting: a client that hangs up drops this future and cancels its sequences.
@@ -748,15 +752,8 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Re
     let (segments, urls) = st.chat_prompt(&req.messages)?;
     let prepared = st.prepare(segments, urls).await?;
     let (params, n) = st.params(&req.sampling, prepared.assembled.len())?;
-    let streaming = req.sampling.stream.unwrap_or(false);
-    let include_usage = req
-        .sampling
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
     let sub = st.submit(vec![prepared], &params, n)?;
-    respond(st, Kind::Chat, sub, n, streaming, include_usage).await
+    respond(st, Kind::Chat, sub, n, &req.sampling).await
 }
 
 pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
@@ -807,15 +804,8 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<
             "n",
         ));
     }
-    let streaming = req.sampling.stream.unwrap_or(false);
-    let include_usage = req
-        .sampling
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
     let sub = st.submit(prepared, &params, n)?;
-    respond(st, Kind::Completion, sub, total, streaming, include_usage).await
+    respond(st, Kind::Completion, sub, total, &req.sampling).await
 }
 
 pub async fn models(State(st): State<Arc<AppState>>) -> Response {
