@@ -670,6 +670,13 @@ impl Engine {
             let prompt_tokens = run.req.assembled.len();
             self.metrics
                 .finished(label, prompt_tokens, run.state.tokens.len());
+            tracing::debug!(
+                finish = label,
+                prompt_tokens,
+                generated = run.state.tokens.len(),
+                seconds = run.req.arrived.elapsed().as_secs_f64(),
+                "sequence finished"
+            );
             let summary = SeqSummary {
                 text: std::mem::take(&mut run.state.text),
                 tokens: std::mem::take(&mut run.state.tokens),

@@ -141,6 +141,7 @@ enum Command {
         KV memory: max-batch x capacity x 2 x layers x hidden x 4 bytes (fp32); the capacity follows\n\
         the longest prompt + max_tokens among running requests.")]
     Serve {
+        /// Package directory (exported with `--kv-cache buffer`).
         package: PathBuf,
         /// Address to listen on (0.0.0.0 exposes the server to the network).
         #[arg(long, default_value = "127.0.0.1")]
