@@ -151,6 +151,12 @@ pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
     if opts.threads > 0 {
         b = b.with_intra_threads(opts.threads).map_err(|e| err(e.into()))?;
     }
+    // Per-node timings as ONNX Runtime's JSON trace (chrome://tracing), for performance work.
+    if let Some(prefix) = std::env::var_os("KOSMOS_ORT_PROFILE") {
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let file = format!("{}{stem}", prefix.to_string_lossy());
+        b = b.with_profiling(&file).map_err(|e| err(e.into()))?;
+    }
     if !opts.without_custom_ops {
         // Harmless for graphs without ai.kosmos nodes; for `trt` packages it replaces the
         // function bodies with the fused kernels.
