@@ -153,7 +153,10 @@ pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
     }
     // Per-node timings as ONNX Runtime's JSON trace (chrome://tracing), for performance work.
     if let Some(prefix) = std::env::var_os("KOSMOS_ORT_PROFILE") {
-        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let file = format!("{}{stem}", prefix.to_string_lossy());
         b = b.with_profiling(&file).map_err(|e| err(e.into()))?;
     }
