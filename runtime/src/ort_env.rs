@@ -141,6 +141,11 @@ fn available_providers() -> Vec<String> {
 
 /// A session for the ONNX file `path`.
 pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
+    // ONNX Runtime adds a custom op domain to ONNX's process-wide schema registry when a session
+    // with it is created, and two sessions created at once race on that ("domain is already
+    // exist"): sessions are created one at a time.
+    static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = CREATING.lock().unwrap_or_else(|e| e.into_inner());
     let env = environment()?;
     let use_device = check_provider(opts)?;
     let err = |e: ort::Error| RtError::Package {
