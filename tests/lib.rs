@@ -43,29 +43,17 @@ pub fn export_package(
 
 /// A random tiny checkpoint (`dir/ckpt`) and its portable fp32 package (`dir/pkg`).
 pub fn tiny_package(dir: &Path, seed: i64) -> (PathBuf, PathBuf) {
-    let ckpt = checkpoint(&KosmosConfig::tiny(), seed, &dir.join("ckpt"));
-    let pkg = dir.join("pkg");
-    export_package(
-        &ckpt,
-        &pkg,
-        Profile::Portable,
-        PackageDtype::Fp32,
-        KvCacheLayout::Concat,
-    );
-    (ckpt, pkg)
+    tiny_with_layout(dir, seed, KvCacheLayout::Concat)
 }
 
-/// A random tiny checkpoint (`dir/ckpt`) and its package with the buffer KV layout (`dir/pkg`),
-/// as `kosmos-rt serve` needs.
+/// As [`tiny_package`] with the buffer KV layout, as `kosmos-rt serve` needs.
 pub fn tiny_buffer_package(dir: &Path, seed: i64) -> (PathBuf, PathBuf) {
+    tiny_with_layout(dir, seed, KvCacheLayout::Buffer)
+}
+
+fn tiny_with_layout(dir: &Path, seed: i64, kv_cache: KvCacheLayout) -> (PathBuf, PathBuf) {
     let ckpt = checkpoint(&KosmosConfig::tiny(), seed, &dir.join("ckpt"));
     let pkg = dir.join("pkg");
-    export_package(
-        &ckpt,
-        &pkg,
-        Profile::Portable,
-        PackageDtype::Fp32,
-        KvCacheLayout::Buffer,
-    );
+    export_package(&ckpt, &pkg, Profile::Portable, PackageDtype::Fp32, kv_cache);
     (ckpt, pkg)
 }
