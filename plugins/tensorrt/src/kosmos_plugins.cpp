@@ -48,6 +48,35 @@ int64_t volume(Dims const& d, int32_t from, int32_t to) {
   return v;
 }
 
+// What both plugins share: the capability dispatch, version and namespace, no workspace, no
+// per-shape state, and a context copy by clone().
+class KosmosPlugin : public IPluginV3,
+                     public IPluginV3OneCore,
+                     public IPluginV3OneBuild,
+                     public IPluginV3OneRuntime {
+ public:
+  IPluginCapability* getCapabilityInterface(PluginCapabilityType type) noexcept override {
+    switch (type) {
+      case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
+      case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
+      case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
+    }
+    return nullptr;
+  }
+  AsciiChar const* getPluginVersion() const noexcept override { return kVersion; }
+  AsciiChar const* getPluginNamespace() const noexcept override { return kNamespace; }
+  int32_t getNbOutputs() const noexcept override { return 1; }
+  size_t getWorkspaceSize(DynamicPluginTensorDesc const*, int32_t, DynamicPluginTensorDesc const*,
+                          int32_t) const noexcept override {
+    return 0;
+  }
+  int32_t onShapeChange(PluginTensorDesc const*, int32_t, PluginTensorDesc const*,
+                        int32_t) noexcept override {
+    return 0;
+  }
+  IPluginV3* attachToContext(IPluginResourceContext*) noexcept override { return clone(); }
+};
+
 // ---- XPos ------------------------------------------------------------------------------------
 
 struct XposParams {
@@ -57,28 +86,13 @@ struct XposParams {
   int32_t downscale = 0;
 };
 
-class XposPlugin : public IPluginV3,
-                   public IPluginV3OneCore,
-                   public IPluginV3OneBuild,
-                   public IPluginV3OneRuntime {
+class XposPlugin : public KosmosPlugin {
  public:
   explicit XposPlugin(XposParams p) : p_(p) { sync_fields(); }
 
-  IPluginCapability* getCapabilityInterface(PluginCapabilityType type) noexcept override {
-    switch (type) {
-      case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
-      case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
-      case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
-  }
   IPluginV3* clone() noexcept override { return new XposPlugin(p_); }
 
   AsciiChar const* getPluginName() const noexcept override { return "XPos"; }
-  AsciiChar const* getPluginVersion() const noexcept override { return kVersion; }
-  AsciiChar const* getPluginNamespace() const noexcept override { return kNamespace; }
-
-  int32_t getNbOutputs() const noexcept override { return 1; }
   int32_t configurePlugin(DynamicPluginTensorDesc const*, int32_t nbInputs,
                           DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept override {
     return nbInputs == 2 && nbOutputs == 1 ? 0 : -1;
@@ -106,15 +120,6 @@ class XposPlugin : public IPluginV3,
     }
     return false;
   }
-  size_t getWorkspaceSize(DynamicPluginTensorDesc const*, int32_t, DynamicPluginTensorDesc const*,
-                          int32_t) const noexcept override {
-    return 0;
-  }
-
-  int32_t onShapeChange(PluginTensorDesc const*, int32_t, PluginTensorDesc const*,
-                        int32_t) noexcept override {
-    return 0;
-  }
   int32_t enqueue(PluginTensorDesc const* in, PluginTensorDesc const*, void const* const* inputs,
                   void* const* outputs, void*, cudaStream_t stream) noexcept override {
     Dims const& d = in[0].dims;
@@ -140,7 +145,6 @@ class XposPlugin : public IPluginV3,
                            static_cast<int64_t const*>(inputs[1]), static_cast<float*>(outputs[0]),
                            b, h, s, hd, p_.theta, p_.scale_base, p_.centre, p_.downscale, stream);
   }
-  IPluginV3* attachToContext(IPluginResourceContext*) noexcept override { return clone(); }
   PluginFieldCollection const* getFieldsToSerialize() noexcept override { return &fc_; }
 
  private:
@@ -162,10 +166,7 @@ class XposPlugin : public IPluginV3,
 
 // ---- SubLnGelu -------------------------------------------------------------------------------
 
-class SubLnGeluPlugin : public IPluginV3,
-                        public IPluginV3OneCore,
-                        public IPluginV3OneBuild,
-                        public IPluginV3OneRuntime {
+class SubLnGeluPlugin : public KosmosPlugin {
  public:
   explicit SubLnGeluPlugin(float epsilon) : epsilon_(epsilon) {
     field_ = PluginField("epsilon", &epsilon_, PluginFieldType::kFLOAT32, 1);
@@ -173,21 +174,9 @@ class SubLnGeluPlugin : public IPluginV3,
     fc_.fields = &field_;
   }
 
-  IPluginCapability* getCapabilityInterface(PluginCapabilityType type) noexcept override {
-    switch (type) {
-      case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
-      case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
-      case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
-  }
   IPluginV3* clone() noexcept override { return new SubLnGeluPlugin(epsilon_); }
 
   AsciiChar const* getPluginName() const noexcept override { return "SubLnGelu"; }
-  AsciiChar const* getPluginVersion() const noexcept override { return kVersion; }
-  AsciiChar const* getPluginNamespace() const noexcept override { return kNamespace; }
-
-  int32_t getNbOutputs() const noexcept override { return 1; }
   int32_t configurePlugin(DynamicPluginTensorDesc const*, int32_t nbInputs,
                           DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept override {
     return nbInputs == 3 && nbOutputs == 1 ? 0 : -1;
@@ -211,15 +200,6 @@ class SubLnGeluPlugin : public IPluginV3,
     if (pos == 0) return d.type == DataType::kFLOAT || d.type == DataType::kHALF;
     return d.type == io[0].desc.type;
   }
-  size_t getWorkspaceSize(DynamicPluginTensorDesc const*, int32_t, DynamicPluginTensorDesc const*,
-                          int32_t) const noexcept override {
-    return 0;
-  }
-
-  int32_t onShapeChange(PluginTensorDesc const*, int32_t, PluginTensorDesc const*,
-                        int32_t) noexcept override {
-    return 0;
-  }
   int32_t enqueue(PluginTensorDesc const* in, PluginTensorDesc const*, void const* const* inputs,
                   void* const* outputs, void*, cudaStream_t stream) noexcept override {
     Dims const& d = in[0].dims;
@@ -235,7 +215,6 @@ class SubLnGeluPlugin : public IPluginV3,
                                  static_cast<float const*>(inputs[2]),
                                  static_cast<float*>(outputs[0]), rows, f, epsilon_, stream);
   }
-  IPluginV3* attachToContext(IPluginResourceContext*) noexcept override { return clone(); }
   PluginFieldCollection const* getFieldsToSerialize() noexcept override { return &fc_; }
 
  private:
