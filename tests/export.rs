@@ -242,3 +242,27 @@ fn buffer_layout_rows_with_different_past_lengths_share_a_call() {
         diff(&together[vocab..], &alone_b)
     );
 }
+
+/// The portable decoder is written in the patterns ONNX Runtime's optimiser fuses: one Gelu
+/// kernel per FFN (BiasGelu with fc1's bias) instead of five elementwise nodes, and the buffer
+/// layout's cache writes as row copies (ScatterND), not per-element ScatterElements. Both were a
+/// measurable share of a batch-8 decode step at full size (README, "Performance").
+#[test]
+fn onnx_runtime_fuses_the_portable_decoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pkg) = kosmos_e2e::tiny_buffer_package(dir.path(), 3);
+    let layers = KosmosConfig::tiny().decoder.decoder_layers;
+    let out = Command::new(common::venv_python())
+        .arg(common::scripts_dir().join("oracles/ort_fusions.py"))
+        .arg(pkg.join("decoder.onnx"))
+        .output()
+        .expect("run ort_fusions.py");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let counts: std::collections::BTreeMap<String, usize> =
+        serde_json::from_slice(&out.stdout).expect("op counts");
+    let n = |op: &str| counts.get(op).copied().unwrap_or(0);
+    assert_eq!(n("Gelu") + n("BiasGelu"), layers, "{counts:?}");
+    assert_eq!(n("Erf"), 0, "{counts:?}");
+    assert_eq!(n("ScatterND"), 2 * layers, "{counts:?}");
+    assert_eq!(n("ScatterElements"), 0, "{counts:?}");
+}

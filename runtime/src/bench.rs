@@ -31,12 +31,14 @@ impl Default for BenchOptions {
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchReport {
-    /// Batch 1: image preprocessing + vision + prefill + first token, median over runs.
+    /// The batch size the latency figures below were measured at: the smallest one run.
+    pub latency_batch: usize,
+    /// Image preprocessing + vision + prefill + first token, median over runs.
     pub ttft_ms: f64,
     pub vision_ms: f64,
     pub prefill_ms: f64,
     pub prompt_tokens: usize,
-    /// Batch 1 decode step (one token), median and 90th percentile over all steps of all runs.
+    /// One decode step, median and 90th percentile over all steps of all runs.
     pub decode_ms_median: f64,
     pub decode_ms_p90: f64,
     /// Decode throughput (tokens of all rows per second of decode steps) by batch size.
@@ -109,6 +111,7 @@ pub fn run(pkg: &mut Package, opts: &BenchOptions) -> Result<BenchReport> {
     let mut tokens_per_s = BTreeMap::new();
     let mut e2e = BTreeMap::new();
     let mut prompt_tokens = 0;
+    let latency_batch = opts.batches.iter().copied().min().unwrap_or(1);
     for &b in &opts.batches {
         let prompts: Vec<Prompt> = (0..b as u32).map(prompt).collect::<Result<_>>()?;
         pkg.generate(&mut cache, &prompts, &params, &mut |_, _| true)?; // warm-up
@@ -124,7 +127,7 @@ pub fn run(pkg: &mut Package, opts: &BenchOptions) -> Result<BenchReport> {
             generated += g.iter().map(|x| x.tokens.len()).sum::<usize>();
             decode_total += t.decode_ms.iter().sum::<f64>() / 1e3;
             decode_tokens += b * t.decode_ms.len();
-            if b == 1 {
+            if b == latency_batch {
                 prompt_tokens = g[0].prompt_tokens;
                 vision.push(t.vision_ms);
                 prefill.push(t.prefill_ms);
@@ -136,6 +139,7 @@ pub fn run(pkg: &mut Package, opts: &BenchOptions) -> Result<BenchReport> {
         e2e.insert(b, generated as f64 / wall_total.max(1e-9));
     }
     Ok(BenchReport {
+        latency_batch,
         ttft_ms: median(&mut ttft),
         vision_ms: median(&mut vision),
         prefill_ms: median(&mut prefill),

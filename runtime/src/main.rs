@@ -293,12 +293,12 @@ fn run(cli: Cli) -> Result<()> {
                     r.prompt_tokens, r.new_tokens
                 );
                 println!(
-                    "ttft             {:.1} ms (vision {:.1} ms + prefill {:.1} ms)",
-                    r.ttft_ms, r.vision_ms, r.prefill_ms
+                    "ttft             {:.1} ms (vision {:.1} ms + prefill {:.1} ms) at batch {}",
+                    r.ttft_ms, r.vision_ms, r.prefill_ms, r.latency_batch
                 );
                 println!(
-                    "decode           {:.2} ms/token median, {:.2} p90",
-                    r.decode_ms_median, r.decode_ms_p90
+                    "decode           {:.2} ms/step median, {:.2} p90 at batch {}",
+                    r.decode_ms_median, r.decode_ms_p90, r.latency_batch
                 );
                 for (b, t) in &r.tokens_per_s {
                     println!(

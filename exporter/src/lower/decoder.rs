@@ -28,7 +28,7 @@ struct Positions {
     rotate: Option<Value>,
     /// Which keys each new token sees: bool [b, 1, s, t] (portable) or additive f32 bias (ort).
     visible: Value,
-    /// Buffer layout: the cache slot of each new key/value, i64 [b, heads, s, hd].
+    /// Buffer layout: (row, head, slot) of each new key/value row, i64 [b, heads, s, 3].
     scatter: Option<Value>,
 }
 
@@ -232,20 +232,37 @@ impl Lower<'_, '_, '_> {
                 let queries = g.unsqueeze(&slots, &[2])?; // [b, s, 1]
                 let causal = g.less_or_equal(&keys, &queries)?; // [b, s, t]
                 let causal = g.unsqueeze(&causal, &[1])?; // [b, 1, s, t]
-                // Where each new key/value goes, [b, heads, s, hd] for ScatterElements.
+                // Where each new key/value goes: (row, head, slot) per [b, heads, s] for
+                // ScatterND, which copies whole head_dim rows (ScatterElements walks every
+                // element, a tenth of a batch-8 decode step at full size).
                 let heads = d.decoder_attention_heads as i64;
-                let slots4 = g.reshape(&slots, &[0, 1, -1, 1], shape![&b, 1i64, &s, 1i64])?;
                 let b_vec = g.shape_of(ids, 0, 1);
+                let b_scalar = g.squeeze(&b_vec, &[0])?;
                 let h = g.i64s(&[heads])?;
-                let hdv = g.i64s(&[hd as i64])?;
-                let target = g.concat(&[&b_vec, &h, &s_vec, &hdv], 0, Dim::Fixed(4));
-                let scatter = g.node(
-                    "Expand",
-                    &[&slots4, &target],
+                let one_vec = g.i64s(&[1])?;
+                let target = g.concat(&[&b_vec, &h, &s_vec, &one_vec], 0, Dim::Fixed(4));
+                let rows = g.node(
+                    "Range",
+                    &[&zero, &b_scalar, &step],
                     vec![],
                     DType::I64,
-                    shape![&b, heads, &s, hd as i64],
+                    shape![&b],
                 );
+                let rows = g.reshape(&rows, &[-1, 1, 1, 1], shape![&b, 1i64, 1i64, 1i64])?;
+                let head_ids: Vec<i64> = (0..heads).collect();
+                let head_ids = g.constant(&[1, heads, 1, 1], Data::I64(&head_ids))?;
+                let slots4 = g.reshape(&slots, &[0, 1, -1, 1], shape![&b, 1i64, &s, 1i64])?;
+                let mut parts = Vec::with_capacity(3);
+                for part in [&rows, &head_ids, &slots4] {
+                    parts.push(g.node(
+                        "Expand",
+                        &[part, &target],
+                        vec![],
+                        DType::I64,
+                        shape![&b, heads, &s, 1i64],
+                    ));
+                }
+                let scatter = g.concat(&[&parts[0], &parts[1], &parts[2]], 3, Dim::Fixed(3));
                 (ids_pos, causal, Some(scatter))
             }
             // Concat layout: the new tokens are the last s of the mask.
@@ -379,18 +396,17 @@ impl Lower<'_, '_, '_> {
                 let (keys, values) = match &pos.scatter {
                     // Written in place when the runtime binds one buffer as past and present.
                     Some(idx) => {
-                        let attrs = || vec![("axis", Attr::Int(2))];
                         let k = l.g.node(
-                            "ScatterElements",
+                            "ScatterND",
                             &[past_k, idx, &kh],
-                            attrs(),
+                            vec![],
                             kh.dtype,
                             past_k.shape.clone(),
                         );
                         let v = l.g.node(
-                            "ScatterElements",
+                            "ScatterND",
                             &[past_v, idx, &vh],
-                            attrs(),
+                            vec![],
                             vh.dtype,
                             past_v.shape.clone(),
                         );
