@@ -246,7 +246,7 @@ fn buffer_layout_rows_with_different_past_lengths_share_a_call() {
 /// The portable decoder is written in the patterns ONNX Runtime's optimiser fuses: one Gelu
 /// kernel per FFN (BiasGelu with fc1's bias) instead of five elementwise nodes, and the buffer
 /// layout's cache writes as row copies (ScatterND), not per-element ScatterElements. Both were a
-/// measurable share of a batch-8 decode step at full size (README, "Performance").
+/// measurable share of a batch-8 decode step at full size (README, "Performance (CPU)").
 #[test]
 fn onnx_runtime_fuses_the_portable_decoder() {
     let dir = tempfile::tempdir().unwrap();
