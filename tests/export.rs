@@ -22,29 +22,75 @@ fn export_pkg(ckpt: &Path, out: &Path, profile: Profile, dtype: PackageDtype) {
 fn check_all(config: &KosmosConfig, seed: i64) {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = common::make_checkpoint(config, seed, &dir.path().join("ckpt"));
+    // The last field: decoder linears as ai.kosmos::PackedLinear (verify runs its kernel,
+    // onnx_check.py's ONNX Runtime its function body).
     let variants = [
-        (Profile::Portable, PackageDtype::Fp32, KvCacheLayout::Concat),
-        (Profile::Portable, PackageDtype::Fp16, KvCacheLayout::Concat),
-        (Profile::Ort, PackageDtype::Fp32, KvCacheLayout::Concat),
-        (Profile::Ort, PackageDtype::Fp16, KvCacheLayout::Concat),
-        (Profile::Portable, PackageDtype::Fp32, KvCacheLayout::Buffer),
-        (Profile::Portable, PackageDtype::Fp16, KvCacheLayout::Buffer),
-        (Profile::Trt, PackageDtype::Fp32, KvCacheLayout::Concat),
+        (
+            Profile::Portable,
+            PackageDtype::Fp32,
+            KvCacheLayout::Concat,
+            false,
+        ),
+        (
+            Profile::Portable,
+            PackageDtype::Fp16,
+            KvCacheLayout::Concat,
+            false,
+        ),
+        (Profile::Ort, PackageDtype::Fp32, KvCacheLayout::Concat, false),
+        (Profile::Ort, PackageDtype::Fp16, KvCacheLayout::Concat, false),
+        (
+            Profile::Portable,
+            PackageDtype::Fp32,
+            KvCacheLayout::Buffer,
+            false,
+        ),
+        (
+            Profile::Portable,
+            PackageDtype::Fp16,
+            KvCacheLayout::Buffer,
+            false,
+        ),
+        (Profile::Trt, PackageDtype::Fp32, KvCacheLayout::Concat, false),
+        (Profile::Portable, PackageDtype::Fp32, KvCacheLayout::Buffer, true),
+        (Profile::Ort, PackageDtype::Fp32, KvCacheLayout::Concat, true),
     ];
-    for (profile, dtype, kv) in variants {
+    for (profile, dtype, kv, packed_linears) in variants {
         {
-            let tag = format!("{}-{}-{}", profile.as_str(), dtype.as_str(), kv.as_str());
+            let packed = if packed_linears { "-packed" } else { "" };
+            let tag = format!("{}-{}-{}{packed}", profile.as_str(), dtype.as_str(), kv.as_str());
             let pkg = dir.path().join(tag);
-            export_kv(&ckpt, &pkg, profile, dtype, kv);
+            let opts = kosmos_export::ExportOptions {
+                profile,
+                dtype,
+                kv_cache: kv,
+                packed_linears,
+                force: false,
+                progress: false,
+            };
+            kosmos_export::export(&ckpt, &pkg, &opts).expect("export");
             let m = PackageManifest::load(&pkg).expect("manifest");
             assert_eq!(m.config, *config);
             assert_eq!(m.dtype, dtype);
             assert_eq!(m.decoder.kv_cache, kv);
+            // Every decoder linear (q, k, v, out, fc1, fc2 per layer, and the LM head) is packed,
+            // or none is; the vision graph never is.
+            let count = |file: &str| {
+                let model = kosmos_export::onnx::inspect::load_model(&pkg.join(file)).unwrap();
+                let g = model.graph.unwrap();
+                g.node
+                    .iter()
+                    .filter(|n| n.op_type == kosmos_plugins::packed::OP)
+                    .count()
+            };
+            let linears = 6 * config.decoder.decoder_layers + 1;
+            assert_eq!(count("decoder.onnx"), if packed_linears { linears } else { 0 });
+            assert_eq!(count("vision.onnx"), 0);
 
             let r = verify(&ckpt, &pkg, &VerifyOptions::default()).expect("verify");
             for d in &r.diffs {
                 eprintln!(
-                    "{} {} {} {}: max |diff| {:.2e} (relative {:.2e})",
+                    "{} {} {}{packed} {}: max |diff| {:.2e} (relative {:.2e})",
                     profile.as_str(),
                     dtype.as_str(),
                     kv.as_str(),

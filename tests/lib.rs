@@ -35,6 +35,7 @@ pub fn export_package(
         profile,
         dtype,
         kv_cache,
+        packed_linears: false,
         force: false,
         progress: false,
     };

@@ -169,6 +169,60 @@ fn subln_gelu_kernel_equals_function_body_equals_trainer() {
     }
 }
 
+#[test]
+fn packed_linear_kernel_equals_function_body_equals_tch_linear() {
+    use kosmos_plugins::packed_linear::{PANEL, pack_out_in, panels};
+    let dir = tempfile::tempdir().unwrap();
+    // (batch, seq, in k, out n): ragged last panels (n % 32 ≠ 0), more than one 8-row tile,
+    // depth beyond one 512-deep pass, and the 1- and 8-row shapes of decode steps.
+    let cases = [
+        (1usize, 1usize, 1usize, 1usize),
+        (1, 1, 64, 32),
+        (2, 3, 37, 70),
+        (8, 1, 256, 100),
+        (3, 5, 600, 33),
+        (1, 17, 48, 64),
+    ];
+    for (ci, &(b, s, k, n)) in cases.iter().enumerate() {
+        let x = values(b * s * k, 400 + ci as u64);
+        // A Linear's scale (|w| ≤ 0.1), so outputs are O(1) as in the model.
+        let w: Vec<f32> = values(n * k, 500 + ci as u64).iter().map(|v| v * 0.05).collect();
+        let bias = values(n, 600 + ci as u64);
+        // tch's Linear: x · wᵀ + b with w [out, in], as the trainer's layers.
+        let reference = TchTensor::from_slice(&x)
+            .view([b as i64, s as i64, k as i64])
+            .linear(
+                &TchTensor::from_slice(&w).view([n as i64, k as i64]),
+                Some(&TchTensor::from_slice(&bias)),
+            );
+        let reference: Vec<f32> = Vec::<f32>::try_from(reference.flatten(0, -1)).unwrap();
+        let packed = pack_out_in(&w, n, k);
+        let inputs = || {
+            vec![
+                (
+                    "X",
+                    Tensor::from_array(([b, s, k], x.clone())).unwrap().into_dyn(),
+                ),
+                (
+                    "W_packed",
+                    Tensor::from_array(([panels(n), k, PANEL], packed.clone()))
+                        .unwrap()
+                        .into_dyn(),
+                ),
+                ("B", Tensor::from_array(([n], bias.clone())).unwrap().into_dyn()),
+            ]
+        };
+        let (kernel, body) = run_both(dir.path(), SingleOp::PackedLinear { n }, inputs);
+        let (dk, db, dkb) = (
+            max_diff(&kernel, &reference),
+            max_diff(&body, &reference),
+            max_diff(&kernel, &body),
+        );
+        eprintln!("PackedLinear {b}x{s}x{k} -> {n}: kernel {dk:.1e}, body {db:.1e}, kernel-body {dkb:.1e}");
+        assert!(dk <= 1e-5 && db <= 1e-5 && dkb <= 1e-5, "case {ci}");
+    }
+}
+
 /// The op names of every node in the graphs of `pkg` (and of its function bodies), by domain.
 fn graph_ops(pkg: &Path) -> BTreeSet<(String, String)> {
     let mut ops = BTreeSet::new();
@@ -278,6 +332,7 @@ fn trt_profile_refuses_fp16_with_the_reason() {
         profile: Profile::Trt,
         dtype: PackageDtype::Fp16,
         kv_cache: KvCacheLayout::Concat,
+        packed_linears: false,
         force: false,
         progress: false,
     };

@@ -100,6 +100,9 @@ pub struct ExportOptions {
     /// How the decoder passes its KV cache (`concat`: the HF/GenAI convention; `buffer`:
     /// fixed-capacity buffers updated in place).
     pub kv_cache: KvCacheLayout,
+    /// Write the decoder's linears as `ai.kosmos::PackedLinear` (kosmos-rt's small-batch CPU
+    /// GEMM; function bodies keep the package runnable anywhere).
+    pub packed_linears: bool,
     /// Replace an existing output directory.
     pub force: bool,
     /// Show a progress bar per component.
@@ -139,6 +142,13 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         return Err(ExportError::Unsupported(
             "--profile trt with --dtype fp16: the trt profile is float32 and TensorRT picks \
              precisions when it builds an engine (trtexec --fp16)"
+                .into(),
+        ));
+    }
+    if opts.packed_linears && (opts.profile == Profile::Trt || opts.dtype != PackageDtype::Fp32) {
+        return Err(ExportError::Unsupported(
+            "--packed-linears needs --dtype fp32 and --profile portable or ort: its kernel is \
+             a float32 CPU kernel, and TensorRT has no plugin for it"
                 .into(),
         ));
     }
@@ -209,6 +219,8 @@ fn write_component(
         w: &weights,
         profile: opts.profile,
         kv_cache: opts.kv_cache,
+        // The vision tower runs once per image at 257+ rows, where MLAS's GEMM is the better one.
+        packed_linears: opts.packed_linears && file == package::DECODER_FILE,
     };
     build(&mut lower)?;
     let (graph, opsets) = lower.g.finish();
@@ -228,13 +240,17 @@ fn model_proto(
     cfg: &KosmosConfig,
     opts: &ExportOptions,
 ) -> ModelProto {
-    let meta = [
+    let mut meta = vec![
         ("kosmos.variant", cfg.variant.to_string()),
         ("kosmos.profile", opts.profile.as_str().to_string()),
         ("kosmos.dtype", opts.dtype.as_str().to_string()),
         ("kosmos.kv_cache", opts.kv_cache.as_str().to_string()),
     ];
-    let uses_kosmos_ops = opsets.contains_key(kosmos_plugins::DOMAIN);
+    if opts.packed_linears {
+        meta.push(("kosmos.linears", "packed".to_string()));
+    }
+    // Model-local bodies of the ai.kosmos ops it calls, so runtimes without their kernels inline them.
+    let functions = lower::kosmos_ops::functions_called(&graph.node);
     ModelProto {
         ir_version: IR_VERSION,
         opset_import: opsets
@@ -254,12 +270,7 @@ fn model_proto(
                 value: v,
             })
             .collect(),
-        // Model-local bodies of the ai.kosmos ops, so runtimes without their kernels inline them.
-        functions: if uses_kosmos_ops {
-            lower::kosmos_ops::functions()
-        } else {
-            Vec::new()
-        },
+        functions,
     }
 }
 

@@ -53,6 +53,12 @@ struct ExportArgs {
     /// past_sequence_length; kosmos-rt binds them once per sequence).
     #[arg(long, default_value = "concat")]
     kv_cache: String,
+    /// Store the decoder's linear weights in 32-column panels for ai.kosmos::PackedLinear,
+    /// kosmos-rt's CPU GEMM for the few rows of a decode step (faster batched decoding on the
+    /// CPU; fp32, portable or ort profile). The function bodies keep the package runnable by
+    /// any ONNX runtime.
+    #[arg(long)]
+    packed_linears: bool,
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
@@ -200,6 +206,7 @@ fn run(cli: Cli) -> Result<i32> {
                 profile,
                 dtype,
                 kv_cache,
+                packed_linears: a.packed_linears,
                 force: a.force,
                 progress: !a.quiet,
             };

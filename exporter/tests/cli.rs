@@ -126,6 +126,14 @@ fn bad_input_gets_one_clear_error_and_no_output() {
             ],
             "use --profile portable",
         ),
+        (
+            vec![s(&ckpt), "-o", s(&out), "--packed-linears", "--dtype", "fp16"],
+            "--packed-linears needs --dtype fp32",
+        ),
+        (
+            vec![s(&ckpt), "-o", s(&out), "--packed-linears", "--profile", "trt"],
+            "TensorRT has no plugin for it",
+        ),
     ];
     for (args, want) in &cases {
         let o = exporter(args);

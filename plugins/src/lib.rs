@@ -47,8 +47,26 @@
 //!
 //! The LayerNorm before `out_proj` (`inner_attn_ln`) stays a standard `LayerNormalization`: it
 //! has nothing to fuse with (TensorRT ≥ 8.6 and ONNX Runtime have it natively).
+//!
+//! # `ai.kosmos::PackedLinear` (v1)
+//!
+//! A linear layer whose weight is stored in 32-column panels, for a CPU GEMM that serves the
+//! 1–16 rows of a decode step at memory speed ([`packed_linear`] says why). `kosmos-export
+//! --packed-linears` writes the decoder's linears this way; the vision graph keeps `MatMul`.
+//!
+//! * inputs `X`: T[..., K]; `W_packed`: T[P, K, 32] with P = ⌈n/32⌉ and
+//!   `W_packed[p, k, c] = W[k, 32p + c]` (zero for 32p + c ≥ n); `B`: T[n] (zeros for a linear
+//!   without bias: a function input cannot be left out);
+//! * attribute `n` (int): output features;
+//! * output `Y`: T[..., n] = `X · W + B`;
+//! * T: float32 (the kernel is float32; the exporter refuses `--dtype fp16` with it).
+//!
+//! The function body unpacks with `Transpose(perm = [1, 0, 2])`, `Reshape([K, P·32])` and
+//! `Slice` to n columns, then `MatMul` and `Add`; ONNX Runtime folds the unpacking of a constant
+//! weight once at load, so a runtime without the kernel runs the plain `MatMul`.
 
 pub mod ort_ops;
+pub mod packed_linear;
 pub mod reference;
 
 /// The op domain of every custom op here.
@@ -73,6 +91,13 @@ pub mod xpos {
 pub mod subln {
     pub const OP: &str = "SubLnGelu";
     pub const EPSILON: &str = "epsilon";
+}
+
+/// `ai.kosmos::PackedLinear`.
+pub mod packed {
+    pub const OP: &str = "PackedLinear";
+    /// Output features (the packed weight's last panel may be padded).
+    pub const N: &str = "n";
 }
 
 /// The TensorRT plugin library `plugins/tensorrt/CMakeLists.txt` builds.

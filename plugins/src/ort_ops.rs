@@ -7,12 +7,16 @@ use ort::operator::{
 };
 use ort::value::TensorElementType;
 
+use crate::packed_linear::{Dims, Isa, run_task};
 use crate::reference::{XposAttrs, subln_gelu, xpos};
-use crate::{DOMAIN, subln, xpos as xpos_names};
+use crate::{DOMAIN, packed, subln, xpos as xpos_names};
 
 /// The `ai.kosmos` domain with every op.
 pub fn operator_domain() -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?.add(XposOp)?.add(SubLnGeluOp)
+    OperatorDomain::new(DOMAIN)?
+        .add(XposOp)?
+        .add(SubLnGeluOp)?
+        .add(PackedLinearOp)
 }
 
 fn missing(what: &str) -> ort::Error {
@@ -137,5 +141,91 @@ impl Kernel for SubLnGeluKernel {
         let mut y = vec![0f32; x.len()];
         subln_gelu(&x, &gamma, &beta, self.epsilon, &mut y).map_err(ort::Error::new)?;
         write_output(ctx, shape, &y)
+    }
+}
+
+pub struct PackedLinearOp;
+
+pub struct PackedLinearKernel {
+    n: usize,
+    isa: Isa,
+}
+
+impl Operator for PackedLinearOp {
+    type Kernel<'attr> = PackedLinearKernel;
+
+    fn name(&self) -> &str {
+        packed::OP
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        let t = TensorElementType::Float32;
+        [
+            OperatorInput::required(t),
+            OperatorInput::required(t),
+            OperatorInput::required(t),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<PackedLinearKernel> {
+        let n = kctx.get::<i64>(packed::N).filter(|&n| n > 0).ok_or_else(|| {
+            ort::Error::new("ai.kosmos::PackedLinear: attribute 'n' missing or not positive")
+        })?;
+        Ok(PackedLinearKernel {
+            n: n as usize,
+            isa: Isa::detect(),
+        })
+    }
+}
+
+/// A pointer that tasks on ONNX Runtime's pool may share: each writes its own columns.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: the tasks of one call write disjoint columns (packed_linear::run_task).
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Kernel for PackedLinearKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let xv = ctx.input(0)?.ok_or_else(|| missing("input 0 (X)"))?;
+        let wv = ctx.input(1)?.ok_or_else(|| missing("input 1 (W_packed)"))?;
+        let bv = ctx.input(2)?.ok_or_else(|| missing("input 2 (B)"))?;
+        let (xs, x) = xv.try_extract_tensor::<f32>()?;
+        let (_, w) = wv.try_extract_tensor::<f32>()?;
+        let (_, b) = bv.try_extract_tensor::<f32>()?;
+        let Some((&k, lead)) = xs.split_last() else {
+            return Err(ort::Error::new("ai.kosmos::PackedLinear: X is a scalar"));
+        };
+        let d = Dims {
+            m: lead.iter().product::<i64>() as usize,
+            k: k as usize,
+            n: self.n,
+        };
+        let mut shape = lead.to_vec();
+        shape.push(self.n as i64);
+        let mut out = ctx.output(0, shape)?.ok_or_else(|| missing("output 0"))?;
+        let (_, y) = out.try_extract_tensor_mut::<f32>()?;
+        d.check(x.len(), w.len(), b.len(), y.len())
+            .map_err(ort::Error::new)?;
+        if d.m == 0 {
+            return Ok(());
+        }
+        let (xp, wp, bp) = (
+            Shared(x.as_ptr().cast_mut()),
+            Shared(w.as_ptr().cast_mut()),
+            Shared(b.as_ptr().cast_mut()),
+        );
+        let yp = Shared(y.as_mut_ptr());
+        let isa = self.isa;
+        ctx.par_for(d.tasks(), 0, move |task| {
+            let (xp, wp, bp, yp) = (xp, wp, bp, yp);
+            // SAFETY: sizes checked above; each task index is run once and writes its own
+            // columns of y.
+            unsafe { run_task(isa, d, xp.0, wp.0, bp.0, yp.0, task) }
+        })
     }
 }

@@ -6,9 +6,10 @@
 //! ζ = (2i + 0.4d)/(1.4d), cos/sin and ζ^e multiplied before use) and are typed float32: the
 //! `trt` profile is float32, TensorRT picks precisions when it builds an engine.
 
+use kosmos_plugins::packed_linear::PANEL;
 use kosmos_plugins::{
     DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_NAMESPACE_ATTR, PLUGIN_VERSION, PLUGIN_VERSION_ATTR,
-    subln, xpos,
+    packed, subln, xpos,
 };
 
 use crate::onnx::builder::{Attr, DType};
@@ -271,9 +272,45 @@ pub fn subln_gelu_function() -> FunctionProto {
     )
 }
 
-/// Every `ai.kosmos` function, for a model that calls any of them.
+/// `ai.kosmos::PackedLinear(X, W_packed, B) -> Y`: unpack the panels, then `MatMul` + `Add`.
+pub fn packed_linear_function() -> FunctionProto {
+    let mut b = Body::new();
+    // [P, K, 32] → [K, P, 32] → [K, P·32] → the first n columns.
+    let kp = b.op("Transpose", &["W_packed"], vec![attr_ints("perm", &[1, 0, 2])]);
+    let flat_shape = b.ints(&[0, -1]);
+    let flat = b.op("Reshape", &[&kp, &flat_shape], vec![]);
+    let n = b.int_attr(packed::N);
+    let one_dim = b.ints(&[1]);
+    let n = b.op("Reshape", &[&n, &one_dim], vec![]);
+    let zero = b.ints(&[0]);
+    let w = b.op("Slice", &[&flat, &zero, &n, &one_dim], vec![]);
+    let xw = b.op("MatMul", &["X", &w], vec![]);
+    b.op_to("Add", &[&xw, "B"], vec![], "Y");
+    b.finish(
+        packed::OP,
+        &["X", "W_packed", "B"],
+        &["Y"],
+        &[packed::N],
+        "X · W + B with W stored in 32-column panels (kosmos_plugins crate docs)",
+    )
+}
+
+/// Every `ai.kosmos` function.
 pub fn functions() -> Vec<FunctionProto> {
-    vec![xpos_function(), subln_gelu_function()]
+    vec![xpos_function(), subln_gelu_function(), packed_linear_function()]
+}
+
+/// The `ai.kosmos` functions that `nodes` call, for the model that holds them.
+pub fn functions_called(nodes: &[NodeProto]) -> Vec<FunctionProto> {
+    functions()
+        .into_iter()
+        .filter(|f| nodes.iter().any(|n| n.domain == DOMAIN && n.op_type == f.name))
+        .collect()
+}
+
+/// Attributes of a `PackedLinear` node with `n` output features.
+pub fn packed_linear_attributes(n: usize) -> Vec<(&'static str, Attr)> {
+    vec![(packed::N, Attr::Int(n as i64))]
 }
 
 /// Attributes of an `XPos` node, for [`GraphBuilder::node_in`](crate::onnx::builder::GraphBuilder::node_in).
@@ -304,6 +341,8 @@ pub enum SingleOp {
     Xpos(XposNodeAttrs),
     /// Inputs `X` f32[n, f], `gamma` f32[f], `beta` f32[f].
     SubLnGelu { epsilon: f32 },
+    /// Inputs `X` f32[b, s, k], `W_packed` f32[p, k, 32], `B` f32[n].
+    PackedLinear { n: usize },
 }
 
 /// A model whose graph is one call of `op` (output `Y`), with the function bodies included:
@@ -333,10 +372,24 @@ pub fn single_op_model(op: SingleOp) -> Vec<u8> {
             ],
             subln_attributes(epsilon),
         ),
+        SingleOp::PackedLinear { n } => (
+            packed::OP,
+            vec![
+                value_info("X", DType::F32, &[sym("b"), sym("s"), sym("k")]),
+                value_info(
+                    "W_packed",
+                    DType::F32,
+                    &[sym("p"), sym("k"), Dim::Fixed(PANEL as i64)],
+                ),
+                value_info("B", DType::F32, &[Dim::Fixed(n as i64)]),
+            ],
+            packed_linear_attributes(n),
+        ),
     };
     let output_shape: Vec<Dim> = match op {
         SingleOp::Xpos(_) => vec![sym("b"), sym("h"), sym("s"), sym("d")],
         SingleOp::SubLnGelu { .. } => vec![sym("n"), sym("f")],
+        SingleOp::PackedLinear { n } => vec![sym("b"), sym("s"), Dim::Fixed(n as i64)],
     };
     let node = NodeProto {
         input: inputs.iter().map(|v| v.name.clone()).collect(),

@@ -11,7 +11,7 @@ use safetensors::SafeTensors;
 
 use crate::Profile;
 use crate::error::{ExportError, Result};
-use crate::onnx::builder::{Attr, DType, Data, GraphBuilder, Value};
+use crate::onnx::builder::{Attr, DType, Data, Dim, GraphBuilder, Value};
 
 /// ONNX Runtime's contrib-op domain.
 pub const MS_DOMAIN: &str = "com.microsoft";
@@ -95,6 +95,8 @@ pub struct Lower<'a, 'c, 'w> {
     pub w: &'a Weights<'c>,
     pub profile: Profile,
     pub kv_cache: kosmos_models::package::KvCacheLayout,
+    /// Write linears as `ai.kosmos::PackedLinear` (the decoder of `--packed-linears`).
+    pub packed_linears: bool,
 }
 
 impl Lower<'_, '_, '_> {
@@ -105,6 +107,9 @@ impl Lower<'_, '_, '_> {
     /// `x @ W^T + b` for checkpoint Linear `prefix` (`prefix.weight`, optional `prefix.bias`),
     /// nodes under the scope of the module's path.
     pub fn linear(&mut self, x: &Value, prefix: &str, bias: bool) -> Result<Value> {
+        if self.packed_linears {
+            return self.packed_linear(x, prefix, bias);
+        }
         let w = self.w;
         self.in_module(prefix, |l| {
             let wt = w.param_t(&mut l.g, &format!("{prefix}.weight"))?;
@@ -114,6 +119,42 @@ impl Lower<'_, '_, '_> {
                 None
             };
             l.g.linear(x, &wt, b.as_ref())
+        })
+    }
+
+    /// Linear `prefix` as one `ai.kosmos::PackedLinear` node: the weight in 32-column panels
+    /// (`<prefix>.weight.packed`), the bias or zeros (`<prefix>.bias.zeros`).
+    fn packed_linear(&mut self, x: &Value, prefix: &str, bias: bool) -> Result<Value> {
+        use kosmos_plugins::packed_linear::{PANEL, pack_out_in, panels};
+        let w = self.w;
+        self.in_module(prefix, |l| {
+            let (v, shape) = w.read(&format!("{prefix}.weight"))?;
+            let (n, k) = (shape[0], shape[1]);
+            let wp = w.put(
+                &mut l.g,
+                &format!("{prefix}.weight.packed"),
+                &[panels(n), k, PANEL],
+                &pack_out_in(&v, n, k),
+            )?;
+            let b = if bias {
+                w.param(&mut l.g, &format!("{prefix}.bias"))?
+            } else {
+                w.put(&mut l.g, &format!("{prefix}.bias.zeros"), &[n], &vec![0f32; n])?
+            };
+            let mut out_shape = x.shape.clone();
+            if let Some(last) = out_shape.last_mut() {
+                *last = Dim::Fixed(n as i64);
+            }
+            l.g.use_domain(kosmos_plugins::DOMAIN, kosmos_plugins::DOMAIN_VERSION);
+            Ok(l.g
+                .node_in(
+                    kosmos_plugins::DOMAIN,
+                    kosmos_plugins::packed::OP,
+                    &[Some(x), Some(&wp), Some(&b)],
+                    kosmos_ops::packed_linear_attributes(n),
+                    vec![(x.dtype, out_shape)],
+                )
+                .remove(0))
         })
     }
 
