@@ -247,7 +247,10 @@ fn model_proto(
         ("kosmos.kv_cache", opts.kv_cache.as_str().to_string()),
     ];
     if opts.packed_linears {
-        meta.push(("kosmos.linears", "packed".to_string()));
+        meta.push((
+            kosmos_plugins::packed::METADATA_KEY,
+            kosmos_plugins::packed::METADATA_PACKED.to_string(),
+        ));
     }
     // Model-local bodies of the ai.kosmos ops it calls, so runtimes without their kernels inline them.
     let functions = lower::kosmos_ops::functions_called(&graph.node);

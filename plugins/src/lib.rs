@@ -98,6 +98,9 @@ pub mod packed {
     pub const OP: &str = "PackedLinear";
     /// Output features (the packed weight's last panel may be padded).
     pub const N: &str = "n";
+    /// Model metadata key and value the exporter sets on a graph whose linears are packed.
+    pub const METADATA_KEY: &str = "kosmos.linears";
+    pub const METADATA_PACKED: &str = "packed";
 }
 
 /// The TensorRT plugin library `plugins/tensorrt/CMakeLists.txt` builds.

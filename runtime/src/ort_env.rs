@@ -199,5 +199,24 @@ pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
             b = b.with_execution_providers([ep]).map_err(|e| err(e.into()))?;
         }
     }
-    b.commit_from_file(path).map_err(err)
+    let session = b.commit_from_file(path).map_err(err)?;
+    if use_device && has_packed_linears(&session) {
+        tracing::warn!(
+            "{}: its linears are ai.kosmos::PackedLinear, a CPU kernel, so ONNX Runtime runs them \
+             on the CPU beside {:?}; export without --packed-linears for GPU serving",
+            path.display(),
+            opts.device
+        );
+    }
+    Ok(session)
+}
+
+/// Whether `kosmos-export --packed-linears` wrote this graph (its metadata says so).
+fn has_packed_linears(session: &Session) -> bool {
+    use kosmos_plugins::packed::{METADATA_KEY, METADATA_PACKED};
+    session
+        .metadata()
+        .ok()
+        .and_then(|m| m.custom(METADATA_KEY))
+        .is_some_and(|v| v == METADATA_PACKED)
 }
