@@ -23,6 +23,16 @@ fn missing(what: &str) -> ort::Error {
     ort::Error::new(format!("ai.kosmos: missing {what}"))
 }
 
+/// `count` required float32 inputs.
+fn f32_inputs(count: usize) -> impl IntoIterator<Item = OperatorInput> {
+    (0..count).map(|_| OperatorInput::required(TensorElementType::Float32))
+}
+
+/// One float32 output, as every op here has.
+fn f32_output() -> impl IntoIterator<Item = OperatorOutput> {
+    [OperatorOutput::required(TensorElementType::Float32)]
+}
+
 fn input_f32(ctx: &ComputeContext, idx: usize) -> ort::Result<(Vec<i64>, Vec<f32>)> {
     let v = ctx.input(idx)?.ok_or_else(|| missing(&format!("input {idx}")))?;
     let (shape, data) = v.try_extract_tensor::<f32>()?;
@@ -57,7 +67,7 @@ impl Operator for XposOp {
     }
 
     fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
-        [OperatorOutput::required(TensorElementType::Float32)]
+        f32_output()
     }
 
     fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<XposKernel> {
@@ -112,16 +122,11 @@ impl Operator for SubLnGeluOp {
     }
 
     fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
-        let t = TensorElementType::Float32;
-        [
-            OperatorInput::required(t),
-            OperatorInput::required(t),
-            OperatorInput::required(t),
-        ]
+        f32_inputs(3)
     }
 
     fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
-        [OperatorOutput::required(TensorElementType::Float32)]
+        f32_output()
     }
 
     fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<SubLnGeluKernel> {
@@ -159,16 +164,11 @@ impl Operator for PackedLinearOp {
     }
 
     fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
-        let t = TensorElementType::Float32;
-        [
-            OperatorInput::required(t),
-            OperatorInput::required(t),
-            OperatorInput::required(t),
-        ]
+        f32_inputs(3)
     }
 
     fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
-        [OperatorOutput::required(TensorElementType::Float32)]
+        f32_output()
     }
 
     fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<PackedLinearKernel> {

@@ -207,7 +207,7 @@ unsafe fn tile(
             Isa::Avx512 => by_rows!(tile_avx512),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => by_rows!(tile_avx2),
-            _ => by_rows!(tile_portable),
+            _ => by_rows!(tile_generic),
         }
     }
 }
@@ -250,16 +250,6 @@ unsafe fn tile_avx512<const R: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_avx2<const R: usize>(
-    x: *const f32,
-    ldx: usize,
-    w: *const f32,
-    depth: usize,
-    acc: &mut [[f32; PANEL]; TILE_ROWS],
-) {
-    unsafe { tile_generic::<R>(x, ldx, w, depth, acc) }
-}
-
-unsafe fn tile_portable<const R: usize>(
     x: *const f32,
     ldx: usize,
     w: *const f32,
