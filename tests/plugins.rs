@@ -221,6 +221,35 @@ fn packed_linear_kernel_equals_function_body_equals_tch_linear() {
         eprintln!("PackedLinear {b}x{s}x{k} -> {n}: kernel {dk:.1e}, body {db:.1e}, kernel-body {dkb:.1e}");
         assert!(dk <= 1e-5 && db <= 1e-5 && dkb <= 1e-5, "case {ci}");
     }
+
+    // A weight in another layout with the same element count is refused by name, not misread.
+    let path = dir.path().join("op.onnx");
+    std::fs::write(&path, single_op_model(SingleOp::PackedLinear { n: 64 })).unwrap();
+    let mut session = session_with(&path, false).expect("session");
+    let e = match session.run(vec![
+        (
+            "X",
+            Tensor::from_array(([1usize, 1, 3], vec![1f32; 3]))
+                .unwrap()
+                .into_dyn(),
+        ),
+        (
+            "W_packed",
+            Tensor::from_array(([3usize, 2, PANEL], vec![0f32; 6 * PANEL]))
+                .unwrap()
+                .into_dyn(),
+        ),
+        (
+            "B",
+            Tensor::from_array(([64usize], vec![0f32; 64]))
+                .unwrap()
+                .into_dyn(),
+        ),
+    ]) {
+        Ok(_) => panic!("a transposed weight must fail"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("W_packed is [3, 2, 32], expected [2, 3, 32]"), "{e}");
 }
 
 /// The op names of every node in the graphs of `pkg` (and of its function bodies), by domain.

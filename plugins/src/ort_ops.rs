@@ -7,7 +7,7 @@ use ort::operator::{
 };
 use ort::value::TensorElementType;
 
-use crate::packed_linear::{Dims, Isa, run_task};
+use crate::packed_linear::{Dims, Isa, PANEL, panels, run_task};
 use crate::reference::{XposAttrs, subln_gelu, xpos};
 use crate::{DOMAIN, packed, subln, xpos as xpos_names};
 
@@ -195,7 +195,7 @@ impl Kernel for PackedLinearKernel {
         let wv = ctx.input(1)?.ok_or_else(|| missing("input 1 (W_packed)"))?;
         let bv = ctx.input(2)?.ok_or_else(|| missing("input 2 (B)"))?;
         let (xs, x) = xv.try_extract_tensor::<f32>()?;
-        let (_, w) = wv.try_extract_tensor::<f32>()?;
+        let (ws, w) = wv.try_extract_tensor::<f32>()?;
         let (_, b) = bv.try_extract_tensor::<f32>()?;
         let Some((&k, lead)) = xs.split_last() else {
             return Err(ort::Error::new("ai.kosmos::PackedLinear: X is a scalar"));
@@ -205,6 +205,13 @@ impl Kernel for PackedLinearKernel {
             k: k as usize,
             n: self.n,
         };
+        let want_w = [panels(d.n) as i64, k, PANEL as i64];
+        if **ws != want_w {
+            return Err(ort::Error::new(format!(
+                "ai.kosmos::PackedLinear: W_packed is {:?}, expected {want_w:?} for X {:?} and n = {}",
+                &**ws, &**xs, d.n
+            )));
+        }
         let mut shape = lead.to_vec();
         shape.push(self.n as i64);
         let mut out = ctx.output(0, shape)?.ok_or_else(|| missing("output 0"))?;
