@@ -360,3 +360,35 @@ fn crc32(data: &[u8]) -> u32 {
     }
     !c
 }
+
+/// `kosmos-rt bench`'s report: latency at the smallest batch run, throughput for every batch,
+/// and the sessions' load time, all measured (finite and positive).
+#[test]
+fn bench_reports_every_batch_and_the_load_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pkg) = kosmos_e2e::tiny_package(dir.path(), 9);
+    let mut pkg = open(&pkg);
+    let opts = kosmos_rt::bench::BenchOptions {
+        prompt_words: 4,
+        new_tokens: 3,
+        batches: vec![2, 1],
+        runs: 1,
+    };
+    let r = kosmos_rt::bench::run(&mut pkg, &opts).expect("bench");
+    assert_eq!(r.latency_batch, 1);
+    assert_eq!(r.tokens_per_s.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+    let positive = |what: &str, v: f64| assert!(v.is_finite() && v > 0.0, "{what} = {v}");
+    positive("load_ms", r.load_ms);
+    positive("ttft_ms", r.ttft_ms);
+    positive("decode_ms_median", r.decode_ms_median);
+    positive("peak_rss_mb", r.peak_rss_mb);
+    for (b, t) in &r.tokens_per_s {
+        positive(&format!("tokens_per_s[{b}]"), *t);
+        positive(
+            &format!("end_to_end_tokens_per_s[{b}]"),
+            r.end_to_end_tokens_per_s[b],
+        );
+    }
+    assert!((r.ttft_ms - r.vision_ms - r.prefill_ms).abs() < 1e-6);
+    assert!(r.prompt_tokens > 4, "image slots + words: {}", r.prompt_tokens);
+}

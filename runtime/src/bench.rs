@@ -31,6 +31,8 @@ impl Default for BenchOptions {
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchReport {
+    /// Session creation for both graphs when the package was opened.
+    pub load_ms: f64,
     /// The batch size the latency figures below were measured at: the smallest one run.
     pub latency_batch: usize,
     /// Image preprocessing + vision + prefill + first token, median over runs.
@@ -139,6 +141,7 @@ pub fn run(pkg: &mut Package, opts: &BenchOptions) -> Result<BenchReport> {
         e2e.insert(b, generated as f64 / wall_total.max(1e-9));
     }
     Ok(BenchReport {
+        load_ms: pkg.load_ms,
         latency_batch,
         ttft_ms: median(&mut ttft),
         vision_ms: median(&mut vision),

@@ -288,6 +288,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!("package          {}", package.display());
+                println!("load             {:.0} ms (ONNX Runtime sessions)", r.load_ms);
                 println!(
                     "prompt           {} tokens (image + text), {} new tokens",
                     r.prompt_tokens, r.new_tokens

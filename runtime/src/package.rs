@@ -16,6 +16,9 @@ pub struct Package {
     pub tokenizer: KosmosTokenizer,
     pub(crate) vision: Session,
     pub(crate) decoder: Session,
+    /// Wall time ONNX Runtime took to create both sessions (graph optimisation, weight
+    /// pre-packing): the cold-start cost `kosmos-rt bench` reports.
+    pub load_ms: f64,
 }
 
 impl std::fmt::Debug for Package {
@@ -86,6 +89,7 @@ impl Package {
                  export --dtype fp32 for CPU serving"
             );
         }
+        let t0 = std::time::Instant::now();
         let vision = session(&vision_path, opts)?;
         let decoder = session(&decoder_path, opts)?;
         let pkg = Package {
@@ -94,6 +98,7 @@ impl Package {
             tokenizer,
             vision,
             decoder,
+            load_ms: t0.elapsed().as_secs_f64() * 1e3,
         };
         pkg.check_graphs()?;
         Ok(pkg)
