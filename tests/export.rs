@@ -24,36 +24,19 @@ fn check_all(config: &KosmosConfig, seed: i64) {
     let ckpt = common::make_checkpoint(config, seed, &dir.path().join("ckpt"));
     // The last field: decoder linears as ai.kosmos::PackedLinear (verify runs its kernel,
     // onnx_check.py's ONNX Runtime its function body).
+    use KvCacheLayout::{Buffer, Concat};
+    use PackageDtype::{Fp16, Fp32};
+    use Profile::{Ort, Portable, Trt};
     let variants = [
-        (
-            Profile::Portable,
-            PackageDtype::Fp32,
-            KvCacheLayout::Concat,
-            false,
-        ),
-        (
-            Profile::Portable,
-            PackageDtype::Fp16,
-            KvCacheLayout::Concat,
-            false,
-        ),
-        (Profile::Ort, PackageDtype::Fp32, KvCacheLayout::Concat, false),
-        (Profile::Ort, PackageDtype::Fp16, KvCacheLayout::Concat, false),
-        (
-            Profile::Portable,
-            PackageDtype::Fp32,
-            KvCacheLayout::Buffer,
-            false,
-        ),
-        (
-            Profile::Portable,
-            PackageDtype::Fp16,
-            KvCacheLayout::Buffer,
-            false,
-        ),
-        (Profile::Trt, PackageDtype::Fp32, KvCacheLayout::Concat, false),
-        (Profile::Portable, PackageDtype::Fp32, KvCacheLayout::Buffer, true),
-        (Profile::Ort, PackageDtype::Fp32, KvCacheLayout::Concat, true),
+        (Portable, Fp32, Concat, false),
+        (Portable, Fp16, Concat, false),
+        (Ort, Fp32, Concat, false),
+        (Ort, Fp16, Concat, false),
+        (Portable, Fp32, Buffer, false),
+        (Portable, Fp16, Buffer, false),
+        (Trt, Fp32, Concat, false),
+        (Portable, Fp32, Buffer, true),
+        (Ort, Fp32, Concat, true),
     ];
     for (profile, dtype, kv, packed_linears) in variants {
         {
@@ -65,8 +48,7 @@ fn check_all(config: &KosmosConfig, seed: i64) {
                 dtype,
                 kv_cache: kv,
                 packed_linears,
-                force: false,
-                progress: false,
+                ..kosmos_export::ExportOptions::default()
             };
             kosmos_export::export(&ckpt, &pkg, &opts).expect("export");
             let m = PackageManifest::load(&pkg).expect("manifest");

@@ -35,9 +35,7 @@ pub fn export_package(
         profile,
         dtype,
         kv_cache,
-        packed_linears: false,
-        force: false,
-        progress: false,
+        ..ExportOptions::default()
     };
     kosmos_export::export(ckpt, out, &opts).expect("export");
 }

@@ -361,9 +361,7 @@ fn trt_profile_refuses_fp16_with_the_reason() {
         profile: Profile::Trt,
         dtype: PackageDtype::Fp16,
         kv_cache: KvCacheLayout::Concat,
-        packed_linears: false,
-        force: false,
-        progress: false,
+        ..kosmos_export::ExportOptions::default()
     };
     let e = kosmos_export::export(&ckpt, &dir.path().join("pkg"), &opts)
         .unwrap_err()

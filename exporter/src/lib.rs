@@ -109,6 +109,21 @@ pub struct ExportOptions {
     pub progress: bool,
 }
 
+impl Default for ExportOptions {
+    /// The CLI's defaults: portable, fp32, concat cache, plain `MatMul` linears, no overwrite,
+    /// no progress bars.
+    fn default() -> Self {
+        ExportOptions {
+            profile: Profile::Portable,
+            dtype: PackageDtype::Fp32,
+            kv_cache: KvCacheLayout::Concat,
+            packed_linears: false,
+            force: false,
+            progress: false,
+        }
+    }
+}
+
 /// What an export wrote.
 #[derive(Debug)]
 pub struct ExportSummary {

@@ -95,9 +95,9 @@ pub fn build(ckpt: &Path, out: &Path, tools: &TrtTools, opts: &TrtOptions) -> Re
         profile: Profile::Trt,
         dtype: PackageDtype::Fp32,
         kv_cache: KvCacheLayout::Concat,
-        packed_linears: false,
         force: opts.force,
         progress: opts.progress,
+        ..ExportOptions::default()
     };
     let summary = export(ckpt, out, &export_opts)?;
     let m = PackageManifest::load(&summary.package)?;

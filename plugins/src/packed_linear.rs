@@ -123,11 +123,11 @@ pub unsafe fn run_task(
         let col0 = p * PANEL;
         let cols = PANEL.min(d.n - col0);
         let wp = unsafe { w.add(p * d.k * PANEL) };
+        let b = unsafe { std::slice::from_raw_parts(bias.add(col0), cols) };
         let mut r0 = 0;
         while r0 < d.m {
             let rows = TILE_ROWS.min(d.m - r0);
             let mut acc = [[0f32; PANEL]; TILE_ROWS];
-            let b = unsafe { std::slice::from_raw_parts(bias.add(col0), cols) };
             for row in acc.iter_mut().take(rows) {
                 row[..cols].copy_from_slice(b);
             }
