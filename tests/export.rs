@@ -208,6 +208,10 @@ fn buffer_layout_rows_with_different_past_lengths_share_a_call() {
                         .unwrap()
                         .into_dyn(),
                 ),
+                (
+                    io::LOGITS_TO_KEEP.into(),
+                    Tensor::from_array(([0usize; 0], vec![1i64])).unwrap().into_dyn(),
+                ),
             ];
             for i in 0..2 * layers {
                 let name = if i % 2 == 0 {
@@ -224,10 +228,10 @@ fn buffer_layout_rows_with_different_past_lengths_share_a_call() {
                 ));
             }
             let out = session.run(inputs).unwrap();
-            let (_, logits) = out[io::LOGITS].try_extract_tensor::<f32>().unwrap();
-            let last: Vec<f32> = (0..b)
-                .flat_map(|r| logits[(r * s + s - 1) * vocab..(r * s + s) * vocab].to_vec())
-                .collect();
+            // logits_to_keep = 1: [b, 1, vocab], each row's last position.
+            let (shape, logits) = out[io::LOGITS].try_extract_tensor::<f32>().unwrap();
+            assert_eq!(&shape[..], &[b as i64, 1, vocab as i64]);
+            let last = logits.to_vec();
             let per_row = heads * cap * hd;
             let caches = (0..b)
                 .map(|r| {

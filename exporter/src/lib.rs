@@ -61,6 +61,12 @@ impl Profile {
             Profile::Trt => "trt",
         }
     }
+
+    /// Whether the decoder takes `logits_to_keep`. TensorRT would need it as a shape tensor with
+    /// its values in every optimisation profile, so the `trt` decoder keeps every position.
+    pub fn logits_to_keep(self) -> bool {
+        self != Profile::Trt
+    }
 }
 
 impl FromStr for Profile {
@@ -182,6 +188,7 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         opts.profile.as_str(),
         opts.dtype,
         opts.kv_cache,
+        opts.profile.logits_to_keep(),
         OPSET,
         &format!("{PRODUCER} {}", env!("CARGO_PKG_VERSION")),
     );

@@ -170,9 +170,11 @@ fn zero_kv(shape: [i64; 4], dtype: PackageDtype) -> Result<DynValue> {
     })
 }
 
-/// How the package takes the cache: its capacity (buffer layout) and the mask/offset inputs.
+/// How the package takes the cache (its capacity, buffer layout), the mask/offset inputs and
+/// `logits_to_keep`.
 struct Layout {
     capacity: Option<i64>,
+    logits_to_keep: bool,
 }
 
 impl Layout {
@@ -186,17 +188,22 @@ impl Layout {
             None => m.shallow_clone(),
         }
     }
-    /// The buffer layout's per-row write offset (every row of this left-padded batch shares it).
-    fn extra(&self, past: i64, batch: i64) -> Result<Vec<(String, DynValue)>> {
-        Ok(match self.capacity {
-            Some(_) => vec![(
+    /// The buffer layout's per-row write offset (every row of this left-padded batch shares it)
+    /// and `logits_to_keep` = `keep`, for the decoders that take them.
+    fn extra(&self, past: i64, batch: i64, keep: i64) -> Result<Vec<(String, DynValue)>> {
+        let mut extra = Vec::new();
+        if self.capacity.is_some() {
+            let offsets = OrtTensor::from_array(([batch], vec![past; batch as usize]));
+            extra.push((
                 io::PAST_SEQUENCE_LENGTH.into(),
-                OrtTensor::from_array(([batch], vec![past; batch as usize]))
-                    .map_err(ort_err)?
-                    .into_dyn(),
-            )],
-            None => Vec::new(),
-        })
+                offsets.map_err(ort_err)?.into_dyn(),
+            ));
+        }
+        if self.logits_to_keep {
+            let keep = OrtTensor::from_array(([0usize; 0], vec![keep]));
+            extra.push((io::LOGITS_TO_KEEP.into(), keep.map_err(ort_err)?.into_dyn()));
+        }
+        Ok(extra)
     }
 }
 
@@ -266,6 +273,7 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     let layout = Layout {
         capacity: (manifest.decoder.kv_cache == KvCacheLayout::Buffer)
             .then_some(len as i64 + opts.decode_steps as i64),
+        logits_to_keep: manifest.decoder.takes_logits_to_keep(),
     };
     let err = |e: kosmos_train::TrainError| ExportError::Reference(e.to_string());
 
@@ -292,7 +300,8 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
             i64_tensor(&layout.mask(&attention_mask))?,
         ),
     ];
-    inputs.extend(layout.extra(0, b)?);
+    // Every position's logits (0), all compared; the decode steps keep their one position.
+    inputs.extend(layout.extra(0, b, 0)?);
     let past0 = layout.capacity.unwrap_or(0);
     for i in 0..layers {
         inputs.push((io::past_key(i), zero_kv([b, heads, past0, hd], manifest.dtype)?));
@@ -339,7 +348,7 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
                 i64_tensor(&layout.mask(&attention_mask))?,
             ),
         ];
-        inputs.extend(layout.extra(attention_mask.size()[1] - 1, b)?);
+        inputs.extend(layout.extra(attention_mask.size()[1] - 1, b, 1)?);
         for (i, kv) in present.drain(..).enumerate() {
             let name = if i % 2 == 0 {
                 io::past_key(i / 2)

@@ -26,6 +26,11 @@ pub mod io {
     /// Buffer layout only: i64 [batch], the slot where each row's new keys and values go (rows
     /// may differ, so sequences of different lengths can share a decoder call).
     pub const PAST_SEQUENCE_LENGTH: &str = "past_sequence_length";
+    /// i64 scalar, the `transformers` name and meaning: 0 = logits at every new position,
+    /// k > 0 = at the last k only (`logits` is then [batch, k, vocab]). A prefill that only
+    /// samples the next token asks for 1 and skips the LM head over the prompt. Absent from
+    /// `trt`-profile decoders, whose logits always cover every position.
+    pub const LOGITS_TO_KEEP: &str = "logits_to_keep";
     pub const LOGITS: &str = "logits";
 
     pub fn past_key(layer: usize) -> String {
@@ -143,6 +148,13 @@ pub struct DecoderGraph {
     pub present_value: String,
 }
 
+impl DecoderGraph {
+    /// Whether the decoder takes `logits_to_keep` (packages before it, and `trt` ones, do not).
+    pub fn takes_logits_to_keep(&self) -> bool {
+        self.inputs.iter().any(|i| i == io::LOGITS_TO_KEEP)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizerInfo {
@@ -168,6 +180,7 @@ impl PackageManifest {
         profile: &str,
         dtype: PackageDtype,
         kv_cache: KvCacheLayout,
+        logits_to_keep: bool,
         opset: i64,
         producer: &str,
     ) -> Self {
@@ -184,6 +197,9 @@ impl PackageManifest {
         .collect();
         if kv_cache == KvCacheLayout::Buffer {
             inputs.push(io::PAST_SEQUENCE_LENGTH.to_string());
+        }
+        if logits_to_keep {
+            inputs.push(io::LOGITS_TO_KEEP.to_string());
         }
         let mut outputs = vec![io::LOGITS.to_string()];
         for i in 0..layers {

@@ -30,7 +30,9 @@ use ort::session::IoBinding;
 use ort::value::{DynTensor, DynValueRefMut, Shape, Tensor, TensorRefMut};
 
 use crate::error::{Result, RtError};
-use crate::generate::{FinishReason, GenerateParams, RowState, VisionCache, last_positions};
+use crate::generate::{
+    FinishReason, GenerateParams, RowState, VisionCache, keep_last_logits, last_positions,
+};
 use crate::metrics::Metrics;
 use crate::package::Package;
 
@@ -703,6 +705,9 @@ impl Engine {
         binding.bind_input(io::IMAGE_MASK, &Tensor::from_array(([m, c.s], c.image_mask))?)?;
         binding.bind_input(io::ATTENTION_MASK, &Tensor::from_array(([m, cap], c.mask))?)?;
         binding.bind_input(io::PAST_SEQUENCE_LENGTH, &Tensor::from_array(([m], c.past))?)?;
+        if d.takes_logits_to_keep() {
+            binding.bind_input(io::LOGITS_TO_KEEP, &keep_last_logits()?)?;
+        }
         // Inputs bound in place must outlive the run.
         let mut inputs = Vec::with_capacity(2 * layers);
         for i in 0..2 * layers {
@@ -722,7 +727,7 @@ impl Engine {
         }
         let out = self.pkg.decoder.run_binding(&binding)?;
         let (_, logits) = out[io::LOGITS].try_extract_tensor::<f32>()?;
-        let last = last_positions(logits, m, c.s, vocab);
+        let last = last_positions(logits, m, vocab);
         drop(out);
         drop(binding);
         drop(inputs);

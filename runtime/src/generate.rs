@@ -363,6 +363,9 @@ impl Package {
                 Tensor::from_array(([b, t], attention_mask.to_vec()))?.into_dyn(),
             ),
         ];
+        if d.takes_logits_to_keep() {
+            inputs.push((io::LOGITS_TO_KEEP.into(), keep_last_logits()?.into_dyn()));
+        }
         for (i, v) in cache.values.drain(..).enumerate() {
             let name = if i % 2 == 0 {
                 io::past_key(i / 2)
@@ -373,7 +376,7 @@ impl Package {
         }
         let mut out = self.decoder.run(inputs)?;
         let (_, logits) = out[io::LOGITS].try_extract_tensor::<f32>()?;
-        let last = last_positions(logits, b, s, vocab);
+        let last = last_positions(logits, b, vocab);
         for i in 0..layers {
             for name in [io::present_key(i), io::present_value(i)] {
                 let v = out
@@ -428,6 +431,9 @@ impl Package {
             io::PAST_SEQUENCE_LENGTH,
             &Tensor::from_array(([b], vec![cache.len as i64; b]))?,
         )?;
+        if d.takes_logits_to_keep() {
+            binding.bind_input(io::LOGITS_TO_KEEP, &keep_last_logits()?)?;
+        }
         for (i, v) in cache.values.iter_mut().enumerate() {
             let (past, present) = if i % 2 == 0 {
                 (io::past_key(i / 2), io::present_key(i / 2))
@@ -444,7 +450,7 @@ impl Package {
         }
         let out = self.decoder.run_binding(&binding)?;
         let (_, logits) = out[io::LOGITS].try_extract_tensor::<f32>()?;
-        let last = last_positions(logits, b, s, vocab);
+        let last = last_positions(logits, b, vocab);
         debug_assert_eq!(cache.values.len(), 2 * layers);
         cache.len = t;
         Ok(last)
@@ -762,7 +768,16 @@ impl Package {
 }
 
 /// The logits of each row's last position, from [b, s, vocab].
-pub(crate) fn last_positions(logits: &[f32], b: usize, s: usize, vocab: usize) -> Vec<f32> {
+/// `logits_to_keep` = 1: generation samples from the last position only, so the final
+/// LayerNorm and the LM head skip the rest of a prompt (and its [b, s, vocab] logits).
+pub(crate) fn keep_last_logits() -> Result<Tensor<i64>> {
+    Ok(Tensor::from_array(([0usize; 0], vec![1i64]))?)
+}
+
+/// Each row's last-position logits from the decoder's `logits` [b, s, vocab], where s is every
+/// new position or, with `logits_to_keep`, fewer.
+pub(crate) fn last_positions(logits: &[f32], b: usize, vocab: usize) -> Vec<f32> {
+    let s = logits.len() / (b * vocab);
     (0..b)
         .flat_map(|r| {
             let off = (r * s + s - 1) * vocab;

@@ -94,12 +94,22 @@ def reference_logits(pkg, ckpt, atol, rtol):
     for i in range(d["num_layers"]):
         for part in ("key", "value"):
             feed[f"past_key_values.{i}.{part}"] = np.zeros((1, d["num_heads"], past, d["head_dim"]), kv)
-    logits = decoder.run(["logits"], feed)[0]
-    diff = float(np.abs(logits - expected).max())
+    # logits_to_keep: 0 = every position; k = the last k (checked against the reference's tail).
+    keeps = [0, 3] if "logits_to_keep" in d["inputs"] else [None]
+    diff, same_argmax = 0.0, True
+    for keep in keeps:
+        want = expected
+        if keep is not None:
+            feed["logits_to_keep"] = np.array(keep, np.int64)
+            want = expected[:, -keep:] if keep else expected
+        logits = decoder.run(["logits"], feed)[0]
+        if logits.shape != want.shape:
+            return {"ok": False, "problem": f"logits_to_keep={keep}: logits {logits.shape}, expected {want.shape}"}
+        diff = max(diff, float(np.abs(logits - want).max()))
+        same_argmax &= bool((logits.argmax(-1) == want.argmax(-1)).all())
     scale = float(np.abs(expected).max())
-    same_argmax = bool((logits.argmax(-1) == expected.argmax(-1)).all())
     ok = diff <= (rtol * scale if rtol is not None else atol)
-    return {"max_abs": diff, "ref_max": scale, "same_argmax": same_argmax, "ok": ok}
+    return {"max_abs": diff, "ref_max": scale, "same_argmax": same_argmax, "logits_to_keep": keeps, "ok": ok}
 
 
 def main():

@@ -65,6 +65,11 @@ impl Lower<'_, '_, '_> {
         } else {
             None
         };
+        let keep = if self.profile.logits_to_keep() {
+            Some(self.g.input(io::LOGITS_TO_KEEP, DType::I64, vec![]))
+        } else {
+            None
+        };
         let mut past = Vec::with_capacity(d.decoder_layers);
         for i in 0..d.decoder_layers {
             let k = self.g.input(&io::past_key(i), dt, shape![&b, heads, &p, hd]);
@@ -97,6 +102,10 @@ impl Lower<'_, '_, '_> {
             let h = self.linear(&h, &format!("{f}.fc2"), true)?;
             x = self.in_module(&pl, |l| l.g.add(&x, &h))?;
         }
+        let x = match &keep {
+            Some(k) => self.in_module(DECODER, |l| l.last_positions(&x, k))?,
+            None => x,
+        };
         let x = self.layer_norm(&x, &format!("{DECODER}.layer_norm"), eps)?;
         let logits = self.linear(&x, &format!("{DECODER}.output_projection"), false)?;
         let logits = self.in_module(DECODER, |l| Ok(l.g.cast(&logits, DType::F32)))?;
@@ -106,6 +115,24 @@ impl Lower<'_, '_, '_> {
             self.g.output(v, &io::present_value(i))?;
         }
         Ok(())
+    }
+
+    /// The last `keep` positions of `x` [b, s, D] (all of them when `keep` is 0), so the final
+    /// LayerNorm and the LM head run only where logits are wanted.
+    fn last_positions(&mut self, x: &Value, keep: &Value) -> Result<Value> {
+        // Slice clamps a start before -s to 0, so keep ≥ s also means every position.
+        let start = self.g.node("Neg", &[keep], vec![], DType::I64, vec![]);
+        let start = self.g.unsqueeze(&start, &[0])?;
+        let end = self.g.i64s(&[i64::MAX])?;
+        let axis = self.g.i64s(&[1])?;
+        let (b, dm) = (x.shape[0].clone(), x.shape[2].clone());
+        Ok(self.g.node(
+            "Slice",
+            &[x, &start, &end, &axis],
+            vec![],
+            x.dtype,
+            shape![&b, "logits_length", &dm],
+        ))
     }
 
     /// Token embeddings with image slots replaced, in order, by the row's image embeddings.
