@@ -1,6 +1,7 @@
 //! Continuous batching (`kosmos_rt::batch::Engine`): sequences admitted at different steps,
 //! sharing decoder calls at different lengths, produce exactly what `Package::generate` produces
-//! for each alone; cancelled and timed-out sequences free their rows.
+//! for each alone, with whole and with chunked prefills; running sequences keep decoding while a
+//! prompt is prefilled chunk by chunk; cancelled and timed-out sequences free their rows.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,6 +66,17 @@ fn request(
 
 #[test]
 fn staggered_sequences_equal_single_generation() {
+    staggered_sequences(0);
+}
+
+/// Chunks of 7 tokens over up to 3 rows: 2 positions per call, so every image's slots are split
+/// across calls, and running sequences retire while a group is mid-prefill (its rows move down).
+#[test]
+fn staggered_sequences_with_chunked_prefill_equal_single_generation() {
+    staggered_sequences(7);
+}
+
+fn staggered_sequences(prefill_chunk: usize) {
     let dir = tempfile::tempdir().unwrap();
     let pkg_dir = buffer_package(dir.path());
     let mut pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
@@ -114,6 +126,7 @@ fn staggered_sequences_equal_single_generation() {
     let config = EngineConfig {
         max_batch: 3,
         vision_cache: 16,
+        prefill_chunk,
     };
     let mut engine = Engine::new(pkg, config, metrics.clone()).unwrap();
     let mut outs = Vec::new();
@@ -162,6 +175,98 @@ fn staggered_sequences_equal_single_generation() {
     assert!(text.contains("kosmos_vision_cache_hits_total 3"), "{text}");
 }
 
+/// A prompt prefilled in chunks does not stall the running batch: a running sequence takes a
+/// token at every step between the chunks, and finishes while the chunks go on (so the prefilled
+/// row moves down to row 0 to join the batch); both equal generation alone.
+#[test]
+fn running_sequences_decode_between_prefill_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg_dir = buffer_package(dir.path());
+    let mut pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    let greedy = |n| GenerateParams {
+        max_tokens: n,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let short = (Prompt::parse("a", vec![]).unwrap(), greedy(3));
+    let long = (
+        Prompt::parse(
+            "Question: what colour is the circle? Answer:",
+            vec![ImageInput::Bytes(png(3))],
+        )
+        .unwrap(),
+        greedy(6),
+    );
+    let alone = |pkg: &mut Package, (p, params): &(Prompt, GenerateParams)| {
+        pkg.generate(
+            &mut VisionCache::new(0),
+            std::slice::from_ref(p),
+            params,
+            &mut |_, _| true,
+        )
+        .unwrap()
+        .remove(0)
+    };
+    let (want_short, want_long) = (alone(&mut pkg, &short), alone(&mut pkg, &long));
+    let long_tokens = pkg.assemble(&long.0).unwrap().len();
+    let chunk = 4;
+    assert!(long_tokens > 3 * chunk, "the long prompt needs several chunks");
+
+    let metrics = Arc::new(Metrics::default());
+    let config = EngineConfig {
+        max_batch: 2,
+        vision_cache: 0,
+        prefill_chunk: chunk,
+    };
+    let mut engine = Engine::new(pkg, config, metrics.clone()).unwrap();
+    let (req, short_out, _) = request(engine.package(), &short.0, &short.1);
+    engine.submit(req);
+    engine.step(); // the short prompt in one chunk: tokens 1 and 2
+    let (req, long_out, _) = request(engine.package(), &long.0, &long.1);
+    engine.submit(req);
+    engine.step(); // the long prompt's first chunk, then the short one's third token
+    {
+        let s = short_out.lock().unwrap();
+        let done = s
+            .done
+            .as_ref()
+            .expect("the running sequence finished during the prefill");
+        assert_eq!(done.tokens, want_short.tokens);
+        assert_eq!(done.finish_reason, FinishReason::Length);
+        let l = long_out.lock().unwrap();
+        assert!(
+            l.done.is_none() && l.text.is_empty(),
+            "the long prompt is still prefilling"
+        );
+    }
+    assert!(metrics.render().contains("kosmos_prefill_calls_total 2"));
+    let mut steps = 0;
+    while !engine.is_idle() {
+        engine.step();
+        steps += 1;
+        assert!(steps < 100, "engine did not finish");
+    }
+    let l = long_out.lock().unwrap();
+    let done = l.done.as_ref().expect("the long prompt finished");
+    assert_eq!(
+        done.tokens, want_long.tokens,
+        "chunked prefill changed the tokens"
+    );
+    assert_eq!(l.text, want_long.text);
+    let calls = long_tokens.div_ceil(chunk) + 1;
+    let text = metrics.render();
+    assert!(
+        text.contains(&format!("kosmos_prefill_calls_total {calls}")),
+        "{calls} calls expected: {text}"
+    );
+    // The short sequence's 2 later tokens and the long one's 5 each have an inter-token time.
+    assert!(
+        text.contains("kosmos_inter_token_latency_seconds_count 7"),
+        "{text}"
+    );
+    assert!(text.contains("kosmos_kv_slots_used 0"), "{text}");
+}
+
 #[test]
 fn cancelled_and_timed_out_sequences_free_their_rows() {
     let dir = tempfile::tempdir().unwrap();
@@ -171,6 +276,7 @@ fn cancelled_and_timed_out_sequences_free_their_rows() {
     let config = EngineConfig {
         max_batch: 1,
         vision_cache: 0,
+        ..Default::default()
     };
     let mut engine = Engine::new(pkg, config, metrics.clone()).unwrap();
     let params = GenerateParams {

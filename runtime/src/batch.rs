@@ -2,9 +2,15 @@
 //! buffer`), the engine behind `kosmos-rt serve`.
 //!
 //! One loop owns the package. Each iteration it admits waiting sequences into free rows of a KV
-//! pool (their prefill batched in one decoder call, their images through the vision cache), then
-//! steps every running sequence by one token in one decoder call, then retires the finished ones.
-//! The decoder's `past_sequence_length` is per row, so rows at different lengths share a call.
+//! pool (their images through the vision cache) or runs the next chunk of their batched prefill,
+//! then steps every running sequence by one token in one decoder call, then retires the finished
+//! ones. The decoder's `past_sequence_length` is per row, so rows at different lengths share a
+//! call.
+//!
+//! Chunked prefill: a group's prompts are written at most `prefill_chunk` tokens (rows × width)
+//! per call, with a decode step of the running sequences between chunks, so a long prompt delays
+//! their next tokens by one chunk and not by its whole prefill, and the prefill's activations
+//! (attention scores grow with chunk × capacity) stay bounded.
 //!
 //! The pool is one buffer per layer and key/value, [rows, heads, capacity, head_dim]. Running
 //! sequences occupy rows `0..n` (a retired row is refilled by moving the last one down), so a
@@ -80,6 +86,9 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Images whose embeddings are kept.
     pub vision_cache: usize,
+    /// Most prompt tokens (rows × width, padding included) one prefill call writes; a longer
+    /// group's prefill is split, with a decode step between chunks. 0: one call per group.
+    pub prefill_chunk: usize,
 }
 
 impl Default for EngineConfig {
@@ -87,6 +96,7 @@ impl Default for EngineConfig {
         EngineConfig {
             max_batch: 8,
             vision_cache: 256,
+            prefill_chunk: 512,
         }
     }
 }
@@ -102,6 +112,61 @@ struct Running {
     /// Slots this sequence may use (prefill width + max_tokens).
     reserved: usize,
     last_token_at: Option<Instant>,
+}
+
+/// A group of admitted sequences being prefilled, chunk by chunk, in pool rows
+/// `first..first + group.len()` (after the running rows; moved down to join them when done).
+struct Prefill {
+    group: Vec<SeqRequest>,
+    first: usize,
+    /// The group's padded prompt width (prompts are left-padded to it).
+    width: usize,
+    /// Positions `0..written` of every row are in the cache.
+    written: usize,
+    /// [rows, width]: token ids, image slots, real (1) or padding (0).
+    ids: Vec<i64>,
+    image_mask: Vec<bool>,
+    real: Vec<i64>,
+    /// [rows, n_tok, hidden]: each row's image embeddings in prompt order.
+    embeds: Vec<f32>,
+    n_tok: usize,
+}
+
+impl Prefill {
+    /// Inputs of the call writing positions `from..to` of every row, with a mask over
+    /// `capacity` slots. A row's image slots in that range take its next image embeddings.
+    fn chunk(&self, from: usize, to: usize, capacity: usize, dm: usize) -> Call {
+        let (m, w, s) = (self.group.len(), self.width, to - from);
+        let slots_in = |r: usize, a: usize, b: usize| {
+            self.image_mask[r * w + a..r * w + b]
+                .iter()
+                .filter(|&&x| x)
+                .count()
+        };
+        let n_tok = (0..m).map(|r| slots_in(r, from, to)).max().unwrap_or(0).max(1);
+        let mut embeds = vec![0f32; m * n_tok * dm];
+        let mut ids = Vec::with_capacity(m * s);
+        let mut image_mask = Vec::with_capacity(m * s);
+        let mut mask = vec![0i64; m * capacity];
+        for r in 0..m {
+            let (before, count) = (slots_in(r, 0, from), slots_in(r, from, to));
+            let src = (r * self.n_tok + before) * dm;
+            embeds[r * n_tok * dm..(r * n_tok + count) * dm]
+                .copy_from_slice(&self.embeds[src..src + count * dm]);
+            ids.extend_from_slice(&self.ids[r * w + from..r * w + to]);
+            image_mask.extend_from_slice(&self.image_mask[r * w + from..r * w + to]);
+            mask[r * capacity..r * capacity + to].copy_from_slice(&self.real[r * w..r * w + to]);
+        }
+        Call {
+            ids,
+            s,
+            embeds,
+            n_tok,
+            image_mask,
+            mask,
+            past: vec![from as i64; m],
+        }
+    }
 }
 
 /// The KV pool: per layer a key and a value buffer [rows, heads, capacity, head_dim].
@@ -279,6 +344,8 @@ pub struct Engine {
     vision: VisionCache,
     pool: KvPool,
     running: Vec<Running>,
+    /// At most one group prefills at a time; none is admitted meanwhile.
+    prefill: Option<Prefill>,
     pending: VecDeque<SeqRequest>,
     metrics: Arc<Metrics>,
 }
@@ -305,6 +372,7 @@ impl Engine {
             config,
             pool,
             running: Vec::new(),
+            prefill: None,
             pending: VecDeque::new(),
             metrics,
         })
@@ -319,9 +387,9 @@ impl Engine {
         self.pending.push_back(req);
     }
 
-    /// Nothing running and nothing waiting.
+    /// Nothing running, prefilling or waiting.
     pub fn is_idle(&self) -> bool {
-        self.running.is_empty() && self.pending.is_empty()
+        self.running.is_empty() && self.prefill.is_none() && self.pending.is_empty()
     }
 
     /// Serve requests from `rx` until every sender is gone and the work is done.
@@ -348,9 +416,15 @@ impl Engine {
     /// End every running and waiting sequence with an error (their rows are free afterwards).
     fn fail_all(&mut self, message: &str) {
         let running = std::mem::take(&mut self.running);
+        let prefilling = self.prefill.take().map(|p| p.group).unwrap_or_default();
         let pending = std::mem::take(&mut self.pending);
         let waiting = pending.len() as u64;
-        for mut req in running.into_iter().map(|r| r.req).chain(pending) {
+        for mut req in running
+            .into_iter()
+            .map(|r| r.req)
+            .chain(prefilling)
+            .chain(pending)
+        {
             self.metrics.finished("error", req.assembled.len(), 0);
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 (req.sink)(SeqEvent::Failed(SeqFailure::Engine(message.to_string())))
@@ -360,10 +434,16 @@ impl Engine {
         self.update_gauges();
     }
 
-    /// Admit what fits, then advance every running sequence by one token.
+    /// Admit what fits or prefill the next chunk, then advance every running sequence by one
+    /// token.
     pub fn step(&mut self) {
         self.drop_abandoned();
-        if let Err(e) = self.admit() {
+        if self.prefill.is_none()
+            && let Err(e) = self.admit()
+        {
+            tracing::error!("admission failed: {e}");
+        }
+        if let Err(e) = self.prefill_chunk() {
             tracing::error!("prefill failed: {e}");
         }
         self.retire_finished();
@@ -388,7 +468,8 @@ impl Engine {
         let m = &self.metrics;
         m.active_sequences
             .store(self.running.len() as u64, Ordering::Relaxed);
-        let used: usize = self.running.iter().map(|r| r.mask.len()).sum();
+        let prefilling = self.prefill.as_ref().map_or(0, |p| p.group.len() * p.written);
+        let used = self.running.iter().map(|r| r.mask.len()).sum::<usize>() + prefilling;
         m.kv_slots_used.store(used as u64, Ordering::Relaxed);
         m.kv_slots_total
             .store((self.pool.rows * self.pool.capacity) as u64, Ordering::Relaxed);
@@ -419,6 +500,17 @@ impl Engine {
             }
             if r.req.cancel.load(Ordering::Relaxed) {
                 r.state.finish = Some(FinishReason::Cancelled);
+            }
+        }
+        // A prefilling group stops early only when every member is cancelled; otherwise the
+        // cancelled ones retire as soon as the group joins the running batch.
+        let all_cancelled = self
+            .prefill
+            .as_ref()
+            .is_some_and(|p| p.group.iter().all(|r| r.cancel.load(Ordering::Relaxed)));
+        if all_cancelled {
+            for req in self.prefill.take().expect("checked").group {
+                metrics.finished("cancelled", req.assembled.len(), 0);
             }
         }
     }
@@ -464,15 +556,19 @@ impl Engine {
         if group.is_empty() {
             return Ok(());
         }
-        match self.prefill(&mut group, width) {
+        match self.start_prefill(&mut group, width) {
             Ok(()) => Ok(()),
             Err(e) => {
-                for mut req in group {
-                    self.metrics.finished("error", req.assembled.len(), 0);
-                    (req.sink)(SeqEvent::Failed(SeqFailure::Engine(e.to_string())));
-                }
+                self.fail_group(group, &e);
                 Err(e)
             }
+        }
+    }
+
+    fn fail_group(&self, group: Vec<SeqRequest>, e: &RtError) {
+        for mut req in group {
+            self.metrics.finished("error", req.assembled.len(), 0);
+            (req.sink)(SeqEvent::Failed(SeqFailure::Engine(e.to_string())));
         }
     }
 
@@ -503,7 +599,9 @@ impl Engine {
         self.pool.resize(&self.pkg, tensors, rows, capacity, &used)
     }
 
-    fn prefill(&mut self, group: &mut Vec<SeqRequest>, width: usize) -> Result<()> {
+    /// Reserve pool rows for `group`, encode its images and lay out its prompts; the chunks
+    /// run from the next `prefill_chunk` call on.
+    fn start_prefill(&mut self, group: &mut Vec<SeqRequest>, width: usize) -> Result<()> {
         let most_new = group.iter().map(|r| r.params.max_tokens).max().unwrap_or(0);
         let reserved_max = self
             .running
@@ -514,62 +612,107 @@ impl Engine {
             .max(width + most_new);
         self.ensure_pool(reserved_max)?;
         let dm = self.pkg.manifest.decoder.hidden_size;
-        let vocab = self.pkg.manifest.decoder.vocab_size;
         let per = self.pkg.manifest.vision.tokens_per_image;
-        let cap = self.pool.capacity;
         let m = group.len();
 
         // Images: one vision batch (cached embeddings reused), laid out per row in prompt order.
         let pixels: Vec<Vec<f32>> = group.iter().flat_map(|r| r.pixels.iter().cloned()).collect();
-        let embeds = if pixels.is_empty() {
+        let encoded = if pixels.is_empty() {
             Vec::new()
         } else {
             self.pkg.encode_images(&mut self.vision, &pixels)?
         };
         let most_images = group.iter().map(|r| r.pixels.len()).max().unwrap_or(0);
         let n_tok = (most_images * per).max(1);
-        let mut row_embeds = vec![0f32; m * n_tok * dm];
+        let mut embeds = vec![0f32; m * n_tok * dm];
         let mut k = 0;
         for (r, req) in group.iter().enumerate() {
             for j in 0..req.pixels.len() {
                 let dst = (r * n_tok + j * per) * dm;
-                row_embeds[dst..dst + per * dm].copy_from_slice(&embeds[k]);
+                embeds[dst..dst + per * dm].copy_from_slice(&encoded[k]);
                 k += 1;
             }
         }
 
         let pad = self.pkg.manifest.config.tokenizer.pad_token_id as i64;
         let mut ids = vec![pad; m * width];
-        let mut img = vec![false; m * width];
-        let mut mask = vec![0i64; m * cap];
+        let mut image_mask = vec![false; m * width];
+        let mut real = vec![0i64; m * width];
         for (r, req) in group.iter().enumerate() {
             let a = &req.assembled;
-            let off = width - a.len();
+            let off = r * width + width - a.len();
             for (j, (&id, &im)) in a.input_ids.iter().zip(&a.image_mask).enumerate() {
-                ids[r * width + off + j] = id as i64;
-                img[r * width + off + j] = im;
-                mask[r * cap + off + j] = 1;
+                ids[off + j] = id as i64;
+                image_mask[off + j] = im;
+                real[off + j] = 1;
             }
         }
-        let first = self.running.len();
-        let call = Call {
+        self.prefill = Some(Prefill {
+            group: std::mem::take(group),
+            first: self.running.len(),
+            width,
+            written: 0,
             ids,
-            s: width,
-            embeds: row_embeds,
+            image_mask,
+            real,
+            embeds,
             n_tok,
-            image_mask: img,
-            mask: mask.clone(),
-            past: vec![0; m],
-        };
-        let mut logits = self.call(first..first + m, call)?;
+        });
+        Ok(())
+    }
 
-        for (r, req) in group.drain(..).enumerate() {
+    /// Write the next chunk of the prefilling group; after the last one its sequences take
+    /// their first tokens and join the running batch.
+    fn prefill_chunk(&mut self) -> Result<()> {
+        let Some(p) = &self.prefill else {
+            return Ok(());
+        };
+        let m = p.group.len();
+        let per_row = match self.config.prefill_chunk {
+            0 => p.width,
+            budget => (budget / m).max(1),
+        };
+        let (from, to) = (p.written, (p.written + per_row).min(p.width));
+        let call = p.chunk(
+            from,
+            to,
+            self.pool.capacity,
+            self.pkg.manifest.decoder.hidden_size,
+        );
+        let rows = p.first..p.first + m;
+        let result = self.call(rows, call);
+        self.metrics.prefill_calls.fetch_add(1, Ordering::Relaxed);
+        let mut logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                let p = self.prefill.take().expect("prefilling");
+                self.fail_group(p.group, &e);
+                return Err(e);
+            }
+        };
+        let p = self.prefill.as_mut().expect("prefilling");
+        p.written = to;
+        if to < p.width {
+            return Ok(());
+        }
+
+        let mut p = self.prefill.take().expect("prefilling");
+        // Running sequences that finished meanwhile left a gap: the group's rows join them.
+        let first = self.running.len();
+        if p.first != first {
+            for r in 0..m {
+                self.pool.move_row(p.first + r, first + r, p.width);
+            }
+        }
+        let vocab = self.pkg.manifest.decoder.vocab_size;
+        let pad = self.pkg.manifest.config.tokenizer.pad_token_id as i64;
+        for (r, req) in p.group.drain(..).enumerate() {
             let seed = req.params.seed;
             let mut run = Running {
                 state: RowState::new(&req.assembled, seed),
-                mask: mask[r * cap..r * cap + width].to_vec(),
+                mask: p.real[r * p.width..(r + 1) * p.width].to_vec(),
                 next: pad,
-                reserved: width + req.params.max_tokens,
+                reserved: p.width + req.params.max_tokens,
                 last_token_at: None,
                 req,
             };

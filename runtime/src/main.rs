@@ -158,6 +158,11 @@ enum Command {
         /// Sequences decoded together (rows of the KV pool).
         #[arg(long, default_value_t = 8)]
         max_batch: usize,
+        /// Most prompt tokens (rows x width) one prefill call writes. Longer prefills are split,
+        /// with a decode step for the running sequences between chunks, so a long prompt delays
+        /// their next token by one chunk. 0: each admitted group in one call.
+        #[arg(long, default_value_t = kosmos_rt::batch::EngineConfig::default().prefill_chunk)]
+        prefill_chunk: usize,
         /// Sequences waiting for a row before requests get HTTP 429.
         #[arg(long, default_value_t = 256)]
         max_queue: usize,
@@ -318,6 +323,7 @@ fn run(cli: Cli) -> Result<()> {
             api_key,
             served_model_name,
             max_batch,
+            prefill_chunk,
             max_queue,
             default_max_tokens,
             request_timeout,
@@ -335,6 +341,7 @@ fn run(cli: Cli) -> Result<()> {
                 api_key: api_key.filter(|k| !k.is_empty()),
                 model_name: served_model_name,
                 max_batch,
+                prefill_chunk,
                 max_queue,
                 default_max_tokens,
                 request_timeout: std::time::Duration::from_secs(request_timeout),

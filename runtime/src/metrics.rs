@@ -73,6 +73,7 @@ pub struct Metrics {
     prompt_tokens: AtomicU64,
     generation_tokens: AtomicU64,
     vision_cache_hits: AtomicU64,
+    pub prefill_calls: AtomicU64,
     ttft: Histogram,
     itl: Histogram,
     pub queue_depth: AtomicU64,
@@ -89,6 +90,7 @@ impl Default for Metrics {
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
             vision_cache_hits: AtomicU64::new(0),
+            prefill_calls: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BUCKETS),
             itl: Histogram::new(ITL_BUCKETS),
             queue_depth: AtomicU64::new(0),
@@ -175,6 +177,13 @@ impl Metrics {
             "kosmos_vision_cache_hits_total",
             "Images whose embeddings came from the cache.",
             &self.vision_cache_hits,
+            "counter",
+        );
+        counter(
+            &mut out,
+            "kosmos_prefill_calls_total",
+            "Prefill decoder calls (a group of prompts longer than --prefill-chunk takes several).",
+            &self.prefill_calls,
             "counter",
         );
         counter(

@@ -56,6 +56,8 @@ pub struct ServeConfig {
     pub request_timeout: Duration,
     pub allow_file_root: Option<PathBuf>,
     pub vision_cache: usize,
+    /// Most prompt tokens one prefill call writes (see [`EngineConfig::prefill_chunk`]).
+    pub prefill_chunk: usize,
 }
 
 impl Default for ServeConfig {
@@ -76,6 +78,7 @@ impl Default for ServeConfig {
             request_timeout: Duration::from_secs(600),
             allow_file_root: None,
             vision_cache: 256,
+            prefill_chunk: EngineConfig::default().prefill_chunk,
         }
     }
 }
@@ -129,6 +132,7 @@ pub async fn serve(pkg: Package, cfg: ServeConfig, on_ready: impl FnOnce(SocketA
         EngineConfig {
             max_batch: cfg.max_batch,
             vision_cache: cfg.vision_cache,
+            prefill_chunk: cfg.prefill_chunk,
         },
         metrics.clone(),
     )?;
