@@ -127,6 +127,7 @@ fn staggered_sequences(prefill_chunk: usize) {
         max_batch: 3,
         vision_cache: 16,
         prefill_chunk,
+        ..Default::default()
     };
     let mut engine = Engine::new(pkg, config, metrics.clone()).unwrap();
     let mut outs = Vec::new();
@@ -217,6 +218,7 @@ fn running_sequences_decode_between_prefill_chunks() {
         max_batch: 2,
         vision_cache: 0,
         prefill_chunk: chunk,
+        ..Default::default()
     };
     let mut engine = Engine::new(pkg, config, metrics.clone()).unwrap();
     let (req, short_out, _) = request(engine.package(), &short.0, &short.1);
@@ -265,6 +267,86 @@ fn running_sequences_decode_between_prefill_chunks() {
         "{text}"
     );
     assert!(text.contains("kosmos_kv_slots_used 0"), "{text}");
+}
+
+/// The KV pool keeps its buffers: after a long sequence it shrinks for a short one, then grows
+/// again within the same memory while that one runs, moving its keys and values in place; both
+/// later sequences still equal generation alone. With `kv_preallocate` it never grows.
+#[test]
+fn kv_pool_shrinks_and_grows_in_place_keeping_running_sequences() {
+    for kv_preallocate in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let pkg_dir = buffer_package(dir.path());
+        let mut pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+        let greedy = |n| GenerateParams {
+            max_tokens: n,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let cases = [
+            (Prompt::parse("a", vec![]).unwrap(), greedy(40)),
+            (Prompt::parse("a red", vec![]).unwrap(), greedy(12)),
+            (Prompt::parse("a blue square", vec![]).unwrap(), greedy(40)),
+        ];
+        let want: Vec<_> = cases
+            .iter()
+            .map(|(p, params)| {
+                pkg.generate(
+                    &mut VisionCache::new(0),
+                    std::slice::from_ref(p),
+                    params,
+                    &mut |_, _| true,
+                )
+                .unwrap()
+                .remove(0)
+            })
+            .collect();
+        let metrics = Arc::new(Metrics::default());
+        let config = EngineConfig {
+            max_batch: 2,
+            vision_cache: 0,
+            kv_preallocate,
+            ..Default::default()
+        };
+        let mut engine = Engine::new(pkg, config, metrics.clone()).unwrap();
+        let slots = |m: &Metrics| {
+            let text = m.render();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("kosmos_kv_slots_total "))
+                .unwrap()
+                .to_string();
+            line.rsplit(' ').next().unwrap().parse::<usize>().unwrap()
+        };
+        let mut outs = Vec::new();
+        let mut sizes = Vec::new();
+        for (i, (p, params)) in cases.iter().enumerate() {
+            let (req, out, _) = request(engine.package(), p, params);
+            engine.submit(req);
+            outs.push(out);
+            engine.step();
+            sizes.push(slots(&metrics));
+            // The first runs to its end alone; the second is two tokens in when the third comes.
+            let steps = if i == 0 { 100 } else { 1 };
+            for _ in 0..steps {
+                if engine.is_idle() {
+                    break;
+                }
+                engine.step();
+            }
+        }
+        while !engine.is_idle() {
+            engine.step();
+        }
+        assert!(
+            sizes[1] < sizes[0] && sizes[2] > sizes[1],
+            "the pool shrinks and grows: {sizes:?}"
+        );
+        for (i, (out, want)) in outs.iter().zip(&want).enumerate() {
+            let c = out.lock().unwrap();
+            assert_eq!(c.done.as_ref().unwrap().tokens, want.tokens, "sequence {i}");
+        }
+    }
 }
 
 #[test]

@@ -133,7 +133,8 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         kosmos-export ckpt --to onnx --kv-cache buffer -o pkg/tiny\n  \
         kosmos-rt serve pkg/tiny --port 8000\n  \
-        kosmos-rt serve pkg/k1 --host 0.0.0.0 --api-key \"$KEY\" --max-batch 16\n\n\
+        kosmos-rt serve pkg/k1 --host 0.0.0.0 --api-key \"$KEY\" --max-batch 16\n  \
+        kosmos-rt serve pkg/k1 --device cuda --prefill-chunk 2048   # GPU: bigger prefill chunks\n\n\
         curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{\n  \
           \"model\": \"tiny\", \"max_tokens\": 16, \"temperature\": 0,\n  \
           \"messages\": [{\"role\": \"user\", \"content\": [\n    \
@@ -163,6 +164,10 @@ enum Command {
         /// their next token by one chunk. 0: each admitted group in one call.
         #[arg(long, default_value_t = kosmos_rt::batch::EngineConfig::default().prefill_chunk)]
         prefill_chunk: usize,
+        /// Allocate the KV pool for max-batch x the whole context at start (max-batch x context
+        /// x 2 x layers x hidden x 4 bytes in fp32), so no request waits while it grows.
+        #[arg(long)]
+        kv_preallocate: bool,
         /// Sequences waiting for a row before requests get HTTP 429.
         #[arg(long, default_value_t = 256)]
         max_queue: usize,
@@ -324,6 +329,7 @@ fn run(cli: Cli) -> Result<()> {
             served_model_name,
             max_batch,
             prefill_chunk,
+            kv_preallocate,
             max_queue,
             default_max_tokens,
             request_timeout,
@@ -342,6 +348,7 @@ fn run(cli: Cli) -> Result<()> {
                 model_name: served_model_name,
                 max_batch,
                 prefill_chunk,
+                kv_preallocate,
                 max_queue,
                 default_max_tokens,
                 request_timeout: std::time::Duration::from_secs(request_timeout),

@@ -13,7 +13,8 @@ are decoding, one long text-only prompt is sent. Reported per run and as medians
 * steady_itl_s: those streams' median gap before the long prompt arrived;
 * long_ttft_s: the long prompt's time to first token;
 * decoded_during: tokens the decoding streams produced during that prefill;
-* long_prompt_tokens: the long prompt's length in tokens.
+* long_prompt_tokens: the long prompt's length in tokens;
+* gaps_during_s (per run): the first stream's gaps overlapping the prefill, in order.
 """
 
 import argparse
@@ -78,6 +79,8 @@ async def one_run(args, image_url):
         first = long_times[0]
         await asyncio.gather(*tasks)
     steady, stall, during = [], 0.0, 0
+    # The first stream's gaps that overlap the prefill, in order (chunk by chunk).
+    gaps_during = [round(b - a, 2) for a, b in zip(times[0], times[0][1:]) if b > sent and a < first]
     for t in times:
         gaps = list(zip(t, t[1:]))
         steady += [b - a for a, b in gaps if b < sent]
@@ -90,6 +93,7 @@ async def one_run(args, image_url):
         "long_ttft_s": first - sent,
         "decoded_during": during,
         "long_prompt_tokens": usage.get("prompt_tokens", 0),
+        "gaps_during_s": gaps_during,
     }
 
 
@@ -108,9 +112,9 @@ async def main():
     runs = []
     for i in range(args.runs):
         r = await one_run(args, image_url)
-        print(json.dumps({"run": i, **{k: round(v, 3) for k, v in r.items()}}), flush=True)
+        print(json.dumps({"run": i, **{k: v if isinstance(v, list) else round(v, 3) for k, v in r.items()}}), flush=True)
         runs.append(r)
-    summary = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
+    summary = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0] if k != "gaps_during_s"}
     print(json.dumps({"median": summary}))
 
 

@@ -58,6 +58,8 @@ pub struct ServeConfig {
     pub vision_cache: usize,
     /// Most prompt tokens one prefill call writes (see [`EngineConfig::prefill_chunk`]).
     pub prefill_chunk: usize,
+    /// See [`EngineConfig::kv_preallocate`].
+    pub kv_preallocate: bool,
 }
 
 impl Default for ServeConfig {
@@ -79,6 +81,7 @@ impl Default for ServeConfig {
             allow_file_root: None,
             vision_cache: 256,
             prefill_chunk: EngineConfig::default().prefill_chunk,
+            kv_preallocate: false,
         }
     }
 }
@@ -133,6 +136,7 @@ pub async fn serve(pkg: Package, cfg: ServeConfig, on_ready: impl FnOnce(SocketA
             max_batch: cfg.max_batch,
             vision_cache: cfg.vision_cache,
             prefill_chunk: cfg.prefill_chunk,
+            kv_preallocate: cfg.kv_preallocate,
         },
         metrics.clone(),
     )?;
