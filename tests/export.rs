@@ -57,13 +57,21 @@ fn check_all(config: &KosmosConfig, seed: i64) {
             assert_eq!(m.decoder.kv_cache, kv);
             // Every decoder linear (q, k, v, out, fc1, fc2 per layer, and the LM head) is packed,
             // or none is; the vision graph never is.
+            // The `kosmos.linears = packed` metadata marks exactly the graphs that have them.
             let count = |file: &str| {
                 let model = kosmos_export::onnx::inspect::load_model(&pkg.join(file)).unwrap();
+                let marked = model.metadata_props.iter().any(|p| {
+                    p.key == kosmos_plugins::packed::METADATA_KEY
+                        && p.value == kosmos_plugins::packed::METADATA_PACKED
+                });
                 let g = model.graph.unwrap();
-                g.node
+                let n = g
+                    .node
                     .iter()
                     .filter(|n| n.op_type == kosmos_plugins::packed::OP)
-                    .count()
+                    .count();
+                assert_eq!(marked, n > 0, "{file}: metadata and nodes disagree");
+                n
             };
             let linears = 6 * config.decoder.decoder_layers + 1;
             assert_eq!(count("decoder.onnx"), if packed_linears { linears } else { 0 });

@@ -268,7 +268,12 @@ fn model_proto(
         ("kosmos.dtype", opts.dtype.as_str().to_string()),
         ("kosmos.kv_cache", opts.kv_cache.as_str().to_string()),
     ];
-    if opts.packed_linears {
+    // Only graphs that hold PackedLinear nodes (the vision graph keeps MatMul).
+    let packed = graph
+        .node
+        .iter()
+        .any(|n| n.domain == kosmos_plugins::DOMAIN && n.op_type == kosmos_plugins::packed::OP);
+    if packed {
         meta.push((
             kosmos_plugins::packed::METADATA_KEY,
             kosmos_plugins::packed::METADATA_PACKED.to_string(),

@@ -200,7 +200,8 @@ pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
         }
     }
     let session = b.commit_from_file(path).map_err(err)?;
-    if use_device && has_packed_linears(&session) {
+    let on_gpu = use_device && !matches!(opts.device, Device::Cpu);
+    if on_gpu && has_packed_linears(&session) {
         tracing::warn!(
             "{}: its linears are ai.kosmos::PackedLinear, a CPU kernel, so ONNX Runtime runs them \
              on the CPU beside {:?}; export without --packed-linears for GPU serving",
