@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use kosmos_rt::batch::{Engine, EngineConfig, SeqEvent, SeqFailure, SeqRequest};
 use kosmos_rt::metrics::Metrics;
-use kosmos_rt::{FinishReason, GenerateParams, ImageInput, Package, Prompt, SessionOptions, VisionCache};
+use kosmos_rt::{
+    FinishReason, GenerateParams, Generation, ImageInput, Package, Prompt, SessionOptions, VisionCache,
+};
 use kosmos_train::synthetic::{Split, Task, item};
 
 fn buffer_package(dir: &Path) -> std::path::PathBuf {
@@ -24,6 +26,27 @@ fn png(i: u64) -> Vec<u8> {
         .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
         .unwrap();
     bytes
+}
+
+/// Greedy decoding of exactly `n` tokens (`</s>` ignored).
+fn greedy(n: usize) -> GenerateParams {
+    GenerateParams {
+        max_tokens: n,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+/// What `Package::generate` makes of `prompt` alone (the reference every engine run must equal).
+fn alone(pkg: &mut Package, prompt: &Prompt, params: &GenerateParams) -> Generation {
+    pkg.generate(
+        &mut VisionCache::new(0),
+        std::slice::from_ref(prompt),
+        params,
+        &mut |_, _| true,
+    )
+    .unwrap()
+    .remove(0)
 }
 
 /// Events of one sequence, collected.
@@ -81,11 +104,6 @@ fn staggered_sequences(prefill_chunk: usize) {
     let pkg_dir = buffer_package(dir.path());
     let mut pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
     let img = |i| ImageInput::Bytes(png(i));
-    let greedy = |n| GenerateParams {
-        max_tokens: n,
-        ignore_eos: true,
-        ..Default::default()
-    };
     let cases: Vec<(Prompt, GenerateParams)> = vec![
         (Prompt::parse("", vec![img(0)]).unwrap(), greedy(12)),
         (Prompt::parse("a red circle", vec![]).unwrap(), greedy(5)),
@@ -114,12 +132,7 @@ fn staggered_sequences(prefill_chunk: usize) {
     ];
     let expected: Vec<_> = cases
         .iter()
-        .map(|(p, params)| {
-            let mut cache = VisionCache::new(0);
-            pkg.generate(&mut cache, std::slice::from_ref(p), params, &mut |_, _| true)
-                .unwrap()
-                .remove(0)
-        })
+        .map(|(p, params)| alone(&mut pkg, p, params))
         .collect();
 
     let metrics = Arc::new(Metrics::default());
@@ -184,11 +197,6 @@ fn running_sequences_decode_between_prefill_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let pkg_dir = buffer_package(dir.path());
     let mut pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
-    let greedy = |n| GenerateParams {
-        max_tokens: n,
-        ignore_eos: true,
-        ..Default::default()
-    };
     let short = (Prompt::parse("a", vec![]).unwrap(), greedy(3));
     let long = (
         Prompt::parse(
@@ -198,17 +206,8 @@ fn running_sequences_decode_between_prefill_chunks() {
         .unwrap(),
         greedy(6),
     );
-    let alone = |pkg: &mut Package, (p, params): &(Prompt, GenerateParams)| {
-        pkg.generate(
-            &mut VisionCache::new(0),
-            std::slice::from_ref(p),
-            params,
-            &mut |_, _| true,
-        )
-        .unwrap()
-        .remove(0)
-    };
-    let (want_short, want_long) = (alone(&mut pkg, &short), alone(&mut pkg, &long));
+    let want_short = alone(&mut pkg, &short.0, &short.1);
+    let want_long = alone(&mut pkg, &long.0, &long.1);
     let long_tokens = pkg.assemble(&long.0).unwrap().len();
     let chunk = 4;
     assert!(long_tokens > 3 * chunk, "the long prompt needs several chunks");
@@ -278,11 +277,6 @@ fn kv_pool_shrinks_and_grows_in_place_keeping_running_sequences() {
         let dir = tempfile::tempdir().unwrap();
         let pkg_dir = buffer_package(dir.path());
         let mut pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
-        let greedy = |n| GenerateParams {
-            max_tokens: n,
-            ignore_eos: true,
-            ..Default::default()
-        };
         let cases = [
             (Prompt::parse("a", vec![]).unwrap(), greedy(40)),
             (Prompt::parse("a red", vec![]).unwrap(), greedy(12)),
@@ -290,16 +284,7 @@ fn kv_pool_shrinks_and_grows_in_place_keeping_running_sequences() {
         ];
         let want: Vec<_> = cases
             .iter()
-            .map(|(p, params)| {
-                pkg.generate(
-                    &mut VisionCache::new(0),
-                    std::slice::from_ref(p),
-                    params,
-                    &mut |_, _| true,
-                )
-                .unwrap()
-                .remove(0)
-            })
+            .map(|(p, params)| alone(&mut pkg, p, params))
             .collect();
         let metrics = Arc::new(Metrics::default());
         let config = EngineConfig {

@@ -25,22 +25,7 @@ import statistics
 import time
 
 import httpx2 as httpx  # the HTTP client the openai package ships with
-
-
-async def stream(client, body, times, started=None, usage=None):
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if usage is not None and chunk.get("usage"):
-                usage.update(chunk["usage"])
-            for c in chunk.get("choices", []):
-                if c.get("delta", {}).get("content"):
-                    times.append(time.perf_counter())
-                    if started is not None and not started.is_set():
-                        started.set()
+from serve_streams import stream_chat
 
 
 async def one_run(args, image_url):
@@ -67,17 +52,15 @@ async def one_run(args, image_url):
         "messages": [{"role": "user", "content": words}],
     }
     async with httpx.AsyncClient(base_url=args.base_url, timeout=3600) as client:
-        times = [[] for _ in range(args.decoders)]
         events = [asyncio.Event() for _ in range(args.decoders)]
-        tasks = [asyncio.create_task(stream(client, short, t, e)) for t, e in zip(times, events)]
+        tasks = [asyncio.create_task(stream_chat(client, short, e.set)) for e in events]
         for e in events:
             await e.wait()
         await asyncio.sleep(args.settle)
         sent = time.perf_counter()
-        long_times, usage = [], {}
-        await stream(client, long, long_times, usage=usage)
+        long_times, usage = await stream_chat(client, long)
         first = long_times[0]
-        await asyncio.gather(*tasks)
+        times = [t for t, _ in await asyncio.gather(*tasks)]
     steady, stall, during = [], 0.0, 0
     # The first stream's gaps that overlap the prefill, in order (chunk by chunk).
     gaps_during = [round(b - a, 2) for a, b in zip(times[0], times[0][1:]) if b > sent and a < first]

@@ -26,8 +26,10 @@ import time
 import httpx2 as httpx  # the HTTP client the openai package ships with
 
 
-async def one_stream(client, body):
-    times, tokens = [], 0
+async def stream_chat(client, body, on_text=None):
+    """Stream one chat completion; returns the arrival time of each text chunk and the usage
+    (when the server sends it). `on_text()` is called at each text chunk."""
+    times, usage = [], {}
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -35,11 +37,18 @@ async def one_stream(client, body):
                 continue
             chunk = json.loads(line[6:])
             for c in chunk.get("choices", []):
-                if c.get("delta", {}).get("content") is not None and c["delta"]["content"] != "":
+                if c.get("delta", {}).get("content"):
                     times.append(time.perf_counter())
+                    if on_text is not None:
+                        on_text()
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return times, tokens
+                usage = chunk["usage"]
+    return times, usage
+
+
+async def one_stream(client, body):
+    times, usage = await stream_chat(client, body)
+    return times, usage.get("completion_tokens", 0)
 
 
 async def run(args, streams, body):
