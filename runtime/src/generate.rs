@@ -767,7 +767,6 @@ impl Package {
     }
 }
 
-/// The logits of each row's last position, from [b, s, vocab].
 /// `logits_to_keep` = 1: generation samples from the last position only, so the final
 /// LayerNorm and the LM head skip the rest of a prompt (and its [b, s, vocab] logits).
 pub(crate) fn keep_last_logits() -> Result<Tensor<i64>> {

@@ -81,7 +81,7 @@ impl Default for ServeConfig {
             allow_file_root: None,
             vision_cache: 256,
             prefill_chunk: EngineConfig::default().prefill_chunk,
-            kv_preallocate: false,
+            kv_preallocate: EngineConfig::default().kv_preallocate,
         }
     }
 }
