@@ -252,6 +252,123 @@ fn packed_linear_kernel_equals_function_body_equals_tch_linear() {
     assert!(e.contains("W_packed is [3, 2, 32], expected [2, 3, 32]"), "{e}");
 }
 
+/// (batch, heads, new tokens, head_dim, capacity, past length per row, left padding per row).
+type AttentionCase = (usize, usize, usize, usize, usize, &'static [usize], &'static [usize]);
+
+#[test]
+fn cached_attention_kernel_equals_function_body_equals_tch_attention() {
+    use kosmos_plugins::cached_attention::GEMM_MIN_QUERIES;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("op.onnx");
+    std::fs::write(&path, single_op_model(SingleOp::CachedAttention)).unwrap();
+    // Decode steps and prefill chunks on both kernel paths (direct below GEMM_MIN_QUERIES
+    // queries, GEMM from there), odd and non-panel head dims, rows ending at the capacity, and
+    // left padding, whose queries see no key at all.
+    let cases: [AttentionCase; 7] = [
+        (1, 2, 1, 64, 16, &[5], &[0]),
+        (3, 2, 1, 5, 9, &[0, 4, 8], &[0, 2, 0]),
+        (2, 3, 4, 24, 12, &[0, 6], &[2, 1]),
+        (2, 2, 9, 7, 20, &[0, 3], &[3, 0]),
+        (1, 4, 16, 64, 40, &[10], &[0]),
+        (2, 1, 33, 80, 70, &[0, 37], &[5, 0]),
+        (4, 2, 1, 64, 300, &[250, 3, 299, 40], &[0, 0, 7, 0]),
+    ];
+    assert!(cases.iter().any(|c| c.2 >= GEMM_MIN_QUERIES) && cases.iter().any(|c| c.2 < GEMM_MIN_QUERIES));
+    let mut sessions: Vec<_> = [false, true]
+        .into_iter()
+        .map(|without| session_with(&path, without).expect("session"))
+        .collect();
+    for (ci, &(b, h, s, d, c, past, pad)) in cases.iter().enumerate() {
+        let seed = 700 + 10 * ci as u64;
+        let scale = (d as f32).powf(-0.5);
+        let q: Vec<f32> = values(b * h * s * d, seed).iter().map(|v| v * scale).collect();
+        let k = values(b * h * s * d, seed + 1);
+        let v = values(b * h * s * d, seed + 2);
+        // Every slot holds values, so reading one that is not visible would show.
+        let past_k = values(b * h * c * d, seed + 3);
+        let past_v = values(b * h * c * d, seed + 4);
+        let past_len: Vec<i64> = past.iter().map(|&p| p as i64).collect();
+        // Key j is seen by new token i of row r when pad_r ≤ j ≤ past_r + i (the decoder's mask).
+        let mut visible = vec![false; b * s * c];
+        for r in 0..b {
+            for i in 0..s {
+                for j in pad[r]..=past[r] + i {
+                    visible[(r * s + i) * c + j] = true;
+                }
+            }
+        }
+        // Reference: the new rows written at past_r + i by hand, then tch's attention.
+        let (mut want_k, mut want_v) = (past_k.clone(), past_v.clone());
+        for r in 0..b {
+            for hh in 0..h {
+                for i in 0..s {
+                    let src = ((r * h + hh) * s + i) * d;
+                    let dst = ((r * h + hh) * c + past[r] + i) * d;
+                    want_k[dst..dst + d].copy_from_slice(&k[src..src + d]);
+                    want_v[dst..dst + d].copy_from_slice(&v[src..src + d]);
+                }
+            }
+        }
+        let t = |x: &[f32], n: usize| TchTensor::from_slice(x).view([b as i64, h as i64, n as i64, d as i64]);
+        let mask = TchTensor::from_slice(&visible).view([b as i64, 1, s as i64, c as i64]);
+        let scores = t(&q, s).matmul(&t(&want_k, c).transpose(-1, -2));
+        let scores = scores.masked_fill(&mask.logical_not(), f32::MIN as f64);
+        let want_y = scores.softmax(-1, Kind::Float).matmul(&t(&want_v, c));
+        let want_y = Vec::<f32>::try_from(want_y.flatten(0, -1)).unwrap();
+
+        let mut got = Vec::new();
+        for session in sessions.iter_mut() {
+            let f = |name: &'static str, n: usize, x: &[f32]| {
+                (name, Tensor::from_array(([b, h, n, d], x.to_vec())).unwrap().into_dyn())
+            };
+            let r = session
+                .run(vec![
+                    f("Q", s, &q),
+                    f("K", s, &k),
+                    f("V", s, &v),
+                    f("past_key", c, &past_k),
+                    f("past_value", c, &past_v),
+                    (
+                        "past_sequence_length",
+                        Tensor::from_array(([b], past_len.clone())).unwrap().into_dyn(),
+                    ),
+                    (
+                        "visible",
+                        Tensor::from_array(([b, 1, s, c], visible.clone())).unwrap().into_dyn(),
+                    ),
+                ])
+                .expect("run");
+            let out = |n: &str| r[n].try_extract_tensor::<f32>().unwrap().1.to_vec();
+            got.push([out("Y"), out("present_key"), out("present_value")]);
+        }
+        let [body, kernel] = [got.pop().unwrap(), got.pop().unwrap()];
+        for (name, idx, want) in [("Y", 0, &want_y), ("present_key", 1, &want_k), ("present_value", 2, &want_v)] {
+            let (dk, db, dkb) = (
+                max_diff(&kernel[idx], want),
+                max_diff(&body[idx], want),
+                max_diff(&kernel[idx], &body[idx]),
+            );
+            eprintln!("CachedAttention case {ci} {name}: kernel {dk:.1e}, body {db:.1e}, kernel-body {dkb:.1e}");
+            assert!(dk <= 1e-5 && db <= 1e-5 && dkb <= 1e-5, "case {ci} {name}");
+        }
+    }
+
+    // New tokens that would run past the capacity are refused by name, not written out of bounds.
+    let e = match sessions[0].run(vec![
+        ("Q", Tensor::from_array(([1usize, 1, 2, 4], vec![0f32; 8])).unwrap().into_dyn()),
+        ("K", Tensor::from_array(([1usize, 1, 2, 4], vec![0f32; 8])).unwrap().into_dyn()),
+        ("V", Tensor::from_array(([1usize, 1, 2, 4], vec![0f32; 8])).unwrap().into_dyn()),
+        ("past_key", Tensor::from_array(([1usize, 1, 3, 4], vec![0f32; 12])).unwrap().into_dyn()),
+        ("past_value", Tensor::from_array(([1usize, 1, 3, 4], vec![0f32; 12])).unwrap().into_dyn()),
+        ("past_sequence_length", Tensor::from_array(([1usize], vec![2i64])).unwrap().into_dyn()),
+        ("visible", Tensor::from_array(([1usize, 1, 2, 3], vec![true; 6])).unwrap().into_dyn()),
+    ]) {
+        Ok(_) => panic!("past 2 + 2 new tokens in capacity 3 must fail"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("row 0 has past_sequence_length 2"), "{e}");
+}
+
 /// The op names of every node in the graphs of `pkg` (and of its function bodies), by domain.
 fn graph_ops(pkg: &Path) -> BTreeSet<(String, String)> {
     let mut ops = BTreeSet::new();

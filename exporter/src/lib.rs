@@ -109,6 +109,9 @@ pub struct ExportOptions {
     /// Write the decoder's linears as `ai.kosmos::PackedLinear` (kosmos-rt's small-batch CPU
     /// GEMM; function bodies keep the package runnable anywhere).
     pub packed_linears: bool,
+    /// Write the decoder's attention as `ai.kosmos::CachedAttention` (buffer layout: kosmos-rt's
+    /// CPU kernel reads each row's own keys only; the function body runs anywhere else).
+    pub cached_attention: bool,
     /// Replace an existing output directory.
     pub force: bool,
     /// Show a progress bar per component.
@@ -124,6 +127,7 @@ impl Default for ExportOptions {
             dtype: PackageDtype::Fp32,
             kv_cache: KvCacheLayout::Concat,
             packed_linears: false,
+            cached_attention: false,
             force: false,
             progress: false,
         }
@@ -170,6 +174,17 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         return Err(ExportError::Unsupported(
             "--packed-linears needs --dtype fp32 and --profile portable or ort: its kernel is \
              a float32 CPU kernel, and TensorRT has no plugin for it"
+                .into(),
+        ));
+    }
+    if opts.cached_attention
+        && (opts.kv_cache != KvCacheLayout::Buffer
+            || opts.profile != Profile::Portable
+            || opts.dtype != PackageDtype::Fp32)
+    {
+        return Err(ExportError::Unsupported(
+            "--cached-attention needs --kv-cache buffer, --profile portable and --dtype fp32: it \
+             is attention over the fixed-capacity buffer, and its kernel is a float32 CPU kernel"
                 .into(),
         ));
     }
@@ -243,6 +258,7 @@ fn write_component(
         kv_cache: opts.kv_cache,
         // The vision tower runs once per image at 257+ rows, where MLAS's GEMM is the better one.
         packed_linears: opts.packed_linears && file == package::DECODER_FILE,
+        cached_attention: opts.cached_attention,
     };
     build(&mut lower)?;
     let (graph, opsets) = lower.g.finish();

@@ -17,6 +17,7 @@ use kosmos_export::{ExportOptions, Profile, export, parse_dtype};
         kosmos-export runs/tiny --to onnx -o pkg/tiny\n  \
         kosmos-export runs/k1 -o pkg/k1-fp16 --dtype fp16 --profile ort\n  \
         kosmos-export runs/k1 -o pkg/k1-trt --profile trt\n  \
+        kosmos-export runs/k1 -o pkg/k1-serve --kv-cache buffer --packed-linears --cached-attention\n  \
         kosmos-export inspect pkg/tiny/decoder.onnx\n  \
         kosmos-export verify runs/tiny pkg/tiny"
 )]
@@ -59,6 +60,12 @@ struct ExportArgs {
     /// any ONNX runtime.
     #[arg(long)]
     packed_linears: bool,
+    /// Write the decoder's attention as ai.kosmos::CachedAttention: kosmos-rt's CPU kernel
+    /// reads each row's own keys instead of the whole buffer capacity, so one long request no
+    /// longer slows every row of a batch (needs --kv-cache buffer; fp32, portable profile). The
+    /// function body keeps the package runnable by any ONNX runtime.
+    #[arg(long)]
+    cached_attention: bool,
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
@@ -207,6 +214,7 @@ fn run(cli: Cli) -> Result<i32> {
                 dtype,
                 kv_cache,
                 packed_linears: a.packed_linears,
+                cached_attention: a.cached_attention,
                 force: a.force,
                 progress: !a.quiet,
             };

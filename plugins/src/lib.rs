@@ -1,17 +1,21 @@
-//! `kosmos-plugins`: the custom ops of domain `ai.kosmos`, version 1 (DESIGN §6), for the two
-//! pieces of KOSMOS-1 that standard ONNX spells out in many small nodes: xPos and the FFN's
-//! sub-LN.
+//! `kosmos-plugins`: the custom ops of domain `ai.kosmos`, version 1 (DESIGN §6), for the
+//! pieces of KOSMOS-1 that standard ONNX spells out in many small nodes (xPos and the FFN's
+//! sub-LN) or that ONNX Runtime's CPU kernels run slower than they could (the decode GEMMs,
+//! attention over a KV buffer).
 //!
-//! Each op has four forms that must agree (tests/plugins.rs checks the first three to ≤1e-5):
+//! Each op has up to four forms that must agree (tests/plugins.rs checks the first three to
+//! ≤1e-5):
 //! * the spec below;
-//! * an ONNX `FunctionProto` body of standard opset-17 ops, written into every `trt`-profile
-//!   model by `kosmos-export` (`kosmos_export::lower::kosmos_ops`), so ONNX Runtime and
+//! * an ONNX `FunctionProto` body of standard opset-17 ops, written by `kosmos-export`
+//!   (`kosmos_export::lower::kosmos_ops`) into every model that calls the op, so ONNX Runtime and
 //!   TensorRT's parser inline it wherever no kernel is registered;
 //! * a fused ONNX Runtime CPU kernel ([`ort_ops`], math in [`reference`]), which `kosmos-rt`
 //!   registers on its sessions (a registered kernel takes precedence over the model-local
 //!   function);
-//! * a TensorRT `IPluginV3` with CUDA kernels (`plugins/tensorrt/`, built with CMake where the
-//!   TensorRT SDK is installed; nodes carry `plugin_namespace = "ai.kosmos"`).
+//! * for the ops of the `trt` profile (`XPos`, `SubLnGelu`), a TensorRT `IPluginV3` with CUDA
+//!   kernels (`plugins/tensorrt/`, built with CMake where the TensorRT SDK is installed; nodes
+//!   carry `plugin_namespace = "ai.kosmos"`). `PackedLinear` and `CachedAttention` are CPU
+//!   kernels: a GPU runs their bodies.
 //!
 //! # `ai.kosmos::XPos` (v1)
 //!
@@ -64,7 +68,29 @@
 //! The function body unpacks with `Transpose(perm = [1, 0, 2])`, `Reshape([K, P·32])` and
 //! `Slice` to n columns, then `MatMul` and `Add`; ONNX Runtime folds the unpacking of a constant
 //! weight once at load, so a runtime without the kernel runs the plain `MatMul`.
+//!
+//! # `ai.kosmos::CachedAttention` (v1)
+//!
+//! Attention of a step's new tokens over a fixed-capacity KV buffer (the `--kv-cache buffer`
+//! layout), whose CPU kernel reads each row's own keys only ([`cached_attention`] says why).
+//! `kosmos-export --cached-attention` writes the decoder's attention this way.
+//!
+//! * inputs `Q`, `K`, `V`: T[b, h, s, d] (queries already scaled by 1/√d and, like the keys,
+//!   through xPos); `past_key`, `past_value`: T[b, h, c, d]; `past_sequence_length`:
+//!   int64[b] with 0 ≤ p_r ≤ c − s; `visible`: bool[b, 1, s, c];
+//! * outputs `Y`: T[b, h, s, d]; `present_key`, `present_value`: T[b, h, c, d];
+//! * T: float32 (the kernel is float32; the exporter refuses `--dtype fp16` with it).
+//!
+//! `present_*` are `past_*` with slots p_r .. p_r + s of row r replaced by `K`, `V`;
+//! `Y[r, :, i] = Σ_j softmax_j(S_ij) · present_value[r, :, j]` with `S_ij = Q[r, :, i] ·
+//! present_key[r, :, j]` where `visible[r, 0, i, j]` and the lowest float32 elsewhere (so a query
+//! with no visible key gets the mean of all c values, as `Softmax` gives). When the runtime binds
+//! one buffer as both `past_*` and `present_*`, the kernel writes only the new slots.
+//!
+//! The function body is the standard-op attention of the other profiles: `ScatterND` of K and V
+//! at (row, head, p_r + i), `MatMul` with the transposed keys, `Where`, `Softmax`, `MatMul`.
 
+pub mod cached_attention;
 pub mod ort_ops;
 pub mod packed_linear;
 pub mod reference;
@@ -91,6 +117,13 @@ pub mod xpos {
 pub mod subln {
     pub const OP: &str = "SubLnGelu";
     pub const EPSILON: &str = "epsilon";
+}
+
+/// `ai.kosmos::CachedAttention`.
+pub mod cached {
+    pub const OP: &str = "CachedAttention";
+    pub const INPUTS: [&str; 7] = ["Q", "K", "V", "past_key", "past_value", "past_sequence_length", "visible"];
+    pub const OUTPUTS: [&str; 3] = ["Y", "present_key", "present_value"];
 }
 
 /// `ai.kosmos::PackedLinear`.

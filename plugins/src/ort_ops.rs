@@ -7,16 +7,18 @@ use ort::operator::{
 };
 use ort::value::TensorElementType;
 
+use crate::cached_attention::{self as attention, Buffers, Counts};
 use crate::packed_linear::{Dims, Isa, PANEL, panels, run_task};
 use crate::reference::{XposAttrs, subln_gelu, xpos};
-use crate::{DOMAIN, packed, subln, xpos as xpos_names};
+use crate::{DOMAIN, cached, packed, subln, xpos as xpos_names};
 
 /// The `ai.kosmos` domain with every op.
 pub fn operator_domain() -> ort::Result<OperatorDomain> {
     OperatorDomain::new(DOMAIN)?
         .add(XposOp)?
         .add(SubLnGeluOp)?
-        .add(PackedLinearOp)
+        .add(PackedLinearOp)?
+        .add(CachedAttentionOp)
 }
 
 fn missing(what: &str) -> ort::Error {
@@ -233,6 +235,129 @@ impl Kernel for PackedLinearKernel {
             // SAFETY: sizes checked above; each task index is run once and writes its own
             // columns of y.
             unsafe { run_task(isa, d, xp.0, wp.0, bp.0, yp.0, task) }
+        })
+    }
+}
+
+pub struct CachedAttentionOp;
+
+pub struct CachedAttentionKernel {
+    isa: Isa,
+}
+
+impl Operator for CachedAttentionOp {
+    type Kernel<'attr> = CachedAttentionKernel;
+
+    fn name(&self) -> &str {
+        cached::OP
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        f32_inputs(5).into_iter().chain([
+            OperatorInput::required(TensorElementType::Int64),
+            OperatorInput::required(TensorElementType::Bool),
+        ])
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        (0..3).map(|_| OperatorOutput::required(TensorElementType::Float32))
+    }
+
+    fn create_kernel<'attr>(&self, _: &KernelContext<'attr>) -> ort::Result<CachedAttentionKernel> {
+        Ok(CachedAttentionKernel { isa: Isa::detect() })
+    }
+}
+
+impl Kernel for CachedAttentionKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let input = |i: usize| {
+            ctx.input(i)?
+                .ok_or_else(|| missing(&format!("CachedAttention input {}", cached::INPUTS[i])))
+        };
+        let (qv, kv, vv, pkv, pvv, plv, visv) =
+            (input(0)?, input(1)?, input(2)?, input(3)?, input(4)?, input(5)?, input(6)?);
+        let (qs, q) = qv.try_extract_tensor::<f32>()?;
+        let (_, k) = kv.try_extract_tensor::<f32>()?;
+        let (_, v) = vv.try_extract_tensor::<f32>()?;
+        let (cs, past_key) = pkv.try_extract_tensor::<f32>()?;
+        let (_, past_value) = pvv.try_extract_tensor::<f32>()?;
+        let (_, past_len) = plv.try_extract_tensor::<i64>()?;
+        let (_, visible) = visv.try_extract_tensor::<bool>()?;
+        let (d, cache_shape) = match (&**qs, &**cs) {
+            (&[b, h, s, hd], &[cb, ch, c, chd]) if (cb, ch, chd) == (b, h, hd) => (
+                attention::Dims {
+                    batch: b as usize,
+                    heads: h as usize,
+                    seq: s as usize,
+                    capacity: c as usize,
+                    head_dim: hd as usize,
+                },
+                cs.to_vec(),
+            ),
+            _ => {
+                return Err(ort::Error::new(format!(
+                    "ai.kosmos::CachedAttention: Q must be [batch, heads, seq, head_dim] and past_key \
+                     [batch, heads, capacity, head_dim]; got {:?} and {:?}",
+                    &**qs, &**cs
+                )));
+            }
+        };
+        // Raw pointers only from here: `present_*` may be the very buffers of `past_*`.
+        let (q_n, k_n, v_n, pk_n, pv_n, vis_n) =
+            (q.len(), k.len(), v.len(), past_key.len(), past_value.len(), visible.len());
+        let (q, k, v, past_key, past_value, visible) = (
+            q.as_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            past_key.as_ptr(),
+            past_value.as_ptr(),
+            visible.as_ptr(),
+        );
+        let mut yv = ctx.output(0, qs.to_vec())?.ok_or_else(|| missing("output 0 (Y)"))?;
+        let mut pk_out = ctx
+            .output(1, cache_shape.clone())?
+            .ok_or_else(|| missing("output 1 (present_key)"))?;
+        let mut pv_out = ctx
+            .output(2, cache_shape)?
+            .ok_or_else(|| missing("output 2 (present_value)"))?;
+        let (_, y) = yv.try_extract_tensor_mut::<f32>()?;
+        let (_, present_key) = pk_out.try_extract_tensor_mut::<f32>()?;
+        let (_, present_value) = pv_out.try_extract_tensor_mut::<f32>()?;
+        let counts = Counts {
+            q: q_n,
+            k: k_n,
+            v: v_n,
+            past_key: pk_n,
+            past_value: pv_n,
+            visible: vis_n,
+            y: y.len(),
+            present_key: present_key.len(),
+            present_value: present_value.len(),
+        };
+        d.check(&counts, past_len)
+            .map_err(|e| ort::Error::new(format!("ai.kosmos::{e}")))?;
+        if d.tasks() == 0 {
+            return Ok(());
+        }
+        let buf = Buffers {
+            q,
+            k,
+            v,
+            past_key,
+            past_value,
+            past_len: past_len.as_ptr(),
+            visible,
+            y: y.as_mut_ptr(),
+            present_key: present_key.as_mut_ptr(),
+            present_value: present_value.as_mut_ptr(),
+        };
+        let isa = self.isa;
+        ctx.par_for(d.tasks(), 0, move |task| {
+            let buf = buf;
+            // SAFETY: sizes and past lengths checked above; ONNX Runtime gives a bound output
+            // either the input's own buffer or a separate one; each task index runs once and
+            // writes its own (row, head) blocks.
+            unsafe { attention::run_task(isa, d, buf, task) }
         })
     }
 }

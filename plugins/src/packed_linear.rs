@@ -41,6 +41,18 @@ pub fn pack_out_in(w: &[f32], n: usize, k: usize) -> Vec<f32> {
     p
 }
 
+/// Pack a weight `w` stored [k (in), n (out)] (the `x · W` layout) into `[panels(n), k, PANEL]`.
+pub fn pack_in_out(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(w.len(), k * n, "weight is not [{k}, {n}]");
+    let mut p = vec![0f32; panels(n) * k * PANEL];
+    for (kk, row) in w.chunks_exact(n.max(1)).enumerate().take(k) {
+        for (col, &v) in row.iter().enumerate() {
+            p[(col / PANEL) * k * PANEL + kk * PANEL + col % PANEL] = v;
+        }
+    }
+    p
+}
+
 /// Sizes of one call: `x` [m, k] · W [k, n] + bias [n] → `y` [m, n].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dims {

@@ -28,8 +28,20 @@ struct Positions {
     rotate: Option<Value>,
     /// Which keys each new token sees: bool [b, 1, s, t] (portable) or additive f32 bias (ort).
     visible: Value,
-    /// Buffer layout: (row, head, slot) of each new key/value row, i64 [b, heads, s, 3].
-    scatter: Option<Value>,
+    /// How new keys and values reach the cache.
+    cache: CacheWrite,
+}
+
+/// How a layer's new keys and values join its cache.
+enum CacheWrite {
+    /// `present = Concat(past, new)`.
+    Concat,
+    /// Buffer layout: `ScatterND` at (row, head, slot) of each new key/value row, i64
+    /// [b, heads, s, 3].
+    Scatter(Value),
+    /// Buffer layout, `--cached-attention`: the `ai.kosmos::CachedAttention` node writes them
+    /// at each row's `past_sequence_length` (i64 [b]).
+    Kernel(Value),
 }
 
 impl Lower<'_, '_, '_> {
@@ -232,7 +244,7 @@ impl Lower<'_, '_, '_> {
             DType::I64,
             shape![&t],
         );
-        let (ids_pos, causal, scatter) = match past_len {
+        let (ids_pos, causal, cache) = match past_len {
             // Buffer layout: row r's new tokens sit in slots past[r] .. past[r] + s.
             Some(p) => {
                 let offsets = g.node(
@@ -259,6 +271,9 @@ impl Lower<'_, '_, '_> {
                 let queries = g.unsqueeze(&slots, &[2])?; // [b, s, 1]
                 let causal = g.less_or_equal(&keys, &queries)?; // [b, s, t]
                 let causal = g.unsqueeze(&causal, &[1])?; // [b, 1, s, t]
+                if self.cached_attention {
+                    (ids_pos, causal, CacheWrite::Kernel(p.clone()))
+                } else {
                 // Where each new key/value goes: (row, head, slot) per [b, heads, s] for
                 // ScatterND, which copies whole head_dim rows (ScatterElements walks every
                 // element, a tenth of a batch-8 decode step at full size).
@@ -290,7 +305,8 @@ impl Lower<'_, '_, '_> {
                     ));
                 }
                 let scatter = g.concat(&[&parts[0], &parts[1], &parts[2]], 3, Dim::Fixed(3));
-                (ids_pos, causal, Some(scatter))
+                (ids_pos, causal, CacheWrite::Scatter(scatter))
+                }
             }
             // Concat layout: the new tokens are the last s of the mask.
             None => {
@@ -318,7 +334,7 @@ impl Lower<'_, '_, '_> {
                 );
                 let keys = g.unsqueeze(&key_idx, &[0])?;
                 let queries = g.unsqueeze(&query_idx, &[1])?;
-                (ids_pos, g.less_or_equal(&keys, &queries)?, None)
+                (ids_pos, g.less_or_equal(&keys, &queries)?, CacheWrite::Concat)
             }
         };
         let real = g.cast(attention_mask, DType::Bool);
@@ -343,7 +359,7 @@ impl Lower<'_, '_, '_> {
             k_sin: None,
             rotate: None,
             visible,
-            scatter,
+            cache,
         };
         let tables = XposTables::new(hd, d.xpos_scale_base, d.xpos_centre());
         // ort: RotaryEmbedding caches per layer; trt: ai.kosmos XPos nodes take the positions.
@@ -420,9 +436,34 @@ impl Lower<'_, '_, '_> {
                         l.xpos(&kh, rot, pos.k_cos.as_ref().unwrap(), pos.k_sin.as_ref().unwrap())?,
                     )
                 };
-                let (keys, values) = match &pos.scatter {
+                let (keys, values) = match &pos.cache {
+                    CacheWrite::Kernel(past_len) => {
+                        l.g.use_domain(kosmos_plugins::DOMAIN, kosmos_plugins::DOMAIN_VERSION);
+                        let outs = l.g.node_in(
+                            kosmos_plugins::DOMAIN,
+                            kosmos_plugins::cached::OP,
+                            &[
+                                Some(&qh),
+                                Some(&kh),
+                                Some(&vh),
+                                Some(past_k),
+                                Some(past_v),
+                                Some(past_len),
+                                Some(&pos.visible),
+                            ],
+                            vec![],
+                            vec![
+                                (qh.dtype, qh.shape.clone()),
+                                (kh.dtype, past_k.shape.clone()),
+                                (vh.dtype, past_v.shape.clone()),
+                            ],
+                        );
+                        let mut it = outs.into_iter();
+                        let (out, k, v) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+                        return Ok((l.merge_heads(&out)?, (k, v)));
+                    }
                     // Written in place when the runtime binds one buffer as past and present.
-                    Some(idx) => {
+                    CacheWrite::Scatter(idx) => {
                         let k = l.g.node(
                             "ScatterND",
                             &[past_k, idx, &kh],
@@ -439,7 +480,7 @@ impl Lower<'_, '_, '_> {
                         );
                         (k, v)
                     }
-                    None => (
+                    CacheWrite::Concat => (
                         l.g.concat(&[past_k, &kh], 2, total.clone()),
                         l.g.concat(&[past_v, &vh], 2, total.clone()),
                     ),

@@ -9,7 +9,7 @@
 use kosmos_plugins::packed_linear::PANEL;
 use kosmos_plugins::{
     DOMAIN, DOMAIN_VERSION, PLUGIN_NAMESPACE, PLUGIN_NAMESPACE_ATTR, PLUGIN_VERSION, PLUGIN_VERSION_ATTR,
-    packed, subln, xpos,
+    cached, packed, subln, xpos,
 };
 
 use crate::onnx::builder::{Attr, DType};
@@ -295,9 +295,60 @@ pub fn packed_linear_function() -> FunctionProto {
     )
 }
 
+/// `ai.kosmos::CachedAttention(Q, K, V, past_key, past_value, past_sequence_length, visible)
+/// -> (Y, present_key, present_value)`: the standard-op attention over the buffer.
+pub fn cached_attention_function() -> FunctionProto {
+    let mut b = Body::new();
+    // (row, head, past[row] + i) for every new [b, h, s] entry, for ScatterND.
+    let dim = |b: &mut Body, i: i64| b.op("Shape", &["K"], vec![attr_i("start", i), attr_i("end", i + 1)]);
+    let (bd, hd, sd) = (dim(&mut b, 0), dim(&mut b, 1), dim(&mut b, 2));
+    let (zero, one) = (b.int(0), b.int(1));
+    let range = |b: &mut Body, n: &str| {
+        let n = b.op("Squeeze", &[n], vec![]);
+        b.op("Range", &[&zero, &n, &one], vec![])
+    };
+    let (rows, heads, offsets) = (range(&mut b, &bd), range(&mut b, &hd), range(&mut b, &sd));
+    let rows_shape = b.ints(&[-1, 1, 1, 1]);
+    let rows = b.op("Reshape", &[&rows, &rows_shape], vec![]);
+    let heads_shape = b.ints(&[1, -1, 1, 1]);
+    let heads = b.op("Reshape", &[&heads, &heads_shape], vec![]);
+    let axis1 = b.ints(&[1]);
+    let past = b.op("Unsqueeze", &["past_sequence_length", &axis1], vec![]);
+    let slots = b.op("Add", &[&past, &offsets], vec![]);
+    let slots_shape = b.ints(&[0, 1, -1, 1]);
+    let slots = b.op("Reshape", &[&slots, &slots_shape], vec![]);
+    let last = b.ints(&[1]);
+    let target = b.op("Concat", &[&bd, &hd, &sd, &last], vec![attr_i("axis", 0)]);
+    let parts: Vec<String> = [&rows, &heads, &slots]
+        .iter()
+        .map(|p| b.op("Expand", &[p, &target], vec![]))
+        .collect();
+    let idx = b.op("Concat", &[&parts[0], &parts[1], &parts[2]], vec![attr_i("axis", 3)]);
+    b.op_to("ScatterND", &["past_key", &idx, "K"], vec![], "present_key");
+    b.op_to("ScatterND", &["past_value", &idx, "V"], vec![], "present_value");
+    let kt = b.op("Transpose", &["present_key"], vec![attr_ints("perm", &[0, 1, 3, 2])]);
+    let scores = b.op("MatMul", &["Q", &kt], vec![]);
+    let lowest = b.float(f32::MIN);
+    let scores = b.op("Where", &["visible", &scores, &lowest], vec![]);
+    let probs = b.op("Softmax", &[&scores], vec![attr_i("axis", -1)]);
+    b.op_to("MatMul", &[&probs, "present_value"], vec![], "Y");
+    b.finish(
+        cached::OP,
+        &cached::INPUTS,
+        &cached::OUTPUTS,
+        &[],
+        "attention of new tokens over a fixed-capacity KV buffer (kosmos_plugins crate docs)",
+    )
+}
+
 /// Every `ai.kosmos` function.
 pub fn functions() -> Vec<FunctionProto> {
-    vec![xpos_function(), subln_gelu_function(), packed_linear_function()]
+    vec![
+        xpos_function(),
+        subln_gelu_function(),
+        packed_linear_function(),
+        cached_attention_function(),
+    ]
 }
 
 /// The `ai.kosmos` functions that `nodes` call, for the model that holds them.
@@ -343,9 +394,14 @@ pub enum SingleOp {
     SubLnGelu { epsilon: f32 },
     /// Inputs `X` f32[b, s, k], `W_packed` f32[p, k, 32], `B` f32[n].
     PackedLinear { n: usize },
+    /// Inputs `Q`, `K`, `V` f32[b, h, s, d], `past_key`, `past_value` f32[b, h, c, d],
+    /// `past_sequence_length` i64[b], `visible` bool[b, 1, s, c]; outputs `Y`, `present_key`,
+    /// `present_value`.
+    CachedAttention,
 }
 
-/// A model whose graph is one call of `op` (output `Y`), with the function bodies included:
+/// A model whose graph is one call of `op` (output `Y`, and the presents of `CachedAttention`),
+/// with the function bodies included:
 /// run with the `ai.kosmos` kernels registered it measures them, without it the bodies.
 pub fn single_op_model(op: SingleOp) -> Vec<u8> {
     use prost::Message;
@@ -385,15 +441,44 @@ pub fn single_op_model(op: SingleOp) -> Vec<u8> {
             ],
             packed_linear_attributes(n),
         ),
+        SingleOp::CachedAttention => {
+            let new = [sym("b"), sym("h"), sym("s"), sym("d")];
+            let cache = [sym("b"), sym("h"), sym("c"), sym("d")];
+            (
+                cached::OP,
+                vec![
+                    value_info("Q", DType::F32, &new),
+                    value_info("K", DType::F32, &new),
+                    value_info("V", DType::F32, &new),
+                    value_info("past_key", DType::F32, &cache),
+                    value_info("past_value", DType::F32, &cache),
+                    value_info("past_sequence_length", DType::I64, &[sym("b")]),
+                    value_info("visible", DType::Bool, &[sym("b"), Dim::Fixed(1), sym("s"), sym("c")]),
+                ],
+                vec![],
+            )
+        }
     };
-    let output_shape: Vec<Dim> = match op {
-        SingleOp::Xpos(_) => vec![sym("b"), sym("h"), sym("s"), sym("d")],
-        SingleOp::SubLnGelu { .. } => vec![sym("n"), sym("f")],
-        SingleOp::PackedLinear { n } => vec![sym("b"), sym("s"), Dim::Fixed(n as i64)],
+    let outputs = match op {
+        SingleOp::Xpos(_) => vec![value_info("Y", DType::F32, &[sym("b"), sym("h"), sym("s"), sym("d")])],
+        SingleOp::SubLnGelu { .. } => vec![value_info("Y", DType::F32, &[sym("n"), sym("f")])],
+        SingleOp::PackedLinear { n } => vec![value_info(
+            "Y",
+            DType::F32,
+            &[sym("b"), sym("s"), Dim::Fixed(n as i64)],
+        )],
+        SingleOp::CachedAttention => {
+            let cache = [sym("b"), sym("h"), sym("c"), sym("d")];
+            vec![
+                value_info("Y", DType::F32, &[sym("b"), sym("h"), sym("s"), sym("d")]),
+                value_info("present_key", DType::F32, &cache),
+                value_info("present_value", DType::F32, &cache),
+            ]
+        }
     };
     let node = NodeProto {
         input: inputs.iter().map(|v| v.name.clone()).collect(),
-        output: vec!["Y".into()],
+        output: outputs.iter().map(|v| v.name.clone()).collect(),
         name: name.into(),
         op_type: name.into(),
         domain: DOMAIN.into(),
@@ -420,7 +505,7 @@ pub fn single_op_model(op: SingleOp) -> Vec<u8> {
             node: vec![node],
             name: format!("{name}_test"),
             input: inputs,
-            output: vec![value_info("Y", DType::F32, &output_shape)],
+            output: outputs,
             ..Default::default()
         }),
         functions: functions(),

@@ -97,6 +97,8 @@ pub struct Lower<'a, 'c, 'w> {
     pub kv_cache: kosmos_models::package::KvCacheLayout,
     /// Write linears as `ai.kosmos::PackedLinear` (the decoder of `--packed-linears`).
     pub packed_linears: bool,
+    /// Write the decoder's attention as `ai.kosmos::CachedAttention` (`--cached-attention`).
+    pub cached_attention: bool,
 }
 
 impl Lower<'_, '_, '_> {
