@@ -22,25 +22,31 @@ fn export_pkg(ckpt: &Path, out: &Path, profile: Profile, dtype: PackageDtype) {
 fn check_all(config: &KosmosConfig, seed: i64) {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = common::make_checkpoint(config, seed, &dir.path().join("ckpt"));
-    // The last field: decoder linears as ai.kosmos::PackedLinear (verify runs its kernel,
-    // onnx_check.py's ONNX Runtime its function body).
+    // The last fields: decoder linears as ai.kosmos::PackedLinear, attention as
+    // ai.kosmos::CachedAttention (verify runs their kernels, onnx_check.py's ONNX Runtime their
+    // function bodies).
     use KvCacheLayout::{Buffer, Concat};
     use PackageDtype::{Fp16, Fp32};
     use Profile::{Ort, Portable, Trt};
     let variants = [
-        (Portable, Fp32, Concat, false),
-        (Portable, Fp16, Concat, false),
-        (Ort, Fp32, Concat, false),
-        (Ort, Fp16, Concat, false),
-        (Portable, Fp32, Buffer, false),
-        (Portable, Fp16, Buffer, false),
-        (Trt, Fp32, Concat, false),
-        (Portable, Fp32, Buffer, true),
-        (Ort, Fp32, Concat, true),
+        (Portable, Fp32, Concat, false, false),
+        (Portable, Fp16, Concat, false, false),
+        (Ort, Fp32, Concat, false, false),
+        (Ort, Fp16, Concat, false, false),
+        (Portable, Fp32, Buffer, false, false),
+        (Portable, Fp16, Buffer, false, false),
+        (Trt, Fp32, Concat, false, false),
+        (Portable, Fp32, Buffer, true, true),
+        (Ort, Fp32, Concat, true, false),
     ];
-    for (profile, dtype, kv, packed_linears) in variants {
+    for (profile, dtype, kv, packed_linears, cached_attention) in variants {
         {
-            let packed = if packed_linears { "-packed" } else { "" };
+            let packed = match (packed_linears, cached_attention) {
+                (true, true) => "-packed-cached",
+                (true, false) => "-packed",
+                (false, true) => "-cached",
+                (false, false) => "",
+            };
             let tag = format!("{}-{}-{}{packed}", profile.as_str(), dtype.as_str(), kv.as_str());
             let pkg = dir.path().join(tag);
             let opts = kosmos_export::ExportOptions {
@@ -48,6 +54,7 @@ fn check_all(config: &KosmosConfig, seed: i64) {
                 dtype,
                 kv_cache: kv,
                 packed_linears,
+                cached_attention,
                 ..kosmos_export::ExportOptions::default()
             };
             kosmos_export::export(&ckpt, &pkg, &opts).expect("export");
@@ -57,25 +64,22 @@ fn check_all(config: &KosmosConfig, seed: i64) {
             assert_eq!(m.decoder.kv_cache, kv);
             // Every decoder linear (q, k, v, out, fc1, fc2 per layer, and the LM head) is packed,
             // or none is; the vision graph never is.
-            // The `kosmos.linears = packed` metadata marks exactly the graphs that have them.
-            let count = |file: &str| {
+            // The `kosmos.cpu_ops` metadata lists exactly the CPU-kernel ops a graph has.
+            let count = |file: &str, op: &str| {
                 let model = kosmos_export::onnx::inspect::load_model(&pkg.join(file)).unwrap();
-                let marked = model.metadata_props.iter().any(|p| {
-                    p.key == kosmos_plugins::packed::METADATA_KEY
-                        && p.value == kosmos_plugins::packed::METADATA_PACKED
+                let listed = model.metadata_props.iter().any(|p| {
+                    p.key == kosmos_plugins::CPU_OPS_METADATA_KEY && p.value.split(',').any(|o| o == op)
                 });
                 let g = model.graph.unwrap();
-                let n = g
-                    .node
-                    .iter()
-                    .filter(|n| n.op_type == kosmos_plugins::packed::OP)
-                    .count();
-                assert_eq!(marked, n > 0, "{file}: metadata and nodes disagree");
+                let n = g.node.iter().filter(|n| n.op_type == op).count();
+                assert_eq!(listed, n > 0, "{file}: metadata and {op} nodes disagree");
                 n
             };
-            let linears = 6 * config.decoder.decoder_layers + 1;
-            assert_eq!(count("decoder.onnx"), if packed_linears { linears } else { 0 });
-            assert_eq!(count("vision.onnx"), 0);
+            let (linears, layers) = (6 * config.decoder.decoder_layers + 1, config.decoder.decoder_layers);
+            let (packed_op, cached_op) = (kosmos_plugins::packed::OP, kosmos_plugins::cached::OP);
+            assert_eq!(count("decoder.onnx", packed_op), if packed_linears { linears } else { 0 });
+            assert_eq!(count("decoder.onnx", cached_op), if cached_attention { layers } else { 0 });
+            assert_eq!(count("vision.onnx", packed_op) + count("vision.onnx", cached_op), 0);
 
             let r = verify(&ckpt, &pkg, &VerifyOptions::default()).expect("verify");
             for d in &r.diffs {

@@ -1,6 +1,7 @@
 //! `kosmos-export inspect` summaries of the tiny preset's graphs in every profile and dtype (and
-//! the buffer KV layout's decoder, and the trt profile with its function bodies), pinned with insta. A change to a lowering shows up here as a
-//! reviewed diff (`cargo insta review`).
+//! the buffer KV layout's decoder, with and without `ai.kosmos::CachedAttention`, and the trt
+//! profile with its function bodies), pinned with insta. A change to a lowering shows up here as
+//! a reviewed diff (`cargo insta review`).
 
 use kosmos_e2e::{checkpoint, export_package};
 use kosmos_export::Profile;
@@ -35,6 +36,18 @@ fn tiny_preset_graphs() {
         KvCacheLayout::Buffer,
     );
     insta::assert_snapshot!("tiny-portable-fp32-buffer-decoder", summarise(&pkg, "decoder"));
+    // --cached-attention: one ai.kosmos node per layer in place of the attention's standard ops.
+    let pkg = dir.path().join("buffer-cached");
+    let opts = kosmos_export::ExportOptions {
+        kv_cache: KvCacheLayout::Buffer,
+        cached_attention: true,
+        ..kosmos_export::ExportOptions::default()
+    };
+    kosmos_export::export(&ckpt, &pkg, &opts).expect("export");
+    insta::assert_snapshot!(
+        "tiny-portable-fp32-buffer-cached-decoder",
+        summarise(&pkg, "decoder")
+    );
     // The trt profile: ai.kosmos nodes and their function bodies.
     let pkg = dir.path().join("trt");
     export_package(

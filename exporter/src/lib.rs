@@ -284,16 +284,18 @@ fn model_proto(
         ("kosmos.dtype", opts.dtype.as_str().to_string()),
         ("kosmos.kv_cache", opts.kv_cache.as_str().to_string()),
     ];
-    // Only graphs that hold PackedLinear nodes (the vision graph keeps MatMul).
-    let packed = graph
-        .node
-        .iter()
-        .any(|n| n.domain == kosmos_plugins::DOMAIN && n.op_type == kosmos_plugins::packed::OP);
-    if packed {
-        meta.push((
-            kosmos_plugins::packed::METADATA_KEY,
-            kosmos_plugins::packed::METADATA_PACKED.to_string(),
-        ));
+    // Only graphs that call them (the vision graph keeps MatMul and has no KV cache).
+    let cpu_ops: Vec<&str> = kosmos_plugins::CPU_OPS
+        .into_iter()
+        .filter(|op| {
+            graph
+                .node
+                .iter()
+                .any(|n| n.domain == kosmos_plugins::DOMAIN && n.op_type == *op)
+        })
+        .collect();
+    if !cpu_ops.is_empty() {
+        meta.push((kosmos_plugins::CPU_OPS_METADATA_KEY, cpu_ops.join(",")));
     }
     // Model-local bodies of the ai.kosmos ops it calls, so runtimes without their kernels inline them.
     let functions = lower::kosmos_ops::functions_called(&graph.node);

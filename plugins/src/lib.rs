@@ -119,6 +119,12 @@ pub mod subln {
     pub const EPSILON: &str = "epsilon";
 }
 
+/// The ops whose only kernels are CPU kernels: a GPU session runs them on the CPU beside it.
+pub const CPU_OPS: [&str; 2] = [packed::OP, cached::OP];
+/// Model metadata key the exporter sets to the comma-separated [`CPU_OPS`] a graph calls (absent
+/// when it calls none), so a runtime can warn before placing such a graph on a GPU.
+pub const CPU_OPS_METADATA_KEY: &str = "kosmos.cpu_ops";
+
 /// `ai.kosmos::CachedAttention`.
 pub mod cached {
     pub const OP: &str = "CachedAttention";
@@ -131,9 +137,6 @@ pub mod packed {
     pub const OP: &str = "PackedLinear";
     /// Output features (the packed weight's last panel may be padded).
     pub const N: &str = "n";
-    /// Model metadata key and value the exporter sets on a graph whose linears are packed.
-    pub const METADATA_KEY: &str = "kosmos.linears";
-    pub const METADATA_PACKED: &str = "packed";
 }
 
 /// The TensorRT plugin library `plugins/tensorrt/CMakeLists.txt` builds.

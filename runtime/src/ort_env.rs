@@ -201,10 +201,11 @@ pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
     }
     let session = b.commit_from_file(path).map_err(err)?;
     let on_gpu = use_device && !matches!(opts.device, Device::Cpu);
-    if on_gpu && has_packed_linears(&session) {
+    let cpu_ops = cpu_only_ops(&session);
+    if on_gpu && !cpu_ops.is_empty() {
         tracing::warn!(
-            "{}: its linears are ai.kosmos::PackedLinear, a CPU kernel, so ONNX Runtime runs them \
-             on the CPU beside {:?}; export without --packed-linears for GPU serving",
+            "{}: it calls ai.kosmos::{cpu_ops}, CPU kernels, so ONNX Runtime runs them on the CPU \
+             beside {:?}; export without --packed-linears / --cached-attention for GPU serving",
             path.display(),
             opts.device
         );
@@ -212,12 +213,11 @@ pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
     Ok(session)
 }
 
-/// Whether `kosmos-export --packed-linears` wrote this graph (its metadata says so).
-fn has_packed_linears(session: &Session) -> bool {
-    use kosmos_plugins::packed::{METADATA_KEY, METADATA_PACKED};
+/// The CPU-only `ai.kosmos` ops this graph calls, as its metadata lists them (empty if none).
+fn cpu_only_ops(session: &Session) -> String {
     session
         .metadata()
         .ok()
-        .and_then(|m| m.custom(METADATA_KEY))
-        .is_some_and(|v| v == METADATA_PACKED)
+        .and_then(|m| m.custom(kosmos_plugins::CPU_OPS_METADATA_KEY))
+        .unwrap_or_default()
 }
