@@ -1,7 +1,9 @@
 //! Continuous batching (`kosmos_rt::batch::Engine`): sequences admitted at different steps,
 //! sharing decoder calls at different lengths, produce exactly what `Package::generate` produces
 //! for each alone, with whole and with chunked prefills; running sequences keep decoding while a
-//! prompt is prefilled chunk by chunk; cancelled and timed-out sequences free their rows.
+//! prompt is prefilled chunk by chunk; cancelled and timed-out sequences free their rows. With
+//! `ai.kosmos::CachedAttention` (its kernel reading each row's own keys and writing the bound
+//! buffers in place) the engine equals generation alone with the standard-op attention.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -89,19 +91,29 @@ fn request(
 
 #[test]
 fn staggered_sequences_equal_single_generation() {
-    staggered_sequences(0);
+    staggered_sequences(0, false);
 }
 
 /// Chunks of 7 tokens over up to 3 rows: 2 positions per call, so every image's slots are split
 /// across calls, and running sequences retire while a group is mid-prefill (its rows move down).
 #[test]
 fn staggered_sequences_with_chunked_prefill_equal_single_generation() {
-    staggered_sequences(7);
+    staggered_sequences(7, false);
 }
 
-fn staggered_sequences(prefill_chunk: usize) {
+/// The same through `--cached-attention`'s kernel: rows at different lengths in one call, both
+/// kernel paths (decode steps take the direct one; 24-token chunks, 8 or more positions per row,
+/// the GEMM one), in-place cache writes.
+#[test]
+fn staggered_sequences_with_cached_attention_equal_standard_attention() {
+    staggered_sequences(24, true);
+}
+
+/// `cached_attention`: the engine runs a `--cached-attention` export of the same checkpoint,
+/// against `Package::generate` on the standard-op package.
+fn staggered_sequences(prefill_chunk: usize, cached_attention: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let pkg_dir = buffer_package(dir.path());
+    let (ckpt, pkg_dir) = kosmos_e2e::tiny_buffer_package(dir.path(), 7);
     let mut pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
     let img = |i| ImageInput::Bytes(png(i));
     let cases: Vec<(Prompt, GenerateParams)> = vec![
@@ -134,6 +146,16 @@ fn staggered_sequences(prefill_chunk: usize) {
         .iter()
         .map(|(p, params)| alone(&mut pkg, p, params))
         .collect();
+    if cached_attention {
+        let cached = dir.path().join("pkg-cached");
+        let opts = kosmos_export::ExportOptions {
+            kv_cache: kosmos_models::package::KvCacheLayout::Buffer,
+            cached_attention: true,
+            ..Default::default()
+        };
+        kosmos_export::export(&ckpt, &cached, &opts).unwrap();
+        pkg = Package::open(&cached, &SessionOptions::default()).unwrap();
+    }
 
     let metrics = Arc::new(Metrics::default());
     let config = EngineConfig {
