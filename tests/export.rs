@@ -75,11 +75,23 @@ fn check_all(config: &KosmosConfig, seed: i64) {
                 assert_eq!(listed, n > 0, "{file}: metadata and {op} nodes disagree");
                 n
             };
-            let (linears, layers) = (6 * config.decoder.decoder_layers + 1, config.decoder.decoder_layers);
+            let (linears, layers) = (
+                6 * config.decoder.decoder_layers + 1,
+                config.decoder.decoder_layers,
+            );
             let (packed_op, cached_op) = (kosmos_plugins::packed::OP, kosmos_plugins::cached::OP);
-            assert_eq!(count("decoder.onnx", packed_op), if packed_linears { linears } else { 0 });
-            assert_eq!(count("decoder.onnx", cached_op), if cached_attention { layers } else { 0 });
-            assert_eq!(count("vision.onnx", packed_op) + count("vision.onnx", cached_op), 0);
+            assert_eq!(
+                count("decoder.onnx", packed_op),
+                if packed_linears { linears } else { 0 }
+            );
+            assert_eq!(
+                count("decoder.onnx", cached_op),
+                if cached_attention { layers } else { 0 }
+            );
+            assert_eq!(
+                count("vision.onnx", packed_op) + count("vision.onnx", cached_op),
+                0
+            );
 
             let r = verify(&ckpt, &pkg, &VerifyOptions::default()).expect("verify");
             for d in &r.diffs {

@@ -253,7 +253,15 @@ fn packed_linear_kernel_equals_function_body_equals_tch_linear() {
 }
 
 /// (batch, heads, new tokens, head_dim, capacity, past length per row, left padding per row).
-type AttentionCase = (usize, usize, usize, usize, usize, &'static [usize], &'static [usize]);
+type AttentionCase = (
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    &'static [usize],
+    &'static [usize],
+);
 
 #[test]
 fn cached_attention_kernel_equals_function_body_equals_tch_attention() {
@@ -299,11 +307,11 @@ fn cached_attention_kernel_equals_function_body_equals_tch_attention() {
         }
         // Reference: the new rows written at past_r + i by hand, then tch's attention.
         let (mut want_k, mut want_v) = (past_k.clone(), past_v.clone());
-        for r in 0..b {
+        for (r, &p) in past.iter().enumerate() {
             for hh in 0..h {
                 for i in 0..s {
                     let src = ((r * h + hh) * s + i) * d;
-                    let dst = ((r * h + hh) * c + past[r] + i) * d;
+                    let dst = ((r * h + hh) * c + p + i) * d;
                     want_k[dst..dst + d].copy_from_slice(&k[src..src + d]);
                     want_v[dst..dst + d].copy_from_slice(&v[src..src + d]);
                 }
@@ -319,7 +327,10 @@ fn cached_attention_kernel_equals_function_body_equals_tch_attention() {
         let mut got = Vec::new();
         for session in sessions.iter_mut() {
             let f = |name: &'static str, n: usize, x: &[f32]| {
-                (name, Tensor::from_array(([b, h, n, d], x.to_vec())).unwrap().into_dyn())
+                (
+                    name,
+                    Tensor::from_array(([b, h, n, d], x.to_vec())).unwrap().into_dyn(),
+                )
             };
             let r = session
                 .run(vec![
@@ -334,7 +345,9 @@ fn cached_attention_kernel_equals_function_body_equals_tch_attention() {
                     ),
                     (
                         "visible",
-                        Tensor::from_array(([b, 1, s, c], visible.clone())).unwrap().into_dyn(),
+                        Tensor::from_array(([b, 1, s, c], visible.clone()))
+                            .unwrap()
+                            .into_dyn(),
                     ),
                 ])
                 .expect("run");
@@ -342,26 +355,65 @@ fn cached_attention_kernel_equals_function_body_equals_tch_attention() {
             got.push([out("Y"), out("present_key"), out("present_value")]);
         }
         let [body, kernel] = [got.pop().unwrap(), got.pop().unwrap()];
-        for (name, idx, want) in [("Y", 0, &want_y), ("present_key", 1, &want_k), ("present_value", 2, &want_v)] {
+        for (name, idx, want) in [
+            ("Y", 0, &want_y),
+            ("present_key", 1, &want_k),
+            ("present_value", 2, &want_v),
+        ] {
             let (dk, db, dkb) = (
                 max_diff(&kernel[idx], want),
                 max_diff(&body[idx], want),
                 max_diff(&kernel[idx], &body[idx]),
             );
-            eprintln!("CachedAttention case {ci} {name}: kernel {dk:.1e}, body {db:.1e}, kernel-body {dkb:.1e}");
+            eprintln!(
+                "CachedAttention case {ci} {name}: kernel {dk:.1e}, body {db:.1e}, kernel-body {dkb:.1e}"
+            );
             assert!(dk <= 1e-5 && db <= 1e-5 && dkb <= 1e-5, "case {ci} {name}");
         }
     }
 
     // New tokens that would run past the capacity are refused by name, not written out of bounds.
     let e = match sessions[0].run(vec![
-        ("Q", Tensor::from_array(([1usize, 1, 2, 4], vec![0f32; 8])).unwrap().into_dyn()),
-        ("K", Tensor::from_array(([1usize, 1, 2, 4], vec![0f32; 8])).unwrap().into_dyn()),
-        ("V", Tensor::from_array(([1usize, 1, 2, 4], vec![0f32; 8])).unwrap().into_dyn()),
-        ("past_key", Tensor::from_array(([1usize, 1, 3, 4], vec![0f32; 12])).unwrap().into_dyn()),
-        ("past_value", Tensor::from_array(([1usize, 1, 3, 4], vec![0f32; 12])).unwrap().into_dyn()),
-        ("past_sequence_length", Tensor::from_array(([1usize], vec![2i64])).unwrap().into_dyn()),
-        ("visible", Tensor::from_array(([1usize, 1, 2, 3], vec![true; 6])).unwrap().into_dyn()),
+        (
+            "Q",
+            Tensor::from_array(([1usize, 1, 2, 4], vec![0f32; 8]))
+                .unwrap()
+                .into_dyn(),
+        ),
+        (
+            "K",
+            Tensor::from_array(([1usize, 1, 2, 4], vec![0f32; 8]))
+                .unwrap()
+                .into_dyn(),
+        ),
+        (
+            "V",
+            Tensor::from_array(([1usize, 1, 2, 4], vec![0f32; 8]))
+                .unwrap()
+                .into_dyn(),
+        ),
+        (
+            "past_key",
+            Tensor::from_array(([1usize, 1, 3, 4], vec![0f32; 12]))
+                .unwrap()
+                .into_dyn(),
+        ),
+        (
+            "past_value",
+            Tensor::from_array(([1usize, 1, 3, 4], vec![0f32; 12]))
+                .unwrap()
+                .into_dyn(),
+        ),
+        (
+            "past_sequence_length",
+            Tensor::from_array(([1usize], vec![2i64])).unwrap().into_dyn(),
+        ),
+        (
+            "visible",
+            Tensor::from_array(([1usize, 1, 2, 3], vec![true; 6]))
+                .unwrap()
+                .into_dyn(),
+        ),
     ]) {
         Ok(_) => panic!("past 2 + 2 new tokens in capacity 3 must fail"),
         Err(e) => e.to_string(),

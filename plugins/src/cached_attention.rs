@@ -45,6 +45,9 @@ impl Dims {
     /// Check element counts and past lengths (each row's new tokens must fit in the capacity);
     /// the error names what does not fit.
     pub fn check(&self, counts: &Counts, past_len: &[i64]) -> Result<(), String> {
+        if self.head_dim == 0 {
+            return Err("CachedAttention: head_dim is 0".into());
+        }
         let (new, cache) = (self.new_elements(), self.cache_elements());
         for (name, got, want) in [
             ("Q", counts.q, new),
@@ -58,7 +61,9 @@ impl Dims {
             ("present_value", counts.present_value, cache),
         ] {
             if got != want {
-                return Err(format!("CachedAttention: {name} has {got} elements, expected {want} for {self:?}"));
+                return Err(format!(
+                    "CachedAttention: {name} has {got} elements, expected {want} for {self:?}"
+                ));
             }
         }
         if past_len.len() != self.batch {
@@ -150,7 +155,9 @@ pub unsafe fn run_task(isa: Isa, d: Dims, buf: Buffers, task: usize) {
         let q = std::slice::from_raw_parts(buf.q.add(new_at), s * hd);
         let y = std::slice::from_raw_parts_mut(buf.y.add(new_at), s * hd);
         let visible = std::slice::from_raw_parts(buf.visible.add(row * s * c), s * c);
-        attend(isa, hd, q, keys, values, visible, y);
+        if s > 0 {
+            attend(isa, (s, c, hd), q, keys, values, visible, y);
+        }
     }
 }
 
@@ -180,10 +187,16 @@ macro_rules! dispatch {
 }
 
 /// One (row, head): `y` [s, hd] from `q` [s, hd] over `keys`, `values` [c, hd] where
-/// `visible` [s, c] allows.
-fn attend(isa: Isa, hd: usize, q: &[f32], keys: &[f32], values: &[f32], visible: &[bool], y: &mut [f32]) {
-    let s = q.len() / hd;
-    let c = keys.len() / hd;
+/// `visible` [s, c] allows (s, c, hd > 0).
+fn attend(
+    isa: Isa,
+    (s, c, hd): (usize, usize, usize),
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    visible: &[bool],
+    y: &mut [f32],
+) {
     // Keys past a query's last visible one are never read.
     let lens: Vec<usize> = visible
         .chunks_exact(c)
@@ -198,11 +211,27 @@ fn attend(isa: Isa, hd: usize, q: &[f32], keys: &[f32], values: &[f32], visible:
         }
     } else if span > 0 {
         let mut scores = vec![0f32; s * span];
-        gemm(isa, s, hd, span, q, &pack_out_in(&keys[..span * hd], span, hd), &mut scores);
+        gemm(
+            isa,
+            s,
+            hd,
+            span,
+            q,
+            &pack_out_in(&keys[..span * hd], span, hd),
+            &mut scores,
+        );
         for (row, vis) in scores.chunks_exact_mut(span).zip(visible.chunks_exact(c)) {
             dispatch!(isa, softmax_visible(row, &vis[..span]));
         }
-        gemm(isa, s, span, hd, &scores, &pack_in_out(&values[..span * hd], span, hd), y);
+        gemm(
+            isa,
+            s,
+            span,
+            hd,
+            &scores,
+            &pack_in_out(&values[..span * hd], span, hd),
+            y,
+        );
     }
     // A query that sees no key (a left-padding position) gets softmax's answer over a row of
     // equal scores: the mean of every value in the capacity.
@@ -231,7 +260,12 @@ fn gemm(isa: Isa, m: usize, k: usize, n: usize, x: &[f32], w: &[f32], y: &mut [f
 fn direct(q: &[f32], keys: &[f32], values: &[f32], visible: &[bool], y: &mut [f32]) {
     let hd = q.len();
     let mut scores = vec![0f32; visible.len()];
-    for (j, (sc, _)) in scores.iter_mut().zip(visible).enumerate().filter(|(_, (_, v))| **v) {
+    for (j, (sc, _)) in scores
+        .iter_mut()
+        .zip(visible)
+        .enumerate()
+        .filter(|(_, (_, v))| **v)
+    {
         *sc = dot(q, &keys[j * hd..(j + 1) * hd]);
     }
     softmax_visible(&mut scores, visible);
@@ -303,13 +337,21 @@ pub fn exp(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let p = p * z + r + 1.0;
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// The outputs of [`cached_attention`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attended {
+    pub y: Vec<f32>,
+    pub present_key: Vec<f32>,
+    pub present_value: Vec<f32>,
+}
+
 /// The whole call on the calling thread, with separate past and present buffers (tests, and
-/// callers without a thread pool). Returns (Y, present_key, present_value).
+/// callers without a thread pool).
 #[allow(clippy::too_many_arguments)]
 pub fn cached_attention(
     isa: Isa,
@@ -321,7 +363,7 @@ pub fn cached_attention(
     past_value: &[f32],
     past_len: &[i64],
     visible: &[bool],
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), String> {
+) -> Result<Attended, String> {
     let (mut y, mut pk, mut pv) = (
         vec![0f32; q.len()],
         vec![0f32; past_key.len()],
@@ -355,7 +397,11 @@ pub fn cached_attention(
         // SAFETY: sizes and past lengths checked above; separate buffers; one thread.
         unsafe { run_task(isa, d, buf, t) };
     }
-    Ok((y, pk, pv))
+    Ok(Attended {
+        y,
+        present_key: pk,
+        present_value: pv,
+    })
 }
 
 #[cfg(test)]
@@ -367,7 +413,10 @@ mod tests {
         let mut x = -87.0f32;
         while x <= 0.0 {
             let (got, want) = (exp(x), x.exp());
-            assert!(((got - want) / want).abs() < 2.5e-7, "exp({x}) = {got}, std {want}");
+            assert!(
+                ((got - want) / want).abs() < 2.5e-7,
+                "exp({x}) = {got}, std {want}"
+            );
             x += 0.0137;
         }
         assert!(exp(-1e4) < 1.3e-38 && exp(f32::NEG_INFINITY) < 1.3e-38);
@@ -395,7 +444,10 @@ mod tests {
             &[true; 24],
         )
         .unwrap_err();
-        assert!(err.contains("row 1 has past_sequence_length 2") && err.contains("0..=1"), "{err}");
+        assert!(
+            err.contains("row 1 has past_sequence_length 2") && err.contains("0..=1"),
+            "{err}"
+        );
         let err = cached_attention(
             Isa::Portable,
             d,

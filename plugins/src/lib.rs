@@ -128,7 +128,15 @@ pub const CPU_OPS_METADATA_KEY: &str = "kosmos.cpu_ops";
 /// `ai.kosmos::CachedAttention`.
 pub mod cached {
     pub const OP: &str = "CachedAttention";
-    pub const INPUTS: [&str; 7] = ["Q", "K", "V", "past_key", "past_value", "past_sequence_length", "visible"];
+    pub const INPUTS: [&str; 7] = [
+        "Q",
+        "K",
+        "V",
+        "past_key",
+        "past_value",
+        "past_sequence_length",
+        "visible",
+    ];
     pub const OUTPUTS: [&str; 3] = ["Y", "present_key", "present_value"];
 }
 

@@ -274,8 +274,15 @@ impl Kernel for CachedAttentionKernel {
             ctx.input(i)?
                 .ok_or_else(|| missing(&format!("CachedAttention input {}", cached::INPUTS[i])))
         };
-        let (qv, kv, vv, pkv, pvv, plv, visv) =
-            (input(0)?, input(1)?, input(2)?, input(3)?, input(4)?, input(5)?, input(6)?);
+        let (qv, kv, vv, pkv, pvv, plv, visv) = (
+            input(0)?,
+            input(1)?,
+            input(2)?,
+            input(3)?,
+            input(4)?,
+            input(5)?,
+            input(6)?,
+        );
         let (qs, q) = qv.try_extract_tensor::<f32>()?;
         let (_, k) = kv.try_extract_tensor::<f32>()?;
         let (_, v) = vv.try_extract_tensor::<f32>()?;
@@ -303,8 +310,14 @@ impl Kernel for CachedAttentionKernel {
             }
         };
         // Raw pointers only from here: `present_*` may be the very buffers of `past_*`.
-        let (q_n, k_n, v_n, pk_n, pv_n, vis_n) =
-            (q.len(), k.len(), v.len(), past_key.len(), past_value.len(), visible.len());
+        let (q_n, k_n, v_n, pk_n, pv_n, vis_n) = (
+            q.len(),
+            k.len(),
+            v.len(),
+            past_key.len(),
+            past_value.len(),
+            visible.len(),
+        );
         let (q, k, v, past_key, past_value, visible) = (
             q.as_ptr(),
             k.as_ptr(),
@@ -313,7 +326,9 @@ impl Kernel for CachedAttentionKernel {
             past_value.as_ptr(),
             visible.as_ptr(),
         );
-        let mut yv = ctx.output(0, qs.to_vec())?.ok_or_else(|| missing("output 0 (Y)"))?;
+        let mut yv = ctx
+            .output(0, qs.to_vec())?
+            .ok_or_else(|| missing("output 0 (Y)"))?;
         let mut pk_out = ctx
             .output(1, cache_shape.clone())?
             .ok_or_else(|| missing("output 1 (present_key)"))?;

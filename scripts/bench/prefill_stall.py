@@ -13,6 +13,9 @@ are decoding, one long text-only prompt is sent. Reported per run and as medians
 * steady_itl_s: those streams' median gap before the long prompt arrived;
 * long_ttft_s: the long prompt's time to first token;
 * decoded_during: tokens the decoding streams produced during that prefill;
+* itl_with_long_s: the decoding streams' median gap while the long prompt decodes beside them
+  (from its first token to its last; `--long-tokens` sets how long), when every decode step
+  spans its context;
 * long_prompt_tokens: the long prompt's length in tokens;
 * gaps_during_s (per run): the first stream's gaps overlapping the prefill, in order.
 """
@@ -44,7 +47,7 @@ async def one_run(args, image_url):
     words = " ".join(f"word{i} shape colour" for i in range(args.long_words // 3 + 1))
     long = {
         "model": args.model,
-        "max_tokens": 4,
+        "max_tokens": args.long_tokens,
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
@@ -59,14 +62,15 @@ async def one_run(args, image_url):
         await asyncio.sleep(args.settle)
         sent = time.perf_counter()
         long_times, usage = await stream_chat(client, long)
-        first = long_times[0]
+        first, last = long_times[0], long_times[-1]
         times = [t for t, _ in await asyncio.gather(*tasks)]
-    steady, stall, during = [], 0.0, 0
+    steady, stall, during, beside = [], 0.0, 0, []
     # The first stream's gaps that overlap the prefill, in order (chunk by chunk).
     gaps_during = [round(b - a, 2) for a, b in zip(times[0], times[0][1:]) if b > sent and a < first]
     for t in times:
         gaps = list(zip(t, t[1:]))
         steady += [b - a for a, b in gaps if b < sent]
+        beside += [b - a for a, b in gaps if a >= first and b <= last]
         inside = [b - a for a, b in gaps if b > sent and a < first]
         stall = max([stall] + inside)
         during += sum(1 for x in t if sent < x <= first)
@@ -74,6 +78,7 @@ async def one_run(args, image_url):
         "stall_s": stall,
         "steady_itl_s": statistics.median(steady) if steady else float("nan"),
         "long_ttft_s": first - sent,
+        "itl_with_long_s": statistics.median(beside) if beside else float("nan"),
         "decoded_during": during,
         "long_prompt_tokens": usage.get("prompt_tokens", 0),
         "gaps_during_s": gaps_during,
@@ -88,6 +93,7 @@ async def main():
     ap.add_argument("--decoders", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=160)
     ap.add_argument("--long-words", type=int, default=400)
+    ap.add_argument("--long-tokens", type=int, default=4, help="tokens the long prompt generates")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds of decoding before the long prompt")
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The serving benchmark of issue 6 from nothing: a random-weight full-size kosmos-1 checkpoint, its
-# CPU serving package (buffer KV layout, packed decoder linears), `kosmos-rt serve --max-batch 8`,
+# CPU serving package (buffer KV layout, packed decoder linears, cached attention),
+# `kosmos-rt serve --max-batch 8`,
 # and scripts/bench/serve_streams.py with 1 and 8 concurrent streams. Not part of scripts/test.sh:
 # it needs ~20 GB of disk, ~8 GB of RAM and about 10 minutes on 2 cores.
 #
-#   scripts/bench/serve_cpu.sh                      # packed linears (the CPU serving package)
+#   scripts/bench/serve_cpu.sh                      # packed linears + cached attention (CPU serving)
 #   PACKED=0 scripts/bench/serve_cpu.sh             # ONNX Runtime MatMul, for comparison
+#   CACHED=0 scripts/bench/serve_cpu.sh             # standard-op attention over the whole buffer
 #   WORK=/data/k1 RUNS=8 scripts/bench/serve_cpu.sh
 #
 # Nothing else should run meanwhile: one stream is memory-bound, and this VM's bandwidth already
@@ -16,6 +18,7 @@ WORK=${WORK:-/tmp/kosmos-serve-bench}
 RUNS=${RUNS:-5}
 PORT=${PORT:-8011}
 PACKED=${PACKED:-1}
+CACHED=${CACHED:-1}
 mkdir -p "$WORK"
 
 [ -x .venv/bin/python ] || scripts/setup.sh
@@ -28,6 +31,10 @@ flags=(--kv-cache buffer)
 if [ "$PACKED" = 1 ]; then
   pkg="$WORK/k1-packed"
   flags+=(--packed-linears)
+fi
+if [ "$CACHED" = 1 ]; then
+  pkg="$pkg-cached"
+  flags+=(--cached-attention)
 fi
 [ -f "$pkg/kosmos_rt.json" ] || "$bin/kosmos-export" "$WORK/ckpt" -o "$pkg" "${flags[@]}" --quiet
 

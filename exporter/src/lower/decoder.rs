@@ -274,38 +274,38 @@ impl Lower<'_, '_, '_> {
                 if self.cached_attention {
                     (ids_pos, causal, CacheWrite::Kernel(p.clone()))
                 } else {
-                // Where each new key/value goes: (row, head, slot) per [b, heads, s] for
-                // ScatterND, which copies whole head_dim rows (ScatterElements walks every
-                // element, a tenth of a batch-8 decode step at full size).
-                let heads = d.decoder_attention_heads as i64;
-                let b_vec = g.shape_of(ids, 0, 1);
-                let b_scalar = g.squeeze(&b_vec, &[0])?;
-                let h = g.i64s(&[heads])?;
-                let one_vec = g.i64s(&[1])?;
-                let target = g.concat(&[&b_vec, &h, &s_vec, &one_vec], 0, Dim::Fixed(4));
-                let rows = g.node(
-                    "Range",
-                    &[&zero, &b_scalar, &step],
-                    vec![],
-                    DType::I64,
-                    shape![&b],
-                );
-                let rows = g.reshape(&rows, &[-1, 1, 1, 1], shape![&b, 1i64, 1i64, 1i64])?;
-                let head_ids: Vec<i64> = (0..heads).collect();
-                let head_ids = g.constant(&[1, heads, 1, 1], Data::I64(&head_ids))?;
-                let slots4 = g.reshape(&slots, &[0, 1, -1, 1], shape![&b, 1i64, &s, 1i64])?;
-                let mut parts = Vec::with_capacity(3);
-                for part in [&rows, &head_ids, &slots4] {
-                    parts.push(g.node(
-                        "Expand",
-                        &[part, &target],
+                    // Where each new key/value goes: (row, head, slot) per [b, heads, s] for
+                    // ScatterND, which copies whole head_dim rows (ScatterElements walks every
+                    // element, a tenth of a batch-8 decode step at full size).
+                    let heads = d.decoder_attention_heads as i64;
+                    let b_vec = g.shape_of(ids, 0, 1);
+                    let b_scalar = g.squeeze(&b_vec, &[0])?;
+                    let h = g.i64s(&[heads])?;
+                    let one_vec = g.i64s(&[1])?;
+                    let target = g.concat(&[&b_vec, &h, &s_vec, &one_vec], 0, Dim::Fixed(4));
+                    let rows = g.node(
+                        "Range",
+                        &[&zero, &b_scalar, &step],
                         vec![],
                         DType::I64,
-                        shape![&b, heads, &s, 1i64],
-                    ));
-                }
-                let scatter = g.concat(&[&parts[0], &parts[1], &parts[2]], 3, Dim::Fixed(3));
-                (ids_pos, causal, CacheWrite::Scatter(scatter))
+                        shape![&b],
+                    );
+                    let rows = g.reshape(&rows, &[-1, 1, 1, 1], shape![&b, 1i64, 1i64, 1i64])?;
+                    let head_ids: Vec<i64> = (0..heads).collect();
+                    let head_ids = g.constant(&[1, heads, 1, 1], Data::I64(&head_ids))?;
+                    let slots4 = g.reshape(&slots, &[0, 1, -1, 1], shape![&b, 1i64, &s, 1i64])?;
+                    let mut parts = Vec::with_capacity(3);
+                    for part in [&rows, &head_ids, &slots4] {
+                        parts.push(g.node(
+                            "Expand",
+                            &[part, &target],
+                            vec![],
+                            DType::I64,
+                            shape![&b, heads, &s, 1i64],
+                        ));
+                    }
+                    let scatter = g.concat(&[&parts[0], &parts[1], &parts[2]], 3, Dim::Fixed(3));
+                    (ids_pos, causal, CacheWrite::Scatter(scatter))
                 }
             }
             // Concat layout: the new tokens are the last s of the mask.

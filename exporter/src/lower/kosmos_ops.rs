@@ -323,10 +323,18 @@ pub fn cached_attention_function() -> FunctionProto {
         .iter()
         .map(|p| b.op("Expand", &[p, &target], vec![]))
         .collect();
-    let idx = b.op("Concat", &[&parts[0], &parts[1], &parts[2]], vec![attr_i("axis", 3)]);
+    let idx = b.op(
+        "Concat",
+        &[&parts[0], &parts[1], &parts[2]],
+        vec![attr_i("axis", 3)],
+    );
     b.op_to("ScatterND", &["past_key", &idx, "K"], vec![], "present_key");
     b.op_to("ScatterND", &["past_value", &idx, "V"], vec![], "present_value");
-    let kt = b.op("Transpose", &["present_key"], vec![attr_ints("perm", &[0, 1, 3, 2])]);
+    let kt = b.op(
+        "Transpose",
+        &["present_key"],
+        vec![attr_ints("perm", &[0, 1, 3, 2])],
+    );
     let scores = b.op("MatMul", &["Q", &kt], vec![]);
     let lowest = b.float(f32::MIN);
     let scores = b.op("Where", &["visible", &scores, &lowest], vec![]);
@@ -453,14 +461,22 @@ pub fn single_op_model(op: SingleOp) -> Vec<u8> {
                     value_info("past_key", DType::F32, &cache),
                     value_info("past_value", DType::F32, &cache),
                     value_info("past_sequence_length", DType::I64, &[sym("b")]),
-                    value_info("visible", DType::Bool, &[sym("b"), Dim::Fixed(1), sym("s"), sym("c")]),
+                    value_info(
+                        "visible",
+                        DType::Bool,
+                        &[sym("b"), Dim::Fixed(1), sym("s"), sym("c")],
+                    ),
                 ],
                 vec![],
             )
         }
     };
     let outputs = match op {
-        SingleOp::Xpos(_) => vec![value_info("Y", DType::F32, &[sym("b"), sym("h"), sym("s"), sym("d")])],
+        SingleOp::Xpos(_) => vec![value_info(
+            "Y",
+            DType::F32,
+            &[sym("b"), sym("h"), sym("s"), sym("d")],
+        )],
         SingleOp::SubLnGelu { .. } => vec![value_info("Y", DType::F32, &[sym("n"), sym("f")])],
         SingleOp::PackedLinear { n } => vec![value_info(
             "Y",
