@@ -55,6 +55,7 @@ fn alone(pkg: &mut Package, prompt: &Prompt, params: &GenerateParams) -> Generat
 #[derive(Default)]
 struct Collected {
     text: String,
+    logprobs: Vec<kosmos_rt::logprobs::TokenLogprob>,
     done: Option<kosmos_rt::batch::SeqSummary>,
     failed: Option<SeqFailure>,
 }
@@ -73,13 +74,17 @@ fn request(
         assembled,
         pixels,
         params: params.clone(),
+        logprobs: None,
         arrived: Instant::now(),
         deadline: None,
         cancel: cancel.clone(),
         sink: Box::new(move |ev| {
             let mut c = sink_out.lock().unwrap();
             match ev {
-                SeqEvent::Text(t) => c.text.push_str(&t),
+                SeqEvent::Text { text, logprobs } => {
+                    c.text.push_str(&text);
+                    c.logprobs.extend(logprobs);
+                }
                 SeqEvent::Done(s) => c.done = Some(s),
                 SeqEvent::Failed(f) => c.failed = Some(f),
             }
@@ -209,6 +214,97 @@ fn staggered_sequences(prefill_chunk: usize, cached_attention: bool) {
     assert!(text.contains("kosmos_active_sequences 0"));
     assert!(text.contains("kosmos_queue_depth 0"));
     assert!(text.contains("kosmos_vision_cache_hits_total 3"), "{text}");
+}
+
+/// Log-probabilities the engine reports are the trainer's: tch's log-softmax of the full forward
+/// over prompt + generated tokens, for the chosen token and the three most likely, at every
+/// step; sampling (temperature, repetition penalty) does not change them.
+#[test]
+fn logprobs_equal_the_trainers_log_softmax() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, pkg_dir) = kosmos_e2e::tiny_buffer_package(dir.path(), 7);
+    let pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    let prompt = Prompt::parse(
+        "Question: what colour is the circle? Answer:",
+        vec![ImageInput::Bytes(png(3))],
+    )
+    .unwrap();
+    let assembled = pkg.assemble(&prompt).unwrap();
+    let pixels = pkg.preprocess(&prompt.images[0]).unwrap();
+    let cases = [
+        greedy(6),
+        GenerateParams {
+            max_tokens: 6,
+            temperature: 0.7,
+            repetition_penalty: 1.3,
+            seed: 5,
+            ignore_eos: true,
+            ..Default::default()
+        },
+    ];
+    let metrics = Arc::new(Metrics::default());
+    let mut engine = Engine::new(pkg, EngineConfig::default(), metrics).unwrap();
+    let mut outs = Vec::new();
+    for params in &cases {
+        let (mut req, out, _) = request(engine.package(), &prompt, params);
+        req.logprobs = Some(3);
+        engine.submit(req);
+        outs.push(out);
+    }
+    while !engine.is_idle() {
+        engine.step();
+    }
+
+    let (_vs, model, ck) = kosmos_train::checkpoint::load(&ckpt, tch::Device::Cpu).unwrap();
+    let size = ck.config.vision.image_size as i64;
+    for (case, out) in outs.iter().enumerate() {
+        let c = out.lock().unwrap();
+        let done = c.done.as_ref().expect("finished");
+        assert_eq!(
+            c.logprobs.len(),
+            done.tokens.len(),
+            "case {case}: one entry per token"
+        );
+        let mut ids: Vec<i64> = assembled.input_ids.iter().map(|&t| t as i64).collect();
+        ids.extend(done.tokens.iter().map(|&t| t as i64));
+        let mut image_mask = assembled.image_mask.clone();
+        image_mask.resize(ids.len(), false);
+        let len = ids.len() as i64;
+        let logp = tch::no_grad(|| {
+            model
+                .forward(
+                    &tch::Tensor::from_slice(&ids).view([1, len]),
+                    Some(&tch::Tensor::from_slice(&pixels).view([1, 3, size, size])),
+                    &tch::Tensor::from_slice(&image_mask).view([1, len]),
+                    &tch::Tensor::ones([1, len], (tch::Kind::Int64, tch::Device::Cpu)),
+                    false,
+                )
+                .unwrap()
+                .log_softmax(-1, tch::Kind::Float)
+        });
+        for (i, (e, &tok)) in c.logprobs.iter().zip(&done.tokens).enumerate() {
+            let row = logp.get(0).get(assembled.len() as i64 - 1 + i as i64);
+            let want: Vec<f32> = Vec::try_from(&row).unwrap();
+            assert_eq!(e.token, tok, "case {case} step {i}");
+            assert!(
+                (e.logprob - want[tok as usize]).abs() <= 1e-4,
+                "case {case} step {i}: {} vs {}",
+                e.logprob,
+                want[tok as usize]
+            );
+            let (top_v, top_i) = row.topk(3, -1, true, true);
+            let (top_v, top_i): (Vec<f32>, Vec<i64>) =
+                (Vec::try_from(&top_v).unwrap(), Vec::try_from(&top_i).unwrap());
+            let got_i: Vec<i64> = e.top.iter().map(|&(t, _)| t as i64).collect();
+            assert_eq!(got_i, top_i, "case {case} step {i}: the three most likely");
+            for (&(_, lp), &v) in e.top.iter().zip(&top_v) {
+                assert!((lp - v).abs() <= 1e-4, "case {case} step {i}: {lp} vs {v}");
+            }
+            if case == 0 {
+                assert_eq!(tok as i64, top_i[0], "greedy picks the most likely");
+            }
+        }
+    }
 }
 
 /// A prompt prefilled in chunks does not stall the running batch: a running sequence takes a

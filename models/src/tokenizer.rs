@@ -282,6 +282,24 @@ impl KosmosTokenizer {
             .map_err(|e| ModelsError::TokenizerTraining(format!("decoding failed: {e}")))
     }
 
+    /// The bytes token `id` stands for, as a per-token listing (OpenAI `logprobs`) shows it:
+    /// SentencePiece conventions, `▁` a space and `<0xHH>` one byte (so a character split over
+    /// byte pieces is split here too); a special token is its own name; an unknown id is empty.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        let byte = piece
+            .strip_prefix("<0x")
+            .and_then(|h| h.strip_suffix('>'))
+            .filter(|h| h.len() == 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match byte {
+            Some(b) => vec![b],
+            None => piece.replace('\u{2581}', " ").into_bytes(),
+        }
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

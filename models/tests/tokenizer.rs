@@ -1,4 +1,5 @@
-//! The built-in tokenizer: exact vocabulary size, special ids, round trips, byte fallback; and
+//! The built-in tokenizer: exact vocabulary size, special ids, round trips, byte fallback, the
+//! bytes of each token; and
 //! loading a tokenizer.json whose special tokens disagree with the config.
 
 use kosmos_models::{KosmosTokenizer, ModelsError, SpecialTokens};
@@ -53,6 +54,24 @@ fn unseen_text_falls_back_to_bytes_not_unk() {
     let ids = tok.encode(text).unwrap();
     assert!(!ids.contains(&sp.unk_token_id), "{ids:?}");
     assert_eq!(tok.decode(&ids).unwrap(), text);
+}
+
+/// Per-token bytes concatenate to the text: `▁` is a space, byte pieces are their byte.
+#[test]
+fn token_bytes_concatenate_to_the_text() {
+    let sp = SpecialTokens::default();
+    let tok = KosmosTokenizer::train(|| corpus().into_iter(), 512, &sp).unwrap();
+    let text = "a red circle and 東京 ✓";
+    let ids = tok.encode(text).unwrap();
+    let bytes: Vec<u8> = ids.iter().flat_map(|&id| tok.token_bytes(id)).collect();
+    // The decoder drops the space Metaspace puts before the first word.
+    assert_eq!(String::from_utf8(bytes).unwrap().trim_start(), text);
+    assert!(
+        ids.iter()
+            .any(|&id| tok.token_bytes(id).len() == 1 && tok.token_bytes(id)[0] >= 0x80)
+    );
+    assert_eq!(tok.token_bytes(sp.eos_token_id), b"</s>");
+    assert!(tok.token_bytes(1 << 30).is_empty());
 }
 
 #[test]

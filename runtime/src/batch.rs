@@ -39,6 +39,7 @@ use crate::error::{Result, RtError};
 use crate::generate::{
     FinishReason, GenerateParams, RowState, VisionCache, keep_last_logits, last_positions,
 };
+use crate::logprobs::{TokenLogprob, token_logprob};
 use crate::metrics::Metrics;
 use crate::package::Package;
 
@@ -49,6 +50,9 @@ pub struct SeqRequest {
     /// CLIP-preprocessed pixels of each image, in prompt order.
     pub pixels: Vec<Vec<f32>>,
     pub params: GenerateParams,
+    /// Report each generated token's log-probability with this many alternatives (OpenAI's
+    /// `logprobs`; at most [`crate::logprobs::MAX_TOP_LOGPROBS`]), or nothing (`None`).
+    pub logprobs: Option<usize>,
     pub arrived: Instant,
     /// Past this instant the sequence ends with [`SeqFailure::Timeout`].
     pub deadline: Option<Instant>,
@@ -60,8 +64,14 @@ pub struct SeqRequest {
 
 #[derive(Clone, Debug)]
 pub enum SeqEvent {
-    /// New text (stop strings held back until they cannot match).
-    Text(String),
+    /// New text (stop strings held back until they cannot match), with the log-probabilities of
+    /// the tokens generated since the last `Text` when the request asked for them. A token whose
+    /// text never shows (cut by a stop string) still has its entry, in a last `Text` whose text
+    /// may be empty.
+    Text {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     Done(SeqSummary),
     Failed(SeqFailure),
 }
@@ -117,6 +127,8 @@ struct Running {
     /// Slots this sequence may use (prefill width + max_tokens).
     reserved: usize,
     last_token_at: Option<Instant>,
+    /// Log-probabilities of tokens whose text has not been sent yet.
+    pending_logprobs: Vec<TokenLogprob>,
 }
 
 /// A group of admitted sequences being prefilled, chunk by chunk, in pool rows
@@ -785,6 +797,7 @@ impl Engine {
                 next: pad,
                 reserved: p.width + req.params.max_tokens,
                 last_token_at: None,
+                pending_logprobs: Vec::new(),
                 req,
             };
             self.take_token(&mut run, &mut logits[r * vocab..(r + 1) * vocab]);
@@ -800,6 +813,8 @@ impl Engine {
         }
         let eos = self.pkg.manifest.config.tokenizer.eos_token_id;
         let Running { req, state, .. } = run;
+        // The model's distribution, before `pick` applies the repetition penalty in place.
+        let raw = req.logprobs.map(|top| (top, logits.to_vec()));
         let tok = state.pick(logits, &req.params);
         let now = Instant::now();
         match run.last_token_at {
@@ -809,13 +824,26 @@ impl Engine {
             Some(t) => self.metrics.inter_token((now - t).as_secs_f64()),
         }
         run.last_token_at = Some(now);
-        let Running { req, state, .. } = run;
+        let Running {
+            req,
+            state,
+            pending_logprobs,
+            ..
+        } = run;
         if tok == eos && !req.params.ignore_eos {
             state.finish = Some(FinishReason::Stop);
             return;
         }
+        if let Some((top, raw)) = raw {
+            pending_logprobs.push(token_logprob(&raw, tok, top));
+        }
         let sink = &mut req.sink;
-        let mut on_text = |_: usize, text: &str| sink(SeqEvent::Text(text.to_string()));
+        let mut on_text = |_: usize, text: &str| {
+            sink(SeqEvent::Text {
+                text: text.to_string(),
+                logprobs: std::mem::take(pending_logprobs),
+            })
+        };
         if let Err(e) = state.push(tok, &self.pkg.tokenizer, &req.params, 0, &mut on_text) {
             tracing::warn!("detokenising failed: {e}");
             state.finish = Some(FinishReason::Stop);
@@ -875,10 +903,22 @@ impl Engine {
             }
             let mut run = self.running.swap_remove(i);
             let reason = run.state.finish.expect("finished");
-            let sink = &mut run.req.sink;
-            let mut on_text = |_: usize, text: &str| sink(SeqEvent::Text(text.to_string()));
             if reason != FinishReason::Cancelled {
+                let (sink, pending) = (&mut run.req.sink, &mut run.pending_logprobs);
+                let mut on_text = |_: usize, text: &str| {
+                    sink(SeqEvent::Text {
+                        text: text.to_string(),
+                        logprobs: std::mem::take(pending),
+                    })
+                };
                 run.state.flush(0, &mut on_text);
+                if !pending.is_empty() {
+                    let logprobs = std::mem::take(pending);
+                    sink(SeqEvent::Text {
+                        text: String::new(),
+                        logprobs,
+                    });
+                }
             }
             let label = match reason {
                 FinishReason::Stop => "stop",

@@ -18,6 +18,7 @@ pub mod eval;
 #[allow(non_camel_case_types)]
 pub mod ffi;
 pub mod generate;
+pub mod logprobs;
 pub mod metrics;
 pub mod ort_env;
 pub mod package;

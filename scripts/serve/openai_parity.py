@@ -1,12 +1,13 @@
 """The official `openai` client against `kosmos-rt serve` (DESIGN §7 step 6): chat with an image
-(plain and streaming), completions (plain and streaming), models; greedy answers must equal
-`kosmos-rt run` on the same inputs.
+(plain and streaming), completions (plain and streaming), logprobs in both shapes, models; greedy
+answers must equal `kosmos-rt run` on the same inputs.
 
     python scripts/serve/openai_parity.py --base-url http://127.0.0.1:8000/v1 \
         --binary target/debug/kosmos-rt --package pkg --image a.png --image b.png
 """
 
 import argparse
+import math
 import sys
 
 import openai
@@ -81,7 +82,52 @@ def main():
         assert finish in ("stop", "length"), finish
         assert usage is not None and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
+    # logprobs as the client parses them: one entry per generated token, the greedy token the
+    # most likely of its alternatives, a stream's entries those of the plain answer.
+    # (tests/batching.rs checks the values against the trainer's log-softmax.)
+    img_question = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(args.image[0])}},
+                {"type": "text", "text": question},
+            ],
+        }
+    ]
+    kw = dict(model=args.model, messages=img_question, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    plain = [(t.token, t.logprob, [(a.token, a.logprob) for a in t.top_logprobs]) for t in content]
+    check("chat logprobs entries", len(content), r.usage.completion_tokens)
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0, t
+        assert (t.token, t.logprob) == (t.top_logprobs[0].token, t.top_logprobs[0].logprob), t
+        assert bytes(t.bytes) == t.token.encode() or t.token.startswith("bytes:"), t
+        assert sum(math.exp(a.logprob) for a in t.top_logprobs) <= 1 + 1e-5, t
+    streamed = []
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            if c.logprobs and c.logprobs.content:
+                streamed += [(t.token, t.logprob, [(a.token, a.logprob) for a in t.top_logprobs]) for t in c.logprobs.content]
+    check("chat logprobs stream = plain", streamed, plain)
+    r = client.chat.completions.create(model=args.model, messages=img_question, max_tokens=2, temperature=0)
+    check("no logprobs unless asked", r.choices[0].logprobs, None)
+
     text = "a red circle on the left and"
+    lp_kw = dict(model=args.model, prompt=text, max_tokens=6, temperature=0, logprobs=2)
+    r = client.completions.create(**lp_kw)
+    lp = r.choices[0].logprobs
+    check("completion logprobs entries", len(lp.tokens), r.usage.completion_tokens)
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(lp.tokens), lp
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0, lp.text_offset
+    for v, alts in zip(lp.token_logprobs, lp.top_logprobs):
+        assert v <= 0 and max(alts.values()) == v, (v, alts)
+    offsets = []
+    for c in client.completions.create(**lp_kw, stream=True):
+        if c.choices and c.choices[0].logprobs:
+            offsets += c.choices[0].logprobs.text_offset
+    check("completion stream text_offset", offsets, lp.text_offset)
+
     want = run_reference(args.binary, args.package, prompt=text, max_tokens=10)
     r = client.completions.create(model=args.model, prompt=text, max_tokens=10, temperature=0)
     check("completion", r.choices[0].text.strip(), want)

@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod images;
+mod logprobs;
 mod openai;
 
 use std::net::SocketAddr;

@@ -18,9 +18,10 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::AppState;
 use super::error::ApiError;
-use super::images;
+use super::{images, logprobs};
 use crate::batch::{SeqEvent, SeqFailure, SeqRequest};
 use crate::generate::{FinishReason, GenerateParams, IMAGE_MARKER};
+use crate::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob};
 
 /// `stop`: one string or several.
 #[derive(Deserialize)]
@@ -45,7 +46,10 @@ struct Sampling {
     stop: Option<Stop>,
     seed: Option<i64>,
     n: Option<i64>,
+    /// Chat: true / false; completions: how many alternatives per token (0..=20).
     logprobs: Option<Value>,
+    /// Chat: alternatives per token (0..=20), with `logprobs: true`.
+    top_logprobs: Option<i64>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     /// vLLM's extension for benchmarks: keep generating after `</s>`.
@@ -176,6 +180,8 @@ struct Submitted {
     events: UnboundedReceiver<(usize, SeqEvent)>,
     guard: CancelOnDrop,
     prompt_tokens: usize,
+    /// Responses carry `logprobs` (the request asked for them).
+    wants_logprobs: bool,
 }
 
 /// A validated prompt ready for the engine.
@@ -339,7 +345,7 @@ impl AppState {
     }
 
     /// Generation parameters from the request; `prompt_len` bounds max_tokens by the context.
-    fn params(&self, s: &Sampling, prompt_len: usize) -> Result<(GenerateParams, usize), ApiError> {
+    fn params(&self, s: &Sampling, prompt_len: usize, kind: Kind) -> Result<Requested, ApiError> {
         let context = self.manifest.decoder.context_length;
         let room = context.saturating_sub(prompt_len);
         let requested = s.max_completion_tokens.or(s.max_tokens);
@@ -419,12 +425,7 @@ impl AppState {
                 ));
             }
         }
-        if s.logprobs
-            .as_ref()
-            .is_some_and(|v| !v.is_null() && v != &json!(false))
-        {
-            return Err(ApiError::invalid("logprobs are not supported", "logprobs"));
-        }
+        let logprobs = requested_logprobs(s, kind)?;
         let stop = match &s.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
@@ -444,8 +445,8 @@ impl AppState {
                 "n",
             ));
         }
-        Ok((
-            GenerateParams {
+        Ok(Requested {
+            params: GenerateParams {
                 max_tokens,
                 temperature,
                 top_k: top_k as usize,
@@ -456,17 +457,15 @@ impl AppState {
                 beams: 1,
                 ignore_eos: s.ignore_eos.unwrap_or(false),
             },
-            n as usize,
-        ))
+            n: n as usize,
+            logprobs,
+        })
     }
 
     /// Queue `n` sequences per prompt; their events arrive tagged with the choice index.
-    fn submit(
-        &self,
-        prompts: Vec<Prepared>,
-        params: &GenerateParams,
-        n: usize,
-    ) -> Result<Submitted, ApiError> {
+    fn submit(&self, prompts: Vec<Prepared>, r: &Requested) -> Result<Submitted, ApiError> {
+        let Requested { params, n, logprobs } = r;
+        let n = *n;
         let total = prompts.len() * n;
         let depth = self.metrics.queue_depth.fetch_add(total as u64, Ordering::SeqCst) as usize;
         if depth + total > self.cfg.max_queue {
@@ -493,6 +492,7 @@ impl AppState {
                     assembled: p.assembled.clone(),
                     pixels: p.pixels.clone(),
                     params,
+                    logprobs: *logprobs,
                     arrived,
                     deadline,
                     cancel,
@@ -510,7 +510,73 @@ impl AppState {
             events: rx,
             guard: CancelOnDrop(flags),
             prompt_tokens,
+            wants_logprobs: logprobs.is_some(),
         })
+    }
+}
+
+/// What a request asks the engine for: its sampling, choices per prompt, and log-probabilities.
+struct Requested {
+    params: GenerateParams,
+    n: usize,
+    /// Alternatives per token when the request wants log-probabilities.
+    logprobs: Option<usize>,
+}
+
+/// `logprobs` / `top_logprobs` as the endpoint takes them: chat `logprobs: true` with
+/// `top_logprobs: k`, completions `logprobs: k`.
+fn requested_logprobs(s: &Sampling, kind: Kind) -> Result<Option<usize>, ApiError> {
+    let range = |k: i64, field: &'static str| {
+        usize::try_from(k)
+            .ok()
+            .filter(|&k| k <= MAX_TOP_LOGPROBS)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    format!("{field} must be in 0..={MAX_TOP_LOGPROBS}, got {k}"),
+                    field,
+                )
+            })
+    };
+    let value = s.logprobs.as_ref().filter(|v| !v.is_null());
+    match kind {
+        Kind::Chat => {
+            let on = match value {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => {
+                    return Err(ApiError::invalid(
+                        format!("logprobs must be true or false in chat completions, got {v}"),
+                        "logprobs",
+                    ));
+                }
+            };
+            match (on, s.top_logprobs) {
+                (true, top) => Ok(Some(top.map_or(Ok(0), |k| range(k, "top_logprobs"))?)),
+                (false, Some(_)) => Err(ApiError::invalid(
+                    "top_logprobs needs logprobs: true",
+                    "top_logprobs",
+                )),
+                (false, None) => Ok(None),
+            }
+        }
+        Kind::Completion => {
+            if s.top_logprobs.is_some() {
+                return Err(ApiError::invalid(
+                    "top_logprobs is a chat completions field; completions take logprobs: <alternatives>",
+                    "top_logprobs",
+                ));
+            }
+            match value {
+                None => Ok(None),
+                Some(v) => match v.as_i64() {
+                    Some(k) => range(k, "logprobs").map(Some),
+                    None => Err(ApiError::invalid(
+                        format!("logprobs must be an integer in completions, got {v}"),
+                        "logprobs",
+                    )),
+                },
+            }
+        }
     }
 }
 
@@ -571,21 +637,23 @@ struct Choice {
     text: String,
     finish: Option<FinishReason>,
     tokens: usize,
+    logprobs: Vec<TokenLogprob>,
 }
 
 /// Wait for every choice and build the non-streaming response.
-async fn collect(
-    st: &AppState,
-    kind: Kind,
-    mut rx: UnboundedReceiver<(usize, SeqEvent)>,
-    total: usize,
-    prompt_tokens: usize,
-) -> Result<Response, ApiError> {
+async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Result<Response, ApiError> {
+    let Submitted {
+        events: mut rx,
+        guard: _guard,
+        prompt_tokens,
+        wants_logprobs,
+    } = sub;
     let mut choices: Vec<Choice> = (0..total)
         .map(|_| Choice {
             text: String::new(),
             finish: None,
             tokens: 0,
+            logprobs: Vec::new(),
         })
         .collect();
     let mut done = 0;
@@ -596,13 +664,12 @@ async fn collect(
             ));
         };
         match ev {
-            SeqEvent::Text(_) => {}
+            SeqEvent::Text { logprobs, .. } => choices[i].logprobs.extend(logprobs),
             SeqEvent::Done(s) => {
-                choices[i] = Choice {
-                    text: s.text,
-                    finish: Some(s.finish_reason),
-                    tokens: s.tokens.len(),
-                };
+                let c = &mut choices[i];
+                c.text = s.text;
+                c.finish = Some(s.finish_reason);
+                c.tokens = s.tokens.len();
                 done += 1;
             }
             SeqEvent::Failed(SeqFailure::Timeout) => {
@@ -613,6 +680,11 @@ async fn collect(
     }
     let completion: usize = choices.iter().map(|c| c.tokens).sum();
     let created = now_secs();
+    let lp = |c: &Choice| match (wants_logprobs, kind) {
+        (false, _) => Value::Null,
+        (true, Kind::Chat) => logprobs::chat(&st.tokenizer, &c.logprobs),
+        (true, Kind::Completion) => logprobs::completion(&st.tokenizer, &c.logprobs, &mut 0),
+    };
     let body = match kind {
         Kind::Chat => json!({
             "id": request_id("chatcmpl"),
@@ -622,7 +694,7 @@ async fn collect(
             "choices": choices.iter().enumerate().map(|(i, c)| json!({
                 "index": i,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": null,
+                "logprobs": lp(c),
                 "finish_reason": finish_str(c.finish.unwrap_or(FinishReason::Length)),
             })).collect::<Vec<_>>(),
             "usage": usage(prompt_tokens, completion),
@@ -635,7 +707,7 @@ async fn collect(
             "choices": choices.iter().enumerate().map(|(i, c)| json!({
                 "index": i,
                 "text": c.text,
-                "logprobs": null,
+                "logprobs": lp(c),
                 "finish_reason": finish_str(c.finish.unwrap_or(FinishReason::Length)),
             })).collect::<Vec<_>>(),
             "usage": usage(prompt_tokens, completion),
@@ -650,6 +722,7 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
         events: mut rx,
         guard,
         prompt_tokens,
+        wants_logprobs,
     } = sub;
     let id = request_id(match kind {
         Kind::Chat => "chatcmpl",
@@ -683,13 +756,20 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
         }
         let mut done = 0;
         let mut completion = 0;
+        // Completions' text_offset of each choice's next token.
+        let mut offsets = vec![0usize; total];
         while done < total {
             let Some((i, ev)) = rx.recv().await else { break };
             match ev {
-                SeqEvent::Text(t) => {
+                SeqEvent::Text { text: t, logprobs: entries } => {
+                    let lp = match (wants_logprobs, kind) {
+                        (false, _) => Value::Null,
+                        (true, Kind::Chat) => logprobs::chat(&st.tokenizer, &entries),
+                        (true, Kind::Completion) => logprobs::completion(&st.tokenizer, &entries, &mut offsets[i]),
+                    };
                     let choice = match kind {
-                        Kind::Chat => json!({"index": i, "delta": {"content": t}, "logprobs": null, "finish_reason": null}),
-                        Kind::Completion => json!({"index": i, "text": t, "logprobs": null, "finish_reason": null}),
+                        Kind::Chat => json!({"index": i, "delta": {"content": t}, "logprobs": lp, "finish_reason": null}),
+                        Kind::Completion => json!({"index": i, "text": t, "logprobs": lp, "finish_reason": null}),
                     };
                     yield Ok(chunk(json!([choice]), None));
                 }
@@ -741,9 +821,9 @@ async fn respond(
             .unwrap_or(false);
         return Ok(stream(st, kind, sub, total, include_usage));
     }
-    // Held while waiting: a client that hangs up drops this future and cancels its sequences.
-    let _guard = sub.guard;
-    collect(&st, kind, sub.events, total, sub.prompt_tokens).await
+    // `sub` holds the guard while waiting: a client that hangs up drops this future and cancels
+    // its sequences.
+    collect(&st, kind, sub, total).await
 }
 
 pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
@@ -751,9 +831,9 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Re
     st.check_model(&req.model)?;
     let (segments, urls) = st.chat_prompt(&req.messages)?;
     let prepared = st.prepare(segments, urls).await?;
-    let (params, n) = st.params(&req.sampling, prepared.assembled.len())?;
-    let sub = st.submit(vec![prepared], &params, n)?;
-    respond(st, Kind::Chat, sub, n, &req.sampling).await
+    let r = st.params(&req.sampling, prepared.assembled.len(), Kind::Chat)?;
+    let sub = st.submit(vec![prepared], &r)?;
+    respond(st, Kind::Chat, sub, r.n, &req.sampling).await
 }
 
 pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
@@ -796,15 +876,15 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<
         prepared.push(st.prepare(segs, Vec::new()).await?);
     }
     let longest = prepared.iter().map(|p| p.assembled.len()).max().unwrap_or(0);
-    let (params, n) = st.params(&req.sampling, longest)?;
-    let total = prepared.len() * n;
+    let r = st.params(&req.sampling, longest, Kind::Completion)?;
+    let total = prepared.len() * r.n;
     if total > st.cfg.max_n {
         return Err(ApiError::invalid(
             format!("prompts x n must be at most {}", st.cfg.max_n),
             "n",
         ));
     }
-    let sub = st.submit(prepared, &params, n)?;
+    let sub = st.submit(prepared, &r)?;
     respond(st, Kind::Completion, sub, total, &req.sampling).await
 }
 
