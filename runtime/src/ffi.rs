@@ -368,9 +368,8 @@ pub unsafe extern "C" fn kosmos_generate(
             top_p: p.top_p,
             repetition_penalty: p.repetition_penalty,
             seed: p.seed,
-            stop: Vec::new(),
             beams: p.beams as usize,
-            ignore_eos: false,
+            ..GenerateParams::default()
         };
         let prompt = match Prompt::parse(text, inputs) {
             Ok(p) => p,

@@ -81,6 +81,10 @@ pub struct GenerateParams {
     pub top_p: f32,
     /// 1: off (CTRL-style: positive logits divided, negative multiplied, for tokens seen so far).
     pub repetition_penalty: f32,
+    /// 0: off. OpenAI's: subtracted once from the logit of every token generated so far.
+    pub presence_penalty: f32,
+    /// 0: off. OpenAI's: subtracted from a token's logit once per time it was generated so far.
+    pub frequency_penalty: f32,
     pub seed: u64,
     /// Generation stops before any of these strings.
     pub stop: Vec<String>,
@@ -98,6 +102,8 @@ impl Default for GenerateParams {
             top_k: 0,
             top_p: 1.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
             stop: Vec::new(),
             beams: 1,
@@ -840,6 +846,17 @@ impl RowState {
                 };
             }
         }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut counts = HashMap::<u32, f32>::new();
+            for &t in &self.tokens {
+                *counts.entry(t).or_default() += 1.0;
+            }
+            for (t, n) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * n;
+                }
+            }
+        }
         if p.temperature <= 0.0 {
             return argmax(logits);
         }
@@ -960,4 +977,48 @@ fn argmax(l: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(generated: &[u32]) -> RowState {
+        let prompt = Assembled {
+            input_ids: vec![2, 2],
+            image_mask: vec![false, false],
+            num_images: 0,
+        };
+        let mut r = RowState::new(&prompt, 0);
+        r.tokens = generated.to_vec();
+        r
+    }
+
+    /// OpenAI's penalties count generated tokens only: presence once, frequency per occurrence.
+    #[test]
+    fn presence_and_frequency_penalties_follow_openai() {
+        let logits = [2.0f32, 1.9, 0.0];
+        let greedy = GenerateParams::default();
+        assert_eq!(row(&[0, 0, 1]).pick(&mut logits.clone(), &greedy), 0);
+        let p = GenerateParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.3,
+            ..GenerateParams::default()
+        };
+        let mut l = logits;
+        // Token 0: 2.0 − 0.5 − 2·0.3 = 0.9; token 1: 1.9 − 0.5 − 0.3 = 1.1; token 2 untouched.
+        assert_eq!(row(&[0, 0, 1]).pick(&mut l, &p), 1);
+        for (got, want) in l.iter().zip([0.9f32, 1.1, 0.0]) {
+            assert!((got - want).abs() < 1e-6, "{l:?}");
+        }
+        // Prompt tokens do not count (token 2 is the prompt's).
+        let mut l = [0.0f32, 0.0, 0.1];
+        assert_eq!(row(&[]).pick(&mut l, &p), 2);
+        // A negative penalty favours what was generated.
+        let favour = GenerateParams {
+            presence_penalty: -1.0,
+            ..GenerateParams::default()
+        };
+        assert_eq!(row(&[1]).pick(&mut logits.clone(), &favour), 1);
+    }
 }

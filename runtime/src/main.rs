@@ -69,6 +69,12 @@ enum Command {
         top_p: f32,
         #[arg(long, default_value_t = 1.0)]
         repetition_penalty: f32,
+        /// OpenAI's presence penalty: subtracted once from every token generated so far.
+        #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+        presence_penalty: f32,
+        /// OpenAI's frequency penalty: subtracted once per time a token was generated so far.
+        #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+        frequency_penalty: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Stop before this string (repeatable).
@@ -382,6 +388,8 @@ fn run(cli: Cli) -> Result<()> {
             top_k,
             top_p,
             repetition_penalty,
+            presence_penalty,
+            frequency_penalty,
             seed,
             stop,
             beams,
@@ -397,6 +405,8 @@ fn run(cli: Cli) -> Result<()> {
                 top_k,
                 top_p,
                 repetition_penalty,
+                presence_penalty,
+                frequency_penalty,
                 seed,
                 stop,
                 beams: beams.max(1),

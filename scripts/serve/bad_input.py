@@ -82,6 +82,7 @@ def main():
         ("huge max_tokens", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "max_tokens": 2**62}, auth, 400, "context"),
         ("temperature out of range", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "temperature": 7}, auth, 400, "temperature"),
         ("n too large", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "n": 1000}, auth, 400, "n must be"),
+        ("presence_penalty out of range", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "presence_penalty": 2.5}, auth, 400, "presence_penalty must be in [-2, 2]"),
         ("top_logprobs over 20", "POST", "/v1/chat/completions", chat("hi", logprobs=True, top_logprobs=21), auth, 400, "top_logprobs must be in 0..=20"),
         ("top_logprobs without logprobs", "POST", "/v1/chat/completions", chat("hi", top_logprobs=2), auth, 400, "needs logprobs: true"),
         ("chat logprobs not a bool", "POST", "/v1/chat/completions", chat("hi", logprobs=3), auth, 400, "true or false"),

@@ -11,9 +11,10 @@ def data_url(path):
         return "data:image/png;base64," + base64.b64encode(f.read()).decode()
 
 
-def run_reference(binary, package, prompt="", images=(), max_tokens=16):
-    """Greedy output of `kosmos-rt run` (the single-request path, no server, no batching)."""
-    cmd = [binary, "run", package, "--prompt", prompt, "--max-tokens", str(max_tokens)]
+def run_reference(binary, package, prompt="", images=(), max_tokens=16, extra=()):
+    """Greedy output of `kosmos-rt run` (the single-request path, no server, no batching), with
+    `extra` command-line options."""
+    cmd = [binary, "run", package, "--prompt", prompt, "--max-tokens", str(max_tokens), *extra]
     for img in images:
         cmd += ["--image", img]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)

@@ -134,6 +134,19 @@ def main():
     s = client.completions.create(model=args.model, prompt=text, max_tokens=10, temperature=0, stream=True)
     check("completion stream", "".join(c.choices[0].text for c in s if c.choices).strip(), want)
 
+    # OpenAI's penalties (generated tokens only) as `kosmos-rt run` applies them.
+    want = run_reference(
+        args.binary, args.package, prompt=text, max_tokens=12,
+        extra=["--presence-penalty", "0.7", "--frequency-penalty", "1.5"],
+    )
+    r = client.completions.create(
+        model=args.model, prompt=text, max_tokens=12, temperature=0, presence_penalty=0.7, frequency_penalty=1.5
+    )
+    check("completion with presence/frequency penalties", r.choices[0].text.strip(), want)
+    plain = run_reference(args.binary, args.package, prompt=text, max_tokens=12)
+    if want == plain:
+        failures.append("penalties changed nothing: the check cannot tell them from none")
+
     # n choices with a seed: reproducible, and each its own sample.
     kw = dict(model=args.model, prompt=text, max_tokens=8, temperature=1.0, seed=5, n=3)
     a = [c.text for c in client.completions.create(**kw).choices]

@@ -410,21 +410,19 @@ impl AppState {
                 "repetition_penalty",
             ));
         }
-        for (name, v) in [
-            ("presence_penalty", s.presence_penalty),
-            ("frequency_penalty", s.frequency_penalty),
-        ] {
-            if v.is_some_and(|v| v != 0.0) {
-                return Err(ApiError::invalid(
-                    format!("{name} is not supported; use repetition_penalty"),
-                    if name == "presence_penalty" {
-                        "presence_penalty"
-                    } else {
-                        "frequency_penalty"
-                    },
-                ));
+        let penalty = |v: Option<f32>, field: &'static str| {
+            let v = v.unwrap_or(0.0);
+            if (-2.0..=2.0).contains(&v) {
+                Ok(v)
+            } else {
+                Err(ApiError::invalid(
+                    format!("{field} must be in [-2, 2], got {v}"),
+                    field,
+                ))
             }
-        }
+        };
+        let presence_penalty = penalty(s.presence_penalty, "presence_penalty")?;
+        let frequency_penalty = penalty(s.frequency_penalty, "frequency_penalty")?;
         let logprobs = requested_logprobs(s, kind)?;
         let stop = match &s.stop {
             None => Vec::new(),
@@ -452,6 +450,8 @@ impl AppState {
                 top_k: top_k as usize,
                 top_p,
                 repetition_penalty,
+                presence_penalty,
+                frequency_penalty,
                 seed,
                 stop,
                 beams: 1,
