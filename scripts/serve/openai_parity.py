@@ -122,6 +122,12 @@ def main():
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0, lp.text_offset
     for v, alts in zip(lp.token_logprobs, lp.top_logprobs):
         assert v <= 0 and max(alts.values()) == v, (v, alts)
+    # Each plain-text token starts where text_offset says (the text drops the first word's space).
+    full = r.choices[0].text
+    for t, o in zip(lp.tokens, lp.text_offset):
+        if not t.startswith(("<", "bytes:")):
+            assert full[o:].startswith(t.lstrip(" ") if o == 0 else t), (t, o, full)
+    assert all(o <= len(full) for o in lp.text_offset), (lp.text_offset, full)
     offsets = []
     for c in client.completions.create(**lp_kw, stream=True):
         if c.choices and c.choices[0].logprobs:

@@ -40,15 +40,16 @@ pub fn chat(tok: &KosmosTokenizer, entries: &[TokenLogprob]) -> Value {
     json!({ "content": content })
 }
 
-/// Legacy completions' `logprobs` for `entries`; `offset` is the character offset of the first
-/// one in the choice's text, advanced past them (so a stream's chunks continue it).
-pub fn completion(tok: &KosmosTokenizer, entries: &[TokenLogprob], offset: &mut usize) -> Value {
+/// Legacy completions' `logprobs` for `entries`. `before` holds the choice's tokens before them
+/// (empty at its start) and takes theirs, so a stream's chunks continue the offsets.
+pub fn completion(tok: &KosmosTokenizer, entries: &[TokenLogprob], before: &mut Vec<u32>) -> Value {
     let (mut tokens, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
     for e in entries {
-        let (token, _) = token_text(tok, e.token);
-        offsets.push(*offset);
-        *offset += token.chars().count();
-        tokens.push(token);
+        // Where the token starts in the choice's text, which is the decoding of all its tokens
+        // (special tokens skipped, the first word's leading space dropped).
+        offsets.push(tok.decode(before).map_or(0, |t| t.chars().count()));
+        before.push(e.token);
+        tokens.push(token_text(tok, e.token).0);
         lps.push(e.logprob);
         let top: Map<String, Value> = e
             .top

@@ -683,7 +683,7 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
     let lp = |c: &Choice| match (wants_logprobs, kind) {
         (false, _) => Value::Null,
         (true, Kind::Chat) => logprobs::chat(&st.tokenizer, &c.logprobs),
-        (true, Kind::Completion) => logprobs::completion(&st.tokenizer, &c.logprobs, &mut 0),
+        (true, Kind::Completion) => logprobs::completion(&st.tokenizer, &c.logprobs, &mut Vec::new()),
     };
     let body = match kind {
         Kind::Chat => json!({
@@ -756,8 +756,8 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
         }
         let mut done = 0;
         let mut completion = 0;
-        // Completions' text_offset of each choice's next token.
-        let mut offsets = vec![0usize; total];
+        // Each choice's tokens so far, for completions' text_offset.
+        let mut offsets = vec![Vec::new(); total];
         while done < total {
             let Some((i, ev)) = rx.recv().await else { break };
             match ev {
