@@ -56,6 +56,7 @@ fn alone(pkg: &mut Package, prompt: &Prompt, params: &GenerateParams) -> Generat
 struct Collected {
     text: String,
     logprobs: Vec<kosmos_rt::logprobs::TokenLogprob>,
+    prompt_logprobs: Option<Vec<(u32, Option<kosmos_rt::logprobs::TokenLogprob>)>>,
     done: Option<kosmos_rt::batch::SeqSummary>,
     failed: Option<SeqFailure>,
 }
@@ -75,6 +76,7 @@ fn request(
         pixels,
         params: params.clone(),
         logprobs: None,
+        prompt_logprobs: None,
         arrived: Instant::now(),
         deadline: None,
         cancel: cancel.clone(),
@@ -85,6 +87,7 @@ fn request(
                     c.text.push_str(&text);
                     c.logprobs.extend(logprobs);
                 }
+                SeqEvent::PromptLogprobs(p) => c.prompt_logprobs = Some(p),
                 SeqEvent::Done(s) => c.done = Some(s),
                 SeqEvent::Failed(f) => c.failed = Some(f),
             }
@@ -304,6 +307,100 @@ fn logprobs_equal_the_trainers_log_softmax() {
                 assert_eq!(tok as i64, top_i[0], "greedy picks the most likely");
             }
         }
+    }
+}
+
+/// An echoed prompt's log-probabilities are the trainer's too: two prompts of different lengths
+/// prefilled together (left padding) in 7-token chunks, one with an image (its slots have none).
+#[test]
+fn prompt_logprobs_equal_the_trainers_log_softmax() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, pkg_dir) = kosmos_e2e::tiny_buffer_package(dir.path(), 7);
+    let pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    let prompts = [
+        Prompt::parse(
+            "Question: what colour is the circle? Answer:",
+            vec![ImageInput::Bytes(png(4))],
+        )
+        .unwrap(),
+        Prompt::parse("a blue square on the left", vec![]).unwrap(),
+    ];
+    let config = EngineConfig {
+        prefill_chunk: 7,
+        ..Default::default()
+    };
+    let mut engine = Engine::new(pkg, config, Arc::new(Metrics::default())).unwrap();
+    let mut outs = Vec::new();
+    for p in &prompts {
+        let (mut req, out, _) = request(engine.package(), p, &greedy(2));
+        req.prompt_logprobs = Some(2);
+        engine.submit(req);
+        outs.push(out);
+    }
+    while !engine.is_idle() {
+        engine.step();
+    }
+
+    let (_vs, model, ck) = kosmos_train::checkpoint::load(&ckpt, tch::Device::Cpu).unwrap();
+    let size = ck.config.vision.image_size as i64;
+    for (k, (prompt, out)) in prompts.iter().zip(&outs).enumerate() {
+        let a = engine.package().assemble(prompt).unwrap();
+        let c = out.lock().unwrap();
+        assert!(c.failed.is_none(), "prompt {k}: {:?}", c.failed);
+        assert!(
+            c.done.is_some() && c.logprobs.is_empty(),
+            "prompt {k}: generated tokens not asked for"
+        );
+        let got = c.prompt_logprobs.as_ref().expect("prompt log-probabilities");
+        assert_eq!(got.len(), a.len(), "prompt {k}: one entry per prompt token");
+        let len = a.len() as i64;
+        let ids: Vec<i64> = a.input_ids.iter().map(|&t| t as i64).collect();
+        let pixels: Vec<f32> = prompt
+            .images
+            .iter()
+            .flat_map(|i| engine.package().preprocess(i).unwrap())
+            .collect();
+        let pv = (!pixels.is_empty()).then(|| tch::Tensor::from_slice(&pixels).view([-1, 3, size, size]));
+        let logp = tch::no_grad(|| {
+            model
+                .forward(
+                    &tch::Tensor::from_slice(&ids).view([1, len]),
+                    pv.as_ref(),
+                    &tch::Tensor::from_slice(&a.image_mask).view([1, len]),
+                    &tch::Tensor::ones([1, len], (tch::Kind::Int64, tch::Device::Cpu)),
+                    false,
+                )
+                .unwrap()
+                .log_softmax(-1, tch::Kind::Float)
+        });
+        let mut scored = 0;
+        for (i, (tok, e)) in got.iter().enumerate() {
+            assert_eq!(*tok, a.input_ids[i], "prompt {k} token {i}");
+            if i == 0 || a.image_mask[i] {
+                assert!(
+                    e.is_none(),
+                    "prompt {k} token {i}: first token and image slots have none"
+                );
+                continue;
+            }
+            let e = e
+                .as_ref()
+                .unwrap_or_else(|| panic!("prompt {k} token {i} not scored"));
+            let want: Vec<f32> = Vec::try_from(logp.get(0).get(i as i64 - 1)).unwrap();
+            assert!(
+                (e.logprob - want[*tok as usize]).abs() <= 1e-4,
+                "prompt {k} token {i}"
+            );
+            assert_eq!(e.top.len(), 2);
+            for &(t, lp) in &e.top {
+                assert!(
+                    (lp - want[t as usize]).abs() <= 1e-4,
+                    "prompt {k} token {i}: alternative {t}"
+                );
+            }
+            scored += 1;
+        }
+        assert!(scored >= 5, "prompt {k}: {scored} tokens scored");
     }
 }
 

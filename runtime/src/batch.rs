@@ -17,7 +17,11 @@
 //! call binds views of a contiguous prefix (decode) or of the rows just admitted (prefill) as
 //! both `past_key_values.*` and `present.*`: ONNX Runtime writes the new keys and values in place
 //! and nothing is copied per step. The capacity follows the longest reservation (prompt width +
-//! `max_tokens`) among running sequences, because attention spans the whole capacity.
+//! `max_tokens`) among running sequences: standard-op attention spans the whole capacity for
+//! every row, `ai.kosmos::CachedAttention` (`--cached-attention`) each row's own keys.
+//!
+//! Log-probabilities (`SeqRequest::logprobs`, `prompt_logprobs`) come from the logits before any
+//! sampling adjustment; a group with a prompt to score prefills with every position's logits.
 
 use std::collections::VecDeque;
 use std::ffi::{CStr, CString};
@@ -53,6 +57,9 @@ pub struct SeqRequest {
     /// Report each generated token's log-probability with this many alternatives (OpenAI's
     /// `logprobs`; at most [`crate::logprobs::MAX_TOP_LOGPROBS`]), or nothing (`None`).
     pub logprobs: Option<usize>,
+    /// Report the prompt's tokens' log-probabilities too, with this many alternatives (OpenAI's
+    /// `echo` with `logprobs`), in one [`SeqEvent::PromptLogprobs`] before any text.
+    pub prompt_logprobs: Option<usize>,
     pub arrived: Instant,
     /// Past this instant the sequence ends with [`SeqFailure::Timeout`].
     pub deadline: Option<Instant>,
@@ -72,6 +79,9 @@ pub enum SeqEvent {
         text: String,
         logprobs: Vec<TokenLogprob>,
     },
+    /// Each prompt token (its id) with its log-probability given the tokens before it: `None`
+    /// for the first token and for image slots.
+    PromptLogprobs(Vec<(u32, Option<TokenLogprob>)>),
     Done(SeqSummary),
     Failed(SeqFailure),
 }
@@ -147,6 +157,32 @@ struct Prefill {
     /// [rows, n_tok, hidden]: each row's image embeddings in prompt order.
     embeds: Vec<f32>,
     n_tok: usize,
+    /// Per row asking for prompt log-probabilities: one entry per prompt token, filled chunk by
+    /// chunk.
+    prompt_logprobs: Vec<Option<Vec<Option<TokenLogprob>>>>,
+}
+
+impl Prefill {
+    /// Prompt log-probabilities from the logits of positions `from..to` ([rows, to − from,
+    /// vocab]): position j's logits score the token at j + 1.
+    fn score_prompts(&mut self, from: usize, to: usize, logits: &[f32], vocab: usize) {
+        let (w, s) = (self.width, to - from);
+        for (r, req) in self.group.iter().enumerate() {
+            let (Some(top), Some(out)) = (req.prompt_logprobs, self.prompt_logprobs[r].as_mut()) else {
+                continue;
+            };
+            let pad = w - req.assembled.len();
+            for j in from.max(pad)..to.min(w - 1) {
+                let next = j + 1;
+                if self.image_mask[r * w + next] {
+                    continue;
+                }
+                let at = (r * s + j - from) * vocab;
+                let tok = self.ids[r * w + next] as u32;
+                out[next - pad] = Some(token_logprob(&logits[at..at + vocab], tok, top));
+            }
+        }
+    }
 }
 
 impl Prefill {
@@ -722,6 +758,10 @@ impl Engine {
                 real[off + j] = 1;
             }
         }
+        let prompt_logprobs = group
+            .iter()
+            .map(|r| r.prompt_logprobs.map(|_| vec![None; r.assembled.len()]))
+            .collect();
         self.prefill = Some(Prefill {
             group: std::mem::take(group),
             first: self.running.len(),
@@ -732,6 +772,7 @@ impl Engine {
             real,
             embeds,
             n_tok,
+            prompt_logprobs,
         });
         Ok(())
     }
@@ -755,8 +796,9 @@ impl Engine {
             self.pkg.manifest.decoder.hidden_size,
         );
         let rows = p.first..p.first + m;
+        let every_position = p.prompt_logprobs.iter().any(Option::is_some);
         let t0 = Instant::now();
-        let result = self.call(rows, call);
+        let result = self.call(rows, call, every_position);
         tracing::debug!(
             rows = m,
             from,
@@ -773,8 +815,17 @@ impl Engine {
                 return Err(e);
             }
         };
+        let vocab = self.pkg.manifest.decoder.vocab_size;
         let p = self.prefill.as_mut().expect("prefilling");
         p.written = to;
+        if every_position {
+            p.score_prompts(from, to, &logits, vocab);
+            // Keep each row's last position, as the other calls return.
+            let s = to - from;
+            logits = (0..m)
+                .flat_map(|r| logits[(r * s + s - 1) * vocab..(r * s + s) * vocab].to_vec())
+                .collect();
+        }
         if to < p.width {
             return Ok(());
         }
@@ -787,9 +838,13 @@ impl Engine {
                 self.pool.move_row(p.first + r, first + r, p.width);
             }
         }
-        let vocab = self.pkg.manifest.decoder.vocab_size;
         let pad = self.pkg.manifest.config.tokenizer.pad_token_id as i64;
-        for (r, req) in p.group.drain(..).enumerate() {
+        let scored = std::mem::take(&mut p.prompt_logprobs);
+        for (r, (mut req, scored)) in p.group.drain(..).zip(scored).enumerate() {
+            if let Some(scored) = scored {
+                let tokens = req.assembled.input_ids.iter().copied().zip(scored).collect();
+                (req.sink)(SeqEvent::PromptLogprobs(tokens));
+            }
             let seed = req.params.seed;
             let mut run = Running {
                 state: RowState::new(&req.assembled, seed),
@@ -878,7 +933,7 @@ impl Engine {
             past,
         };
         let t0 = Instant::now();
-        let mut logits = self.call(0..n, call)?;
+        let mut logits = self.call(0..n, call, false)?;
         tracing::debug!(rows = n, ms = t0.elapsed().as_secs_f64() * 1e3, "decode step");
         let vocab = self.pkg.manifest.decoder.vocab_size;
         let mut running = std::mem::take(&mut self.running);
@@ -946,8 +1001,9 @@ impl Engine {
     }
 
     /// One decoder call over pool rows `rows`, the pool bound in place. Returns the last
-    /// position's logits per row.
-    fn call(&mut self, rows: Range<usize>, c: Call) -> Result<Vec<f32>> {
+    /// position's logits per row, or with `every_position` those of every new position
+    /// [rows, s, vocab].
+    fn call(&mut self, rows: Range<usize>, c: Call, every_position: bool) -> Result<Vec<f32>> {
         let m = rows.len();
         let d = &self.pkg.manifest.decoder;
         let (layers, dm, vocab) = (d.num_layers, d.hidden_size, d.vocab_size);
@@ -962,7 +1018,12 @@ impl Engine {
         binding.bind_input(io::ATTENTION_MASK, &Tensor::from_array(([m, cap], c.mask))?)?;
         binding.bind_input(io::PAST_SEQUENCE_LENGTH, &Tensor::from_array(([m], c.past))?)?;
         if d.takes_logits_to_keep() {
-            binding.bind_input(io::LOGITS_TO_KEEP, &keep_last_logits()?)?;
+            let keep = if every_position {
+                Tensor::from_array(([0usize; 0], vec![0i64]))?
+            } else {
+                keep_last_logits()?
+            };
+            binding.bind_input(io::LOGITS_TO_KEEP, &keep)?;
         }
         // Inputs bound in place must outlive the run.
         let mut inputs = Vec::with_capacity(2 * layers);
@@ -983,7 +1044,11 @@ impl Engine {
         }
         let out = self.pkg.decoder.run_binding(&binding)?;
         let (_, logits) = out[io::LOGITS].try_extract_tensor::<f32>()?;
-        let last = last_positions(logits, m, vocab);
+        let last = if every_position {
+            logits.to_vec()
+        } else {
+            last_positions(logits, m, vocab)
+        };
         drop(out);
         drop(binding);
         drop(inputs);

@@ -1,5 +1,5 @@
 """The official `openai` client against `kosmos-rt serve` (DESIGN §7 step 6): chat with an image
-(plain and streaming), completions (plain and streaming), logprobs in both shapes, models; greedy
+(plain and streaming), completions (plain and streaming), logprobs in both shapes, echo, models; greedy
 answers must equal `kosmos-rt run` on the same inputs.
 
     python scripts/serve/openai_parity.py --base-url http://127.0.0.1:8000/v1 \
@@ -133,6 +133,27 @@ def main():
         if c.choices and c.choices[0].logprobs:
             offsets += c.choices[0].logprobs.text_offset
     check("completion stream text_offset", offsets, lp.text_offset)
+
+    # echo: the prompt first, its tokens scored too (the first has no context: null).
+    # (tests/batching.rs checks the prompt's values against the trainer's log-softmax.)
+    echo_kw = dict(model=args.model, prompt=text, max_tokens=3, temperature=0, echo=True, logprobs=1)
+    r = client.completions.create(**echo_kw)
+    plain = client.completions.create(model=args.model, prompt=text, max_tokens=3, temperature=0)
+    check("echo text", r.choices[0].text, text + plain.choices[0].text)
+    lp = r.choices[0].logprobs
+    check("echo entries", len(lp.tokens), r.usage.prompt_tokens + r.usage.completion_tokens)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, lp
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:]), lp.token_logprobs
+    assert lp.text_offset == sorted(lp.text_offset), lp.text_offset
+    check("echo completion offset", lp.text_offset[r.usage.prompt_tokens], len(text))
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**echo_kw, stream=True) if c.choices)
+    check("echo stream", streamed, r.choices[0].text)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model=args.model, prompt=text, max_tokens=3, temperature=0, echo=True, stream=True)
+        if c.choices
+    )
+    check("echo stream without logprobs", streamed, r.choices[0].text)
 
     want = run_reference(args.binary, args.package, prompt=text, max_tokens=10)
     r = client.completions.create(model=args.model, prompt=text, max_tokens=10, temperature=0)

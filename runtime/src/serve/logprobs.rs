@@ -40,23 +40,53 @@ pub fn chat(tok: &KosmosTokenizer, entries: &[TokenLogprob]) -> Value {
     json!({ "content": content })
 }
 
-/// Legacy completions' `logprobs` for `entries`. `before` holds the choice's tokens before them
-/// (empty at its start) and takes theirs, so a stream's chunks continue the offsets.
-pub fn completion(tok: &KosmosTokenizer, entries: &[TokenLogprob], before: &mut Vec<u32>) -> Value {
+/// Legacy completions' `logprobs` for `entries` (token, log-probability: `None` shows as null,
+/// as for the first token of an echoed prompt). `before` holds the tokens of the same text
+/// before them (empty at its start) and takes theirs; offsets count from `base` characters into
+/// the choice's text, so a stream's chunks and an echoed prompt's completion continue them.
+pub fn completion<'a>(
+    tok: &KosmosTokenizer,
+    entries: impl IntoIterator<Item = (u32, Option<&'a TokenLogprob>)>,
+    before: &mut Vec<u32>,
+    base: usize,
+) -> Value {
     let (mut tokens, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
-    for e in entries {
-        // Where the token starts in the choice's text, which is the decoding of all its tokens
-        // (special tokens skipped, the first word's leading space dropped).
-        offsets.push(tok.decode(before).map_or(0, |t| t.chars().count()));
-        before.push(e.token);
-        tokens.push(token_text(tok, e.token).0);
-        lps.push(e.logprob);
-        let top: Map<String, Value> = e
-            .top
-            .iter()
-            .map(|&(id, lp)| (token_text(tok, id).0, json!(lp)))
-            .collect();
-        tops.push(Value::Object(top));
+    for (id, e) in entries {
+        // Where the token starts in the text, which is the decoding of all its tokens (special
+        // tokens skipped, the first word's leading space dropped).
+        offsets.push(base + tok.decode(before).map_or(0, |t| t.chars().count()));
+        before.push(id);
+        tokens.push(token_text(tok, id).0);
+        lps.push(e.map(|e| e.logprob));
+        tops.push(match e {
+            Some(e) => Value::Object(
+                e.top
+                    .iter()
+                    .map(|&(id, lp)| (token_text(tok, id).0, json!(lp)))
+                    .collect::<Map<String, Value>>(),
+            ),
+            None => Value::Null,
+        });
     }
     json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
+/// Generated tokens' entries, for [`completion`].
+pub fn generated(entries: &[TokenLogprob]) -> impl Iterator<Item = (u32, Option<&TokenLogprob>)> {
+    entries.iter().map(|e| (e.token, Some(e)))
+}
+
+/// An echoed prompt's entries, for [`completion`].
+pub fn prompt(entries: &[(u32, Option<TokenLogprob>)]) -> impl Iterator<Item = (u32, Option<&TokenLogprob>)> {
+    entries.iter().map(|(id, e)| (*id, e.as_ref()))
+}
+
+/// `a` followed by `b`, two legacy `logprobs` objects.
+pub fn concat(mut a: Value, b: &Value) -> Value {
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        if let (Some(x), Some(y)) = (a[key].as_array_mut(), b[key].as_array()) {
+            x.extend(y.iter().cloned());
+        }
+    }
+    a
 }

@@ -182,6 +182,8 @@ struct Submitted {
     prompt_tokens: usize,
     /// Responses carry `logprobs` (the request asked for them).
     wants_logprobs: bool,
+    /// Completions' `echo`: each choice's prompt text, which its text starts with.
+    echo: Option<Vec<String>>,
 }
 
 /// A validated prompt ready for the engine.
@@ -459,12 +461,18 @@ impl AppState {
             },
             n: n as usize,
             logprobs,
+            echo: false,
         })
     }
 
     /// Queue `n` sequences per prompt; their events arrive tagged with the choice index.
     fn submit(&self, prompts: Vec<Prepared>, r: &Requested) -> Result<Submitted, ApiError> {
-        let Requested { params, n, logprobs } = r;
+        let Requested {
+            params,
+            n,
+            logprobs,
+            echo,
+        } = r;
         let n = *n;
         let total = prompts.len() * n;
         let depth = self.metrics.queue_depth.fetch_add(total as u64, Ordering::SeqCst) as usize;
@@ -493,6 +501,7 @@ impl AppState {
                     pixels: p.pixels.clone(),
                     params,
                     logprobs: *logprobs,
+                    prompt_logprobs: if *echo { *logprobs } else { None },
                     arrived,
                     deadline,
                     cancel,
@@ -511,6 +520,7 @@ impl AppState {
             guard: CancelOnDrop(flags),
             prompt_tokens,
             wants_logprobs: logprobs.is_some(),
+            echo: None,
         })
     }
 }
@@ -521,6 +531,8 @@ struct Requested {
     n: usize,
     /// Alternatives per token when the request wants log-probabilities.
     logprobs: Option<usize>,
+    /// Completions' `echo`: the prompt's tokens get log-probabilities too.
+    echo: bool,
 }
 
 /// `logprobs` / `top_logprobs` as the endpoint takes them: chat `logprobs: true` with
@@ -638,6 +650,8 @@ struct Choice {
     finish: Option<FinishReason>,
     tokens: usize,
     logprobs: Vec<TokenLogprob>,
+    /// An echoed prompt's tokens with their log-probabilities.
+    prompt_logprobs: Vec<(u32, Option<TokenLogprob>)>,
 }
 
 /// Wait for every choice and build the non-streaming response.
@@ -647,6 +661,7 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
         guard: _guard,
         prompt_tokens,
         wants_logprobs,
+        echo,
     } = sub;
     let mut choices: Vec<Choice> = (0..total)
         .map(|_| Choice {
@@ -654,6 +669,7 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
             finish: None,
             tokens: 0,
             logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
         })
         .collect();
     let mut done = 0;
@@ -665,9 +681,13 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
         };
         match ev {
             SeqEvent::Text { logprobs, .. } => choices[i].logprobs.extend(logprobs),
+            SeqEvent::PromptLogprobs(p) => choices[i].prompt_logprobs = p,
             SeqEvent::Done(s) => {
                 let c = &mut choices[i];
-                c.text = s.text;
+                c.text = match &echo {
+                    Some(prompts) => format!("{}{}", prompts[i], s.text),
+                    None => s.text,
+                };
                 c.finish = Some(s.finish_reason);
                 c.tokens = s.tokens.len();
                 done += 1;
@@ -680,10 +700,20 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
     }
     let completion: usize = choices.iter().map(|c| c.tokens).sum();
     let created = now_secs();
-    let lp = |c: &Choice| match (wants_logprobs, kind) {
-        (false, _) => Value::Null,
-        (true, Kind::Chat) => logprobs::chat(&st.tokenizer, &c.logprobs),
-        (true, Kind::Completion) => logprobs::completion(&st.tokenizer, &c.logprobs, &mut Vec::new()),
+    let tok = &st.tokenizer;
+    let lp = |(i, c): (usize, &Choice)| match (wants_logprobs, kind, &echo) {
+        (false, _, _) => Value::Null,
+        (true, Kind::Chat, _) => logprobs::chat(tok, &c.logprobs),
+        (true, Kind::Completion, None) => {
+            logprobs::completion(tok, logprobs::generated(&c.logprobs), &mut Vec::new(), 0)
+        }
+        (true, Kind::Completion, Some(prompts)) => {
+            let prompt = logprobs::completion(tok, logprobs::prompt(&c.prompt_logprobs), &mut Vec::new(), 0);
+            let base = prompts[i].chars().count();
+            let generated =
+                logprobs::completion(tok, logprobs::generated(&c.logprobs), &mut Vec::new(), base);
+            logprobs::concat(prompt, &generated)
+        }
     };
     let body = match kind {
         Kind::Chat => json!({
@@ -694,7 +724,7 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
             "choices": choices.iter().enumerate().map(|(i, c)| json!({
                 "index": i,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": lp(c),
+                "logprobs": lp((i, c)),
                 "finish_reason": finish_str(c.finish.unwrap_or(FinishReason::Length)),
             })).collect::<Vec<_>>(),
             "usage": usage(prompt_tokens, completion),
@@ -707,7 +737,7 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
             "choices": choices.iter().enumerate().map(|(i, c)| json!({
                 "index": i,
                 "text": c.text,
-                "logprobs": lp(c),
+                "logprobs": lp((i, c)),
                 "finish_reason": finish_str(c.finish.unwrap_or(FinishReason::Length)),
             })).collect::<Vec<_>>(),
             "usage": usage(prompt_tokens, completion),
@@ -723,6 +753,7 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
         guard,
         prompt_tokens,
         wants_logprobs,
+        echo,
     } = sub;
     let id = request_id(match kind {
         Kind::Chat => "chatcmpl",
@@ -756,16 +787,39 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
         }
         let mut done = 0;
         let mut completion = 0;
-        // Each choice's tokens so far, for completions' text_offset.
+        // Each choice's generated tokens so far and where they start (after an echoed prompt),
+        // for completions' text_offset.
         let mut offsets = vec![Vec::new(); total];
+        let mut base = vec![0usize; total];
+        // An echoed prompt goes first: with its log-probabilities when they come, else now.
+        if let Some(prompts) = &echo {
+            for (i, p) in prompts.iter().enumerate() {
+                base[i] = p.chars().count();
+                if !wants_logprobs {
+                    let choice = json!({"index": i, "text": p, "logprobs": null, "finish_reason": null});
+                    yield Ok(chunk(json!([choice]), None));
+                }
+            }
+        }
         while done < total {
             let Some((i, ev)) = rx.recv().await else { break };
             match ev {
+                SeqEvent::PromptLogprobs(p) => {
+                    let Some(prompts) = &echo else { continue };
+                    let lp = logprobs::completion(&st.tokenizer, logprobs::prompt(&p), &mut Vec::new(), 0);
+                    let choice = json!({"index": i, "text": prompts[i], "logprobs": lp, "finish_reason": null});
+                    yield Ok(chunk(json!([choice]), None));
+                }
                 SeqEvent::Text { text: t, logprobs: entries } => {
                     let lp = match (wants_logprobs, kind) {
                         (false, _) => Value::Null,
                         (true, Kind::Chat) => logprobs::chat(&st.tokenizer, &entries),
-                        (true, Kind::Completion) => logprobs::completion(&st.tokenizer, &entries, &mut offsets[i]),
+                        (true, Kind::Completion) => logprobs::completion(
+                            &st.tokenizer,
+                            logprobs::generated(&entries),
+                            &mut offsets[i],
+                            base[i],
+                        ),
                     };
                     let choice = match kind {
                         Kind::Chat => json!({"index": i, "delta": {"content": t}, "logprobs": lp, "finish_reason": null}),
@@ -839,16 +893,13 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Re
 pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(body, st.cfg.max_body_bytes).await?;
     st.check_model(&req.model)?;
-    if req.echo == Some(true) {
-        return Err(ApiError::invalid("echo is not supported", "echo"));
-    }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix is not supported", "suffix"));
     }
     if req.best_of.is_some_and(|b| b != 1) {
         return Err(ApiError::invalid("best_of is not supported", "best_of"));
     }
-    let texts = match req.prompt {
+    let texts: Vec<String> = match req.prompt {
         CompletionPrompt::One(t) => vec![t],
         CompletionPrompt::Many(v) => v,
     };
@@ -859,7 +910,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<
         ));
     }
     let mut prepared = Vec::with_capacity(texts.len());
-    for t in texts {
+    for t in texts.iter().cloned() {
         if t.contains(IMAGE_MARKER) {
             return Err(ApiError::invalid(
                 format!(
@@ -876,7 +927,8 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<
         prepared.push(st.prepare(segs, Vec::new()).await?);
     }
     let longest = prepared.iter().map(|p| p.assembled.len()).max().unwrap_or(0);
-    let r = st.params(&req.sampling, longest, Kind::Completion)?;
+    let mut r = st.params(&req.sampling, longest, Kind::Completion)?;
+    r.echo = req.echo == Some(true);
     let total = prepared.len() * r.n;
     if total > st.cfg.max_n {
         return Err(ApiError::invalid(
@@ -884,7 +936,11 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<
             "n",
         ));
     }
-    let sub = st.submit(prepared, &r)?;
+    let mut sub = st.submit(prepared, &r)?;
+    if r.echo {
+        // Choice k answers prompt k / n.
+        sub.echo = Some((0..total).map(|k| texts[k / r.n].clone()).collect());
+    }
     respond(st, Kind::Completion, sub, total, &req.sampling).await
 }
 
