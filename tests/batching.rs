@@ -219,6 +219,47 @@ fn staggered_sequences(prefill_chunk: usize, cached_attention: bool) {
     assert!(text.contains("kosmos_vision_cache_hits_total 3"), "{text}");
 }
 
+/// Submit every request (`tweak` sets its options), run the engine until idle, and return what
+/// each collected.
+fn run_all<'a>(
+    engine: &mut Engine,
+    requests: impl IntoIterator<Item = (&'a Prompt, &'a GenerateParams)>,
+    tweak: impl Fn(&mut SeqRequest),
+) -> Vec<Arc<Mutex<Collected>>> {
+    let mut outs = Vec::new();
+    for (prompt, params) in requests {
+        let (mut req, out, _) = request(engine.package(), prompt, params);
+        tweak(&mut req);
+        engine.submit(req);
+        outs.push(out);
+    }
+    while !engine.is_idle() {
+        engine.step();
+    }
+    outs
+}
+
+/// tch's log-softmax of the trainer's full forward over `ids` (image slots where `image_mask`,
+/// filled from the preprocessed `pixels`): [1, len, vocab].
+fn trainer_log_softmax(ckpt: &Path, ids: &[i64], image_mask: &[bool], pixels: &[f32]) -> tch::Tensor {
+    let (_vs, model, ck) = kosmos_train::checkpoint::load(ckpt, tch::Device::Cpu).unwrap();
+    let size = ck.config.vision.image_size as i64;
+    let len = ids.len() as i64;
+    let pv = (!pixels.is_empty()).then(|| tch::Tensor::from_slice(pixels).view([-1, 3, size, size]));
+    tch::no_grad(|| {
+        model
+            .forward(
+                &tch::Tensor::from_slice(ids).view([1, len]),
+                pv.as_ref(),
+                &tch::Tensor::from_slice(image_mask).view([1, len]),
+                &tch::Tensor::ones([1, len], (tch::Kind::Int64, tch::Device::Cpu)),
+                false,
+            )
+            .unwrap()
+            .log_softmax(-1, tch::Kind::Float)
+    })
+}
+
 /// Log-probabilities the engine reports are the trainer's: tch's log-softmax of the full forward
 /// over prompt + generated tokens, for the chosen token and the three most likely, at every
 /// step; sampling (temperature, repetition penalty) does not change them.
@@ -245,21 +286,10 @@ fn logprobs_equal_the_trainers_log_softmax() {
             ..Default::default()
         },
     ];
-    let metrics = Arc::new(Metrics::default());
-    let mut engine = Engine::new(pkg, EngineConfig::default(), metrics).unwrap();
-    let mut outs = Vec::new();
-    for params in &cases {
-        let (mut req, out, _) = request(engine.package(), &prompt, params);
-        req.logprobs = Some(3);
-        engine.submit(req);
-        outs.push(out);
-    }
-    while !engine.is_idle() {
-        engine.step();
-    }
-
-    let (_vs, model, ck) = kosmos_train::checkpoint::load(&ckpt, tch::Device::Cpu).unwrap();
-    let size = ck.config.vision.image_size as i64;
+    let mut engine = Engine::new(pkg, EngineConfig::default(), Arc::new(Metrics::default())).unwrap();
+    let outs = run_all(&mut engine, cases.iter().map(|p| (&prompt, p)), |r| {
+        r.logprobs = Some(3)
+    });
     for (case, out) in outs.iter().enumerate() {
         let c = out.lock().unwrap();
         let done = c.done.as_ref().expect("finished");
@@ -272,19 +302,7 @@ fn logprobs_equal_the_trainers_log_softmax() {
         ids.extend(done.tokens.iter().map(|&t| t as i64));
         let mut image_mask = assembled.image_mask.clone();
         image_mask.resize(ids.len(), false);
-        let len = ids.len() as i64;
-        let logp = tch::no_grad(|| {
-            model
-                .forward(
-                    &tch::Tensor::from_slice(&ids).view([1, len]),
-                    Some(&tch::Tensor::from_slice(&pixels).view([1, 3, size, size])),
-                    &tch::Tensor::from_slice(&image_mask).view([1, len]),
-                    &tch::Tensor::ones([1, len], (tch::Kind::Int64, tch::Device::Cpu)),
-                    false,
-                )
-                .unwrap()
-                .log_softmax(-1, tch::Kind::Float)
-        });
+        let logp = trainer_log_softmax(&ckpt, &ids, &image_mask, &pixels);
         for (i, (e, &tok)) in c.logprobs.iter().zip(&done.tokens).enumerate() {
             let row = logp.get(0).get(assembled.len() as i64 - 1 + i as i64);
             let want: Vec<f32> = Vec::try_from(&row).unwrap();
@@ -330,19 +348,10 @@ fn prompt_logprobs_equal_the_trainers_log_softmax() {
         ..Default::default()
     };
     let mut engine = Engine::new(pkg, config, Arc::new(Metrics::default())).unwrap();
-    let mut outs = Vec::new();
-    for p in &prompts {
-        let (mut req, out, _) = request(engine.package(), p, &greedy(2));
-        req.prompt_logprobs = Some(2);
-        engine.submit(req);
-        outs.push(out);
-    }
-    while !engine.is_idle() {
-        engine.step();
-    }
-
-    let (_vs, model, ck) = kosmos_train::checkpoint::load(&ckpt, tch::Device::Cpu).unwrap();
-    let size = ck.config.vision.image_size as i64;
+    let params = greedy(2);
+    let outs = run_all(&mut engine, prompts.iter().map(|p| (p, &params)), |r| {
+        r.prompt_logprobs = Some(2)
+    });
     for (k, (prompt, out)) in prompts.iter().zip(&outs).enumerate() {
         let a = engine.package().assemble(prompt).unwrap();
         let c = out.lock().unwrap();
@@ -353,26 +362,13 @@ fn prompt_logprobs_equal_the_trainers_log_softmax() {
         );
         let got = c.prompt_logprobs.as_ref().expect("prompt log-probabilities");
         assert_eq!(got.len(), a.len(), "prompt {k}: one entry per prompt token");
-        let len = a.len() as i64;
         let ids: Vec<i64> = a.input_ids.iter().map(|&t| t as i64).collect();
         let pixels: Vec<f32> = prompt
             .images
             .iter()
             .flat_map(|i| engine.package().preprocess(i).unwrap())
             .collect();
-        let pv = (!pixels.is_empty()).then(|| tch::Tensor::from_slice(&pixels).view([-1, 3, size, size]));
-        let logp = tch::no_grad(|| {
-            model
-                .forward(
-                    &tch::Tensor::from_slice(&ids).view([1, len]),
-                    pv.as_ref(),
-                    &tch::Tensor::from_slice(&a.image_mask).view([1, len]),
-                    &tch::Tensor::ones([1, len], (tch::Kind::Int64, tch::Device::Cpu)),
-                    false,
-                )
-                .unwrap()
-                .log_softmax(-1, tch::Kind::Float)
-        });
+        let logp = trainer_log_softmax(&ckpt, &ids, &a.image_mask, &pixels);
         let mut scored = 0;
         for (i, (tok, e)) in got.iter().enumerate() {
             assert_eq!(*tok, a.input_ids[i], "prompt {k} token {i}");
