@@ -807,6 +807,24 @@ impl Engine {
             "prefill chunk"
         );
         self.metrics.prefill_calls.fetch_add(1, Ordering::Relaxed);
+        let vocab = self.pkg.manifest.decoder.vocab_size;
+        // Scoring a prompt needs a row of logits per new position (a decoder that returned fewer
+        // would be misread).
+        let result = result.and_then(|l| {
+            let want = if every_position { m * (to - from) } else { m } * vocab;
+            if l.len() == want {
+                Ok(l)
+            } else {
+                Err(RtError::Package {
+                    path: self.pkg.dir.clone(),
+                    message: format!(
+                        "the decoder returned {} logits for {m} rows of {} positions, expected {want}",
+                        l.len(),
+                        to - from
+                    ),
+                })
+            }
+        });
         let mut logits = match result {
             Ok(l) => l,
             Err(e) => {
@@ -815,7 +833,6 @@ impl Engine {
                 return Err(e);
             }
         };
-        let vocab = self.pkg.manifest.decoder.vocab_size;
         let p = self.prefill.as_mut().expect("prefilling");
         p.written = to;
         if every_position {
