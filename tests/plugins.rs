@@ -252,6 +252,44 @@ fn packed_linear_kernel_equals_function_body_equals_tch_linear() {
     assert!(e.contains("W_packed is [3, 2, 32], expected [2, 3, 32]"), "{e}");
 }
 
+/// Inputs of a `CachedAttention` call: Q, K, V [b, h, s, d], the buffers [b, h, c, d], past
+/// lengths [b] and the visibility mask [b, 1, s, c].
+#[allow(clippy::too_many_arguments)]
+fn attention_inputs(
+    (b, h, s, c, d): (usize, usize, usize, usize, usize),
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    past_k: &[f32],
+    past_v: &[f32],
+    past_len: &[i64],
+    visible: &[bool],
+) -> Inputs {
+    let f = |name: &'static str, n: usize, x: &[f32]| {
+        (
+            name,
+            Tensor::from_array(([b, h, n, d], x.to_vec())).unwrap().into_dyn(),
+        )
+    };
+    vec![
+        f("Q", s, q),
+        f("K", s, k),
+        f("V", s, v),
+        f("past_key", c, past_k),
+        f("past_value", c, past_v),
+        (
+            "past_sequence_length",
+            Tensor::from_array(([b], past_len.to_vec())).unwrap().into_dyn(),
+        ),
+        (
+            "visible",
+            Tensor::from_array(([b, 1, s, c], visible.to_vec()))
+                .unwrap()
+                .into_dyn(),
+        ),
+    ]
+}
+
 /// (batch, heads, new tokens, head_dim, capacity, past length per row, left padding per row).
 type AttentionCase = (
     usize,
@@ -326,31 +364,9 @@ fn cached_attention_kernel_equals_function_body_equals_tch_attention() {
 
         let mut got = Vec::new();
         for session in sessions.iter_mut() {
-            let f = |name: &'static str, n: usize, x: &[f32]| {
-                (
-                    name,
-                    Tensor::from_array(([b, h, n, d], x.to_vec())).unwrap().into_dyn(),
-                )
-            };
-            let r = session
-                .run(vec![
-                    f("Q", s, &q),
-                    f("K", s, &k),
-                    f("V", s, &v),
-                    f("past_key", c, &past_k),
-                    f("past_value", c, &past_v),
-                    (
-                        "past_sequence_length",
-                        Tensor::from_array(([b], past_len.clone())).unwrap().into_dyn(),
-                    ),
-                    (
-                        "visible",
-                        Tensor::from_array(([b, 1, s, c], visible.clone()))
-                            .unwrap()
-                            .into_dyn(),
-                    ),
-                ])
-                .expect("run");
+            let dims = (b, h, s, c, d);
+            let inputs = attention_inputs(dims, &q, &k, &v, &past_k, &past_v, &past_len, &visible);
+            let r = session.run(inputs).expect("run");
             let out = |n: &str| r[n].try_extract_tensor::<f32>().unwrap().1.to_vec();
             got.push([out("Y"), out("present_key"), out("present_value")]);
         }
@@ -373,48 +389,9 @@ fn cached_attention_kernel_equals_function_body_equals_tch_attention() {
     }
 
     // New tokens that would run past the capacity are refused by name, not written out of bounds.
-    let e = match sessions[0].run(vec![
-        (
-            "Q",
-            Tensor::from_array(([1usize, 1, 2, 4], vec![0f32; 8]))
-                .unwrap()
-                .into_dyn(),
-        ),
-        (
-            "K",
-            Tensor::from_array(([1usize, 1, 2, 4], vec![0f32; 8]))
-                .unwrap()
-                .into_dyn(),
-        ),
-        (
-            "V",
-            Tensor::from_array(([1usize, 1, 2, 4], vec![0f32; 8]))
-                .unwrap()
-                .into_dyn(),
-        ),
-        (
-            "past_key",
-            Tensor::from_array(([1usize, 1, 3, 4], vec![0f32; 12]))
-                .unwrap()
-                .into_dyn(),
-        ),
-        (
-            "past_value",
-            Tensor::from_array(([1usize, 1, 3, 4], vec![0f32; 12]))
-                .unwrap()
-                .into_dyn(),
-        ),
-        (
-            "past_sequence_length",
-            Tensor::from_array(([1usize], vec![2i64])).unwrap().into_dyn(),
-        ),
-        (
-            "visible",
-            Tensor::from_array(([1usize, 1, 2, 3], vec![true; 6]))
-                .unwrap()
-                .into_dyn(),
-        ),
-    ]) {
+    let (z8, z12) = (vec![0f32; 8], vec![0f32; 12]);
+    let overflow = attention_inputs((1, 1, 2, 3, 4), &z8, &z8, &z8, &z12, &z12, &[2], &[true; 6]);
+    let e = match sessions[0].run(overflow) {
         Ok(_) => panic!("past 2 + 2 new tokens in capacity 3 must fail"),
         Err(e) => e.to_string(),
     };
