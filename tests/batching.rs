@@ -329,7 +329,8 @@ fn logprobs_equal_the_trainers_log_softmax() {
 }
 
 /// An echoed prompt's log-probabilities are the trainer's too: two prompts of different lengths
-/// prefilled together (left padding) in 7-token chunks, one with an image (its slots have none).
+/// prefilled together (left padding) in 7-token chunks, one with an image (its slots have none),
+/// the other with max_tokens 0 (scored only: it ends at its prefill).
 #[test]
 fn prompt_logprobs_equal_the_trainers_log_softmax() {
     let dir = tempfile::tempdir().unwrap();
@@ -348,18 +349,28 @@ fn prompt_logprobs_equal_the_trainers_log_softmax() {
         ..Default::default()
     };
     let mut engine = Engine::new(pkg, config, Arc::new(Metrics::default())).unwrap();
-    let params = greedy(2);
-    let outs = run_all(&mut engine, prompts.iter().map(|p| (p, &params)), |r| {
+    let params = [greedy(2), greedy(0)];
+    let outs = run_all(&mut engine, prompts.iter().zip(&params), |r| {
         r.prompt_logprobs = Some(2)
     });
-    for (k, (prompt, out)) in prompts.iter().zip(&outs).enumerate() {
+    for (k, ((prompt, params), out)) in prompts.iter().zip(&params).zip(&outs).enumerate() {
         let a = engine.package().assemble(prompt).unwrap();
         let c = out.lock().unwrap();
         assert!(c.failed.is_none(), "prompt {k}: {:?}", c.failed);
+        let done = c.done.as_ref().expect("finished");
         assert!(
-            c.done.is_some() && c.logprobs.is_empty(),
-            "prompt {k}: generated tokens not asked for"
+            c.logprobs.is_empty(),
+            "prompt {k}: generated tokens' logprobs not asked for"
         );
+        assert_eq!(
+            done.tokens.len(),
+            params.max_tokens,
+            "prompt {k}: max_tokens tokens (greedy ignores </s>)"
+        );
+        if params.max_tokens == 0 {
+            assert_eq!(done.finish_reason, FinishReason::Length, "prompt {k}");
+            assert!(done.text.is_empty(), "prompt {k}");
+        }
         let got = c.prompt_logprobs.as_ref().expect("prompt log-probabilities");
         assert_eq!(got.len(), a.len(), "prompt {k}: one entry per prompt token");
         let ids: Vec<i64> = a.input_ids.iter().map(|&t| t as i64).collect();

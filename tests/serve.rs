@@ -1,6 +1,6 @@
 //! `kosmos-rt serve` end to end: the official `openai` Python client (answers equal
-//! `kosmos-rt run`), the bad-input battery, a load test, the queue limit, timeouts, the chat
-//! template, and graceful shutdown. The Python checks live in `scripts/serve/`.
+//! `kosmos-rt run`), prompt scoring as lm-evaluation-harness does it, the bad-input battery, a
+//! load test, the queue limit, timeouts, the chat template, and graceful shutdown. The Python checks live in `scripts/serve/`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -147,6 +147,32 @@ fn openai_client_answers_equal_kosmos_rt_run() {
         args.extend(["--image".into(), s(img)]);
     }
     run_python("openai_parity.py", &args);
+}
+
+/// lm-evaluation-harness's way of scoring: tokenizer endpoints and token-id prompts with `echo`,
+/// log-likelihoods checked against the PyTorch reference model and ids against `tokenizers`.
+#[test]
+fn prompt_scoring_by_token_ids_equals_the_reference_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, pkg) = kosmos_e2e::tiny_buffer_package(dir.path(), 11);
+    let image = dir.path().join("img.png");
+    item(Task::Shapes, Split::Test, 0, 1).image.save(&image).unwrap();
+    let server = Server::start(&pkg, &["--prefill-chunk", "16"]);
+    run_python(
+        "scoring.py",
+        &[
+            "--base-url".into(),
+            server.url(),
+            "--model".into(),
+            "pkg".into(),
+            "--package".into(),
+            s(&pkg),
+            "--checkpoint".into(),
+            s(&ckpt),
+            "--image".into(),
+            s(&image),
+        ],
+    );
 }
 
 #[test]

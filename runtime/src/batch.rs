@@ -22,6 +22,7 @@
 //!
 //! Log-probabilities (`SeqRequest::logprobs`, `prompt_logprobs`) come from the logits before any
 //! sampling adjustment; a group with a prompt to score prefills with every position's logits.
+//! A sequence with `max_tokens` 0 only scores its prompt: it ends when its prefill does.
 
 use std::collections::VecDeque;
 use std::ffi::{CStr, CString};
@@ -643,18 +644,22 @@ impl Engine {
             }
             let req = self.pending.pop_front().expect("front exists");
             self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-            if req.assembled.len() + req.params.max_tokens > context || req.params.max_tokens == 0 {
-                // Callers check this before queueing; a request that slipped through fails alone.
+            // Callers check these before queueing; a request that slipped through fails alone.
+            let refused = if req.assembled.is_empty() {
+                Some(RtError::Input("the prompt has no tokens".into()))
+            } else if req.assembled.len() + req.params.max_tokens > context {
+                Some(RtError::ContextOverflow {
+                    prompt: req.assembled.len(),
+                    max_new: req.params.max_tokens,
+                    context,
+                })
+            } else {
+                None
+            };
+            if let Some(e) = refused {
                 let mut req = req;
                 self.metrics.finished("error", req.assembled.len(), 0);
-                (req.sink)(SeqEvent::Failed(SeqFailure::Engine(
-                    RtError::ContextOverflow {
-                        prompt: req.assembled.len(),
-                        max_new: req.params.max_tokens,
-                        context,
-                    }
-                    .to_string(),
-                )));
+                (req.sink)(SeqEvent::Failed(SeqFailure::Engine(e.to_string())));
                 continue;
             }
             width = w;
@@ -863,6 +868,7 @@ impl Engine {
                 (req.sink)(SeqEvent::PromptLogprobs(tokens));
             }
             let seed = req.params.seed;
+            let score_only = req.params.max_tokens == 0;
             let mut run = Running {
                 state: RowState::new(&req.assembled, seed),
                 mask: p.real[r * p.width..(r + 1) * p.width].to_vec(),
@@ -872,7 +878,12 @@ impl Engine {
                 pending_logprobs: Vec::new(),
                 req,
             };
-            self.take_token(&mut run, &mut logits[r * vocab..(r + 1) * vocab]);
+            if score_only {
+                // max_tokens 0 (completions' `echo` scoring a prompt): done at its prefill.
+                run.state.finish = Some(FinishReason::Length);
+            } else {
+                self.take_token(&mut run, &mut logits[r * vocab..(r + 1) * vocab]);
+            }
             self.running.push(run);
         }
         Ok(())

@@ -8,7 +8,7 @@ use crate::logprobs::TokenLogprob;
 
 /// A token as OpenAI lists it: its text, or `bytes:\xHH…` when its bytes are not whole UTF-8
 /// (a character split over byte pieces), and the bytes.
-fn token_text(tok: &KosmosTokenizer, id: u32) -> (String, Vec<u8>) {
+pub(super) fn token_text(tok: &KosmosTokenizer, id: u32) -> (String, Vec<u8>) {
     let bytes = tok.token_bytes(id);
     let text = match std::str::from_utf8(&bytes) {
         Ok(s) => s.to_string(),

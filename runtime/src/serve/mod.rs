@@ -2,7 +2,8 @@
 //! continuous-batching [`Engine`](crate::batch::Engine), which runs on its own thread.
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
-//! `GET /v1/models/{id}`, `GET /health`, `GET /metrics` (Prometheus). Safety: bounded queue
+//! `GET /v1/models/{id}`, vLLM's `POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info`,
+//! `GET /health`, `GET /metrics` (Prometheus). Safety: bounded queue
 //! (429 + `Retry-After`), body / image / pixel limits, context checked before queueing,
 //! per-request timeout, disconnects cancel, SIGTERM drains, `--api-key` on everything but
 //! `/health`, no image URLs but `data:` unless `--allow-file-root`.
@@ -11,6 +12,7 @@ pub mod error;
 pub mod images;
 mod logprobs;
 mod openai;
+mod tokenize;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -197,6 +199,9 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{id}", get(openai::model))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
+        .route("/tokenizer_info", get(tokenize::tokenizer_info))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)

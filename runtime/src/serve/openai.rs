@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
-use kosmos_models::sequence::{Segment, assemble};
+use kosmos_models::sequence::{Assembled, Segment, assemble};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
@@ -22,6 +22,10 @@ use super::{images, logprobs};
 use crate::batch::{SeqEvent, SeqFailure, SeqRequest};
 use crate::generate::{FinishReason, GenerateParams, IMAGE_MARKER};
 use crate::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob};
+
+/// Most `stop` strings a request may give. OpenAI takes 4; vLLM and llama.cpp take any number,
+/// and lm-evaluation-harness tasks send up to 5 (their own plus the end-of-text token).
+const MAX_STOP: usize = 16;
 
 /// `stop`: one string or several.
 #[derive(Deserialize)]
@@ -70,7 +74,7 @@ struct ChatRequest {
 }
 
 #[derive(Deserialize)]
-struct Message {
+pub(super) struct Message {
     role: String,
     #[serde(default)]
     content: Option<Content>,
@@ -98,16 +102,10 @@ enum ImageUrl {
 }
 
 #[derive(Deserialize)]
-#[serde(untagged)]
-enum CompletionPrompt {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
 struct CompletionRequest {
     model: String,
-    prompt: CompletionPrompt,
+    /// A string, strings, token ids, or token-id lists (see [`completion_prompts`]).
+    prompt: Value,
     #[serde(flatten)]
     sampling: Sampling,
     echo: Option<bool>,
@@ -145,7 +143,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 /// How much of an oversized body is read before giving up on a clean answer.
 const DRAIN_LIMIT: usize = 256 << 20;
 
-async fn parse<T: serde::de::DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
+pub(super) async fn parse<T: serde::de::DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
     let body = read_body(body, limit).await?;
     serde_json::from_slice(&body).map_err(|e| {
         let what = if e.is_syntax() || e.is_eof() {
@@ -193,7 +191,7 @@ struct Prepared {
 }
 
 impl AppState {
-    fn check_model(&self, model: &str) -> Result<(), ApiError> {
+    pub(super) fn check_model(&self, model: &str) -> Result<(), ApiError> {
         if model != self.model_name {
             return Err(ApiError::not_found(format!(
                 "The model '{model}' does not exist; this server serves '{}'",
@@ -204,8 +202,13 @@ impl AppState {
         Ok(())
     }
 
-    /// Segments and image URLs of a chat, through the package's chat template if it has one.
-    fn chat_prompt(&self, messages: &[Message]) -> Result<(Vec<Segment>, Vec<String>), ApiError> {
+    /// Segments and image URLs of a chat, through the package's chat template if it has one
+    /// (which ends with the assistant's turn opened when `add_generation_prompt`).
+    pub(super) fn chat_prompt(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<(Vec<Segment>, Vec<String>), ApiError> {
         if messages.is_empty() {
             return Err(ApiError::invalid("messages must not be empty", "messages"));
         }
@@ -275,7 +278,7 @@ impl AppState {
                 let text = tmpl
                     .render(json!({
                         "messages": msgs,
-                        "add_generation_prompt": true,
+                        "add_generation_prompt": add_generation_prompt,
                         "bos_token": sp.bos_token,
                         "eos_token": sp.eos_token,
                     }))
@@ -316,6 +319,23 @@ impl AppState {
         Ok((segments, urls))
     }
 
+    /// A completions text prompt's segments (text only: the endpoint takes no images).
+    pub(super) fn completion_segments(&self, text: &str) -> Result<Vec<Segment>, ApiError> {
+        if text.contains(IMAGE_MARKER) {
+            return Err(ApiError::invalid(
+                format!(
+                    "{IMAGE_MARKER} in a completions prompt has no image; send images through /v1/chat/completions"
+                ),
+                "prompt",
+            ));
+        }
+        Ok(if text.is_empty() {
+            Vec::new()
+        } else {
+            vec![Segment::Text(text.to_string())]
+        })
+    }
+
     /// Fetch, decode and preprocess the images, and assemble the tokens.
     async fn prepare(
         self: &Arc<Self>,
@@ -347,14 +367,24 @@ impl AppState {
     }
 
     /// Generation parameters from the request; `prompt_len` bounds max_tokens by the context.
-    fn params(&self, s: &Sampling, prompt_len: usize, kind: Kind) -> Result<Requested, ApiError> {
+    /// With completions' `echo`, max_tokens may be 0: the prompt is only scored.
+    fn params(&self, s: &Sampling, prompt_len: usize, kind: Kind, echo: bool) -> Result<Requested, ApiError> {
         let context = self.manifest.decoder.context_length;
         let room = context.saturating_sub(prompt_len);
         let requested = s.max_completion_tokens.or(s.max_tokens);
+        // The field that holds the prompt.
+        let input = match kind {
+            Kind::Chat => "messages",
+            Kind::Completion => "prompt",
+        };
         let max_tokens = match requested {
-            Some(n) if n < 1 => {
+            Some(n) if n < 1 && !(n == 0 && echo) => {
+                let why = match kind {
+                    Kind::Completion => " (0 only with echo: true, which scores the prompt)",
+                    Kind::Chat => "",
+                };
                 return Err(ApiError::invalid(
-                    format!("max_tokens must be at least 1, got {n}"),
+                    format!("max_tokens must be at least 1{why}, got {n}"),
                     "max_tokens",
                 ));
             }
@@ -362,10 +392,10 @@ impl AppState {
                 if prompt_len as i64 + n > context as i64 {
                     return Err(ApiError::invalid(
                         format!(
-                            "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt_len} in the messages, {n} in the completion). Please reduce the length of the messages or completion.",
+                            "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt_len} in the {input}, {n} in the completion). Please reduce the length of the {input} or completion.",
                             prompt_len as i64 + n
                         ),
-                        "messages",
+                        input,
                     )
                     .with_code("context_length_exceeded"));
                 }
@@ -377,7 +407,7 @@ impl AppState {
                         format!(
                             "the prompt's {prompt_len} tokens fill the model's context of {context} tokens"
                         ),
-                        "messages",
+                        input,
                     )
                     .with_code("context_length_exceeded"));
                 }
@@ -431,8 +461,14 @@ impl AppState {
             Some(Stop::One(s)) => vec![s.clone()],
             Some(Stop::Many(v)) => v.clone(),
         };
-        if stop.len() > 4 || stop.iter().any(|s| s.is_empty()) {
-            return Err(ApiError::invalid("stop takes up to 4 non-empty strings", "stop"));
+        if stop.len() > MAX_STOP || stop.iter().any(|s| s.is_empty()) {
+            return Err(ApiError::invalid(
+                format!(
+                    "stop takes up to {MAX_STOP} non-empty strings, got {}",
+                    stop.len()
+                ),
+                "stop",
+            ));
         }
         let seed = match s.seed {
             Some(seed) => seed as u64,
@@ -461,7 +497,7 @@ impl AppState {
             },
             n: n as usize,
             logprobs,
-            echo: false,
+            echo,
         })
     }
 
@@ -883,9 +919,9 @@ async fn respond(
 pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(body, st.cfg.max_body_bytes).await?;
     st.check_model(&req.model)?;
-    let (segments, urls) = st.chat_prompt(&req.messages)?;
+    let (segments, urls) = st.chat_prompt(&req.messages, true)?;
     let prepared = st.prepare(segments, urls).await?;
-    let r = st.params(&req.sampling, prepared.assembled.len(), Kind::Chat)?;
+    let r = st.params(&req.sampling, prepared.assembled.len(), Kind::Chat, false)?;
     let sub = st.submit(vec![prepared], &r)?;
     respond(st, Kind::Chat, sub, r.n, &req.sampling).await
 }
@@ -899,36 +935,36 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<
     if req.best_of.is_some_and(|b| b != 1) {
         return Err(ApiError::invalid("best_of is not supported", "best_of"));
     }
-    let texts: Vec<String> = match req.prompt {
-        CompletionPrompt::One(t) => vec![t],
-        CompletionPrompt::Many(v) => v,
-    };
-    if texts.is_empty() || texts.len() > st.cfg.max_n {
-        return Err(ApiError::invalid(
-            format!("prompt takes 1 to {} strings", st.cfg.max_n),
-            "prompt",
-        ));
-    }
-    let mut prepared = Vec::with_capacity(texts.len());
-    for t in texts.iter().cloned() {
-        if t.contains(IMAGE_MARKER) {
-            return Err(ApiError::invalid(
-                format!(
-                    "{IMAGE_MARKER} in a completions prompt has no image; send images through /v1/chat/completions"
-                ),
-                "prompt",
-            ));
+    let prompts = completion_prompts(&req.prompt, st.manifest.decoder.vocab_size, st.cfg.max_n)?;
+    let mut prepared = Vec::with_capacity(prompts.len());
+    let mut echoed = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        match p {
+            CompletionInput::Text(t) => {
+                let segs = st.completion_segments(&t)?;
+                prepared.push(st.prepare(segs, Vec::new()).await?);
+                echoed.push(t);
+            }
+            CompletionInput::Tokens(ids) => {
+                echoed.push(
+                    st.tokenizer
+                        .decode(&ids)
+                        .map_err(|e| ApiError::invalid(e.to_string(), "prompt"))?,
+                );
+                prepared.push(Prepared {
+                    assembled: Assembled {
+                        image_mask: vec![false; ids.len()],
+                        input_ids: ids,
+                        num_images: 0,
+                    },
+                    pixels: Vec::new(),
+                });
+            }
         }
-        let segs = if t.is_empty() {
-            Vec::new()
-        } else {
-            vec![Segment::Text(t)]
-        };
-        prepared.push(st.prepare(segs, Vec::new()).await?);
     }
     let longest = prepared.iter().map(|p| p.assembled.len()).max().unwrap_or(0);
-    let mut r = st.params(&req.sampling, longest, Kind::Completion)?;
-    r.echo = req.echo == Some(true);
+    let echo = req.echo == Some(true);
+    let r = st.params(&req.sampling, longest, Kind::Completion, echo)?;
     let total = prepared.len() * r.n;
     if total > st.cfg.max_n {
         return Err(ApiError::invalid(
@@ -937,11 +973,88 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<
         ));
     }
     let mut sub = st.submit(prepared, &r)?;
-    if r.echo {
+    if echo {
         // Choice k answers prompt k / n.
-        sub.echo = Some((0..total).map(|k| texts[k / r.n].clone()).collect());
+        sub.echo = Some((0..total).map(|k| echoed[k / r.n].clone()).collect());
     }
     respond(st, Kind::Completion, sub, total, &req.sampling).await
+}
+
+/// One completions prompt: text, assembled behind `<s>` as `kosmos-rt run` does, or token ids,
+/// fed exactly as given (no `<s>` added: OpenAI's and vLLM's reading, which lets
+/// lm-evaluation-harness line its context length up with the echoed log-probabilities).
+#[derive(Debug, PartialEq)]
+enum CompletionInput {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// OpenAI's four prompt shapes: a string, an array of strings, an array of token ids, or an
+/// array of token-id arrays; at most `max_prompts` prompts, ids below `vocab`.
+fn completion_prompts(v: &Value, vocab: usize, max_prompts: usize) -> Result<Vec<CompletionInput>, ApiError> {
+    const SHAPES: &str =
+        "prompt must be a string, an array of strings, an array of token ids or an array of token-id arrays";
+    let prompts = match v {
+        Value::String(t) => vec![CompletionInput::Text(t.clone())],
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_string) => items
+            .iter()
+            .map(|t| CompletionInput::Text(t.as_str().unwrap_or_default().to_string()))
+            .collect(),
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => {
+            vec![CompletionInput::Tokens(token_ids(
+                items, vocab, "prompt", "prompt",
+            )?)]
+        }
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_array) => items
+            .iter()
+            .enumerate()
+            .map(|(i, list)| {
+                let list = list.as_array().map(Vec::as_slice).unwrap_or_default();
+                match list {
+                    [] => Err(ApiError::invalid(format!("prompt[{i}] has no tokens"), "prompt")),
+                    ids => {
+                        token_ids(ids, vocab, &format!("prompt[{i}]"), "prompt").map(CompletionInput::Tokens)
+                    }
+                }
+            })
+            .collect::<Result<_, _>>()?,
+        Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::invalid("prompt must not be an empty array", "prompt"));
+        }
+        _ => return Err(ApiError::invalid(SHAPES, "prompt")),
+    };
+    if prompts.len() > max_prompts {
+        return Err(ApiError::invalid(
+            format!("prompt takes 1 to {max_prompts} prompts, got {}", prompts.len()),
+            "prompt",
+        ));
+    }
+    Ok(prompts)
+}
+
+/// Token ids from JSON numbers, each an integer in `0..vocab`; `what` names the list in errors,
+/// `param` the request field.
+pub(super) fn token_ids(
+    items: &[Value],
+    vocab: usize,
+    what: &str,
+    param: &'static str,
+) -> Result<Vec<u32>, ApiError> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(j, v)| {
+            v.as_u64()
+                .filter(|&id| id < vocab as u64)
+                .map(|id| id as u32)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        format!("{what}[{j}] = {v} is not a token id of this model (0..{vocab})"),
+                        param,
+                    )
+                })
+        })
+        .collect()
 }
 
 pub async fn models(State(st): State<Arc<AppState>>) -> Response {
