@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Valgrind memcheck of the C ABI: builds libkosmos_rt.so and the C++ examples, exports a tiny
-# random-weight package, and runs `caption` and `abi_errors` (every failure path) under
-# valgrind. Fails on any invalid read/write or on memory definitely lost in our library.
+# random-weight package, and runs `caption`, `abi_errors` (every failure path) and `engine`
+# (concurrent requests, cancellation, freeing with requests in flight) under valgrind. Fails on any invalid read/write or on memory definitely lost in our library.
 # Not part of scripts/test.sh (slow); run it after changing runtime/src/ffi.rs.
 #
 #   scripts/memcheck.sh            # logs in target/memcheck/
@@ -14,6 +14,7 @@ rm -rf "$out" && mkdir -p "$out"
 cargo build --release -p kosmos-rt --lib -p kosmos-export -p kosmos-train --bins
 target/release/kosmos-train init --preset tiny -o "$out/ckpt" >/dev/null
 target/release/kosmos-export "$out/ckpt" -o "$out/pkg" --quiet >/dev/null
+target/release/kosmos-export "$out/ckpt" -o "$out/pkgbuf" --kv-cache buffer --quiet >/dev/null
 target/release/kosmos-train data synth --task shapes --split test --count 1 -o "$out/img" >/dev/null
 image=$(ls "$out"/img/*.png | head -1)
 echo "not an image" >"$out/notes.txt"
@@ -21,7 +22,8 @@ echo "not an image" >"$out/notes.txt"
 .venv/bin/cmake --build "$out/build" >/dev/null
 export ORT_DYLIB_PATH="$root/.deps/libonnxruntime.so"
 status=0
-for prog in "caption $out/pkg $image '' 8" "abi_errors $out/pkg $out/notes.txt"; do
+for prog in "caption $out/pkg $image '' 8" "abi_errors $out/pkg $out/notes.txt" \
+  "engine $out/pkgbuf $image 6 '<image>' 'a red circle' '' '<image> Question: what colour is it? Answer:'"; do
   name=${prog%% *}
   echo "== valgrind $name"
   # scripts/valgrind.supp names known third-party reports (glibc's loader, ONNX Runtime's
@@ -46,5 +48,5 @@ for prog in "caption $out/pkg $image '' 8" "abi_errors $out/pkg $out/notes.txt";
     fi
   fi
 done
-cat "$out/abi_errors.stdout" | tail -1
+tail -1 "$out/abi_errors.stdout" "$out/engine.stdout"
 exit $status

@@ -585,13 +585,15 @@ fn cancelled_and_timed_out_sequences_free_their_rows() {
             ..params.clone()
         },
     );
-    for r in [first, late, short] {
+    let (waiting, waiting_out, cancel_waiting) = request(engine.package(), &prompt, &params);
+    for r in [first, late, short, waiting] {
         metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
         engine.submit(r);
     }
     engine.step();
     engine.step();
     cancel.store(true, Ordering::Relaxed);
+    cancel_waiting.store(true, Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(5));
     let mut steps = 0;
     while !engine.is_idle() {
@@ -606,6 +608,11 @@ fn cancelled_and_timed_out_sequences_free_their_rows() {
         .expect("the cancelled sequence reports its end");
     assert_eq!(done.finish_reason, FinishReason::Cancelled);
     assert!(done.tokens.len() < 50);
+    // Cancelled before it had a row: it still ends with one Done.
+    let waiting = waiting_out.lock().unwrap();
+    let done = waiting.done.as_ref().expect("a waiting sequence reports its end");
+    assert_eq!(done.finish_reason, FinishReason::Cancelled);
+    assert!(done.tokens.is_empty() && waiting.failed.is_none());
     assert!(matches!(
         late_out.lock().unwrap().failed,
         Some(SeqFailure::Timeout)
@@ -614,7 +621,7 @@ fn cancelled_and_timed_out_sequences_free_their_rows() {
     let short = short_out.lock().unwrap();
     assert_eq!(short.done.as_ref().unwrap().tokens.len(), 3);
     let text = metrics.render();
-    assert!(text.contains("reason=\"cancelled\"} 1"), "{text}");
+    assert!(text.contains("reason=\"cancelled\"} 2"), "{text}");
     assert!(text.contains("reason=\"timeout\"} 1"), "{text}");
     assert!(text.contains("reason=\"length\"} 1"), "{text}");
 }

@@ -1,6 +1,7 @@
 //! The C ABI from C++: `runtime/examples/cpp` is built with CMake and the system compiler against
 //! `libkosmos_rt.so`, captions an image of the tiny package exactly as the Rust API does, and
-//! every failure path returns its status code (abi_errors).
+//! every failure path returns its status code (abi_errors); the engine decodes requests from
+//! several threads together, each as the Rust API decodes it alone (engine).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -87,6 +88,70 @@ fn cpp_example_captions_like_the_rust_api_and_errors_are_codes() {
     let report = String::from_utf8_lossy(&out.stdout);
     eprintln!("{report}");
     assert!(report.contains("all failure paths behave"), "{report}");
+}
+
+/// `kosmos_engine` from C++: prompts submitted from one thread each, with and without an image,
+/// decoded together in 3 rows with 16-token prefill chunks, each get what the Rust API gives it
+/// alone; cancellation, freeing with requests in flight and the failure paths behave (engine).
+#[test]
+fn cpp_engine_decodes_concurrent_requests_like_the_rust_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_ckpt, pkg) = kosmos_e2e::tiny_buffer_package(dir.path(), 5);
+    let image = dir.path().join("shape.png");
+    item(Task::Shapes, Split::Test, 0, 2).image.save(&image).unwrap();
+    let prompts = [
+        "<image>",
+        "a red circle on the left and",
+        "<image> Question: what colour is the circle? Answer:",
+        "",
+        "Question: what shape is on the right of the green square and the blue triangle? Answer:",
+    ];
+    let max_tokens = 12;
+
+    let mut package = Package::open(&pkg, &SessionOptions::default()).unwrap();
+    let params = GenerateParams {
+        max_tokens,
+        ..Default::default()
+    };
+    let want: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let images = if p.contains("<image>") {
+                vec![ImageInput::Path(image.clone())]
+            } else {
+                vec![]
+            };
+            let prompt = Prompt::parse(p, images).unwrap();
+            package
+                .generate(&mut VisionCache::new(1), &[prompt], &params, &mut |_, _| true)
+                .unwrap()
+                .remove(0)
+                .text
+        })
+        .collect();
+    drop(package);
+
+    let build = build_examples(&dir.path().join("build"));
+    let out = run(Command::new(build.join("engine"))
+        .env("ORT_DYLIB_PATH", kosmos_rt::ort_env::ort_dylib_path())
+        .arg(&pkg)
+        .arg(&image)
+        .arg(max_tokens.to_string())
+        .args(prompts));
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}");
+    let lines: Vec<&str> = report.lines().collect();
+    for (i, want) in want.iter().enumerate() {
+        let fields: Vec<&str> = lines[i].splitn(4, '\t').collect();
+        assert_eq!(fields[0], i.to_string(), "{report}");
+        assert_ne!(fields[1], "cancelled", "prompt {i}");
+        assert_eq!(
+            fields[3], want,
+            "prompt {i} ({:?}): engine vs Rust API",
+            prompts[i]
+        );
+    }
+    assert!(report.contains("all engine checks passed"), "{report}");
 }
 
 /// A copy of `pkg` whose decoder graph comes from a model with other sizes.

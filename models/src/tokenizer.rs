@@ -289,15 +289,17 @@ impl KosmosTokenizer {
         let Some(piece) = self.inner.id_to_token(id) else {
             return Vec::new();
         };
-        let byte = piece
-            .strip_prefix("<0x")
-            .and_then(|h| h.strip_suffix('>'))
-            .filter(|h| h.len() == 2)
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match byte {
+        match byte_of_piece(&piece) {
             Some(b) => vec![b],
             None => piece.replace('\u{2581}', " ").into_bytes(),
         }
+    }
+
+    /// The byte a byte-fallback piece (`<0xHH>`) stands for; `None` for any other token. The
+    /// decoder turns a run of them into text together, so their text is final only once the run
+    /// has ended.
+    pub fn byte_piece(&self, id: u32) -> Option<u8> {
+        self.inner.id_to_token(id).and_then(|p| byte_of_piece(&p))
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -316,6 +318,14 @@ impl KosmosTokenizer {
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
     }
+}
+
+fn byte_of_piece(piece: &str) -> Option<u8> {
+    piece
+        .strip_prefix("<0x")
+        .and_then(|h| h.strip_suffix('>'))
+        .filter(|h| h.len() == 2)
+        .and_then(|h| u8::from_str_radix(h, 16).ok())
 }
 
 /// Words as the pre-tokenizer sees them: NFKC, split on spaces, each prefixed with `▁`.

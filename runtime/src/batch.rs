@@ -66,7 +66,8 @@ pub struct SeqRequest {
     pub deadline: Option<Instant>,
     /// Set by the requester (e.g. a disconnected client); the sequence ends and frees its row.
     pub cancel: Arc<AtomicBool>,
-    /// Receives the sequence's events; returning false cancels it.
+    /// Receives the sequence's events, the last of them always one `Done` (finish reason
+    /// `Cancelled` when cancelled, however early) or `Failed`; returning false cancels it.
     pub sink: Box<dyn FnMut(SeqEvent) -> bool + Send>,
 }
 
@@ -93,6 +94,18 @@ pub struct SeqSummary {
     pub tokens: Vec<u32>,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+}
+
+impl SeqSummary {
+    /// The end of a sequence cancelled before it generated anything.
+    fn cancelled(req: &SeqRequest) -> Self {
+        SeqSummary {
+            text: String::new(),
+            tokens: Vec::new(),
+            finish_reason: FinishReason::Cancelled,
+            prompt_tokens: req.assembled.len(),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -593,6 +606,8 @@ impl Engine {
             if req.cancel.load(Ordering::Relaxed) {
                 metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
                 metrics.finished("cancelled", req.assembled.len(), 0);
+                let summary = SeqSummary::cancelled(req);
+                (req.sink)(SeqEvent::Done(summary));
                 return false;
             }
             if req.deadline.is_some_and(|d| now >= d) {
@@ -618,8 +633,10 @@ impl Engine {
             .as_ref()
             .is_some_and(|p| p.group.iter().all(|r| r.cancel.load(Ordering::Relaxed)));
         if all_cancelled {
-            for req in self.prefill.take().expect("checked").group {
+            for mut req in self.prefill.take().expect("checked").group {
                 metrics.finished("cancelled", req.assembled.len(), 0);
+                let summary = SeqSummary::cancelled(&req);
+                (req.sink)(SeqEvent::Done(summary));
             }
         }
     }

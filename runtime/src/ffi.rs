@@ -6,7 +6,8 @@
 //! handles are refused with `KOSMOS_ERR_INVALID_HANDLE`.
 //!
 //! Thread safety: a `kosmos_model` may be used from several threads; calls on one model run one
-//! at a time (an internal lock). `kosmos_last_error` reports the calling thread's last failure.
+//! at a time (an internal lock). A `kosmos_engine` (`ffi/engine.rs`) decodes requests from any
+//! number of threads together, with continuous batching. `kosmos_last_error` reports the calling thread's last failure.
 //! ONNX Runtime is loaded from `ORT_DYLIB_PATH` (or `libonnxruntime.so` on the library path).
 
 use std::cell::RefCell;
@@ -15,6 +16,10 @@ use std::ffi::{CStr, CString, c_char, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
+
+mod engine;
+
+pub use engine::*;
 
 use crate::error::RtError;
 use crate::generate::{FinishReason, GenerateParams, ImageInput, Prompt, VisionCache};
@@ -86,10 +91,33 @@ thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
 
-fn live() -> &'static Mutex<HashSet<usize>> {
-    static LIVE: OnceLock<Mutex<HashSet<usize>>> = OnceLock::new();
-    LIVE.get_or_init(|| Mutex::new(HashSet::new()))
+/// The handles of one kind that are live (created and not yet freed), so that a NULL, freed or
+/// foreign pointer is refused instead of dereferenced.
+struct Handles(OnceLock<Mutex<HashSet<usize>>>);
+
+impl Handles {
+    const fn new() -> Self {
+        Handles(OnceLock::new())
+    }
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<usize>> {
+        self.0
+            .get_or_init(|| Mutex::new(HashSet::new()))
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+    fn insert(&self, h: usize) {
+        self.set().insert(h);
+    }
+    fn contains(&self, h: usize) -> bool {
+        h != 0 && self.set().contains(&h)
+    }
+    /// False when `h` was not live.
+    fn remove(&self, h: usize) -> bool {
+        self.set().remove(&h)
+    }
 }
+
+static MODELS: Handles = Handles::new();
 
 fn set_error(msg: &str) {
     let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
@@ -204,52 +232,53 @@ pub unsafe extern "C" fn kosmos_model_open(
         // SAFETY: checked non-NULL; the caller owns the slot.
         unsafe { *out = std::ptr::null_mut() };
         // SAFETY: per this function's contract.
-        let dir = match unsafe { c_str(package_dir, "package_dir") } {
-            Ok(d) => PathBuf::from(d),
+        let pkg = match unsafe { open_package(package_dir, device) } {
+            Ok(p) => p,
             Err(s) => return s,
         };
-        let device = if device.is_null() {
-            "cpu"
-        } else {
-            // SAFETY: per this function's contract.
-            match unsafe { c_str(device, "device") } {
-                Ok(d) => d,
-                Err(s) => return s,
-            }
-        };
-        let device = match device {
-            "cpu" => Device::Cpu,
-            "cuda" => Device::Cuda,
-            "tensorrt" => Device::TensorRt {
-                engine_cache: dir.join("trt_cache"),
-            },
-            other => {
-                return fail(
-                    kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
-                    format!("unknown device '{other}' (cpu, cuda, tensorrt)"),
-                );
-            }
-        };
-        let opts = SessionOptions {
-            device,
-            ..Default::default()
-        };
-        match Package::open(&dir, &opts) {
-            Ok(pkg) => {
-                let model = Box::into_raw(Box::new(kosmos_model {
-                    inner: Mutex::new((pkg, VisionCache::new(64))),
-                }));
-                live()
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(model as usize);
-                // SAFETY: checked non-NULL above.
-                unsafe { *out = model };
-                kosmos_status::KOSMOS_OK
-            }
-            Err(e @ RtError::Provider(..)) => fail(kosmos_status::KOSMOS_ERR_PROVIDER, e.to_string()),
-            Err(e) => fail(kosmos_status::KOSMOS_ERR_PACKAGE, e.to_string()),
+        let model = Box::into_raw(Box::new(kosmos_model {
+            inner: Mutex::new((pkg, VisionCache::new(64))),
+        }));
+        MODELS.insert(model as usize);
+        // SAFETY: checked non-NULL above.
+        unsafe { *out = model };
+        kosmos_status::KOSMOS_OK
+    })
+}
+
+/// Open the package in `package_dir` on `device` (NULL = "cpu").
+///
+/// # Safety
+/// `package_dir` and `device` are NULL or NUL-terminated strings.
+unsafe fn open_package(package_dir: *const c_char, device: *const c_char) -> Result<Package, kosmos_status> {
+    // SAFETY: per this function's contract.
+    let dir = PathBuf::from(unsafe { c_str(package_dir, "package_dir") }?);
+    let device = if device.is_null() {
+        "cpu"
+    } else {
+        // SAFETY: per this function's contract.
+        unsafe { c_str(device, "device") }?
+    };
+    let device = match device {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda,
+        "tensorrt" => Device::TensorRt {
+            engine_cache: dir.join("trt_cache"),
+        },
+        other => {
+            return Err(fail(
+                kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+                format!("unknown device '{other}' (cpu, cuda, tensorrt)"),
+            ));
         }
+    };
+    let opts = SessionOptions {
+        device,
+        ..Default::default()
+    };
+    Package::open(&dir, &opts).map_err(|e| match e {
+        RtError::Provider(..) => fail(kosmos_status::KOSMOS_ERR_PROVIDER, e.to_string()),
+        e => fail(kosmos_status::KOSMOS_ERR_PACKAGE, e.to_string()),
     })
 }
 
@@ -263,11 +292,7 @@ pub unsafe extern "C" fn kosmos_model_free(model: *mut kosmos_model) -> kosmos_s
         if model.is_null() {
             return kosmos_status::KOSMOS_OK;
         }
-        if !live()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(model as usize))
-        {
+        if !MODELS.remove(model as usize) {
             return fail(
                 kosmos_status::KOSMOS_ERR_INVALID_HANDLE,
                 "model was already freed",
@@ -305,12 +330,7 @@ pub unsafe extern "C" fn kosmos_generate(
         }
         // SAFETY: checked non-NULL; the caller owns the slot.
         unsafe { *out_text = std::ptr::null_mut() };
-        if model.is_null()
-            || !live()
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&(model as usize))
-        {
+        if !MODELS.contains(model as usize) {
             return fail(
                 kosmos_status::KOSMOS_ERR_INVALID_HANDLE,
                 "model is NULL or was freed",
@@ -321,55 +341,15 @@ pub unsafe extern "C" fn kosmos_generate(
             Ok(t) => t,
             Err(s) => return s,
         };
-        if images.is_null() && n_images > 0 {
-            return fail(
-                kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
-                "images is NULL but n_images > 0",
-            );
-        }
-        let mut inputs = Vec::with_capacity(n_images);
-        for i in 0..n_images {
-            // SAFETY: `images` holds `n_images` elements per the contract.
-            let img = unsafe { *images.add(i) };
-            let input = match (img.path.is_null(), img.data.is_null()) {
-                (false, true) => match unsafe { c_str(img.path, "image path") } {
-                    Ok(p) => ImageInput::Path(PathBuf::from(p)),
-                    Err(s) => return s,
-                },
-                // SAFETY: `data` holds `size` bytes per the contract.
-                (true, false) => {
-                    ImageInput::Bytes(unsafe { std::slice::from_raw_parts(img.data, img.size) }.to_vec())
-                }
-                _ => {
-                    return fail(
-                        kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
-                        format!("image {i}: set exactly one of path and data"),
-                    );
-                }
-            };
-            inputs.push(input);
-        }
-        let p = if params.is_null() {
-            kosmos_default_params()
-        } else {
-            // SAFETY: non-NULL and valid per the contract.
-            unsafe { *params }
+        // SAFETY: per this function's contract.
+        let inputs = match unsafe { read_images(images, n_images) } {
+            Ok(i) => i,
+            Err(s) => return s,
         };
-        if p.max_tokens == 0 || p.beams == 0 || !(p.top_p > 0.0 && p.top_p <= 1.0) || p.temperature < 0.0 {
-            return fail(
-                kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
-                "params: max_tokens and beams must be ≥ 1, top_p in (0, 1], temperature ≥ 0",
-            );
-        }
-        let params = GenerateParams {
-            max_tokens: p.max_tokens as usize,
-            temperature: p.temperature,
-            top_k: p.top_k as usize,
-            top_p: p.top_p,
-            repetition_penalty: p.repetition_penalty,
-            seed: p.seed,
-            beams: p.beams as usize,
-            ..GenerateParams::default()
+        // SAFETY: per this function's contract.
+        let params = match unsafe { read_params(params) } {
+            Ok(p) => p,
+            Err(s) => return s,
         };
         let prompt = match Prompt::parse(text, inputs) {
             Ok(p) => p,
@@ -399,6 +379,72 @@ pub unsafe extern "C" fn kosmos_generate(
             }
             Err(e) => fail(status_of(&e), e.to_string()),
         }
+    })
+}
+
+/// The images of a call.
+///
+/// # Safety
+/// `images` points to `n_images` valid `kosmos_image`s (or is NULL with `n_images` 0).
+unsafe fn read_images(
+    images: *const kosmos_image,
+    n_images: usize,
+) -> Result<Vec<ImageInput>, kosmos_status> {
+    if images.is_null() && n_images > 0 {
+        return Err(fail(
+            kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+            "images is NULL but n_images > 0",
+        ));
+    }
+    let mut inputs = Vec::with_capacity(n_images);
+    for i in 0..n_images {
+        // SAFETY: `images` holds `n_images` elements per the contract.
+        let img = unsafe { *images.add(i) };
+        let input = match (img.path.is_null(), img.data.is_null()) {
+            // SAFETY: a non-NULL path is a NUL-terminated string per the contract.
+            (false, true) => ImageInput::Path(PathBuf::from(unsafe { c_str(img.path, "image path") }?)),
+            // SAFETY: `data` holds `size` bytes per the contract.
+            (true, false) => {
+                ImageInput::Bytes(unsafe { std::slice::from_raw_parts(img.data, img.size) }.to_vec())
+            }
+            _ => {
+                return Err(fail(
+                    kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+                    format!("image {i}: set exactly one of path and data"),
+                ));
+            }
+        };
+        inputs.push(input);
+    }
+    Ok(inputs)
+}
+
+/// A call's generation settings (NULL: the defaults), checked.
+///
+/// # Safety
+/// `params` is NULL or valid.
+unsafe fn read_params(params: *const kosmos_params) -> Result<GenerateParams, kosmos_status> {
+    let p = if params.is_null() {
+        kosmos_default_params()
+    } else {
+        // SAFETY: non-NULL and valid per the contract.
+        unsafe { *params }
+    };
+    if p.max_tokens == 0 || p.beams == 0 || !(p.top_p > 0.0 && p.top_p <= 1.0) || p.temperature < 0.0 {
+        return Err(fail(
+            kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+            "params: max_tokens and beams must be ≥ 1, top_p in (0, 1], temperature ≥ 0",
+        ));
+    }
+    Ok(GenerateParams {
+        max_tokens: p.max_tokens as usize,
+        temperature: p.temperature,
+        top_k: p.top_k as usize,
+        top_p: p.top_p,
+        repetition_penalty: p.repetition_penalty,
+        seed: p.seed,
+        beams: p.beams as usize,
+        ..GenerateParams::default()
     })
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use half::f16;
+use kosmos_models::KosmosTokenizer;
 use kosmos_models::image::{ImageLimits, clip_preprocess, decode_image, load_image};
 use kosmos_models::package::{KvCacheLayout, io};
 use kosmos_models::sequence::{Assembled, Segment, assemble};
@@ -200,25 +201,43 @@ enum KvData {
     F16(Vec<f16>),
 }
 
-impl Package {
-    /// Decode and preprocess `img` (size limits enforced).
-    pub fn preprocess(&self, img: &ImageInput) -> Result<Vec<f32>> {
-        let limits = ImageLimits::default();
-        let rgb = match img {
-            ImageInput::Path(p) => load_image(p, limits)?,
-            ImageInput::Bytes(b) => decode_image(b, "image", limits)?,
-            ImageInput::Rgb(img) => {
-                let (w, h) = img.dimensions();
-                if w.max(h) > limits.max_side {
-                    return Err(RtError::Input(format!(
-                        "image of {w}x{h} pixels exceeds the limit of {} pixels per side",
-                        limits.max_side
-                    )));
-                }
-                img.clone()
+/// Decode `img` and CLIP-preprocess it for a vision tower of `image_size` pixels (size limits
+/// enforced).
+pub fn preprocess_image(img: &ImageInput, image_size: u32) -> Result<Vec<f32>> {
+    let limits = ImageLimits::default();
+    let rgb = match img {
+        ImageInput::Path(p) => load_image(p, limits)?,
+        ImageInput::Bytes(b) => decode_image(b, "image", limits)?,
+        ImageInput::Rgb(img) => {
+            let (w, h) = img.dimensions();
+            if w.max(h) > limits.max_side {
+                return Err(RtError::Input(format!(
+                    "image of {w}x{h} pixels exceeds the limit of {} pixels per side",
+                    limits.max_side
+                )));
             }
-        };
-        Ok(clip_preprocess(&rgb, self.manifest.preprocess.image_size as u32))
+            img.clone()
+        }
+    };
+    Ok(clip_preprocess(&rgb, image_size))
+}
+
+/// Assemble a prompt's tokens, `tokens_per_image` slots per image.
+pub fn assemble_prompt(tok: &KosmosTokenizer, p: &Prompt, tokens_per_image: usize) -> Result<Assembled> {
+    let n = p.segments.iter().filter(|s| matches!(s, Segment::Image)).count();
+    if n != p.images.len() {
+        return Err(RtError::Input(format!(
+            "{n} image places in the prompt but {} images",
+            p.images.len()
+        )));
+    }
+    Ok(assemble(tok, &p.segments, tokens_per_image, false)?)
+}
+
+impl Package {
+    /// Decode and preprocess `img` for this package's vision tower (size limits enforced).
+    pub fn preprocess(&self, img: &ImageInput) -> Result<Vec<f32>> {
+        preprocess_image(img, self.manifest.preprocess.image_size as u32)
     }
 
     /// Embeddings [tokens_per_image · D] of each image, from the cache or one vision batch.
@@ -261,19 +280,7 @@ impl Package {
 
     /// Assemble a prompt's tokens (image slots included).
     pub fn assemble(&self, p: &Prompt) -> Result<Assembled> {
-        let n = p.segments.iter().filter(|s| matches!(s, Segment::Image)).count();
-        if n != p.images.len() {
-            return Err(RtError::Input(format!(
-                "{n} image places in the prompt but {} images",
-                p.images.len()
-            )));
-        }
-        Ok(assemble(
-            &self.tokenizer,
-            &p.segments,
-            self.manifest.vision.tokens_per_image,
-            false,
-        )?)
+        assemble_prompt(&self.tokenizer, p, self.manifest.vision.tokens_per_image)
     }
 
     /// A cache for `batch` rows that will hold up to `capacity` tokens: empty tensors for the
@@ -929,9 +936,19 @@ impl RowState {
                 .max()
                 .unwrap_or(0)
         };
-        // Byte-fallback tokens decode to U+FFFD until their character is complete: stream only
-        // the text before the first one (stable from then on); `flush` sends the rest at the end.
-        let stable = self.text.find('\u{FFFD}').unwrap_or(self.text.len());
+        // Byte-fallback tokens decode as a run: until the run is valid UTF-8 every byte of it,
+        // even an ASCII one already shown, reads U+FFFD. So stream only the text before a
+        // trailing run (final from then on); `flush` sends the rest at the end.
+        let run = self
+            .tokens
+            .iter()
+            .rev()
+            .take_while(|&&t| tokenizer.byte_piece(t).is_some())
+            .count();
+        let stable = match run {
+            0 => self.text.len(),
+            _ => tokenizer.decode(&self.tokens[..self.tokens.len() - run])?.len(),
+        };
         let mut upto = stable.min(self.text.len().saturating_sub(held));
         while !self.text.is_char_boundary(upto) {
             upto -= 1;
@@ -992,6 +1009,49 @@ mod tests {
         let mut r = RowState::new(&prompt, 0);
         r.tokens = generated.to_vec();
         r
+    }
+
+    /// The streamed pieces add up to the final text, also when byte-fallback runs decode
+    /// differently once they end (an ASCII byte shown alone becomes U+FFFD in an invalid run).
+    #[test]
+    fn streamed_text_adds_up_to_the_final_text() {
+        let sp = kosmos_models::SpecialTokens::default();
+        let tok = KosmosTokenizer::train(|| ["a red circle on the left"].into_iter(), 400, &sp).unwrap();
+        let byte = |b: u8| tok.token_to_id(&format!("<0x{b:02X}>")).unwrap();
+        let word = tok.encode("circle").unwrap();
+        let cases: Vec<Vec<u32>> = vec![
+            // '>' then an emoji: valid throughout once complete.
+            [0x3E, 0xF0, 0x9F, 0x98, 0x80].map(byte).to_vec(),
+            // '>' then a lone lead byte: the whole run becomes U+FFFD, the '>' too.
+            [&[byte(0x3E), byte(0xF0)][..], &word, &[byte(0x3E)]].concat(),
+            [
+                &word[..],
+                &[byte(0xE4), byte(0xB8)],
+                &word,
+                &[byte(0xE4), byte(0xB8), byte(0xAD)],
+            ]
+            .concat(),
+        ];
+        for (i, ids) in cases.iter().enumerate() {
+            for stop in [vec![], vec!["zz".to_string()]] {
+                let p = GenerateParams {
+                    stop,
+                    ..GenerateParams::default()
+                };
+                let mut r = row(&[]);
+                let mut streamed = String::new();
+                let mut on = |_: usize, t: &str| {
+                    streamed.push_str(t);
+                    true
+                };
+                for &t in ids {
+                    r.push(t, &tok, &p, 0, &mut on).unwrap();
+                }
+                r.flush(0, &mut on);
+                assert_eq!(r.text, tok.decode(ids).unwrap(), "case {i}");
+                assert_eq!(streamed, r.text, "case {i}");
+            }
+        }
     }
 
     /// OpenAI's penalties count generated tokens only: presence once, frequency per occurrence.

@@ -1,4 +1,5 @@
-//! `runtime/include/kosmos_rt.h` is what cbindgen generates from `src/ffi.rs` now.
+//! `runtime/include/kosmos_rt.h` is what cbindgen generates from `src/ffi.rs` and
+//! `src/ffi/engine.rs` now.
 
 use std::path::Path;
 
@@ -10,6 +11,7 @@ fn c_header_is_current() {
     cbindgen::Builder::new()
         .with_config(config)
         .with_src(crate_dir.join("src/ffi.rs"))
+        .with_src(crate_dir.join("src/ffi/engine.rs"))
         .generate()
         .expect("cbindgen")
         .write(&mut generated);

@@ -1,0 +1,445 @@
+//! The continuous-batching engine through the C ABI (`kosmos_engine_*`), after TensorRT-LLM's
+//! executor: requests from any thread are queued and decoded together by one engine thread,
+//! which reports each request's text, then exactly one final event, to the request's callback.
+
+use std::collections::HashMap;
+use std::ffi::{CString, c_char, c_void};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::thread::{JoinHandle, ThreadId};
+use std::time::Instant;
+
+use kosmos_models::KosmosTokenizer;
+
+use super::{
+    Handles, c_str, fail, guard, kosmos_image, kosmos_params, kosmos_status, open_package, read_images,
+    read_params, status_of,
+};
+use crate::batch::{Engine, EngineConfig, SeqEvent, SeqFailure, SeqRequest};
+use crate::error::RtError;
+use crate::generate::{FinishReason, Prompt, assemble_prompt, preprocess_image};
+use crate::metrics::Metrics;
+
+/// Settings of a continuous-batching engine; start from `kosmos_engine_default_config()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct kosmos_engine_config {
+    /// Sequences decoded together (rows of the KV pool, ≥ 1).
+    pub max_batch: u32,
+    /// Most prompt tokens one prefill call writes, so that running sequences keep taking tokens
+    /// while a long prompt is read; 0 = each admitted group in one call.
+    pub prefill_chunk: u32,
+    /// Images whose embeddings are kept (an image seen again skips the vision tower).
+    pub vision_cache: u32,
+    /// Allocate the KV pool for max_batch x the whole context at open, so that no request ever
+    /// waits for it to grow.
+    pub kv_preallocate: bool,
+}
+
+/// What a `kosmos_event` reports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum kosmos_event_kind {
+    /// New generated text (stop strings held back until they cannot match).
+    KOSMOS_EVENT_TEXT = 0,
+    /// The request ended; `finish_reason` says why and `text` is the whole generated text.
+    KOSMOS_EVENT_DONE = 1,
+    /// The request failed; `text` says why. Nothing follows.
+    KOSMOS_EVENT_FAILED = 2,
+}
+
+/// Why a request ended.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum kosmos_finish_reason {
+    /// `</s>` or a stop string.
+    KOSMOS_FINISH_STOP = 0,
+    /// `max_tokens` were generated.
+    KOSMOS_FINISH_LENGTH = 1,
+    /// Cancelled: by `kosmos_engine_cancel`, by the callback returning false, or by
+    /// `kosmos_engine_free`.
+    KOSMOS_FINISH_CANCELLED = 2,
+}
+
+/// One event of a request, valid only during the callback that receives it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct kosmos_event {
+    /// The id `kosmos_engine_submit` gave the request.
+    pub request: u64,
+    pub kind: kosmos_event_kind,
+    /// TEXT: the new text; DONE: the whole generated text; FAILED: the error message.
+    pub text: *const c_char,
+    /// DONE only.
+    pub finish_reason: kosmos_finish_reason,
+    /// DONE only: tokens of the prompt (image slots included) and generated.
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+}
+
+/// Receives a request's events on the engine's thread; return false to cancel the request (its
+/// DONE event still comes). It must return quickly (every running request waits for it), must
+/// not throw, and must not call `kosmos_engine_free`.
+pub type kosmos_event_callback =
+    Option<extern "C" fn(event: *const kosmos_event, user_data: *mut c_void) -> bool>;
+
+/// A continuous-batching engine over one package (opaque).
+pub struct kosmos_engine {
+    tx: Mutex<Option<Sender<SeqRequest>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    thread_id: ThreadId,
+    tokenizer: KosmosTokenizer,
+    image_size: u32,
+    tokens_per_image: usize,
+    context: usize,
+    next_id: AtomicU64,
+    /// Cancel flags of the requests whose final event has not been delivered yet.
+    inflight: Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>>,
+}
+
+static ENGINES: Handles = Handles::new();
+
+/// The callback and its user data, moved to the engine's thread.
+struct Callback {
+    f: extern "C" fn(*const kosmos_event, *mut c_void) -> bool,
+    user_data: *mut c_void,
+}
+
+// SAFETY: the caller promises (kosmos_engine_submit's contract) that `user_data` may be used
+// from the engine's thread.
+unsafe impl Send for Callback {}
+
+impl Callback {
+    fn call(&self, ev: &kosmos_event) -> bool {
+        (self.f)(ev, self.user_data)
+    }
+}
+
+fn c_string(s: &str) -> CString {
+    CString::new(s.replace('\0', " ")).unwrap_or_default()
+}
+
+/// Default engine settings: the server's (8 rows, 512-token prefill chunks, 256 cached images).
+#[unsafe(no_mangle)]
+pub extern "C" fn kosmos_engine_default_config() -> kosmos_engine_config {
+    let d = EngineConfig::default();
+    kosmos_engine_config {
+        max_batch: d.max_batch as u32,
+        prefill_chunk: d.prefill_chunk as u32,
+        vision_cache: d.vision_cache as u32,
+        kv_preallocate: d.kv_preallocate,
+    }
+}
+
+/// Open the package in `package_dir` on `device` ("cpu", "cuda", "tensorrt"; NULL = "cpu") and
+/// start its engine thread. The package must have the buffer KV layout (`kosmos-export
+/// --kv-cache buffer`). On success `*out` holds an engine to release with `kosmos_engine_free`.
+///
+/// # Safety
+/// `package_dir` and `device` are NULL or NUL-terminated strings; `config` is NULL (defaults)
+/// or valid; `out` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kosmos_engine_open(
+    package_dir: *const c_char,
+    device: *const c_char,
+    config: *const kosmos_engine_config,
+    out: *mut *mut kosmos_engine,
+) -> kosmos_status {
+    guard(|| {
+        if out.is_null() {
+            return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, "out is NULL");
+        }
+        // SAFETY: checked non-NULL; the caller owns the slot.
+        unsafe { *out = std::ptr::null_mut() };
+        let c = if config.is_null() {
+            kosmos_engine_default_config()
+        } else {
+            // SAFETY: non-NULL and valid per the contract.
+            unsafe { *config }
+        };
+        if c.max_batch == 0 {
+            return fail(
+                kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+                "config: max_batch must be ≥ 1",
+            );
+        }
+        // SAFETY: per this function's contract.
+        let pkg = match unsafe { open_package(package_dir, device) } {
+            Ok(p) => p,
+            Err(s) => return s,
+        };
+        let (tokenizer, manifest) = (pkg.tokenizer.clone(), pkg.manifest.clone());
+        let config = EngineConfig {
+            max_batch: c.max_batch as usize,
+            vision_cache: c.vision_cache as usize,
+            prefill_chunk: c.prefill_chunk as usize,
+            kv_preallocate: c.kv_preallocate,
+        };
+        let engine = match Engine::new(pkg, config, Arc::new(Metrics::default())) {
+            Ok(e) => e,
+            Err(e) => return fail(status_of(&e), e.to_string()),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = match std::thread::Builder::new()
+            .name("kosmos-engine".into())
+            .spawn(move || engine.run(rx))
+        {
+            Ok(t) => t,
+            Err(e) => {
+                return fail(
+                    kosmos_status::KOSMOS_ERR_RUNTIME,
+                    format!("cannot start the engine thread: {e}"),
+                );
+            }
+        };
+        let engine = Box::into_raw(Box::new(kosmos_engine {
+            tx: Mutex::new(Some(tx)),
+            thread_id: thread.thread().id(),
+            thread: Mutex::new(Some(thread)),
+            tokenizer,
+            image_size: manifest.preprocess.image_size as u32,
+            tokens_per_image: manifest.vision.tokens_per_image,
+            context: manifest.decoder.context_length,
+            next_id: AtomicU64::new(1),
+            inflight: Arc::new(Mutex::new(HashMap::new())),
+        }));
+        ENGINES.insert(engine as usize);
+        // SAFETY: checked non-NULL above.
+        unsafe { *out = engine };
+        kosmos_status::KOSMOS_OK
+    })
+}
+
+/// Queue a request: `prompt` and `images` as for `kosmos_generate` (images are decoded and
+/// preprocessed here, on the calling thread), `params` as there but with one beam. Its events
+/// go to `callback` with `user_data`, on the engine's thread, possibly before this returns; the
+/// last is always one DONE or FAILED. On success `*out_request` (if not NULL) holds its id.
+///
+/// # Safety
+/// `engine` is a handle from `kosmos_engine_open` (or NULL); `prompt` a NUL-terminated string;
+/// `images` points to `n_images` valid `kosmos_image`s (or is NULL with `n_images` 0); `params`
+/// is NULL (defaults) or valid; `user_data` may be used from another thread until the final
+/// event; `out_request` is NULL or writable.
+#[allow(clippy::too_many_arguments)]
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kosmos_engine_submit(
+    engine: *mut kosmos_engine,
+    prompt: *const c_char,
+    images: *const kosmos_image,
+    n_images: usize,
+    params: *const kosmos_params,
+    callback: kosmos_event_callback,
+    user_data: *mut c_void,
+    out_request: *mut u64,
+) -> kosmos_status {
+    guard(|| {
+        if !ENGINES.contains(engine as usize) {
+            return fail(
+                kosmos_status::KOSMOS_ERR_INVALID_HANDLE,
+                "engine is NULL or was freed",
+            );
+        }
+        // SAFETY: live handle (checked above).
+        let engine = unsafe { &*engine };
+        let Some(f) = callback else {
+            return fail(
+                kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+                "callback is NULL: it is how a request's text and end are reported",
+            );
+        };
+        // SAFETY: per this function's contract.
+        let text = match unsafe { c_str(prompt, "prompt") } {
+            Ok(t) => t,
+            Err(s) => return s,
+        };
+        // SAFETY: per this function's contract.
+        let inputs = match unsafe { read_images(images, n_images) } {
+            Ok(i) => i,
+            Err(s) => return s,
+        };
+        // SAFETY: per this function's contract.
+        let params = match unsafe { read_params(params) } {
+            Ok(p) => p,
+            Err(s) => return s,
+        };
+        if params.beams > 1 {
+            return fail(
+                kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+                "params: the engine decodes one sequence per request (beams = 1); beam search runs through kosmos_generate",
+            );
+        }
+        let prepared = Prompt::parse(text, inputs).and_then(|p| {
+            let pixels = p
+                .images
+                .iter()
+                .map(|img| preprocess_image(img, engine.image_size))
+                .collect::<Result<Vec<_>, _>>()?;
+            let assembled = assemble_prompt(&engine.tokenizer, &p, engine.tokens_per_image)?;
+            if assembled.len() + params.max_tokens > engine.context {
+                return Err(RtError::ContextOverflow {
+                    prompt: assembled.len(),
+                    max_new: params.max_tokens,
+                    context: engine.context,
+                });
+            }
+            Ok((assembled, pixels))
+        });
+        let (assembled, pixels) = match prepared {
+            Ok(p) => p,
+            Err(e) => return fail(status_of(&e), e.to_string()),
+        };
+
+        let id = engine.next_id.fetch_add(1, Ordering::Relaxed);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let cb = Callback { f, user_data };
+        let inflight = engine.inflight.clone();
+        let sink = move |ev: SeqEvent| -> bool {
+            let (kind, text, finish, prompt_tokens, generated) = match &ev {
+                SeqEvent::Text { text, .. } => {
+                    (kosmos_event_kind::KOSMOS_EVENT_TEXT, text.as_str(), None, 0, 0)
+                }
+                SeqEvent::Done(s) => (
+                    kosmos_event_kind::KOSMOS_EVENT_DONE,
+                    s.text.as_str(),
+                    Some(s.finish_reason),
+                    s.prompt_tokens,
+                    s.tokens.len(),
+                ),
+                SeqEvent::Failed(f) => (
+                    kosmos_event_kind::KOSMOS_EVENT_FAILED,
+                    match f {
+                        SeqFailure::Timeout => "the request timed out",
+                        SeqFailure::Engine(m) => m.as_str(),
+                    },
+                    None,
+                    0,
+                    0,
+                ),
+                SeqEvent::PromptLogprobs(_) => return true,
+            };
+            let text = c_string(text);
+            let event = kosmos_event {
+                request: id,
+                kind,
+                text: text.as_ptr(),
+                finish_reason: match finish {
+                    Some(FinishReason::Stop) | None => kosmos_finish_reason::KOSMOS_FINISH_STOP,
+                    Some(FinishReason::Length) => kosmos_finish_reason::KOSMOS_FINISH_LENGTH,
+                    Some(FinishReason::Cancelled) => kosmos_finish_reason::KOSMOS_FINISH_CANCELLED,
+                },
+                prompt_tokens: prompt_tokens as u32,
+                generated_tokens: generated as u32,
+            };
+            if kind != kosmos_event_kind::KOSMOS_EVENT_TEXT {
+                // Final: a later kosmos_engine_cancel of this id is a no-op.
+                inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            }
+            cb.call(&event)
+        };
+        let req = SeqRequest {
+            assembled,
+            pixels,
+            params,
+            logprobs: None,
+            prompt_logprobs: None,
+            arrived: Instant::now(),
+            deadline: None,
+            cancel: cancel.clone(),
+            sink: Box::new(sink),
+        };
+        engine
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, cancel);
+        if !out_request.is_null() {
+            // SAFETY: non-NULL and writable per the contract.
+            unsafe { *out_request = id };
+        }
+        let sent = match &*engine.tx.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(tx) => tx.send(req).is_ok(),
+            None => false,
+        };
+        if !sent {
+            engine
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            return fail(kosmos_status::KOSMOS_ERR_RUNTIME, "the engine has stopped");
+        }
+        kosmos_status::KOSMOS_OK
+    })
+}
+
+/// Cancel a request: it stops at the engine's next step and its DONE event says CANCELLED. An
+/// id that has already had its final event (or was never issued) is ignored.
+///
+/// # Safety
+/// `engine` is a handle from `kosmos_engine_open` (or NULL).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kosmos_engine_cancel(engine: *mut kosmos_engine, request: u64) -> kosmos_status {
+    guard(|| {
+        if !ENGINES.contains(engine as usize) {
+            return fail(
+                kosmos_status::KOSMOS_ERR_INVALID_HANDLE,
+                "engine is NULL or was freed",
+            );
+        }
+        // SAFETY: live handle (checked above).
+        let engine = unsafe { &*engine };
+        if let Some(flag) = engine
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&request)
+        {
+            flag.store(true, Ordering::Relaxed);
+        }
+        kosmos_status::KOSMOS_OK
+    })
+}
+
+/// Cancel every request still queued or running, wait until each has had its final event, stop
+/// the engine thread and release the engine (NULL is ignored; freeing twice is refused).
+///
+/// # Safety
+/// `engine` is NULL or a handle from `kosmos_engine_open`, not in use by another thread.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kosmos_engine_free(engine: *mut kosmos_engine) -> kosmos_status {
+    guard(|| {
+        if engine.is_null() {
+            return kosmos_status::KOSMOS_OK;
+        }
+        if !ENGINES.contains(engine as usize) {
+            return fail(
+                kosmos_status::KOSMOS_ERR_INVALID_HANDLE,
+                "engine was already freed",
+            );
+        }
+        // SAFETY: live handle (checked above).
+        let e = unsafe { &*engine };
+        if std::thread::current().id() == e.thread_id {
+            // Joining the engine thread from itself would never return.
+            return fail(
+                kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+                "kosmos_engine_free was called from an engine callback",
+            );
+        }
+        ENGINES.remove(engine as usize);
+        for flag in e.inflight.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            flag.store(true, Ordering::Relaxed);
+        }
+        // Without a sender the engine thread returns once the cancelled requests have ended.
+        e.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let thread = e.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let joined = thread.map(JoinHandle::join);
+        // SAFETY: the handle was live, so it came from Box::into_raw and is freed only here.
+        drop(unsafe { Box::from_raw(engine) });
+        match joined {
+            Some(Err(_)) => fail(kosmos_status::KOSMOS_ERR_INTERNAL, "the engine thread panicked"),
+            _ => kosmos_status::KOSMOS_OK,
+        }
+    })
+}
