@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Valgrind memcheck of the C ABI: builds libkosmos_rt.so and the C++ examples, exports a tiny
 # random-weight package, and runs `caption`, `abi_errors` (every failure path) and `engine`
-# (concurrent requests, cancellation, freeing with requests in flight) under valgrind. Fails on any invalid read/write or on memory definitely lost in our library.
+# (concurrent requests, cancellation, freeing with requests in flight) under valgrind. Fails on
+# any invalid read/write or on memory definitely lost in our library.
 # Not part of scripts/test.sh (slow); run it after changing runtime/src/ffi.rs.
 #
 #   scripts/memcheck.sh            # logs in target/memcheck/
@@ -48,5 +49,5 @@ for prog in "caption $out/pkg $image '' 8" "abi_errors $out/pkg $out/notes.txt" 
     fi
   fi
 done
-tail -1 "$out/abi_errors.stdout" "$out/engine.stdout"
+tail -qn 1 "$out/abi_errors.stdout" "$out/engine.stdout"
 exit $status
