@@ -155,14 +155,7 @@ fn staggered_sequences(prefill_chunk: usize, cached_attention: bool) {
         .map(|(p, params)| alone(&mut pkg, p, params))
         .collect();
     if cached_attention {
-        let cached = dir.path().join("pkg-cached");
-        let opts = kosmos_export::ExportOptions {
-            kv_cache: kosmos_models::package::KvCacheLayout::Buffer,
-            cached_attention: true,
-            ..Default::default()
-        };
-        kosmos_export::export(&ckpt, &cached, &opts).unwrap();
-        pkg = Package::open(&cached, &SessionOptions::default()).unwrap();
+        pkg = cached_attention_package(&ckpt, dir.path());
     }
 
     let metrics = Arc::new(Metrics::default());
@@ -217,6 +210,200 @@ fn staggered_sequences(prefill_chunk: usize, cached_attention: bool) {
     assert!(text.contains("kosmos_active_sequences 0"));
     assert!(text.contains("kosmos_queue_depth 0"));
     assert!(text.contains("kosmos_vision_cache_hits_total 3"), "{text}");
+}
+
+/// `ckpt` exported with `--kv-cache buffer --cached-attention` into `dir/pkg-cached`, opened.
+fn cached_attention_package(ckpt: &Path, dir: &Path) -> Package {
+    let cached = dir.join("pkg-cached");
+    let opts = kosmos_export::ExportOptions {
+        kv_cache: kosmos_models::package::KvCacheLayout::Buffer,
+        cached_attention: true,
+        ..Default::default()
+    };
+    kosmos_export::export(ckpt, &cached, &opts).unwrap();
+    Package::open(&cached, &SessionOptions::default()).unwrap()
+}
+
+/// Prompts that start like finished ones reuse their keys and values (the prefix cache) and
+/// still generate exactly what `Package::generate` makes of each alone, with every token's
+/// log-probability equal to tch's on the trainer's full forward: the same image with another
+/// question, the same prompt sampled, a prompt followed by the tokens generated for it (a chat's
+/// next turn), beside a prompt with nothing cached; and a prompt alone whose prefill shrinks to
+/// its last token. Standard and `--cached-attention` packages, whole and 7-token prefill chunks.
+#[test]
+fn prefix_cache_reuse_equals_generation_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, pkg_dir) = kosmos_e2e::tiny_buffer_package(dir.path(), 7);
+    let mut reference = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    let img = |i| ImageInput::Bytes(png(i));
+    let question = "Question: what colour is the circle? Answer:";
+    let caption = "a red circle on the left and a blue square on the right";
+    let first = [
+        (Prompt::parse(question, vec![img(5)]).unwrap(), greedy(6)),
+        (Prompt::parse(caption, vec![]).unwrap(), greedy(6)),
+    ];
+    // The next turn after the caption: its prompt then its answer, as token ids (a random
+    // model's answer does not survive a round trip through text).
+    let answer = alone(&mut reference, &first[1].0, &first[1].1).tokens;
+    let second = [
+        (
+            Prompt::parse("Question: what shape is on the left? Answer:", vec![img(5)]).unwrap(),
+            greedy(5),
+        ),
+        (
+            Prompt::parse(question, vec![img(5)]).unwrap(),
+            GenerateParams {
+                max_tokens: 6,
+                temperature: 0.9,
+                seed: 3,
+                ignore_eos: true,
+                ..Default::default()
+            },
+        ),
+        (Prompt::parse(caption, vec![]).unwrap(), greedy(4)),
+        (Prompt::parse("green", vec![]).unwrap(), greedy(3)),
+    ];
+    let appended = |w: usize, i: usize| -> &[u32] { if (w, i) == (2, 2) { &answer } else { &[] } };
+    let third = [(Prompt::parse(question, vec![img(5)]).unwrap(), greedy(4))];
+    // Unrelated prompts in every row between the waves: a row's stale keys and values must not
+    // stand in for a copy that did not happen.
+    let filler: Vec<(Prompt, GenerateParams)> = (0..4)
+        .map(|i| {
+            let text = format!("{} triangle", "yellow square and ".repeat(4 + i));
+            (Prompt::parse(&text, vec![img(6 + i as u64)]).unwrap(), greedy(3))
+        })
+        .collect();
+    let waves: [&[(Prompt, GenerateParams)]; 5] = [&first, &filler, &second, &filler, &third];
+    let expected: Vec<Vec<Generation>> = waves
+        .iter()
+        .map(|w| {
+            w.iter()
+                .map(|(p, params)| alone(&mut reference, p, params))
+                .collect()
+        })
+        .collect();
+
+    for (cached_attention, prefill_chunk) in [(false, 0), (false, 7), (true, 7)] {
+        let pkg = if cached_attention {
+            cached_attention_package(&ckpt, dir.path())
+        } else {
+            Package::open(&pkg_dir, &SessionOptions::default()).unwrap()
+        };
+        let metrics = Arc::new(Metrics::default());
+        let config = EngineConfig {
+            max_batch: 4,
+            prefill_chunk,
+            ..Default::default()
+        };
+        let mut engine = Engine::new(pkg, config, metrics.clone()).unwrap();
+        let case = format!("cached_attention {cached_attention}, chunk {prefill_chunk}");
+        // A prompt's position keys: token ids, and for image slots the image (its bytes' hash).
+        let keys = |engine: &Engine, p: &Prompt, appended: &[u32]| -> Vec<u64> {
+            let a = engine.package().assemble(p).unwrap();
+            let per = engine.package().manifest.vision.tokens_per_image;
+            let mut slot = 0;
+            let mut k: Vec<u64> = a
+                .input_ids
+                .iter()
+                .zip(&a.image_mask)
+                .map(|(&id, &image)| {
+                    if !image {
+                        return id as u64;
+                    }
+                    slot += 1;
+                    let ImageInput::Bytes(b) = &p.images[(slot - 1) / per] else {
+                        unreachable!()
+                    };
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    std::hash::Hash::hash(b, &mut h);
+                    std::hash::Hasher::finish(&h) | 1 << 63
+                })
+                .collect();
+            k.extend(appended.iter().map(|&t| t as u64));
+            k
+        };
+        // Every earlier sequence's keys: its prompt and the generated tokens fed back (all but
+        // the last).
+        let mut entries: Vec<Vec<u64>> = Vec::new();
+        for (w, (wave, want)) in waves.iter().zip(&expected).enumerate() {
+            let calls_before = metrics.prefill_calls.load(Ordering::Relaxed);
+            let hits_before = metrics.prefix_cache_hit_tokens.load(Ordering::Relaxed);
+            let next = std::cell::Cell::new(0);
+            let outs = run_all(&mut engine, wave.iter().map(|(p, params)| (p, params)), |r| {
+                r.logprobs = Some(0);
+                let extra = appended(w, next.replace(next.get() + 1));
+                r.assembled.input_ids.extend_from_slice(extra);
+                r.assembled.image_mask.resize(r.assembled.input_ids.len(), false);
+            });
+            let mut expect_hits = 0;
+            let mut finished = Vec::new();
+            for (i, ((out, want), (prompt, _))) in outs.iter().zip(want).zip(wave.iter()).enumerate() {
+                let c = out.lock().unwrap();
+                let done = c
+                    .done
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{case}: wave {w} #{i} did not finish"));
+                let extra = appended(w, i);
+                if extra.is_empty() {
+                    assert_eq!(done.tokens, want.tokens, "{case}: wave {w} #{i} vs generate()");
+                    assert_eq!(c.text, want.text, "{case}: wave {w} #{i}");
+                }
+                // Tokens alone barely depend on the context in a random model; the
+                // log-probabilities do: each equals tch's on the trainer's full forward.
+                let a = engine.package().assemble(prompt).unwrap();
+                let mut ids: Vec<i64> = a.input_ids.iter().map(|&t| t as i64).collect();
+                ids.extend(extra.iter().map(|&t| t as i64));
+                let prompt_len = ids.len();
+                ids.extend(done.tokens.iter().map(|&t| t as i64));
+                let mut image_mask = a.image_mask.clone();
+                image_mask.resize(ids.len(), false);
+                let pixels: Vec<f32> = prompt
+                    .images
+                    .iter()
+                    .flat_map(|i| engine.package().preprocess(i).unwrap())
+                    .collect();
+                let logp = trainer_log_softmax(&ckpt, &ids, &image_mask, &pixels);
+                assert_eq!(c.logprobs.len(), done.tokens.len());
+                for (j, e) in c.logprobs.iter().enumerate() {
+                    let want = logp
+                        .get(0)
+                        .get((prompt_len - 1 + j) as i64)
+                        .double_value(&[e.token as i64]);
+                    assert!(
+                        (e.logprob as f64 - want).abs() <= 1e-4,
+                        "{case}: wave {w} #{i} token {j}: {} vs the trainer's {want}",
+                        e.logprob
+                    );
+                }
+                // Reused: the longest common prefix with an earlier sequence, short of the last
+                // prompt token.
+                let k = keys(&engine, prompt, extra);
+                let common = entries
+                    .iter()
+                    .map(|e| e.iter().zip(&k).take_while(|(x, y)| x == y).count())
+                    .max()
+                    .unwrap_or(0);
+                expect_hits += common.min(k.len() - 1) as u64;
+                let mut entry = k;
+                entry.extend(done.tokens[..done.tokens.len() - 1].iter().map(|&t| t as u64));
+                finished.push(entry);
+            }
+            entries.extend(finished);
+            let hits = metrics.prefix_cache_hit_tokens.load(Ordering::Relaxed) - hits_before;
+            assert_eq!(hits, expect_hits, "{case}: wave {w}: prompt tokens reused");
+            let calls = metrics.prefill_calls.load(Ordering::Relaxed) - calls_before;
+            match w {
+                0 => assert_eq!(hits, 0, "{case}: nothing cached at first"),
+                // The next turn reuses the caption and all but the last answer token.
+                2 => assert!(hits > (caption.len() / 8 + answer.len()) as u64, "{case}: {hits}"),
+                // The same prompt again computes only its last token: one call at any chunk size.
+                4 => assert_eq!(calls, 1, "{case}"),
+                _ => {}
+            }
+        }
+        let text = metrics.render();
+        assert!(!text.contains("kosmos_prefix_cache_bytes 0\n"), "{text}");
+    }
 }
 
 /// Submit every request (`tweak` sets its options), run the engine until idle, and return what

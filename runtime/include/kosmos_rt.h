@@ -172,6 +172,11 @@ typedef struct kosmos_engine_config {
    waits for it to grow.
    */
   bool kv_preallocate;
+  /*
+   MiB of finished requests' keys and values kept so that a prompt starting the same way
+   skips that part of its prefill; 0 = off.
+   */
+  uint32_t prefix_cache_mb;
 } kosmos_engine_config;
 
 /*
@@ -280,7 +285,8 @@ enum kosmos_status kosmos_shutdown(void);
 void kosmos_string_free(char *s);
 
 /*
- Default engine settings: the server's (8 rows, 512-token prefill chunks, 256 cached images).
+ Default engine settings: the server's (8 rows, 512-token prefill chunks, 256 cached images,
+ a 512 MiB prefix cache).
  */
 struct kosmos_engine_config kosmos_engine_default_config(void);
 

@@ -23,6 +23,8 @@
 //! Log-probabilities (`SeqRequest::logprobs`, `prompt_logprobs`) come from the logits before any
 //! sampling adjustment; a group with a prompt to score prefills with every position's logits.
 //! A sequence with `max_tokens` 0 only scores its prompt: it ends when its prefill does.
+//! Finished sequences' keys and values go to the [`PrefixCache`]; an admitted prompt copies its
+//! longest cached prefix into its row and the group's prefill starts after the cached parts.
 
 use std::collections::VecDeque;
 use std::ffi::{CStr, CString};
@@ -41,12 +43,14 @@ use ort::session::IoBinding;
 use ort::value::{DynTensor, DynValueRefMut, Shape, Tensor, TensorRefMut};
 
 use crate::error::{Result, RtError};
+use crate::generate::image_hash;
 use crate::generate::{
     FinishReason, GenerateParams, RowState, VisionCache, keep_last_logits, last_positions,
 };
 use crate::logprobs::{TokenLogprob, token_logprob};
 use crate::metrics::Metrics;
 use crate::package::Package;
+use crate::prefix_cache::{PositionKey, PrefixCache, image_key, token_key};
 
 /// One sequence to generate: an assembled prompt, its preprocessed images, and where its output
 /// goes.
@@ -127,6 +131,9 @@ pub struct EngineConfig {
     /// that no request waits for it to grow; memory: max_batch x context x 2 x layers x hidden
     /// x element size.
     pub kv_preallocate: bool,
+    /// Bytes of finished sequences' keys and values kept for prompts that start the same way
+    /// (see [`crate::prefix_cache`]); 0 turns prefix caching off.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -136,6 +143,7 @@ impl Default for EngineConfig {
             vision_cache: 256,
             prefill_chunk: 512,
             kv_preallocate: false,
+            prefix_cache_bytes: 512 << 20,
         }
     }
 }
@@ -153,6 +161,8 @@ struct Running {
     last_token_at: Option<Instant>,
     /// Log-probabilities of tokens whose text has not been sent yet.
     pending_logprobs: Vec<TokenLogprob>,
+    /// The prompt's position keys, for the prefix cache (empty when it is off).
+    keys: Vec<PositionKey>,
 }
 
 /// A group of admitted sequences being prefilled, chunk by chunk, in pool rows
@@ -174,6 +184,8 @@ struct Prefill {
     /// Per row asking for prompt log-probabilities: one entry per prompt token, filled chunk by
     /// chunk.
     prompt_logprobs: Vec<Option<Vec<Option<TokenLogprob>>>>,
+    /// Each row's position keys (empty when the prefix cache is off).
+    keys: Vec<Vec<PositionKey>>,
 }
 
 impl Prefill {
@@ -391,6 +403,46 @@ impl KvPool {
         }
     }
 
+    /// The keys and values of row `row`'s slots `slots`: per buffer, [heads, slots, head_dim].
+    fn copy_out(&self, row: usize, slots: Range<usize>) -> Vec<Vec<u8>> {
+        let slot = self.run_bytes(1);
+        self.bases
+            .iter()
+            .map(|&base| {
+                let mut out = Vec::with_capacity(self.heads * slots.len() * slot);
+                for h in 0..self.heads {
+                    let at = base + self.offset(row, h, self.capacity) + slots.start * slot;
+                    // SAFETY: the run lies within row `row` of a live buffer (slots.end ≤ capacity).
+                    out.extend_from_slice(unsafe {
+                        std::slice::from_raw_parts(at as *const u8, slots.len() * slot)
+                    });
+                }
+                out
+            })
+            .collect()
+    }
+
+    /// Write the first `n` slots of `from` (per buffer [heads, len, head_dim], as `copy_out`
+    /// returns) into row `row` from slot `at` on.
+    fn copy_in(&mut self, row: usize, at: usize, from: &[Vec<u8>], len: usize, n: usize) {
+        let slot = self.run_bytes(1);
+        debug_assert!(n <= len && at + n <= self.capacity);
+        for (&base, src) in self.bases.iter().zip(from) {
+            for h in 0..self.heads {
+                let run = &src[h * len * slot..(h * len + n) * slot];
+                // SAFETY: the destination run lies within row `row` of a live buffer (at + n ≤
+                // capacity) and the source is a distinct allocation.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        run.as_ptr(),
+                        (base + self.offset(row, h, self.capacity) + at * slot) as *mut u8,
+                        run.len(),
+                    );
+                }
+            }
+        }
+    }
+
     /// A tensor over rows `rows` of buffer `i`, sharing its memory.
     fn view(&self, i: usize, rows: &Range<usize>) -> Result<DynValueRefMut<'_>> {
         let info: MemoryInfo = self.tensors[i].memory_info().clone();
@@ -458,6 +510,7 @@ pub struct Engine {
     /// At most one group prefills at a time; none is admitted meanwhile.
     prefill: Option<Prefill>,
     pending: VecDeque<SeqRequest>,
+    prefix: PrefixCache,
     metrics: Arc<Metrics>,
 }
 
@@ -488,6 +541,7 @@ impl Engine {
                 "KV pool preallocated"
             );
         }
+        let prefix = PrefixCache::new(config.prefix_cache_bytes);
         Ok(Engine {
             vision: VisionCache::new(config.vision_cache),
             pkg,
@@ -496,6 +550,7 @@ impl Engine {
             running: Vec::new(),
             prefill: None,
             pending: VecDeque::new(),
+            prefix,
             metrics,
         })
     }
@@ -596,6 +651,8 @@ impl Engine {
         m.kv_slots_total
             .store((self.pool.rows * self.pool.capacity) as u64, Ordering::Relaxed);
         m.set_vision_cache_hits(self.vision.hits);
+        m.prefix_cache_bytes
+            .store(self.prefix.bytes() as u64, Ordering::Relaxed);
     }
 
     /// End waiting or running sequences that were cancelled or ran out of time.
@@ -784,19 +841,79 @@ impl Engine {
             .iter()
             .map(|r| r.prompt_logprobs.map(|_| vec![None; r.assembled.len()]))
             .collect();
+        let first = self.running.len();
+        let (keys, written) = self.reuse_prefixes(group, first, width);
         self.prefill = Some(Prefill {
             group: std::mem::take(group),
-            first: self.running.len(),
+            first,
             width,
-            written: 0,
+            written,
             ids,
             image_mask,
             real,
             embeds,
             n_tok,
             prompt_logprobs,
+            keys,
         });
         Ok(())
+    }
+
+    /// Copy the longest cached prefix of each prompt of `group` (rows `first..`, prompts ending
+    /// at slot `width`) into its row. Returns each row's position keys and the slot the group's
+    /// prefill starts at: where the longest uncached part begins (the other rows recompute a
+    /// little of their cached part, which changes nothing).
+    fn reuse_prefixes(
+        &mut self,
+        group: &[SeqRequest],
+        first: usize,
+        width: usize,
+    ) -> (Vec<Vec<PositionKey>>, usize) {
+        if !self.prefix.enabled() {
+            return (vec![Vec::new(); group.len()], 0);
+        }
+        let mut keys = Vec::with_capacity(group.len());
+        let mut uncached = 0;
+        let mut hits = 0;
+        for (r, req) in group.iter().enumerate() {
+            let a = &req.assembled;
+            let per = self.pkg.manifest.vision.tokens_per_image.max(1);
+            let images: Vec<PositionKey> = req.pixels.iter().map(|p| image_key(&image_hash(p))).collect();
+            let mut slot = 0;
+            let k: Vec<PositionKey> = a
+                .input_ids
+                .iter()
+                .zip(&a.image_mask)
+                .map(|(&id, &image)| {
+                    if image {
+                        slot += 1;
+                        images[(slot - 1) / per]
+                    } else {
+                        token_key(id)
+                    }
+                })
+                .collect();
+            // A scored prompt needs every position's logits; the last token's are needed anyway.
+            let reused = match (req.prompt_logprobs, self.prefix.longest_prefix(&k)) {
+                (None, Some((entry, n))) => {
+                    let n = n.min(a.len() - 1);
+                    self.pool
+                        .copy_in(first + r, width - a.len(), &entry.tensors, entry.len(), n);
+                    n
+                }
+                _ => 0,
+            };
+            hits += reused;
+            uncached = uncached.max(a.len() - reused);
+            keys.push(k);
+        }
+        if hits > 0 {
+            self.metrics
+                .prefix_cache_hit_tokens
+                .fetch_add(hits as u64, Ordering::Relaxed);
+            tracing::debug!(hits, skipped = width - uncached, "prefix cache");
+        }
+        (keys, width - uncached)
     }
 
     /// Write the next chunk of the prefilling group; after the last one its sequences take
@@ -879,7 +996,8 @@ impl Engine {
         }
         let pad = self.pkg.manifest.config.tokenizer.pad_token_id as i64;
         let scored = std::mem::take(&mut p.prompt_logprobs);
-        for (r, (mut req, scored)) in p.group.drain(..).zip(scored).enumerate() {
+        let keys = std::mem::take(&mut p.keys);
+        for (r, ((mut req, scored), keys)) in p.group.drain(..).zip(scored).zip(keys).enumerate() {
             if let Some(scored) = scored {
                 let tokens = req.assembled.input_ids.iter().copied().zip(scored).collect();
                 (req.sink)(SeqEvent::PromptLogprobs(tokens));
@@ -893,6 +1011,7 @@ impl Engine {
                 reserved: p.width + req.params.max_tokens,
                 last_token_at: None,
                 pending_logprobs: Vec::new(),
+                keys,
                 req,
             };
             if score_only {
@@ -996,6 +1115,7 @@ impl Engine {
             if self.running[i].state.finish.is_none() {
                 continue;
             }
+            self.keep_prefix(i);
             let last = self.running.len() - 1;
             if i != last {
                 let used = self.running[last].mask.len();
@@ -1043,6 +1163,21 @@ impl Engine {
             };
             (run.req.sink)(SeqEvent::Done(summary));
         }
+    }
+
+    /// Put running row `i`'s keys and values (prompt and the generated tokens fed back) in the
+    /// prefix cache.
+    fn keep_prefix(&mut self, i: usize) {
+        let run = &self.running[i];
+        if !self.prefix.enabled() || run.keys.is_empty() {
+            return;
+        }
+        let pad = run.mask.iter().take_while(|&&m| m == 0).count();
+        let fed = run.mask.len() - pad - run.keys.len();
+        let mut keys = run.keys.clone();
+        keys.extend(run.state.tokens[..fed].iter().map(|&t| token_key(t)));
+        let tensors = self.pool.copy_out(i, pad..run.mask.len());
+        self.prefix.insert(keys, tensors);
     }
 
     /// One decoder call over pool rows `rows`, the pool bound in place. Returns the last

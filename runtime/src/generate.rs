@@ -222,6 +222,16 @@ pub fn preprocess_image(img: &ImageInput, image_size: u32) -> Result<Vec<f32>> {
     Ok(clip_preprocess(&rgb, image_size))
 }
 
+/// The content hash of preprocessed pixels: what the vision cache and the prefix cache know an
+/// image by.
+pub fn image_hash(pixels: &[f32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for v in pixels {
+        h.update(v.to_le_bytes());
+    }
+    h.finalize().into()
+}
+
 /// Assemble a prompt's tokens, `tokens_per_image` slots per image.
 pub fn assemble_prompt(tok: &KosmosTokenizer, p: &Prompt, tokens_per_image: usize) -> Result<Assembled> {
     let n = p.segments.iter().filter(|s| matches!(s, Segment::Image)).count();
@@ -246,16 +256,7 @@ impl Package {
         cache: &mut VisionCache,
         pixels: &[Vec<f32>],
     ) -> Result<Vec<Arc<Vec<f32>>>> {
-        let keys: Vec<[u8; 32]> = pixels
-            .iter()
-            .map(|p| {
-                let mut h = Sha256::new();
-                for v in p {
-                    h.update(v.to_le_bytes());
-                }
-                h.finalize().into()
-            })
-            .collect();
+        let keys: Vec<[u8; 32]> = pixels.iter().map(|p| image_hash(p)).collect();
         let mut out: Vec<Option<Arc<Vec<f32>>>> = keys.iter().map(|k| cache.get(k)).collect();
         let missing: Vec<usize> = (0..pixels.len()).filter(|&i| out[i].is_none()).collect();
         if !missing.is_empty() {

@@ -22,6 +22,7 @@ pub mod logprobs;
 pub mod metrics;
 pub mod ort_env;
 pub mod package;
+pub mod prefix_cache;
 pub mod serve;
 
 pub use error::{Result, RtError};

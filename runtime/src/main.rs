@@ -174,6 +174,11 @@ enum Command {
         /// x 2 x layers x hidden x 4 bytes in fp32), so no request waits while it grows.
         #[arg(long)]
         kv_preallocate: bool,
+        /// MiB of finished requests' keys and values kept so that a prompt starting the same way
+        /// (the same image and instructions, a chat's earlier turns) skips that part of its
+        /// prefill. 0: off.
+        #[arg(long, default_value_t = kosmos_rt::batch::EngineConfig::default().prefix_cache_bytes >> 20)]
+        prefix_cache_mb: usize,
         /// Sequences waiting for a row before requests get HTTP 429.
         #[arg(long, default_value_t = 256)]
         max_queue: usize,
@@ -336,6 +341,7 @@ fn run(cli: Cli) -> Result<()> {
             max_batch,
             prefill_chunk,
             kv_preallocate,
+            prefix_cache_mb,
             max_queue,
             default_max_tokens,
             request_timeout,
@@ -355,6 +361,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_batch,
                 prefill_chunk,
                 kv_preallocate,
+                prefix_cache_bytes: prefix_cache_mb << 20,
                 max_queue,
                 default_max_tokens,
                 request_timeout: std::time::Duration::from_secs(request_timeout),

@@ -74,6 +74,9 @@ pub struct Metrics {
     generation_tokens: AtomicU64,
     vision_cache_hits: AtomicU64,
     pub prefill_calls: AtomicU64,
+    /// Prompt tokens whose keys and values were copied from the prefix cache.
+    pub prefix_cache_hit_tokens: AtomicU64,
+    pub prefix_cache_bytes: AtomicU64,
     ttft: Histogram,
     itl: Histogram,
     pub queue_depth: AtomicU64,
@@ -91,6 +94,8 @@ impl Default for Metrics {
             generation_tokens: AtomicU64::new(0),
             vision_cache_hits: AtomicU64::new(0),
             prefill_calls: AtomicU64::new(0),
+            prefix_cache_hit_tokens: AtomicU64::new(0),
+            prefix_cache_bytes: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BUCKETS),
             itl: Histogram::new(ITL_BUCKETS),
             queue_depth: AtomicU64::new(0),
@@ -185,6 +190,20 @@ impl Metrics {
             "Prefill decoder calls (a group of prompts longer than --prefill-chunk takes several).",
             &self.prefill_calls,
             "counter",
+        );
+        counter(
+            &mut out,
+            "kosmos_prefix_cache_hit_tokens_total",
+            "Prompt tokens whose keys and values came from the prefix cache instead of a prefill.",
+            &self.prefix_cache_hit_tokens,
+            "counter",
+        );
+        counter(
+            &mut out,
+            "kosmos_prefix_cache_bytes",
+            "Bytes of keys and values the prefix cache holds.",
+            &self.prefix_cache_bytes,
+            "gauge",
         );
         counter(
             &mut out,

@@ -182,6 +182,12 @@ def main():
     for gauge in ("kosmos_active_sequences", "kosmos_queue_depth", "kosmos_kv_slots_used"):
         if metric_sum(m, gauge) != 0:
             failures.append(f"{gauge} is {metric_sum(m, gauge)} after the run")
+    # The prompts repeat, so the prefix cache served part of them (and the answers above are
+    # still kosmos-rt run's).
+    reused = metric_sum(m, "kosmos_prefix_cache_hit_tokens_total")
+    print(f"prefix cache: {reused:.0f} prompt tokens reused, {metric_sum(m, 'kosmos_prefix_cache_bytes') / 2**20:.1f} MiB held")
+    if reused <= 0:
+        failures.append("no prompt token came from the prefix cache")
     ttft = metric_sum(m, "kosmos_time_to_first_token_seconds_count")
     if ttft < finished - cancelled:
         failures.append(f"{ttft} first tokens timed for {finished - cancelled} finished sequences")

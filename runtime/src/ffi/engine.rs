@@ -35,6 +35,9 @@ pub struct kosmos_engine_config {
     /// Allocate the KV pool for max_batch x the whole context at open, so that no request ever
     /// waits for it to grow.
     pub kv_preallocate: bool,
+    /// MiB of finished requests' keys and values kept so that a prompt starting the same way
+    /// skips that part of its prefill; 0 = off.
+    pub prefix_cache_mb: u32,
 }
 
 /// What a `kosmos_event` reports.
@@ -120,7 +123,8 @@ fn c_string(s: &str) -> CString {
     CString::new(s.replace('\0', " ")).unwrap_or_default()
 }
 
-/// Default engine settings: the server's (8 rows, 512-token prefill chunks, 256 cached images).
+/// Default engine settings: the server's (8 rows, 512-token prefill chunks, 256 cached images,
+/// a 512 MiB prefix cache).
 #[unsafe(no_mangle)]
 pub extern "C" fn kosmos_engine_default_config() -> kosmos_engine_config {
     let d = EngineConfig::default();
@@ -129,6 +133,7 @@ pub extern "C" fn kosmos_engine_default_config() -> kosmos_engine_config {
         prefill_chunk: d.prefill_chunk as u32,
         vision_cache: d.vision_cache as u32,
         kv_preallocate: d.kv_preallocate,
+        prefix_cache_mb: (d.prefix_cache_bytes >> 20) as u32,
     }
 }
 
@@ -175,6 +180,7 @@ pub unsafe extern "C" fn kosmos_engine_open(
             vision_cache: c.vision_cache as usize,
             prefill_chunk: c.prefill_chunk as usize,
             kv_preallocate: c.kv_preallocate,
+            prefix_cache_bytes: (c.prefix_cache_mb as usize) << 20,
         };
         let engine = match Engine::new(pkg, config, Arc::new(Metrics::default())) {
             Ok(e) => e,

@@ -63,6 +63,8 @@ pub struct ServeConfig {
     pub prefill_chunk: usize,
     /// See [`EngineConfig::kv_preallocate`].
     pub kv_preallocate: bool,
+    /// See [`EngineConfig::prefix_cache_bytes`].
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for ServeConfig {
@@ -85,6 +87,7 @@ impl Default for ServeConfig {
             vision_cache: 256,
             prefill_chunk: EngineConfig::default().prefill_chunk,
             kv_preallocate: EngineConfig::default().kv_preallocate,
+            prefix_cache_bytes: EngineConfig::default().prefix_cache_bytes,
         }
     }
 }
@@ -140,6 +143,7 @@ pub async fn serve(pkg: Package, cfg: ServeConfig, on_ready: impl FnOnce(SocketA
             vision_cache: cfg.vision_cache,
             prefill_chunk: cfg.prefill_chunk,
             kv_preallocate: cfg.kv_preallocate,
+            prefix_cache_bytes: cfg.prefix_cache_bytes,
         },
         metrics.clone(),
     )?;
