@@ -199,16 +199,27 @@ impl KosmosTokenizer {
             .get_model()
             .iter()
             .filter(|(p, _)| !special_names.contains(&p.as_str()))
-            .cloned()
+            .map(|(p, score)| (p.clone(), settled(*score)))
             .collect();
         if scores.is_empty() {
             return Err(ModelsError::TokenizerTraining("the corpus is empty".into()));
+        }
+        // The trainer gives the corpus characters it has no score for its lowest score plus 1e-4
+        // per character, counted in hash order (another order in every process): one score for
+        // all of them, and the sort below orders them by name.
+        let lowest = scores.values().copied().fold(f64::INFINITY, f64::min);
+        let singles = scores.keys().filter(|p| p.chars().count() == 1).count();
+        let band = lowest + 1e-4 * singles as f64;
+        for (piece, score) in scores.iter_mut() {
+            if piece.chars().count() == 1 && *score < band {
+                *score = lowest;
+            }
         }
         let words = count_words(corpus());
         let total: u64 = words.values().sum();
         for (word, count) in words {
             if count >= 2 && word.chars().count() > 1 {
-                let score = (count as f64 / total as f64).ln();
+                let score = settled((count as f64 / total as f64).ln());
                 let entry = scores.entry(word).or_insert(score);
                 *entry = entry.max(score);
             }
@@ -318,6 +329,13 @@ impl KosmosTokenizer {
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
     }
+}
+
+/// `score` rounded to 1e-9. The trainer sums in hash-map order, which changes from process to
+/// process, so equal scores come out a few ulps apart; unrounded, they sorted differently and
+/// the same corpus gave pieces other ids in another run (and a seeded training run other losses).
+fn settled(score: f64) -> f64 {
+    (score * 1e9).round() / 1e9
 }
 
 fn byte_of_piece(piece: &str) -> Option<u8> {

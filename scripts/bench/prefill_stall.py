@@ -26,6 +26,7 @@ import base64
 import json
 import statistics
 import time
+import uuid
 
 import httpx2 as httpx  # the HTTP client the openai package ships with
 from serve_streams import stream_chat
@@ -43,8 +44,9 @@ async def one_run(args, image_url):
             {"type": "text", "text": "Question: what colour is the circle? Answer:"},
         ]}],
     }
-    # Distinct words so the prompt is many tokens and nothing is cached.
-    words = " ".join(f"word{i} shape colour" for i in range(args.long_words // 3 + 1))
+    # Distinct words so the prompt is many tokens, and a fresh nonce first so that nothing of it
+    # is in the prefix cache from an earlier run.
+    words = f"[{uuid.uuid4().hex[:8]}] " + " ".join(f"word{i} shape colour" for i in range(args.long_words // 3 + 1))
     long = {
         "model": args.model,
         "max_tokens": args.long_tokens,
