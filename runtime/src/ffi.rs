@@ -337,23 +337,9 @@ pub unsafe extern "C" fn kosmos_generate(
             );
         }
         // SAFETY: per this function's contract.
-        let text = match unsafe { c_str(prompt, "prompt") } {
-            Ok(t) => t,
+        let (prompt, params) = match unsafe { read_request(prompt, images, n_images, params) } {
+            Ok(r) => r,
             Err(s) => return s,
-        };
-        // SAFETY: per this function's contract.
-        let inputs = match unsafe { read_images(images, n_images) } {
-            Ok(i) => i,
-            Err(s) => return s,
-        };
-        // SAFETY: per this function's contract.
-        let params = match unsafe { read_params(params) } {
-            Ok(p) => p,
-            Err(s) => return s,
-        };
-        let prompt = match Prompt::parse(text, inputs) {
-            Ok(p) => p,
-            Err(e) => return fail(status_of(&e), e.to_string()),
         };
         // SAFETY: live handle (checked above); the lock serialises calls on this model.
         let model = unsafe { &*model };
@@ -380,6 +366,26 @@ pub unsafe extern "C" fn kosmos_generate(
             Err(e) => fail(status_of(&e), e.to_string()),
         }
     })
+}
+
+/// A call's prompt (text with `<image>` markers, images) and generation settings, checked.
+///
+/// # Safety
+/// As `kosmos_generate`'s contract says of these arguments.
+unsafe fn read_request(
+    prompt: *const c_char,
+    images: *const kosmos_image,
+    n_images: usize,
+    params: *const kosmos_params,
+) -> Result<(Prompt, GenerateParams), kosmos_status> {
+    // SAFETY: per this function's contract.
+    let text = unsafe { c_str(prompt, "prompt") }?;
+    // SAFETY: per this function's contract.
+    let inputs = unsafe { read_images(images, n_images) }?;
+    // SAFETY: per this function's contract.
+    let params = unsafe { read_params(params) }?;
+    let prompt = Prompt::parse(text, inputs).map_err(|e| fail(status_of(&e), e.to_string()))?;
+    Ok((prompt, params))
 }
 
 /// The images of a call.

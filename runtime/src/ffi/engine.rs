@@ -11,10 +11,10 @@ use std::thread::{JoinHandle, ThreadId};
 use std::time::Instant;
 
 use kosmos_models::KosmosTokenizer;
+use kosmos_models::sequence::Assembled;
 
 use super::{
-    Handles, c_str, fail, guard, kosmos_image, kosmos_params, kosmos_status, open_package, read_images,
-    read_params, status_of,
+    Handles, fail, guard, kosmos_image, kosmos_params, kosmos_status, open_package, read_request, status_of,
 };
 use crate::batch::{Engine, EngineConfig, SeqEvent, SeqFailure, SeqRequest};
 use crate::error::RtError;
@@ -102,6 +102,26 @@ pub struct kosmos_engine {
 }
 
 static ENGINES: Handles = Handles::new();
+
+impl kosmos_engine {
+    /// `p`'s tokens and preprocessed images, if it fits the context with `max_tokens` more.
+    fn prepare(&self, p: &Prompt, max_tokens: usize) -> Result<(Assembled, Vec<Vec<f32>>), RtError> {
+        let pixels = p
+            .images
+            .iter()
+            .map(|img| preprocess_image(img, self.image_size))
+            .collect::<Result<Vec<_>, _>>()?;
+        let assembled = assemble_prompt(&self.tokenizer, p, self.tokens_per_image)?;
+        if assembled.len() + max_tokens > self.context {
+            return Err(RtError::ContextOverflow {
+                prompt: assembled.len(),
+                max_new: max_tokens,
+                context: self.context,
+            });
+        }
+        Ok((assembled, pixels))
+    }
+}
 
 /// The callback and its user data, moved to the engine's thread.
 struct Callback {
@@ -255,18 +275,8 @@ pub unsafe extern "C" fn kosmos_engine_submit(
             );
         };
         // SAFETY: per this function's contract.
-        let text = match unsafe { c_str(prompt, "prompt") } {
-            Ok(t) => t,
-            Err(s) => return s,
-        };
-        // SAFETY: per this function's contract.
-        let inputs = match unsafe { read_images(images, n_images) } {
-            Ok(i) => i,
-            Err(s) => return s,
-        };
-        // SAFETY: per this function's contract.
-        let params = match unsafe { read_params(params) } {
-            Ok(p) => p,
+        let (prompt, params) = match unsafe { read_request(prompt, images, n_images, params) } {
+            Ok(r) => r,
             Err(s) => return s,
         };
         if params.beams > 1 {
@@ -275,22 +285,7 @@ pub unsafe extern "C" fn kosmos_engine_submit(
                 "params: the engine decodes one sequence per request (beams = 1); beam search runs through kosmos_generate",
             );
         }
-        let prepared = Prompt::parse(text, inputs).and_then(|p| {
-            let pixels = p
-                .images
-                .iter()
-                .map(|img| preprocess_image(img, engine.image_size))
-                .collect::<Result<Vec<_>, _>>()?;
-            let assembled = assemble_prompt(&engine.tokenizer, &p, engine.tokens_per_image)?;
-            if assembled.len() + params.max_tokens > engine.context {
-                return Err(RtError::ContextOverflow {
-                    prompt: assembled.len(),
-                    max_new: params.max_tokens,
-                    context: engine.context,
-                });
-            }
-            Ok((assembled, pixels))
-        });
+        let prepared = engine.prepare(&prompt, params.max_tokens);
         let (assembled, pixels) = match prepared {
             Ok(p) => p,
             Err(e) => return fail(status_of(&e), e.to_string()),
