@@ -807,10 +807,13 @@ impl Engine {
 
         // Images: one vision batch (cached embeddings reused), laid out per row in prompt order.
         let pixels: Vec<Vec<f32>> = group.iter().flat_map(|r| r.pixels.iter().cloned()).collect();
+        // Hashed once: the vision cache and the prefix cache both know an image by it.
+        let hashes: Vec<[u8; 32]> = pixels.iter().map(|p| image_hash(p)).collect();
         let encoded = if pixels.is_empty() {
             Vec::new()
         } else {
-            self.pkg.encode_images(&mut self.vision, &pixels)?
+            self.pkg
+                .encode_hashed_images(&mut self.vision, &pixels, &hashes)?
         };
         let most_images = group.iter().map(|r| r.pixels.len()).max().unwrap_or(0);
         let n_tok = (most_images * per).max(1);
@@ -842,7 +845,7 @@ impl Engine {
             .map(|r| r.prompt_logprobs.map(|_| vec![None; r.assembled.len()]))
             .collect();
         let first = self.running.len();
-        let (keys, written) = self.reuse_prefixes(group, first, width);
+        let (keys, written) = self.reuse_prefixes(group, &hashes, first, width);
         self.prefill = Some(Prefill {
             group: std::mem::take(group),
             first,
@@ -860,12 +863,13 @@ impl Engine {
     }
 
     /// Copy the longest cached prefix of each prompt of `group` (rows `first..`, prompts ending
-    /// at slot `width`) into its row. Returns each row's position keys and the slot the group's
+    /// at slot `width`, images hashed in `hashes` in order) into its row. Returns each row's position keys and the slot the group's
     /// prefill starts at: where the longest uncached part begins (the other rows recompute a
     /// little of their cached part, which changes nothing).
     fn reuse_prefixes(
         &mut self,
         group: &[SeqRequest],
+        hashes: &[[u8; 32]],
         first: usize,
         width: usize,
     ) -> (Vec<Vec<PositionKey>>, usize) {
@@ -875,10 +879,11 @@ impl Engine {
         let mut keys = Vec::with_capacity(group.len());
         let mut uncached = 0;
         let mut hits = 0;
+        let per = self.pkg.manifest.vision.tokens_per_image.max(1);
+        let mut hashes = hashes.iter();
         for (r, req) in group.iter().enumerate() {
             let a = &req.assembled;
-            let per = self.pkg.manifest.vision.tokens_per_image.max(1);
-            let images: Vec<PositionKey> = req.pixels.iter().map(|p| image_key(&image_hash(p))).collect();
+            let images: Vec<PositionKey> = hashes.by_ref().take(req.pixels.len()).map(image_key).collect();
             let mut slot = 0;
             let k: Vec<PositionKey> = a
                 .input_ids
@@ -1168,15 +1173,17 @@ impl Engine {
     /// Put running row `i`'s keys and values (prompt and the generated tokens fed back) in the
     /// prefix cache.
     fn keep_prefix(&mut self, i: usize) {
-        let run = &self.running[i];
-        if !self.prefix.enabled() || run.keys.is_empty() {
+        if !self.prefix.enabled() || self.running[i].keys.is_empty() {
             return;
         }
+        let run = &mut self.running[i];
         let pad = run.mask.iter().take_while(|&&m| m == 0).count();
         let fed = run.mask.len() - pad - run.keys.len();
-        let mut keys = run.keys.clone();
+        let used = run.mask.len();
+        // The row is retiring: its keys are not needed any more.
+        let mut keys = std::mem::take(&mut run.keys);
         keys.extend(run.state.tokens[..fed].iter().map(|&t| token_key(t)));
-        let tensors = self.pool.copy_out(i, pad..run.mask.len());
+        let tensors = self.pool.copy_out(i, pad..used);
         self.prefix.insert(keys, tensors);
     }
 

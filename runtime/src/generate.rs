@@ -257,6 +257,16 @@ impl Package {
         pixels: &[Vec<f32>],
     ) -> Result<Vec<Arc<Vec<f32>>>> {
         let keys: Vec<[u8; 32]> = pixels.iter().map(|p| image_hash(p)).collect();
+        self.encode_hashed_images(cache, pixels, &keys)
+    }
+
+    /// [`Package::encode_images`] with each image's [`image_hash`] already known.
+    pub(crate) fn encode_hashed_images(
+        &mut self,
+        cache: &mut VisionCache,
+        pixels: &[Vec<f32>],
+        keys: &[[u8; 32]],
+    ) -> Result<Vec<Arc<Vec<f32>>>> {
         let mut out: Vec<Option<Arc<Vec<f32>>>> = keys.iter().map(|k| cache.get(k)).collect();
         let missing: Vec<usize> = (0..pixels.len()).filter(|&i| out[i].is_none()).collect();
         if !missing.is_empty() {
