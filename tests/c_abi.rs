@@ -258,3 +258,345 @@ fn c_abi_is_thread_safe() {
     // SAFETY: the handle is live; freed once.
     assert_eq!(unsafe { kosmos_model_free(model) }, kosmos_status::KOSMOS_OK);
 }
+
+/// What the callback of `c_abi_engine_takes_every_generation_setting` received.
+#[derive(Default)]
+struct Received {
+    text: String,
+    logprobs: Vec<kosmos_rt::logprobs::TokenLogprob>,
+    done: Option<(kosmos_rt::ffi::kosmos_finish_reason, Vec<u32>, String)>,
+    failed: Option<String>,
+}
+
+type Shared = (std::sync::Mutex<Received>, std::sync::Condvar);
+
+extern "C" fn collect(ev: *const kosmos_rt::ffi::kosmos_event, user_data: *mut std::ffi::c_void) -> bool {
+    use kosmos_rt::ffi::kosmos_event_kind::*;
+    // SAFETY: the engine passes a valid event; user_data is the test's `Shared`, alive until
+    // the final event is seen.
+    let (ev, shared) = unsafe { (&*ev, &*(user_data as *const Shared)) };
+    let text = unsafe { std::ffi::CStr::from_ptr(ev.text) }
+        .to_string_lossy()
+        .into_owned();
+    let slice = |p: *const u32, n: usize| {
+        if n == 0 {
+            Vec::new()
+        } else {
+            // SAFETY: the event holds `n` elements at `p` during the callback.
+            unsafe { std::slice::from_raw_parts(p, n) }.to_vec()
+        }
+    };
+    let mut r = shared.0.lock().unwrap();
+    match ev.kind {
+        KOSMOS_EVENT_TEXT => {
+            r.text.push_str(&text);
+            for i in 0..ev.n_logprobs {
+                // SAFETY: `n_logprobs` entries, each with `n_top` alternatives.
+                let e = unsafe { *ev.logprobs.add(i) };
+                let top = (0..e.n_top)
+                    .map(|j| {
+                        let t = unsafe { *e.top.add(j) };
+                        (t.token, t.logprob)
+                    })
+                    .collect();
+                r.logprobs.push(kosmos_rt::logprobs::TokenLogprob {
+                    token: e.token,
+                    logprob: e.logprob,
+                    top,
+                });
+            }
+        }
+        KOSMOS_EVENT_DONE => {
+            assert_eq!(
+                ev.generated_tokens as usize,
+                slice(ev.tokens, ev.generated_tokens as usize).len()
+            );
+            r.done = Some((
+                ev.finish_reason,
+                slice(ev.tokens, ev.generated_tokens as usize),
+                text,
+            ));
+        }
+        KOSMOS_EVENT_FAILED => r.failed = Some(text),
+    }
+    shared.1.notify_all();
+    true
+}
+
+/// Every generation setting of `kosmos_params` reaches the engine: sampling with penalties and a
+/// seed, stop strings and `ignore_eos` give `Package::generate`'s text and tokens, and the
+/// log-probabilities in the TEXT events are the Rust engine's, one entry per generated token.
+/// Out-of-range settings are refused with a message naming them.
+#[test]
+fn c_abi_engine_takes_every_generation_setting() {
+    use kosmos_rt::batch::{Engine, EngineConfig, SeqEvent, SeqRequest};
+    use kosmos_rt::ffi::*;
+    use std::ffi::{CStr, CString};
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_ckpt, pkg_dir) = kosmos_e2e::tiny_buffer_package(dir.path(), 5);
+    let mut pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    let alone = |pkg: &mut Package, prompt: &str, params: &GenerateParams| {
+        pkg.generate(
+            &mut VisionCache::new(0),
+            &[Prompt::parse(prompt, vec![]).unwrap()],
+            params,
+            &mut |_, _| true,
+        )
+        .unwrap()
+        .remove(0)
+    };
+    let prompt = "a red circle on the left and";
+    let sampled = GenerateParams {
+        max_tokens: 12,
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        repetition_penalty: 1.2,
+        presence_penalty: 0.6,
+        frequency_penalty: 0.4,
+        seed: 9,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    // A stop string from the middle of the greedy answer: the answer must end before it.
+    let greedy = GenerateParams {
+        max_tokens: 12,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let full = alone(&mut pkg, prompt, &greedy).text;
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() >= 6, "{full:?}");
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let stopped = GenerateParams {
+        stop: vec!["never generated \u{1F600}".into(), stop.clone()],
+        ..greedy.clone()
+    };
+    let cases = [sampled, stopped];
+    let want: Vec<_> = cases.iter().map(|p| alone(&mut pkg, prompt, p)).collect();
+    assert!(
+        want[1].text.len() < full.len() && !want[1].text.contains(&stop),
+        "{want:?}"
+    );
+
+    // The Rust engine's log-probabilities of the sampled case, 3 alternatives each.
+    let mut engine = Engine::new(pkg, EngineConfig::default(), Arc::default()).unwrap();
+    let rust_logprobs = Arc::new(Mutex::new(Vec::new()));
+    let sink = rust_logprobs.clone();
+    let p = Prompt::parse(prompt, vec![]).unwrap();
+    engine.submit(SeqRequest {
+        assembled: engine.package().assemble(&p).unwrap(),
+        pixels: vec![],
+        params: cases[0].clone(),
+        logprobs: Some(3),
+        prompt_logprobs: None,
+        arrived: std::time::Instant::now(),
+        deadline: None,
+        cancel: Arc::default(),
+        sink: Box::new(move |ev| {
+            if let SeqEvent::Text { logprobs, .. } = ev {
+                sink.lock().unwrap().extend(logprobs);
+            }
+            true
+        }),
+    });
+    while !engine.is_idle() {
+        engine.step();
+    }
+    drop(engine);
+    let rust_logprobs = rust_logprobs.lock().unwrap().clone();
+
+    let dir_c = CString::new(pkg_dir.to_str().unwrap()).unwrap();
+    let mut e: *mut kosmos_engine = std::ptr::null_mut();
+    // SAFETY: valid strings and out pointer.
+    let st = unsafe { kosmos_engine_open(dir_c.as_ptr(), std::ptr::null(), std::ptr::null(), &mut e) };
+    assert_eq!(st, kosmos_status::KOSMOS_OK);
+    let prompt_c = CString::new(prompt).unwrap();
+    let stop_c: Vec<CString> = cases[1]
+        .stop
+        .iter()
+        .map(|s| CString::new(s.as_str()).unwrap())
+        .collect();
+    let stop_ptrs: Vec<*const std::ffi::c_char> = stop_c.iter().map(|s| s.as_ptr()).collect();
+    let c_params = |g: &GenerateParams, logprobs: i32| kosmos_params {
+        max_tokens: g.max_tokens as u32,
+        temperature: g.temperature,
+        top_k: g.top_k as u32,
+        top_p: g.top_p,
+        repetition_penalty: g.repetition_penalty,
+        presence_penalty: g.presence_penalty,
+        frequency_penalty: g.frequency_penalty,
+        seed: g.seed,
+        beams: 1,
+        stop: if g.stop.is_empty() {
+            std::ptr::null()
+        } else {
+            stop_ptrs.as_ptr()
+        },
+        n_stop: g.stop.len(),
+        ignore_eos: g.ignore_eos,
+        logprobs,
+    };
+    let submit = |params: &kosmos_params, shared: &Shared| {
+        // SAFETY: live engine, valid strings; `shared` outlives the request (waited for below).
+        unsafe {
+            kosmos_engine_submit(
+                e,
+                prompt_c.as_ptr(),
+                std::ptr::null(),
+                0,
+                params,
+                Some(collect),
+                shared as *const Shared as *mut std::ffi::c_void,
+                std::ptr::null_mut(),
+            )
+        }
+    };
+    let last_error = || {
+        unsafe { CStr::from_ptr(kosmos_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    for (case, (g, want)) in cases.iter().zip(&want).enumerate() {
+        let shared: Shared = Default::default();
+        let logprobs = if case == 0 { 3 } else { -1 };
+        assert_eq!(
+            submit(&c_params(g, logprobs), &shared),
+            kosmos_status::KOSMOS_OK,
+            "{}",
+            last_error()
+        );
+        let r = shared
+            .1
+            .wait_while(shared.0.lock().unwrap(), |r| {
+                r.done.is_none() && r.failed.is_none()
+            })
+            .unwrap();
+        assert_eq!(r.failed, None, "case {case}");
+        let (finish, tokens, text) = r.done.clone().unwrap();
+        assert_eq!(text, want.text, "case {case}: C engine vs Package::generate");
+        assert_eq!(r.text, want.text, "case {case}: streamed");
+        assert_eq!(tokens, want.tokens, "case {case}: DONE's token ids");
+        let want_finish = if case == 0 {
+            kosmos_finish_reason::KOSMOS_FINISH_LENGTH
+        } else {
+            kosmos_finish_reason::KOSMOS_FINISH_STOP
+        };
+        assert_eq!(finish, want_finish, "case {case}");
+        if case == 0 {
+            assert_eq!(tokens.len(), 12, "ignore_eos: all max_tokens");
+            assert_eq!(r.logprobs.len(), tokens.len(), "one entry per generated token");
+            for (i, (c, rust)) in r.logprobs.iter().zip(&rust_logprobs).enumerate() {
+                assert_eq!(c.token, tokens[i], "step {i}");
+                assert_eq!(c.token, rust.token, "step {i}");
+                assert_eq!(c.logprob.to_bits(), rust.logprob.to_bits(), "step {i}");
+                assert_eq!(c.top, rust.top, "step {i}: the 3 most likely");
+            }
+        } else {
+            assert!(r.logprobs.is_empty(), "logprobs -1: none reported");
+        }
+    }
+
+    // Refused settings: a status, a message naming the setting, and no events.
+    let base = c_params(&greedy, -1);
+    let empty = CString::new("").unwrap();
+    let empty_stop = [empty.as_ptr()];
+    let seventeen = [stop_ptrs[1]; 17];
+    let bad: Vec<(kosmos_params, &str)> = vec![
+        (kosmos_params { n_stop: 2, ..base }, "stop is NULL"),
+        (
+            kosmos_params {
+                stop: empty_stop.as_ptr(),
+                n_stop: 1,
+                ..base
+            },
+            "stop",
+        ),
+        (
+            kosmos_params {
+                n_stop: 17,
+                stop: seventeen.as_ptr(),
+                ..base
+            },
+            "up to 16",
+        ),
+        (kosmos_params { logprobs: 21, ..base }, "logprobs"),
+        (kosmos_params { logprobs: -2, ..base }, "logprobs"),
+        (
+            kosmos_params {
+                presence_penalty: 2.5,
+                ..base
+            },
+            "presence_penalty",
+        ),
+        (
+            kosmos_params {
+                frequency_penalty: f32::NAN,
+                ..base
+            },
+            "frequency_penalty",
+        ),
+        (
+            kosmos_params {
+                repetition_penalty: 0.0,
+                ..base
+            },
+            "repetition_penalty",
+        ),
+        (
+            kosmos_params {
+                temperature: f32::INFINITY,
+                ..base
+            },
+            "temperature",
+        ),
+        (kosmos_params { top_p: 0.0, ..base }, "top_p"),
+    ];
+    for (params, names) in &bad {
+        let shared: Shared = Default::default();
+        assert_eq!(
+            submit(params, &shared),
+            kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+            "{names}"
+        );
+        let err = last_error();
+        assert!(err.contains(names), "{names}: {err}");
+        let r = shared.0.lock().unwrap();
+        assert!(r.done.is_none() && r.failed.is_none() && r.text.is_empty());
+    }
+    // SAFETY: the handle is live; freed once.
+    assert_eq!(unsafe { kosmos_engine_free(e) }, kosmos_status::KOSMOS_OK);
+
+    // kosmos_generate has no log-probabilities to report: asking is refused, not ignored.
+    let mut model: *mut kosmos_model = std::ptr::null_mut();
+    // SAFETY: valid strings and out pointer.
+    let st = unsafe { kosmos_model_open(dir_c.as_ptr(), std::ptr::null(), &mut model) };
+    assert_eq!(st, kosmos_status::KOSMOS_OK);
+    let mut out: *mut std::ffi::c_char = std::ptr::null_mut();
+    let generate = |params: &kosmos_params, out: &mut *mut std::ffi::c_char| unsafe {
+        kosmos_generate(
+            model,
+            prompt_c.as_ptr(),
+            std::ptr::null(),
+            0,
+            params,
+            None,
+            std::ptr::null_mut(),
+            out,
+        )
+    };
+    let st = generate(&kosmos_params { logprobs: 0, ..base }, &mut out);
+    assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("logprobs"), "{}", last_error());
+    // Stop strings and penalties work there too.
+    let st = generate(&c_params(&cases[1], -1), &mut out);
+    assert_eq!(st, kosmos_status::KOSMOS_OK, "{}", last_error());
+    // SAFETY: `out` came from kosmos_generate.
+    let text = unsafe { CStr::from_ptr(out) }.to_string_lossy().into_owned();
+    unsafe { kosmos_string_free(out) };
+    assert_eq!(text, want[1].text);
+    // SAFETY: the handle is live; freed once.
+    assert_eq!(unsafe { kosmos_model_free(model) }, kosmos_status::KOSMOS_OK);
+}

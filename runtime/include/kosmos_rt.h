@@ -128,11 +128,34 @@ typedef struct kosmos_params {
    1 = off.
    */
   float repetition_penalty;
+  /*
+   OpenAI's, in [-2, 2]; 0 = off.
+   */
+  float presence_penalty;
+  /*
+   OpenAI's, in [-2, 2]; 0 = off.
+   */
+  float frequency_penalty;
   uint64_t seed;
   /*
    Beam search width; 1 = off.
    */
   uint32_t beams;
+  /*
+   `n_stop` NUL-terminated UTF-8 strings (at most 16, none empty): generation ends before
+   the first of them, which is not part of the text. NULL when `n_stop` is 0.
+   */
+  const char *const *stop;
+  size_t n_stop;
+  /*
+   Keep generating after `</s>` until `max_tokens` (benchmarks).
+   */
+  bool ignore_eos;
+  /*
+   `kosmos_engine_submit` only: report each generated token's log-probability with this many
+   most likely alternatives (0 to 20) in the TEXT events; -1 = off.
+   */
+  int32_t logprobs;
 } kosmos_params;
 
 /*
@@ -180,6 +203,31 @@ typedef struct kosmos_engine_config {
 } kosmos_engine_config;
 
 /*
+ One alternative of a `kosmos_token_logprob`.
+ */
+typedef struct kosmos_top_logprob {
+  uint32_t token;
+  float logprob;
+} kosmos_top_logprob;
+
+/*
+ A generated token's log-probability and its most likely alternatives.
+ */
+typedef struct kosmos_token_logprob {
+  uint32_t token;
+  /*
+   Natural log of its probability under the model: the log-softmax before temperature,
+   top-k / top-p and penalties shape sampling (what OpenAI and vLLM report).
+   */
+  float logprob;
+  /*
+   `params.logprobs` entries, most likely first (ties by id).
+   */
+  const struct kosmos_top_logprob *top;
+  size_t n_top;
+} kosmos_token_logprob;
+
+/*
  One event of a request, valid only during the callback that receives it.
  */
 typedef struct kosmos_event {
@@ -201,6 +249,17 @@ typedef struct kosmos_event {
    */
   uint32_t prompt_tokens;
   uint32_t generated_tokens;
+  /*
+   DONE: the generated token ids (`generated_tokens` of them; NULL when none).
+   */
+  const uint32_t *tokens;
+  /*
+   TEXT, when the request set `params.logprobs`: the tokens generated since the last TEXT
+   event, in order (NULL when none). A token cut by a stop string still has its entry, in a
+   last TEXT event whose text may be empty.
+   */
+  const struct kosmos_token_logprob *logprobs;
+  size_t n_logprobs;
 } kosmos_event;
 
 /*
@@ -258,7 +317,7 @@ enum kosmos_status kosmos_model_free(struct kosmos_model *model);
  # Safety
  `model` is a handle from `kosmos_model_open` (or NULL); `prompt` a NUL-terminated string;
  `images` points to `n_images` valid `kosmos_image`s (or is NULL with `n_images` 0); `params`
- is NULL (defaults) or valid; `out_text` is writable.
+ is NULL (defaults) or valid, with `n_stop` strings at `stop`; `out_text` is writable.
  */
 enum kosmos_status kosmos_generate(struct kosmos_model *model,
                                    const char *prompt,
@@ -306,14 +365,16 @@ enum kosmos_status kosmos_engine_open(const char *package_dir,
 
 /*
  Queue a request: `prompt` and `images` as for `kosmos_generate` (images are decoded and
- preprocessed here, on the calling thread), `params` as there but with one beam. Its events
+ preprocessed here, on the calling thread), `params` as there but with one beam and optional
+ log-probabilities (`params.logprobs`, reported in the TEXT events). Its events
  go to `callback` with `user_data`, on the engine's thread, possibly before this returns; the
  last is always one DONE or FAILED. On success `*out_request` (if not NULL) holds its id.
 
  # Safety
  `engine` is a handle from `kosmos_engine_open` (or NULL); `prompt` a NUL-terminated string;
  `images` points to `n_images` valid `kosmos_image`s (or is NULL with `n_images` 0); `params`
- is NULL (defaults) or valid; `user_data` may be used from another thread until the final
+ is NULL (defaults) or valid, with `n_stop` strings at `stop`; `user_data` may be used from
+ another thread until the final
  event; `out_request` is NULL or writable.
  */
 enum kosmos_status kosmos_engine_submit(struct kosmos_engine *engine,

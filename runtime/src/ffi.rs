@@ -22,7 +22,8 @@ mod engine;
 pub use engine::*;
 
 use crate::error::RtError;
-use crate::generate::{FinishReason, GenerateParams, ImageInput, Prompt, VisionCache};
+use crate::generate::{FinishReason, GenerateParams, ImageInput, MAX_STOP, Prompt, VisionCache};
+use crate::logprobs::MAX_TOP_LOGPROBS;
 use crate::ort_env::{Device, SessionOptions};
 use crate::package::Package;
 
@@ -64,9 +65,22 @@ pub struct kosmos_params {
     pub top_p: f32,
     /// 1 = off.
     pub repetition_penalty: f32,
+    /// OpenAI's, in [-2, 2]; 0 = off.
+    pub presence_penalty: f32,
+    /// OpenAI's, in [-2, 2]; 0 = off.
+    pub frequency_penalty: f32,
     pub seed: u64,
     /// Beam search width; 1 = off.
     pub beams: u32,
+    /// `n_stop` NUL-terminated UTF-8 strings (at most 16, none empty): generation ends before
+    /// the first of them, which is not part of the text. NULL when `n_stop` is 0.
+    pub stop: *const *const c_char,
+    pub n_stop: usize,
+    /// Keep generating after `</s>` until `max_tokens` (benchmarks).
+    pub ignore_eos: bool,
+    /// `kosmos_engine_submit` only: report each generated token's log-probability with this many
+    /// most likely alternatives (0 to 20) in the TEXT events; -1 = off.
+    pub logprobs: i32,
 }
 
 /// One image: either `path` (a NUL-terminated file name) or `data`/`size` (encoded PNG, JPEG
@@ -209,8 +223,14 @@ pub extern "C" fn kosmos_default_params() -> kosmos_params {
         top_k: d.top_k as u32,
         top_p: d.top_p,
         repetition_penalty: d.repetition_penalty,
+        presence_penalty: d.presence_penalty,
+        frequency_penalty: d.frequency_penalty,
         seed: d.seed,
         beams: d.beams as u32,
+        stop: std::ptr::null(),
+        n_stop: 0,
+        ignore_eos: d.ignore_eos,
+        logprobs: -1,
     }
 }
 
@@ -312,7 +332,7 @@ pub unsafe extern "C" fn kosmos_model_free(model: *mut kosmos_model) -> kosmos_s
 /// # Safety
 /// `model` is a handle from `kosmos_model_open` (or NULL); `prompt` a NUL-terminated string;
 /// `images` points to `n_images` valid `kosmos_image`s (or is NULL with `n_images` 0); `params`
-/// is NULL (defaults) or valid; `out_text` is writable.
+/// is NULL (defaults) or valid, with `n_stop` strings at `stop`; `out_text` is writable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kosmos_generate(
     model: *mut kosmos_model,
@@ -337,10 +357,16 @@ pub unsafe extern "C" fn kosmos_generate(
             );
         }
         // SAFETY: per this function's contract.
-        let (prompt, params) = match unsafe { read_request(prompt, images, n_images, params) } {
+        let (prompt, params, logprobs) = match unsafe { read_request(prompt, images, n_images, params) } {
             Ok(r) => r,
             Err(s) => return s,
         };
+        if logprobs.is_some() {
+            return fail(
+                kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+                "params: logprobs are reported in kosmos_engine_submit's events; kosmos_generate takes logprobs = -1",
+            );
+        }
         // SAFETY: live handle (checked above); the lock serialises calls on this model.
         let model = unsafe { &*model };
         let mut guard = model.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -368,7 +394,8 @@ pub unsafe extern "C" fn kosmos_generate(
     })
 }
 
-/// A call's prompt (text with `<image>` markers, images) and generation settings, checked.
+/// A call's prompt (text with `<image>` markers, images), generation settings and requested
+/// log-probability alternatives, checked.
 ///
 /// # Safety
 /// As `kosmos_generate`'s contract says of these arguments.
@@ -377,15 +404,15 @@ unsafe fn read_request(
     images: *const kosmos_image,
     n_images: usize,
     params: *const kosmos_params,
-) -> Result<(Prompt, GenerateParams), kosmos_status> {
+) -> Result<(Prompt, GenerateParams, Option<usize>), kosmos_status> {
     // SAFETY: per this function's contract.
     let text = unsafe { c_str(prompt, "prompt") }?;
     // SAFETY: per this function's contract.
     let inputs = unsafe { read_images(images, n_images) }?;
     // SAFETY: per this function's contract.
-    let params = unsafe { read_params(params) }?;
+    let (params, logprobs) = unsafe { read_params(params) }?;
     let prompt = Prompt::parse(text, inputs).map_err(|e| fail(status_of(&e), e.to_string()))?;
-    Ok((prompt, params))
+    Ok((prompt, params, logprobs))
 }
 
 /// The images of a call.
@@ -425,33 +452,69 @@ unsafe fn read_images(
     Ok(inputs)
 }
 
-/// A call's generation settings (NULL: the defaults), checked.
+/// A call's generation settings (NULL: the defaults), checked, and the number of alternatives
+/// its `logprobs` asks for (`None`: off).
 ///
 /// # Safety
-/// `params` is NULL or valid.
-unsafe fn read_params(params: *const kosmos_params) -> Result<GenerateParams, kosmos_status> {
+/// `params` is NULL or valid, its `stop` holding `n_stop` NUL-terminated strings.
+unsafe fn read_params(
+    params: *const kosmos_params,
+) -> Result<(GenerateParams, Option<usize>), kosmos_status> {
+    let invalid = |m: String| fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, format!("params: {m}"));
     let p = if params.is_null() {
         kosmos_default_params()
     } else {
         // SAFETY: non-NULL and valid per the contract.
         unsafe { *params }
     };
-    if p.max_tokens == 0 || p.beams == 0 || !(p.top_p > 0.0 && p.top_p <= 1.0) || p.temperature < 0.0 {
-        return Err(fail(
-            kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
-            "params: max_tokens and beams must be ≥ 1, top_p in (0, 1], temperature ≥ 0",
-        ));
+    if p.max_tokens == 0 || p.beams == 0 {
+        return Err(invalid("max_tokens and beams must be ≥ 1".into()));
     }
-    Ok(GenerateParams {
+    if p.stop.is_null() && p.n_stop > 0 {
+        return Err(invalid(format!("stop is NULL but n_stop is {}", p.n_stop)));
+    }
+    if p.n_stop > MAX_STOP {
+        return Err(invalid(format!(
+            "stop takes up to {MAX_STOP} strings, got n_stop {}",
+            p.n_stop
+        )));
+    }
+    let stop = (0..p.n_stop)
+        .map(|i| {
+            // SAFETY: `stop` holds `n_stop` NUL-terminated strings per the contract.
+            unsafe { c_str(*p.stop.add(i), &format!("params: stop[{i}]")) }.map(str::to_string)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let logprobs = match p.logprobs {
+        -1 => None,
+        k => Some(
+            usize::try_from(k)
+                .ok()
+                .filter(|&k| k <= MAX_TOP_LOGPROBS)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "logprobs must be -1 (off) or 0..={MAX_TOP_LOGPROBS}, got {k}"
+                    ))
+                })?,
+        ),
+    };
+    let params = GenerateParams {
         max_tokens: p.max_tokens as usize,
         temperature: p.temperature,
         top_k: p.top_k as usize,
         top_p: p.top_p,
         repetition_penalty: p.repetition_penalty,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
         seed: p.seed,
+        stop,
         beams: p.beams as usize,
-        ..GenerateParams::default()
-    })
+        ignore_eos: p.ignore_eos,
+    };
+    if let Some((_, message)) = params.invalid_setting() {
+        return Err(invalid(message));
+    }
+    Ok((params, logprobs))
 }
 
 /// Release the library's ONNX Runtime environment. Call once before the process exits, after every

@@ -113,6 +113,50 @@ impl Default for GenerateParams {
     }
 }
 
+/// Most stop strings one request may give (vLLM takes any number, OpenAI 4; evaluation harness
+/// tasks send 5).
+pub const MAX_STOP: usize = 16;
+
+impl GenerateParams {
+    /// The first sampling setting out of its range, as (field, message), for every front end
+    /// (server, C ABI, CLI) to report in its own way. `max_tokens` and `beams` are the front
+    /// ends' to check: what they allow differs (scoring with 0 tokens, beams in the engine).
+    pub fn invalid_setting(&self) -> Option<(&'static str, String)> {
+        let t = self.temperature;
+        if !(t.is_finite() && t >= 0.0) {
+            return Some(("temperature", format!("temperature must be ≥ 0, got {t}")));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Some(("top_p", format!("top_p must be in (0, 1], got {}", self.top_p)));
+        }
+        let r = self.repetition_penalty;
+        if !(r.is_finite() && r > 0.0) {
+            return Some((
+                "repetition_penalty",
+                format!("repetition_penalty must be positive (1: off), got {r}"),
+            ));
+        }
+        for (field, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Some((field, format!("{field} must be in [-2, 2], got {v}")));
+            }
+        }
+        if self.stop.len() > MAX_STOP || self.stop.iter().any(|s| s.is_empty()) {
+            return Some((
+                "stop",
+                format!(
+                    "stop takes up to {MAX_STOP} non-empty strings, got {}",
+                    self.stop.len()
+                ),
+            ));
+        }
+        None
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {

@@ -419,6 +419,9 @@ fn run(cli: Cli) -> Result<()> {
                 beams: beams.max(1),
                 ignore_eos: false,
             };
+            if let Some((field, message)) = params.invalid_setting() {
+                anyhow::bail!("--{}: {message}", field.replace('_', "-"));
+            }
             let mut cache = VisionCache::new(16);
             let mut out = std::io::stdout();
             let mut on_token = |_: usize, piece: &str| {

@@ -27,6 +27,9 @@ struct Request {
     kosmos_finish_reason finish = KOSMOS_FINISH_STOP;
     uint32_t generated = 0;
     int finals = 0;  // DONE or FAILED events: must end at exactly 1
+    size_t logprobs = 0;     // entries received in TEXT events
+    bool logprobs_ok = true;  // each has its alternatives, most likely first
+    std::vector<uint32_t> tokens;  // the DONE event's token ids
     bool failed = false;
     // Cancel at the first TEXT event: 1 by returning false, 2 with kosmos_engine_cancel.
     int cancel_how = 0;
@@ -43,6 +46,13 @@ bool on_event(const kosmos_event* ev, void* user_data) {
     switch (ev->kind) {
         case KOSMOS_EVENT_TEXT:
             r->streamed += ev->text;
+            for (size_t i = 0; i < ev->n_logprobs; ++i) {
+                const kosmos_token_logprob& lp = ev->logprobs[i];
+                r->logprobs_ok = r->logprobs_ok && lp.n_top == 2 && lp.logprob <= 0.0f &&
+                                 lp.top[0].logprob >= lp.top[1].logprob &&
+                                 lp.top[0].logprob >= lp.logprob;
+            }
+            r->logprobs += ev->n_logprobs;
             if (r->cancel_how == 1) return false;
             if (r->cancel_how == 2) {
                 kosmos_engine_cancel(r->engine, ev->request);
@@ -54,6 +64,7 @@ bool on_event(const kosmos_event* ev, void* user_data) {
             r->text = ev->text;
             r->finish = ev->finish_reason;
             r->generated = ev->generated_tokens;
+            r->tokens.assign(ev->tokens, ev->tokens + ev->generated_tokens);
             break;
         case KOSMOS_EVENT_FAILED:
             r->text = ev->text;
@@ -163,6 +174,26 @@ int main(int argc, char** argv) {
     expect(by_cancel.free_from_callback == KOSMOS_ERR_INVALID_ARGUMENT,
            "kosmos_engine_free from a callback is refused");
     expect(kosmos_engine_cancel(engine, id1) == KOSMOS_OK, "cancelling a finished request is a no-op");
+
+    // Log-probabilities (2 alternatives) and a stop string that never matches: one entry per
+    // generated token, in the TEXT events, and the DONE event's token ids.
+    Request scored;
+    kosmos_params with_logprobs = kosmos_default_params();
+    with_logprobs.max_tokens = max_tokens;
+    with_logprobs.logprobs = 2;
+    const char* stops[] = {"never generated"};
+    with_logprobs.stop = stops;
+    with_logprobs.n_stop = 1;
+    bool first_has_image = prompts[0].find("<image>") != std::string::npos;
+    expect(kosmos_engine_submit(engine, prompts[0].c_str(), first_has_image ? &image : nullptr,
+                                first_has_image ? 1 : 0, &with_logprobs, on_event, &scored,
+                                nullptr) == KOSMOS_OK,
+           "submit with logprobs");
+    wait_final({&scored});
+    expect(scored.text == requests[0].text, "the stop string that never matches changes nothing");
+    expect(scored.logprobs == scored.generated && scored.tokens.size() == scored.generated,
+           "one log-probability and one token id per generated token");
+    expect(scored.logprobs_ok, "log-probabilities with 2 alternatives, most likely first");
 
     // The failure paths: each a status code and a message, the engine unharmed.
     Request unused;

@@ -19,6 +19,7 @@ use super::{
 use crate::batch::{Engine, EngineConfig, SeqEvent, SeqFailure, SeqRequest};
 use crate::error::RtError;
 use crate::generate::{FinishReason, Prompt, assemble_prompt, preprocess_image};
+use crate::logprobs::TokenLogprob;
 use crate::metrics::Metrics;
 
 /// Settings of a continuous-batching engine; start from `kosmos_engine_default_config()`.
@@ -79,6 +80,34 @@ pub struct kosmos_event {
     /// DONE only: tokens of the prompt (image slots included) and generated.
     pub prompt_tokens: u32,
     pub generated_tokens: u32,
+    /// DONE: the generated token ids (`generated_tokens` of them; NULL when none).
+    pub tokens: *const u32,
+    /// TEXT, when the request set `params.logprobs`: the tokens generated since the last TEXT
+    /// event, in order (NULL when none). A token cut by a stop string still has its entry, in a
+    /// last TEXT event whose text may be empty.
+    pub logprobs: *const kosmos_token_logprob,
+    pub n_logprobs: usize,
+}
+
+/// A generated token's log-probability and its most likely alternatives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct kosmos_token_logprob {
+    pub token: u32,
+    /// Natural log of its probability under the model: the log-softmax before temperature,
+    /// top-k / top-p and penalties shape sampling (what OpenAI and vLLM report).
+    pub logprob: f32,
+    /// `params.logprobs` entries, most likely first (ties by id).
+    pub top: *const kosmos_top_logprob,
+    pub n_top: usize,
+}
+
+/// One alternative of a `kosmos_token_logprob`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct kosmos_top_logprob {
+    pub token: u32,
+    pub logprob: f32,
 }
 
 /// Receives a request's events on the engine's thread; return false to cancel the request (its
@@ -136,6 +165,40 @@ unsafe impl Send for Callback {}
 impl Callback {
     fn call(&self, ev: &kosmos_event) -> bool {
         (self.f)(ev, self.user_data)
+    }
+}
+
+/// `logprobs` as C structs: the alternatives of every token (one buffer), then the entries that
+/// point into it. The first must outlive every use of the second.
+fn c_logprobs(logprobs: &[TokenLogprob]) -> (Vec<kosmos_top_logprob>, Vec<kosmos_token_logprob>) {
+    let tops: Vec<kosmos_top_logprob> = logprobs
+        .iter()
+        .flat_map(|l| &l.top)
+        .map(|&(token, logprob)| kosmos_top_logprob { token, logprob })
+        .collect();
+    let mut at = 0;
+    let entries = logprobs
+        .iter()
+        .map(|l| {
+            let top = non_empty_ptr(&tops[at..at + l.top.len()]);
+            at += l.top.len();
+            kosmos_token_logprob {
+                token: l.token,
+                logprob: l.logprob,
+                top,
+                n_top: l.top.len(),
+            }
+        })
+        .collect();
+    (tops, entries)
+}
+
+/// The C convention for an array of `v.len()` elements: NULL when there are none.
+fn non_empty_ptr<T>(v: &[T]) -> *const T {
+    if v.is_empty() {
+        std::ptr::null()
+    } else {
+        v.as_ptr()
     }
 }
 
@@ -238,14 +301,16 @@ pub unsafe extern "C" fn kosmos_engine_open(
 }
 
 /// Queue a request: `prompt` and `images` as for `kosmos_generate` (images are decoded and
-/// preprocessed here, on the calling thread), `params` as there but with one beam. Its events
+/// preprocessed here, on the calling thread), `params` as there but with one beam and optional
+/// log-probabilities (`params.logprobs`, reported in the TEXT events). Its events
 /// go to `callback` with `user_data`, on the engine's thread, possibly before this returns; the
 /// last is always one DONE or FAILED. On success `*out_request` (if not NULL) holds its id.
 ///
 /// # Safety
 /// `engine` is a handle from `kosmos_engine_open` (or NULL); `prompt` a NUL-terminated string;
 /// `images` points to `n_images` valid `kosmos_image`s (or is NULL with `n_images` 0); `params`
-/// is NULL (defaults) or valid; `user_data` may be used from another thread until the final
+/// is NULL (defaults) or valid, with `n_stop` strings at `stop`; `user_data` may be used from
+/// another thread until the final
 /// event; `out_request` is NULL or writable.
 #[allow(clippy::too_many_arguments)]
 #[unsafe(no_mangle)]
@@ -275,7 +340,7 @@ pub unsafe extern "C" fn kosmos_engine_submit(
             );
         };
         // SAFETY: per this function's contract.
-        let (prompt, params) = match unsafe { read_request(prompt, images, n_images, params) } {
+        let (prompt, params, logprobs) = match unsafe { read_request(prompt, images, n_images, params) } {
             Ok(r) => r,
             Err(s) => return s,
         };
@@ -297,15 +362,19 @@ pub unsafe extern "C" fn kosmos_engine_submit(
         let inflight = engine.inflight.clone();
         let sink = move |ev: SeqEvent| -> bool {
             let (kind, text, finish, prompt_tokens, generated) = match &ev {
-                SeqEvent::Text { text, .. } => {
-                    (kosmos_event_kind::KOSMOS_EVENT_TEXT, text.as_str(), None, 0, 0)
-                }
+                SeqEvent::Text { text, .. } => (
+                    kosmos_event_kind::KOSMOS_EVENT_TEXT,
+                    text.as_str(),
+                    None,
+                    0,
+                    &[][..],
+                ),
                 SeqEvent::Done(s) => (
                     kosmos_event_kind::KOSMOS_EVENT_DONE,
                     s.text.as_str(),
                     Some(s.finish_reason),
                     s.prompt_tokens,
-                    s.tokens.len(),
+                    &s.tokens[..],
                 ),
                 SeqEvent::Failed(f) => (
                     kosmos_event_kind::KOSMOS_EVENT_FAILED,
@@ -315,11 +384,16 @@ pub unsafe extern "C" fn kosmos_engine_submit(
                     },
                     None,
                     0,
-                    0,
+                    &[][..],
                 ),
                 SeqEvent::PromptLogprobs(_) => return true,
             };
             let text = c_string(text);
+            // Kept alive until the callback returns: the event points into them.
+            let (tops, logprobs) = match &ev {
+                SeqEvent::Text { logprobs, .. } => c_logprobs(logprobs),
+                _ => (Vec::new(), Vec::new()),
+            };
             let event = kosmos_event {
                 request: id,
                 kind,
@@ -330,19 +404,24 @@ pub unsafe extern "C" fn kosmos_engine_submit(
                     Some(FinishReason::Cancelled) => kosmos_finish_reason::KOSMOS_FINISH_CANCELLED,
                 },
                 prompt_tokens: prompt_tokens as u32,
-                generated_tokens: generated as u32,
+                generated_tokens: generated.len() as u32,
+                tokens: non_empty_ptr(generated),
+                logprobs: non_empty_ptr(&logprobs),
+                n_logprobs: logprobs.len(),
             };
             if kind != kosmos_event_kind::KOSMOS_EVENT_TEXT {
                 // Final: a later kosmos_engine_cancel of this id is a no-op.
                 inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             }
-            cb.call(&event)
+            let keep_going = cb.call(&event);
+            drop(tops);
+            keep_going
         };
         let req = SeqRequest {
             assembled,
             pixels,
             params,
-            logprobs: None,
+            logprobs,
             prompt_logprobs: None,
             arrived: Instant::now(),
             deadline: None,

@@ -23,10 +23,6 @@ use crate::batch::{SeqEvent, SeqFailure, SeqRequest};
 use crate::generate::{FinishReason, GenerateParams, IMAGE_MARKER};
 use crate::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob};
 
-/// Most `stop` strings a request may give. OpenAI takes 4; vLLM and llama.cpp take any number,
-/// and lm-evaluation-harness tasks send up to 5 (their own plus the end-of-text token).
-const MAX_STOP: usize = 16;
-
 /// `stop`: one string or several.
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -414,18 +410,12 @@ impl AppState {
                 self.cfg.default_max_tokens.min(room)
             }
         };
+        // OpenAI's range; the engine takes any temperature ≥ 0.
         let temperature = s.temperature.unwrap_or(1.0);
-        if !(0.0..=2.0).contains(&temperature) {
+        if temperature > 2.0 {
             return Err(ApiError::invalid(
                 format!("temperature must be in [0, 2], got {temperature}"),
                 "temperature",
-            ));
-        }
-        let top_p = s.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(ApiError::invalid(
-                format!("top_p must be in (0, 1], got {top_p}"),
-                "top_p",
             ));
         }
         let top_k = s.top_k.unwrap_or(0);
@@ -435,41 +425,12 @@ impl AppState {
                 "top_k",
             ));
         }
-        let repetition_penalty = s.repetition_penalty.unwrap_or(1.0);
-        if repetition_penalty <= 0.0 || !repetition_penalty.is_finite() {
-            return Err(ApiError::invalid(
-                "repetition_penalty must be positive",
-                "repetition_penalty",
-            ));
-        }
-        let penalty = |v: Option<f32>, field: &'static str| {
-            let v = v.unwrap_or(0.0);
-            if (-2.0..=2.0).contains(&v) {
-                Ok(v)
-            } else {
-                Err(ApiError::invalid(
-                    format!("{field} must be in [-2, 2], got {v}"),
-                    field,
-                ))
-            }
-        };
-        let presence_penalty = penalty(s.presence_penalty, "presence_penalty")?;
-        let frequency_penalty = penalty(s.frequency_penalty, "frequency_penalty")?;
         let logprobs = requested_logprobs(s, kind)?;
         let stop = match &s.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
             Some(Stop::Many(v)) => v.clone(),
         };
-        if stop.len() > MAX_STOP || stop.iter().any(|s| s.is_empty()) {
-            return Err(ApiError::invalid(
-                format!(
-                    "stop takes up to {MAX_STOP} non-empty strings, got {}",
-                    stop.len()
-                ),
-                "stop",
-            ));
-        }
         let seed = match s.seed {
             Some(seed) => seed as u64,
             None => rand::random(),
@@ -481,20 +442,24 @@ impl AppState {
                 "n",
             ));
         }
+        let params = GenerateParams {
+            max_tokens,
+            temperature,
+            top_k: top_k as usize,
+            top_p: s.top_p.unwrap_or(1.0),
+            repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+            presence_penalty: s.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
+            seed,
+            stop,
+            beams: 1,
+            ignore_eos: s.ignore_eos.unwrap_or(false),
+        };
+        if let Some((field, message)) = params.invalid_setting() {
+            return Err(ApiError::invalid(message, field));
+        }
         Ok(Requested {
-            params: GenerateParams {
-                max_tokens,
-                temperature,
-                top_k: top_k as usize,
-                top_p,
-                repetition_penalty,
-                presence_penalty,
-                frequency_penalty,
-                seed,
-                stop,
-                beams: 1,
-                ignore_eos: s.ignore_eos.unwrap_or(false),
-            },
+            params,
             n: n as usize,
             logprobs,
             echo,
