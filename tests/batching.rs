@@ -824,3 +824,107 @@ fn concat_packages_are_refused_with_the_fix() {
         .to_string();
     assert!(err.contains("--kv-cache buffer"), "{err}");
 }
+
+/// Identical prompts admitted together (`n` > 1, the same request twice at once) are prefilled
+/// once: the others copy that row and its last logits, then sample on their own. Each equals
+/// `Package::generate` alone, whole or in 5-token chunks, with rows that held unrelated
+/// sequences before; a prompt asking for its own log-probabilities, and the same text with
+/// another image, are prefilled themselves.
+#[test]
+fn identical_prompts_share_one_prefill() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, pkg_dir) = kosmos_e2e::tiny_buffer_package(dir.path(), 7);
+    let mut reference = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    let img = |i| ImageInput::Bytes(png(i));
+    let question = "Question: what colour is the circle? Answer:";
+    let sampled = |seed| GenerateParams {
+        max_tokens: 7,
+        temperature: 1.0,
+        seed,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let filler: Vec<(Prompt, GenerateParams)> = (0..6)
+        .map(|i| {
+            let text = format!("{} circle", "purple triangle and ".repeat(3 + i));
+            (Prompt::parse(&text, vec![img(20 + i as u64)]).unwrap(), greedy(2))
+        })
+        .collect();
+    let same = || Prompt::parse(question, vec![img(4)]).unwrap();
+    let wave = [
+        (same(), greedy(6)),
+        (Prompt::parse("a blue square", vec![]).unwrap(), greedy(5)),
+        (same(), sampled(1)),
+        (same(), sampled(2)),
+        // Same text, another image: not identical.
+        (Prompt::parse(question, vec![img(5)]).unwrap(), greedy(6)),
+        // Identical, but scored: prefilled itself (below).
+        (same(), greedy(3)),
+    ];
+    let expected_filler: Vec<Generation> = filler
+        .iter()
+        .map(|(p, params)| alone(&mut reference, p, params))
+        .collect();
+    let expected: Vec<Generation> = wave
+        .iter()
+        .map(|(p, params)| alone(&mut reference, p, params))
+        .collect();
+    assert_ne!(
+        expected[2].tokens, expected[3].tokens,
+        "the seeds sample differently"
+    );
+    let shared_len = reference.assemble(&same()).unwrap().len();
+    drop(reference);
+
+    for (cached_attention, prefill_chunk) in [(false, 0), (false, 5), (true, 5)] {
+        let pkg = if cached_attention {
+            cached_attention_package(&ckpt, dir.path())
+        } else {
+            Package::open(&pkg_dir, &SessionOptions::default()).unwrap()
+        };
+        let metrics = Arc::new(Metrics::default());
+        let config = EngineConfig {
+            max_batch: 6,
+            prefill_chunk,
+            // Off, so that only sharing within the group can skip a prefill.
+            prefix_cache_bytes: 0,
+            ..Default::default()
+        };
+        let mut engine = Engine::new(pkg, config, metrics.clone()).unwrap();
+        let case = format!("cached_attention {cached_attention}, chunk {prefill_chunk}");
+        let outs = run_all(&mut engine, filler.iter().map(|(p, g)| (p, g)), |_| {});
+        for (out, want) in outs.iter().zip(&expected_filler) {
+            assert_eq!(
+                out.lock().unwrap().done.as_ref().unwrap().tokens,
+                want.tokens,
+                "{case}"
+            );
+        }
+        let outs = run_all(&mut engine, wave.iter().map(|(p, g)| (p, g)), |r| {
+            if r.params.max_tokens == 3 {
+                r.prompt_logprobs = Some(0);
+            }
+        });
+        for (i, (out, want)) in outs.iter().zip(&expected).enumerate() {
+            let c = out.lock().unwrap();
+            assert!(c.failed.is_none(), "{case}: request {i} failed");
+            let done = c.done.as_ref().unwrap();
+            assert_eq!(
+                done.tokens, want.tokens,
+                "{case}: request {i} vs Package::generate"
+            );
+            assert_eq!(c.text, want.text, "{case}: request {i}");
+        }
+        let scored = outs[5].lock().unwrap();
+        let scored = scored
+            .prompt_logprobs
+            .as_ref()
+            .expect("the scored prompt's log-probabilities");
+        assert_eq!(scored.len(), shared_len, "{case}");
+        assert_eq!(
+            metrics.shared_prefill_tokens.load(Ordering::Relaxed),
+            2 * shared_len as u64,
+            "{case}: requests 2 and 3 copied request 0's prefill"
+        );
+    }
+}

@@ -186,6 +186,18 @@ struct Prefill {
     prompt_logprobs: Vec<Option<Vec<Option<TokenLogprob>>>>,
     /// Each row's position keys (empty when the prefix cache is off).
     keys: Vec<Vec<PositionKey>>,
+    /// Admitted with a prompt identical to that of `group[i]` (the index given): no row of
+    /// their own in the prefill calls; they copy that row when it is done.
+    followers: Vec<(SeqRequest, usize)>,
+}
+
+impl Prefill {
+    /// Every admitted sequence: the prefilled ones, then their followers.
+    fn into_requests(self) -> impl Iterator<Item = SeqRequest> {
+        self.group
+            .into_iter()
+            .chain(self.followers.into_iter().map(|(r, _)| r))
+    }
 }
 
 impl Prefill {
@@ -246,6 +258,35 @@ impl Prefill {
             past: vec![from as i64; m],
         }
     }
+}
+
+/// Move out of `group` every request whose prompt (tokens, image slots and image content, by
+/// `hashes`: one list per request) equals an earlier one's and that does not ask for its
+/// prompt's log-probabilities. Returns them, each with the index (in what stays in `group`) of
+/// the request whose prefill it will copy, and the image hashes of what stays, flattened.
+fn split_identical(
+    group: &mut Vec<SeqRequest>,
+    hashes: Vec<Vec<[u8; 32]>>,
+) -> (Vec<(SeqRequest, usize)>, Vec<[u8; 32]>) {
+    let mut leaders: Vec<(SeqRequest, Vec<[u8; 32]>)> = Vec::with_capacity(group.len());
+    let mut followers = Vec::new();
+    for (req, h) in group.drain(..).zip(hashes) {
+        let same = leaders.iter().position(|(l, lh)| {
+            l.assembled.input_ids == req.assembled.input_ids
+                && l.assembled.image_mask == req.assembled.image_mask
+                && *lh == h
+        });
+        match same {
+            Some(i) if req.prompt_logprobs.is_none() => followers.push((req, i)),
+            _ => leaders.push((req, h)),
+        }
+    }
+    let mut flat = Vec::new();
+    for (req, h) in leaders {
+        group.push(req);
+        flat.extend(h);
+    }
+    (followers, flat)
 }
 
 /// The KV pool: per layer a key and a value buffer laid out [rows, heads, capacity, head_dim].
@@ -593,7 +634,11 @@ impl Engine {
     /// End every running and waiting sequence with an error (their rows are free afterwards).
     fn fail_all(&mut self, message: &str) {
         let running = std::mem::take(&mut self.running);
-        let prefilling = self.prefill.take().map(|p| p.group).unwrap_or_default();
+        let prefilling: Vec<SeqRequest> = self
+            .prefill
+            .take()
+            .map(|p| p.into_requests().collect())
+            .unwrap_or_default();
         let pending = std::mem::take(&mut self.pending);
         let waiting = pending.len() as u64;
         for mut req in running
@@ -685,12 +730,14 @@ impl Engine {
         }
         // A prefilling group stops early only when every member is cancelled; otherwise the
         // cancelled ones retire as soon as the group joins the running batch.
-        let all_cancelled = self
-            .prefill
-            .as_ref()
-            .is_some_and(|p| p.group.iter().all(|r| r.cancel.load(Ordering::Relaxed)));
+        let all_cancelled = self.prefill.as_ref().is_some_and(|p| {
+            p.group
+                .iter()
+                .chain(p.followers.iter().map(|(r, _)| r))
+                .all(|r| r.cancel.load(Ordering::Relaxed))
+        });
         if all_cancelled {
-            for mut req in self.prefill.take().expect("checked").group {
+            for mut req in self.prefill.take().expect("checked").into_requests() {
                 metrics.finished("cancelled", req.assembled.len(), 0);
                 let summary = SeqSummary::cancelled(&req);
                 (req.sink)(SeqEvent::Done(summary));
@@ -752,7 +799,7 @@ impl Engine {
         }
     }
 
-    fn fail_group(&self, group: Vec<SeqRequest>, e: &RtError) {
+    fn fail_group(&self, group: impl IntoIterator<Item = SeqRequest>, e: &RtError) {
         for mut req in group {
             self.metrics.finished("error", req.assembled.len(), 0);
             (req.sink)(SeqEvent::Failed(SeqFailure::Engine(e.to_string())));
@@ -803,17 +850,29 @@ impl Engine {
         self.ensure_pool(reserved_max)?;
         let dm = self.pkg.manifest.decoder.hidden_size;
         let per = self.pkg.manifest.vision.tokens_per_image;
+        // Hashed once: the vision cache, the prefix cache and the search for identical prompts
+        // all know an image by it.
+        let hashes: Vec<Vec<[u8; 32]>> = group
+            .iter()
+            .map(|r| r.pixels.iter().map(|p| image_hash(p)).collect())
+            .collect();
+        let (followers, hashes) = split_identical(group, hashes);
         let m = group.len();
 
         // Images: one vision batch (cached embeddings reused), laid out per row in prompt order.
         let pixels: Vec<Vec<f32>> = group.iter().flat_map(|r| r.pixels.iter().cloned()).collect();
-        // Hashed once: the vision cache and the prefix cache both know an image by it.
-        let hashes: Vec<[u8; 32]> = pixels.iter().map(|p| image_hash(p)).collect();
         let encoded = if pixels.is_empty() {
-            Vec::new()
+            Ok(Vec::new())
         } else {
-            self.pkg
-                .encode_hashed_images(&mut self.vision, &pixels, &hashes)?
+            self.pkg.encode_hashed_images(&mut self.vision, &pixels, &hashes)
+        };
+        let encoded = match encoded {
+            Ok(e) => e,
+            Err(e) => {
+                // The caller fails `group`: the followers with it.
+                group.extend(followers.into_iter().map(|(r, _)| r));
+                return Err(e);
+            }
         };
         let most_images = group.iter().map(|r| r.pixels.len()).max().unwrap_or(0);
         let n_tok = (most_images * per).max(1);
@@ -858,6 +917,7 @@ impl Engine {
             n_tok,
             prompt_logprobs,
             keys,
+            followers,
         });
         Ok(())
     }
@@ -973,7 +1033,7 @@ impl Engine {
             Ok(l) => l,
             Err(e) => {
                 let p = self.prefill.take().expect("prefilling");
-                self.fail_group(p.group, &e);
+                self.fail_group(p.into_requests(), &e);
                 return Err(e);
             }
         };
@@ -999,10 +1059,36 @@ impl Engine {
                 self.pool.move_row(p.first + r, first + r, p.width);
             }
         }
+        // Followers copy their prompt's row (after the group's rows) and its last logits: each
+        // still samples its own first token.
+        let followers = std::mem::take(&mut p.followers);
+        let mut follower_logits = Vec::with_capacity(followers.len());
+        for (j, (req, leader)) in followers.iter().enumerate() {
+            self.pool.move_row(first + leader, first + m + j, p.width);
+            follower_logits.push(logits[leader * vocab..(leader + 1) * vocab].to_vec());
+            self.metrics
+                .shared_prefill_tokens
+                .fetch_add(req.assembled.len() as u64, Ordering::Relaxed);
+        }
         let pad = self.pkg.manifest.config.tokenizer.pad_token_id as i64;
         let scored = std::mem::take(&mut p.prompt_logprobs);
         let keys = std::mem::take(&mut p.keys);
-        for (r, ((mut req, scored), keys)) in p.group.drain(..).zip(scored).zip(keys).enumerate() {
+        let followers: Vec<_> = followers
+            .into_iter()
+            .zip(follower_logits)
+            .map(|((req, leader), logits)| (req, leader, None, keys[leader].clone(), logits))
+            .collect();
+        let leaders: Vec<_> = p
+            .group
+            .drain(..)
+            .zip(scored)
+            .zip(keys)
+            .enumerate()
+            .map(|(r, ((req, scored), keys))| {
+                (req, r, scored, keys, logits[r * vocab..(r + 1) * vocab].to_vec())
+            })
+            .collect();
+        for (mut req, r, scored, keys, mut logits) in leaders.into_iter().chain(followers) {
             if let Some(scored) = scored {
                 let tokens = req.assembled.input_ids.iter().copied().zip(scored).collect();
                 (req.sink)(SeqEvent::PromptLogprobs(tokens));
@@ -1023,7 +1109,7 @@ impl Engine {
                 // max_tokens 0 (completions' `echo` scoring a prompt): done at its prefill.
                 run.state.finish = Some(FinishReason::Length);
             } else {
-                self.take_token(&mut run, &mut logits[r * vocab..(r + 1) * vocab]);
+                self.take_token(&mut run, &mut logits);
             }
             self.running.push(run);
         }

@@ -312,7 +312,13 @@ impl Package {
         keys: &[[u8; 32]],
     ) -> Result<Vec<Arc<Vec<f32>>>> {
         let mut out: Vec<Option<Arc<Vec<f32>>>> = keys.iter().map(|k| cache.get(k)).collect();
-        let missing: Vec<usize> = (0..pixels.len()).filter(|&i| out[i].is_none()).collect();
+        // An image twice in one batch (n > 1, a repeated image) is encoded once.
+        let mut missing: Vec<usize> = Vec::new();
+        for i in (0..pixels.len()).filter(|&i| out[i].is_none()) {
+            if !missing.iter().any(|&j| keys[j] == keys[i]) {
+                missing.push(i);
+            }
+        }
         if !missing.is_empty() {
             let size = self.manifest.preprocess.image_size;
             let mut batch = Vec::with_capacity(missing.len() * 3 * size * size);
@@ -327,7 +333,11 @@ impl Package {
             for (j, &i) in missing.iter().enumerate() {
                 let e = Arc::new(data[j * per..(j + 1) * per].to_vec());
                 cache.put(keys[i], e.clone());
-                out[i] = Some(e);
+                for (k, o) in keys.iter().zip(out.iter_mut()) {
+                    if *k == keys[i] {
+                        *o = Some(e.clone());
+                    }
+                }
             }
         }
         Ok(out.into_iter().map(|e| e.expect("every image encoded")).collect())

@@ -77,6 +77,9 @@ pub struct Metrics {
     /// Prompt tokens whose keys and values were copied from the prefix cache.
     pub prefix_cache_hit_tokens: AtomicU64,
     pub prefix_cache_bytes: AtomicU64,
+    /// Prompt tokens whose keys and values were copied from an identical prompt prefilled in
+    /// the same group (`n` > 1, or the same request twice at once).
+    pub shared_prefill_tokens: AtomicU64,
     ttft: Histogram,
     itl: Histogram,
     pub queue_depth: AtomicU64,
@@ -96,6 +99,7 @@ impl Default for Metrics {
             prefill_calls: AtomicU64::new(0),
             prefix_cache_hit_tokens: AtomicU64::new(0),
             prefix_cache_bytes: AtomicU64::new(0),
+            shared_prefill_tokens: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BUCKETS),
             itl: Histogram::new(ITL_BUCKETS),
             queue_depth: AtomicU64::new(0),
@@ -196,6 +200,13 @@ impl Metrics {
             "kosmos_prefix_cache_hit_tokens_total",
             "Prompt tokens whose keys and values came from the prefix cache instead of a prefill.",
             &self.prefix_cache_hit_tokens,
+            "counter",
+        );
+        counter(
+            &mut out,
+            "kosmos_shared_prefill_tokens_total",
+            "Prompt tokens copied from an identical prompt prefilled at the same time (n > 1) instead of prefilled again.",
+            &self.shared_prefill_tokens,
             "counter",
         );
         counter(
