@@ -213,6 +213,23 @@ fn staggered_sequences(prefill_chunk: usize, cached_attention: bool) {
 }
 
 /// `ckpt` exported with `--kv-cache buffer --cached-attention` into `dir/pkg-cached`, opened.
+/// An engine over the package `pkg_dir` exported from `ckpt`, or over a `--cached-attention`
+/// export of `ckpt` (written next to `pkg_dir`), with its metrics.
+fn engine_on(
+    ckpt: &Path,
+    pkg_dir: &Path,
+    cached_attention: bool,
+    config: EngineConfig,
+) -> (Engine, Arc<Metrics>) {
+    let pkg = if cached_attention {
+        cached_attention_package(ckpt, pkg_dir.parent().unwrap())
+    } else {
+        Package::open(pkg_dir, &SessionOptions::default()).unwrap()
+    };
+    let metrics = Arc::new(Metrics::default());
+    (Engine::new(pkg, config, metrics.clone()).unwrap(), metrics)
+}
+
 fn cached_attention_package(ckpt: &Path, dir: &Path) -> Package {
     let cached = dir.join("pkg-cached");
     let opts = kosmos_export::ExportOptions {
@@ -284,18 +301,12 @@ fn prefix_cache_reuse_equals_generation_alone() {
         .collect();
 
     for (cached_attention, prefill_chunk) in [(false, 0), (false, 7), (true, 7)] {
-        let pkg = if cached_attention {
-            cached_attention_package(&ckpt, dir.path())
-        } else {
-            Package::open(&pkg_dir, &SessionOptions::default()).unwrap()
-        };
-        let metrics = Arc::new(Metrics::default());
         let config = EngineConfig {
             max_batch: 4,
             prefill_chunk,
             ..Default::default()
         };
-        let mut engine = Engine::new(pkg, config, metrics.clone()).unwrap();
+        let (mut engine, metrics) = engine_on(&ckpt, &pkg_dir, cached_attention, config);
         let case = format!("cached_attention {cached_attention}, chunk {prefill_chunk}");
         // A prompt's position keys: token ids, and for image slots the image (its bytes' hash).
         let keys = |engine: &Engine, p: &Prompt, appended: &[u32]| -> Vec<u64> {
@@ -877,12 +888,6 @@ fn identical_prompts_share_one_prefill() {
     drop(reference);
 
     for (cached_attention, prefill_chunk) in [(false, 0), (false, 5), (true, 5)] {
-        let pkg = if cached_attention {
-            cached_attention_package(&ckpt, dir.path())
-        } else {
-            Package::open(&pkg_dir, &SessionOptions::default()).unwrap()
-        };
-        let metrics = Arc::new(Metrics::default());
         let config = EngineConfig {
             max_batch: 6,
             prefill_chunk,
@@ -890,7 +895,7 @@ fn identical_prompts_share_one_prefill() {
             prefix_cache_bytes: 0,
             ..Default::default()
         };
-        let mut engine = Engine::new(pkg, config, metrics.clone()).unwrap();
+        let (mut engine, metrics) = engine_on(&ckpt, &pkg_dir, cached_attention, config);
         let case = format!("cached_attention {cached_attention}, chunk {prefill_chunk}");
         let outs = run_all(&mut engine, filler.iter().map(|(p, g)| (p, g)), |_| {});
         for (out, want) in outs.iter().zip(&expected_filler) {
