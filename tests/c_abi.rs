@@ -600,3 +600,103 @@ fn c_abi_engine_takes_every_generation_setting() {
     // SAFETY: the handle is live; freed once.
     assert_eq!(unsafe { kosmos_model_free(model) }, kosmos_status::KOSMOS_OK);
 }
+
+/// `kosmos_tokenize` / `kosmos_detokenize` give the package tokenizer's ids and text (what the
+/// server's `/tokenize`, checked against Hugging Face `tokenizers`, gives), `<s>` first on
+/// request; bad ids and handles are refused with their status.
+#[test]
+fn c_abi_tokenizer_equals_the_package_tokenizer() {
+    use kosmos_rt::ffi::*;
+    use std::ffi::{CStr, CString};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_ckpt, pkg_dir) = kosmos_e2e::tiny_package(dir.path(), 6);
+    let reference = Package::open(&pkg_dir, &SessionOptions::default())
+        .unwrap()
+        .tokenizer;
+    let dir_c = CString::new(pkg_dir.to_str().unwrap()).unwrap();
+    let mut tok: *mut kosmos_tokenizer = std::ptr::null_mut();
+    // SAFETY: valid strings and out pointer.
+    assert_eq!(
+        unsafe { kosmos_tokenizer_open(dir_c.as_ptr(), &mut tok) },
+        kosmos_status::KOSMOS_OK
+    );
+    let last_error = || {
+        unsafe { CStr::from_ptr(kosmos_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+
+    let tokenize = |text: &str, add_bos: bool| -> Vec<u32> {
+        let text = CString::new(text).unwrap();
+        let (mut ids, mut n): (*mut u32, usize) = (std::ptr::null_mut(), 7);
+        // SAFETY: live handle, valid string and out pointers.
+        let st = unsafe { kosmos_tokenize(tok, text.as_ptr(), add_bos, &mut ids, &mut n) };
+        assert_eq!(st, kosmos_status::KOSMOS_OK, "{}", last_error());
+        if n == 0 {
+            assert!(ids.is_null());
+            return Vec::new();
+        }
+        // SAFETY: the library returned `n` ids at `ids`; freed once below.
+        let out = unsafe { std::slice::from_raw_parts(ids, n) }.to_vec();
+        unsafe { kosmos_tokens_free(ids, n) };
+        out
+    };
+    let detokenize = |ids: &[u32]| -> Result<String, (kosmos_status, String)> {
+        let mut out: *mut std::ffi::c_char = std::ptr::null_mut();
+        // SAFETY: live handle, `ids.len()` ids, writable out pointer.
+        let st = unsafe { kosmos_detokenize(tok, ids.as_ptr(), ids.len(), &mut out) };
+        if st != kosmos_status::KOSMOS_OK {
+            return Err((st, last_error()));
+        }
+        // SAFETY: the library returned a string; freed once.
+        let text = unsafe { CStr::from_ptr(out) }.to_string_lossy().into_owned();
+        unsafe { kosmos_string_free(out) };
+        Ok(text)
+    };
+    let bos = reference.special().bos_token_id;
+    for text in [
+        "a red circle on the left and a blue square on the right",
+        "Question: what colour is the <image> circle? Answer:",
+        "naïve café — 東京 🙂",
+        "",
+    ] {
+        let want = reference.encode(text).unwrap();
+        assert_eq!(tokenize(text, false), want, "{text:?}");
+        let mut with_bos = vec![bos];
+        with_bos.extend(&want);
+        assert_eq!(tokenize(text, true), with_bos, "{text:?} with <s>");
+        assert_eq!(
+            detokenize(&with_bos).unwrap(),
+            reference.decode(&want).unwrap(),
+            "{text:?}"
+        );
+    }
+    assert_eq!(
+        detokenize(&tokenize("a red circle", false)).unwrap(),
+        "a red circle",
+        "round trip"
+    );
+    let vocab = reference.vocab_size() as u32;
+    let (st, err) = detokenize(&[5, vocab]).unwrap_err();
+    assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT);
+    assert!(err.contains(&format!("ids[1] = {vocab}")), "{err}");
+
+    // SAFETY: the handle is live; freed once, then refused.
+    assert_eq!(unsafe { kosmos_tokenizer_free(tok) }, kosmos_status::KOSMOS_OK);
+    assert_eq!(
+        unsafe { kosmos_tokenizer_free(tok) },
+        kosmos_status::KOSMOS_ERR_INVALID_HANDLE
+    );
+    let (mut ids, mut n): (*mut u32, usize) = (std::ptr::null_mut(), 0);
+    let a = CString::new("a").unwrap();
+    // SAFETY: a freed handle is refused before use.
+    let st = unsafe { kosmos_tokenize(tok, a.as_ptr(), true, &mut ids, &mut n) };
+    assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_HANDLE);
+    let missing = CString::new(dir.path().join("nowhere").to_str().unwrap()).unwrap();
+    // SAFETY: valid strings and out pointer.
+    let st = unsafe { kosmos_tokenizer_open(missing.as_ptr(), &mut tok) };
+    assert_eq!(st, kosmos_status::KOSMOS_ERR_PACKAGE);
+    assert!(tok.is_null());
+    assert!(last_error().contains("nowhere"), "{}", last_error());
+}

@@ -4,7 +4,8 @@
  * Every function returns a kosmos_status; on failure kosmos_last_error() holds a message
  * (thread-local). Handles are opaque, with create/free pairs: kosmos_model_open /
  * kosmos_model_free (one generation at a time per model) and kosmos_engine_open /
- * kosmos_engine_free (requests from any thread decoded together, continuous batching).
+ * kosmos_engine_free (requests from any thread decoded together, continuous batching),
+ * kosmos_tokenizer_open / kosmos_tokenizer_free (token ids and their text).
  * ONNX Runtime is loaded from $ORT_DYLIB_PATH (or libonnxruntime.so on the library path).
  */
 
@@ -103,6 +104,11 @@ typedef struct kosmos_engine kosmos_engine;
  A loaded package (opaque).
  */
 typedef struct kosmos_model kosmos_model;
+
+/*
+ A package's tokenizer (opaque); any number of threads may use one at once.
+ */
+typedef struct kosmos_tokenizer kosmos_tokenizer;
 
 /*
  Generation settings; start from `kosmos_default_params()`.
@@ -403,6 +409,60 @@ enum kosmos_status kosmos_engine_cancel(struct kosmos_engine *engine, uint64_t r
  `engine` is NULL or a handle from `kosmos_engine_open`, not in use by another thread.
  */
 enum kosmos_status kosmos_engine_free(struct kosmos_engine *engine);
+
+/*
+ Open the tokenizer of the package in `package_dir`. On success `*out` holds a tokenizer to
+ release with `kosmos_tokenizer_free`.
+
+ # Safety
+ `package_dir` is NULL or a NUL-terminated string; `out` is NULL or writable.
+ */
+enum kosmos_status kosmos_tokenizer_open(const char *package_dir, struct kosmos_tokenizer **out);
+
+/*
+ Release a tokenizer (NULL is ignored; freeing twice is refused).
+
+ # Safety
+ `tokenizer` is NULL or a handle from `kosmos_tokenizer_open`, not in use by another thread.
+ */
+enum kosmos_status kosmos_tokenizer_free(struct kosmos_tokenizer *tokenizer);
+
+/*
+ The token ids of `text` (UTF-8; `<image>` is plain text here), with `<s>` first when
+ `add_bos` (every prompt starts with it). On success `*out_ids` holds `*out_n` ids, to
+ release with `kosmos_tokens_free` (NULL when there are none).
+
+ # Safety
+ `tokenizer` is a handle from `kosmos_tokenizer_open` (or NULL); `text` a NUL-terminated
+ string; `out_ids` and `out_n` are writable.
+ */
+enum kosmos_status kosmos_tokenize(const struct kosmos_tokenizer *tokenizer,
+                                   const char *text,
+                                   bool add_bos,
+                                   uint32_t **out_ids,
+                                   size_t *out_n);
+
+/*
+ Release ids returned by `kosmos_tokenize` (NULL is ignored).
+
+ # Safety
+ `ids` is NULL or an array `kosmos_tokenize` returned with `n` ids, not yet freed.
+ */
+void kosmos_tokens_free(uint32_t *ids, size_t n);
+
+/*
+ The text of `n` token ids (special tokens skipped), as the engine's DONE text is made. On
+ success `*out_text` holds it, to release with `kosmos_string_free`. An id outside the
+ vocabulary is refused, naming it.
+
+ # Safety
+ `tokenizer` is a handle from `kosmos_tokenizer_open` (or NULL); `ids` points to `n` ids (or
+ is NULL with `n` 0); `out_text` is writable.
+ */
+enum kosmos_status kosmos_detokenize(const struct kosmos_tokenizer *tokenizer,
+                                     const uint32_t *ids,
+                                     size_t n,
+                                     char **out_text);
 
 #ifdef __cplusplus
 }  // extern "C"

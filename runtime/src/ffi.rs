@@ -18,8 +18,10 @@ use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
 mod engine;
+mod tokenizer;
 
 pub use engine::*;
+pub use tokenizer::*;
 
 use crate::error::RtError;
 use crate::generate::{FinishReason, GenerateParams, ImageInput, MAX_STOP, Prompt, VisionCache};

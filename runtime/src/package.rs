@@ -66,18 +66,7 @@ impl Package {
             let data = PathBuf::from(format!("{}.data", g.display()));
             require(&data, "external weight data")?;
         }
-        let tok_path = dir.join(TOKENIZER_FILE);
-        let tokenizer = KosmosTokenizer::load(&tok_path, &manifest.config.tokenizer)?;
-        if tokenizer.vocab_size() != manifest.decoder.vocab_size {
-            return Err(RtError::Package {
-                path: tok_path,
-                message: format!(
-                    "tokenizer has {} entries, the decoder's vocabulary {}",
-                    tokenizer.vocab_size(),
-                    manifest.decoder.vocab_size
-                ),
-            });
-        }
+        let tokenizer = open_tokenizer(dir, &manifest)?;
         if manifest.dtype == kosmos_models::package::PackageDtype::Fp16
             && opts.device == crate::ort_env::Device::Cpu
         {
@@ -174,4 +163,22 @@ impl Package {
     pub fn context_length(&self) -> usize {
         self.manifest.decoder.context_length
     }
+}
+
+/// The tokenizer of the package in `dir` (whose manifest is `manifest`), checked against the
+/// decoder's vocabulary.
+pub fn open_tokenizer(dir: &Path, manifest: &PackageManifest) -> Result<KosmosTokenizer> {
+    let tok_path = dir.join(TOKENIZER_FILE);
+    let tokenizer = KosmosTokenizer::load(&tok_path, &manifest.config.tokenizer)?;
+    if tokenizer.vocab_size() != manifest.decoder.vocab_size {
+        return Err(RtError::Package {
+            path: tok_path,
+            message: format!(
+                "tokenizer has {} entries, the decoder's vocabulary {}",
+                tokenizer.vocab_size(),
+                manifest.decoder.vocab_size
+            ),
+        });
+    }
+    Ok(tokenizer)
 }

@@ -194,6 +194,21 @@ int main(int argc, char** argv) {
     expect(scored.logprobs == scored.generated && scored.tokens.size() == scored.generated,
            "one log-probability and one token id per generated token");
     expect(scored.logprobs_ok, "log-probabilities with 2 alternatives, most likely first");
+    // The DONE event's token ids read back as its text through the package's tokenizer.
+    kosmos_tokenizer* tokenizer = nullptr;
+    expect(kosmos_tokenizer_open(pkg, &tokenizer) == KOSMOS_OK, "kosmos_tokenizer_open");
+    char* decoded = nullptr;
+    expect(kosmos_detokenize(tokenizer, scored.tokens.data(), scored.tokens.size(), &decoded) ==
+               KOSMOS_OK,
+           "kosmos_detokenize");
+    expect(decoded != nullptr && scored.text == decoded, "the DONE token ids decode to its text");
+    kosmos_string_free(decoded);
+    uint32_t* ids = nullptr;
+    size_t n_ids = 0;
+    expect(kosmos_tokenize(tokenizer, "a red circle", true, &ids, &n_ids) == KOSMOS_OK && n_ids > 1,
+           "kosmos_tokenize");
+    kosmos_tokens_free(ids, n_ids);
+    expect(kosmos_tokenizer_free(tokenizer) == KOSMOS_OK, "kosmos_tokenizer_free");
 
     // The failure paths: each a status code and a message, the engine unharmed.
     Request unused;

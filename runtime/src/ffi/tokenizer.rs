@@ -1,0 +1,219 @@
+//! The package's tokenizer through the C ABI (`kosmos_tokenizer_*`), as llama.h's
+//! `llama_tokenize` / `llama_detokenize` and ONNX Runtime GenAI's `OgaTokenizer` offer it: token
+//! counts for budgeting, and the text of the token ids the engine reports (DONE events,
+//! log-probabilities). Opening one reads the package's manifest and `tokenizer.json` only.
+
+use std::ffi::{CString, c_char};
+use std::path::PathBuf;
+
+use kosmos_models::KosmosTokenizer;
+use kosmos_models::package::PackageManifest;
+
+use super::{Handles, c_str, fail, guard, kosmos_status};
+use crate::package::open_tokenizer;
+
+/// A package's tokenizer (opaque); any number of threads may use one at once.
+pub struct kosmos_tokenizer {
+    tokenizer: KosmosTokenizer,
+}
+
+static TOKENIZERS: Handles = Handles::new();
+
+/// Checks `tokenizer` is live and returns it.
+fn live<'a>(tokenizer: *const kosmos_tokenizer) -> Result<&'a KosmosTokenizer, kosmos_status> {
+    if !TOKENIZERS.contains(tokenizer as usize) {
+        return Err(fail(
+            kosmos_status::KOSMOS_ERR_INVALID_HANDLE,
+            "tokenizer is NULL or was freed",
+        ));
+    }
+    // SAFETY: a live handle came from Box::into_raw and is freed only by kosmos_tokenizer_free.
+    Ok(unsafe { &(*tokenizer).tokenizer })
+}
+
+/// Open the tokenizer of the package in `package_dir`. On success `*out` holds a tokenizer to
+/// release with `kosmos_tokenizer_free`.
+///
+/// # Safety
+/// `package_dir` is NULL or a NUL-terminated string; `out` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kosmos_tokenizer_open(
+    package_dir: *const c_char,
+    out: *mut *mut kosmos_tokenizer,
+) -> kosmos_status {
+    guard(|| {
+        if out.is_null() {
+            return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, "out is NULL");
+        }
+        // SAFETY: checked non-NULL; the caller owns the slot.
+        unsafe { *out = std::ptr::null_mut() };
+        // SAFETY: per this function's contract.
+        let dir = match unsafe { c_str(package_dir, "package_dir") } {
+            Ok(d) => PathBuf::from(d),
+            Err(s) => return s,
+        };
+        let opened = PackageManifest::load(&dir)
+            .map_err(crate::error::RtError::from)
+            .and_then(|m| open_tokenizer(&dir, &m));
+        match opened {
+            Ok(tokenizer) => {
+                let t = Box::into_raw(Box::new(kosmos_tokenizer { tokenizer }));
+                TOKENIZERS.insert(t as usize);
+                // SAFETY: checked non-NULL above.
+                unsafe { *out = t };
+                kosmos_status::KOSMOS_OK
+            }
+            Err(e) => fail(kosmos_status::KOSMOS_ERR_PACKAGE, e.to_string()),
+        }
+    })
+}
+
+/// Release a tokenizer (NULL is ignored; freeing twice is refused).
+///
+/// # Safety
+/// `tokenizer` is NULL or a handle from `kosmos_tokenizer_open`, not in use by another thread.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kosmos_tokenizer_free(tokenizer: *mut kosmos_tokenizer) -> kosmos_status {
+    guard(|| {
+        if tokenizer.is_null() {
+            return kosmos_status::KOSMOS_OK;
+        }
+        if !TOKENIZERS.remove(tokenizer as usize) {
+            return fail(
+                kosmos_status::KOSMOS_ERR_INVALID_HANDLE,
+                "tokenizer was already freed",
+            );
+        }
+        // SAFETY: the handle was live, so it came from Box::into_raw and is freed only here.
+        drop(unsafe { Box::from_raw(tokenizer) });
+        kosmos_status::KOSMOS_OK
+    })
+}
+
+/// The token ids of `text` (UTF-8; `<image>` is plain text here), with `<s>` first when
+/// `add_bos` (every prompt starts with it). On success `*out_ids` holds `*out_n` ids, to
+/// release with `kosmos_tokens_free` (NULL when there are none).
+///
+/// # Safety
+/// `tokenizer` is a handle from `kosmos_tokenizer_open` (or NULL); `text` a NUL-terminated
+/// string; `out_ids` and `out_n` are writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kosmos_tokenize(
+    tokenizer: *const kosmos_tokenizer,
+    text: *const c_char,
+    add_bos: bool,
+    out_ids: *mut *mut u32,
+    out_n: *mut usize,
+) -> kosmos_status {
+    guard(|| {
+        if out_ids.is_null() || out_n.is_null() {
+            return fail(
+                kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+                "out_ids or out_n is NULL",
+            );
+        }
+        // SAFETY: checked non-NULL; the caller owns the slots.
+        unsafe {
+            *out_ids = std::ptr::null_mut();
+            *out_n = 0;
+        }
+        let tok = match live(tokenizer) {
+            Ok(t) => t,
+            Err(s) => return s,
+        };
+        // SAFETY: per this function's contract.
+        let text = match unsafe { c_str(text, "text") } {
+            Ok(t) => t,
+            Err(s) => return s,
+        };
+        let mut ids = Vec::new();
+        if add_bos {
+            ids.push(tok.special().bos_token_id);
+        }
+        match tok.encode(text) {
+            Ok(t) => ids.extend(t),
+            Err(e) => return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, e.to_string()),
+        }
+        if ids.is_empty() {
+            return kosmos_status::KOSMOS_OK;
+        }
+        let n = ids.len();
+        let ids = Box::into_raw(ids.into_boxed_slice()) as *mut u32;
+        // SAFETY: checked non-NULL above.
+        unsafe {
+            *out_ids = ids;
+            *out_n = n;
+        }
+        kosmos_status::KOSMOS_OK
+    })
+}
+
+/// Release ids returned by `kosmos_tokenize` (NULL is ignored).
+///
+/// # Safety
+/// `ids` is NULL or an array `kosmos_tokenize` returned with `n` ids, not yet freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kosmos_tokens_free(ids: *mut u32, n: usize) {
+    if !ids.is_null() {
+        // SAFETY: per the contract, `ids` came from a boxed slice of `n` ids.
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ids, n)) });
+    }
+}
+
+/// The text of `n` token ids (special tokens skipped), as the engine's DONE text is made. On
+/// success `*out_text` holds it, to release with `kosmos_string_free`. An id outside the
+/// vocabulary is refused, naming it.
+///
+/// # Safety
+/// `tokenizer` is a handle from `kosmos_tokenizer_open` (or NULL); `ids` points to `n` ids (or
+/// is NULL with `n` 0); `out_text` is writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kosmos_detokenize(
+    tokenizer: *const kosmos_tokenizer,
+    ids: *const u32,
+    n: usize,
+    out_text: *mut *mut c_char,
+) -> kosmos_status {
+    guard(|| {
+        if out_text.is_null() {
+            return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, "out_text is NULL");
+        }
+        // SAFETY: checked non-NULL; the caller owns the slot.
+        unsafe { *out_text = std::ptr::null_mut() };
+        let tok = match live(tokenizer) {
+            Ok(t) => t,
+            Err(s) => return s,
+        };
+        if ids.is_null() && n > 0 {
+            return fail(
+                kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+                "ids is NULL but n > 0",
+            );
+        }
+        let ids = if n == 0 {
+            &[][..]
+        } else {
+            // SAFETY: `ids` holds `n` ids per the contract.
+            unsafe { std::slice::from_raw_parts(ids, n) }
+        };
+        let vocab = tok.vocab_size();
+        if let Some(i) = ids.iter().position(|&id| id as usize >= vocab) {
+            return fail(
+                kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+                format!(
+                    "ids[{i}] = {} is not a token id of this model (0..{vocab})",
+                    ids[i]
+                ),
+            );
+        }
+        match tok.decode(ids) {
+            Ok(text) => {
+                let c = CString::new(text.replace('\0', " ")).unwrap_or_default();
+                // SAFETY: checked non-NULL above.
+                unsafe { *out_text = c.into_raw() };
+                kosmos_status::KOSMOS_OK
+            }
+            Err(e) => fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, e.to_string()),
+        }
+    })
+}
