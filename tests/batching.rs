@@ -933,3 +933,83 @@ fn identical_prompts_share_one_prefill() {
         );
     }
 }
+
+/// Admission groups prompts by what is left to prefill: a prompt mostly in the prefix cache and
+/// short prompts arriving beside a long new one are not prefilled at its length. Every answer
+/// still equals `Package::generate` alone, and the positions the prefill calls compute are
+/// those of each group's own longest uncached part (where one group of four would compute four
+/// rows of the long prompt).
+#[test]
+fn prompts_are_grouped_by_what_is_left_to_prefill() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, pkg_dir) = kosmos_e2e::tiny_buffer_package(dir.path(), 7);
+    let mut reference = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    let long = "a red circle on the left and a blue square on the right, ".repeat(4);
+    let first = [(Prompt::parse(&long, vec![]).unwrap(), greedy(3))];
+    let wave = [
+        // The first prompt again with a question after it: mostly cached.
+        (
+            Prompt::parse(&format!("{long}Question: what shape? Answer:"), vec![]).unwrap(),
+            greedy(4),
+        ),
+        (
+            Prompt::parse(&"yellow triangle and green square, ".repeat(12), vec![]).unwrap(),
+            greedy(4),
+        ),
+        (Prompt::parse("purple", vec![]).unwrap(), greedy(4)),
+        (Prompt::parse("an orange", vec![]).unwrap(), greedy(4)),
+    ];
+    let expected_first = alone(&mut reference, &first[0].0, &first[0].1);
+    let expected: Vec<Generation> = wave
+        .iter()
+        .map(|(p, params)| alone(&mut reference, p, params))
+        .collect();
+    let ids = |p: &Prompt| reference.assemble(p).unwrap().input_ids;
+    // What the cache holds after the first prompt: its tokens and the generated ones fed back.
+    let mut held = ids(&first[0].0);
+    held.extend(&expected_first.tokens[..expected_first.tokens.len() - 1]);
+    let lens: Vec<usize> = wave.iter().map(|(p, _)| ids(p).len()).collect();
+    let common = ids(&wave[0].0)
+        .iter()
+        .zip(&held)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let uncached = lens[0] - common.min(lens[0] - 1);
+    assert!(
+        uncached * 4 < lens[0] && lens[1] > 2 * lens[2].max(lens[3]) + 32,
+        "{lens:?}"
+    );
+    drop(reference);
+
+    for (cached_attention, prefill_chunk) in [(false, 0), (true, 0), (false, 16)] {
+        let config = EngineConfig {
+            max_batch: 4,
+            prefill_chunk,
+            ..Default::default()
+        };
+        let (mut engine, metrics) = engine_on(&ckpt, &pkg_dir, cached_attention, config);
+        let case = format!("cached_attention {cached_attention}, chunk {prefill_chunk}");
+        let out = run_all(&mut engine, first.iter().map(|(p, g)| (p, g)), |_| {});
+        assert_eq!(
+            out[0].lock().unwrap().done.as_ref().unwrap().tokens,
+            expected_first.tokens
+        );
+        let before = metrics.prefill_positions.load(Ordering::Relaxed);
+        let outs = run_all(&mut engine, wave.iter().map(|(p, g)| (p, g)), |_| {});
+        for (i, (out, want)) in outs.iter().zip(&expected).enumerate() {
+            let done = out.lock().unwrap().done.clone().unwrap();
+            assert_eq!(
+                done.tokens, want.tokens,
+                "{case}: prompt {i} vs Package::generate"
+            );
+        }
+        let computed = metrics.prefill_positions.load(Ordering::Relaxed) - before;
+        // The cached prompt alone, the long one alone, the two short ones together (`<s>`, in
+        // the cache too, can make each a little less). One group would compute 4 × the long one.
+        let most = uncached + lens[1] + 2 * lens[2].max(lens[3]);
+        assert!(
+            computed as usize <= most && computed as usize >= lens[1] - 1,
+            "{case}: {computed} positions computed, at most {most} ({lens:?}, {uncached} uncached)"
+        );
+    }
+}

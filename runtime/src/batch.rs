@@ -260,34 +260,40 @@ impl Prefill {
     }
 }
 
-/// Move out of `group` every request whose prompt (tokens, image slots and image content, by
-/// `hashes`: one list per request) equals an earlier one's and that does not ask for its
-/// prompt's log-probabilities. Returns them, each with the index (in what stays in `group`) of
-/// the request whose prefill it will copy, and the image hashes of what stays, flattened.
-fn split_identical(
-    group: &mut Vec<SeqRequest>,
-    hashes: Vec<Vec<[u8; 32]>>,
-) -> (Vec<(SeqRequest, usize)>, Vec<[u8; 32]>) {
-    let mut leaders: Vec<(SeqRequest, Vec<[u8; 32]>)> = Vec::with_capacity(group.len());
+/// Split `group` into the candidates to prefill and the requests whose prompt (tokens, image
+/// slots and image content) equals an earlier one's and that do not ask for their prompt's
+/// log-probabilities, each with the index of the candidate whose prefill it will copy.
+fn split_identical(group: Vec<Candidate>) -> (Vec<Candidate>, Vec<(SeqRequest, usize)>) {
+    let mut leaders: Vec<Candidate> = Vec::with_capacity(group.len());
     let mut followers = Vec::new();
-    for (req, h) in group.drain(..).zip(hashes) {
-        let same = leaders.iter().position(|(l, lh)| {
-            l.assembled.input_ids == req.assembled.input_ids
-                && l.assembled.image_mask == req.assembled.image_mask
-                && *lh == h
+    for c in group {
+        let same = leaders.iter().position(|l| {
+            l.req.assembled.input_ids == c.req.assembled.input_ids
+                && l.req.assembled.image_mask == c.req.assembled.image_mask
+                && l.hashes == c.hashes
         });
         match same {
-            Some(i) if req.prompt_logprobs.is_none() => followers.push((req, i)),
-            _ => leaders.push((req, h)),
+            Some(i) if c.req.prompt_logprobs.is_none() => followers.push((c.req, i)),
+            _ => leaders.push(c),
         }
     }
-    let mut flat = Vec::new();
-    for (req, h) in leaders {
-        group.push(req);
-        flat.extend(h);
-    }
-    (followers, flat)
+    (leaders, followers)
 }
+
+/// What admission works out for a waiting sequence before it joins a group.
+struct Candidate {
+    req: SeqRequest,
+    /// Content hash of each of its images, in prompt order.
+    hashes: Vec<[u8; 32]>,
+    /// Its prompt's position keys (empty when the prefix cache is off).
+    keys: Vec<PositionKey>,
+    /// Prompt tokens whose keys and values the prefix cache holds and will give.
+    cached: usize,
+}
+
+/// Tokens by which a group's longest uncached prompt part may exceed twice its shortest: short
+/// prompts are batched whatever their lengths (a call's fixed cost dominates there).
+const GROUP_LENGTH_SLACK: usize = 32;
 
 /// The KV pool: per layer a key and a value buffer laid out [rows, heads, capacity, head_dim].
 ///
@@ -753,9 +759,13 @@ impl Engine {
         }
         let context = self.pkg.context_length();
         // FIFO; a sequence joins the group while every member still fits its prompt width +
-        // max_tokens in the context (a short prompt's slots start after the group's padding).
-        let mut group: Vec<SeqRequest> = Vec::new();
+        // max_tokens in the context (a short prompt's slots start after the group's padding),
+        // and while the group's uncached prompt parts stay alike in length: every row computes
+        // the longest, so a prompt mostly in the prefix cache, or a short one, beside a long
+        // one would wait for (and pay) the long one's prefill. It heads the next group instead.
+        let mut group: Vec<Candidate> = Vec::new();
         let (mut width, mut most_new) = (0, 0);
+        let (mut least, mut most) = (usize::MAX, 0);
         while group.len() < free {
             let Some(next) = self.pending.front() else { break };
             let w = width.max(next.assembled.len());
@@ -783,19 +793,65 @@ impl Engine {
                 (req.sink)(SeqEvent::Failed(SeqFailure::Engine(e.to_string())));
                 continue;
             }
+            let c = self.candidate(req);
+            let uncached = c.req.assembled.len() - c.cached;
+            let (lo, hi) = (least.min(uncached), most.max(uncached));
+            if !group.is_empty() && hi > 2 * lo + GROUP_LENGTH_SLACK {
+                self.pending.push_front(c.req);
+                self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            (least, most) = (lo, hi);
             width = w;
             most_new = n;
-            group.push(req);
+            group.push(c);
         }
         if group.is_empty() {
             return Ok(());
         }
-        match self.start_prefill(&mut group, width) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.fail_group(group, &e);
-                Err(e)
-            }
+        self.start_prefill(group, width)
+    }
+
+    /// `req` with its images' hashes, its position keys and how much of it the prefix cache
+    /// holds.
+    fn candidate(&mut self, req: SeqRequest) -> Candidate {
+        // Hashed once: the vision cache, the prefix cache and the search for identical prompts
+        // all know an image by it.
+        let hashes: Vec<[u8; 32]> = req.pixels.iter().map(|p| image_hash(p)).collect();
+        if !self.prefix.enabled() {
+            return Candidate {
+                req,
+                hashes,
+                keys: Vec::new(),
+                cached: 0,
+            };
+        }
+        let per = self.pkg.manifest.vision.tokens_per_image.max(1);
+        let a = &req.assembled;
+        let mut slot = 0;
+        let keys: Vec<PositionKey> = a
+            .input_ids
+            .iter()
+            .zip(&a.image_mask)
+            .map(|(&id, &image)| {
+                if image {
+                    slot += 1;
+                    image_key(&hashes[(slot - 1) / per])
+                } else {
+                    token_key(id)
+                }
+            })
+            .collect();
+        // A scored prompt needs every position's logits; the last token's are needed anyway.
+        let cached = match (req.prompt_logprobs, self.prefix.longest_prefix(&keys)) {
+            (None, Some((_, n))) => n.min(a.len() - 1),
+            _ => 0,
+        };
+        Candidate {
+            req,
+            hashes,
+            keys,
+            cached,
         }
     }
 
@@ -837,9 +893,9 @@ impl Engine {
     }
 
     /// Reserve pool rows for `group`, encode its images and lay out its prompts; the chunks
-    /// run from the next `prefill_chunk` call on.
-    fn start_prefill(&mut self, group: &mut Vec<SeqRequest>, width: usize) -> Result<()> {
-        let most_new = group.iter().map(|r| r.params.max_tokens).max().unwrap_or(0);
+    /// run from the next `prefill_chunk` call on. On failure every member has failed.
+    fn start_prefill(&mut self, group: Vec<Candidate>, width: usize) -> Result<()> {
+        let most_new = group.iter().map(|c| c.req.params.max_tokens).max().unwrap_or(0);
         let reserved_max = self
             .running
             .iter()
@@ -847,20 +903,21 @@ impl Engine {
             .max()
             .unwrap_or(0)
             .max(width + most_new);
-        self.ensure_pool(reserved_max)?;
+        if let Err(e) = self.ensure_pool(reserved_max) {
+            self.fail_group(group.into_iter().map(|c| c.req), &e);
+            return Err(e);
+        }
         let dm = self.pkg.manifest.decoder.hidden_size;
         let per = self.pkg.manifest.vision.tokens_per_image;
-        // Hashed once: the vision cache, the prefix cache and the search for identical prompts
-        // all know an image by it.
-        let hashes: Vec<Vec<[u8; 32]>> = group
-            .iter()
-            .map(|r| r.pixels.iter().map(|p| image_hash(p)).collect())
-            .collect();
-        let (followers, hashes) = split_identical(group, hashes);
-        let m = group.len();
+        let (leaders, followers) = split_identical(group);
+        let m = leaders.len();
 
         // Images: one vision batch (cached embeddings reused), laid out per row in prompt order.
-        let pixels: Vec<Vec<f32>> = group.iter().flat_map(|r| r.pixels.iter().cloned()).collect();
+        let pixels: Vec<Vec<f32>> = leaders
+            .iter()
+            .flat_map(|c| c.req.pixels.iter().cloned())
+            .collect();
+        let hashes: Vec<[u8; 32]> = leaders.iter().flat_map(|c| c.hashes.iter().copied()).collect();
         let encoded = if pixels.is_empty() {
             Ok(Vec::new())
         } else {
@@ -869,11 +926,16 @@ impl Engine {
         let encoded = match encoded {
             Ok(e) => e,
             Err(e) => {
-                // The caller fails `group`: the followers with it.
-                group.extend(followers.into_iter().map(|(r, _)| r));
+                let all = leaders
+                    .into_iter()
+                    .map(|c| c.req)
+                    .chain(followers.into_iter().map(|(r, _)| r));
+                self.fail_group(all, &e);
                 return Err(e);
             }
         };
+        let first = self.running.len();
+        let (group, keys, written) = self.reuse_prefixes(leaders, first, width);
         let most_images = group.iter().map(|r| r.pixels.len()).max().unwrap_or(0);
         let n_tok = (most_images * per).max(1);
         let mut embeds = vec![0f32; m * n_tok * dm];
@@ -903,10 +965,8 @@ impl Engine {
             .iter()
             .map(|r| r.prompt_logprobs.map(|_| vec![None; r.assembled.len()]))
             .collect();
-        let first = self.running.len();
-        let (keys, written) = self.reuse_prefixes(group, &hashes, first, width);
         self.prefill = Some(Prefill {
-            group: std::mem::take(group),
+            group,
             first,
             width,
             written,
@@ -922,55 +982,35 @@ impl Engine {
         Ok(())
     }
 
-    /// Copy the longest cached prefix of each prompt of `group` (rows `first..`, prompts ending
-    /// at slot `width`, images hashed in `hashes` in order) into its row. Returns each row's position keys and the slot the group's
-    /// prefill starts at: where the longest uncached part begins (the other rows recompute a
-    /// little of their cached part, which changes nothing).
+    /// Copy the cached prefix of each prompt of `group` (rows `first..`, prompts ending at slot
+    /// `width`) into its row. Returns the requests, their position keys, and the slot the
+    /// group's prefill starts at: where the longest uncached part begins (admission keeps the
+    /// uncached parts alike, so the other rows recompute little of their cached part, which
+    /// changes nothing).
     fn reuse_prefixes(
         &mut self,
-        group: &[SeqRequest],
-        hashes: &[[u8; 32]],
+        group: Vec<Candidate>,
         first: usize,
         width: usize,
-    ) -> (Vec<Vec<PositionKey>>, usize) {
-        if !self.prefix.enabled() {
-            return (vec![Vec::new(); group.len()], 0);
-        }
-        let mut keys = Vec::with_capacity(group.len());
+    ) -> (Vec<SeqRequest>, Vec<Vec<PositionKey>>, usize) {
         let mut uncached = 0;
         let mut hits = 0;
-        let per = self.pkg.manifest.vision.tokens_per_image.max(1);
-        let mut hashes = hashes.iter();
-        for (r, req) in group.iter().enumerate() {
-            let a = &req.assembled;
-            let images: Vec<PositionKey> = hashes.by_ref().take(req.pixels.len()).map(image_key).collect();
-            let mut slot = 0;
-            let k: Vec<PositionKey> = a
-                .input_ids
-                .iter()
-                .zip(&a.image_mask)
-                .map(|(&id, &image)| {
-                    if image {
-                        slot += 1;
-                        images[(slot - 1) / per]
-                    } else {
-                        token_key(id)
-                    }
-                })
-                .collect();
-            // A scored prompt needs every position's logits; the last token's are needed anyway.
-            let reused = match (req.prompt_logprobs, self.prefix.longest_prefix(&k)) {
-                (None, Some((entry, n))) => {
-                    let n = n.min(a.len() - 1);
-                    self.pool
-                        .copy_in(first + r, width - a.len(), &entry.tensors, entry.len(), n);
-                    n
-                }
-                _ => 0,
-            };
+        let mut reqs = Vec::with_capacity(group.len());
+        let mut keys = Vec::with_capacity(group.len());
+        for (r, c) in group.into_iter().enumerate() {
+            let len = c.req.assembled.len();
+            let mut reused = 0;
+            if c.cached > 0
+                && let Some((entry, n)) = self.prefix.longest_prefix(&c.keys)
+            {
+                reused = n.min(c.cached);
+                self.pool
+                    .copy_in(first + r, width - len, &entry.tensors, entry.len(), reused);
+            }
             hits += reused;
-            uncached = uncached.max(a.len() - reused);
-            keys.push(k);
+            uncached = uncached.max(len - reused);
+            reqs.push(c.req);
+            keys.push(c.keys);
         }
         if hits > 0 {
             self.metrics
@@ -978,7 +1018,7 @@ impl Engine {
                 .fetch_add(hits as u64, Ordering::Relaxed);
             tracing::debug!(hits, skipped = width - uncached, "prefix cache");
         }
-        (keys, width - uncached)
+        (reqs, keys, width - uncached)
     }
 
     /// Write the next chunk of the prefilling group; after the last one its sequences take
@@ -1011,6 +1051,9 @@ impl Engine {
             "prefill chunk"
         );
         self.metrics.prefill_calls.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .prefill_positions
+            .fetch_add((m * (to - from)) as u64, Ordering::Relaxed);
         let vocab = self.pkg.manifest.decoder.vocab_size;
         // Scoring a prompt needs a row of logits per new position (a decoder that returned fewer
         // would be misread).

@@ -74,6 +74,9 @@ pub struct Metrics {
     generation_tokens: AtomicU64,
     vision_cache_hits: AtomicU64,
     pub prefill_calls: AtomicU64,
+    /// Positions prefill calls computed: rows × positions, padding and recomputed cached
+    /// tokens included.
+    pub prefill_positions: AtomicU64,
     /// Prompt tokens whose keys and values were copied from the prefix cache.
     pub prefix_cache_hit_tokens: AtomicU64,
     pub prefix_cache_bytes: AtomicU64,
@@ -97,6 +100,7 @@ impl Default for Metrics {
             generation_tokens: AtomicU64::new(0),
             vision_cache_hits: AtomicU64::new(0),
             prefill_calls: AtomicU64::new(0),
+            prefill_positions: AtomicU64::new(0),
             prefix_cache_hit_tokens: AtomicU64::new(0),
             prefix_cache_bytes: AtomicU64::new(0),
             shared_prefill_tokens: AtomicU64::new(0),
@@ -193,6 +197,13 @@ impl Metrics {
             "kosmos_prefill_calls_total",
             "Prefill decoder calls (a group of prompts longer than --prefill-chunk takes several).",
             &self.prefill_calls,
+            "counter",
+        );
+        counter(
+            &mut out,
+            "kosmos_prefill_positions_total",
+            "Positions prefill calls computed (rows x positions, padding and recomputed cached tokens included); against kosmos_prompt_tokens_total it shows what grouping prompts costs.",
+            &self.prefill_positions,
             "counter",
         );
         counter(
