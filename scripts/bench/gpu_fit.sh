@@ -44,7 +44,7 @@ summary tiny "$W/tiny/metrics.jsonl" | tee "$OUT/tiny_tch.json"
 "$BIN" eval "$W/tiny" --data "$W/vqa/manifest.jsonl" --json --device cuda | tee "$OUT/tiny_eval_vqa.json"
 "$BIN" preset tiny >"$W/tiny.json"
 IMG=$(python3 -c "import json;print(round(json.load(open('$OUT/tiny_tch.json'))['images_mean']))")
-python3 scripts/bench/train_step_torch.py --config "$W/tiny.json" --batch-size 16 --max-len 48 \
+python3 scripts/bench/train_step_torch.py --config "$W/tiny.json" --batch-size 24 --max-len 48 \
   --images "$IMG" --steps 200 | tee "$OUT/tiny_torch.json"
 
 echo "== kosmos-1 (1.67 B): batch 8 x 512, CLIP frozen except its last layer"
