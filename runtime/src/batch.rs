@@ -616,17 +616,19 @@ impl Engine {
         self.running.is_empty() && self.prefill.is_none() && self.pending.is_empty()
     }
 
-    /// Serve requests from `rx` until every sender is gone and the work is done.
-    pub fn run(mut self, rx: Receiver<SeqRequest>) {
+    /// Serve requests from `rx` until every sender is gone and the work is done. Requests sent
+    /// together (a prompt's `n` choices) are queued together, so they can be admitted as one
+    /// group and share a prefill.
+    pub fn run(mut self, rx: Receiver<Vec<SeqRequest>>) {
         loop {
             if self.is_idle() {
                 match rx.recv() {
-                    Ok(r) => self.submit(r),
+                    Ok(rs) => rs.into_iter().for_each(|r| self.submit(r)),
                     Err(_) => return,
                 }
             }
-            while let Ok(r) = rx.try_recv() {
-                self.submit(r);
+            while let Ok(rs) = rx.try_recv() {
+                rs.into_iter().for_each(|r| self.submit(r));
             }
             // A bug in one step must not take the server down: fail what was in flight and go on.
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));

@@ -12,7 +12,10 @@ One request at a time (nothing else running), each streamed with max_tokens 1:
 * doc_first / doc_again: a long text-only document and a question, then the same document with
   another question (`--doc-words`);
 * chat_turn: the document, the first question, its answer and a new question, as a chat's next
-  turn sends them.
+  turn sends them;
+* doc_again_beside_new: the document with a third question, sent together with a new document
+  of the same length (its own nonce): the cached prompt's time to first token when a long
+  uncached one arrives at the same moment.
 Each run uses a fresh nonce at the start of the prompts, so runs do not reuse each other; the
 medians over `--runs` are printed as JSON with the prompt lengths.
 """
@@ -23,6 +26,7 @@ import json
 import statistics
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx  # the HTTP client the openai package ships with
 
@@ -82,6 +86,14 @@ def main():
             cases["chat_turn"] = ttft(client, args.model, first_q + [
                 {"role": "assistant", "content": answer},
                 {"role": "user", "content": "Question: and which is green? Answer:"}])
+            new_doc = doc.replace(f"[{nonce}]", f"[{uuid.uuid4().hex[:8]}]")
+            with ThreadPoolExecutor(2) as pool:
+                beside = pool.submit(ttft, client, args.model,
+                                     [{"role": "user", "content": f"{doc}\nQuestion: which item is pink? Answer:"}])
+                new = pool.submit(ttft, client, args.model,
+                                  [{"role": "user", "content": f"{new_doc}\nQuestion: which item is red? Answer:"}])
+                cases["doc_again_beside_new"] = beside.result()
+                cases["new_doc_beside_cached"] = new.result()
             for k, (t, _, n) in cases.items():
                 results.setdefault(k, []).append(t)
                 lengths[k] = n

@@ -10,9 +10,10 @@ import argparse
 import math
 import sys
 
+import httpx2 as httpx  # the HTTP client the openai package ships with
 import openai
 
-from common import data_url, run_reference
+from common import data_url, metric_sum, parse_metrics, run_reference
 
 
 def main():
@@ -180,6 +181,15 @@ def main():
     b = [c.text for c in client.completions.create(**kw).choices]
     check("seeded n=3 reproducible", a, b)
     assert len(a) == 3
+    # Choice j is `kosmos-rt run` with seed + j, though the three share one prefill.
+    for j, got in enumerate(a):
+        want = run_reference(args.binary, args.package, prompt=text, max_tokens=8,
+                             extra=["--temperature", "1.0", "--seed", str(5 + j)])
+        check(f"n=3 choice {j} equals run --seed {5 + j}", got.strip(), want)
+    metrics = parse_metrics(httpx.get(args.base_url.removesuffix("/v1") + "/metrics",
+                                      headers={"Authorization": f"Bearer {args.api_key}"}).text)
+    if metric_sum(metrics, "kosmos_shared_prefill_tokens_total") <= 0:
+        failures.append("the n=3 choices did not share their prefill")
 
     try:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])

@@ -118,7 +118,7 @@ pub type kosmos_event_callback =
 
 /// A continuous-batching engine over one package (opaque).
 pub struct kosmos_engine {
-    tx: Mutex<Option<Sender<SeqRequest>>>,
+    tx: Mutex<Option<Sender<Vec<SeqRequest>>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     thread_id: ThreadId,
     tokenizer: KosmosTokenizer,
@@ -438,7 +438,7 @@ pub unsafe extern "C" fn kosmos_engine_submit(
             unsafe { *out_request = id };
         }
         let sent = match &*engine.tx.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(tx) => tx.send(req).is_ok(),
+            Some(tx) => tx.send(vec![req]).is_ok(),
             None => false,
         };
         if !sent {

@@ -99,7 +99,7 @@ pub struct AppState {
     tokenizer: KosmosTokenizer,
     template: Option<minijinja::Environment<'static>>,
     images: ImagePolicy,
-    engine: std::sync::Mutex<Sender<SeqRequest>>,
+    engine: std::sync::Mutex<Sender<Vec<SeqRequest>>>,
     metrics: Arc<Metrics>,
     started: u64,
 }

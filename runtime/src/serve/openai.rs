@@ -486,7 +486,7 @@ impl AppState {
         let deadline = Some(arrived + self.cfg.request_timeout);
         let mut flags = Vec::with_capacity(total);
         let mut prompt_tokens = 0;
-        let engine = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        let mut reqs = Vec::with_capacity(total);
         for (pi, p) in prompts.into_iter().enumerate() {
             // OpenAI counts a prompt once however many choices it has.
             prompt_tokens += p.assembled.len();
@@ -508,13 +508,19 @@ impl AppState {
                     cancel,
                     sink: Box::new(move |ev| tx.send((index, ev)).is_ok()),
                 };
-                if engine.send(req).is_err() {
-                    self.metrics
-                        .queue_depth
-                        .fetch_sub((total - index) as u64, Ordering::SeqCst);
-                    return Err(ApiError::unavailable("the engine has stopped"));
-                }
+                reqs.push(req);
             }
+        }
+        // In one message, so the engine queues the choices together and can prefill them once.
+        let sent = self
+            .engine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(reqs)
+            .is_ok();
+        if !sent {
+            self.metrics.queue_depth.fetch_sub(total as u64, Ordering::SeqCst);
+            return Err(ApiError::unavailable("the engine has stopped"));
         }
         Ok(Submitted {
             events: rx,
