@@ -310,18 +310,27 @@ unsafe fn open_package(package_dir: *const c_char, device: *const c_char) -> Res
 /// `model` is NULL or a handle from `kosmos_model_open`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kosmos_model_free(model: *mut kosmos_model) -> kosmos_status {
+    // SAFETY: per this function's contract.
+    unsafe { free_handle(model, &MODELS, "model") }
+}
+
+/// Release handle `h` of `registry` (NULL is ignored; a handle not live is refused).
+///
+/// # Safety
+/// `h` is NULL or a pointer from `Box::into_raw` registered in `registry`.
+unsafe fn free_handle<T>(h: *mut T, registry: &Handles, what: &str) -> kosmos_status {
     guard(|| {
-        if model.is_null() {
+        if h.is_null() {
             return kosmos_status::KOSMOS_OK;
         }
-        if !MODELS.remove(model as usize) {
+        if !registry.remove(h as usize) {
             return fail(
                 kosmos_status::KOSMOS_ERR_INVALID_HANDLE,
-                "model was already freed",
+                format!("{what} was already freed"),
             );
         }
         // SAFETY: the handle was live, so it came from Box::into_raw and is freed only here.
-        drop(unsafe { Box::from_raw(model) });
+        drop(unsafe { Box::from_raw(h) });
         kosmos_status::KOSMOS_OK
     })
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use kosmos_models::KosmosTokenizer;
 use kosmos_models::package::PackageManifest;
 
-use super::{Handles, c_str, fail, guard, kosmos_status};
+use super::{Handles, c_str, fail, free_handle, guard, kosmos_status};
 use crate::package::open_tokenizer;
 
 /// A package's tokenizer (opaque); any number of threads may use one at once.
@@ -74,20 +74,8 @@ pub unsafe extern "C" fn kosmos_tokenizer_open(
 /// `tokenizer` is NULL or a handle from `kosmos_tokenizer_open`, not in use by another thread.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kosmos_tokenizer_free(tokenizer: *mut kosmos_tokenizer) -> kosmos_status {
-    guard(|| {
-        if tokenizer.is_null() {
-            return kosmos_status::KOSMOS_OK;
-        }
-        if !TOKENIZERS.remove(tokenizer as usize) {
-            return fail(
-                kosmos_status::KOSMOS_ERR_INVALID_HANDLE,
-                "tokenizer was already freed",
-            );
-        }
-        // SAFETY: the handle was live, so it came from Box::into_raw and is freed only here.
-        drop(unsafe { Box::from_raw(tokenizer) });
-        kosmos_status::KOSMOS_OK
-    })
+    // SAFETY: per this function's contract.
+    unsafe { free_handle(tokenizer, &TOKENIZERS, "tokenizer") }
 }
 
 /// The token ids of `text` (UTF-8; `<image>` is plain text here), with `<s>` first when
