@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Valgrind memcheck of the C ABI: builds libkosmos_rt.so and the C++ examples, exports a tiny
-# random-weight package, and runs `caption`, `abi_errors` (every failure path) and `engine`
+# random-weight package, and runs `caption`, `caption_c` (the same in C, with the tokenizer),
+# `abi_errors` (every failure path) and `engine`
 # (concurrent requests, cancellation, freeing with requests in flight) under valgrind. Fails on
 # any invalid read/write or on memory definitely lost in our library.
 # Not part of scripts/test.sh (slow); run it after changing runtime/src/ffi.rs.
@@ -23,7 +24,7 @@ echo "not an image" >"$out/notes.txt"
 .venv/bin/cmake --build "$out/build" >/dev/null
 export ORT_DYLIB_PATH="$root/.deps/libonnxruntime.so"
 status=0
-for prog in "caption $out/pkg $image '' 8" "abi_errors $out/pkg $out/notes.txt" \
+for prog in "caption $out/pkg $image '' 8" "caption_c $out/pkg $image 8" "abi_errors $out/pkg $out/notes.txt" \
   "engine $out/pkgbuf $image 6 '<image>' 'a red circle' '' '<image> Question: what colour is it? Answer:'"; do
   name=${prog%% *}
   echo "== valgrind $name"

@@ -77,6 +77,17 @@ fn cpp_example_captions_like_the_rust_api_and_errors_are_codes() {
     let got = String::from_utf8_lossy(&out.stdout);
     assert_eq!(got.trim_end_matches('\n'), want, "C++ caption vs Rust API");
 
+    // The same from plain C, with the answer's token count from kosmos_tokenize.
+    let out = run(Command::new(build.join("caption_c"))
+        .env("ORT_DYLIB_PATH", &ort)
+        .arg(&pkg)
+        .arg(&image)
+        .arg("10"));
+    let got = String::from_utf8_lossy(&out.stdout);
+    let (text, count) = got.trim_end_matches('\n').rsplit_once('\n').expect("two lines");
+    assert_eq!(text, want, "C caption vs Rust API");
+    assert_eq!(count, package.tokenizer.encode(&want).unwrap().len().to_string());
+
     let not_image = dir.path().join("notes.txt");
     std::fs::write(&not_image, "not an image").unwrap();
     let mixed = mixed_package(dir.path(), &pkg);
