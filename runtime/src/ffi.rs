@@ -131,6 +131,48 @@ impl Handles {
     fn remove(&self, h: usize) -> bool {
         self.set().remove(&h)
     }
+    /// Box `value`, register it as live and hand it out through `out`.
+    ///
+    /// # Safety
+    /// `out` is non-NULL and writable.
+    unsafe fn publish<T>(&self, value: T, out: *mut *mut T) -> kosmos_status {
+        let h = Box::into_raw(Box::new(value));
+        self.insert(h as usize);
+        // SAFETY: per this function's contract.
+        unsafe { *out = h };
+        kosmos_status::KOSMOS_OK
+    }
+    /// The object behind handle `h`, or INVALID_HANDLE naming `what` when `h` is NULL, freed
+    /// or not of this kind.
+    ///
+    /// # Safety
+    /// A live `h` is not freed while the reference is in use (the functions' contracts).
+    unsafe fn get<'a, T>(&self, h: *const T, what: &str) -> Result<&'a T, kosmos_status> {
+        if !self.contains(h as usize) {
+            return Err(fail(
+                kosmos_status::KOSMOS_ERR_INVALID_HANDLE,
+                format!("{what} is NULL or was freed"),
+            ));
+        }
+        // SAFETY: live, so it came from `publish`'s Box::into_raw; per the contract.
+        Ok(unsafe { &*h })
+    }
+}
+
+/// Check an out-parameter and set it to NULL, so that a failure leaves NULL there.
+///
+/// # Safety
+/// `out` is NULL or writable.
+unsafe fn clear_out<T>(out: *mut *mut T, name: &str) -> Result<(), kosmos_status> {
+    if out.is_null() {
+        return Err(fail(
+            kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+            format!("{name} is NULL"),
+        ));
+    }
+    // SAFETY: checked non-NULL; the caller owns the slot.
+    unsafe { *out = std::ptr::null_mut() };
+    Ok(())
 }
 
 static MODELS: Handles = Handles::new();
@@ -248,23 +290,20 @@ pub unsafe extern "C" fn kosmos_model_open(
     out: *mut *mut kosmos_model,
 ) -> kosmos_status {
     guard(|| {
-        if out.is_null() {
-            return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, "out is NULL");
+        // SAFETY: per this function's contract.
+        if let Err(s) = unsafe { clear_out(out, "out") } {
+            return s;
         }
-        // SAFETY: checked non-NULL; the caller owns the slot.
-        unsafe { *out = std::ptr::null_mut() };
         // SAFETY: per this function's contract.
         let pkg = match unsafe { open_package(package_dir, device) } {
             Ok(p) => p,
             Err(s) => return s,
         };
-        let model = Box::into_raw(Box::new(kosmos_model {
+        let model = kosmos_model {
             inner: Mutex::new((pkg, VisionCache::new(64))),
-        }));
-        MODELS.insert(model as usize);
-        // SAFETY: checked non-NULL above.
-        unsafe { *out = model };
-        kosmos_status::KOSMOS_OK
+        };
+        // SAFETY: `out` was checked non-NULL above.
+        unsafe { MODELS.publish(model, out) }
     })
 }
 
@@ -356,17 +395,15 @@ pub unsafe extern "C" fn kosmos_generate(
     out_text: *mut *mut c_char,
 ) -> kosmos_status {
     guard(|| {
-        if out_text.is_null() {
-            return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, "out_text is NULL");
+        // SAFETY: per this function's contract.
+        if let Err(s) = unsafe { clear_out(out_text, "out_text") } {
+            return s;
         }
-        // SAFETY: checked non-NULL; the caller owns the slot.
-        unsafe { *out_text = std::ptr::null_mut() };
-        if !MODELS.contains(model as usize) {
-            return fail(
-                kosmos_status::KOSMOS_ERR_INVALID_HANDLE,
-                "model is NULL or was freed",
-            );
-        }
+        // SAFETY: per this function's contract; the lock below serialises calls on the model.
+        let model = match unsafe { MODELS.get(model, "model") } {
+            Ok(m) => m,
+            Err(s) => return s,
+        };
         // SAFETY: per this function's contract.
         let (prompt, params, logprobs) = match unsafe { read_request(prompt, images, n_images, params) } {
             Ok(r) => r,
@@ -378,8 +415,6 @@ pub unsafe extern "C" fn kosmos_generate(
                 "params: logprobs are reported in kosmos_engine_submit's events; kosmos_generate takes logprobs = -1",
             );
         }
-        // SAFETY: live handle (checked above); the lock serialises calls on this model.
-        let model = unsafe { &*model };
         let mut guard = model.inner.lock().unwrap_or_else(|p| p.into_inner());
         let (pkg, cache) = &mut *guard;
         let mut on_token = |_: usize, piece: &str| match callback {

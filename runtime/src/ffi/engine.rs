@@ -14,7 +14,8 @@ use kosmos_models::KosmosTokenizer;
 use kosmos_models::sequence::Assembled;
 
 use super::{
-    Handles, fail, guard, kosmos_image, kosmos_params, kosmos_status, open_package, read_request, status_of,
+    Handles, clear_out, fail, guard, kosmos_image, kosmos_params, kosmos_status, open_package, read_request,
+    status_of,
 };
 use crate::batch::{Engine, EngineConfig, SeqEvent, SeqFailure, SeqRequest};
 use crate::error::RtError;
@@ -235,11 +236,10 @@ pub unsafe extern "C" fn kosmos_engine_open(
     out: *mut *mut kosmos_engine,
 ) -> kosmos_status {
     guard(|| {
-        if out.is_null() {
-            return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, "out is NULL");
+        // SAFETY: per this function's contract.
+        if let Err(s) = unsafe { clear_out(out, "out") } {
+            return s;
         }
-        // SAFETY: checked non-NULL; the caller owns the slot.
-        unsafe { *out = std::ptr::null_mut() };
         let c = if config.is_null() {
             kosmos_engine_default_config()
         } else {
@@ -282,7 +282,7 @@ pub unsafe extern "C" fn kosmos_engine_open(
                 );
             }
         };
-        let engine = Box::into_raw(Box::new(kosmos_engine {
+        let engine = kosmos_engine {
             tx: Mutex::new(Some(tx)),
             thread_id: thread.thread().id(),
             thread: Mutex::new(Some(thread)),
@@ -292,11 +292,9 @@ pub unsafe extern "C" fn kosmos_engine_open(
             context: manifest.decoder.context_length,
             next_id: AtomicU64::new(1),
             inflight: Arc::new(Mutex::new(HashMap::new())),
-        }));
-        ENGINES.insert(engine as usize);
-        // SAFETY: checked non-NULL above.
-        unsafe { *out = engine };
-        kosmos_status::KOSMOS_OK
+        };
+        // SAFETY: `out` was checked non-NULL above.
+        unsafe { ENGINES.publish(engine, out) }
     })
 }
 
@@ -325,14 +323,11 @@ pub unsafe extern "C" fn kosmos_engine_submit(
     out_request: *mut u64,
 ) -> kosmos_status {
     guard(|| {
-        if !ENGINES.contains(engine as usize) {
-            return fail(
-                kosmos_status::KOSMOS_ERR_INVALID_HANDLE,
-                "engine is NULL or was freed",
-            );
-        }
-        // SAFETY: live handle (checked above).
-        let engine = unsafe { &*engine };
+        // SAFETY: per this function's contract.
+        let engine = match unsafe { ENGINES.get(engine, "engine") } {
+            Ok(e) => e,
+            Err(s) => return s,
+        };
         let Some(f) = callback else {
             return fail(
                 kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
@@ -461,14 +456,11 @@ pub unsafe extern "C" fn kosmos_engine_submit(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kosmos_engine_cancel(engine: *mut kosmos_engine, request: u64) -> kosmos_status {
     guard(|| {
-        if !ENGINES.contains(engine as usize) {
-            return fail(
-                kosmos_status::KOSMOS_ERR_INVALID_HANDLE,
-                "engine is NULL or was freed",
-            );
-        }
-        // SAFETY: live handle (checked above).
-        let engine = unsafe { &*engine };
+        // SAFETY: per this function's contract.
+        let engine = match unsafe { ENGINES.get(engine, "engine") } {
+            Ok(e) => e,
+            Err(s) => return s,
+        };
         if let Some(flag) = engine
             .inflight
             .lock()

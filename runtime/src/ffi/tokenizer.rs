@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use kosmos_models::KosmosTokenizer;
 use kosmos_models::package::PackageManifest;
 
-use super::{Handles, c_str, fail, free_handle, guard, kosmos_status};
+use super::{Handles, c_str, clear_out, fail, free_handle, guard, kosmos_status};
 use crate::package::open_tokenizer;
 
 /// A package's tokenizer (opaque); any number of threads may use one at once.
@@ -19,16 +19,13 @@ pub struct kosmos_tokenizer {
 
 static TOKENIZERS: Handles = Handles::new();
 
-/// Checks `tokenizer` is live and returns it.
-fn live<'a>(tokenizer: *const kosmos_tokenizer) -> Result<&'a KosmosTokenizer, kosmos_status> {
-    if !TOKENIZERS.contains(tokenizer as usize) {
-        return Err(fail(
-            kosmos_status::KOSMOS_ERR_INVALID_HANDLE,
-            "tokenizer is NULL or was freed",
-        ));
-    }
-    // SAFETY: a live handle came from Box::into_raw and is freed only by kosmos_tokenizer_free.
-    Ok(unsafe { &(*tokenizer).tokenizer })
+/// The tokenizer behind a live handle.
+///
+/// # Safety
+/// A live `tokenizer` is not freed during the call using it (the functions' contracts).
+unsafe fn live<'a>(tokenizer: *const kosmos_tokenizer) -> Result<&'a KosmosTokenizer, kosmos_status> {
+    // SAFETY: per this function's contract.
+    unsafe { TOKENIZERS.get(tokenizer, "tokenizer") }.map(|t| &t.tokenizer)
 }
 
 /// Open the tokenizer of the package in `package_dir`. On success `*out` holds a tokenizer to
@@ -42,11 +39,10 @@ pub unsafe extern "C" fn kosmos_tokenizer_open(
     out: *mut *mut kosmos_tokenizer,
 ) -> kosmos_status {
     guard(|| {
-        if out.is_null() {
-            return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, "out is NULL");
+        // SAFETY: per this function's contract.
+        if let Err(s) = unsafe { clear_out(out, "out") } {
+            return s;
         }
-        // SAFETY: checked non-NULL; the caller owns the slot.
-        unsafe { *out = std::ptr::null_mut() };
         // SAFETY: per this function's contract.
         let dir = match unsafe { c_str(package_dir, "package_dir") } {
             Ok(d) => PathBuf::from(d),
@@ -56,13 +52,8 @@ pub unsafe extern "C" fn kosmos_tokenizer_open(
             .map_err(crate::error::RtError::from)
             .and_then(|m| open_tokenizer(&dir, &m));
         match opened {
-            Ok(tokenizer) => {
-                let t = Box::into_raw(Box::new(kosmos_tokenizer { tokenizer }));
-                TOKENIZERS.insert(t as usize);
-                // SAFETY: checked non-NULL above.
-                unsafe { *out = t };
-                kosmos_status::KOSMOS_OK
-            }
+            // SAFETY: `out` was checked non-NULL above.
+            Ok(tokenizer) => unsafe { TOKENIZERS.publish(kosmos_tokenizer { tokenizer }, out) },
             Err(e) => fail(kosmos_status::KOSMOS_ERR_PACKAGE, e.to_string()),
         }
     })
@@ -105,7 +96,8 @@ pub unsafe extern "C" fn kosmos_tokenize(
             *out_ids = std::ptr::null_mut();
             *out_n = 0;
         }
-        let tok = match live(tokenizer) {
+        // SAFETY: per this function's contract.
+        let tok = match unsafe { live(tokenizer) } {
             Ok(t) => t,
             Err(s) => return s,
         };
@@ -163,12 +155,12 @@ pub unsafe extern "C" fn kosmos_detokenize(
     out_text: *mut *mut c_char,
 ) -> kosmos_status {
     guard(|| {
-        if out_text.is_null() {
-            return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, "out_text is NULL");
+        // SAFETY: per this function's contract.
+        if let Err(s) = unsafe { clear_out(out_text, "out_text") } {
+            return s;
         }
-        // SAFETY: checked non-NULL; the caller owns the slot.
-        unsafe { *out_text = std::ptr::null_mut() };
-        let tok = match live(tokenizer) {
+        // SAFETY: per this function's contract.
+        let tok = match unsafe { live(tokenizer) } {
             Ok(t) => t,
             Err(s) => return s,
         };
