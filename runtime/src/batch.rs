@@ -1104,13 +1104,11 @@ impl Engine {
                 self.pool.move_row(p.first + r, first + r, p.width);
             }
         }
-        // Followers copy their prompt's row (after the group's rows) and its last logits: each
-        // still samples its own first token.
+        // Followers copy their prompt's row (after the group's rows); each samples its own first
+        // token from that row's logits.
         let followers = std::mem::take(&mut p.followers);
-        let mut follower_logits = Vec::with_capacity(followers.len());
         for (j, (req, leader)) in followers.iter().enumerate() {
             self.pool.move_row(first + leader, first + m + j, p.width);
-            follower_logits.push(logits[leader * vocab..(leader + 1) * vocab].to_vec());
             self.metrics
                 .shared_prefill_tokens
                 .fetch_add(req.assembled.len() as u64, Ordering::Relaxed);
@@ -1120,8 +1118,7 @@ impl Engine {
         let keys = std::mem::take(&mut p.keys);
         let followers: Vec<_> = followers
             .into_iter()
-            .zip(follower_logits)
-            .map(|((req, leader), logits)| (req, leader, None, keys[leader].clone(), logits))
+            .map(|(req, leader)| (req, leader, None, keys[leader].clone()))
             .collect();
         let leaders: Vec<_> = p
             .group
@@ -1129,11 +1126,10 @@ impl Engine {
             .zip(scored)
             .zip(keys)
             .enumerate()
-            .map(|(r, ((req, scored), keys))| {
-                (req, r, scored, keys, logits[r * vocab..(r + 1) * vocab].to_vec())
-            })
+            .map(|(r, ((req, scored), keys))| (req, r, scored, keys))
             .collect();
-        for (mut req, r, scored, keys, mut logits) in leaders.into_iter().chain(followers) {
+        let mut row_logits = vec![0f32; vocab];
+        for (mut req, r, scored, keys) in leaders.into_iter().chain(followers) {
             if let Some(scored) = scored {
                 let tokens = req.assembled.input_ids.iter().copied().zip(scored).collect();
                 (req.sink)(SeqEvent::PromptLogprobs(tokens));
@@ -1154,7 +1150,9 @@ impl Engine {
                 // max_tokens 0 (completions' `echo` scoring a prompt): done at its prefill.
                 run.state.finish = Some(FinishReason::Length);
             } else {
-                self.take_token(&mut run, &mut logits);
+                // A copy: `take_token` applies penalties in place, and followers read the row too.
+                row_logits.copy_from_slice(&logits[r * vocab..(r + 1) * vocab]);
+                self.take_token(&mut run, &mut row_logits);
             }
             self.running.push(run);
         }
