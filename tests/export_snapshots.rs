@@ -1,5 +1,5 @@
 //! `kosmos-export inspect` summaries of the tiny preset's graphs in every profile and dtype (and
-//! the buffer KV layout's decoder, with and without `ai.kosmos::CachedAttention`, and the trt
+//! the buffer KV layout's decoder, with and without `ai.kosmos::CachedAttention`, and int4-quantised, and the trt
 //! profile with its function bodies), pinned with insta. A change to a lowering shows up here as
 //! a reviewed diff (`cargo insta review`).
 
@@ -46,6 +46,23 @@ fn tiny_preset_graphs() {
     kosmos_export::export(&ckpt, &pkg, &opts).expect("export");
     insta::assert_snapshot!(
         "tiny-portable-fp32-buffer-cached-decoder",
+        summarise(&pkg, "decoder")
+    );
+    // --quantize int4: MatMulNBits (+ Add of the bias) in place of every decoder linear.
+    let pkg = dir.path().join("buffer-cached-int4");
+    let opts = kosmos_export::ExportOptions {
+        kv_cache: KvCacheLayout::Buffer,
+        cached_attention: true,
+        quantization: Some(kosmos_models::package::Quantization {
+            bits: 4,
+            block_size: 32,
+            accuracy_level: 4,
+        }),
+        ..kosmos_export::ExportOptions::default()
+    };
+    kosmos_export::export(&ckpt, &pkg, &opts).expect("export");
+    insta::assert_snapshot!(
+        "tiny-portable-fp32-buffer-cached-int4-decoder",
         summarise(&pkg, "decoder")
     );
     // The trt profile: ai.kosmos nodes and their function bodies.

@@ -17,10 +17,15 @@
 //!
 //! **Precision.** `fp32`, or `fp16` weights and activations with LayerNorm statistics, softmax and
 //! GELU in fp32; graph inputs/outputs stay f32 except the fp16 KV cache.
+//!
+//! **Quantisation.** `--quantize int8|int4` writes every decoder linear and the LM head as ONNX
+//! Runtime's `com.microsoft::MatMulNBits` with block-wise symmetric scales ([`quantize`]), as
+//! ONNX Runtime GenAI's model builder does; the rest of the package stays fp32.
 
 pub mod error;
 pub mod lower;
 pub mod onnx;
+pub mod quantize;
 pub mod trt;
 pub mod verify;
 
@@ -29,7 +34,7 @@ use std::str::FromStr;
 use std::time::Instant;
 
 use kosmos_models::atomic::StagedDir;
-use kosmos_models::package::{self, KvCacheLayout, PackageDtype, PackageManifest};
+use kosmos_models::package::{self, KvCacheLayout, PackageDtype, PackageManifest, Quantization};
 use kosmos_models::params::{self, expected_params};
 use kosmos_models::{Checkpoint, KosmosConfig};
 use prost::Message;
@@ -99,6 +104,28 @@ pub fn parse_dtype(s: &str) -> Result<PackageDtype> {
     }
 }
 
+/// `--quantize int8|int4` with its block size and accuracy level.
+pub fn parse_quantization(name: &str, block_size: usize, accuracy_level: u32) -> Result<Quantization> {
+    let bits = match name {
+        "int8" => 8,
+        "int4" => 4,
+        other => {
+            return Err(ExportError::Unsupported(format!(
+                "unknown --quantize '{other}' (available: int8, int4)"
+            )));
+        }
+    };
+    let q = Quantization {
+        bits,
+        block_size,
+        accuracy_level,
+    };
+    match q.invalid_setting() {
+        Some(problem) => Err(ExportError::Unsupported(format!("--quantize: {problem}"))),
+        None => Ok(q),
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ExportOptions {
     pub profile: Profile,
@@ -112,6 +139,8 @@ pub struct ExportOptions {
     /// Write the decoder's attention as `ai.kosmos::CachedAttention` (buffer layout: kosmos-rt's
     /// CPU kernel reads each row's own keys only; the function body runs anywhere else).
     pub cached_attention: bool,
+    /// Quantise the decoder's linears (weight-only, `com.microsoft::MatMulNBits`).
+    pub quantization: Option<Quantization>,
     /// Replace an existing output directory.
     pub force: bool,
     /// Show a progress bar per component.
@@ -128,6 +157,7 @@ impl Default for ExportOptions {
             kv_cache: KvCacheLayout::Concat,
             packed_linears: false,
             cached_attention: false,
+            quantization: None,
             force: false,
             progress: false,
         }
@@ -188,6 +218,9 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
                 .into(),
         ));
     }
+    if let Some(q) = &opts.quantization {
+        check_quantization(q, opts)?;
+    }
     let vision_bytes = write_component(&ckpt, &dir, package::VISION_FILE, dtype, opts, |l| {
         l.vision_graph(cfg)
     })?;
@@ -198,7 +231,7 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
     let tok_src = ckpt.dir.join(package::TOKENIZER_FILE);
     let tok_dst = dir.join(package::TOKENIZER_FILE);
     std::fs::copy(&tok_src, &tok_dst).map_err(|e| ExportError::io(&tok_src, e))?;
-    let manifest = PackageManifest::new(
+    let mut manifest = PackageManifest::new(
         cfg,
         opts.profile.as_str(),
         opts.dtype,
@@ -207,6 +240,7 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         OPSET,
         &format!("{PRODUCER} {}", env!("CARGO_PKG_VERSION")),
     );
+    manifest.quantization = opts.quantization;
     kosmos_models::atomic::write_atomic(&dir.join(package::MANIFEST_FILE), manifest.to_json().as_bytes())?;
     let package = staged.commit()?;
     Ok(ExportSummary {
@@ -215,6 +249,29 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         decoder_bytes,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Whether `--quantize` goes with the other options.
+fn check_quantization(q: &Quantization, opts: &ExportOptions) -> Result<()> {
+    if let Some(problem) = q.invalid_setting() {
+        return Err(ExportError::Unsupported(format!("--quantize: {problem}")));
+    }
+    let conflict = if opts.profile == Profile::Trt {
+        Some("--profile trt: TensorRT's ONNX parser has no MatMulNBits")
+    } else if opts.dtype != PackageDtype::Fp32 {
+        Some("--dtype fp16: a quantised package keeps its activations, embeddings and norms in fp32")
+    } else if opts.packed_linears {
+        Some("--packed-linears: both replace the decoder's linears; choose one")
+    } else {
+        None
+    };
+    match conflict {
+        Some(why) => Err(ExportError::Unsupported(format!(
+            "--quantize {} with {why}",
+            q.name()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Checkpoint prefixes whose weights each graph holds (for progress totals).
@@ -259,6 +316,9 @@ fn write_component(
         // The vision tower runs once per image at 257+ rows, where MLAS's GEMM is the better one.
         packed_linears: opts.packed_linears && file == package::DECODER_FILE,
         cached_attention: opts.cached_attention,
+        // The vision tower is compute-bound and runs once per image; the decoder re-reads every
+        // weight per generated token, which is what quantisation saves.
+        quantization: opts.quantization.filter(|_| file == package::DECODER_FILE),
     };
     build(&mut lower)?;
     let (graph, opsets) = lower.g.finish();
@@ -296,6 +356,19 @@ fn model_proto(
         .collect();
     if !cpu_ops.is_empty() {
         meta.push((kosmos_plugins::CPU_OPS_METADATA_KEY, cpu_ops.join(",")));
+    }
+    if let Some(q) = opts.quantization
+        && graph.node.iter().any(|n| n.op_type == lower::MATMUL_NBITS)
+    {
+        meta.push((
+            "kosmos.quantization",
+            format!(
+                "{} block {} accuracy_level {}",
+                q.name(),
+                q.block_size,
+                q.accuracy_level
+            ),
+        ));
     }
     // Model-local bodies of the ai.kosmos ops it calls, so runtimes without their kernels inline them.
     let functions = lower::kosmos_ops::functions_called(&graph.node);

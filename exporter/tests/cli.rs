@@ -134,6 +134,50 @@ fn bad_input_gets_one_clear_error_and_no_output() {
             vec![s(&ckpt), "-o", s(&out), "--packed-linears", "--profile", "trt"],
             "TensorRT has no plugin for it",
         ),
+        (
+            vec![s(&ckpt), "-o", s(&out), "--quantize", "int2"],
+            "unknown --quantize 'int2' (available: int8, int4)",
+        ),
+        (
+            vec![
+                s(&ckpt),
+                "-o",
+                s(&out),
+                "--quantize",
+                "int4",
+                "--quant-block-size",
+                "48",
+            ],
+            "--quantize: block size 48 (available: 16, 32, 64, 128, 256)",
+        ),
+        (
+            vec![
+                s(&ckpt),
+                "-o",
+                s(&out),
+                "--quantize",
+                "int8",
+                "--quant-accuracy-level",
+                "7",
+            ],
+            "accuracy level 7",
+        ),
+        (
+            vec![s(&ckpt), "-o", s(&out), "--quantize", "int8", "--profile", "trt"],
+            "--quantize int8 with --profile trt: TensorRT's ONNX parser has no MatMulNBits",
+        ),
+        (
+            vec![s(&ckpt), "-o", s(&out), "--quantize", "int4", "--dtype", "fp16"],
+            "--quantize int4 with --dtype fp16",
+        ),
+        (
+            vec![s(&ckpt), "-o", s(&out), "--quantize", "int8", "--packed-linears"],
+            "--packed-linears: both replace the decoder's linears",
+        ),
+        (
+            vec![s(&ckpt), "-o", s(&out), "--quant-block-size", "64"],
+            "--quantize",
+        ),
     ];
     for (args, want) in &cases {
         let o = exporter(args);

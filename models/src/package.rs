@@ -109,8 +109,59 @@ pub struct PackageManifest {
     /// Optional chat template (the server's prompt assembly uses it when present).
     #[serde(default)]
     pub chat_template: Option<String>,
+    /// Weight-only quantisation of the decoder's linears, when the package has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<Quantization>,
     /// The checkpoint's model config.
     pub config: KosmosConfig,
+}
+
+/// Weight-only block quantisation (`kosmos-export --quantize`): every linear of the decoder,
+/// the LM head included, is ONNX Runtime's `com.microsoft::MatMulNBits`. Each output feature's
+/// input weights are cut into blocks of `block_size`; a block keeps one f32 scale and `bits`-bit
+/// codes, symmetric around the middle code (ONNX Runtime's own quantiser, bit for bit).
+/// Embeddings, LayerNorms, biases and the vision graph stay in the package's dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quantization {
+    /// 4 or 8.
+    pub bits: u32,
+    /// Weights per scale, along the input features: a power of two, 16 to 256.
+    pub block_size: usize,
+    /// `MatMulNBits`' `accuracy_level`: 0 computes in f32 from dequantised weights; 4 quantises
+    /// activations to int8 per block and multiplies in integers (AVX-512 VNNI / AVX2 on CPU).
+    pub accuracy_level: u32,
+}
+
+impl Quantization {
+    pub const BITS: [u32; 2] = [4, 8];
+    pub const BLOCK_SIZES: [usize; 5] = [16, 32, 64, 128, 256];
+    pub const ACCURACY_LEVELS: [u32; 5] = [0, 1, 2, 3, 4];
+
+    /// `int4` / `int8`, as `--quantize` names it.
+    pub fn name(&self) -> String {
+        format!("int{}", self.bits)
+    }
+
+    /// Why these settings cannot be exported, if they cannot.
+    pub fn invalid_setting(&self) -> Option<String> {
+        if !Self::BITS.contains(&self.bits) {
+            return Some(format!("{} bits (available: 4, 8)", self.bits));
+        }
+        if !Self::BLOCK_SIZES.contains(&self.block_size) {
+            return Some(format!(
+                "block size {} (available: 16, 32, 64, 128, 256)",
+                self.block_size
+            ));
+        }
+        if !Self::ACCURACY_LEVELS.contains(&self.accuracy_level) {
+            return Some(format!(
+                "accuracy level {} (available: 0 to 4)",
+                self.accuracy_level
+            ));
+        }
+        None
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -254,6 +305,7 @@ impl PackageManifest {
                 std: CLIP_STD,
             },
             chat_template: None,
+            quantization: None,
             config: config.clone(),
         }
     }
@@ -286,6 +338,12 @@ impl PackageManifest {
                     "package format_version {} (this build reads {FORMAT_VERSION})",
                     m.format_version
                 ),
+            });
+        }
+        if let Some(problem) = m.quantization.as_ref().and_then(Quantization::invalid_setting) {
+            return Err(ModelsError::InvalidConfig {
+                path: Some(path),
+                message: format!("quantization: {problem}"),
             });
         }
         m.config.validate()?;

@@ -9,12 +9,17 @@ pub mod vision;
 use half::f16;
 use safetensors::SafeTensors;
 
+use kosmos_models::package::Quantization;
+
 use crate::Profile;
 use crate::error::{ExportError, Result};
 use crate::onnx::builder::{Attr, DType, Data, Dim, GraphBuilder, Value};
+use crate::quantize;
 
 /// ONNX Runtime's contrib-op domain.
 pub const MS_DOMAIN: &str = "com.microsoft";
+/// ONNX Runtime's block-quantised MatMul (`--quantize`).
+pub const MATMUL_NBITS: &str = "MatMulNBits";
 
 /// Reads checkpoint tensors and adds them as initializers in the export dtype.
 pub struct Weights<'c> {
@@ -99,6 +104,9 @@ pub struct Lower<'a, 'c, 'w> {
     pub packed_linears: bool,
     /// Write the decoder's attention as `ai.kosmos::CachedAttention` (`--cached-attention`).
     pub cached_attention: bool,
+    /// Write linears as `com.microsoft::MatMulNBits` with these settings (the decoder of
+    /// `--quantize`).
+    pub quantization: Option<Quantization>,
 }
 
 impl Lower<'_, '_, '_> {
@@ -111,6 +119,9 @@ impl Lower<'_, '_, '_> {
     pub fn linear(&mut self, x: &Value, prefix: &str, bias: bool) -> Result<Value> {
         if self.packed_linears {
             return self.packed_linear(x, prefix, bias);
+        }
+        if let Some(q) = self.quantization {
+            return self.quantized_linear(x, prefix, bias, q);
         }
         let w = self.w;
         self.in_module(prefix, |l| {
@@ -157,6 +168,57 @@ impl Lower<'_, '_, '_> {
                     vec![(x.dtype, out_shape)],
                 )
                 .remove(0))
+        })
+    }
+
+    /// Linear `prefix` as ONNX Runtime's `com.microsoft::MatMulNBits` (codes
+    /// `<prefix>.weight.q<bits>` [N, blocks, blob], scales `<prefix>.weight.scales` [N, blocks]),
+    /// then `Add` of the bias.
+    fn quantized_linear(&mut self, x: &Value, prefix: &str, bias: bool, q: Quantization) -> Result<Value> {
+        let w = self.w;
+        self.in_module(prefix, |l| {
+            let (v, shape) = w.read(&format!("{prefix}.weight"))?;
+            let (n, k) = (shape[0], shape[1]);
+            let bq = quantize::quantize_blockwise(&v, n, k, q.bits, q.block_size);
+            let dims = [n as i64, bq.blocks as i64, bq.blob as i64];
+            // Progress counts checkpoint weights converted, so the bar's total stays the f32 size.
+            (w.on_write)((v.len() * w.dtype.size()) as u64);
+            let codes = l.g.initializer_bytes(
+                &format!("{prefix}.weight.q{}", q.bits),
+                DType::U8,
+                &dims,
+                bq.codes,
+            )?;
+            let scales = l.g.initializer(
+                &format!("{prefix}.weight.scales"),
+                &[n as i64, bq.blocks as i64],
+                Data::F32(&bq.scales),
+            )?;
+            let mut out_shape = x.shape.clone();
+            if let Some(last) = out_shape.last_mut() {
+                *last = Dim::Fixed(n as i64);
+            }
+            l.g.use_domain(MS_DOMAIN, 1);
+            let y =
+                l.g.node_in(
+                    MS_DOMAIN,
+                    MATMUL_NBITS,
+                    &[Some(x), Some(&codes), Some(&scales)],
+                    vec![
+                        ("K", Attr::Int(k as i64)),
+                        ("N", Attr::Int(n as i64)),
+                        ("bits", Attr::Int(q.bits as i64)),
+                        ("block_size", Attr::Int(q.block_size as i64)),
+                        ("accuracy_level", Attr::Int(q.accuracy_level as i64)),
+                    ],
+                    vec![(x.dtype, out_shape)],
+                )
+                .remove(0);
+            if !bias {
+                return Ok(y);
+            }
+            let b = w.param(&mut l.g, &format!("{prefix}.bias"))?;
+            l.g.add(&y, &b)
         })
     }
 

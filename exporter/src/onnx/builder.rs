@@ -20,6 +20,8 @@ pub enum DType {
     F16,
     I64,
     Bool,
+    /// Packed quantised weights (`MatMulNBits`' `B`).
+    U8,
 }
 
 impl DType {
@@ -29,6 +31,7 @@ impl DType {
             DType::F16 => data_type::FLOAT16,
             DType::I64 => data_type::INT64,
             DType::Bool => data_type::BOOL,
+            DType::U8 => data_type::UINT8,
         }
     }
     pub fn size(self) -> usize {
@@ -36,7 +39,7 @@ impl DType {
             DType::F32 => 4,
             DType::F16 => 2,
             DType::I64 => 8,
-            DType::Bool => 1,
+            DType::Bool | DType::U8 => 1,
         }
     }
     pub fn name(self) -> &'static str {
@@ -45,6 +48,7 @@ impl DType {
             DType::F16 => "float16",
             DType::I64 => "int64",
             DType::Bool => "bool",
+            DType::U8 => "uint8",
         }
     }
 }

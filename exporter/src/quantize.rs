@@ -1,0 +1,121 @@
+//! Weight-only block quantisation in the layout of ONNX Runtime's `com.microsoft::MatMulNBits`
+//! (the format ONNX Runtime GenAI's model builder writes), with the arithmetic of ONNX Runtime's
+//! own quantiser (MLAS `BlockwiseQuantizer`, symmetric), so a package's codes and scales equal
+//! what `onnxruntime.quantization.matmul_nbits_quantizer` gives for the same weights, bit for bit
+//! (`scripts/oracles/quant_check.py` checks that).
+//!
+//! For one output feature `n`, its K input weights are cut into blocks of `block_size` (the last
+//! one padded with zeros). A block's scale is `-m / 2^(bits-1)`, where `m` is its value of largest
+//! magnitude (so `m` itself maps to code 0), and each weight `v` becomes
+//! `clamp(round(v / scale + 2^(bits-1)), 0, 2^bits - 1)`: 4-bit codes pack two to a byte, the
+//! first in the low nibble.
+
+/// The quantised weight of one linear with `n` outputs and `k` inputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockQuantized {
+    /// `[n, blocks, block_size * bits / 8]` codes.
+    pub codes: Vec<u8>,
+    /// `[n, blocks]` scales.
+    pub scales: Vec<f32>,
+    pub blocks: usize,
+    /// Bytes of codes per block.
+    pub blob: usize,
+}
+
+/// Quantise `w`, a row-major `[n, k]` Linear weight (PyTorch's `[out, in]`), to `bits` (4 or 8)
+/// in blocks of `block_size` along `k`.
+pub fn quantize_blockwise(w: &[f32], n: usize, k: usize, bits: u32, block_size: usize) -> BlockQuantized {
+    assert!(bits == 4 || bits == 8, "4 or 8 bits");
+    assert_eq!(w.len(), n * k, "weight is [n, k]");
+    let blocks = k.div_ceil(block_size);
+    let per_byte = (8 / bits) as usize;
+    let blob = block_size / per_byte;
+    let mid = (1u32 << (bits - 1)) as f32;
+    let top = ((1u32 << bits) - 1) as f32;
+    let mut codes = vec![0u8; n * blocks * blob];
+    let mut scales = vec![0f32; n * blocks];
+    let mut block_codes = vec![0u8; block_size];
+    for row in 0..n {
+        let weights = &w[row * k..(row + 1) * k];
+        for b in 0..blocks {
+            let values = &weights[b * block_size..((b + 1) * block_size).min(k)];
+            let (min, max) = values
+                .iter()
+                .fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            // MLAS keeps the larger-magnitude end with its sign (the smaller one on a tie), and
+            // maps it to code 0: the wider half of the range, [-8, 0) for 4 bits, takes it.
+            let m = if max.abs() > min.abs() { max } else { min };
+            let scale = -m / mid;
+            let reciprocal = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+            for (i, code) in block_codes.iter_mut().enumerate() {
+                let v = values.get(i).copied().unwrap_or(0.0);
+                // Separate multiply and add (no fused multiply-add), rounding half away from
+                // zero: MLAS's `roundf(v * reciprocal_scale + zp)`.
+                let q = v * reciprocal;
+                *code = (q + mid).round().clamp(0.0, top) as u8;
+            }
+            scales[row * blocks + b] = scale;
+            let out = &mut codes[(row * blocks + b) * blob..][..blob];
+            if bits == 8 {
+                out.copy_from_slice(&block_codes);
+            } else {
+                for (byte, pair) in out.iter_mut().zip(block_codes.chunks_exact(2)) {
+                    *byte = (pair[0] & 0xf) | (pair[1] << 4);
+                }
+            }
+        }
+    }
+    BlockQuantized {
+        codes,
+        scales,
+        blocks,
+        blob,
+    }
+}
+
+/// The weights the codes stand for, `[n, k]` (what `MatMulNBits` multiplies by).
+pub fn dequantize(q: &BlockQuantized, n: usize, k: usize, bits: u32, block_size: usize) -> Vec<f32> {
+    let mid = 1i32 << (bits - 1);
+    let mut w = vec![0f32; n * k];
+    for row in 0..n {
+        for col in 0..k {
+            let (b, i) = (col / block_size, col % block_size);
+            let blob = &q.codes[(row * q.blocks + b) * q.blob..][..q.blob];
+            let code = if bits == 8 {
+                blob[i]
+            } else {
+                (blob[i / 2] >> (4 * (i % 2))) & 0xf
+            };
+            w[row * k + col] = (code as i32 - mid) as f32 * q.scales[row * q.blocks + b];
+        }
+    }
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_scales_and_nibble_order_of_a_small_block() {
+        // One output, one 4-wide block: largest magnitude -2 → scale 0.25, codes v/0.25 + 8.
+        let q = quantize_blockwise(&[-2.0, 0.0, 0.5, 1.9], 1, 4, 4, 4);
+        assert_eq!(q.scales, vec![0.25]);
+        // codes 0, 8, 10, 16 → clamped to 15; low nibble first.
+        assert_eq!(q.codes, vec![0x80, 0xfa]);
+        // The clamped code is the one lossy value here.
+        assert_eq!(dequantize(&q, 1, 4, 4, 4), vec![-2.0, 0.0, 0.5, 1.75]);
+    }
+
+    #[test]
+    fn a_short_last_block_is_padded_and_an_all_zero_block_has_scale_zero() {
+        let w = [0.0, 0.0, 0.0, 0.0, 1.0, -0.5];
+        let q = quantize_blockwise(&w, 1, 6, 8, 4);
+        assert_eq!(q.blocks, 2);
+        assert_eq!(q.scales, vec![0.0, -1.0 / 128.0]);
+        // Padding codes are the zero code (128), as ONNX Runtime's zero-padded weights give.
+        assert_eq!(&q.codes[..4], &[128; 4]);
+        assert_eq!(&q.codes[4..], &[0, 192, 128, 128]);
+        assert_eq!(dequantize(&q, 1, 6, 8, 4), w.to_vec());
+    }
+}
