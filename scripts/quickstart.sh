@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the built-in default, from nothing: set up, train the tiny KOSMOS-1 on the
 # built-in synthetic task (shape captions + VQA), export it to ONNX, and caption / answer
-# held-out images through kosmos-rt (ONNX Runtime), printing accuracy next to the trainer's own.
+# held-out images through kosmos-rt (ONNX Runtime), printing accuracy next to the trainer's own
+# (and an int4-quantised package's).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -33,11 +34,15 @@ done
 q=$(head -1 "$out/test-vqa/manifest.jsonl" | sed -E 's/.*"prompt": *"([^"]*)".*/\1/')
 printf '%s %s\n' "$q" "$($rt run "$out/tiny-onnx" --image "$out/test-vqa/000000.png" --prompt "$q")"
 
-echo "== accuracy (greedy exact match): trainer (tch) vs exported package (ONNX Runtime) =="
+echo "== int4 package: the decoder's linears quantised to 4 bits (ONNX Runtime's MatMulNBits) =="
+$export_bin "$out/tiny" --kv-cache buffer --quantize int4 -o "$out/tiny-int4" --force --quiet
+
+echo "== accuracy (greedy exact match): trainer (tch) vs exported package vs int4 package =="
 for set in test-captions test-vqa; do
   echo "-- $set"
   $train eval "$out/tiny" --data "$out/$set/manifest.jsonl"
-  $rt eval "$out/tiny-onnx" --data "$out/$set/manifest.jsonl"
+  printf 'package:      '; $rt eval "$out/tiny-onnx" --data "$out/$set/manifest.jsonl"
+  printf 'int4 package: '; $rt eval "$out/tiny-int4" --data "$out/$set/manifest.jsonl"
 done
 
 echo "== the package behind the OpenAI-compatible server, asked through the openai client =="
