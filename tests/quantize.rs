@@ -1,8 +1,8 @@
 //! Quantised packages (`kosmos-export --quantize int8|int4`): the decoder's linears are ONNX
 //! Runtime's `MatMulNBits` whose codes and scales equal ONNX Runtime's own quantiser bit for bit
-//! (`scripts/oracles/quant_check.py`), in every layout they combine with, for odd sizes (K not a
-//! whole number of blocks) and for weights full of ties and exact halves; the packages pass the
-//! ONNX checker and run. That a trained model keeps its answers is in `runtime.rs`.
+//! (`scripts/oracles/quant_check.py`), in every layout and dtype they combine with (fp16 scales
+//! included), for odd sizes (K not a whole number of blocks) and for weights full of ties and
+//! exact halves; the packages pass the ONNX checker. That a trained model keeps its answers is in `runtime.rs`.
 
 #[path = "../trainer/tests/common/mod.rs"]
 mod common;
@@ -13,12 +13,13 @@ use std::process::Command;
 
 use kosmos_export::{ExportOptions, Profile};
 use kosmos_models::checkpoint::{Checkpoint, TensorBytes, write_checkpoint};
-use kosmos_models::package::{KvCacheLayout, PackageManifest, Quantization};
+use kosmos_models::package::{KvCacheLayout, PackageDtype, PackageManifest, Quantization};
 use kosmos_models::{KosmosConfig, KosmosTokenizer};
 
 /// A copy of `ckpt` whose decoder weights are multiples of 1/256 within ±16/256: most blocks
 /// hold both +16/256 and -16/256 (a tie for the scale's sign) and odd multiples land exactly
-/// halfway between two 4-bit codes (the rounding rule).
+/// halfway between two 4-bit codes (the rounding rule); the first output feature of each is
+/// 65536 times smaller still.
 fn coarse_copy(ckpt: &Path, out: &Path) -> PathBuf {
     let c = Checkpoint::open(ckpt).expect("open checkpoint");
     let st = c.weights().expect("weights");
@@ -33,6 +34,12 @@ fn coarse_copy(ckpt: &Path, out: &Path) -> PathBuf {
             let sd = (values.iter().map(|v| v * v).sum::<f32>() / values.len() as f32).sqrt();
             for v in &mut values {
                 *v = (*v / sd * 6.0).round().clamp(-16.0, 16.0) / 256.0;
+            }
+            // Output feature 0 scaled by 2^-16, to multiples of fp16's smallest subnormal
+            // (2^-24): its scales (a block's largest magnitude / 8 or / 128) fall between fp16
+            // values, so rounding them to fp16 changes the codes.
+            for v in &mut values[..view.shape()[1]] {
+                *v /= 65536.0;
             }
         }
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -88,17 +95,21 @@ fn quantized_weights_equal_onnx_runtimes_quantizer() {
     let odd = common::make_checkpoint(&common::odd_config(), 4, &dir.path().join("odd"));
     let coarse = coarse_copy(&tiny, &dir.path().join("coarse"));
     use KvCacheLayout::{Buffer, Concat};
-    // (checkpoint, bits, block, accuracy level, profile, cache, cached attention)
+    use PackageDtype::{Fp16, Fp32};
+    // (checkpoint, bits, block, accuracy level, profile, dtype, cache, cached attention)
     let cases = [
-        (&tiny, 8, 32, 4, Profile::Portable, Buffer, true),
-        (&tiny, 4, 32, 4, Profile::Portable, Concat, false),
-        (&tiny, 4, 128, 0, Profile::Ort, Concat, false),
-        (&odd, 8, 16, 4, Profile::Portable, Buffer, true),
-        (&odd, 4, 64, 4, Profile::Portable, Concat, false),
-        (&coarse, 4, 32, 4, Profile::Portable, Buffer, false),
-        (&coarse, 8, 32, 4, Profile::Portable, Concat, false),
+        (&tiny, 8, 32, 4, Profile::Portable, Fp32, Buffer, true),
+        (&tiny, 4, 32, 4, Profile::Portable, Fp32, Concat, false),
+        (&tiny, 4, 128, 0, Profile::Ort, Fp32, Concat, false),
+        (&tiny, 4, 32, 4, Profile::Ort, Fp16, Concat, false),
+        (&odd, 8, 16, 4, Profile::Portable, Fp32, Buffer, true),
+        (&odd, 4, 64, 4, Profile::Portable, Fp32, Concat, false),
+        (&odd, 8, 32, 4, Profile::Portable, Fp16, Buffer, false),
+        (&coarse, 4, 32, 4, Profile::Portable, Fp32, Buffer, false),
+        (&coarse, 8, 32, 4, Profile::Portable, Fp32, Concat, false),
+        (&coarse, 4, 16, 4, Profile::Portable, Fp16, Concat, false),
     ];
-    for (i, (ckpt, bits, block_size, accuracy_level, profile, kv_cache, cached_attention)) in
+    for (i, (ckpt, bits, block_size, accuracy_level, profile, dtype, kv_cache, cached_attention)) in
         cases.into_iter().enumerate()
     {
         let q = Quantization {
@@ -109,13 +120,14 @@ fn quantized_weights_equal_onnx_runtimes_quantizer() {
         let pkg = dir.path().join(format!("pkg{i}"));
         let opts = ExportOptions {
             profile,
+            dtype,
             kv_cache,
             cached_attention,
             quantization: Some(q),
             ..ExportOptions::default()
         };
         kosmos_export::export(ckpt, &pkg, &opts).expect("export");
-        let what = format!("case {i}: int{bits} block {block_size} {profile:?} {kv_cache:?}");
+        let what = format!("case {i}: int{bits} block {block_size} {profile:?} {dtype:?} {kv_cache:?}");
 
         let m = PackageManifest::load(&pkg).expect("manifest");
         assert_eq!(m.quantization, Some(q), "{what}");

@@ -141,12 +141,15 @@ fn quantized_packages_keep_the_trained_models_answers() {
     use kosmos_models::package::Quantization;
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
-    for (bits, kv_cache, cached_attention) in [
-        (8, KvCacheLayout::Buffer, true),
-        (4, KvCacheLayout::Concat, false),
+    for (bits, dtype, kv_cache, cached_attention) in [
+        (8, PackageDtype::Fp32, KvCacheLayout::Buffer, true),
+        (4, PackageDtype::Fp32, KvCacheLayout::Concat, false),
+        // ONNX Runtime GenAI's GPU format: fp16 activations and scales, int4 weights.
+        (4, PackageDtype::Fp16, KvCacheLayout::Buffer, false),
     ] {
-        let pkg = dir.path().join(format!("int{bits}"));
+        let pkg = dir.path().join(format!("int{bits}-{}", dtype.as_str()));
         let opts = kosmos_export::ExportOptions {
+            dtype,
             kv_cache,
             cached_attention,
             quantization: Some(Quantization {
@@ -159,7 +162,8 @@ fn quantized_packages_keep_the_trained_models_answers() {
         kosmos_export::export(&f.ckpt, &pkg, &opts).expect("export");
         let r = kosmos_export::verify::verify(&f.ckpt, &pkg, &Default::default()).expect("verify");
         eprintln!(
-            "int{bits}: top-1 agreement {:.3} over {} positions, logits max |diff| {:.3e}",
+            "int{bits} {}: top-1 agreement {:.3} over {} positions, logits max |diff| {:.3e}",
+            dtype.as_str(),
             r.top1_agreement,
             r.positions,
             r.diffs
@@ -167,7 +171,7 @@ fn quantized_packages_keep_the_trained_models_answers() {
                 .find(|d| d.output == "logits")
                 .map_or(f64::NAN, |d| d.max_abs)
         );
-        assert!(r.passed, "int{bits}: {r:?}");
+        assert!(r.passed, "int{bits} {}: {r:?}", dtype.as_str());
         let out = std::process::Command::new(common::venv_python())
             .arg(common::scripts_dir().join("oracles/onnx_check.py"))
             .arg(&pkg)

@@ -20,7 +20,8 @@
 //!
 //! **Quantisation.** `--quantize int8|int4` writes every decoder linear and the LM head as ONNX
 //! Runtime's `com.microsoft::MatMulNBits` with block-wise symmetric scales ([`quantize`]), as
-//! ONNX Runtime GenAI's model builder does; the rest of the package stays fp32.
+//! ONNX Runtime GenAI's model builder does; the rest of the package keeps its dtype (fp16 with
+//! int4 is that builder's GPU format).
 
 pub mod error;
 pub mod lower;
@@ -258,8 +259,6 @@ fn check_quantization(q: &Quantization, opts: &ExportOptions) -> Result<()> {
     }
     let conflict = if opts.profile == Profile::Trt {
         Some("--profile trt: TensorRT's ONNX parser has no MatMulNBits")
-    } else if opts.dtype != PackageDtype::Fp32 {
-        Some("--dtype fp16: a quantised package keeps its activations, embeddings and norms in fp32")
     } else if opts.packed_linears {
         Some("--packed-linears: both replace the decoder's linears; choose one")
     } else {

@@ -70,8 +70,8 @@ struct ExportArgs {
     /// Weight-only quantisation of the decoder's linears and LM head: int8 or int4, written as
     /// ONNX Runtime's com.microsoft::MatMulNBits (block-wise symmetric scales, as ONNX Runtime's
     /// own quantiser and ONNX Runtime GenAI's model builder make them). A decode step reads 4x
-    /// (int8) or 8x (int4) fewer weight bytes; embeddings, norms and the vision graph stay fp32.
-    /// Needs ONNX Runtime; fp32, portable or ort profile, not with --packed-linears.
+    /// (int8) or 8x (int4) fewer weight bytes than fp32; embeddings, norms and the vision graph
+    /// keep --dtype. Needs ONNX Runtime; portable or ort profile, not with --packed-linears.
     #[arg(long, value_name = "int8|int4")]
     quantize: Option<String>,
     /// --quantize: weights per scale along the input features (16, 32, 64, 128 or 256).

@@ -15,16 +15,41 @@
 pub struct BlockQuantized {
     /// `[n, blocks, block_size * bits / 8]` codes.
     pub codes: Vec<u8>,
-    /// `[n, blocks]` scales.
+    /// `[n, blocks]` scales (values of the [`ScaleType`] asked for).
     pub scales: Vec<f32>,
     pub blocks: usize,
     /// Bytes of codes per block.
     pub blob: usize,
 }
 
+/// Precision of the weights as the graph holds them, which is also that of the scales.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScaleType {
+    F32,
+    /// fp16 packages: the weights are rounded to fp16 first and each scale is rounded to fp16
+    /// before the codes are computed from it, as ONNX Runtime's quantiser does for fp16 weights.
+    F16,
+}
+
+impl ScaleType {
+    fn round(self, v: f32) -> f32 {
+        match self {
+            ScaleType::F32 => v,
+            ScaleType::F16 => half::f16::from_f32(v).to_f32(),
+        }
+    }
+}
+
 /// Quantise `w`, a row-major `[n, k]` Linear weight (PyTorch's `[out, in]`), to `bits` (4 or 8)
-/// in blocks of `block_size` along `k`.
-pub fn quantize_blockwise(w: &[f32], n: usize, k: usize, bits: u32, block_size: usize) -> BlockQuantized {
+/// in blocks of `block_size` along `k`, with scales (and weights) in `scale_type`.
+pub fn quantize_blockwise(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    bits: u32,
+    block_size: usize,
+    scale_type: ScaleType,
+) -> BlockQuantized {
     assert!(bits == 4 || bits == 8, "4 or 8 bits");
     assert_eq!(w.len(), n * k, "weight is [n, k]");
     let blocks = k.div_ceil(block_size);
@@ -38,14 +63,17 @@ pub fn quantize_blockwise(w: &[f32], n: usize, k: usize, bits: u32, block_size: 
     for row in 0..n {
         let weights = &w[row * k..(row + 1) * k];
         for b in 0..blocks {
-            let values = &weights[b * block_size..((b + 1) * block_size).min(k)];
+            let values: Vec<f32> = weights[b * block_size..((b + 1) * block_size).min(k)]
+                .iter()
+                .map(|&v| scale_type.round(v))
+                .collect();
             let (min, max) = values
                 .iter()
                 .fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (lo.min(v), hi.max(v)));
             // MLAS keeps the larger-magnitude end with its sign (the smaller one on a tie), and
             // maps it to code 0: the wider half of the range, [-8, 0) for 4 bits, takes it.
             let m = if max.abs() > min.abs() { max } else { min };
-            let scale = -m / mid;
+            let scale = scale_type.round(-m / mid);
             let reciprocal = if scale != 0.0 { 1.0 / scale } else { 0.0 };
             for (i, code) in block_codes.iter_mut().enumerate() {
                 let v = values.get(i).copied().unwrap_or(0.0);
@@ -99,7 +127,7 @@ mod tests {
     #[test]
     fn codes_scales_and_nibble_order_of_a_small_block() {
         // One output, one 4-wide block: largest magnitude -2 → scale 0.25, codes v/0.25 + 8.
-        let q = quantize_blockwise(&[-2.0, 0.0, 0.5, 1.9], 1, 4, 4, 4);
+        let q = quantize_blockwise(&[-2.0, 0.0, 0.5, 1.9], 1, 4, 4, 4, ScaleType::F32);
         assert_eq!(q.scales, vec![0.25]);
         // codes 0, 8, 10, 16 → clamped to 15; low nibble first.
         assert_eq!(q.codes, vec![0x80, 0xfa]);
@@ -108,9 +136,20 @@ mod tests {
     }
 
     #[test]
+    fn fp16_scales_are_rounded_before_the_codes_are_computed() {
+        // -m / 128 with m = 1.001 is not an fp16 value; the codes come from the rounded scale.
+        let w = [1.001f32, 0.3];
+        let q = quantize_blockwise(&w, 1, 2, 8, 2, ScaleType::F16);
+        let scale = half::f16::from_f32(-1.001f32 / 128.0).to_f32();
+        assert_eq!(q.scales, vec![scale]);
+        let code = |v: f32| (half::f16::from_f32(v).to_f32() * (1.0 / scale) + 128.0).round() as u8;
+        assert_eq!(q.codes, vec![code(1.001), code(0.3)]);
+    }
+
+    #[test]
     fn a_short_last_block_is_padded_and_an_all_zero_block_has_scale_zero() {
         let w = [0.0, 0.0, 0.0, 0.0, 1.0, -0.5];
-        let q = quantize_blockwise(&w, 1, 6, 8, 4);
+        let q = quantize_blockwise(&w, 1, 6, 8, 4, ScaleType::F32);
         assert_eq!(q.blocks, 2);
         assert_eq!(q.scales, vec![0.0, -1.0 / 128.0]);
         // Padding codes are the zero code (128), as ONNX Runtime's zero-padded weights give.

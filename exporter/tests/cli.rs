@@ -167,10 +167,6 @@ fn bad_input_gets_one_clear_error_and_no_output() {
             "--quantize int8 with --profile trt: TensorRT's ONNX parser has no MatMulNBits",
         ),
         (
-            vec![s(&ckpt), "-o", s(&out), "--quantize", "int4", "--dtype", "fp16"],
-            "--quantize int4 with --dtype fp16",
-        ),
-        (
             vec![s(&ckpt), "-o", s(&out), "--quantize", "int8", "--packed-linears"],
             "--packed-linears: both replace the decoder's linears",
         ),

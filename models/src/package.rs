@@ -118,8 +118,9 @@ pub struct PackageManifest {
 
 /// Weight-only block quantisation (`kosmos-export --quantize`): every linear of the decoder,
 /// the LM head included, is ONNX Runtime's `com.microsoft::MatMulNBits`. Each output feature's
-/// input weights are cut into blocks of `block_size`; a block keeps one f32 scale and `bits`-bit
-/// codes, symmetric around the middle code (ONNX Runtime's own quantiser, bit for bit).
+/// input weights are cut into blocks of `block_size`; a block keeps one scale (in the package's
+/// dtype) and `bits`-bit codes, symmetric around the middle code (ONNX Runtime's own quantiser,
+/// bit for bit).
 /// Embeddings, LayerNorms, biases and the vision graph stay in the package's dtype.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

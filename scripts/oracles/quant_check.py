@@ -3,8 +3,8 @@
 
 usage: quant_check.py PACKAGE CHECKPOINT
 
-For every com.microsoft::MatMulNBits node of PACKAGE/decoder.onnx, the checkpoint's f32 weight is
-quantised again with the C++ routine behind onnxruntime.quantization.matmul_nbits_quantizer
+For every com.microsoft::MatMulNBits node of PACKAGE/decoder.onnx, the checkpoint's weight (f32,
+or rounded to f16 for an fp16 package) is quantised again with the C++ routine behind onnxruntime.quantization.matmul_nbits_quantizer
 (quantize_matmul_4bits / quantize_matmul_8bits, symmetric, the input zero-padded to whole blocks as
 that quantiser pads it), and the node's codes and scales must equal the result bit for bit; its
 attributes must match the weight and kosmos_rt.json's "quantization". Every 2-D decoder weight but
@@ -27,10 +27,11 @@ def attrs(node):
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def ort_quantize(w_out_in, bits, block):
-    """ONNX Runtime's codes [N, blocks, blob] and scales [N, blocks] for a [N, K] weight."""
+def ort_quantize(w_out_in, bits, block, dtype):
+    """ONNX Runtime's codes [N, blocks, blob] and scales [N, blocks] for a [N, K] weight held in
+    `dtype` (float32, or float16 for fp16 packages)."""
     n, k = w_out_in.shape
-    fp32 = np.ascontiguousarray(w_out_in.T.astype(np.float32))
+    fp32 = np.ascontiguousarray(w_out_in.T.astype(dtype))
     blocks = (k + block - 1) // block
     pad = blocks * block - k
     if pad:
@@ -38,7 +39,7 @@ def ort_quantize(w_out_in, bits, block):
     per_byte = 8 // bits
     codes = np.zeros((n, blocks, block // per_byte), np.uint8)
     zero_points = np.zeros((n, (blocks + per_byte - 1) // per_byte), np.uint8)
-    scales = np.zeros((n, blocks), np.float32)
+    scales = np.zeros((n, blocks), dtype)
     fn = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
     fn(codes, fp32, scales, zero_points, block, n, blocks * block, True)
     return codes, scales
@@ -83,11 +84,15 @@ def main():
             problems.append(f"{node.name}: unexpected inputs {list(node.input[3:])} (symmetric: no zero points)")
         codes = numpy_helper.to_array(inits[b_name])
         scales = numpy_helper.to_array(inits[s_name])
-        ref_codes, ref_scales = ort_quantize(w, q["bits"], q["block_size"])
+        dtype = np.float16 if manifest["dtype"] == "fp16" else np.float32
+        ref_codes, ref_scales = ort_quantize(w, q["bits"], q["block_size"], dtype)
         if codes.shape != ref_codes.shape or not np.array_equal(codes, ref_codes):
             diff = "shape" if codes.shape != ref_codes.shape else f"{int((codes != ref_codes).sum())} bytes"
             problems.append(f"{prefix}: codes differ from ONNX Runtime's ({diff})")
-        if scales.shape != ref_scales.shape or not np.array_equal(scales.view(np.uint32), ref_scales.view(np.uint32)):
+        bits_of = np.uint16 if dtype == np.float16 else np.uint32
+        if scales.dtype != dtype or scales.shape != ref_scales.shape or not np.array_equal(
+            scales.view(bits_of), ref_scales.view(bits_of)
+        ):
             problems.append(f"{prefix}: scales differ from ONNX Runtime's")
         quantised.add(prefix)
         codes_bytes += codes.nbytes

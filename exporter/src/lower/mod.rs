@@ -179,7 +179,11 @@ impl Lower<'_, '_, '_> {
         self.in_module(prefix, |l| {
             let (v, shape) = w.read(&format!("{prefix}.weight"))?;
             let (n, k) = (shape[0], shape[1]);
-            let bq = quantize::quantize_blockwise(&v, n, k, q.bits, q.block_size);
+            let scale_type = match w.dtype {
+                DType::F16 => quantize::ScaleType::F16,
+                _ => quantize::ScaleType::F32,
+            };
+            let bq = quantize::quantize_blockwise(&v, n, k, q.bits, q.block_size, scale_type);
             let dims = [n as i64, bq.blocks as i64, bq.blob as i64];
             // Progress counts checkpoint weights converted, so the bar's total stays the f32 size.
             (w.on_write)((v.len() * w.dtype.size()) as u64);
@@ -189,11 +193,18 @@ impl Lower<'_, '_, '_> {
                 &dims,
                 bq.codes,
             )?;
-            let scales = l.g.initializer(
-                &format!("{prefix}.weight.scales"),
-                &[n as i64, bq.blocks as i64],
-                Data::F32(&bq.scales),
-            )?;
+            let scales_name = format!("{prefix}.weight.scales");
+            let scales_dims = [n as i64, bq.blocks as i64];
+            // Exact either way: fp16 scales were rounded to fp16 by the quantiser.
+            let scales = match scale_type {
+                quantize::ScaleType::F16 => {
+                    let h: Vec<f16> = bq.scales.iter().map(|&v| f16::from_f32(v)).collect();
+                    l.g.initializer(&scales_name, &scales_dims, Data::F16(&h))?
+                }
+                quantize::ScaleType::F32 => {
+                    l.g.initializer(&scales_name, &scales_dims, Data::F32(&bq.scales))?
+                }
+            };
             let mut out_shape = x.shape.clone();
             if let Some(last) = out_shape.last_mut() {
                 *last = Dim::Fixed(n as i64);
