@@ -1,0 +1,238 @@
+//! The matcher on hand-written grammars: what it accepts, the errors of bad grammars, UTF-8 split
+//! over tokens, and the vocabulary mask against token-by-token checks.
+
+use std::sync::Arc;
+
+use kosmos_grammar::{Constraint, Grammar, GrammarError, Json, Matcher, TokenTrie, gbnf};
+
+fn compile(text: &str) -> Arc<Grammar> {
+    Constraint::Grammar(text.into())
+        .compile()
+        .unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+fn matches(g: &Arc<Grammar>, s: &str) -> bool {
+    Constraint::matches(g, s)
+}
+
+#[test]
+fn json_object_grammar_accepts_json_objects_only() {
+    let g = Constraint::JsonObject.compile().unwrap();
+    for ok in [
+        "{}",
+        r#"{"a":1}"#,
+        "{ \"a\": [1, -2.5e3, true, null, {\"b\": \"\\u00e9\\n\"}],\n  \"c\": \"中\"}",
+        r#"{"":0}"#,
+    ] {
+        assert!(matches(&g, ok), "{ok}");
+    }
+    for bad in [
+        "",
+        "[]",
+        "{",
+        r#"{"a"}"#,
+        r#"{"a":01}"#,
+        r#"{"a":1,}"#,
+        "{\"a\":\"\u{1}\"}",
+        r#"{"a":"\x"}"#,
+        "{}}",
+        r#"{"a":.5}"#,
+        "{\n\n}",
+    ] {
+        assert!(!matches(&g, bad), "{bad}");
+    }
+}
+
+#[test]
+fn bad_grammars_are_named_errors() {
+    let e = |t: &str| Constraint::Grammar(t.into()).compile().unwrap_err();
+    assert_eq!(e("root ::= a"), GrammarError::UndefinedRule("a".into()));
+    assert_eq!(e("a ::= \"x\""), GrammarError::NoRoot);
+    assert_eq!(
+        e("root ::= \"x\"\nroot ::= \"y\""),
+        GrammarError::DuplicateRule("root".into())
+    );
+    assert!(matches!(
+        e("root ::= root \"x\" | \"y\""),
+        GrammarError::LeftRecursion(_)
+    ));
+    // Left recursion through a rule that matches the empty string.
+    assert!(matches!(
+        e("root ::= e root \"x\" | \"y\"\ne ::= \"\" | \"z\""),
+        GrammarError::LeftRecursion(_)
+    ));
+    assert!(matches!(e("root ::= \"x\" root"), GrammarError::Unproductive(_)));
+    assert!(matches!(
+        e("root ::= \"x\"{200000}"),
+        GrammarError::TooManyRepeats(_)
+    ));
+}
+
+#[test]
+fn repetition_counts_and_alternatives() {
+    let g = compile("root ::= (\"ab\" | [0-9]){2,3} x?\nx ::= \"!\"+");
+    for (s, ok) in [
+        ("ab1", true),
+        ("abab", true),
+        ("1ab2", true),
+        ("1", false),
+        ("1234", false),
+        ("12!!!", true),
+        ("12!a", false),
+    ] {
+        assert_eq!(matches(&g, s), ok, "{s}");
+    }
+    // Deep right recursion (a long repetition) keeps the stacks flat.
+    let g = compile("root ::= \"a\"*");
+    let mut m = Matcher::new(g);
+    assert!(m.accept(&vec![b'a'; 50_000]) && m.is_accepting());
+}
+
+#[test]
+fn utf8_split_over_tokens() {
+    let g = compile("root ::= \"é\" [a-z] | \"中\"");
+    let mut m = Matcher::new(g.clone());
+    // é = C3 A9, 中 = E4 B8 AD
+    assert!(m.accept(&[0xC3]) && !m.is_accepting());
+    assert!(!m.allows(&[0xAA]), "another continuation byte makes ê");
+    assert!(m.accept(&[0xA9]) && !m.is_accepting());
+    assert!(m.accept(b"z") && m.is_finished());
+    let mut m = Matcher::new(g);
+    assert!(!m.allows(&[0xE5]), "no allowed character starts with E5");
+    assert!(!m.allows(&[0xFF]) && !m.allows(&[0xC0, 0x80]), "invalid UTF-8");
+    assert!(m.allows(&[0xE4, 0xB8]) && !m.allows(&[0xE4, 0xB9]));
+    assert!(m.accept(&[0xE4, 0xB8, 0xAD]) && m.is_finished());
+}
+
+#[test]
+fn the_mask_equals_checking_every_token() {
+    let pieces: Vec<Vec<u8>> = [
+        "{", "}", "\"", "\"a", "a", "ab", "b\"", " ", "\n", ":", ",", "1", "12", "-", "true", "tr", "ue",
+        "null", "é", "\"é\"", "[", "]", "{\"", "\":", "0", "00", "", "x",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .chain([vec![0xC3], vec![0xA9], vec![0xFF], vec![0xE4, 0xB8]])
+    .collect();
+    let trie = TokenTrie::new(pieces.iter().enumerate().map(|(i, p)| (i as u32, p.clone())));
+    let schema = Json::parse(
+        r#"{"type":"object","properties":{"a":{"type":"string"},"b":{"type":"integer"}},"required":["b"]}"#,
+    )
+    .unwrap();
+    for c in [Constraint::JsonObject, Constraint::JsonSchema(schema)] {
+        let g = c.compile().unwrap();
+        let mut m = Matcher::new(g);
+        // Walk a valid text token by token, comparing the mask with one check per token.
+        for step in [
+            "{", "\"a", "\":", " ", "\"", "é", "\"", ",", "\"", "b", "\":", "12", "}",
+        ] {
+            let mut mask = vec![false; pieces.len()];
+            m.fill_allowed(&trie, &mut mask);
+            for (i, p) in pieces.iter().enumerate() {
+                assert_eq!(
+                    mask[i],
+                    m.allows(p),
+                    "{c:?} before {step:?}: token {:?}",
+                    String::from_utf8_lossy(p)
+                );
+            }
+            assert!(m.accept(step.as_bytes()), "{c:?} {step}");
+        }
+        assert!(m.is_finished());
+    }
+}
+
+#[test]
+fn integer_bounds_match_arithmetic() {
+    let bounds = [
+        (Some(0), Some(5)),
+        (Some(1), Some(10)),
+        (Some(-7), Some(7)),
+        (Some(-120), Some(-13)),
+        (Some(13), Some(987)),
+        (Some(99), Some(100)),
+        (Some(150), None),
+        (None, Some(-42)),
+        (None, Some(205)),
+        (Some(-5), None),
+        (Some(0), Some(0)),
+    ];
+    for (lo, hi) in bounds {
+        let mut s = vec![r#""type":"integer""#.to_string()];
+        if let Some(l) = lo {
+            s.push(format!(r#""minimum":{l}"#));
+        }
+        if let Some(h) = hi {
+            s.push(format!(r#""maximum":{h}"#));
+        }
+        let schema = Json::parse(&format!("{{{}}}", s.join(","))).unwrap();
+        let g = Constraint::JsonSchema(schema).compile().unwrap();
+        for v in -1100i64..=1100 {
+            let want = lo.is_none_or(|l| v >= l) && hi.is_none_or(|h| v <= h);
+            assert_eq!(matches(&g, &v.to_string()), want, "{v} in [{lo:?}, {hi:?}]");
+        }
+        for v in ["-0", "007", "1e2", "12345678901234567"] {
+            assert!(!matches(&g, v), "{v}");
+        }
+    }
+    // Exclusive bounds and a non-integer bound.
+    let g = Constraint::JsonSchema(
+        Json::parse(r#"{"type":"integer","exclusiveMinimum":2,"maximum":7.5}"#).unwrap(),
+    )
+    .compile()
+    .unwrap();
+    let ok: Vec<i64> = (-10..20).filter(|v| matches(&g, &v.to_string())).collect();
+    assert_eq!(ok, [3, 4, 5, 6, 7]);
+}
+
+#[test]
+fn unsupported_schema_keywords_are_named() {
+    for (schema, says) in [
+        (
+            r#"{"type":"array","uniqueItems":true}"#,
+            "keyword 'uniqueItems' is not supported",
+        ),
+        (
+            r#"{"type":"object","properties":{"a":{"type":"number","multipleOf":2}}}"#,
+            "#/properties/a: keyword 'multipleOf'",
+        ),
+        (r#"{"type":"number","minimum":0}"#, "'minimum' on a number"),
+        (
+            r#"{"$ref":"https://example.com/s.json"}"#,
+            "only local references",
+        ),
+        (r#"{"type":"object","required":["x"]}"#, "required property 'x'"),
+        (r#"{"type":"string","pattern":"(a)\\1"}"#, "backreference"),
+        (r#"{"type":"strin"}"#, "unknown type 'strin'"),
+        (r#"{"enum":[]}"#, "empty enum"),
+    ] {
+        let e = Constraint::JsonSchema(Json::parse(schema).unwrap())
+            .compile()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{schema}: {e}");
+    }
+}
+
+#[test]
+fn recursive_references() {
+    let schema = Json::parse(
+        r##"{"$ref":"#/$defs/node","$defs":{"node":{"type":"object","properties":{"v":{"type":"integer"},"kids":{"type":"array","items":{"$ref":"#/$defs/node"}}},"required":["v"]}}}"##,
+    )
+    .unwrap();
+    let g = Constraint::JsonSchema(schema).compile().unwrap();
+    assert!(matches(&g, r#"{"v":1,"kids":[{"v":2},{"v":3,"kids":[]}]}"#));
+    assert!(!matches(&g, r#"{"v":1,"kids":[{"kids":[]}]}"#));
+}
+
+#[test]
+fn printed_gbnf_parses_back_to_the_same_language() {
+    let schema = Json::parse(r#"{"type":"object","properties":{"name":{"type":"string","maxLength":3},"tags":{"type":"array","items":{"enum":["a","b\"c"]},"minItems":1,"maxItems":2}},"required":["tags"]}"#).unwrap();
+    let text = Constraint::JsonSchema(schema).to_gbnf().unwrap();
+    let g = Arc::new(Grammar::compile(&gbnf::parse(&text).unwrap()).unwrap());
+    assert!(matches(&g, r#"{"name":"abc","tags":["a","b\"c"]}"#), "{text}");
+    assert!(matches(&g, r#"{"tags":["a"]}"#));
+    assert!(!matches(&g, r#"{"name":"abcd","tags":["a"]}"#));
+    assert!(!matches(&g, r#"{"tags":[]}"#));
+    assert!(!matches(&g, r#"{"tags":["a","a","a"]}"#));
+}
