@@ -385,7 +385,22 @@ fn c_abi_engine_takes_every_generation_setting() {
         stop: vec!["never generated \u{1F600}".into(), stop.clone()],
         ..greedy.clone()
     };
-    let cases = [sampled, stopped];
+    // Structured output, sampled: the engine masks exactly as Package::generate does.
+    let schema = r#"{"type":"object","properties":{"a":{"enum":["x","yes"]},"n":{"type":"integer","minimum":0,"maximum":99}},"required":["a","n"]}"#;
+    let constrained = GenerateParams {
+        max_tokens: 60,
+        temperature: 0.9,
+        top_p: 0.9,
+        seed: 3,
+        constraint: Some(
+            kosmos_rt::grammar::Constraint::JsonSchema(kosmos_rt::grammar::Json::parse(schema).unwrap())
+                .compile()
+                .unwrap(),
+        ),
+        ..Default::default()
+    };
+    let schema_c = CString::new(schema).unwrap();
+    let cases = [sampled, stopped, constrained];
     let want: Vec<_> = cases.iter().map(|p| alone(&mut pkg, prompt, p)).collect();
     assert!(
         want[1].text.len() < full.len() && !want[1].text.contains(&stop),
@@ -449,6 +464,16 @@ fn c_abi_engine_takes_every_generation_setting() {
         n_stop: g.stop.len(),
         ignore_eos: g.ignore_eos,
         logprobs,
+        constraint_kind: if g.constraint.is_some() {
+            KOSMOS_CONSTRAINT_JSON_SCHEMA
+        } else {
+            KOSMOS_CONSTRAINT_NONE
+        },
+        constraint: if g.constraint.is_some() {
+            schema_c.as_ptr()
+        } else {
+            std::ptr::null()
+        },
     };
     let submit = |params: &kosmos_params, shared: &Shared| {
         // SAFETY: live engine, valid strings; `shared` outlives the request (waited for below).
@@ -496,6 +521,12 @@ fn c_abi_engine_takes_every_generation_setting() {
             kosmos_finish_reason::KOSMOS_FINISH_STOP
         };
         assert_eq!(finish, want_finish, "case {case}");
+        if case == 2 {
+            let v: serde_json::Value =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert!(v["a"] == "x" || v["a"] == "yes", "{text}");
+            assert!(v["n"].as_u64().is_some_and(|n| n <= 99), "{text}");
+        }
         if case == 0 {
             assert_eq!(tokens.len(), 12, "ignore_eos: all max_tokens");
             assert_eq!(r.logprobs.len(), tokens.len(), "one entry per generated token");
@@ -515,6 +546,7 @@ fn c_abi_engine_takes_every_generation_setting() {
     let empty = CString::new("").unwrap();
     let empty_stop = [empty.as_ptr()];
     let seventeen = [stop_ptrs[1]; 17];
+    let bad_grammar = CString::new("root ::= item+").unwrap();
     let bad: Vec<(kosmos_params, &str)> = vec![
         (kosmos_params { n_stop: 2, ..base }, "stop is NULL"),
         (
@@ -564,6 +596,28 @@ fn c_abi_engine_takes_every_generation_setting() {
             "temperature",
         ),
         (kosmos_params { top_p: 0.0, ..base }, "top_p"),
+        (
+            kosmos_params {
+                constraint_kind: 9,
+                ..base
+            },
+            "constraint_kind 9",
+        ),
+        (
+            kosmos_params {
+                constraint_kind: KOSMOS_CONSTRAINT_REGEX,
+                ..base
+            },
+            "constraint is NULL",
+        ),
+        (
+            kosmos_params {
+                constraint_kind: KOSMOS_CONSTRAINT_GRAMMAR,
+                constraint: bad_grammar.as_ptr(),
+                ..base
+            },
+            "rule 'item' is used but not defined",
+        ),
     ];
     for (params, names) in &bad {
         let shared: Shared = Default::default();

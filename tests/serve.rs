@@ -1,6 +1,7 @@
 //! `kosmos-rt serve` end to end: the official `openai` Python client (answers equal
 //! `kosmos-rt run`), prompt scoring as lm-evaluation-harness does it, the bad-input battery, a
-//! load test, the queue limit, timeouts, the chat template, and graceful shutdown. The Python checks live in `scripts/serve/`.
+//! load test, the queue limit, timeouts, the chat template, graceful shutdown, and structured
+//! output. The Python checks live in `scripts/serve/`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -147,6 +148,31 @@ fn openai_client_answers_equal_kosmos_rt_run() {
         args.extend(["--image".into(), s(img)]);
     }
     run_python("openai_parity.py", &args);
+}
+
+/// Structured output (OpenAI's response_format with the client's pydantic helper, vLLM's guided_*
+/// and structured_outputs) on a random model, where the constraint alone makes the answer valid:
+/// every answer passes jsonschema / json / re, greedy ones equal `kosmos-rt run` with the same
+/// constraint, and bad constraints are 400s naming their field.
+#[test]
+fn structured_outputs_pass_pythons_validators() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pkg, images) = fixture(dir.path());
+    let server = Server::start(&pkg, &[]);
+    let mut args = vec![
+        "--base-url".into(),
+        format!("{}/v1", server.url()),
+        "--binary".into(),
+        s(&binary()),
+        "--package".into(),
+        s(&pkg),
+        "--model".into(),
+        "pkg".into(),
+    ];
+    for img in &images[..2] {
+        args.extend(["--image".into(), s(img)]);
+    }
+    run_python("structured.py", &args);
 }
 
 /// lm-evaluation-harness's way of scoring: tokenizer endpoints and token-id prompts with `echo`,

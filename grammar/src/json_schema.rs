@@ -8,8 +8,9 @@
 //!
 //! Choices the grammar makes (each output is still valid under the schema): properties come in
 //! schema order and only declared ones are written; a `prefixItems` tuple is written whole;
-//! whitespace is at most one space or a newline and 20 blanks between tokens; numbers have at
-//! most 16 digits per part.
+//! whitespace is at most one space between tokens (a model that was not trained on JSON fills
+//! any freedom there with blanks, as llama.cpp's users see); numbers have at most 16 digits per
+//! part.
 
 use std::collections::{HashMap, HashSet};
 
@@ -20,7 +21,7 @@ use crate::regex::{self, Target};
 
 /// Rules of the generic JSON grammar, with the rules each uses.
 const BASE: &[(&str, &str, &[&str])] = &[
-    ("ws", r#"| " " | "\n" [ \t]{0,20}"#, &[]),
+    ("ws", r#"| " ""#, &[]),
     (
         "char",
         r#"[^"\\\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})"#,

@@ -306,6 +306,24 @@ impl KosmosTokenizer {
         }
     }
 
+    /// The bytes token `id` adds to a decoded text: as [`Self::token_bytes`], except that the
+    /// first token of a text (`first`: no other token but specials before it) loses its `▁` (the
+    /// Metaspace decoder drops it there, so a generated `▁red` reads `red`), and special tokens
+    /// add nothing (decoding skips them).
+    pub fn decoded_bytes(&self, id: u32, first: bool) -> Vec<u8> {
+        if self.special.pairs().iter().any(|&(_, s)| s == id) {
+            return Vec::new();
+        }
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        match byte_of_piece(&piece) {
+            Some(b) => vec![b],
+            None if first => piece.replace('\u{2581}', "").into_bytes(),
+            None => piece.replace('\u{2581}', " ").into_bytes(),
+        }
+    }
+
     /// The byte a byte-fallback piece (`<0xHH>`) stands for; `None` for any other token. The
     /// decoder turns a run of them into text together, so their text is final only once the run
     /// has ended.

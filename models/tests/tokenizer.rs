@@ -1,5 +1,5 @@
 //! The built-in tokenizer: exact vocabulary size, special ids, round trips, byte fallback, the
-//! bytes of each token; and
+//! bytes of each token as listed and as decoded; and
 //! loading a tokenizer.json whose special tokens disagree with the config.
 
 use kosmos_models::{KosmosTokenizer, ModelsError, SpecialTokens};
@@ -72,6 +72,41 @@ fn token_bytes_concatenate_to_the_text() {
     );
     assert_eq!(tok.token_bytes(sp.eos_token_id), b"</s>");
     assert!(tok.token_bytes(1 << 30).is_empty());
+}
+
+/// What structured output matches against: each token's `decoded_bytes` (the first without its
+/// `▁`, specials empty and not counted as first) concatenate to what `tokenizers`' own decoder makes of the ids, for every
+/// token first and every pair of a sample of tokens.
+#[test]
+fn decoded_bytes_concatenate_to_the_decoded_text() {
+    let sp = SpecialTokens::default();
+    let tok = KosmosTokenizer::train(|| corpus().into_iter(), 512, &sp).unwrap();
+    let n = tok.vocab_size() as u32;
+    let text_of = |ids: &[u32], bytes: Vec<u8>| {
+        // Byte pieces that are not whole UTF-8 decode to U+FFFD: compare only valid text.
+        if let Ok(want) = String::from_utf8(bytes) {
+            assert_eq!(tok.decode(ids).unwrap(), want, "{ids:?}");
+        }
+    };
+    for t in 0..n {
+        text_of(&[t], tok.decoded_bytes(t, true));
+    }
+    let sample: Vec<u32> = (0..n).step_by(7).chain(sp.pairs().map(|p| p.1)).collect();
+    for &a in &sample {
+        for &b in &sample {
+            // Decoding skips specials, so the token after one still opens the text.
+            let a_special = sp.pairs().iter().any(|p| p.1 == a);
+            let bytes = [tok.decoded_bytes(a, true), tok.decoded_bytes(b, a_special)].concat();
+            text_of(&[a, b], bytes);
+        }
+    }
+    let red = tok.encode("a red circle").unwrap();
+    let bytes: Vec<u8> = red
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &t)| tok.decoded_bytes(t, i == 0))
+        .collect();
+    assert_eq!(bytes, b"a red circle");
 }
 
 #[test]

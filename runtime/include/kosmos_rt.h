@@ -19,6 +19,31 @@
 #include <stdint.h>
 
 /*
+ `kosmos_params.constraint_kind`: no constraint.
+ */
+#define KOSMOS_CONSTRAINT_NONE 0
+
+/*
+ Any JSON object (OpenAI's `json_object` response format).
+ */
+#define KOSMOS_CONSTRAINT_JSON_OBJECT 1
+
+/*
+ JSON that the JSON Schema in `constraint` accepts.
+ */
+#define KOSMOS_CONSTRAINT_JSON_SCHEMA 2
+
+/*
+ Text the regular expression in `constraint` matches in full.
+ */
+#define KOSMOS_CONSTRAINT_REGEX 3
+
+/*
+ Text the GBNF grammar in `constraint` accepts.
+ */
+#define KOSMOS_CONSTRAINT_GRAMMAR 4
+
+/*
  Status codes. `KOSMOS_OK` is 0; every other value is a failure with a message in
  `kosmos_last_error()`.
  */
@@ -162,6 +187,17 @@ typedef struct kosmos_params {
    most likely alternatives (0 to 20) in the TEXT events; -1 = off.
    */
   int32_t logprobs;
+  /*
+   Structured output: one of the `KOSMOS_CONSTRAINT_*` values; `constraint` holds its text.
+   Generation ends when the text is complete under it and nothing more may follow.
+   */
+  uint32_t constraint_kind;
+  /*
+   The JSON Schema (as JSON text), the regular expression, or the GBNF grammar (llama.cpp's
+   format, from rule `root`), NUL-terminated UTF-8; NULL for `KOSMOS_CONSTRAINT_NONE` and
+   `KOSMOS_CONSTRAINT_JSON_OBJECT`.
+   */
+  const char *constraint;
 } kosmos_params;
 
 /*

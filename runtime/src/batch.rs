@@ -163,6 +163,8 @@ struct Running {
     pending_logprobs: Vec<TokenLogprob>,
     /// The prompt's position keys, for the prefix cache (empty when it is off).
     keys: Vec<PositionKey>,
+    /// Why the sequence cannot go on (reported as `Failed` when it retires).
+    failure: Option<String>,
 }
 
 /// A group of admitted sequences being prefilled, chunk by chunk, in pool rows
@@ -1137,13 +1139,14 @@ impl Engine {
             let seed = req.params.seed;
             let score_only = req.params.max_tokens == 0;
             let mut run = Running {
-                state: RowState::new(&req.assembled, seed),
+                state: RowState::new(&req.assembled, seed).constrained(self.pkg.constraint(&req.params)),
                 mask: p.real[r * p.width..(r + 1) * p.width].to_vec(),
                 next: pad,
                 reserved: p.width + req.params.max_tokens,
                 last_token_at: None,
                 pending_logprobs: Vec::new(),
                 keys,
+                failure: None,
                 req,
             };
             if score_only {
@@ -1168,7 +1171,14 @@ impl Engine {
         let Running { req, state, .. } = run;
         // The model's distribution, before `pick` applies the repetition penalty in place.
         let raw = req.logprobs.map(|top| (top, logits.to_vec()));
-        let tok = state.pick(logits, &req.params);
+        let tok = match state.pick(logits, &req.params) {
+            Ok(t) => t,
+            Err(e) => {
+                state.finish = Some(FinishReason::Stop);
+                run.failure = Some(e.to_string());
+                return;
+            }
+        };
         let now = Instant::now();
         match run.last_token_at {
             None => self
@@ -1273,6 +1283,12 @@ impl Engine {
                         logprobs,
                     });
                 }
+            }
+            if let Some(message) = run.failure.take() {
+                self.metrics
+                    .finished("error", run.req.assembled.len(), run.state.tokens.len());
+                (run.req.sink)(SeqEvent::Failed(SeqFailure::Engine(message)));
+                continue;
             }
             let label = match reason {
                 FinishReason::Stop => "stop",

@@ -83,7 +83,25 @@ pub struct kosmos_params {
     /// `kosmos_engine_submit` only: report each generated token's log-probability with this many
     /// most likely alternatives (0 to 20) in the TEXT events; -1 = off.
     pub logprobs: i32,
+    /// Structured output: one of the `KOSMOS_CONSTRAINT_*` values; `constraint` holds its text.
+    /// Generation ends when the text is complete under it and nothing more may follow.
+    pub constraint_kind: u32,
+    /// The JSON Schema (as JSON text), the regular expression, or the GBNF grammar (llama.cpp's
+    /// format, from rule `root`), NUL-terminated UTF-8; NULL for `KOSMOS_CONSTRAINT_NONE` and
+    /// `KOSMOS_CONSTRAINT_JSON_OBJECT`.
+    pub constraint: *const c_char,
 }
+
+/// `kosmos_params.constraint_kind`: no constraint.
+pub const KOSMOS_CONSTRAINT_NONE: u32 = 0;
+/// Any JSON object (OpenAI's `json_object` response format).
+pub const KOSMOS_CONSTRAINT_JSON_OBJECT: u32 = 1;
+/// JSON that the JSON Schema in `constraint` accepts.
+pub const KOSMOS_CONSTRAINT_JSON_SCHEMA: u32 = 2;
+/// Text the regular expression in `constraint` matches in full.
+pub const KOSMOS_CONSTRAINT_REGEX: u32 = 3;
+/// Text the GBNF grammar in `constraint` accepts.
+pub const KOSMOS_CONSTRAINT_GRAMMAR: u32 = 4;
 
 /// One image: either `path` (a NUL-terminated file name) or `data`/`size` (encoded PNG, JPEG
 /// or WebP bytes). Exactly one of them is set.
@@ -275,6 +293,8 @@ pub extern "C" fn kosmos_default_params() -> kosmos_params {
         n_stop: 0,
         ignore_eos: d.ignore_eos,
         logprobs: -1,
+        constraint_kind: KOSMOS_CONSTRAINT_NONE,
+        constraint: std::ptr::null(),
     }
 }
 
@@ -556,11 +576,45 @@ unsafe fn read_params(
         stop,
         beams: p.beams as usize,
         ignore_eos: p.ignore_eos,
+        // SAFETY: per the contract, `constraint` is NULL or a NUL-terminated string.
+        constraint: unsafe { c_constraint(&p) }?,
     };
     if let Some((_, message)) = params.invalid_setting() {
         return Err(invalid(message));
     }
     Ok((params, logprobs))
+}
+
+/// The compiled constraint `p` asks for.
+///
+/// # Safety
+/// `p.constraint` is NULL or a NUL-terminated string.
+unsafe fn c_constraint(
+    p: &kosmos_params,
+) -> Result<Option<std::sync::Arc<kosmos_grammar::Grammar>>, kosmos_status> {
+    use kosmos_grammar::{Constraint, Json};
+    let invalid = |m: String| fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, format!("params: {m}"));
+    let text = || {
+        // SAFETY: forwarded from the caller.
+        unsafe { c_str(p.constraint, "params: constraint") }.map(str::to_string)
+    };
+    let c = match p.constraint_kind {
+        KOSMOS_CONSTRAINT_NONE => return Ok(None),
+        KOSMOS_CONSTRAINT_JSON_OBJECT => Constraint::JsonObject,
+        KOSMOS_CONSTRAINT_JSON_SCHEMA => Constraint::JsonSchema(
+            Json::parse(&text()?).map_err(|e| invalid(format!("constraint is not a JSON schema: {e}")))?,
+        ),
+        KOSMOS_CONSTRAINT_REGEX => Constraint::Regex(text()?),
+        KOSMOS_CONSTRAINT_GRAMMAR => Constraint::Grammar(text()?),
+        k => {
+            return Err(invalid(format!(
+                "constraint_kind {k} is not one of KOSMOS_CONSTRAINT_*"
+            )));
+        }
+    };
+    c.compile()
+        .map(Some)
+        .map_err(|e| invalid(format!("constraint: {e}")))
 }
 
 /// Release the library's ONNX Runtime environment. Call once before the process exits, after every

@@ -17,6 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
+use crate::constrain::ActiveConstraint;
 use crate::error::{Result, RtError};
 use crate::package::Package;
 
@@ -93,6 +94,10 @@ pub struct GenerateParams {
     pub beams: usize,
     /// Keep generating after `</s>` (benchmarks).
     pub ignore_eos: bool,
+    /// Structured output: the generated text follows this grammar (compiled from a JSON Schema,
+    /// a regular expression, choices or GBNF by `kosmos_grammar::Constraint`); generation ends
+    /// when the grammar is complete and allows nothing more.
+    pub constraint: Option<Arc<kosmos_grammar::Grammar>>,
 }
 
 impl Default for GenerateParams {
@@ -109,6 +114,7 @@ impl Default for GenerateParams {
             stop: Vec::new(),
             beams: 1,
             ignore_eos: false,
+            constraint: None,
         }
     }
 }
@@ -549,6 +555,11 @@ impl Package {
         if params.max_tokens == 0 {
             return Err(RtError::Input("max_tokens must be at least 1".into()));
         }
+        if params.beams > 1 && params.constraint.is_some() {
+            return Err(RtError::Input(
+                "beam search with structured output is not supported; use beams 1".into(),
+            ));
+        }
         if params.beams > 1 {
             return prompts
                 .iter()
@@ -598,7 +609,9 @@ impl Package {
         let mut rows: Vec<RowState> = assembled
             .iter()
             .enumerate()
-            .map(|(r, a)| RowState::new(a, params.seed.wrapping_add(r as u64)))
+            .map(|(r, a)| {
+                RowState::new(a, params.seed.wrapping_add(r as u64)).constrained(self.constraint(params))
+            })
             .collect();
         for step in 0..params.max_tokens {
             let mut next = Vec::with_capacity(b);
@@ -608,7 +621,7 @@ impl Package {
                     continue;
                 }
                 let l = &mut logits[r * vocab..(r + 1) * vocab];
-                let tok = row.pick(l, params);
+                let tok = row.pick(l, params)?;
                 if tok == eos && !params.ignore_eos {
                     row.finish = Some(FinishReason::Stop);
                     next.push(pad);
@@ -643,6 +656,12 @@ impl Package {
             .zip(&assembled)
             .map(|(r, a)| r.finish(a.len(), timings.clone()))
             .collect())
+    }
+
+    /// A row's structured-output state for `params` (none without a constraint).
+    pub(crate) fn constraint(&self, params: &GenerateParams) -> Option<ActiveConstraint> {
+        let g = params.constraint.clone()?;
+        Some(ActiveConstraint::new(g, self.constraint_vocab()))
     }
 
     /// The attention mask of a row before its next token: left padding, prompt, generated steps.
@@ -884,6 +903,7 @@ pub(crate) struct RowState {
     pub(crate) finish: Option<FinishReason>,
     steps: usize,
     rng: StdRng,
+    constraint: Option<ActiveConstraint>,
 }
 
 impl RowState {
@@ -903,11 +923,19 @@ impl RowState {
             finish: None,
             steps: 0,
             rng: StdRng::seed_from_u64(seed),
+            constraint: None,
         }
     }
 
-    /// The next token from `logits` (modified in place) under `p`.
-    pub(crate) fn pick(&mut self, logits: &mut [f32], p: &GenerateParams) -> u32 {
+    /// Generate under `c` (structured output).
+    pub(crate) fn constrained(mut self, c: Option<ActiveConstraint>) -> Self {
+        self.constraint = c;
+        self
+    }
+
+    /// The next token from `logits` (modified in place) under `p`; an error only when a
+    /// constraint leaves no token.
+    pub(crate) fn pick(&mut self, logits: &mut [f32], p: &GenerateParams) -> Result<u32> {
         if p.repetition_penalty != 1.0 {
             for &t in &self.seen {
                 let l = &mut logits[t as usize];
@@ -929,8 +957,20 @@ impl RowState {
                 }
             }
         }
+        if let Some(c) = self.constraint.as_mut() {
+            let first = self.tokens.is_empty();
+            let eos = !p.ignore_eos;
+            // Greedy: when the best token is allowed it is the answer, without the full mask.
+            if p.temperature <= 0.0 {
+                let best = argmax(logits);
+                if c.allows(best, first, eos) {
+                    return Ok(best);
+                }
+            }
+            c.restrict(logits, first, eos)?;
+        }
         if p.temperature <= 0.0 {
-            return argmax(logits);
+            return Ok(argmax(logits));
         }
         let mut idx: Vec<usize> = (0..logits.len()).collect();
         idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
@@ -958,15 +998,19 @@ impl RowState {
             let t: f64 = probs.iter().sum();
             probs.iter_mut().for_each(|x| *x /= t);
         }
+        // Tokens masked out (-inf) have probability 0 and sort last: never fall back to them.
+        while probs.len() > 1 && probs.last() == Some(&0.0) {
+            probs.pop();
+        }
         let u: f64 = self.rng.random();
         let mut acc = 0.0;
         for (i, x) in probs.iter().enumerate() {
             acc += x;
             if u < acc {
-                return idx[i] as u32;
+                return Ok(idx[i] as u32);
             }
         }
-        idx[probs.len() - 1] as u32
+        Ok(idx[probs.len() - 1] as u32)
     }
 
     /// Append `tok`, stream the new text, apply stop strings.
@@ -978,6 +1022,13 @@ impl RowState {
         index: usize,
         on_token: &mut OnToken<'_>,
     ) -> Result<()> {
+        let grammar_done = match self.constraint.as_mut() {
+            Some(c) => {
+                c.advance(tok, self.tokens.is_empty());
+                c.finished()
+            }
+            None => false,
+        };
         self.tokens.push(tok);
         self.seen.push(tok);
         self.text = tokenizer.decode(&self.tokens)?;
@@ -990,6 +1041,9 @@ impl RowState {
         }
         if let Some(i) = cut {
             self.text.truncate(i);
+            self.finish = Some(FinishReason::Stop);
+        }
+        if grammar_done && self.finish.is_none() {
             self.finish = Some(FinishReason::Stop);
         }
         let held = if self.finish.is_some() {
@@ -1124,7 +1178,7 @@ mod tests {
     fn presence_and_frequency_penalties_follow_openai() {
         let logits = [2.0f32, 1.9, 0.0];
         let greedy = GenerateParams::default();
-        assert_eq!(row(&[0, 0, 1]).pick(&mut logits.clone(), &greedy), 0);
+        assert_eq!(row(&[0, 0, 1]).pick(&mut logits.clone(), &greedy).unwrap(), 0);
         let p = GenerateParams {
             presence_penalty: 0.5,
             frequency_penalty: 0.3,
@@ -1132,18 +1186,18 @@ mod tests {
         };
         let mut l = logits;
         // Token 0: 2.0 − 0.5 − 2·0.3 = 0.9; token 1: 1.9 − 0.5 − 0.3 = 1.1; token 2 untouched.
-        assert_eq!(row(&[0, 0, 1]).pick(&mut l, &p), 1);
+        assert_eq!(row(&[0, 0, 1]).pick(&mut l, &p).unwrap(), 1);
         for (got, want) in l.iter().zip([0.9f32, 1.1, 0.0]) {
             assert!((got - want).abs() < 1e-6, "{l:?}");
         }
         // Prompt tokens do not count (token 2 is the prompt's).
         let mut l = [0.0f32, 0.0, 0.1];
-        assert_eq!(row(&[]).pick(&mut l, &p), 2);
+        assert_eq!(row(&[]).pick(&mut l, &p).unwrap(), 2);
         // A negative penalty favours what was generated.
         let favour = GenerateParams {
             presence_penalty: -1.0,
             ..GenerateParams::default()
         };
-        assert_eq!(row(&[1]).pick(&mut logits.clone(), &favour), 1);
+        assert_eq!(row(&[1]).pick(&mut logits.clone(), &favour).unwrap(), 1);
     }
 }

@@ -7,12 +7,14 @@
 //! * [`Package::generate`] runs a batch of prompts (text with `<image>` markers, or images then
 //!   text) through the vision graph (with an embedding cache keyed by image content) and the
 //!   decoder with its KV cache: greedy, sampling (temperature, top-k, top-p, repetition penalty,
-//!   seeded), stop strings, beam search, and a streaming token callback;
+//!   seeded), stop strings, beam search, structured output ([`grammar`]: JSON Schema, regular
+//!   expressions, choices, GBNF), and a streaming token callback;
 //! * [`bench`] measures it; [`ffi`] is the C ABI of `libkosmos_rt.so`
 //!   (`runtime/include/kosmos_rt.h`).
 
 pub mod batch;
 pub mod bench;
+pub mod constrain;
 pub mod error;
 pub mod eval;
 #[allow(non_camel_case_types)]
@@ -27,5 +29,8 @@ pub mod serve;
 
 pub use error::{Result, RtError};
 pub use generate::{FinishReason, GenerateParams, Generation, ImageInput, Prompt, VisionCache};
+/// Structured output: build a [`grammar::Constraint`], `compile()` it, and put the grammar in
+/// [`GenerateParams::constraint`].
+pub use kosmos_grammar as grammar;
 pub use ort_env::{Device, SessionOptions};
 pub use package::Package;

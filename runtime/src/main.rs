@@ -3,6 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use kosmos_grammar::{Constraint, Json};
 use kosmos_rt::{Device, GenerateParams, ImageInput, Package, Prompt, SessionOptions, VisionCache};
 
 #[derive(Parser)]
@@ -40,6 +41,48 @@ struct Engine {
     /// Do not register the fused ai.kosmos kernels (their ONNX function bodies run instead).
     #[arg(long)]
     without_custom_ops: bool,
+}
+
+/// Structured output: at most one of these.
+#[derive(clap::Args)]
+#[group(multiple = false)]
+struct Structured {
+    /// Output a JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Output JSON that this JSON Schema (a file) accepts.
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<PathBuf>,
+    /// Output text this regular expression matches in full.
+    #[arg(long, value_name = "PATTERN")]
+    regex: Option<String>,
+    /// Output exactly one of these strings (repeat for each choice).
+    #[arg(long)]
+    choice: Vec<String>,
+    /// Output text this GBNF grammar (llama.cpp's format, a file) accepts from its rule `root`.
+    #[arg(long, value_name = "FILE")]
+    grammar: Option<PathBuf>,
+}
+
+impl Structured {
+    fn constraint(&self) -> Result<Option<Constraint>> {
+        let read =
+            |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+        Ok(if self.json {
+            Some(Constraint::JsonObject)
+        } else if let Some(p) = &self.json_schema {
+            let schema = Json::parse(&read(p)?).with_context(|| format!("{}: not JSON", p.display()))?;
+            Some(Constraint::JsonSchema(schema))
+        } else if let Some(r) = &self.regex {
+            Some(Constraint::Regex(r.clone()))
+        } else if !self.choice.is_empty() {
+            Some(Constraint::Choice(self.choice.clone()))
+        } else if let Some(p) = &self.grammar {
+            Some(Constraint::Grammar(read(p)?))
+        } else {
+            None
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -87,7 +130,22 @@ enum Command {
         #[arg(long)]
         stream: bool,
         #[command(flatten)]
+        structured: Structured,
+        #[command(flatten)]
         engine: Engine,
+    },
+    /// Print the GBNF grammar a structured-output option compiles to, and check texts against it.
+    #[command(after_help = "Examples:\n  \
+        kosmos-rt grammar --json-schema person.json            # the grammar generation follows\n  \
+        kosmos-rt grammar --regex '[0-9]{3}-[0-9]{4}' --check 555-1234 --check 5551234\n  \
+        kosmos-rt grammar --grammar list.gbnf --check $'- a\\n- b\\n'")]
+    Grammar {
+        #[command(flatten)]
+        structured: Structured,
+        /// Say whether the grammar accepts this whole text (repeatable); exit status 1 if one
+        /// is rejected.
+        #[arg(long)]
+        check: Vec<String>,
     },
     /// Greedy exact match on a caption/VQA manifest (as `kosmos-train eval` measures it).
     #[command(after_help = "Example:\n  \
@@ -386,6 +444,27 @@ fn run(cli: Cli) -> Result<()> {
             }))?;
             Ok(())
         }
+        Command::Grammar { structured, check } => {
+            let c = structured
+                .constraint()?
+                .context("give one of --json, --json-schema, --regex, --choice, --grammar")?;
+            let gbnf = c.to_gbnf()?;
+            let grammar = c.compile()?;
+            if check.is_empty() {
+                print!("{gbnf}");
+                return Ok(());
+            }
+            let mut rejected = 0;
+            for text in &check {
+                let ok = Constraint::matches(&grammar, text);
+                rejected += usize::from(!ok);
+                println!("{}\t{text:?}", if ok { "accepted" } else { "rejected" });
+            }
+            if rejected > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Run {
             package,
             image,
@@ -401,8 +480,13 @@ fn run(cli: Cli) -> Result<()> {
             stop,
             beams,
             stream,
+            structured,
             engine,
         } => {
+            let constraint = match structured.constraint()? {
+                Some(c) => Some(c.compile().context("structured output")?),
+                None => None,
+            };
             let mut pkg = open(&package, &engine)?;
             let images = image.into_iter().map(ImageInput::Path).collect();
             let prompt = Prompt::parse(&prompt, images)?;
@@ -418,6 +502,7 @@ fn run(cli: Cli) -> Result<()> {
                 stop,
                 beams: beams.max(1),
                 ignore_eos: false,
+                constraint,
             };
             if let Some((field, message)) = params.invalid_setting() {
                 anyhow::bail!("--{}: {message}", field.replace('_', "-"));

@@ -19,6 +19,8 @@ pub struct Package {
     /// Wall time ONNX Runtime took to create both sessions (graph optimisation, weight
     /// pre-packing): the cold-start cost `kosmos-rt bench` reports.
     pub load_ms: f64,
+    /// The vocabulary as structured output's matcher sees it, built at its first use.
+    constraint_vocab: std::sync::OnceLock<std::sync::Arc<crate::constrain::ConstraintVocab>>,
 }
 
 impl std::fmt::Debug for Package {
@@ -49,6 +51,18 @@ fn dims(s: &Session, name: &str, input: bool) -> Option<Vec<i64>> {
 }
 
 impl Package {
+    /// The vocabulary for structured output (tries of every token's text), shared by requests.
+    pub fn constraint_vocab(&self) -> std::sync::Arc<crate::constrain::ConstraintVocab> {
+        self.constraint_vocab
+            .get_or_init(|| {
+                std::sync::Arc::new(crate::constrain::ConstraintVocab::new(
+                    &self.tokenizer,
+                    self.manifest.decoder.vocab_size,
+                ))
+            })
+            .clone()
+    }
+
     pub fn open(dir: &Path, opts: &SessionOptions) -> Result<Self> {
         if !dir.is_dir() {
             return Err(ModelsError::MissingFile {
@@ -88,6 +102,7 @@ impl Package {
             vision,
             decoder,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
+            constraint_vocab: std::sync::OnceLock::new(),
         };
         pkg.check_graphs()?;
         Ok(pkg)

@@ -5,7 +5,7 @@ usage: structured_check.py cases            print the cases as JSON
        structured_check.py judge RESULTS    RESULTS: the cases with each candidate's "accepted"
 
 Cases are JSON Schemas and regular expressions, each with candidate texts: valid instances
-written the ways a model may write them (compact, json.dumps' spacing, indented), random JSON
+written the ways a model may write them (compact or json.dumps' spacing, \\u escapes or not), random JSON
 values, and random edits of all of these; patterns get example matches, their edits and random
 strings. The judge requires, with jsonschema (Draft 2020-12) and re.fullmatch (re.ASCII, as
 ECMA-262's \\d \\w are ASCII):
@@ -82,8 +82,10 @@ ALPHABET = list("abcxyzABCD0123456789-_.:,;{}[]\"\\ \n\té中@!") + ["true", "nu
 
 
 def spellings(value):
+    """The ways the grammar may write a value: compact or one space after , and :, any characters
+    as themselves or as \\u escapes."""
     return {json.dumps(value, ensure_ascii=False, separators=(",", ":")), json.dumps(value, ensure_ascii=False),
-            json.dumps(value, ensure_ascii=False, indent=2), json.dumps(value)}
+            json.dumps(value)}
 
 
 def edits(text, rng, n):

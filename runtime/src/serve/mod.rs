@@ -12,6 +12,7 @@ pub mod error;
 pub mod images;
 mod logprobs;
 mod openai;
+mod structured;
 mod tokenize;
 
 use std::net::SocketAddr;

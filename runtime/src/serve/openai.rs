@@ -18,7 +18,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::AppState;
 use super::error::ApiError;
-use super::{images, logprobs};
+use super::{images, logprobs, structured};
 use crate::batch::{SeqEvent, SeqFailure, SeqRequest};
 use crate::generate::{FinishReason, GenerateParams, IMAGE_MARKER};
 use crate::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob};
@@ -141,7 +141,11 @@ const DRAIN_LIMIT: usize = 256 << 20;
 
 pub(super) async fn parse<T: serde::de::DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
     let body = read_body(body, limit).await?;
-    serde_json::from_slice(&body).map_err(|e| {
+    parse_bytes(&body)
+}
+
+fn parse_bytes<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
         let what = if e.is_syntax() || e.is_eof() {
             "malformed JSON"
         } else {
@@ -454,6 +458,7 @@ impl AppState {
             stop,
             beams: 1,
             ignore_eos: s.ignore_eos.unwrap_or(false),
+            constraint: None,
         };
         if let Some((field, message)) = params.invalid_setting() {
             return Err(ApiError::invalid(message, field));
@@ -888,18 +893,23 @@ async fn respond(
 }
 
 pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse(body, st.cfg.max_body_bytes).await?;
+    let body = read_body(body, st.cfg.max_body_bytes).await?;
+    let req: ChatRequest = parse_bytes(&body)?;
     st.check_model(&req.model)?;
+    let constraint = structured::requested(&body)?;
     let (segments, urls) = st.chat_prompt(&req.messages, true)?;
     let prepared = st.prepare(segments, urls).await?;
-    let r = st.params(&req.sampling, prepared.assembled.len(), Kind::Chat, false)?;
+    let mut r = st.params(&req.sampling, prepared.assembled.len(), Kind::Chat, false)?;
+    r.params.constraint = constraint;
     let sub = st.submit(vec![prepared], &r)?;
     respond(st, Kind::Chat, sub, r.n, &req.sampling).await
 }
 
 pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse(body, st.cfg.max_body_bytes).await?;
+    let body = read_body(body, st.cfg.max_body_bytes).await?;
+    let req: CompletionRequest = parse_bytes(&body)?;
     st.check_model(&req.model)?;
+    let constraint = structured::requested(&body)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix is not supported", "suffix"));
     }
@@ -935,7 +945,8 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<
     }
     let longest = prepared.iter().map(|p| p.assembled.len()).max().unwrap_or(0);
     let echo = req.echo == Some(true);
-    let r = st.params(&req.sampling, longest, Kind::Completion, echo)?;
+    let mut r = st.params(&req.sampling, longest, Kind::Completion, echo)?;
+    r.params.constraint = constraint;
     let total = prepared.len() * r.n;
     if total > st.cfg.max_n {
         return Err(ApiError::invalid(

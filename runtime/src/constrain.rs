@@ -1,0 +1,136 @@
+//! Structured output during generation: a row's [`kosmos_grammar::Matcher`] restricts the
+//! tokens it may pick to those whose text the grammar allows next, and `</s>` to where the text
+//! is complete. The text a grammar sees is exactly the generated text the caller receives: each
+//! token's decoded bytes, the first token's `▁` dropped as the tokenizer's decoder drops it.
+
+use std::sync::Arc;
+
+use kosmos_grammar::{Grammar, Matcher, TokenTrie};
+use kosmos_models::KosmosTokenizer;
+
+use crate::error::{Result, RtError};
+
+/// The vocabulary as the matcher sees it, built once per package.
+pub struct ConstraintVocab {
+    /// Tokens by their decoded bytes after other tokens, and as the first token of the text.
+    later: TokenTrie,
+    first: TokenTrie,
+    later_bytes: Vec<Vec<u8>>,
+    first_bytes: Vec<Vec<u8>>,
+    /// Special tokens: never allowed under a constraint (`</s>` is decided apart).
+    special: Vec<bool>,
+    eos: u32,
+}
+
+impl ConstraintVocab {
+    pub fn new(tok: &KosmosTokenizer, vocab_size: usize) -> ConstraintVocab {
+        let mut special = vec![false; vocab_size];
+        for (_, id) in tok.special().pairs() {
+            if let Some(s) = special.get_mut(id as usize) {
+                *s = true;
+            }
+        }
+        let ids = 0..vocab_size as u32;
+        let later_bytes: Vec<Vec<u8>> = ids.clone().map(|t| tok.decoded_bytes(t, false)).collect();
+        let first_bytes: Vec<Vec<u8>> = ids.map(|t| tok.decoded_bytes(t, true)).collect();
+        let trie = |bytes: &[Vec<u8>]| {
+            TokenTrie::new(
+                bytes
+                    .iter()
+                    .enumerate()
+                    .filter(|(t, _)| !special[*t])
+                    .map(|(t, b)| (t as u32, b.as_slice())),
+            )
+        };
+        ConstraintVocab {
+            later: trie(&later_bytes),
+            first: trie(&first_bytes),
+            later_bytes,
+            first_bytes,
+            special,
+            eos: tok.special().eos_token_id,
+        }
+    }
+
+    fn bytes(&self, t: u32, first: bool) -> &[u8] {
+        let all = if first {
+            &self.first_bytes
+        } else {
+            &self.later_bytes
+        };
+        all.get(t as usize).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// One row's constraint while it generates.
+pub(crate) struct ActiveConstraint {
+    matcher: Matcher,
+    vocab: Arc<ConstraintVocab>,
+    allowed: Vec<bool>,
+}
+
+impl ActiveConstraint {
+    pub(crate) fn new(grammar: Arc<Grammar>, vocab: Arc<ConstraintVocab>) -> Self {
+        ActiveConstraint {
+            matcher: Matcher::new(grammar),
+            allowed: vec![false; vocab.special.len()],
+            vocab,
+        }
+    }
+
+    /// Whether `t` may come next (`first`: no token generated yet).
+    pub(crate) fn allows(&mut self, t: u32, first: bool, eos_allowed: bool) -> bool {
+        if t == self.vocab.eos {
+            return eos_allowed && self.matcher.is_accepting();
+        }
+        if self.vocab.special.get(t as usize).is_none_or(|&s| s) {
+            return false;
+        }
+        let bytes = self.vocab.bytes(t, first).to_vec();
+        self.matcher.allows(&bytes)
+    }
+
+    /// Set every logit the grammar does not allow next to -inf; an error when none is left.
+    pub(crate) fn restrict(&mut self, logits: &mut [f32], first: bool, eos_allowed: bool) -> Result<()> {
+        self.allowed.iter_mut().for_each(|a| *a = false);
+        let trie = if first {
+            &self.vocab.first
+        } else {
+            &self.vocab.later
+        };
+        self.matcher.fill_allowed(trie, &mut self.allowed);
+        if let Some(e) = self.allowed.get_mut(self.vocab.eos as usize) {
+            *e = eos_allowed && self.matcher.is_accepting();
+        }
+        let mut any = false;
+        for (l, &ok) in logits.iter_mut().zip(&self.allowed) {
+            if ok {
+                any = true;
+            } else {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        if !any {
+            return Err(RtError::Input(
+                "structured output: no token of the vocabulary can continue the text under the grammar"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Record generated token `t` (one the constraint allowed).
+    pub(crate) fn advance(&mut self, t: u32, first: bool) {
+        if t == self.vocab.eos {
+            return;
+        }
+        let bytes = self.vocab.bytes(t, first).to_vec();
+        let ok = self.matcher.accept(&bytes);
+        debug_assert!(ok, "token {t} was not allowed");
+    }
+
+    /// The text is complete and nothing may follow.
+    pub(crate) fn finished(&self) -> bool {
+        self.matcher.is_finished()
+    }
+}
