@@ -14,7 +14,9 @@ use kosmos_export::Profile;
 use kosmos_models::image::{ImageLimits, clip_preprocess, load_image};
 use kosmos_models::package::{KvCacheLayout, PackageDtype};
 use kosmos_models::sequence::{Segment, assemble};
-use kosmos_rt::{GenerateParams, ImageInput, Package, Prompt, RtError, SessionOptions, VisionCache};
+use kosmos_rt::{
+    FinishReason, GenerateParams, ImageInput, Package, Prompt, RtError, SessionOptions, VisionCache,
+};
 use kosmos_train::fit::{FitOptions, Recipe, Start, fit};
 use kosmos_train::synthetic::{Split, Task, item};
 use tch::{Device, Tensor};
@@ -127,6 +129,113 @@ fn greedy_equals_trainer_and_batch_equals_single() {
 fn in_place_kv_buffer_generates_the_same() {
     let f = fixture();
     check_generation(&f, &f.pkg_buffer);
+}
+
+/// Structured output on the trained model: a constraint that allows what the model says anyway
+/// changes nothing (greedy through the allowed-argmax shortcut; sampled through the full mask,
+/// seed for seed), a choice list keeps each VQA answer in it, a caption regex narrows colours,
+/// and JSON comes out as JSON. Beam search with a constraint is refused.
+#[test]
+fn structured_output_keeps_what_the_grammar_allows() {
+    use kosmos_rt::grammar::Constraint;
+    let f = fixture();
+    let mut pkg = open(&f.pkg);
+    let mut cache = VisionCache::new(8);
+    let compile = |c: Constraint| Some(c.compile().unwrap());
+    let mut run = |pkg: &mut Package, prompt: &str, img: &PathBuf, p: &GenerateParams| {
+        let prompt = Prompt::parse(prompt, vec![ImageInput::Path(img.clone())]).unwrap();
+        pkg.generate(&mut cache, &[prompt], p, &mut |_, _| true)
+            .unwrap()
+            .remove(0)
+    };
+    let colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+        .map(String::from)
+        .to_vec();
+    let question = "Question: what colour is the circle? Answer:";
+    let mut in_list = 0;
+    for img in &f.images {
+        // Everything but specials allowed: sampled outputs equal, seed for seed.
+        for seed in 0..3 {
+            let free = GenerateParams {
+                max_tokens: 12,
+                temperature: 1.0,
+                top_p: 0.95,
+                seed,
+                ..Default::default()
+            };
+            let any = GenerateParams {
+                constraint: compile(Constraint::Regex(r"[\s\S]*".into())),
+                ..free.clone()
+            };
+            let (a, b) = (run(&mut pkg, "", img, &free), run(&mut pkg, "", img, &any));
+            assert_eq!(a.tokens, b.tokens, "seed {seed}: {:?} vs {:?}", a.text, b.text);
+        }
+        let answer = run(&mut pkg, question, img, &greedy(6)).text;
+        let chosen = run(
+            &mut pkg,
+            question,
+            img,
+            &GenerateParams {
+                constraint: compile(Constraint::Choice(colours.clone())),
+                ..greedy(6)
+            },
+        );
+        assert!(colours.contains(&chosen.text), "{:?}", chosen.text);
+        if colours.contains(&answer) {
+            assert_eq!(chosen.text, answer);
+            in_list += 1;
+        }
+        // Captions: only red or blue shapes, in the caption's own words.
+        let pattern = "an? (red|blue) (circle|square|triangle)( on the (left|right) and an? (red|blue) (circle|square|triangle) on the (left|right))?";
+        let caption = run(
+            &mut pkg,
+            "",
+            img,
+            &GenerateParams {
+                constraint: compile(Constraint::Regex(pattern.into())),
+                ..greedy(24)
+            },
+        );
+        let re_ok = Constraint::matches(
+            &Constraint::Regex(pattern.into()).compile().unwrap(),
+            &caption.text,
+        );
+        assert!(
+            re_ok && caption.finish_reason == FinishReason::Stop,
+            "{caption:?}"
+        );
+        let json = run(
+            &mut pkg,
+            question,
+            img,
+            &GenerateParams {
+                constraint: compile(Constraint::JsonObject),
+                ..greedy(60)
+            },
+        );
+        if json.finish_reason == FinishReason::Stop {
+            let v: serde_json::Value =
+                serde_json::from_str(&json.text).unwrap_or_else(|e| panic!("{:?}: {e}", json.text));
+            assert!(v.is_object());
+        }
+    }
+    assert!(
+        in_list >= 2,
+        "the fixture should answer most colour questions with a colour"
+    );
+    let beams = GenerateParams {
+        beams: 3,
+        constraint: compile(Constraint::JsonObject),
+        ..greedy(6)
+    };
+    let prompt = Prompt::parse(question, vec![ImageInput::Path(f.images[0].clone())]).unwrap();
+    let err = pkg
+        .generate(&mut cache, &[prompt], &beams, &mut |_, _| true)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("beam search with structured output"),
+        "{err}"
+    );
 }
 
 /// int8 and int4 packages of the trained model (DESIGN §7 step 3, quantised: top-1 agreement):

@@ -52,6 +52,25 @@ impl ConstraintVocab {
         }
     }
 
+    /// Which tokens may come after `text` under `grammar` (`allowed[t]`, `</s>` included):
+    /// what generation masks with, for tools and measurements. `None` when the grammar does not
+    /// allow `text` itself.
+    pub fn allowed_after(&self, grammar: &Arc<Grammar>, text: &str) -> Option<Vec<bool>> {
+        let mut m = Matcher::new(grammar.clone());
+        if !m.accept(text.as_bytes()) {
+            return None;
+        }
+        let mut allowed = vec![false; self.special.len()];
+        m.fill_allowed(
+            if text.is_empty() { &self.first } else { &self.later },
+            &mut allowed,
+        );
+        if let Some(e) = allowed.get_mut(self.eos as usize) {
+            *e = m.is_accepting();
+        }
+        Some(allowed)
+    }
+
     fn bytes(&self, t: u32, first: bool) -> &[u8] {
         let all = if first {
             &self.first_bytes
