@@ -35,7 +35,6 @@ pub(crate) enum Elem {
 
 /// A compiled grammar. Alternatives are stored one after another in `elems`, each closed by
 /// `End`; a position in `elems` is what the matcher's stacks hold.
-#[derive(Debug)]
 pub struct Grammar {
     pub(crate) elems: Vec<Elem>,
     /// Per rule, the positions where its alternatives start.
@@ -43,6 +42,13 @@ pub struct Grammar {
     pub(crate) sets: Vec<CharSet>,
     names: Vec<String>,
     pub(crate) root: u32,
+}
+
+/// Short: generation settings holding a grammar are logged.
+impl std::fmt::Debug for Grammar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Grammar({} rules, {} elements)", self.rules.len(), self.elems.len())
+    }
 }
 
 impl Grammar {
