@@ -47,7 +47,12 @@ pub struct Grammar {
 /// Short: generation settings holding a grammar are logged.
 impl std::fmt::Debug for Grammar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Grammar({} rules, {} elements)", self.rules.len(), self.elems.len())
+        write!(
+            f,
+            "Grammar({} rules, {} elements)",
+            self.rules.len(),
+            self.elems.len()
+        )
     }
 }
 

@@ -45,6 +45,90 @@ SCHEMA = {
 }
 
 
+class Box(pydantic.BaseModel):
+    """A nested model: its strict schema refers to Shape through $defs."""
+    inside: Shape
+    corner: Literal["top", "bottom"]
+
+
+REPORT = {
+    "type": "function",
+    "function": {
+        "name": "report_shape",
+        "description": "Report the shape in the image.",
+        "parameters": {"type": "object", "properties": {
+            "colour": {"enum": ["red", "green", "blue", "yellow", "purple", "orange"]},
+            "count": {"type": "integer", "minimum": 1, "maximum": 2}},
+            "required": ["colour", "count"], "additionalProperties": False},
+    },
+}
+NO_ARGS = {"type": "function", "function": {"name": "no_args"}}
+
+
+def tool_calls(client, args, check, valid, messages, question):
+    """Forced function calls (instructor's and LangChain's way to get structured output)."""
+    img = args.image[0]
+    named = {"type": "function", "function": {"name": "report_shape"}}
+    r = client.chat.completions.create(model=args.model, messages=messages(img, question), max_tokens=100,
+                                       temperature=0, tools=[REPORT, NO_ARGS], tool_choice=named)
+    c = r.choices[0]
+    calls = c.message.tool_calls or []
+    ok = (len(calls) == 1 and calls[0].function.name == "report_shape" and c.message.content is None
+          and valid(REPORT["function"]["parameters"], calls[0].function.arguments) is None and c.finish_reason == "stop")
+    check("named tool call", ok, f"{c.finish_reason} {calls}")
+    want_args = calls[0].function.arguments if calls else None
+
+    # Streamed, the arguments come in pieces that add up to the same call.
+    pieces, ids, names, finish = [], set(), set(), None
+    for chunk in client.chat.completions.create(model=args.model, messages=messages(img, question), max_tokens=100,
+                                                temperature=0, tools=[REPORT, NO_ARGS], tool_choice=named, stream=True):
+        for ch in chunk.choices:
+            for tc in ch.delta.tool_calls or []:
+                ids.add(tc.id) if tc.id else None
+                names.add(tc.function.name) if tc.function and tc.function.name else None
+                pieces.append(tc.function.arguments or "" if tc.function else "")
+            finish = ch.finish_reason or finish
+    check("named tool call streamed", "".join(pieces) == want_args and len(ids) == 1 and names == {"report_shape"}
+          and finish == "stop", f"{''.join(pieces)!r} {ids} {names} {finish}")
+
+    # The client's pydantic tool helper: strict schema with $defs, parsed_arguments.
+    parsed = client.chat.completions.parse(model=args.model, messages=messages(img, question), max_tokens=200,
+                                           temperature=0, tools=[openai.pydantic_function_tool(Box)],
+                                           tool_choice={"type": "function", "function": {"name": "Box"}})
+    tc = (parsed.choices[0].message.tool_calls or [None])[0]
+    check("pydantic_function_tool parse", tc is not None and isinstance(tc.function.parsed_arguments, Box),
+          repr(tc.function.arguments if tc else parsed.choices[0].message.content))
+
+    # "required" among several tools ($defs of Box rebased), sampled, streamed, one call only.
+    box_tool = openai.pydantic_function_tool(Box)
+    schemas = {"report_shape": REPORT["function"]["parameters"], "no_args": {"type": "object", "additionalProperties": False},
+               "Box": box_tool["function"]["parameters"]}
+    for seed in range(3):
+        calls, finish = {}, None
+        for chunk in client.chat.completions.create(model=args.model, messages=messages(img, question), max_tokens=200,
+                                                    temperature=0.8, seed=seed, tools=[REPORT, NO_ARGS, box_tool],
+                                                    tool_choice="required", parallel_tool_calls=False, stream=True):
+            for ch in chunk.choices:
+                for tc in ch.delta.tool_calls or []:
+                    entry = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                    entry["name"] += tc.function.name or ""
+                    entry["arguments"] += tc.function.arguments or ""
+                finish = ch.finish_reason or finish
+        ok = finish == "tool_calls" and len(calls) == 1 and all(
+            c["name"] in schemas and valid(schemas[c["name"]], c["arguments"]) is None for c in calls.values())
+        check(f"required tool call streamed, seed {seed}", ok or finish == "length", f"{finish} {calls}")
+
+    # A conversation that gives a call's result back, then asks on.
+    convo = messages(img, question) + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "report_shape", "arguments": want_args or "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "noted"},
+        {"role": "user", "content": "Question: how many shapes are there? Answer:"},
+    ]
+    r = client.chat.completions.create(model=args.model, messages=convo, max_tokens=8, temperature=0)
+    check("conversation with a tool result", r.choices[0].finish_reason in ("stop", "length"), repr(r.choices[0].message.content))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-url", required=True)
@@ -153,7 +237,12 @@ def main():
         ({"guided_regex": "(a)\\1"}, "guided_regex", "backreference"),
         ({"guided_grammar": "root ::= root \"a\" | \"b\""}, "guided_grammar", "left-recursive"),
         ({"guided_choice": ["a"], "guided_regex": "a"}, None, "one structured-output constraint"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "not supported"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tool_choice", "auto"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+         "tool_choice", "'g', which is not in tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+          "response_format": {"type": "json_object"}}, "tool_choice", "not both"),
+        ({"functions": [{"name": "f"}]}, "functions", "deprecated"),
     ]
     for extra, param, says in bad:
         try:
@@ -164,6 +253,7 @@ def main():
             body = e.body if isinstance(e.body, dict) else {}
             ok = says in str(body.get("message", "")) and (param is None or body.get("param") == param)
             check(f"400 for {list(extra)}", ok, str(body))
+    tool_calls(client, args, check, valid, messages, question)
     os.unlink(schema_file.name)
     if failures:
         print(f"{len(failures)} failed: {failures}")

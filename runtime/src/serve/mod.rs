@@ -14,6 +14,7 @@ mod logprobs;
 mod openai;
 mod structured;
 mod tokenize;
+mod tools;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

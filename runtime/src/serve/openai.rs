@@ -18,6 +18,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::AppState;
 use super::error::ApiError;
+use super::tools::{self, ToolCalls};
 use super::{images, logprobs, structured};
 use crate::batch::{SeqEvent, SeqFailure, SeqRequest};
 use crate::generate::{FinishReason, GenerateParams, IMAGE_MARKER};
@@ -74,6 +75,9 @@ pub(super) struct Message {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    /// An assistant turn's earlier tool calls (OpenAI's shape), given back in a conversation.
+    #[serde(default)]
+    tool_calls: Option<Vec<Value>>,
 }
 
 #[derive(Deserialize)]
@@ -182,6 +186,8 @@ struct Submitted {
     wants_logprobs: bool,
     /// Completions' `echo`: each choice's prompt text, which its text starts with.
     echo: Option<Vec<String>>,
+    /// Chat with a forced tool call: the text is the call.
+    tools: Option<ToolCalls>,
 }
 
 /// A validated prompt ready for the engine.
@@ -216,16 +222,34 @@ impl AppState {
         // Per message: its parts in order (text, or an image place).
         let mut per_message: Vec<(String, Vec<Segment>)> = Vec::new();
         for (i, m) in messages.iter().enumerate() {
-            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "user" | "assistant" | "developer" | "tool"
+            ) {
                 return Err(ApiError::invalid(
                     format!(
-                        "messages[{i}].role '{}' is not one of system, developer, user, assistant",
+                        "messages[{i}].role '{}' is not one of system, developer, user, assistant, tool",
                         m.role
                     ),
                     "messages",
                 ));
             }
             let mut segs = Vec::new();
+            // Earlier calls, as the text a forced call generates: [{"name", "arguments"}].
+            if let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_empty()) {
+                let calls: Vec<Value> = calls
+                    .iter()
+                    .map(|c| {
+                        let f = &c["function"];
+                        let args = f["arguments"]
+                            .as_str()
+                            .and_then(|a| serde_json::from_str::<Value>(a).ok())
+                            .unwrap_or_else(|| f["arguments"].clone());
+                        json!({"name": f["name"], "arguments": args})
+                    })
+                    .collect();
+                segs.push(Segment::Text(Value::Array(calls).to_string()));
+            }
             match &m.content {
                 None => {}
                 Some(Content::Text(t)) => segs.push(Segment::Text(t.clone())),
@@ -533,6 +557,7 @@ impl AppState {
             prompt_tokens,
             wants_logprobs: logprobs.is_some(),
             echo: None,
+            tools: None,
         })
     }
 }
@@ -646,6 +671,35 @@ fn finish_str(r: FinishReason) -> &'static str {
     }
 }
 
+/// A finished chat choice as OpenAI's tool-call message and finish reason, when the request
+/// forced a call and the text is a whole one (else the text is the answer, e.g. cut by length).
+fn tool_message(
+    mode: Option<&ToolCalls>,
+    finish: FinishReason,
+    text: &str,
+    streamed: bool,
+) -> Option<(Value, &'static str)> {
+    let mode = mode?;
+    if finish != FinishReason::Stop {
+        return None;
+    }
+    let calls = tools::calls(mode, text)?;
+    let calls: Vec<Value> = calls
+        .iter()
+        .enumerate()
+        .map(|(j, (name, args))| tools::call_json(streamed.then_some(j), &tools::call_id(), name, args))
+        .collect();
+    // OpenAI ends a call it was told to make by name with "stop", a chosen one with "tool_calls".
+    let reason = match mode {
+        ToolCalls::Named(_) => "stop",
+        ToolCalls::Required => "tool_calls",
+    };
+    Some((
+        json!({"role": "assistant", "content": null, "tool_calls": calls}),
+        reason,
+    ))
+}
+
 fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
@@ -674,6 +728,7 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
         prompt_tokens,
         wants_logprobs,
         echo,
+        tools,
     } = sub;
     let mut choices: Vec<Choice> = (0..total)
         .map(|_| Choice {
@@ -733,12 +788,14 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
             "object": "chat.completion",
             "created": created,
             "model": st.model_name,
-            "choices": choices.iter().enumerate().map(|(i, c)| json!({
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": lp((i, c)),
-                "finish_reason": finish_str(c.finish.unwrap_or(FinishReason::Length)),
-            })).collect::<Vec<_>>(),
+            "choices": choices.iter().enumerate().map(|(i, c)| {
+                let finish = c.finish.unwrap_or(FinishReason::Length);
+                let (message, reason) = match tool_message(tools.as_ref(), finish, &c.text, false) {
+                    Some(m) => m,
+                    None => (json!({"role": "assistant", "content": c.text}), finish_str(finish)),
+                };
+                json!({"index": i, "message": message, "logprobs": lp((i, c)), "finish_reason": reason})
+            }).collect::<Vec<_>>(),
             "usage": usage(prompt_tokens, completion),
         }),
         Kind::Completion => json!({
@@ -766,6 +823,7 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
         prompt_tokens,
         wants_logprobs,
         echo,
+        tools,
     } = sub;
     let id = request_id(match kind {
         Kind::Chat => "chatcmpl",
@@ -803,6 +861,10 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
         // for completions' text_offset.
         let mut offsets = vec![Vec::new(); total];
         let mut base = vec![0usize; total];
+        // Forced tool calls: a named call streams its arguments as they come (after a first
+        // delta with the call's id and name); "required" calls are sent whole at the end.
+        let mut call_ids: Vec<Option<String>> = vec![None; total];
+        let mut held = vec![String::new(); total];
         // An echoed prompt goes first: with its log-probabilities when they come, else now.
         if let Some(prompts) = &echo {
             for (i, p) in prompts.iter().enumerate() {
@@ -833,16 +895,42 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
                             base[i],
                         ),
                     };
-                    let choice = match kind {
-                        Kind::Chat => json!({"index": i, "delta": {"content": t}, "logprobs": lp, "finish_reason": null}),
-                        Kind::Completion => json!({"index": i, "text": t, "logprobs": lp, "finish_reason": null}),
+                    let choice = match (kind, &tools) {
+                        (Kind::Chat, Some(ToolCalls::Named(name))) => {
+                            if call_ids[i].is_none() {
+                                let id = tools::call_id();
+                                let first = tools::call_json(Some(0), &id, name, "");
+                                call_ids[i] = Some(id);
+                                yield Ok(chunk(json!([{"index": i, "delta": {"tool_calls": [first]}, "logprobs": null, "finish_reason": null}]), None));
+                            }
+                            json!({"index": i, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": t}}]}, "logprobs": lp, "finish_reason": null})
+                        }
+                        (Kind::Chat, Some(ToolCalls::Required)) => {
+                            held[i].push_str(&t);
+                            continue;
+                        }
+                        (Kind::Chat, None) => json!({"index": i, "delta": {"content": t}, "logprobs": lp, "finish_reason": null}),
+                        (Kind::Completion, _) => json!({"index": i, "text": t, "logprobs": lp, "finish_reason": null}),
                     };
                     yield Ok(chunk(json!([choice]), None));
                 }
                 SeqEvent::Done(s) => {
                     done += 1;
                     completion += s.tokens.len();
-                    let reason = finish_str(s.finish_reason);
+                    let mut reason = finish_str(s.finish_reason);
+                    if let Some(mode) = &tools {
+                        if let Some((message, r)) = tool_message(Some(mode), s.finish_reason, &s.text, true) {
+                            reason = r;
+                            if matches!(mode, ToolCalls::Required) {
+                                let delta = json!({"tool_calls": message["tool_calls"]});
+                                yield Ok(chunk(json!([{"index": i, "delta": delta, "logprobs": null, "finish_reason": null}]), None));
+                            }
+                        } else if !held[i].is_empty() {
+                            // Not a whole call (cut by length): the text as it is.
+                            let text = std::mem::take(&mut held[i]);
+                            yield Ok(chunk(json!([{"index": i, "delta": {"content": text}, "logprobs": null, "finish_reason": null}]), None));
+                        }
+                    }
                     let choice = match kind {
                         Kind::Chat => json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": reason}),
                         Kind::Completion => json!({"index": i, "text": "", "logprobs": null, "finish_reason": reason}),
@@ -896,12 +984,22 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Re
     let body = read_body(body, st.cfg.max_body_bytes).await?;
     let req: ChatRequest = parse_bytes(&body)?;
     st.check_model(&req.model)?;
-    let constraint = structured::requested(&body)?;
+    let (constraint, tool_calls) = match (structured::requested(&body)?, tools::requested(&body)?) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "a forced tool call is already a structured output; give tool_choice or a structured-output constraint, not both",
+                "tool_choice",
+            ));
+        }
+        (c, None) => (c, None),
+        (None, Some(t)) => (Some(t.grammar), Some(t.mode)),
+    };
     let (segments, urls) = st.chat_prompt(&req.messages, true)?;
     let prepared = st.prepare(segments, urls).await?;
     let mut r = st.params(&req.sampling, prepared.assembled.len(), Kind::Chat, false)?;
     r.params.constraint = constraint;
-    let sub = st.submit(vec![prepared], &r)?;
+    let mut sub = st.submit(vec![prepared], &r)?;
+    sub.tools = tool_calls;
     respond(st, Kind::Chat, sub, r.n, &req.sampling).await
 }
 
@@ -909,6 +1007,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<
     let body = read_body(body, st.cfg.max_body_bytes).await?;
     let req: CompletionRequest = parse_bytes(&body)?;
     st.check_model(&req.model)?;
+    tools::refuse(&body)?;
     let constraint = structured::requested(&body)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix is not supported", "suffix"));

@@ -24,15 +24,11 @@ struct Fields {
     structured_outputs: Option<Json>,
     json_schema: Option<Json>,
     grammar: Option<Json>,
-    tools: Option<Json>,
-    tool_choice: Option<Json>,
-    functions: Option<Json>,
 }
 
 /// The compiled constraint a request asks for, if any (`body` is valid JSON already).
 pub(super) fn requested(body: &[u8]) -> Result<Option<Arc<Grammar>>, ApiError> {
     let f: Fields = serde_json::from_slice(body).unwrap_or_default();
-    refuse_tools(&f)?;
     let mut found: Vec<(&'static str, Constraint)> = Vec::new();
     if let Some(rf) = f.response_format.as_ref().filter(|v| **v != Json::Null)
         && let Some(c) = response_format(rf)?
@@ -83,22 +79,6 @@ pub(super) fn requested(body: &[u8]) -> Result<Option<Arc<Grammar>>, ApiError> {
             found[1].0,
         )),
     }
-}
-
-/// Function calling would need the model's tool-call format; refused rather than ignored.
-fn refuse_tools(f: &Fields) -> Result<(), ApiError> {
-    let none = matches!(&f.tool_choice, Some(Json::String(s)) if s == "none");
-    for (field, v) in [("tools", &f.tools), ("functions", &f.functions)] {
-        if matches!(v, Some(Json::Array(xs)) if !xs.is_empty()) && !none {
-            return Err(ApiError::invalid(
-                format!(
-                    "{field} (function calling) is not supported by this server; for JSON output give response_format with a json_schema"
-                ),
-                field,
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn response_format(rf: &Json) -> Result<Option<Constraint>, ApiError> {
