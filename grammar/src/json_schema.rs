@@ -3,17 +3,19 @@
 //! (as alternatives), one-element `allOf`, local `$ref`s (recursive ones too), objects
 //! (`properties` in schema order, `required`, `additionalProperties` for property-less maps),
 //! arrays (`items`, `prefixItems`, `minItems`, `maxItems`), strings (`minLength`, `maxLength`,
-//! `pattern`, `format` date / time / date-time / uuid) and integer bounds. Any other keyword is an
-//! error naming it and where it is, rather than output the schema would reject.
+//! `pattern`, `format` date / time / date-time / uuid) and bounds on integers and numbers
+//! (compared exactly, in decimal). Any other keyword is an error naming it and where it is,
+//! rather than output the schema would reject.
 //!
 //! Choices the grammar makes (each output is still valid under the schema): properties come in
 //! schema order and only declared ones are written; a `prefixItems` tuple is written whole;
 //! whitespace is at most one space between tokens (a model that was not trained on JSON fills
 //! any freedom there with blanks, as llama.cpp's users see); numbers have at most 16 digits per
-//! part.
+//! part, and bounded ones no exponent.
 
 use std::collections::{HashMap, HashSet};
 
+use crate::decimal::{Dec, number_in};
 use crate::error::{GrammarError, Result};
 use crate::gbnf::literal;
 use crate::json::Json;
@@ -302,15 +304,7 @@ impl Conv<'_> {
             "array" => self.array(s, name, path),
             "string" => self.string(s, name, path),
             "integer" => self.integer(s, name, path),
-            "number" => {
-                if let Some(k) = NUMBER_KEYWORDS.iter().find(|k| s.get(k).is_some()) {
-                    return Err(err(
-                        path,
-                        format!("'{k}' on a number is not supported (it is on an integer)"),
-                    ));
-                }
-                Ok(self.base("number"))
-            }
+            "number" => self.number(s, name, path),
             "boolean" => Ok(self.base("boolean")),
             "null" => Ok(self.base("null")),
             other => Err(err(&format!("{path}/type"), format!("unknown type '{other}'"))),
@@ -566,6 +560,45 @@ impl Conv<'_> {
         Ok(self.rule(name, format!(r#""\"" {char}{reps} "\"""#)))
     }
 
+    /// A number between its bounds, compared exactly (`crate::decimal`); without bounds any
+    /// JSON number.
+    fn number(&mut self, s: &Json, name: &str, path: &str) -> Result<String> {
+        let bound = |key: &str| -> Result<Option<f64>> {
+            match s.get(key) {
+                None => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                    err(
+                        &format!("{path}/{key}"),
+                        "must be a number (JSON Schema draft 6 and later)",
+                    )
+                }),
+            }
+        };
+        // The tighter of the inclusive and exclusive bound on each side.
+        let side = |incl: Option<f64>, excl: Option<f64>, lower: bool| match (incl, excl) {
+            (Some(i), Some(e)) if (lower && e >= i) || (!lower && e <= i) => Some((e, false)),
+            (Some(i), _) => Some((i, true)),
+            (None, Some(e)) => Some((e, false)),
+            (None, None) => None,
+        };
+        let lo = side(bound("minimum")?, bound("exclusiveMinimum")?, true);
+        let hi = side(bound("maximum")?, bound("exclusiveMaximum")?, false);
+        if lo.is_none() && hi.is_none() {
+            return Ok(self.base("number"));
+        }
+        if let (Some((l, li)), Some((h, hi_in))) = (lo, hi)
+            && (l > h || (l == h && !(li && hi_in)))
+        {
+            return Err(err(path, format!("no number lies between {l} and {h}")));
+        }
+        let dec = |b: Option<(f64, bool)>| -> Result<Option<(Dec, bool)>> {
+            b.map(|(v, incl)| Dec::from_f64(v, path).map(|d| (d, incl)))
+                .transpose()
+        };
+        let alts = number_in(dec(lo)?, dec(hi)?);
+        Ok(self.rule(name, alts.join(" | ")))
+    }
+
     fn integer(&mut self, s: &Json, name: &str, path: &str) -> Result<String> {
         let num = |key: &str| -> Result<Option<f64>> {
             match s.get(key) {
@@ -624,7 +657,7 @@ impl Conv<'_> {
 
 /// GBNF sequences of digits for every integer in `lo..=hi` (no upper bound: up to 16 digits),
 /// without leading zeros.
-fn digits_in(lo: u64, hi: Option<u64>) -> Vec<String> {
+pub(crate) fn digits_in(lo: u64, hi: Option<u64>) -> Vec<String> {
     let len = |v: u64| v.to_string().len();
     let top = hi.unwrap_or(10u64.pow(16) - 1);
     let mut out = Vec::new();

@@ -14,6 +14,7 @@
 //! ```
 
 pub mod charset;
+mod decimal;
 pub mod error;
 pub mod gbnf;
 pub mod grammar;

@@ -197,7 +197,11 @@ fn unsupported_schema_keywords_are_named() {
             r#"{"type":"object","properties":{"a":{"type":"number","multipleOf":2}}}"#,
             "#/properties/a: keyword 'multipleOf'",
         ),
-        (r#"{"type":"number","minimum":0}"#, "'minimum' on a number"),
+        (
+            r#"{"type":"number","minimum":2,"exclusiveMaximum":2}"#,
+            "no number lies between 2 and 2",
+        ),
+        (r#"{"type":"number","exclusiveMinimum":true}"#, "draft 6"),
         (
             r#"{"$ref":"https://example.com/s.json"}"#,
             "only local references",
@@ -236,4 +240,98 @@ fn printed_gbnf_parses_back_to_the_same_language() {
     assert!(!matches(&g, r#"{"name":"abcd","tags":["a"]}"#));
     assert!(!matches(&g, r#"{"tags":[]}"#));
     assert!(!matches(&g, r#"{"tags":["a","a","a"]}"#));
+}
+
+/// Exact decimal comparison, written independently of the grammar: (negative, digits scaled to
+/// 20 fraction digits) of a plain decimal text.
+fn scaled(text: &str) -> Option<(bool, i128)> {
+    let (neg, body) = text.strip_prefix('-').map_or((false, text), |b| (true, b));
+    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+    if int.is_empty() || frac.len() > 20 || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let v: i128 = format!("{int}{frac:0<20}").parse().ok()?;
+    Some((neg, if neg { -v } else { v }))
+}
+
+#[test]
+fn number_bounds_match_exact_decimal_comparison() {
+    let bounds: &[(&str, &str)] = &[
+        (r#""minimum":0,"maximum":1"#, "[0, 1]"),
+        (r#""exclusiveMinimum":0,"exclusiveMaximum":1"#, "(0, 1)"),
+        (r#""minimum":0.25,"maximum":2.5"#, "[0.25, 2.5]"),
+        (r#""minimum":-1.5,"exclusiveMaximum":0.1"#, "[-1.5, 0.1)"),
+        (r#""exclusiveMinimum":-2.05,"maximum":-0.001"#, "(-2.05, -0.001]"),
+        (r#""minimum":0.1"#, "[0.1, inf)"),
+        (r#""exclusiveMaximum":-0.5"#, "(-inf, -0.5)"),
+        (r#""minimum":1.05,"maximum":1.0502"#, "[1.05, 1.0502]"),
+        (r#""minimum":3,"maximum":3"#, "[3, 3]"),
+    ];
+    let ints = ["0", "1", "2", "3", "10", "123"];
+    let fracs = [
+        "",
+        "0",
+        "00",
+        "05",
+        "0502",
+        "0503",
+        "05019",
+        "1",
+        "10",
+        "100000000000001",
+        "0000000000000001",
+        "00000000000000001",
+        "09",
+        "25",
+        "2499",
+        "2501",
+        "5",
+        "49999",
+        "99",
+        "999999999999999",
+    ];
+    let mut texts = Vec::new();
+    for neg in ["", "-"] {
+        for i in ints {
+            for f in fracs {
+                texts.push(if f.is_empty() {
+                    format!("{neg}{i}")
+                } else {
+                    format!("{neg}{i}.{f}")
+                });
+            }
+        }
+    }
+    let parse = |s: &str| scaled(s).expect("a bound").1;
+    for (schema, what) in bounds {
+        let g = Constraint::JsonSchema(Json::parse(&format!(r#"{{"type":"number",{schema}}}"#)).unwrap())
+            .compile()
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let field = |k: &str| {
+            schema
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("\"{k}\":")).map(|v| v.to_string()))
+        };
+        let lo = field("minimum")
+            .map(|v| (parse(&v), true))
+            .or(field("exclusiveMinimum").map(|v| (parse(&v), false)));
+        let hi = field("maximum")
+            .map(|v| (parse(&v), true))
+            .or(field("exclusiveMaximum").map(|v| (parse(&v), false)));
+        let mut inside = 0;
+        for t in &texts {
+            let (neg, v) = scaled(t).unwrap();
+            let fraction_digits = t.split_once('.').map_or(0, |(_, f)| f.len());
+            let want = lo.is_none_or(|(l, incl)| if incl { v >= l } else { v > l })
+                && hi.is_none_or(|(h, incl)| if incl { v <= h } else { v < h })
+                && !(neg && v == 0)
+                && fraction_digits <= 16;
+            inside += usize::from(want);
+            assert_eq!(matches(&g, t), want, "{t} in {what}");
+        }
+        assert!(inside > 0, "{what}: some candidates lie inside");
+        for t in ["1e0", "0.5e1", ".5", "01.5", "1.", "+1"] {
+            assert!(!matches(&g, t), "{t} in {what}");
+        }
+    }
 }

@@ -60,6 +60,15 @@ SCHEMAS = [
      [{}, {"p": 1}, {"q": "ab", "r": []}, {"p": -0.5e-3, "q": "中", "r": []}]),
 ]
 
+SCHEMAS.append(({"type": "object", "properties": {
+    "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+    "offset": {"type": "number", "exclusiveMinimum": -2.5, "exclusiveMaximum": 10},
+    "price": {"type": "number", "minimum": 0.01},
+    "delta": {"type": "number", "maximum": -0.125}},
+    "required": ["confidence", "offset"], "additionalProperties": False},
+    [{"confidence": 0.5, "offset": -2.4999}, {"confidence": 1, "offset": 9.99, "price": 0.01, "delta": -0.125},
+     {"confidence": 0, "offset": 0, "price": 12345.678, "delta": -7}]))
+
 PATTERNS = [
     ("[a-c]+x", ["ax", "abcx", "ccccx"]),
     ("^(ab|c)*d?$", ["", "ab", "abcab", "cd", "d"]),
@@ -153,7 +162,11 @@ def sample_schema(schema, rng, root, depth=0):
         hi = schema.get("maximum", schema.get("exclusiveMaximum", 10**6 + 1) - 1)
         return rng.choice([lo, hi, rng.randint(lo, hi)])
     if t == "number":
-        return rng.choice([0, -1, 2.5, -0.001, 1e-7, 123456.75, rng.uniform(-1e3, 1e3)])
+        if not any(k in schema for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")):
+            return rng.choice([0, -1, 2.5, -0.001, 1e-7, 123456.75, rng.uniform(-1e3, 1e3)])
+        lo = schema.get("minimum", schema.get("exclusiveMinimum", -1e3))
+        hi = schema.get("maximum", schema.get("exclusiveMaximum", 1e3))
+        return rng.choice([lo, hi, round(rng.uniform(lo, hi), 4), round(rng.uniform(lo, hi), 1)])
     if t == "string":
         n = rng.randint(schema.get("minLength", 0), schema.get("maxLength", 6))
         return "".join(rng.choice("ab Zé中\"\\\n\t\u0001/") for _ in range(n))
