@@ -72,11 +72,17 @@ pub(crate) fn number_in(lo: Option<(Dec, bool)>, hi: Option<(Dec, bool)>) -> Vec
         };
         alts.extend(non_negative(from, hi.clone()));
     }
-    if lo.as_ref().is_none_or(|(l, _)| l.neg) {
-        // x = -y with y > 0: "-0" and "-0.0" are left out.
+    // x = -y; "-0" (and "-0.0") only where 0 itself is in the range.
+    let zero_in = lo
+        .as_ref()
+        .is_none_or(|(l, incl)| l.neg || (*l == Dec::zero() && *incl))
+        && hi
+            .as_ref()
+            .is_none_or(|(h, incl)| !h.neg && (*h != Dec::zero() || *incl));
+    if zero_in || lo.as_ref().is_none_or(|(l, _)| l.neg) {
         let from = match &hi {
             Some((h, incl)) if h.neg => (h.abs(), *incl),
-            _ => (Dec::zero(), false),
+            _ => (Dec::zero(), zero_in),
         };
         let to = lo.as_ref().map(|(l, incl)| (l.abs(), *incl));
         alts.extend(non_negative(from, to).into_iter().map(|a| format!(r#""-" {a}"#)));

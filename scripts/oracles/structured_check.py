@@ -251,7 +251,7 @@ def cases():
                 if v in valid:
                     raise SystemExit(f"case instance {v!r} is not valid under {schema}")
                 continue
-            for s in spellings(v):
+            for s in sorted(spellings(v)):
                 listed.add(s)
                 texts |= edits(s, rng, 8)
         texts |= listed
