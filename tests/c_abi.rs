@@ -9,7 +9,7 @@ use std::process::Command;
 use kosmos_export::Profile;
 use kosmos_models::KosmosConfig;
 use kosmos_models::package::{KvCacheLayout, PackageDtype};
-use kosmos_rt::{GenerateParams, ImageInput, Package, Prompt, SessionOptions, VisionCache};
+use kosmos_rt::{FinishReason, GenerateParams, ImageInput, Package, Prompt, SessionOptions, VisionCache};
 use kosmos_train::synthetic::{Split, Task, item};
 
 fn root() -> PathBuf {
@@ -400,7 +400,20 @@ fn c_abi_engine_takes_every_generation_setting() {
         ..Default::default()
     };
     let schema_c = CString::new(schema).unwrap();
-    let cases = [sampled, stopped, constrained];
+    // OpenAI's logit_bias and vLLM's min_p / min_tokens / stop_token_ids, sampled.
+    let red = pkg.tokenizer.encode("red").unwrap()[0];
+    let biased = GenerateParams {
+        max_tokens: 12,
+        temperature: 1.0,
+        min_p: 0.05,
+        seed: 4,
+        min_tokens: 3,
+        logit_bias: vec![(red, 4.0), (7, -100.0)],
+        stop_token_ids: vec![red],
+        ..Default::default()
+    };
+    let (bias_ids, bias_values): (Vec<u32>, Vec<f32>) = biased.logit_bias.iter().copied().unzip();
+    let cases = [sampled, stopped, constrained, biased];
     let want: Vec<_> = cases.iter().map(|p| alone(&mut pkg, prompt, p)).collect();
     assert!(
         want[1].text.len() < full.len() && !want[1].text.contains(&stop),
@@ -474,6 +487,25 @@ fn c_abi_engine_takes_every_generation_setting() {
         } else {
             std::ptr::null()
         },
+        min_p: g.min_p,
+        min_tokens: g.min_tokens as u32,
+        logit_bias_tokens: if g.logit_bias.is_empty() {
+            std::ptr::null()
+        } else {
+            bias_ids.as_ptr()
+        },
+        logit_bias_values: if g.logit_bias.is_empty() {
+            std::ptr::null()
+        } else {
+            bias_values.as_ptr()
+        },
+        n_logit_bias: g.logit_bias.len(),
+        stop_token_ids: if g.stop_token_ids.is_empty() {
+            std::ptr::null()
+        } else {
+            g.stop_token_ids.as_ptr()
+        },
+        n_stop_token_ids: g.stop_token_ids.len(),
     };
     let submit = |params: &kosmos_params, shared: &Shared| {
         // SAFETY: live engine, valid strings; `shared` outlives the request (waited for below).
@@ -515,7 +547,7 @@ fn c_abi_engine_takes_every_generation_setting() {
         assert_eq!(text, want.text, "case {case}: C engine vs Package::generate");
         assert_eq!(r.text, want.text, "case {case}: streamed");
         assert_eq!(tokens, want.tokens, "case {case}: DONE's token ids");
-        let want_finish = if case == 0 {
+        let want_finish = if case == 0 || (case == 3 && want.finish_reason == FinishReason::Length) {
             kosmos_finish_reason::KOSMOS_FINISH_LENGTH
         } else {
             kosmos_finish_reason::KOSMOS_FINISH_STOP
@@ -547,6 +579,7 @@ fn c_abi_engine_takes_every_generation_setting() {
     let empty_stop = [empty.as_ptr()];
     let seventeen = [stop_ptrs[1]; 17];
     let bad_grammar = CString::new("root ::= item+").unwrap();
+    let seven_hundred = [700u32];
     let bad: Vec<(kosmos_params, &str)> = vec![
         (kosmos_params { n_stop: 2, ..base }, "stop is NULL"),
         (
@@ -596,6 +629,22 @@ fn c_abi_engine_takes_every_generation_setting() {
             "temperature",
         ),
         (kosmos_params { top_p: 0.0, ..base }, "top_p"),
+        (
+            kosmos_params {
+                n_logit_bias: 2,
+                ..base
+            },
+            "logit_bias_tokens is NULL",
+        ),
+        (
+            kosmos_params {
+                stop_token_ids: seven_hundred.as_ptr(),
+                n_stop_token_ids: 1,
+                ..base
+            },
+            "stop token 700 is not below the vocabulary size 512",
+        ),
+        (kosmos_params { min_p: -0.1, ..base }, "min_p"),
         (
             kosmos_params {
                 constraint_kind: 9,

@@ -188,6 +188,28 @@ typedef struct kosmos_params {
    */
   int32_t logprobs;
   /*
+   0 = off; in [0, 1]: sampling keeps tokens at least this fraction as likely as the most
+   likely one.
+   */
+  float min_p;
+  /*
+   `</s>` and the stop token ids cannot come before this many tokens (≤ max_tokens).
+   */
+  uint32_t min_tokens;
+  /*
+   `n_logit_bias` token ids and the biases (each in [-100, 100]) added to their logits
+   before anything else; NULL when `n_logit_bias` is 0.
+   */
+  const uint32_t *logit_bias_tokens;
+  const float *logit_bias_values;
+  size_t n_logit_bias;
+  /*
+   `n_stop_token_ids` token ids at which generation ends (not part of the text); NULL when
+   `n_stop_token_ids` is 0.
+   */
+  const uint32_t *stop_token_ids;
+  size_t n_stop_token_ids;
+  /*
    Structured output: one of the `KOSMOS_CONSTRAINT_*` values; `constraint` holds its text.
    Generation ends when the text is complete under it and nothing more may follow.
    */

@@ -1171,7 +1171,7 @@ impl Engine {
         let Running { req, state, .. } = run;
         // The model's distribution, before `pick` applies the repetition penalty in place.
         let raw = req.logprobs.map(|top| (top, logits.to_vec()));
-        let tok = match state.pick(logits, &req.params) {
+        let tok = match state.pick(logits, &req.params, eos) {
             Ok(t) => t,
             Err(e) => {
                 state.finish = Some(FinishReason::Stop);
@@ -1193,7 +1193,7 @@ impl Engine {
             pending_logprobs,
             ..
         } = run;
-        if tok == eos && !req.params.ignore_eos {
+        if req.params.ends(tok, eos) {
             state.finish = Some(FinishReason::Stop);
             return;
         }

@@ -83,6 +83,20 @@ pub struct kosmos_params {
     /// `kosmos_engine_submit` only: report each generated token's log-probability with this many
     /// most likely alternatives (0 to 20) in the TEXT events; -1 = off.
     pub logprobs: i32,
+    /// 0 = off; in [0, 1]: sampling keeps tokens at least this fraction as likely as the most
+    /// likely one.
+    pub min_p: f32,
+    /// `</s>` and the stop token ids cannot come before this many tokens (≤ max_tokens).
+    pub min_tokens: u32,
+    /// `n_logit_bias` token ids and the biases (each in [-100, 100]) added to their logits
+    /// before anything else; NULL when `n_logit_bias` is 0.
+    pub logit_bias_tokens: *const u32,
+    pub logit_bias_values: *const f32,
+    pub n_logit_bias: usize,
+    /// `n_stop_token_ids` token ids at which generation ends (not part of the text); NULL when
+    /// `n_stop_token_ids` is 0.
+    pub stop_token_ids: *const u32,
+    pub n_stop_token_ids: usize,
     /// Structured output: one of the `KOSMOS_CONSTRAINT_*` values; `constraint` holds its text.
     /// Generation ends when the text is complete under it and nothing more may follow.
     pub constraint_kind: u32,
@@ -293,6 +307,13 @@ pub extern "C" fn kosmos_default_params() -> kosmos_params {
         n_stop: 0,
         ignore_eos: d.ignore_eos,
         logprobs: -1,
+        min_p: d.min_p,
+        min_tokens: d.min_tokens as u32,
+        logit_bias_tokens: std::ptr::null(),
+        logit_bias_values: std::ptr::null(),
+        n_logit_bias: 0,
+        stop_token_ids: std::ptr::null(),
+        n_stop_token_ids: 0,
         constraint_kind: KOSMOS_CONSTRAINT_NONE,
         constraint: std::ptr::null(),
     }
@@ -576,6 +597,16 @@ unsafe fn read_params(
         stop,
         beams: p.beams as usize,
         ignore_eos: p.ignore_eos,
+        // SAFETY: per the contract, the arrays hold their counts of elements.
+        logit_bias: unsafe {
+            let tokens = c_array(p.logit_bias_tokens, p.n_logit_bias, "logit_bias_tokens")?;
+            let values = c_array(p.logit_bias_values, p.n_logit_bias, "logit_bias_values")?;
+            tokens.iter().copied().zip(values.iter().copied()).collect()
+        },
+        min_p: p.min_p,
+        min_tokens: p.min_tokens as usize,
+        // SAFETY: as above.
+        stop_token_ids: unsafe { c_array(p.stop_token_ids, p.n_stop_token_ids, "stop_token_ids") }?.to_vec(),
         // SAFETY: per the contract, `constraint` is NULL or a NUL-terminated string.
         constraint: unsafe { c_constraint(&p) }?,
     };
@@ -583,6 +614,24 @@ unsafe fn read_params(
         return Err(invalid(message));
     }
     Ok((params, logprobs))
+}
+
+/// `n` elements at `ptr` (NULL allowed when `n` is 0).
+///
+/// # Safety
+/// `ptr` is NULL or points at `n` readable elements.
+unsafe fn c_array<'a, T>(ptr: *const T, n: usize, what: &str) -> Result<&'a [T], kosmos_status> {
+    if n == 0 {
+        return Ok(&[]);
+    }
+    if ptr.is_null() {
+        return Err(fail(
+            kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+            format!("params: {what} is NULL but its count is {n}"),
+        ));
+    }
+    // SAFETY: non-NULL and `n` elements long per the contract.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, n) })
 }
 
 /// The compiled constraint `p` asks for.

@@ -94,6 +94,17 @@ pub struct GenerateParams {
     pub beams: usize,
     /// Keep generating after `</s>` (benchmarks).
     pub ignore_eos: bool,
+    /// Added to these tokens' logits before anything else (OpenAI's `logit_bias`, each in
+    /// [-100, 100]: -100 bans a token, 100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// 0: off. Sampling keeps only tokens at least this fraction as likely as the most likely
+    /// one, after temperature (vLLM's and llama.cpp's `min_p`).
+    pub min_p: f32,
+    /// `</s>` and `stop_token_ids` cannot come before this many tokens (vLLM's `min_tokens`).
+    pub min_tokens: usize,
+    /// Generation also ends at any of these token ids, which, like `</s>`, are not part of the
+    /// text (vLLM's `stop_token_ids`).
+    pub stop_token_ids: Vec<u32>,
     /// Structured output: the generated text follows this grammar (compiled from a JSON Schema,
     /// a regular expression, choices or GBNF by `kosmos_grammar::Constraint`); generation ends
     /// when the grammar is complete and allows nothing more.
@@ -114,6 +125,10 @@ impl Default for GenerateParams {
             stop: Vec::new(),
             beams: 1,
             ignore_eos: false,
+            logit_bias: Vec::new(),
+            min_p: 0.0,
+            min_tokens: 0,
+            stop_token_ids: Vec::new(),
             constraint: None,
         }
     }
@@ -124,6 +139,30 @@ impl Default for GenerateParams {
 pub const MAX_STOP: usize = 16;
 
 impl GenerateParams {
+    /// The first token id in `logit_bias` or `stop_token_ids` that is not in a vocabulary of
+    /// `vocab` tokens, as (field, message).
+    pub fn invalid_token(&self, vocab: usize) -> Option<(&'static str, String)> {
+        let bad = |t: u32| t as usize >= vocab;
+        if let Some((t, _)) = self.logit_bias.iter().find(|(t, _)| bad(*t)) {
+            return Some((
+                "logit_bias",
+                format!("logit_bias token {t} is not below the vocabulary size {vocab}"),
+            ));
+        }
+        if let Some(t) = self.stop_token_ids.iter().find(|t| bad(**t)) {
+            return Some((
+                "stop_token_ids",
+                format!("stop token {t} is not below the vocabulary size {vocab}"),
+            ));
+        }
+        None
+    }
+
+    /// Whether `tok` ends generation here (`</s>` unless ignored, or a stop token id).
+    pub(crate) fn ends(&self, tok: u32, eos: u32) -> bool {
+        (tok == eos && !self.ignore_eos) || self.stop_token_ids.contains(&tok)
+    }
+
     /// The first sampling setting out of its range, as (field, message), for every front end
     /// (server, C ABI, CLI) to report in its own way. `max_tokens` and `beams` are the front
     /// ends' to check: what they allow differs (scoring with 0 tokens, beams in the engine).
@@ -149,6 +188,28 @@ impl GenerateParams {
             if !(-2.0..=2.0).contains(&v) {
                 return Some((field, format!("{field} must be in [-2, 2], got {v}")));
             }
+        }
+        if let Some((t, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(b.is_finite() && (-100.0..=100.0).contains(b)))
+        {
+            return Some((
+                "logit_bias",
+                format!("logit_bias values must be in [-100, 100], got {b} for token {t}"),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Some(("min_p", format!("min_p must be in [0, 1], got {}", self.min_p)));
+        }
+        if self.min_tokens > self.max_tokens {
+            return Some((
+                "min_tokens",
+                format!(
+                    "min_tokens ({}) must not exceed max_tokens ({})",
+                    self.min_tokens, self.max_tokens
+                ),
+            ));
         }
         if self.stop.len() > MAX_STOP || self.stop.iter().any(|s| s.is_empty()) {
             return Some((
@@ -555,6 +616,9 @@ impl Package {
         if params.max_tokens == 0 {
             return Err(RtError::Input("max_tokens must be at least 1".into()));
         }
+        if let Some((_, m)) = params.invalid_token(self.manifest.decoder.vocab_size) {
+            return Err(RtError::Input(m));
+        }
         if params.beams > 1 && params.constraint.is_some() {
             return Err(RtError::Input(
                 "beam search with structured output is not supported; use beams 1".into(),
@@ -621,8 +685,8 @@ impl Package {
                     continue;
                 }
                 let l = &mut logits[r * vocab..(r + 1) * vocab];
-                let tok = row.pick(l, params)?;
-                if tok == eos && !params.ignore_eos {
+                let tok = row.pick(l, params, eos)?;
+                if params.ends(tok, eos) {
                     row.finish = Some(FinishReason::Stop);
                     next.push(pad);
                     continue;
@@ -935,7 +999,19 @@ impl RowState {
 
     /// The next token from `logits` (modified in place) under `p`; an error only when a
     /// constraint leaves no token.
-    pub(crate) fn pick(&mut self, logits: &mut [f32], p: &GenerateParams) -> Result<u32> {
+    pub(crate) fn pick(&mut self, logits: &mut [f32], p: &GenerateParams, eos: u32) -> Result<u32> {
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+        if self.tokens.len() < p.min_tokens {
+            for t in p.stop_token_ids.iter().chain([&eos]) {
+                if let Some(l) = logits.get_mut(*t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         if p.repetition_penalty != 1.0 {
             for &t in &self.seen {
                 let l = &mut logits[t as usize];
@@ -984,6 +1060,14 @@ impl RowState {
             .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= total);
+        if p.min_p > 0.0 {
+            // Sorted: the first is the most likely.
+            let floor = probs[0] * p.min_p as f64;
+            let keep = probs.iter().take_while(|&&x| x >= floor).count().max(1);
+            probs.truncate(keep);
+            let t: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|x| *x /= t);
+        }
         if p.top_p < 1.0 {
             let mut acc = 0.0;
             let mut keep = probs.len();
@@ -1173,12 +1257,80 @@ mod tests {
         }
     }
 
+    /// logit_bias shifts logits first; min_tokens keeps `</s>` and stop ids out early; min_p
+    /// drops tokens far below the best; stop ids end generation as `</s>` does.
+    #[test]
+    fn logit_bias_min_tokens_min_p_and_stop_ids() {
+        let eos = 3;
+        let logits = [2.0f32, 1.0, 0.5, 3.0];
+        let p = |f: &dyn Fn(&mut GenerateParams)| {
+            let mut g = GenerateParams::default();
+            f(&mut g);
+            g
+        };
+        assert_eq!(row(&[]).pick(&mut logits.clone(), &p(&|_| {}), eos).unwrap(), 3);
+        let ban = p(&|g| g.logit_bias = vec![(3, -100.0), (2, 1.0)]);
+        assert_eq!(row(&[]).pick(&mut logits.clone(), &ban, eos).unwrap(), 0);
+        let boost = p(&|g| g.logit_bias = vec![(1, 2.5), (99, 5.0)]);
+        assert_eq!(
+            row(&[]).pick(&mut logits.clone(), &boost, eos).unwrap(),
+            1,
+            "out-of-range ids are skipped"
+        );
+        // min_tokens: </s> (id 3) and stop id 0 are out until 2 tokens exist.
+        let early = p(&|g| {
+            g.min_tokens = 2;
+            g.stop_token_ids = vec![0];
+        });
+        assert_eq!(row(&[7]).pick(&mut logits.clone(), &early, eos).unwrap(), 1);
+        assert_eq!(row(&[7, 7]).pick(&mut logits.clone(), &early, eos).unwrap(), 3);
+        assert!(early.ends(0, eos) && early.ends(3, eos) && !early.ends(1, eos));
+        // min_p 0.3 at temperature 1: token 0 is e^-1 ≈ 0.37 as likely as the best (3) and
+        // stays; token 1 (e^-2 ≈ 0.14) and 2 never come.
+        let sampled = p(&|g| {
+            g.temperature = 1.0;
+            g.min_p = 0.3;
+        });
+        for seed in 0..200 {
+            let mut r = RowState::new(
+                &Assembled {
+                    input_ids: vec![],
+                    image_mask: vec![],
+                    num_images: 0,
+                },
+                seed,
+            );
+            let t = r.pick(&mut logits.clone(), &sampled, 99).unwrap();
+            assert!(t == 3 || t == 0, "seed {seed}: {t}");
+        }
+        assert!(
+            p(&|g| g.min_p = 1.5)
+                .invalid_setting()
+                .is_some_and(|e| e.0 == "min_p")
+        );
+        assert!(
+            p(&|g| g.logit_bias = vec![(1, 101.0)])
+                .invalid_setting()
+                .is_some_and(|e| e.0 == "logit_bias")
+        );
+        assert!(
+            p(&|g| g.min_tokens = 33)
+                .invalid_setting()
+                .is_some_and(|e| e.0 == "min_tokens")
+        );
+        assert!(
+            p(&|g| g.stop_token_ids = vec![4])
+                .invalid_token(4)
+                .is_some_and(|e| e.0 == "stop_token_ids")
+        );
+    }
+
     /// OpenAI's penalties count generated tokens only: presence once, frequency per occurrence.
     #[test]
     fn presence_and_frequency_penalties_follow_openai() {
         let logits = [2.0f32, 1.9, 0.0];
         let greedy = GenerateParams::default();
-        assert_eq!(row(&[0, 0, 1]).pick(&mut logits.clone(), &greedy).unwrap(), 0);
+        assert_eq!(row(&[0, 0, 1]).pick(&mut logits.clone(), &greedy, 99).unwrap(), 0);
         let p = GenerateParams {
             presence_penalty: 0.5,
             frequency_penalty: 0.3,
@@ -1186,18 +1338,18 @@ mod tests {
         };
         let mut l = logits;
         // Token 0: 2.0 − 0.5 − 2·0.3 = 0.9; token 1: 1.9 − 0.5 − 0.3 = 1.1; token 2 untouched.
-        assert_eq!(row(&[0, 0, 1]).pick(&mut l, &p).unwrap(), 1);
+        assert_eq!(row(&[0, 0, 1]).pick(&mut l, &p, 99).unwrap(), 1);
         for (got, want) in l.iter().zip([0.9f32, 1.1, 0.0]) {
             assert!((got - want).abs() < 1e-6, "{l:?}");
         }
         // Prompt tokens do not count (token 2 is the prompt's).
         let mut l = [0.0f32, 0.0, 0.1];
-        assert_eq!(row(&[]).pick(&mut l, &p).unwrap(), 2);
+        assert_eq!(row(&[]).pick(&mut l, &p, 99).unwrap(), 2);
         // A negative penalty favours what was generated.
         let favour = GenerateParams {
             presence_penalty: -1.0,
             ..GenerateParams::default()
         };
-        assert_eq!(row(&[1]).pick(&mut logits.clone(), &favour).unwrap(), 1);
+        assert_eq!(row(&[1]).pick(&mut logits.clone(), &favour, 99).unwrap(), 1);
     }
 }

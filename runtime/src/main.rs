@@ -85,6 +85,20 @@ impl Structured {
     }
 }
 
+/// `--logit-bias ID=BIAS`.
+fn parse_bias(s: &str) -> Result<(u32, f32), String> {
+    let (id, bias) = s.split_once('=').ok_or("expected ID=BIAS, e.g. 42=-100")?;
+    let id = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{id}' is not a token id"))?;
+    let bias = bias
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{bias}' is not a number"))?;
+    Ok((id, bias))
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Generate text for one prompt; prints only the generated text on stdout.
@@ -123,6 +137,18 @@ enum Command {
         /// Stop before this string (repeatable).
         #[arg(long)]
         stop: Vec<String>,
+        /// Also stop at this token id (repeatable; not part of the text).
+        #[arg(long = "stop-token-id")]
+        stop_token_ids: Vec<u32>,
+        /// Add BIAS (-100 to 100) to token ID's logit: ID=BIAS (repeatable).
+        #[arg(long, value_name = "ID=BIAS", value_parser = parse_bias, allow_hyphen_values = true)]
+        logit_bias: Vec<(u32, f32)>,
+        /// Sample only tokens at least this fraction as likely as the most likely one (0: off).
+        #[arg(long, default_value_t = 0.0)]
+        min_p: f32,
+        /// No `</s>` or stop token before this many tokens.
+        #[arg(long, default_value_t = 0)]
+        min_tokens: usize,
         /// Beam search width (the paper captions with 5).
         #[arg(long, default_value_t = 1)]
         beams: usize,
@@ -478,6 +504,10 @@ fn run(cli: Cli) -> Result<()> {
             frequency_penalty,
             seed,
             stop,
+            stop_token_ids,
+            logit_bias,
+            min_p,
+            min_tokens,
             beams,
             stream,
             structured,
@@ -502,6 +532,10 @@ fn run(cli: Cli) -> Result<()> {
                 stop,
                 beams: beams.max(1),
                 ignore_eos: false,
+                logit_bias,
+                min_p,
+                min_tokens,
+                stop_token_ids,
                 constraint,
             };
             if let Some((field, message)) = params.invalid_setting() {

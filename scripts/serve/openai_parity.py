@@ -1,6 +1,7 @@
 """The official `openai` client against `kosmos-rt serve` (DESIGN §7 step 6): chat with an image
-(plain and streaming), completions (plain and streaming), logprobs in both shapes, echo, models; greedy
-answers must equal `kosmos-rt run` on the same inputs.
+(plain and streaming), completions (plain and streaming), logprobs in both shapes, echo, models,
+penalties, seeded n, logit_bias / min_p / min_tokens / stop_token_ids; greedy answers must equal
+`kosmos-rt run` on the same inputs.
 
     python scripts/serve/openai_parity.py --base-url http://127.0.0.1:8000/v1 \
         --binary target/debug/kosmos-rt --package pkg --image a.png --image b.png
@@ -190,6 +191,44 @@ def main():
                                       headers={"Authorization": f"Bearer {args.api_key}"}).text)
     if metric_sum(metrics, "kosmos_shared_prefill_tokens_total") <= 0:
         failures.append("the n=3 choices did not share their prefill")
+
+    # logit_bias, min_p, min_tokens, stop_token_ids (OpenAI's and vLLM's) as `kosmos-rt run`
+    # applies them, with token ids from the server's own /tokenize.
+    def token(word):
+        r = httpx.post(args.base_url.removesuffix("/v1") + "/tokenize", headers={"Authorization": f"Bearer {args.api_key}"},
+                       json={"model": args.model, "prompt": word, "add_special_tokens": False}).json()
+        return r["tokens"][0]
+    red, on = token(" red"), token(" on")
+    cases = [
+        ("logit_bias +100", dict(logit_bias={str(red): 100}), ["--logit-bias", f"{red}=100"]),
+        ("logit_bias -100 and +99", dict(logit_bias={str(red): -100, str(on): 99}),
+         ["--logit-bias", f"{red}=-100", "--logit-bias", f"{on}=99"]),
+        ("min_p sampled", dict(temperature=1.0, seed=3, extra_body={"min_p": 0.2}),
+         ["--temperature", "1.0", "--seed", "3", "--min-p", "0.2"]),
+        ("min_tokens", dict(extra_body={"min_tokens": 10}), ["--min-tokens", "10"]),
+        ("stop_token_ids", dict(logit_bias={str(on): 5}, extra_body={"stop_token_ids": [on]}),
+         ["--logit-bias", f"{on}=5", "--stop-token-id", str(on)]),
+    ]
+    for what, kw, flags in cases:
+        kw = {"temperature": 0, **kw}
+        r = client.completions.create(model=args.model, prompt=text, max_tokens=12, **kw)
+        want = run_reference(args.binary, args.package, prompt=text, max_tokens=12, extra=flags)
+        check(f"completion with {what}", r.choices[0].text.strip(), want)
+        if what == "logit_bias +100" and not r.choices[0].text.strip().startswith("red"):
+            failures.append("logit_bias +100 did not make 'red' first")
+        if what.startswith("logit_bias -100") and not r.choices[0].text.strip().startswith("on"):
+            failures.append("logit_bias +99 did not make 'on' first")
+        if what == "min_tokens" and r.usage.completion_tokens < 10:
+            failures.append(f"min_tokens 10 gave {r.usage.completion_tokens} tokens")
+    for bad, param in [({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+                       ({"logit_bias": {"5": 101}}, "logit_bias"), ({"min_p": 1.5}, "min_p"),
+                       ({"min_tokens": 20}, "min_tokens"), ({"stop_token_ids": [-1]}, "stop_token_ids")]:
+        try:
+            client.completions.create(model=args.model, prompt=text, max_tokens=12, extra_body=bad)
+            failures.append(f"{bad} accepted")
+        except openai.BadRequestError as e:
+            got = e.body.get("param") if isinstance(e.body, dict) else None
+            check(f"400 for {bad}", got, param)
 
     try:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])

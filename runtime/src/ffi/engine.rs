@@ -345,6 +345,9 @@ pub unsafe extern "C" fn kosmos_engine_submit(
                 "params: the engine decodes one sequence per request (beams = 1); beam search runs through kosmos_generate",
             );
         }
+        if let Some((_, m)) = params.invalid_token(engine.tokenizer.vocab_size()) {
+            return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, format!("params: {m}"));
+        }
         let prepared = engine.prepare(&prompt, params.max_tokens);
         let (assembled, pixels) = match prepared {
             Ok(p) => p,

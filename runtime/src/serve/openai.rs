@@ -55,6 +55,14 @@ struct Sampling {
     stream_options: Option<StreamOptions>,
     /// vLLM's extension for benchmarks: keep generating after `</s>`.
     ignore_eos: Option<bool>,
+    /// OpenAI's: token id (as a string) → bias in [-100, 100].
+    logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// vLLM's and llama.cpp's.
+    min_p: Option<f32>,
+    /// vLLM's.
+    min_tokens: Option<i64>,
+    /// vLLM's.
+    stop_token_ids: Option<Vec<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -482,9 +490,17 @@ impl AppState {
             stop,
             beams: 1,
             ignore_eos: s.ignore_eos.unwrap_or(false),
+            logit_bias: logit_bias(s.logit_bias.as_ref())?,
+            min_p: s.min_p.unwrap_or(0.0),
+            min_tokens: usize::try_from(s.min_tokens.unwrap_or(0))
+                .map_err(|_| ApiError::invalid("min_tokens must be ≥ 0", "min_tokens"))?,
+            stop_token_ids: stop_ids(s.stop_token_ids.as_deref(), "stop_token_ids")?,
             constraint: None,
         };
-        if let Some((field, message)) = params.invalid_setting() {
+        if let Some((field, message)) = params
+            .invalid_setting()
+            .or_else(|| params.invalid_token(self.manifest.decoder.vocab_size))
+        {
             return Err(ApiError::invalid(message, field));
         }
         Ok(Requested {
@@ -560,6 +576,34 @@ impl AppState {
             tools: None,
         })
     }
+}
+
+/// OpenAI's `logit_bias`: token ids written as strings.
+fn logit_bias(m: Option<&std::collections::HashMap<String, f32>>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let mut out: Vec<(u32, f32)> = m
+        .into_iter()
+        .flatten()
+        .map(|(k, &v)| {
+            k.trim().parse::<u32>().map(|t| (t, v)).map_err(|_| {
+                ApiError::invalid(
+                    format!("logit_bias keys must be token ids, got {k:?}"),
+                    "logit_bias",
+                )
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    out.sort_by_key(|e| e.0);
+    Ok(out)
+}
+
+fn stop_ids(ids: Option<&[i64]>, field: &'static str) -> Result<Vec<u32>, ApiError> {
+    ids.into_iter()
+        .flatten()
+        .map(|&t| {
+            u32::try_from(t)
+                .map_err(|_| ApiError::invalid(format!("{field} must hold token ids, got {t}"), field))
+        })
+        .collect()
 }
 
 /// What a request asks the engine for: its sampling, choices per prompt, and log-probabilities.
