@@ -106,7 +106,9 @@ enum Command {
         kosmos-rt run pkg/tiny --image cat.png                      # caption\n  \
         kosmos-rt run pkg/tiny --image a.png --prompt 'Question: what colour is the circle? Answer:'\n  \
         kosmos-rt run pkg/tiny --image a.png --image b.png --prompt '<image> left, <image> right:'\n  \
-        kosmos-rt run pkg/k1 --image cat.jpg --beams 5 --max-tokens 20")]
+        kosmos-rt run pkg/k1 --image cat.jpg --beams 5 --max-tokens 20\n  \
+        kosmos-rt run pkg/tiny --image a.png --json-schema shape.json   # JSON the schema accepts\n  \
+        kosmos-rt run pkg/tiny --image a.png --prompt 'Question: what colour is the circle? Answer:' --choice red --choice blue")]
     Run {
         package: PathBuf,
         /// An image (PNG/JPEG/WebP); repeat for several, placed by <image> markers in the prompt.
@@ -229,6 +231,8 @@ enum Command {
           \"model\": \"tiny\", \"max_tokens\": 16, \"temperature\": 0,\n  \
           \"messages\": [{\"role\": \"user\", \"content\": [\n    \
             {\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/png;base64,...\"}}]}]}'\n\n\
+        Structured output: add \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": ...}},\n\
+        or vLLM's guided_json / guided_regex / guided_choice / guided_grammar, or tools with a forced tool_choice.\n\n\
         KV memory: max-batch x capacity x 2 x layers x hidden x 4 bytes (fp32); the capacity follows\n\
         the longest prompt + max_tokens among running requests.")]
     Serve {
