@@ -606,6 +606,57 @@ fn stop_ids(ids: Option<&[i64]>, field: &'static str) -> Result<Vec<u32>, ApiErr
         .collect()
 }
 
+/// Fields of OpenAI's and vLLM's APIs that would change the answer and that this server cannot
+/// honour: a 400 naming them rather than an answer that silently ignores them. (Fields that
+/// only describe or route a request, such as `user`, `metadata` or `store`, are ignored.)
+#[derive(Deserialize, Default)]
+struct Unsupported {
+    audio: Option<Value>,
+    modalities: Option<Vec<String>>,
+    web_search_options: Option<Value>,
+    use_beam_search: Option<bool>,
+    include_stop_str_in_output: Option<bool>,
+    guided_whitespace_pattern: Option<Value>,
+}
+
+fn refuse_unsupported(body: &[u8]) -> Result<(), ApiError> {
+    let u: Unsupported = serde_json::from_slice(body).unwrap_or_default();
+    let refuse = |field: &'static str, why: &str| {
+        Err(ApiError::invalid(
+            format!("{field} is not supported: {why}"),
+            field,
+        ))
+    };
+    if u.audio.is_some_and(|a| !a.is_null()) {
+        return refuse("audio", "this model writes text only");
+    }
+    if u.modalities.is_some_and(|m| m.iter().any(|x| x != "text")) {
+        return refuse("modalities", "this model writes text only");
+    }
+    if u.web_search_options.is_some_and(|w| !w.is_null()) {
+        return refuse("web_search_options", "the server makes no outbound requests");
+    }
+    if u.use_beam_search == Some(true) {
+        return refuse(
+            "use_beam_search",
+            "the server samples one sequence per choice (kosmos-rt run --beams searches)",
+        );
+    }
+    if u.include_stop_str_in_output == Some(true) {
+        return refuse(
+            "include_stop_str_in_output",
+            "the text always ends before the stop string",
+        );
+    }
+    if u.guided_whitespace_pattern.is_some_and(|w| !w.is_null()) {
+        return refuse(
+            "guided_whitespace_pattern",
+            "JSON output allows at most one space between tokens",
+        );
+    }
+    Ok(())
+}
+
 /// What a request asks the engine for: its sampling, choices per prompt, and log-probabilities.
 struct Requested {
     params: GenerateParams,
@@ -1028,6 +1079,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Re
     let body = read_body(body, st.cfg.max_body_bytes).await?;
     let req: ChatRequest = parse_bytes(&body)?;
     st.check_model(&req.model)?;
+    refuse_unsupported(&body)?;
     let (constraint, tool_calls) = match (structured::requested(&body)?, tools::requested(&body)?) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(
@@ -1051,6 +1103,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<
     let body = read_body(body, st.cfg.max_body_bytes).await?;
     let req: CompletionRequest = parse_bytes(&body)?;
     st.check_model(&req.model)?;
+    refuse_unsupported(&body)?;
     tools::refuse(&body)?;
     let constraint = structured::requested(&body)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
