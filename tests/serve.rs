@@ -131,23 +131,7 @@ fn s(p: &Path) -> String {
 
 #[test]
 fn openai_client_answers_equal_kosmos_rt_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let (pkg, images) = fixture(dir.path());
-    let server = Server::start(&pkg, &[]);
-    let mut args = vec![
-        "--base-url".into(),
-        format!("{}/v1", server.url()),
-        "--binary".into(),
-        s(&binary()),
-        "--package".into(),
-        s(&pkg),
-        "--model".into(),
-        "pkg".into(),
-    ];
-    for img in &images[..2] {
-        args.extend(["--image".into(), s(img)]);
-    }
-    run_python("openai_parity.py", &args);
+    client_script("openai_parity.py");
 }
 
 /// Structured output (OpenAI's response_format with the client's pydantic helper, vLLM's guided_*
@@ -156,6 +140,13 @@ fn openai_client_answers_equal_kosmos_rt_run() {
 /// constraint, and bad constraints are 400s naming their field.
 #[test]
 fn structured_outputs_pass_pythons_validators() {
+    client_script("structured.py");
+}
+
+/// Run a client script of `scripts/serve/` against a server on the random fixture, with the
+/// arguments they share (server URL, `kosmos-rt` binary and package for `run` references, two
+/// images).
+fn client_script(script: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (pkg, images) = fixture(dir.path());
     let server = Server::start(&pkg, &[]);
@@ -172,7 +163,7 @@ fn structured_outputs_pass_pythons_validators() {
     for img in &images[..2] {
         args.extend(["--image".into(), s(img)]);
     }
-    run_python("structured.py", &args);
+    run_python(script, &args);
 }
 
 /// lm-evaluation-harness's way of scoring: tokenizer endpoints and token-id prompts with `echo`,

@@ -127,11 +127,7 @@ impl Parser {
         while self.eat('|') {
             alts.push(self.sequence(depth)?);
         }
-        Ok(if alts.len() == 1 {
-            alts.pop().expect("one")
-        } else {
-            Expr::Alt(alts)
-        })
+        Ok(one_or(alts, Expr::Alt))
     }
 
     fn sequence(&mut self, depth: usize) -> Result<Expr> {
@@ -148,11 +144,7 @@ impl Parser {
             let atom = self.atom(depth)?;
             items.push(self.quantified(atom)?);
         }
-        Ok(if items.len() == 1 {
-            items.pop().expect("one")
-        } else {
-            Expr::Seq(items)
-        })
+        Ok(one_or(items, Expr::Seq))
     }
 
     fn atom(&mut self, depth: usize) -> Result<Expr> {
@@ -308,6 +300,15 @@ impl Parser {
         let s: String = self.chars[start..self.i].iter().collect();
         s.parse()
             .map_err(|_| self.error("expected a number in the repetition".into()))
+    }
+}
+
+/// The only item itself, or `wrap` of several.
+fn one_or(mut items: Vec<Expr>, wrap: fn(Vec<Expr>) -> Expr) -> Expr {
+    if items.len() == 1 {
+        items.pop().expect("one")
+    } else {
+        wrap(items)
     }
 }
 

@@ -119,6 +119,17 @@ fn err(path: &str, message: impl Into<String>) -> GrammarError {
     }
 }
 
+/// The strings of an array keyword's value (at `path`).
+fn strings(xs: &[Json], path: &str) -> Result<Vec<String>> {
+    xs.iter()
+        .map(|x| {
+            x.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| err(path, "must hold strings"))
+        })
+        .collect()
+}
+
 /// A rule name from any text (GBNF names are `[a-zA-Z0-9_-]`).
 fn sanitize(s: &str) -> String {
     let out: String = s
@@ -249,14 +260,7 @@ impl Conv<'_> {
         let types: Vec<String> = match s.get("type") {
             None => vec![self.inferred_type(m, path)?],
             Some(Json::String(t)) => vec![t.clone()],
-            Some(Json::Array(ts)) if !ts.is_empty() => ts
-                .iter()
-                .map(|t| {
-                    t.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| err(&format!("{path}/type"), "must hold strings"))
-                })
-                .collect::<Result<_>>()?,
+            Some(Json::Array(ts)) if !ts.is_empty() => strings(ts, &format!("{path}/type"))?,
             Some(_) => {
                 return Err(err(
                     &format!("{path}/type"),
@@ -354,14 +358,7 @@ impl Conv<'_> {
         };
         let required: Vec<String> = match s.get("required") {
             None => Vec::new(),
-            Some(Json::Array(xs)) => xs
-                .iter()
-                .map(|x| {
-                    x.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| err(&format!("{path}/required"), "must hold strings"))
-                })
-                .collect::<Result<_>>()?,
+            Some(Json::Array(xs)) => strings(xs, &format!("{path}/required"))?,
             Some(_) => return Err(err(&format!("{path}/required"), "must be an array of strings")),
         };
         for r in &required {

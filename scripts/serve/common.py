@@ -1,6 +1,7 @@
 """Shared helpers of the `kosmos-rt serve` checks: data URLs, the `kosmos-rt run` reference,
 Prometheus text parsing, and the server's resident memory."""
 
+import argparse
 import base64
 import re
 import subprocess
@@ -48,3 +49,15 @@ def rss_kb(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+def client_args(description):
+    """The arguments of the client checks that compare the server with `kosmos-rt run`."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--base-url", required=True)
+    ap.add_argument("--binary", required=True)
+    ap.add_argument("--package", required=True)
+    ap.add_argument("--image", action="append", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--api-key", default="unused")
+    return ap.parse_args()

@@ -7,25 +7,17 @@ penalties, seeded n, logit_bias / min_p / min_tokens / stop_token_ids; greedy an
         --binary target/debug/kosmos-rt --package pkg --image a.png --image b.png
 """
 
-import argparse
 import math
 import sys
 
 import httpx2 as httpx  # the HTTP client the openai package ships with
 import openai
 
-from common import data_url, metric_sum, parse_metrics, run_reference
+from common import client_args, data_url, metric_sum, parse_metrics, run_reference
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--base-url", required=True)
-    ap.add_argument("--binary", required=True)
-    ap.add_argument("--package", required=True)
-    ap.add_argument("--image", action="append", required=True)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--api-key", default="unused")
-    args = ap.parse_args()
+    args = client_args(__doc__)
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0)
     failures = []
 

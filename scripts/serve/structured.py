@@ -6,7 +6,6 @@ answer is checked by Python's own validators (jsonschema, json, re), greedy answ
         --binary target/debug/kosmos-rt --package pkg --model pkg --image a.png --image b.png
 """
 
-import argparse
 import json
 import os
 import re
@@ -18,7 +17,7 @@ import jsonschema
 import openai
 import pydantic
 
-from common import data_url, run_reference
+from common import client_args, data_url, run_reference
 
 
 class Shape(pydantic.BaseModel):
@@ -130,13 +129,7 @@ def tool_calls(client, args, check, valid, messages, question):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--base-url", required=True)
-    ap.add_argument("--binary", required=True)
-    ap.add_argument("--package", required=True)
-    ap.add_argument("--image", action="append", required=True)
-    ap.add_argument("--model", required=True)
-    args = ap.parse_args()
+    args = client_args(__doc__)
     client = openai.OpenAI(base_url=args.base_url, api_key="unused", max_retries=0)
     failures = []
 
