@@ -1171,7 +1171,14 @@ impl Engine {
         let Running { req, state, .. } = run;
         // The model's distribution, before `pick` applies the repetition penalty in place.
         let raw = req.logprobs.map(|top| (top, logits.to_vec()));
-        let tok = match state.pick(logits, &req.params, eos) {
+        let picked_at = Instant::now();
+        let picked = state.pick(logits, &req.params, eos);
+        if req.params.constraint.is_some() {
+            let us = picked_at.elapsed().as_micros() as u64;
+            self.metrics.constrained_tokens.fetch_add(1, Ordering::Relaxed);
+            self.metrics.constrained_pick_us.fetch_add(us, Ordering::Relaxed);
+        }
+        let tok = match picked {
             Ok(t) => t,
             Err(e) => {
                 state.finish = Some(FinishReason::Stop);

@@ -83,6 +83,10 @@ pub struct Metrics {
     /// Prompt tokens whose keys and values were copied from an identical prompt prefilled in
     /// the same group (`n` > 1, or the same request twice at once).
     pub shared_prefill_tokens: AtomicU64,
+    /// Tokens chosen under a structured-output constraint, and the microseconds spent choosing
+    /// them (the grammar's mask and the sampling after it).
+    pub constrained_tokens: AtomicU64,
+    pub constrained_pick_us: AtomicU64,
     ttft: Histogram,
     itl: Histogram,
     pub queue_depth: AtomicU64,
@@ -104,6 +108,8 @@ impl Default for Metrics {
             prefix_cache_hit_tokens: AtomicU64::new(0),
             prefix_cache_bytes: AtomicU64::new(0),
             shared_prefill_tokens: AtomicU64::new(0),
+            constrained_tokens: AtomicU64::new(0),
+            constrained_pick_us: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BUCKETS),
             itl: Histogram::new(ITL_BUCKETS),
             queue_depth: AtomicU64::new(0),
@@ -219,6 +225,18 @@ impl Metrics {
             "Prompt tokens copied from an identical prompt prefilled at the same time (n > 1) instead of prefilled again.",
             &self.shared_prefill_tokens,
             "counter",
+        );
+        counter(
+            &mut out,
+            "kosmos_constrained_tokens_total",
+            "Tokens chosen under a structured-output constraint (JSON schema, regex, choices, grammar, forced tool call).",
+            &self.constrained_tokens,
+            "counter",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP kosmos_constrained_pick_seconds_total Time spent choosing those tokens: the grammar's vocabulary mask and the sampling after it.\n# TYPE kosmos_constrained_pick_seconds_total counter\nkosmos_constrained_pick_seconds_total {}",
+            self.constrained_pick_us.load(Ordering::Relaxed) as f64 / 1e6
         );
         counter(
             &mut out,

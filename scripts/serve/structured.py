@@ -13,11 +13,12 @@ import sys
 import tempfile
 from typing import Annotated, List, Literal, Optional
 
+import httpx2 as httpx  # the HTTP client the openai package ships with
 import jsonschema
 import openai
 import pydantic
 
-from common import client_args, data_url, run_reference
+from common import client_args, data_url, metric_sum, parse_metrics, run_reference
 
 
 class Shape(pydantic.BaseModel):
@@ -247,6 +248,10 @@ def main():
             ok = says in str(body.get("message", "")) and (param is None or body.get("param") == param)
             check(f"400 for {list(extra)}", ok, str(body))
     tool_calls(client, args, check, valid, messages, question)
+    metrics = parse_metrics(httpx.get(args.base_url.removesuffix("/v1") + "/metrics").text)
+    tokens = metric_sum(metrics, "kosmos_constrained_tokens_total")
+    seconds = metric_sum(metrics, "kosmos_constrained_pick_seconds_total")
+    check("metrics count constrained tokens", tokens > 100 and seconds > 0, f"{tokens} tokens, {seconds:.3f} s")
     os.unlink(schema_file.name)
     if failures:
         print(f"{len(failures)} failed: {failures}")
