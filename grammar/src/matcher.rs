@@ -16,6 +16,11 @@ use crate::trie::TokenTrie;
 
 const NONE: u32 = u32::MAX;
 
+/// Most parses (frontier stacks) the matcher follows at once. Sane grammars stay far below it
+/// (a JSON schema: a handful); a grammar that is ambiguous everywhere would otherwise make every
+/// step cost more, without bound. Past it the text is refused and [`Matcher::overflowed`] says why.
+pub const MAX_STACKS: usize = 10_000;
+
 /// Where the text so far may be in the grammar.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct State {
@@ -44,6 +49,7 @@ pub struct Matcher {
     intern: HashMap<u64, u32, BuildHasherDefault<FxHasher>>,
     state: State,
     work: Vec<(u32, u32)>,
+    overflowed: bool,
 }
 
 impl Matcher {
@@ -54,6 +60,7 @@ impl Matcher {
             intern: HashMap::default(),
             state: State::default(),
             work: Vec::new(),
+            overflowed: false,
         };
         let mut frontier = Vec::new();
         let mut accepted = false;
@@ -74,6 +81,11 @@ impl Matcher {
 
     pub fn grammar(&self) -> &Arc<Grammar> {
         &self.g
+    }
+
+    /// A step was refused because the grammar allowed more than [`MAX_STACKS`] parses at once.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
     }
 
     /// The text so far is a complete sentence of the grammar (end of text allowed).
@@ -227,6 +239,10 @@ impl Matcher {
         }
         frontier.sort_unstable();
         frontier.dedup();
+        if frontier.len() > MAX_STACKS {
+            self.overflowed = true;
+            return None;
+        }
         Some(State {
             frontier,
             accepted,

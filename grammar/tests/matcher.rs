@@ -89,6 +89,28 @@ fn repetition_counts_and_alternatives() {
     assert!(m.accept(&vec![b'a'; 50_000]) && m.is_accepting());
 }
 
+/// An ambiguous grammar (words of optional separators: every split of a run of letters is a
+/// parse) is followed up to the limit, then refused with the reason, not run at any cost.
+#[test]
+fn ambiguity_is_bounded() {
+    let g = compile("root ::= ([a-z]{0,60} \" \"?){0,400}");
+    let mut m = Matcher::new(g);
+    assert!(m.accept(b"ab ab"));
+    let mut fed = 0;
+    while fed < 400 && m.accept(b"a") {
+        fed += 1;
+    }
+    assert!(fed < 400 && m.overflowed(), "fed {fed}");
+    // A long JSON text stays at a handful of parses.
+    let g = Constraint::JsonObject.compile().unwrap();
+    let mut m = Matcher::new(g);
+    let text = format!(
+        "{{\"a\": [{}]}}",
+        vec!["{\"b\": [1, 2.5, \"x\"]}"; 200].join(", ")
+    );
+    assert!(m.accept(text.as_bytes()) && m.is_finished() && !m.overflowed());
+}
+
 #[test]
 fn utf8_split_over_tokens() {
     let g = compile("root ::= \"é\" [a-z] | \"中\"");

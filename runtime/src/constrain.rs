@@ -130,10 +130,15 @@ impl ActiveConstraint {
             }
         }
         if !any {
-            return Err(RtError::Input(
-                "structured output: no token of the vocabulary can continue the text under the grammar"
-                    .into(),
-            ));
+            let why = if self.matcher.overflowed() {
+                format!(
+                    "the grammar is ambiguous past {} parses at once here; make its repetitions unambiguous",
+                    kosmos_grammar::matcher::MAX_STACKS
+                )
+            } else {
+                "no token of the vocabulary can continue the text under the grammar".into()
+            };
+            return Err(RtError::Input(format!("structured output: {why}")));
         }
         Ok(())
     }
