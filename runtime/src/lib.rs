@@ -9,7 +9,7 @@
 //!   decoder with its KV cache: greedy, sampling (temperature, top-k, top-p, repetition penalty,
 //!   seeded), stop strings, beam search, structured output ([`grammar`]: JSON Schema, regular
 //!   expressions, choices, GBNF), and a streaming token callback;
-//! * [`bench`] measures it; [`ffi`] is the C ABI of `libkosmos_rt.so`
+//! * [`bench`](mod@bench) measures it; [`ffi`] is the C ABI of `libkosmos_rt.so`
 //!   (`runtime/include/kosmos_rt.h`).
 
 pub mod batch;

@@ -14,7 +14,7 @@ pub struct TokenLogprob {
     pub top: Vec<(u32, f32)>,
 }
 
-/// `token`'s log-probability under `logits` [vocab], with the `top` most likely tokens.
+/// `token`'s log-probability under `logits` (`[vocab]`), with the `top` most likely tokens.
 pub fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();

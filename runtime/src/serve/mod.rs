@@ -1,5 +1,5 @@
 //! `kosmos-rt serve`: an OpenAI-compatible HTTP server (tokio + axum) in front of the
-//! continuous-batching [`Engine`](crate::batch::Engine), which runs on its own thread.
+//! continuous-batching [`Engine`], which runs on its own thread.
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
 //! `GET /v1/models/{id}`, vLLM's `POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info`,
