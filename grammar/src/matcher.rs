@@ -7,7 +7,7 @@
 //! stacks are equal ids and a set of stacks is a sorted list of ids. A stack whose top is a
 //! character set is on the *frontier*; one that has run out has matched the whole grammar.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
@@ -20,6 +20,10 @@ const NONE: u32 = u32::MAX;
 /// (a JSON schema: a handful); a grammar that is ambiguous everywhere would otherwise make every
 /// step cost more, without bound. Past it the text is refused and [`Matcher::overflowed`] says why.
 pub const MAX_STACKS: usize = 10_000;
+
+/// Masks kept for recent states: inside a JSON string or any repetition the same state comes
+/// back at every character, and with it the same mask (the full walk of the vocabulary trie).
+const MASK_CACHE: usize = 8;
 
 /// Where the text so far may be in the grammar.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -50,6 +54,8 @@ pub struct Matcher {
     state: State,
     work: Vec<(u32, u32)>,
     overflowed: bool,
+    /// (trie, state, the tokens allowed there), most recent first.
+    masks: VecDeque<(u64, State, Vec<u32>)>,
 }
 
 impl Matcher {
@@ -61,6 +67,7 @@ impl Matcher {
             state: State::default(),
             work: Vec::new(),
             overflowed: false,
+            masks: VecDeque::new(),
         };
         let mut frontier = Vec::new();
         let mut accepted = false;
@@ -132,16 +139,30 @@ impl Matcher {
 
     /// Set `allowed[t]` for every token `t` of `trie` that may come next (others untouched).
     pub fn fill_allowed(&mut self, trie: &TokenTrie, allowed: &mut [bool]) {
-        let base = self.frames.len();
-        let s = self.state.clone();
-        self.visit(trie, 0, &s, allowed);
-        self.forget_from(base);
-    }
-
-    fn visit(&mut self, trie: &TokenTrie, node: u32, s: &State, allowed: &mut [bool]) {
-        for &t in trie.tokens(node) {
+        let cached = self
+            .masks
+            .iter()
+            .position(|(id, s, _)| *id == trie.id && *s == self.state);
+        let entry = match cached {
+            Some(i) => self.masks.remove(i).expect("found"),
+            None => {
+                let base = self.frames.len();
+                let s = self.state.clone();
+                let mut tokens = Vec::new();
+                self.visit(trie, 0, &s, &mut tokens);
+                self.forget_from(base);
+                (trie.id, s, tokens)
+            }
+        };
+        for &t in &entry.2 {
             allowed[t as usize] = true;
         }
+        self.masks.push_front(entry);
+        self.masks.truncate(MASK_CACHE);
+    }
+
+    fn visit(&mut self, trie: &TokenTrie, node: u32, s: &State, allowed: &mut Vec<u32>) {
+        allowed.extend_from_slice(trie.tokens(node));
         for &(b, child) in trie.children(node) {
             if let Some(next) = self.step(s, b) {
                 self.visit(trie, child, &next, allowed);

@@ -1,8 +1,12 @@
 //! The vocabulary as a trie of token byte strings: the matcher walks it once per step, so tokens
 //! that share a prefix share the work of matching it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 #[derive(Clone, Debug, Default)]
 pub struct TokenTrie {
+    /// Which trie this is, for the matcher's cache of masks.
+    pub(crate) id: u64,
     /// Per node, (byte, child) sorted by byte.
     children: Vec<Vec<(u8, u32)>>,
     /// Per node, the tokens whose bytes end there.
@@ -12,7 +16,9 @@ pub struct TokenTrie {
 impl TokenTrie {
     /// A trie of `(token id, bytes)`; a token with no bytes sits at the root.
     pub fn new<B: AsRef<[u8]>>(entries: impl IntoIterator<Item = (u32, B)>) -> TokenTrie {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
         let mut t = TokenTrie {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
             children: vec![Vec::new()],
             tokens: vec![Vec::new()],
         };

@@ -165,6 +165,31 @@ fn the_mask_equals_checking_every_token() {
     }
 }
 
+/// Masks come from the matcher's cache when a state recurs (every character of a string): they
+/// equal the mask of a fresh matcher fed the same text, at every step.
+#[test]
+fn cached_masks_equal_fresh_ones() {
+    let pieces: Vec<&str> = vec![
+        "\"", "a", "ab", " ", "\\", "\\n", "\"}", "}", ",", ":", "{", "\"k\"", "1", "é", "x\"", "",
+    ];
+    let trie = TokenTrie::new(pieces.iter().enumerate().map(|(i, p)| (i as u32, p.as_bytes())));
+    let g = Constraint::JsonObject.compile().unwrap();
+    let text = r#"{"k": "aaaa ab aaaa \n aaaaaaaa", "kk": {"a": "ababab"}, "z": 11}"#;
+    let mut cached = Matcher::new(g.clone());
+    for (i, c) in text.char_indices() {
+        let mut a = vec![false; pieces.len()];
+        cached.fill_allowed(&trie, &mut a);
+        let mut fresh = Matcher::new(g.clone());
+        assert!(fresh.accept(&text.as_bytes()[..i]));
+        let mut b = vec![false; pieces.len()];
+        fresh.fill_allowed(&trie, &mut b);
+        assert_eq!(a, b, "after {:?}", &text[..i]);
+        let mut buf = [0u8; 4];
+        assert!(cached.accept(c.encode_utf8(&mut buf).as_bytes()));
+    }
+    assert!(cached.is_finished());
+}
+
 #[test]
 fn integer_bounds_match_arithmetic() {
     let bounds = [

@@ -52,6 +52,11 @@ impl ConstraintVocab {
         }
     }
 
+    /// The trie of token texts at the start of a text (`first`) or after other tokens.
+    pub fn trie(&self, first: bool) -> &TokenTrie {
+        if first { &self.first } else { &self.later }
+    }
+
     /// Which tokens may come after `text` under `grammar` (`allowed[t]`, `</s>` included):
     /// what generation masks with, for tools and measurements. `None` when the grammar does not
     /// allow `text` itself.
