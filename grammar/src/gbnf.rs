@@ -7,6 +7,10 @@ use crate::charset::{CharSet, MAX_CHAR};
 use crate::error::{GrammarError, Result};
 use crate::grammar::Expr;
 
+/// Deepest nesting of groups: parsing and compiling recurse per level, and a request's grammar
+/// must not be able to exhaust a server thread's stack.
+pub const MAX_NESTING: usize = 256;
+
 /// Parse GBNF text into its rules, in order.
 pub fn parse(text: &str) -> Result<Vec<(String, Expr)>> {
     let mut p = Parser {
@@ -201,6 +205,9 @@ impl Parser {
             return Ok(Expr::Chars(CharSet::any()));
         }
         if c == '(' {
+            if depth >= MAX_NESTING {
+                return Err(self.error(format!("groups nested deeper than {MAX_NESTING}")));
+            }
             self.i += 1;
             let inner = self.alternatives(depth + 1)?;
             self.skip_space();

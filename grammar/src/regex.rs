@@ -33,6 +33,7 @@ pub fn to_gbnf(pattern: &str, target: Target) -> Result<String> {
         pattern,
         chars: pattern.chars().collect(),
         i: 0,
+        depth: 0,
     };
     if p.peek() == Some('^') {
         p.i += 1;
@@ -55,6 +56,8 @@ struct Parser<'a> {
     pattern: &'a str,
     chars: Vec<char>,
     i: usize,
+    /// Groups open here (bounded, like GBNF's, by [`crate::gbnf::MAX_NESTING`]).
+    depth: usize,
 }
 
 impl Parser<'_> {
@@ -105,6 +108,9 @@ impl Parser<'_> {
             '.' => Node::Set(line_terminators().complement()),
             '[' => Node::Set(self.class()?),
             '(' => {
+                if self.depth >= crate::gbnf::MAX_NESTING {
+                    return Err(self.error(format!("groups nested deeper than {}", crate::gbnf::MAX_NESTING)));
+                }
                 if self.peek() == Some('?') {
                     let rest: String = self.chars[self.i..].iter().take(3).collect();
                     if rest.starts_with("?:") {
@@ -123,7 +129,9 @@ impl Parser<'_> {
                         )));
                     }
                 }
+                self.depth += 1;
                 let inner = self.alternatives()?;
+                self.depth -= 1;
                 if self.peek() != Some(')') {
                     return Err(self.error("expected ')'".into()));
                 }

@@ -67,6 +67,14 @@ fn bad_grammars_are_named_errors() {
         e("root ::= \"x\"{200000}"),
         GrammarError::TooManyRepeats(_)
     ));
+    // Deep nesting is an error, not a stack overflow (a server thread parses clients' grammars).
+    let deep = format!("root ::= {}\"x\"{}", "(".repeat(100_000), ")".repeat(100_000));
+    assert!(e(&deep).to_string().contains("nested deeper than 256"));
+    let deep = format!("{}a{}", "(".repeat(100_000), ")".repeat(100_000));
+    let err = Constraint::Regex(deep).compile().unwrap_err().to_string();
+    assert!(err.contains("nested deeper than 256"), "{err}");
+    let ok = format!("root ::= {}\"x\"{}", "(".repeat(200), ")".repeat(200));
+    assert!(Constraint::Grammar(ok).compile().is_ok());
 }
 
 #[test]
