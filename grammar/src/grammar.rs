@@ -93,16 +93,8 @@ impl Grammar {
     /// Left recursion (the matcher would expand forever) and a `root` that matches nothing.
     fn check(&self) -> Result<()> {
         let n = self.rules.len();
-        let nullable = self.fixpoint(|known, e| match e {
-            Elem::Chars(_) => false,
-            Elem::Rule(r) => known[*r as usize],
-            Elem::End => true,
-        });
-        let productive = self.fixpoint(|known, e| match e {
-            Elem::Chars(_) => true,
-            Elem::Rule(r) => known[*r as usize],
-            Elem::End => true,
-        });
+        let nullable = self.fixpoint(false);
+        let productive = self.fixpoint(true);
         if !productive[self.root as usize] {
             return Err(GrammarError::Unproductive(self.names[self.root as usize].clone()));
         }
@@ -151,22 +143,49 @@ impl Grammar {
         Ok(())
     }
 
-    /// The least fixpoint of "some alternative has every element `holds`".
-    fn fixpoint(&self, holds: impl Fn(&[bool], &Elem) -> bool) -> Vec<bool> {
+    /// Which rules have an alternative whose every element holds, where a character set holds
+    /// when `chars_hold` (productive: yes; nullable: no) and a rule when it is itself known.
+    /// A worklist, linear in the grammar: a client's grammar of chained rules in the worst order
+    /// must not cost a pass per rule.
+    fn fixpoint(&self, chars_hold: bool) -> Vec<bool> {
         let n = self.rules.len();
         let mut known = vec![false; n];
-        loop {
-            let mut changed = false;
-            for r in 0..n {
-                if !known[r] && self.alts(r).any(|alt| alt.iter().all(|e| holds(&known, e))) {
-                    known[r] = true;
-                    changed = true;
+        // Per alternative: its rule and how many of its rule elements are not known yet.
+        let mut pending: Vec<(usize, usize)> = Vec::new();
+        // Per rule: the alternatives that wait on it, once per occurrence.
+        let mut waiting: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let mut queue = Vec::new();
+        for (r, done) in known.iter_mut().enumerate() {
+            for alt in self.alts(r) {
+                if !chars_hold && alt.iter().any(|e| matches!(e, Elem::Chars(_))) {
+                    continue;
+                }
+                let a = pending.len();
+                let mut count = 0;
+                for e in alt {
+                    if let Elem::Rule(s) = e {
+                        waiting[*s as usize].push(a);
+                        count += 1;
+                    }
+                }
+                pending.push((r, count));
+                if count == 0 && !*done {
+                    *done = true;
+                    queue.push(r);
                 }
             }
-            if !changed {
-                return known;
+        }
+        while let Some(s) = queue.pop() {
+            for &a in &waiting[s] {
+                let (r, count) = &mut pending[a];
+                *count -= 1;
+                if *count == 0 && !known[*r] {
+                    known[*r] = true;
+                    queue.push(*r);
+                }
             }
         }
+        known
     }
 
     /// The rule's name as the user wrote it (generated rules carry their parent's name first).

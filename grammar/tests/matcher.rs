@@ -77,6 +77,28 @@ fn bad_grammars_are_named_errors() {
     assert!(Constraint::Grammar(ok).compile().is_ok());
 }
 
+/// Rules chained in the worst order for a pass-by-pass fixpoint (each defined before the rule it
+/// needs): productive and nullable are still found, and fast.
+#[test]
+fn long_rule_chains() {
+    let n = 3000;
+    let mut text = String::from("root ::= a0\n");
+    for i in 0..n {
+        text.push_str(&format!("a{i} ::= a{} \"x\"\n", i + 1));
+    }
+    text.push_str(&format!("a{n} ::= \"y\""));
+    let g = compile(&text);
+    assert!(matches(&g, &format!("y{}", "x".repeat(n))));
+    assert!(!matches(&g, &format!("y{}", "x".repeat(n - 1))));
+    let mut text = String::from("root ::= b0 \"z\"\n");
+    for i in 0..n {
+        text.push_str(&format!("b{i} ::= b{}\n", i + 1));
+    }
+    text.push_str(&format!("b{n} ::= \"\" | \"q\""));
+    let g = compile(&text);
+    assert!(matches(&g, "z") && matches(&g, "qz") && !matches(&g, "qqz"));
+}
+
 #[test]
 fn repetition_counts_and_alternatives() {
     let g = compile("root ::= (\"ab\" | [0-9]){2,3} x?\nx ::= \"!\"+");
