@@ -23,6 +23,8 @@ pub enum GrammarError {
     Unproductive(String),
     #[error("grammar: a repetition of {0} is over the limit of {max}", max = crate::grammar::MAX_REPEAT)]
     TooManyRepeats(u64),
+    #[error("grammar: more than {0} rules or elements (each repetition is unrolled into rules)")]
+    TooLarge(usize),
     #[error("JSON schema at {path}: {message}")]
     Schema { path: String, message: String },
     #[error("regular expression /{pattern}/ at character {at}: {message}")]

@@ -11,6 +11,10 @@ use crate::error::{GrammarError, Result};
 /// Most copies one `{m,n}` may ask for (each is a rule).
 pub const MAX_REPEAT: u64 = 100_000;
 
+/// Most rules (or elements of one sequence) a compiled grammar may have: every repetition is
+/// unrolled into rules, and a request's grammar must not be able to take the server's memory.
+pub const MAX_SIZE: usize = 2_000_000;
+
 /// A grammar as written: what the GBNF parser produces and the schema / regex converters write.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Expr {
@@ -271,6 +275,9 @@ impl Lower {
                     return Ok(());
                 }
                 let item = self.element(expr, parent)?;
+                if out.len() + min as usize > MAX_SIZE {
+                    return Err(GrammarError::TooLarge(MAX_SIZE));
+                }
                 for _ in 0..min {
                     out.push(item);
                 }
@@ -283,6 +290,9 @@ impl Lower {
                     }
                     // up to k more: O_1 ::= item | ε, O_k ::= item O_{k-1} | ε
                     Some(max) if max > min => {
+                        if self.rules.len() + (max - min) as usize > MAX_SIZE {
+                            return Err(GrammarError::TooLarge(MAX_SIZE));
+                        }
                         let mut opt = self.anonymous(parent, vec![vec![item], vec![]]);
                         for _ in 1..max - min {
                             opt = self.anonymous(parent, vec![vec![item, Elem::Rule(opt)], vec![]]);

@@ -67,6 +67,15 @@ fn bad_grammars_are_named_errors() {
         e("root ::= \"x\"{200000}"),
         GrammarError::TooManyRepeats(_)
     ));
+    // Repetitions are unrolled into rules: many large ones together pass the size limit.
+    let many = (0..25)
+        .map(|i| format!("a{i} ::= \"x\"{{0,90000}}\n"))
+        .collect::<String>();
+    let refs = (0..25).map(|i| format!("a{i}")).collect::<Vec<_>>().join(" ");
+    assert!(matches!(
+        e(&format!("root ::= {refs}\n{many}")),
+        GrammarError::TooLarge(_)
+    ));
     // Deep nesting is an error, not a stack overflow (a server thread parses clients' grammars).
     let deep = format!("root ::= {}\"x\"{}", "(".repeat(100_000), ")".repeat(100_000));
     assert!(e(&deep).to_string().contains("nested deeper than 256"));
