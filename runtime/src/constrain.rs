@@ -126,10 +126,12 @@ impl ActiveConstraint {
         if let Some(e) = self.allowed.get_mut(self.vocab.eos as usize) {
             *e = eos_allowed && self.matcher.is_accepting();
         }
+        // A token counts only if it is allowed and still possible (min_tokens or a logit bias
+        // may have ruled out `</s>`, the one token a finished grammar allows).
         let mut any = false;
         for (l, &ok) in logits.iter_mut().zip(&self.allowed) {
             if ok {
-                any = true;
+                any |= *l > f32::NEG_INFINITY;
             } else {
                 *l = f32::NEG_INFINITY;
             }
