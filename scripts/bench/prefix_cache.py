@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx  # the HTTP client the openai package ships with
 
+from sse import chunks
+
 
 def ttft(client, model, messages):
     """Seconds to the first streamed content, the answer, and the prompt's length in tokens."""
@@ -39,10 +41,7 @@ def ttft(client, model, messages):
     first, text, prompt_tokens = None, "", 0
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        for chunk in chunks(r):
             if chunk.get("usage"):
                 prompt_tokens = chunk["usage"]["prompt_tokens"]
             for c in chunk["choices"]:

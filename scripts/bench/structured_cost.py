@@ -15,12 +15,13 @@ Modes alternate within each round; medians over rounds.
 
 import argparse
 import base64
-import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
+
+from sse import chunks
 
 SCHEMA = {
     "type": "object",
@@ -44,10 +45,7 @@ def one(client, body):
     times, usage = [], {}
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        for chunk in chunks(r):
             for c in chunk.get("choices", []):
                 if c.get("delta", {}).get("content"):
                     times.append(time.perf_counter())
