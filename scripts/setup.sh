@@ -22,7 +22,8 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   log "installing pinned Python packages (first run: a few minutes, ~5 GB)"
   "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
   # fairscale 0.4.0 is an sdist; torchscale imports it. The constraints file pins everything.
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+  # No pip cache: the CUDA wheels alone would keep ~3 GB of CI's small disk.
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir \
     -c scripts/constraints.txt -r scripts/requirements.txt
   echo "$want" >"$stamp"
 else

@@ -7,6 +7,10 @@ cd "$root"
 
 scripts/setup.sh
 
+# CI builds once from a clean clone, where incremental caches only take disk (CI's disk is small:
+# one run ran out of it). Set CARGO_INCREMENTAL=1 to keep them between local runs.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 step() { printf '\n== %s ==\n' "$*" >&2; }
 
 step "cargo fmt --check"
