@@ -396,3 +396,338 @@ fn sigterm_drains_requests_in_flight() {
     }
     assert!(TcpStream::connect(("127.0.0.1", server.port)).is_err());
 }
+
+/// `kosmos-rt batch DIR/pkg -i requests -o out` with `args`; (exit code, stderr).
+fn batch(pkg: &Path, requests: &Path, out: &Path, args: &[&str]) -> (i32, String) {
+    let o = Command::new(binary())
+        .arg("batch")
+        .arg(pkg)
+        .arg("-i")
+        .arg(requests)
+        .arg("-o")
+        .arg(out)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `kosmos-rt run` (one sequence through `Package::generate`, not the engine) with `args`.
+fn run_text(pkg: &Path, args: &[&str]) -> String {
+    let out = Command::new(binary())
+        .arg("run")
+        .arg(pkg)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// An OpenAI Batch API file through `kosmos-rt batch`: answers in input order equal `kosmos-rt
+/// run`, a schema's key order survives, a refused request is its own error line, an existing
+/// output is not overwritten, and `--resume` keeps the whole lines of an interrupted run.
+#[test]
+fn batch_files_answer_like_kosmos_rt_run_in_input_order_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pkg, images) = fixture(dir.path());
+    let url = |i: usize| format!("file://{}", images[i].display());
+    // Written out, not with json! (which sorts keys): "shape" must come first in the answer.
+    let schema = concat!(
+        r#"{"type": "object", "properties": {"shape": {"type": "string", "maxLength": 8}, "#,
+        r#""colour": {"enum": ["red", "blue"]}}, "required": ["shape", "colour"]}"#
+    );
+    let chat = |id: &str, i: usize, text: &str, extra: serde_json::Value| {
+        let mut body = serde_json::json!({"model": "pkg", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url(i)}},
+                {"type": "text", "text": text}]}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions", "body": body})
+    };
+    let requests = [
+        chat("caption", 0, "", serde_json::json!({})),
+        chat(
+            "question",
+            1,
+            "Question: what colour is the circle? Answer:",
+            serde_json::json!({}),
+        ),
+        serde_json::json!({"custom_id": "text", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "pkg", "prompt": "a red", "max_tokens": 5, "temperature": 0}}),
+        chat("refused", 2, "", serde_json::json!({"temperature": -1})),
+        chat(
+            "schema",
+            3,
+            "",
+            serde_json::json!({"max_tokens": 40, "response_format":
+            {"type": "json_schema", "json_schema": {"name": "s", "schema": "SCHEMA"}}}),
+        ),
+        serde_json::json!({"custom_id": "sampled", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "pkg", "prompt": "a", "max_tokens": 6, "n": 2, "temperature": 1, "seed": 5}}),
+    ];
+    let input = dir.path().join("requests.jsonl");
+    let mut text: Vec<String> = requests
+        .iter()
+        .map(|r| r.to_string().replace("\"SCHEMA\"", schema))
+        .collect();
+    text.insert(3, String::new()); // a blank line is skipped
+    std::fs::write(&input, text.join("\n") + "\n").unwrap();
+    std::fs::write(dir.path().join("schema.json"), schema).unwrap();
+    let out = dir.path().join("out.jsonl");
+    let root = s(dir.path());
+    let (code, err) = batch(&pkg, &input, &out, &["--allow-file-root", &root]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!dir.path().join("out.jsonl.partial").exists());
+    let got = lines(&out);
+    let ids: Vec<&str> = got.iter().map(|l| l["custom_id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids,
+        ["caption", "question", "text", "refused", "schema", "sampled"]
+    );
+    let content = |l: &serde_json::Value| {
+        let c = &l["response"]["body"]["choices"][0];
+        c["message"]["content"]
+            .as_str()
+            .or(c["text"].as_str())
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let img = |i: usize| s(&images[i]);
+    assert_eq!(
+        content(&got[0]),
+        run_text(&pkg, &["--image", &img(0), "--max-tokens", "8"])
+    );
+    assert_eq!(
+        content(&got[1]),
+        run_text(
+            &pkg,
+            &[
+                "--image",
+                &img(1),
+                "--max-tokens",
+                "8",
+                "--prompt",
+                "Question: what colour is the circle? Answer:"
+            ]
+        )
+    );
+    assert_eq!(
+        content(&got[2]),
+        run_text(&pkg, &["--prompt", "a red", "--max-tokens", "5"])
+    );
+    let schema_file = s(&dir.path().join("schema.json"));
+    let want = run_text(
+        &pkg,
+        &[
+            "--image",
+            &img(3),
+            "--max-tokens",
+            "40",
+            "--json-schema",
+            &schema_file,
+        ],
+    );
+    assert_eq!(content(&got[4]), want);
+    assert!(
+        want.trim_start_matches(['{', ' ']).starts_with("\"shape\""),
+        "schema order lost: {want}"
+    );
+    for (i, l) in got.iter().enumerate() {
+        if i == 3 {
+            continue;
+        }
+        assert_eq!(l["response"]["status_code"], 200, "{l}");
+        assert!(l["error"].is_null(), "{l}");
+        assert_eq!(l["response"]["request_id"], l["response"]["body"]["id"]);
+    }
+    assert_eq!(got[5]["response"]["body"]["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(got[3]["response"]["status_code"], 400);
+    assert_eq!(
+        got[3]["response"]["body"]["error"]["param"], "temperature",
+        "{}",
+        got[3]
+    );
+    assert!(
+        got[3]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("temperature")
+    );
+    assert!(err.contains("5 succeeded, 1 failed"), "{err}");
+
+    // An existing output is never overwritten without --force.
+    let before = std::fs::read(&out).unwrap();
+    let (code, err) = batch(&pkg, &input, &out, &["--allow-file-root", &root]);
+    assert_ne!(code, 0);
+    assert!(err.contains("exists") && err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+
+    // An interrupted run: two whole lines (marked, to show they are kept, not redone) and a cut one.
+    let full = std::fs::read_to_string(&out).unwrap();
+    let kept: Vec<String> = full
+        .lines()
+        .take(2)
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["id"] = "kept".into();
+            v.to_string()
+        })
+        .collect();
+    let third = full.lines().nth(2).unwrap();
+    let partial = dir.path().join("out.jsonl.partial");
+    std::fs::write(
+        &partial,
+        format!("{}\n{}\n{}", kept[0], kept[1], &third[..third.len() / 2]),
+    )
+    .unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let (code, err) = batch(&pkg, &input, &out, &["--allow-file-root", &root]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--resume"), "{err}");
+    let (code, err) = batch(&pkg, &input, &out, &["--allow-file-root", &root, "--resume"]);
+    assert_eq!(code, 0, "{err}");
+    let resumed = lines(&out);
+    assert_eq!(resumed.len(), 6);
+    assert_eq!(resumed[0]["id"], "kept");
+    assert_eq!(resumed[1]["id"], "kept");
+    assert_ne!(resumed[2]["id"], "kept");
+    for i in [2, 4, 5] {
+        assert_eq!(
+            resumed[i]["response"]["body"]["choices"],
+            got[i]["response"]["body"]["choices"]
+        );
+    }
+    assert!(err.contains("resuming: 2 of 6 requests already written"), "{err}");
+}
+
+/// Every envelope problem of a batch file is reported, with its line, before anything runs, and
+/// nothing is written.
+#[test]
+fn bad_batch_files_are_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pkg, _) = fixture(dir.path());
+    let ok = |id: &str| {
+        serde_json::json!({"custom_id": id, "method": "POST", "url": "/v1/completions",
+            "body": {"model": "pkg", "prompt": "a", "max_tokens": 2}})
+        .to_string()
+    };
+    let input = dir.path().join("bad.jsonl");
+    let text = [
+        ok("a"),
+        ok("a"),
+        "{not json".to_string(),
+        serde_json::json!({"custom_id": "e", "method": "POST", "url": "/v1/embeddings", "body": {}})
+            .to_string(),
+        serde_json::json!({"custom_id": "g", "method": "GET", "url": "/v1/completions", "body": {}})
+            .to_string(),
+        serde_json::json!({"custom_id": "s", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "pkg", "prompt": "a", "stream": true}})
+        .to_string(),
+        serde_json::json!({"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": [1]})
+            .to_string(),
+        serde_json::json!({"method": "POST", "url": "/v1/completions", "body": {}}).to_string(),
+    ];
+    std::fs::write(&input, text.join("\n")).unwrap();
+    let out = dir.path().join("out.jsonl");
+    let (code, err) = batch(&pkg, &input, &out, &[]);
+    assert_ne!(code, 0);
+    for want in [
+        "7 bad request line(s)",
+        "line 2: custom_id 'a' is used by an earlier line",
+        "line 3: not a batch request",
+        "line 4: url '/v1/embeddings' is not supported",
+        "line 5: method 'GET' is not supported",
+        "line 6: body.stream is true",
+        "line 7: body must be a JSON object",
+        "line 8: not a batch request",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+    assert!(!out.exists() && !dir.path().join("out.jsonl.partial").exists());
+    std::fs::write(&input, "\n\n").unwrap();
+    let (code, err) = batch(&pkg, &input, &out, &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no requests"), "{err}");
+}
+
+/// Ctrl-C stops a batch with its whole lines kept in `OUT.partial` (exit 130) and `--resume`
+/// finishes it: every request exactly once, in order.
+#[test]
+fn an_interrupted_batch_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pkg, _) = fixture(dir.path());
+    let count = 400;
+    let text: Vec<String> = (0..count)
+        .map(|i| {
+            serde_json::json!({"custom_id": format!("r{i}"), "method": "POST", "url": "/v1/completions",
+                "body": {"model": "pkg", "prompt": format!("a {i}"), "max_tokens": 48, "ignore_eos": true,
+                         "temperature": 0}})
+            .to_string()
+        })
+        .collect();
+    let input = dir.path().join("requests.jsonl");
+    std::fs::write(&input, text.join("\n") + "\n").unwrap();
+    let out = dir.path().join("out.jsonl");
+    let partial = dir.path().join("out.jsonl.partial");
+    let mut child = Command::new(binary())
+        .arg("batch")
+        .arg(&pkg)
+        .arg("-i")
+        .arg(&input)
+        .arg("-o")
+        .arg(&out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while std::fs::read_to_string(&partial).map_or(0, |t| t.lines().count()) < 8 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be interrupted"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains("--resume"), "{err}");
+    assert!(!out.exists());
+    let written = std::fs::read_to_string(&partial).unwrap();
+    assert!(written.ends_with('\n'));
+    let done = written.lines().count();
+    assert!(done < count, "nothing was left to interrupt");
+    let (code, err) = batch(&pkg, &input, &out, &["--resume"]);
+    assert_eq!(code, 0, "{err}");
+    let all = lines(&out);
+    let ids: Vec<String> = all
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, (0..count).map(|i| format!("r{i}")).collect::<Vec<_>>());
+    assert!(all.iter().all(|l| l["response"]["status_code"] == 200));
+    assert!(
+        err.contains(&format!("resuming: {done} of {count} requests")),
+        "{err}"
+    );
+}

@@ -23,6 +23,9 @@ pub enum RtError {
     Provider(String, String),
     #[error("ONNX Runtime: {0}")]
     Ort(String),
+    /// `kosmos-rt batch`: the input file, the output, or the run itself.
+    #[error("{0}")]
+    Batch(String),
 }
 
 impl From<ort::Error> for RtError {

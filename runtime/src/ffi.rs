@@ -225,7 +225,7 @@ fn status_of(e: &RtError) -> kosmos_status {
         RtError::Models(ModelsError::Image { .. }) => kosmos_status::KOSMOS_ERR_IMAGE,
         RtError::Models(ModelsError::Io { .. }) => kosmos_status::KOSMOS_ERR_IMAGE,
         RtError::Models(_) | RtError::Package { .. } => kosmos_status::KOSMOS_ERR_PACKAGE,
-        RtError::Input(_) => kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+        RtError::Input(_) | RtError::Batch(_) => kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
         RtError::ContextOverflow { .. } => kosmos_status::KOSMOS_ERR_CONTEXT,
         RtError::Provider(..) => kosmos_status::KOSMOS_ERR_PROVIDER,
         RtError::Ort(_) => kosmos_status::KOSMOS_ERR_RUNTIME,

@@ -222,6 +222,40 @@ enum Command {
         engine: Engine,
     },
     /// OpenAI-compatible HTTP server with continuous batching (needs a `--kv-cache buffer` package).
+    /// Run an OpenAI Batch API file (JSONL) offline through the server's handlers and engine.
+    #[command(after_help = "Examples:\n  \
+        kosmos-rt batch pkg/k1 -i requests.jsonl -o results.jsonl --allow-file-root images/\n  \
+        kosmos-rt batch pkg/k1 -i requests.jsonl -o results.jsonl --resume   # after Ctrl-C or a crash\n\n\
+        Each input line: {\"custom_id\": \"img-1\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\",\n  \
+          \"body\": {\"model\": \"k1\", \"max_tokens\": 32, \"messages\": [{\"role\": \"user\", \"content\": [\n    \
+            {\"type\": \"image_url\", \"image_url\": {\"url\": \"file:///data/images/1.jpg\"}}]}]}}\n\
+        (url may also be /v1/completions; the body is what the server takes, without stream).\n\
+        Each output line, in input order: {\"id\", \"custom_id\", \"response\": {\"status_code\", \"request_id\",\n  \
+        \"body\"}, \"error\"}; error is null on success. Every line's envelope is checked before the model\n\
+        loads. Results go to OUTPUT.partial until the last one is written; exit status 130 after Ctrl-C.")]
+    Batch {
+        /// Package directory (exported with `--kv-cache buffer`).
+        package: PathBuf,
+        /// The requests, one JSON object per line.
+        #[arg(short, long)]
+        input: PathBuf,
+        /// Where the results go (written as OUTPUT.partial until complete).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Continue OUTPUT.partial, left by an interrupted run, after its last whole line.
+        #[arg(long)]
+        resume: bool,
+        /// Replace an existing OUTPUT (or OUTPUT.partial, without --resume).
+        #[arg(long)]
+        force: bool,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+        #[command(flatten)]
+        settings: ServerSettings,
+        #[command(flatten)]
+        engine: Engine,
+    },
     #[command(after_help = "Examples:\n  \
         kosmos-export ckpt --to onnx --kv-cache buffer -o pkg/tiny\n  \
         kosmos-rt serve pkg/tiny --port 8000\n  \
@@ -247,53 +281,80 @@ enum Command {
         /// Require `Authorization: Bearer KEY` on every endpoint but /health (or set KOSMOS_API_KEY).
         #[arg(long, env = "KOSMOS_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
-        /// Model id clients send (default: the package directory's name).
-        #[arg(long)]
-        served_model_name: Option<String>,
-        /// Sequences decoded together (rows of the KV pool).
-        #[arg(long, default_value_t = 8)]
-        max_batch: usize,
-        /// Most prompt tokens (rows x width) one prefill call writes. Longer prefills are split,
-        /// with a decode step for the running sequences between chunks, so a long prompt delays
-        /// their next token by one chunk. 0: each admitted group in one call.
-        #[arg(long, default_value_t = kosmos_rt::batch::EngineConfig::default().prefill_chunk)]
-        prefill_chunk: usize,
-        /// Allocate the KV pool for max-batch x the whole context at start (max-batch x context
-        /// x 2 x layers x hidden x 4 bytes in fp32), so no request waits while it grows.
-        #[arg(long)]
-        kv_preallocate: bool,
-        /// MiB of finished requests' keys and values kept so that a prompt starting the same way
-        /// (the same image and instructions, a chat's earlier turns) skips that part of its
-        /// prefill. 0: off.
-        #[arg(long, default_value_t = kosmos_rt::batch::EngineConfig::default().prefix_cache_bytes >> 20)]
-        prefix_cache_mb: usize,
         /// Sequences waiting for a row before requests get HTTP 429.
         #[arg(long, default_value_t = 256)]
         max_queue: usize,
-        /// max_tokens for requests that give none (bounded by the context left).
-        #[arg(long, default_value_t = 256)]
-        default_max_tokens: usize,
-        /// Seconds before a request ends with HTTP 504.
-        #[arg(long, default_value_t = 600)]
-        request_timeout: u64,
-        /// Largest request body in bytes.
-        #[arg(long, default_value_t = 32 << 20)]
-        max_body_bytes: usize,
-        /// Largest encoded image in bytes.
-        #[arg(long, default_value_t = 16 << 20)]
-        max_image_bytes: usize,
-        /// Largest image side in pixels (checked before decoding).
-        #[arg(long, default_value_t = 4096)]
-        max_image_side: u32,
-        /// Images per request.
-        #[arg(long, default_value_t = 8)]
-        max_images: usize,
-        /// Allow `file://` image URLs, only for files under this directory.
-        #[arg(long)]
-        allow_file_root: Option<PathBuf>,
+        #[command(flatten)]
+        settings: ServerSettings,
         #[command(flatten)]
         engine: Engine,
     },
+}
+
+/// What `serve` and `batch` share: the engine's sizes and the requests' limits.
+#[derive(clap::Args)]
+struct ServerSettings {
+    /// Model id clients send (default: the package directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Sequences decoded together (rows of the KV pool).
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// Most prompt tokens (rows x width) one prefill call writes. Longer prefills are split,
+    /// with a decode step for the running sequences between chunks, so a long prompt delays
+    /// their next token by one chunk. 0: each admitted group in one call.
+    #[arg(long, default_value_t = kosmos_rt::batch::EngineConfig::default().prefill_chunk)]
+    prefill_chunk: usize,
+    /// Allocate the KV pool for max-batch x the whole context at start (max-batch x context
+    /// x 2 x layers x hidden x 4 bytes in fp32), so no request waits while it grows.
+    #[arg(long)]
+    kv_preallocate: bool,
+    /// MiB of finished requests' keys and values kept so that a prompt starting the same way
+    /// (the same image and instructions, a chat's earlier turns) skips that part of its
+    /// prefill. 0: off.
+    #[arg(long, default_value_t = kosmos_rt::batch::EngineConfig::default().prefix_cache_bytes >> 20)]
+    prefix_cache_mb: usize,
+    /// max_tokens for requests that give none (bounded by the context left).
+    #[arg(long, default_value_t = 256)]
+    default_max_tokens: usize,
+    /// Seconds before a request ends with HTTP 504 (in a batch: an error line with status 504).
+    #[arg(long, default_value_t = 600)]
+    request_timeout: u64,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 32 << 20)]
+    max_body_bytes: usize,
+    /// Largest encoded image in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_image_bytes: usize,
+    /// Largest image side in pixels (checked before decoding).
+    #[arg(long, default_value_t = 4096)]
+    max_image_side: u32,
+    /// Images per request.
+    #[arg(long, default_value_t = 8)]
+    max_images: usize,
+    /// Allow `file://` image URLs, only for files under this directory.
+    #[arg(long)]
+    allow_file_root: Option<PathBuf>,
+}
+
+impl ServerSettings {
+    fn config(self) -> kosmos_rt::serve::ServeConfig {
+        kosmos_rt::serve::ServeConfig {
+            model_name: self.served_model_name,
+            max_batch: self.max_batch,
+            prefill_chunk: self.prefill_chunk,
+            kv_preallocate: self.kv_preallocate,
+            prefix_cache_bytes: self.prefix_cache_mb << 20,
+            default_max_tokens: self.default_max_tokens,
+            request_timeout: std::time::Duration::from_secs(self.request_timeout),
+            max_body_bytes: self.max_body_bytes,
+            max_image_bytes: self.max_image_bytes,
+            max_image_side: self.max_image_side,
+            max_images: self.max_images,
+            allow_file_root: self.allow_file_root,
+            ..Default::default()
+        }
+    }
 }
 
 fn session_options(e: &Engine, package: &std::path::Path) -> SessionOptions {
@@ -425,19 +486,8 @@ fn run(cli: Cli) -> Result<()> {
             host,
             port,
             api_key,
-            served_model_name,
-            max_batch,
-            prefill_chunk,
-            kv_preallocate,
-            prefix_cache_mb,
             max_queue,
-            default_max_tokens,
-            request_timeout,
-            max_body_bytes,
-            max_image_bytes,
-            max_image_side,
-            max_images,
-            allow_file_root,
+            settings,
             engine,
         } => {
             let pkg = open(&package, &engine)?;
@@ -445,20 +495,8 @@ fn run(cli: Cli) -> Result<()> {
                 host,
                 port,
                 api_key: api_key.filter(|k| !k.is_empty()),
-                model_name: served_model_name,
-                max_batch,
-                prefill_chunk,
-                kv_preallocate,
-                prefix_cache_bytes: prefix_cache_mb << 20,
                 max_queue,
-                default_max_tokens,
-                request_timeout: std::time::Duration::from_secs(request_timeout),
-                max_body_bytes,
-                max_image_bytes,
-                max_image_side,
-                max_images,
-                allow_file_root,
-                ..Default::default()
+                ..settings.config()
             };
             // One async worker is plenty for HTTP and JSON (image decoding runs on the blocking
             // pool); the cores belong to the engine's ONNX Runtime threads.
@@ -472,6 +510,61 @@ fn run(cli: Cli) -> Result<()> {
                 println!("listening on http://{addr}");
                 let _ = std::io::stdout().flush();
             }))?;
+            Ok(())
+        }
+        Command::Batch {
+            package,
+            input,
+            output,
+            resume,
+            force,
+            quiet,
+            settings,
+            engine,
+        } => {
+            use kosmos_rt::serve::batch_job::{BatchJob, plan, run_batch};
+            // The file is checked before the model loads.
+            let plan = plan(BatchJob {
+                input,
+                output,
+                resume,
+                overwrite: force,
+                progress: !quiet,
+            })?;
+            if plan.resumed() > 0 {
+                eprintln!(
+                    "resuming: {} of {} requests already written",
+                    plan.resumed(),
+                    plan.requests()
+                );
+            }
+            let pkg = open(&package, &engine)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let s = rt.block_on(run_batch(pkg, settings.config(), plan))?;
+            let done = s.succeeded + s.failed;
+            eprintln!(
+                "{done} requests in {:.1} s: {} succeeded, {} failed; {} prompt + {} completion tokens ({:.1} completion tokens/s)",
+                s.seconds,
+                s.succeeded,
+                s.failed,
+                s.prompt_tokens,
+                s.completion_tokens,
+                s.completion_tokens as f64 / s.seconds.max(1e-9)
+            );
+            if s.interrupted {
+                eprintln!(
+                    "interrupted: {} of {} requests written to {}.partial; the same command with --resume continues",
+                    s.resumed + done,
+                    s.requests,
+                    s.output.display()
+                );
+                std::process::exit(130);
+            }
+            eprintln!("wrote {}", s.output.display());
             Ok(())
         }
         Command::Grammar { structured, check } => {

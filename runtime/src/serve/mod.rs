@@ -8,6 +8,7 @@
 //! per-request timeout, disconnects cancel, SIGTERM drains, `--api-key` on everything but
 //! `/health`, no image URLs but `data:` unless `--allow-file-root`.
 
+pub mod batch_job;
 pub mod error;
 pub mod images;
 mod logprobs;
@@ -106,9 +107,51 @@ pub struct AppState {
     started: u64,
 }
 
+/// The handlers' state with the engine running behind it on its own thread.
+struct Running {
+    state: Arc<AppState>,
+    engine_thread: std::thread::JoinHandle<()>,
+}
+
+impl Running {
+    /// Wait for the engine to finish its work; every other holder of the state (the router)
+    /// must be gone, since the state's sender keeps the engine's loop alive.
+    fn stop(self) {
+        drop(self.state);
+        let _ = self.engine_thread.join();
+    }
+}
+
 /// Serve `pkg` until SIGTERM or Ctrl-C, then finish the requests in flight. `on_ready` gets the
 /// bound address (port 0 picks a free one).
 pub async fn serve(pkg: Package, cfg: ServeConfig, on_ready: impl FnOnce(SocketAddr)) -> Result<()> {
+    let running = start(pkg, cfg.clone())?;
+    let app = router(running.state.clone());
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| RtError::Input(format!("cannot listen on {addr}: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| RtError::Input(format!("cannot read the bound address: {e}")))?;
+    tracing::info!(
+        "serving '{}' on http://{local} (max batch {}, queue {})",
+        running.state.model_name,
+        cfg.max_batch,
+        cfg.max_queue
+    );
+    on_ready(local);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| RtError::Input(format!("server error: {e}")))?;
+    tracing::info!("drained; stopping the engine");
+    running.stop();
+    Ok(())
+}
+
+/// Build the handlers' state and start the engine thread.
+fn start(pkg: Package, cfg: ServeConfig) -> Result<Running> {
     let model_name = cfg.model_name.clone().unwrap_or_else(|| {
         pkg.dir
             .canonicalize()
@@ -173,30 +216,7 @@ pub async fn serve(pkg: Package, cfg: ServeConfig, on_ready: impl FnOnce(SocketA
             .map(|d| d.as_secs())
             .unwrap_or(0),
     });
-    let app = router(state.clone());
-    let addr = format!("{}:{}", cfg.host, cfg.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .map_err(|e| RtError::Input(format!("cannot listen on {addr}: {e}")))?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| RtError::Input(format!("cannot read the bound address: {e}")))?;
-    tracing::info!(
-        "serving '{}' on http://{local} (max batch {}, queue {})",
-        state.model_name,
-        cfg.max_batch,
-        cfg.max_queue
-    );
-    on_ready(local);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| RtError::Input(format!("server error: {e}")))?;
-    tracing::info!("drained; stopping the engine");
-    // Dropping the last sender ends the engine loop once its work is done.
-    drop(state);
-    let _ = engine_thread.join();
-    Ok(())
+    Ok(Running { state, engine_thread })
 }
 
 fn router(state: Arc<AppState>) -> Router {

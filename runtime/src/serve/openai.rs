@@ -174,7 +174,7 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn request_id(prefix: &str) -> String {
+pub(super) fn request_id(prefix: &str) -> String {
     use std::sync::atomic::AtomicU64;
     static NEXT: AtomicU64 = AtomicU64::new(0);
     format!(
