@@ -6,7 +6,8 @@
 //! `GET /health`, `GET /metrics` (Prometheus). Safety: bounded queue
 //! (429 + `Retry-After`), body / image / pixel limits, context checked before queueing,
 //! per-request timeout, disconnects cancel, SIGTERM drains, `--api-key` on everything but
-//! `/health`, no image URLs but `data:` unless `--allow-file-root`.
+//! `/health`, no image URLs but `data:` unless `--allow-file-root`. [`batch_job`] runs OpenAI
+//! Batch API files through the same router without a socket.
 
 pub mod batch_job;
 pub mod error;
