@@ -449,6 +449,44 @@ fn c_abi_engine_takes_every_generation_setting() {
 
     let dir_c = CString::new(pkg_dir.to_str().unwrap()).unwrap();
     let mut e: *mut kosmos_engine = std::ptr::null_mut();
+    // Size-aware defaults: this header's size gets kosmos_default_params(); sizes no header had,
+    // or a newer header's, are refused, naming the size.
+    assert_eq!(kosmos_abi_version(), KOSMOS_ABI_VERSION);
+    let mut p = std::mem::MaybeUninit::<kosmos_params>::zeroed();
+    // SAFETY: `p` has size_of::<kosmos_params>() writable bytes.
+    let st = unsafe { kosmos_params_init(p.as_mut_ptr(), size_of::<kosmos_params>()) };
+    assert_eq!(st, kosmos_status::KOSMOS_OK);
+    // SAFETY: fully written by kosmos_params_init.
+    let p = unsafe { p.assume_init() };
+    assert_eq!(format!("{p:?}"), format!("{:?}", kosmos_default_params()));
+    for size in [8, size_of::<kosmos_params>() + 8] {
+        let mut q = kosmos_default_params();
+        // SAFETY: `size` is refused before anything is written.
+        let st = unsafe { kosmos_params_init(&mut q, size) };
+        assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT);
+        // SAFETY: the thread's last error is a valid C string.
+        let err = unsafe { CStr::from_ptr(kosmos_last_error()) }
+            .to_string_lossy()
+            .into_owned();
+        assert!(err.contains(&format!("struct_size is {size}")), "{err}");
+    }
+    // SAFETY: NULL is refused.
+    let st = unsafe { kosmos_engine_config_init(std::ptr::null_mut(), size_of::<kosmos_engine_config>()) };
+    assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT);
+    // A config whose size is not this library's is refused before anything loads.
+    let stale = kosmos_engine_config {
+        struct_size: 12,
+        ..kosmos_engine_default_config()
+    };
+    // SAFETY: valid strings, config and out pointer.
+    let st = unsafe { kosmos_engine_open(dir_c.as_ptr(), std::ptr::null(), &stale, &mut e) };
+    assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT);
+    // SAFETY: the thread's last error is a valid C string.
+    let err = unsafe { CStr::from_ptr(kosmos_last_error()) }
+        .to_string_lossy()
+        .into_owned();
+    assert!(err.contains("config: struct_size is 12"), "{err}");
+    assert!(e.is_null());
     // SAFETY: valid strings and out pointer.
     let st = unsafe { kosmos_engine_open(dir_c.as_ptr(), std::ptr::null(), std::ptr::null(), &mut e) };
     assert_eq!(st, kosmos_status::KOSMOS_OK);
@@ -460,6 +498,7 @@ fn c_abi_engine_takes_every_generation_setting() {
         .collect();
     let stop_ptrs: Vec<*const std::ffi::c_char> = stop_c.iter().map(|s| s.as_ptr()).collect();
     let c_params = |g: &GenerateParams, logprobs: i32| kosmos_params {
+        struct_size: size_of::<kosmos_params>() as u32,
         max_tokens: g.max_tokens as u32,
         temperature: g.temperature,
         top_k: g.top_k as u32,
@@ -581,6 +620,21 @@ fn c_abi_engine_takes_every_generation_setting() {
     let bad_grammar = CString::new("root ::= item+").unwrap();
     let seven_hundred = [700u32];
     let bad: Vec<(kosmos_params, &str)> = vec![
+        // A struct not started from kosmos_default_params, or from a newer header.
+        (
+            kosmos_params {
+                struct_size: 0,
+                ..base
+            },
+            "struct_size is 0",
+        ),
+        (
+            kosmos_params {
+                struct_size: base.struct_size + 8,
+                ..base
+            },
+            "newer kosmos_rt.h",
+        ),
         (kosmos_params { n_stop: 2, ..base }, "stop is NULL"),
         (
             kosmos_params {

@@ -18,6 +18,25 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Defaults for this header's struct size: safe when the library is newer than the header. */
+#define KOSMOS_PARAMS_INIT(params) kosmos_params_init((params), sizeof(struct kosmos_params))
+#define KOSMOS_ENGINE_CONFIG_INIT(config) \
+  kosmos_engine_config_init((config), sizeof(struct kosmos_engine_config))
+
+/*
+ The ABI this library implements, also returned by `kosmos_abi_version()`, so that a program
+ loading the library at run time can check it; it changes only when a function or a struct
+ changes incompatibly. The settings structs a caller passes in (`kosmos_params`,
+ `kosmos_engine_config`) only ever grow at their end and start with `struct_size`, the size the
+ caller compiled them with: `KOSMOS_PARAMS_INIT(&p)` / `KOSMOS_ENGINE_CONFIG_INIT(&c)` fill
+ the defaults for that size, and the library reads no more than that many bytes, taking its
+ defaults for fields a caller's older header lacks. A size it cannot take (a newer header
+ than the library, or a struct never initialised) is refused with a message. The
+ by-value `kosmos_default_params()` / `kosmos_engine_default_config()` suit a program built
+ and shipped with its library.
+ */
+#define KOSMOS_ABI_VERSION 1
+
 /*
  `kosmos_params.constraint_kind`: no constraint.
  */
@@ -140,6 +159,10 @@ typedef struct kosmos_tokenizer kosmos_tokenizer;
  */
 typedef struct kosmos_params {
   /*
+   `sizeof(struct kosmos_params)`, set by `kosmos_default_params()`.
+   */
+  uint32_t struct_size;
+  /*
    Tokens to generate at most (≥ 1).
    */
   uint32_t max_tokens;
@@ -241,6 +264,10 @@ typedef bool (*kosmos_token_callback)(const char *piece, void *user_data);
  Settings of a continuous-batching engine; start from `kosmos_engine_default_config()`.
  */
 typedef struct kosmos_engine_config {
+  /*
+   `sizeof(struct kosmos_engine_config)`, set by `kosmos_engine_default_config()`.
+   */
+  uint32_t struct_size;
   /*
    Sequences decoded together (rows of the KV pool, ≥ 1).
    */
@@ -344,6 +371,11 @@ extern "C" {
 const char *kosmos_last_error(void);
 
 /*
+ `KOSMOS_ABI_VERSION` of the library (compare with the header's).
+ */
+uint32_t kosmos_abi_version(void);
+
+/*
  The library version, e.g. "0.1.0".
  */
 const char *kosmos_version(void);
@@ -393,6 +425,16 @@ enum kosmos_status kosmos_generate(struct kosmos_model *model,
                                    char **out_text);
 
 /*
+ Fill `*params` with the defaults for a caller whose `struct kosmos_params` is `struct_size`
+ bytes; `KOSMOS_PARAMS_INIT(&params)` passes `sizeof(struct kosmos_params)`. The safe way to
+ start from the defaults when the library may be newer than the program's header.
+
+ # Safety
+ `params` is NULL or points to `struct_size` writable bytes.
+ */
+enum kosmos_status kosmos_params_init(struct kosmos_params *params, size_t struct_size);
+
+/*
  Release the library's ONNX Runtime environment. Call once before the process exits, after every
  model is freed (as `OgaShutdown` in ONNX Runtime GenAI): ONNX Runtime's threads then stop
  before static destructors run. A later `kosmos_model_open` starts a new environment.
@@ -406,6 +448,16 @@ enum kosmos_status kosmos_shutdown(void);
  `s` is NULL or a string from `kosmos_generate`, not yet freed.
  */
 void kosmos_string_free(char *s);
+
+/*
+ Fill `*config` with the defaults for a caller whose `struct kosmos_engine_config` is
+ `struct_size` bytes; `KOSMOS_ENGINE_CONFIG_INIT(&config)` passes its `sizeof`.
+
+ # Safety
+ `config` is NULL or points to `struct_size` writable bytes.
+ */
+enum kosmos_status kosmos_engine_config_init(struct kosmos_engine_config *config,
+                                             size_t struct_size);
 
 /*
  Default engine settings: the server's (8 rows, 512-token prefill chunks, 256 cached images,

@@ -53,10 +53,27 @@ pub enum kosmos_status {
     KOSMOS_ERR_INTERNAL = 8,
 }
 
+/// The ABI this library implements, also returned by `kosmos_abi_version()`, so that a program
+/// loading the library at run time can check it; it changes only when a function or a struct
+/// changes incompatibly. The settings structs a caller passes in (`kosmos_params`,
+/// `kosmos_engine_config`) only ever grow at their end and start with `struct_size`, the size the
+/// caller compiled them with: `KOSMOS_PARAMS_INIT(&p)` / `KOSMOS_ENGINE_CONFIG_INIT(&c)` fill
+/// the defaults for that size, and the library reads no more than that many bytes, taking its
+/// defaults for fields a caller's older header lacks. A size it cannot take (a newer header
+/// than the library, or a struct never initialised) is refused with a message. The
+/// by-value `kosmos_default_params()` / `kosmos_engine_default_config()` suit a program built
+/// and shipped with its library.
+pub const KOSMOS_ABI_VERSION: u32 = 1;
+
+/// Bytes of the first `kosmos_params` with `struct_size` (ABI 1); no caller's can be smaller.
+const PARAMS_MIN_SIZE: usize = size_of::<kosmos_params>();
+
 /// Generation settings; start from `kosmos_default_params()`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct kosmos_params {
+    /// `sizeof(struct kosmos_params)`, set by `kosmos_default_params()`.
+    pub struct_size: u32,
     /// Tokens to generate at most (≥ 1).
     pub max_tokens: u32,
     /// 0 = greedy.
@@ -280,6 +297,12 @@ pub extern "C" fn kosmos_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
 }
 
+/// `KOSMOS_ABI_VERSION` of the library (compare with the header's).
+#[unsafe(no_mangle)]
+pub extern "C" fn kosmos_abi_version() -> u32 {
+    KOSMOS_ABI_VERSION
+}
+
 /// The library version, e.g. "0.1.0".
 #[unsafe(no_mangle)]
 pub extern "C" fn kosmos_version() -> *const c_char {
@@ -294,6 +317,7 @@ pub extern "C" fn kosmos_default_params() -> kosmos_params {
     // The Rust API's defaults, so the two never drift apart.
     let d = GenerateParams::default();
     kosmos_params {
+        struct_size: size_of::<kosmos_params>() as u32,
         max_tokens: d.max_tokens as u32,
         temperature: d.temperature,
         top_k: d.top_k as u32,
@@ -539,6 +563,99 @@ unsafe fn read_images(
     Ok(inputs)
 }
 
+/// Whether a caller's `struct_size` of a settings struct is one this library reads: between the
+/// first versioned layout's size and this library's; the error says which side is out of date.
+fn check_size<T>(size: usize, min: usize, what: &str) -> Result<(), kosmos_status> {
+    let ours = size_of::<T>();
+    if (min..=ours).contains(&size) {
+        return Ok(());
+    }
+    let why = if size > ours {
+        "the program was compiled against a newer kosmos_rt.h than this library: use the library of that version"
+    } else {
+        "initialise the struct with its _INIT macro (or its default function), which sets struct_size"
+    };
+    Err(fail(
+        kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+        format!(
+            "{what}: struct_size is {size}; this library (ABI {KOSMOS_ABI_VERSION}) reads {min} to {ours} bytes; {why}"
+        ),
+    ))
+}
+
+/// A caller's settings struct, whose first field is its `struct_size`: that many bytes over
+/// `defaults` (fields a caller's older header lacks keep their defaults).
+///
+/// # Safety
+/// `ptr` is non-NULL and points to at least `struct_size` readable bytes, `struct_size` being a
+/// `u32` at its start.
+pub(crate) unsafe fn read_sized<T: Copy>(
+    ptr: *const T,
+    defaults: T,
+    min: usize,
+    what: &str,
+) -> Result<T, kosmos_status> {
+    // SAFETY: every such struct starts with its u32 size, per the contract.
+    let size = unsafe { ptr.cast::<u32>().read_unaligned() } as usize;
+    check_size::<T>(size, min, what)?;
+    let mut out = defaults;
+    // SAFETY: `size` bytes are readable at `ptr` (the caller's struct) and writable in `out`
+    // (size <= size_of::<T>()); every field of these structs is plain data, valid for any bytes
+    // a C caller can store in it.
+    unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), (&raw mut out).cast::<u8>(), size) };
+    Ok(out)
+}
+
+/// Write the defaults into a caller's settings struct of `size` bytes, `struct_size` first.
+///
+/// # Safety
+/// `ptr` is NULL or points to `size` writable bytes.
+pub(crate) unsafe fn init_sized<T: Copy>(
+    ptr: *mut T,
+    size: usize,
+    defaults: T,
+    min: usize,
+    what: &str,
+) -> kosmos_status {
+    if ptr.is_null() {
+        return fail(
+            kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+            format!("{what} is NULL"),
+        );
+    }
+    if let Err(s) = check_size::<T>(size, min, what) {
+        return s;
+    }
+    let mut d = defaults;
+    // SAFETY: `out` is this library's full struct, starting with its u32 size.
+    unsafe { (&raw mut d).cast::<u32>().write(size as u32) };
+    // SAFETY: `size` bytes are writable at `ptr` per the contract and readable in `d`.
+    unsafe { std::ptr::copy_nonoverlapping((&raw const d).cast::<u8>(), ptr.cast::<u8>(), size) };
+    kosmos_status::KOSMOS_OK
+}
+
+/// Fill `*params` with the defaults for a caller whose `struct kosmos_params` is `struct_size`
+/// bytes; `KOSMOS_PARAMS_INIT(&params)` passes `sizeof(struct kosmos_params)`. The safe way to
+/// start from the defaults when the library may be newer than the program's header.
+///
+/// # Safety
+/// `params` is NULL or points to `struct_size` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kosmos_params_init(params: *mut kosmos_params, struct_size: usize) -> kosmos_status {
+    guard(|| {
+        // SAFETY: per this function's contract.
+        unsafe {
+            init_sized(
+                params,
+                struct_size,
+                kosmos_default_params(),
+                PARAMS_MIN_SIZE,
+                "params",
+            )
+        }
+    })
+}
+
 /// A call's generation settings (NULL: the defaults), checked, and the number of alternatives
 /// its `logprobs` asks for (`None`: off).
 ///
@@ -552,7 +669,7 @@ unsafe fn read_params(
         kosmos_default_params()
     } else {
         // SAFETY: non-NULL and valid per the contract.
-        unsafe { *params }
+        unsafe { read_sized(params, kosmos_default_params(), PARAMS_MIN_SIZE, "params")? }
     };
     if p.max_tokens == 0 || p.beams == 0 {
         return Err(invalid("max_tokens and beams must be ≥ 1".into()));

@@ -62,6 +62,10 @@ int main(int argc, char** argv) {
     kosmos_model* model = nullptr;
     char* out = nullptr;
     kosmos_params params = kosmos_default_params();
+    if (kosmos_abi_version() != KOSMOS_ABI_VERSION) {
+        std::fprintf(stderr, "library ABI %u, header ABI %u\n", kosmos_abi_version(), KOSMOS_ABI_VERSION);
+        return 1;
+    }
 
     expect("open: NULL out", kosmos_model_open(argv[1], nullptr, nullptr), KOSMOS_ERR_INVALID_ARGUMENT);
     expect("open: missing package", kosmos_model_open("/nonexistent/pkg", nullptr, &model), KOSMOS_ERR_PACKAGE);
@@ -89,6 +93,19 @@ int main(int argc, char** argv) {
            kosmos_generate(model, long_prompt.c_str(), nullptr, 0, &params, nullptr, nullptr, &out),
            KOSMOS_ERR_CONTEXT);
     kosmos_params bad = params;
+    bad.struct_size = 0;  // not started from kosmos_default_params()
+    expect("generate: struct_size 0", kosmos_generate(model, "a", nullptr, 0, &bad, nullptr, nullptr, &out),
+           KOSMOS_ERR_INVALID_ARGUMENT);
+    expect("params_init: NULL", kosmos_params_init(nullptr, sizeof(kosmos_params)), KOSMOS_ERR_INVALID_ARGUMENT);
+    expect("params_init: a size no header had", kosmos_params_init(&bad, 8), KOSMOS_ERR_INVALID_ARGUMENT);
+    expect("params_init: a newer header's size",
+           kosmos_params_init(&bad, sizeof(kosmos_params) + 8), KOSMOS_ERR_INVALID_ARGUMENT);
+    expect("params_init: ok", KOSMOS_PARAMS_INIT(&bad), KOSMOS_OK);
+    expect("generate: params from KOSMOS_PARAMS_INIT",
+           kosmos_generate(model, "a red", nullptr, 0, &bad, nullptr, nullptr, &out), KOSMOS_OK);
+    kosmos_string_free(out);
+    out = nullptr;
+    bad = params;
     bad.max_tokens = 0;
     expect("generate: max_tokens 0", kosmos_generate(model, "a", nullptr, 0, &bad, nullptr, nullptr, &out),
            KOSMOS_ERR_INVALID_ARGUMENT);

@@ -31,7 +31,9 @@ int main(int argc, char** argv) {
     }
     st = kosmos_model_open(argv[1], "cpu", &model);
     if (st != KOSMOS_OK) return fail("kosmos_model_open", st);
-    params = kosmos_default_params();
+    /* Defaults for this header's struct size (safe if the library is newer than the header). */
+    st = KOSMOS_PARAMS_INIT(&params);
+    if (st != KOSMOS_OK) return fail("kosmos_params_init", st);
     if (argc > 3) params.max_tokens = (uint32_t)strtoul(argv[3], NULL, 10);
     image.path = argv[2];
     image.data = NULL;

@@ -124,7 +124,11 @@ int main(int argc, char** argv) {
     uint32_t max_tokens = static_cast<uint32_t>(std::strtoul(argv[3], nullptr, 10));
     std::vector<std::string> prompts(argv + 4, argv + argc);
 
-    kosmos_engine_config config = kosmos_engine_default_config();
+    kosmos_engine_config config;
+    if (KOSMOS_ENGINE_CONFIG_INIT(&config) != KOSMOS_OK) {
+        std::fprintf(stderr, "kosmos_engine_config_init: %s\n", kosmos_last_error());
+        return 1;
+    }
     config.max_batch = 3;       // fewer rows than prompts: some wait for a free row
     config.prefill_chunk = 16;  // long prompts are prefilled in chunks between decode steps
     kosmos_engine* engine = nullptr;

@@ -14,8 +14,8 @@ use kosmos_models::KosmosTokenizer;
 use kosmos_models::sequence::Assembled;
 
 use super::{
-    Handles, clear_out, fail, guard, kosmos_image, kosmos_params, kosmos_status, open_package, read_request,
-    status_of,
+    Handles, clear_out, fail, guard, init_sized, kosmos_image, kosmos_params, kosmos_status, open_package,
+    read_request, read_sized, status_of,
 };
 use crate::batch::{Engine, EngineConfig, SeqEvent, SeqFailure, SeqRequest};
 use crate::error::RtError;
@@ -27,6 +27,8 @@ use crate::metrics::Metrics;
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct kosmos_engine_config {
+    /// `sizeof(struct kosmos_engine_config)`, set by `kosmos_engine_default_config()`.
+    pub struct_size: u32,
     /// Sequences decoded together (rows of the KV pool, ≥ 1).
     pub max_batch: u32,
     /// Most prompt tokens one prefill call writes, so that running sequences keep taking tokens
@@ -40,6 +42,33 @@ pub struct kosmos_engine_config {
     /// MiB of finished requests' keys and values kept so that a prompt starting the same way
     /// skips that part of its prefill; 0 = off.
     pub prefix_cache_mb: u32,
+}
+
+/// Bytes of the first `kosmos_engine_config` with `struct_size` (ABI 1).
+const CONFIG_MIN_SIZE: usize = size_of::<kosmos_engine_config>();
+
+/// Fill `*config` with the defaults for a caller whose `struct kosmos_engine_config` is
+/// `struct_size` bytes; `KOSMOS_ENGINE_CONFIG_INIT(&config)` passes its `sizeof`.
+///
+/// # Safety
+/// `config` is NULL or points to `struct_size` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kosmos_engine_config_init(
+    config: *mut kosmos_engine_config,
+    struct_size: usize,
+) -> kosmos_status {
+    guard(|| {
+        // SAFETY: per this function's contract.
+        unsafe {
+            init_sized(
+                config,
+                struct_size,
+                kosmos_engine_default_config(),
+                CONFIG_MIN_SIZE,
+                "config",
+            )
+        }
+    })
 }
 
 /// What a `kosmos_event` reports.
@@ -213,6 +242,7 @@ fn c_string(s: &str) -> CString {
 pub extern "C" fn kosmos_engine_default_config() -> kosmos_engine_config {
     let d = EngineConfig::default();
     kosmos_engine_config {
+        struct_size: size_of::<kosmos_engine_config>() as u32,
         max_batch: d.max_batch as u32,
         prefill_chunk: d.prefill_chunk as u32,
         vision_cache: d.vision_cache as u32,
@@ -244,7 +274,10 @@ pub unsafe extern "C" fn kosmos_engine_open(
             kosmos_engine_default_config()
         } else {
             // SAFETY: non-NULL and valid per the contract.
-            unsafe { *config }
+            match unsafe { read_sized(config, kosmos_engine_default_config(), CONFIG_MIN_SIZE, "config") } {
+                Ok(c) => c,
+                Err(s) => return s,
+            }
         };
         if c.max_batch == 0 {
             return fail(
