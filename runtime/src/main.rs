@@ -221,7 +221,6 @@ enum Command {
         #[command(flatten)]
         engine: Engine,
     },
-    /// OpenAI-compatible HTTP server with continuous batching (needs a `--kv-cache buffer` package).
     /// Run an OpenAI Batch API file (JSONL) offline through the server's handlers and engine.
     #[command(after_help = "Examples:\n  \
         kosmos-rt batch pkg/k1 -i requests.jsonl -o results.jsonl --allow-file-root images/\n  \
@@ -256,6 +255,7 @@ enum Command {
         #[command(flatten)]
         engine: Engine,
     },
+    /// OpenAI-compatible HTTP server with continuous batching (needs a `--kv-cache buffer` package).
     #[command(after_help = "Examples:\n  \
         kosmos-export ckpt --to onnx --kv-cache buffer -o pkg/tiny\n  \
         kosmos-rt serve pkg/tiny --port 8000\n  \
