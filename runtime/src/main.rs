@@ -317,9 +317,10 @@ struct ServerSettings {
     /// max_tokens for requests that give none (bounded by the context left).
     #[arg(long, default_value_t = 256)]
     default_max_tokens: usize,
-    /// Seconds before a request ends with HTTP 504 (in a batch: an error line with status 504).
-    #[arg(long, default_value_t = 600)]
-    request_timeout: u64,
+    /// Seconds before a request ends with HTTP 504 (in a batch, an error line with status 504)
+    /// [default: serve 600, batch no limit, since a batch's requests wait for rows by design].
+    #[arg(long)]
+    request_timeout: Option<u64>,
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 32 << 20)]
     max_body_bytes: usize,
@@ -346,7 +347,7 @@ impl ServerSettings {
             kv_preallocate: self.kv_preallocate,
             prefix_cache_bytes: self.prefix_cache_mb << 20,
             default_max_tokens: self.default_max_tokens,
-            request_timeout: std::time::Duration::from_secs(self.request_timeout),
+            request_timeout: self.request_timeout.map(std::time::Duration::from_secs),
             max_body_bytes: self.max_body_bytes,
             max_image_bytes: self.max_image_bytes,
             max_image_side: self.max_image_side,
@@ -496,6 +497,9 @@ fn run(cli: Cli) -> Result<()> {
                 port,
                 api_key: api_key.filter(|k| !k.is_empty()),
                 max_queue,
+                request_timeout: Some(std::time::Duration::from_secs(
+                    settings.request_timeout.unwrap_or(600),
+                )),
                 ..settings.config()
             };
             // One async worker is plenty for HTTP and JSON (image decoding runs on the blocking

@@ -60,7 +60,9 @@ pub struct ServeConfig {
     pub max_n: usize,
     /// max_tokens when a request gives none (bounded by the context left).
     pub default_max_tokens: usize,
-    pub request_timeout: Duration,
+    /// From arrival to the last token; `None`: no limit (`kosmos-rt batch`, where requests wait
+    /// for rows by design).
+    pub request_timeout: Option<Duration>,
     pub allow_file_root: Option<PathBuf>,
     pub vision_cache: usize,
     /// Most prompt tokens one prefill call writes (see [`EngineConfig::prefill_chunk`]).
@@ -86,7 +88,7 @@ impl Default for ServeConfig {
             max_images: 8,
             max_n: 8,
             default_max_tokens: 256,
-            request_timeout: Duration::from_secs(600),
+            request_timeout: Some(Duration::from_secs(600)),
             allow_file_root: None,
             vision_cache: 256,
             prefill_chunk: EngineConfig::default().prefill_chunk,

@@ -528,7 +528,7 @@ impl AppState {
         }
         let (tx, rx) = unbounded_channel();
         let arrived = Instant::now();
-        let deadline = Some(arrived + self.cfg.request_timeout);
+        let deadline = self.cfg.request_timeout.map(|t| arrived + t);
         let mut flags = Vec::with_capacity(total);
         let mut prompt_tokens = 0;
         let mut reqs = Vec::with_capacity(total);
@@ -855,7 +855,9 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
                 done += 1;
             }
             SeqEvent::Failed(SeqFailure::Timeout) => {
-                return Err(ApiError::timeout(st.cfg.request_timeout.as_secs_f64()));
+                return Err(ApiError::timeout(
+                    st.cfg.request_timeout.unwrap_or_default().as_secs_f64(),
+                ));
             }
             SeqEvent::Failed(SeqFailure::Engine(m)) => return Err(ApiError::internal(m)),
         }
@@ -1037,7 +1039,7 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
                 }
                 SeqEvent::Failed(f) => {
                     let e = match f {
-                        SeqFailure::Timeout => ApiError::timeout(st.cfg.request_timeout.as_secs_f64()),
+                        SeqFailure::Timeout => ApiError::timeout(st.cfg.request_timeout.unwrap_or_default().as_secs_f64()),
                         SeqFailure::Engine(m) => ApiError::internal(m),
                     };
                     // OpenAI reports a mid-stream failure as an error object in a data line.
