@@ -8,6 +8,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 scripts/setup.sh
+# As scripts/test.sh builds (no incremental caches), so the two share their build.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cargo build --locked -p kosmos-train -p kosmos-export -p kosmos-rt
 
 out="${KOSMOS_QUICKSTART_DIR:-runs/quickstart}"

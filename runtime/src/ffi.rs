@@ -726,6 +726,9 @@ unsafe fn read_params(
         stop_token_ids: unsafe { c_array(p.stop_token_ids, p.n_stop_token_ids, "stop_token_ids") }?.to_vec(),
         // SAFETY: per the contract, `constraint` is NULL or a NUL-terminated string.
         constraint: unsafe { c_constraint(&p) }?,
+        // Not in kosmos_params yet (fields can now be appended: see KOSMOS_ABI_VERSION).
+        allowed_token_ids: Vec::new(),
+        bad_words: Vec::new(),
     };
     if let Some((_, message)) = params.invalid_setting() {
         return Err(invalid(message));

@@ -109,6 +109,12 @@ pub struct GenerateParams {
     /// a regular expression, choices or GBNF by `kosmos_grammar::Constraint`); generation ends
     /// when the grammar is complete and allows nothing more.
     pub constraint: Option<Arc<kosmos_grammar::Grammar>>,
+    /// When not empty, only these tokens can be generated, `</s>` included only if listed
+    /// (vLLM's `allowed_token_ids`).
+    pub allowed_token_ids: Vec<u32>,
+    /// Token sequences never generated: a token that would complete one is ruled out (vLLM's
+    /// `bad_words`, tokenized by the front end).
+    pub bad_words: Vec<Vec<u32>>,
 }
 
 impl Default for GenerateParams {
@@ -130,8 +136,31 @@ impl Default for GenerateParams {
             min_tokens: 0,
             stop_token_ids: Vec::new(),
             constraint: None,
+            allowed_token_ids: Vec::new(),
+            bad_words: Vec::new(),
         }
     }
+}
+
+/// vLLM's `bad_words` as token sequences for [`GenerateParams::bad_words`]: each word as it
+/// would start the text and after a space, the two ways it is tokenized mid-text.
+pub fn bad_word_tokens(
+    tok: &KosmosTokenizer,
+    words: &[String],
+) -> std::result::Result<Vec<Vec<u32>>, String> {
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    for w in words {
+        if w.trim().is_empty() {
+            return Err("bad_words entries must not be empty".into());
+        }
+        for text in [w.clone(), format!(" {}", w.trim_start())] {
+            let ids = tok.encode(&text).map_err(|e| format!("bad_words: {e}"))?;
+            if !ids.is_empty() && !out.contains(&ids) {
+                out.push(ids);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Most stop strings one request may give (vLLM takes any number, OpenAI 4; evaluation harness
@@ -153,6 +182,18 @@ impl GenerateParams {
             return Some((
                 "stop_token_ids",
                 format!("stop token {t} is not below the vocabulary size {vocab}"),
+            ));
+        }
+        if let Some(t) = self.allowed_token_ids.iter().find(|t| bad(**t)) {
+            return Some((
+                "allowed_token_ids",
+                format!("allowed token {t} is not below the vocabulary size {vocab}"),
+            ));
+        }
+        if let Some(t) = self.bad_words.iter().flatten().find(|t| bad(**t)) {
+            return Some((
+                "bad_words",
+                format!("bad_words token {t} is not below the vocabulary size {vocab}"),
             ));
         }
         None
@@ -1005,6 +1046,27 @@ impl RowState {
                 *l += b;
             }
         }
+        if !p.allowed_token_ids.is_empty() {
+            let mut allowed = vec![false; logits.len()];
+            for &t in &p.allowed_token_ids {
+                if let Some(a) = allowed.get_mut(t as usize) {
+                    *a = true;
+                }
+            }
+            for (l, a) in logits.iter_mut().zip(allowed) {
+                if !a {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        for word in &p.bad_words {
+            if let Some((&last, before)) = word.split_last()
+                && self.tokens.ends_with(before)
+                && let Some(l) = logits.get_mut(last as usize)
+            {
+                *l = f32::NEG_INFINITY;
+            }
+        }
         if self.tokens.len() < p.min_tokens {
             for t in p.stop_token_ids.iter().chain([&eos]) {
                 if let Some(l) = logits.get_mut(*t as usize) {
@@ -1032,6 +1094,14 @@ impl RowState {
                     *l -= p.presence_penalty + p.frequency_penalty * n;
                 }
             }
+        }
+        let masked =
+            !p.allowed_token_ids.is_empty() || !p.bad_words.is_empty() || self.tokens.len() < p.min_tokens;
+        if masked && logits.iter().all(|l| *l == f32::NEG_INFINITY) {
+            return Err(RtError::Input(format!(
+                "no token can follow the {} generated: allowed_token_ids, bad_words and min_tokens rule out every one",
+                self.tokens.len()
+            )));
         }
         if let Some(c) = self.constraint.as_mut() {
             let first = self.tokens.is_empty();
@@ -1322,6 +1392,55 @@ mod tests {
             p(&|g| g.stop_token_ids = vec![4])
                 .invalid_token(4)
                 .is_some_and(|e| e.0 == "stop_token_ids")
+        );
+    }
+
+    /// allowed_token_ids keeps only its tokens (`</s>` too only if listed); bad_words rules out
+    /// the token that would complete a word, single tokens always; when nothing is left the
+    /// step is an error, not an arbitrary token.
+    #[test]
+    fn allowed_token_ids_and_bad_words() {
+        let eos = 3;
+        let logits = [2.0f32, 1.0, 0.5, 3.0];
+        let p = |f: &dyn Fn(&mut GenerateParams)| {
+            let mut g = GenerateParams::default();
+            f(&mut g);
+            g
+        };
+        let only = p(&|g| g.allowed_token_ids = vec![2, 1]);
+        assert_eq!(row(&[]).pick(&mut logits.clone(), &only, eos).unwrap(), 1);
+        let sampled = p(&|g| {
+            g.allowed_token_ids = vec![2];
+            g.temperature = 1.0;
+        });
+        for seed in 0..50 {
+            let mut r = row(&[]);
+            r.rng = StdRng::seed_from_u64(seed);
+            assert_eq!(r.pick(&mut logits.clone(), &sampled, eos).unwrap(), 2);
+        }
+        // [0, 3] bans 3 only after a 0; [2] bans 2 everywhere.
+        let words = p(&|g| g.bad_words = vec![vec![0, 3], vec![2]]);
+        assert_eq!(row(&[1]).pick(&mut logits.clone(), &words, eos).unwrap(), 3);
+        assert_eq!(row(&[1, 0]).pick(&mut logits.clone(), &words, eos).unwrap(), 0);
+        let no_eos = p(&|g| g.allowed_token_ids = vec![2]);
+        let mut all_but_2 = logits;
+        all_but_2[0] = 9.0;
+        assert_eq!(row(&[1, 0]).pick(&mut all_but_2, &no_eos, eos).unwrap(), 2);
+        let nothing = p(&|g| {
+            g.allowed_token_ids = vec![3];
+            g.min_tokens = 2;
+        });
+        let err = row(&[]).pick(&mut logits.clone(), &nothing, eos).unwrap_err();
+        assert!(err.to_string().contains("rule out every one"), "{err}");
+        assert!(
+            p(&|g| g.allowed_token_ids = vec![4])
+                .invalid_token(4)
+                .is_some_and(|e| e.0 == "allowed_token_ids")
+        );
+        assert!(
+            p(&|g| g.bad_words = vec![vec![1, 9]])
+                .invalid_token(4)
+                .is_some_and(|e| e.0 == "bad_words")
         );
     }
 

@@ -28,7 +28,9 @@ pub mod prefix_cache;
 pub mod serve;
 
 pub use error::{Result, RtError};
-pub use generate::{FinishReason, GenerateParams, Generation, ImageInput, Prompt, VisionCache};
+pub use generate::{
+    FinishReason, GenerateParams, Generation, ImageInput, Prompt, VisionCache, bad_word_tokens,
+};
 /// Structured output: build a [`grammar::Constraint`], `compile()` it, and put the grammar in
 /// [`GenerateParams::constraint`].
 pub use kosmos_grammar as grammar;

@@ -151,6 +151,12 @@ enum Command {
         /// No `</s>` or stop token before this many tokens.
         #[arg(long, default_value_t = 0)]
         min_tokens: usize,
+        /// Generate only these token ids (repeatable; `</s>` too only if given).
+        #[arg(long = "allowed-token-id")]
+        allowed_token_ids: Vec<u32>,
+        /// Never generate this word (repeatable).
+        #[arg(long = "bad-word")]
+        bad_words: Vec<String>,
         /// Beam search width (the paper captions with 5).
         #[arg(long, default_value_t = 1)]
         beams: usize,
@@ -609,6 +615,8 @@ fn run(cli: Cli) -> Result<()> {
             logit_bias,
             min_p,
             min_tokens,
+            allowed_token_ids,
+            bad_words,
             beams,
             stream,
             structured,
@@ -638,8 +646,14 @@ fn run(cli: Cli) -> Result<()> {
                 min_tokens,
                 stop_token_ids,
                 constraint,
+                bad_words: kosmos_rt::bad_word_tokens(&pkg.tokenizer, &bad_words)
+                    .map_err(anyhow::Error::msg)?,
+                allowed_token_ids,
             };
-            if let Some((field, message)) = params.invalid_setting() {
+            if let Some((field, message)) = params
+                .invalid_setting()
+                .or_else(|| params.invalid_token(pkg.manifest.decoder.vocab_size))
+            {
                 anyhow::bail!("--{}: {message}", field.replace('_', "-"));
             }
             let mut cache = VisionCache::new(16);

@@ -200,6 +200,14 @@ def main():
         ("min_tokens", dict(extra_body={"min_tokens": 10}), ["--min-tokens", "10"]),
         ("stop_token_ids", dict(logit_bias={str(on): 5}, extra_body={"stop_token_ids": [on]}),
          ["--logit-bias", f"{on}=5", "--stop-token-id", str(on)]),
+        # vLLM's: only three tokens (no </s>: all 12 come), and words never generated. The values
+        # that ask for nothing (skip_special_tokens true, priority 0, ...) are accepted.
+        ("allowed_token_ids", dict(extra_body={"allowed_token_ids": [red, on, 9]}),
+         ["--allowed-token-id", str(red), "--allowed-token-id", str(on), "--allowed-token-id", "9"]),
+        ("bad_words over a +100 bias", dict(logit_bias={str(red): 100}, extra_body={"bad_words": ["red", "on the"], "skip_special_tokens": True, "priority": 0}),
+         ["--logit-bias", f"{red}=100", "--bad-word", "red", "--bad-word", "on the"]),
+        ("bad_words sampled", dict(temperature=1.0, seed=4, extra_body={"bad_words": ["red"]}),
+         ["--temperature", "1.0", "--seed", "4", "--bad-word", "red"]),
     ]
     for what, kw, flags in cases:
         kw = {"temperature": 0, **kw}
@@ -212,6 +220,10 @@ def main():
             failures.append("logit_bias +99 did not make 'on' first")
         if what == "min_tokens" and r.usage.completion_tokens < 10:
             failures.append(f"min_tokens 10 gave {r.usage.completion_tokens} tokens")
+        if what == "allowed_token_ids" and r.usage.completion_tokens != 12:
+            failures.append(f"allowed_token_ids without </s> stopped after {r.usage.completion_tokens} tokens")
+        if what.startswith("bad_words") and "red" in r.choices[0].text.split():
+            failures.append(f"bad_words let 'red' through: {r.choices[0].text!r}")
     for bad, param in [({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"99999999": 1}}, "logit_bias"),
                        ({"logit_bias": {"5": 101}}, "logit_bias"), ({"min_p": 1.5}, "min_p"),
                        ({"min_tokens": 20}, "min_tokens"), ({"stop_token_ids": [-1]}, "stop_token_ids")]:

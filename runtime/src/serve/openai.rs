@@ -21,7 +21,7 @@ use super::error::ApiError;
 use super::tools::{self, ToolCalls};
 use super::{images, logprobs, structured};
 use crate::batch::{SeqEvent, SeqFailure, SeqRequest};
-use crate::generate::{FinishReason, GenerateParams, IMAGE_MARKER};
+use crate::generate::{FinishReason, GenerateParams, IMAGE_MARKER, bad_word_tokens};
 use crate::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob};
 
 /// `stop`: one string or several.
@@ -63,6 +63,10 @@ struct Sampling {
     min_tokens: Option<i64>,
     /// vLLM's.
     stop_token_ids: Option<Vec<i64>>,
+    /// vLLM's: only these tokens can be generated.
+    allowed_token_ids: Option<Vec<i64>>,
+    /// vLLM's: words never generated.
+    bad_words: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -74,6 +78,10 @@ struct StreamOptions {
 struct ChatRequest {
     model: String,
     messages: Vec<Message>,
+    /// vLLM's: whether the chat template opens the assistant's turn (default true).
+    add_generation_prompt: Option<bool>,
+    /// vLLM's chat `echo` (the last message before the answer); not supported.
+    echo: Option<bool>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -496,6 +504,17 @@ impl AppState {
                 .map_err(|_| ApiError::invalid("min_tokens must be ≥ 0", "min_tokens"))?,
             stop_token_ids: stop_ids(s.stop_token_ids.as_deref(), "stop_token_ids")?,
             constraint: None,
+            allowed_token_ids: match s.allowed_token_ids.as_deref() {
+                Some([]) => {
+                    return Err(ApiError::invalid(
+                        "allowed_token_ids must not be empty (leave it out to allow every token)",
+                        "allowed_token_ids",
+                    ));
+                }
+                ids => stop_ids(ids, "allowed_token_ids")?,
+            },
+            bad_words: bad_word_tokens(&self.tokenizer, s.bad_words.as_deref().unwrap_or_default())
+                .map_err(|m| ApiError::invalid(m, "bad_words"))?,
         };
         if let Some((field, message)) = params
             .invalid_setting()
@@ -606,53 +625,160 @@ fn stop_ids(ids: Option<&[i64]>, field: &'static str) -> Result<Vec<u32>, ApiErr
         .collect()
 }
 
-/// Fields of OpenAI's and vLLM's APIs that would change the answer and that this server cannot
-/// honour: a 400 naming them rather than an answer that silently ignores them. (Fields that
-/// only describe or route a request, such as `user`, `metadata` or `store`, are ignored.)
-#[derive(Deserialize, Default)]
-struct Unsupported {
-    audio: Option<Value>,
-    modalities: Option<Vec<String>>,
-    web_search_options: Option<Value>,
-    use_beam_search: Option<bool>,
-    include_stop_str_in_output: Option<bool>,
-    guided_whitespace_pattern: Option<Value>,
-}
+/// A field the server refuses: its name, whether a value asks for nothing, and why.
+type Unsupported = (&'static str, fn(&Value) -> bool, &'static str);
+
+/// Fields of OpenAI's, vLLM's and llama.cpp's APIs that would change the answer and that this
+/// server cannot honour, with the values that ask for nothing (absent or `null` always does):
+/// any other value is a 400 naming the field rather than an answer that silently ignores it.
+/// (Fields that only describe or route a request, such as `user`, `metadata` or `store`, are
+/// ignored.)
+const UNSUPPORTED: &[Unsupported] = &[
+    ("audio", |_| false, "this model writes text only"),
+    (
+        "modalities",
+        |v| v.as_array().is_some_and(|m| m.iter().all(|x| x == "text")),
+        "this model writes text only",
+    ),
+    (
+        "web_search_options",
+        |_| false,
+        "the server makes no outbound requests",
+    ),
+    (
+        "use_beam_search",
+        |v| v == &Value::Bool(false),
+        "the server samples one sequence per choice (kosmos-rt run --beams searches)",
+    ),
+    (
+        "include_stop_str_in_output",
+        |v| v == &Value::Bool(false),
+        "the text always ends before the stop string",
+    ),
+    (
+        "guided_whitespace_pattern",
+        |_| false,
+        "JSON output allows at most one space between tokens",
+    ),
+    // vLLM's.
+    (
+        "prompt_logprobs",
+        |_| false,
+        "score a prompt with /v1/completions, echo: true and logprobs",
+    ),
+    (
+        "truncate_prompt_tokens",
+        |_| false,
+        "prompts are never cut (a prompt over the context is a 400)",
+    ),
+    (
+        "skip_special_tokens",
+        |v| v == &Value::Bool(true),
+        "special tokens are never part of the text",
+    ),
+    (
+        "spaces_between_special_tokens",
+        |v| v == &Value::Bool(true),
+        "special tokens are never part of the text",
+    ),
+    (
+        "length_penalty",
+        |v| v.as_f64() == Some(1.0),
+        "it applies to beam search, which the server does not do",
+    ),
+    (
+        "return_tokens_as_token_ids",
+        |v| v == &Value::Bool(false),
+        "logprobs show tokens as text with their bytes",
+    ),
+    (
+        "priority",
+        |v| v.as_f64() == Some(0.0),
+        "requests are served first come, first served",
+    ),
+    (
+        "chat_template",
+        |_| false,
+        "the package's chat_template (kosmos_rt.json) is the only one",
+    ),
+    (
+        "chat_template_kwargs",
+        |v| v.as_object().is_some_and(|m| m.is_empty()),
+        "the package's chat template takes messages, add_generation_prompt, bos_token and eos_token",
+    ),
+    (
+        "mm_processor_kwargs",
+        |v| v.as_object().is_some_and(|m| m.is_empty()),
+        "images are always preprocessed as the package says",
+    ),
+    (
+        "documents",
+        |_| false,
+        "the package's chat template takes no documents",
+    ),
+    (
+        "continue_final_message",
+        |v| v == &Value::Bool(false),
+        "the answer is always a new assistant turn",
+    ),
+    // llama.cpp's samplers.
+    (
+        "typical_p",
+        |v| v.as_f64() == Some(1.0),
+        "use top_p, top_k or min_p",
+    ),
+    ("tfs_z", |v| v.as_f64() == Some(1.0), "use top_p, top_k or min_p"),
+    (
+        "mirostat",
+        |v| v.as_f64() == Some(0.0),
+        "use top_p, top_k or min_p",
+    ),
+    (
+        "dynatemp_range",
+        |v| v.as_f64() == Some(0.0),
+        "the temperature is fixed",
+    ),
+    (
+        "xtc_probability",
+        |v| v.as_f64() == Some(0.0),
+        "use top_p, top_k or min_p",
+    ),
+    (
+        "dry_multiplier",
+        |v| v.as_f64() == Some(0.0),
+        "use repetition_penalty or frequency_penalty",
+    ),
+    (
+        "top_n_sigma",
+        |v| v.as_f64().is_some_and(|x| x <= 0.0),
+        "use top_p, top_k or min_p",
+    ),
+    (
+        "n_probs",
+        |v| v.as_f64() == Some(0.0),
+        "use logprobs / top_logprobs",
+    ),
+    (
+        "repeat_penalty",
+        |v| v.as_f64() == Some(1.0),
+        "use repetition_penalty, applied to every token seen so far as vLLM does",
+    ),
+];
 
 fn refuse_unsupported(body: &[u8]) -> Result<(), ApiError> {
-    let u: Unsupported = serde_json::from_slice(body).unwrap_or_default();
-    let refuse = |field: &'static str, why: &str| {
-        Err(ApiError::invalid(
-            format!("{field} is not supported: {why}"),
-            field,
-        ))
+    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+        return Ok(()); // the request's own parse reports what is wrong with it
     };
-    if u.audio.is_some_and(|a| !a.is_null()) {
-        return refuse("audio", "this model writes text only");
-    }
-    if u.modalities.is_some_and(|m| m.iter().any(|x| x != "text")) {
-        return refuse("modalities", "this model writes text only");
-    }
-    if u.web_search_options.is_some_and(|w| !w.is_null()) {
-        return refuse("web_search_options", "the server makes no outbound requests");
-    }
-    if u.use_beam_search == Some(true) {
-        return refuse(
-            "use_beam_search",
-            "the server samples one sequence per choice (kosmos-rt run --beams searches)",
-        );
-    }
-    if u.include_stop_str_in_output == Some(true) {
-        return refuse(
-            "include_stop_str_in_output",
-            "the text always ends before the stop string",
-        );
-    }
-    if u.guided_whitespace_pattern.is_some_and(|w| !w.is_null()) {
-        return refuse(
-            "guided_whitespace_pattern",
-            "JSON output allows at most one space between tokens",
-        );
+    for &(field, asks_nothing, why) in UNSUPPORTED {
+        if let Some(v) = fields.get(field)
+            && !v.is_null()
+            && !asks_nothing(v)
+        {
+            return Err(ApiError::invalid(
+                format!("{field} is not supported: {why}"),
+                field,
+            ));
+        }
     }
     Ok(())
 }
@@ -1092,7 +1218,13 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Re
         (c, None) => (c, None),
         (None, Some(t)) => (Some(t.grammar), Some(t.mode)),
     };
-    let (segments, urls) = st.chat_prompt(&req.messages, true)?;
+    if req.echo == Some(true) {
+        return Err(ApiError::invalid(
+            "echo is not supported in chat completions (completions take echo: true)",
+            "echo",
+        ));
+    }
+    let (segments, urls) = st.chat_prompt(&req.messages, req.add_generation_prompt.unwrap_or(true))?;
     let prepared = st.prepare(segments, urls).await?;
     let mut r = st.params(&req.sampling, prepared.assembled.len(), Kind::Chat, false)?;
     r.params.constraint = constraint;
