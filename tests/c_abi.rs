@@ -413,11 +413,30 @@ fn c_abi_engine_takes_every_generation_setting() {
         ..Default::default()
     };
     let (bias_ids, bias_values): (Vec<u32>, Vec<f32>) = biased.logit_bias.iter().copied().unzip();
-    let cases = [sampled, stopped, constrained, biased];
+    // vLLM's allowed_token_ids and bad_words, sampled: the C strings are tokenized as the
+    // server's and `kosmos-rt run`'s are.
+    let words = ["red", "on the"];
+    let words_c: Vec<CString> = words.iter().map(|w| CString::new(*w).unwrap()).collect();
+    let words_ptrs: Vec<*const std::ffi::c_char> = words_c.iter().map(|w| w.as_ptr()).collect();
+    let masked = GenerateParams {
+        max_tokens: 12,
+        temperature: 1.0,
+        seed: 6,
+        allowed_token_ids: (0..120).chain([red]).collect(),
+        bad_words: kosmos_rt::bad_word_tokens(&pkg.tokenizer, &words.map(String::from)).unwrap(),
+        logit_bias: vec![(red, 50.0)],
+        ..Default::default()
+    };
+    let cases = [sampled, stopped, constrained, biased, masked];
     let want: Vec<_> = cases.iter().map(|p| alone(&mut pkg, prompt, p)).collect();
     assert!(
         want[1].text.len() < full.len() && !want[1].text.contains(&stop),
         "{want:?}"
+    );
+    assert!(
+        !want[4].tokens.contains(&red) && want[4].tokens.iter().all(|&t| t < 120),
+        "{:?}",
+        want[4]
     );
 
     // The Rust engine's log-probabilities of the sampled case, 3 alternatives each.
@@ -545,6 +564,18 @@ fn c_abi_engine_takes_every_generation_setting() {
             g.stop_token_ids.as_ptr()
         },
         n_stop_token_ids: g.stop_token_ids.len(),
+        allowed_token_ids: if g.allowed_token_ids.is_empty() {
+            std::ptr::null()
+        } else {
+            g.allowed_token_ids.as_ptr()
+        },
+        n_allowed_token_ids: g.allowed_token_ids.len(),
+        bad_words: if g.bad_words.is_empty() {
+            std::ptr::null()
+        } else {
+            words_ptrs.as_ptr()
+        },
+        n_bad_words: if g.bad_words.is_empty() { 0 } else { words.len() },
     };
     let submit = |params: &kosmos_params, shared: &Shared| {
         // SAFETY: live engine, valid strings; `shared` outlives the request (waited for below).
@@ -636,6 +667,36 @@ fn c_abi_engine_takes_every_generation_setting() {
             "newer kosmos_rt.h",
         ),
         (kosmos_params { n_stop: 2, ..base }, "stop is NULL"),
+        (
+            kosmos_params {
+                n_allowed_token_ids: 3,
+                ..base
+            },
+            "allowed_token_ids is NULL",
+        ),
+        (
+            kosmos_params {
+                allowed_token_ids: seven_hundred.as_ptr(),
+                n_allowed_token_ids: 1,
+                ..base
+            },
+            "allowed token 700 is not below the vocabulary size",
+        ),
+        (
+            kosmos_params {
+                bad_words: empty_stop.as_ptr(),
+                n_bad_words: 1,
+                ..base
+            },
+            "bad_words entries must not be empty",
+        ),
+        (
+            kosmos_params {
+                n_bad_words: 2,
+                ..base
+            },
+            "bad_words is NULL",
+        ),
         (
             kosmos_params {
                 stop: empty_stop.as_ptr(),

@@ -243,6 +243,17 @@ typedef struct kosmos_params {
    `KOSMOS_CONSTRAINT_JSON_OBJECT`.
    */
   const char *constraint;
+  /*
+   vLLM's `allowed_token_ids`: when `n_allowed_token_ids` > 0, only these tokens can be
+   generated (`</s>` too only if listed).
+   */
+  const uint32_t *allowed_token_ids;
+  size_t n_allowed_token_ids;
+  /*
+   vLLM's `bad_words`: `n_bad_words` NUL-terminated words that are never generated.
+   */
+  const char *const *bad_words;
+  size_t n_bad_words;
 } kosmos_params;
 
 /*

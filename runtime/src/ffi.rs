@@ -17,6 +17,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
+use kosmos_models::KosmosTokenizer;
+
 mod engine;
 mod tokenizer;
 
@@ -24,7 +26,9 @@ pub use engine::*;
 pub use tokenizer::*;
 
 use crate::error::RtError;
-use crate::generate::{FinishReason, GenerateParams, ImageInput, MAX_STOP, Prompt, VisionCache};
+use crate::generate::{
+    FinishReason, GenerateParams, ImageInput, MAX_STOP, Prompt, VisionCache, bad_word_tokens,
+};
 use crate::logprobs::MAX_TOP_LOGPROBS;
 use crate::ort_env::{Device, SessionOptions};
 use crate::package::Package;
@@ -121,6 +125,13 @@ pub struct kosmos_params {
     /// format, from rule `root`), NUL-terminated UTF-8; NULL for `KOSMOS_CONSTRAINT_NONE` and
     /// `KOSMOS_CONSTRAINT_JSON_OBJECT`.
     pub constraint: *const c_char,
+    /// vLLM's `allowed_token_ids`: when `n_allowed_token_ids` > 0, only these tokens can be
+    /// generated (`</s>` too only if listed).
+    pub allowed_token_ids: *const u32,
+    pub n_allowed_token_ids: usize,
+    /// vLLM's `bad_words`: `n_bad_words` NUL-terminated words that are never generated.
+    pub bad_words: *const *const c_char,
+    pub n_bad_words: usize,
 }
 
 /// `kosmos_params.constraint_kind`: no constraint.
@@ -150,6 +161,8 @@ pub type kosmos_token_callback = Option<extern "C" fn(piece: *const c_char, user
 /// A loaded package (opaque).
 pub struct kosmos_model {
     inner: Mutex<(Package, VisionCache)>,
+    /// The package's, for reading a call's settings without the model's lock.
+    tokenizer: KosmosTokenizer,
 }
 
 thread_local! {
@@ -340,6 +353,10 @@ pub extern "C" fn kosmos_default_params() -> kosmos_params {
         n_stop_token_ids: 0,
         constraint_kind: KOSMOS_CONSTRAINT_NONE,
         constraint: std::ptr::null(),
+        allowed_token_ids: std::ptr::null(),
+        n_allowed_token_ids: 0,
+        bad_words: std::ptr::null(),
+        n_bad_words: 0,
     }
 }
 
@@ -365,6 +382,7 @@ pub unsafe extern "C" fn kosmos_model_open(
             Err(s) => return s,
         };
         let model = kosmos_model {
+            tokenizer: pkg.tokenizer.clone(),
             inner: Mutex::new((pkg, VisionCache::new(64))),
         };
         // SAFETY: `out` was checked non-NULL above.
@@ -470,10 +488,11 @@ pub unsafe extern "C" fn kosmos_generate(
             Err(s) => return s,
         };
         // SAFETY: per this function's contract.
-        let (prompt, params, logprobs) = match unsafe { read_request(prompt, images, n_images, params) } {
-            Ok(r) => r,
-            Err(s) => return s,
-        };
+        let (prompt, params, logprobs) =
+            match unsafe { read_request(prompt, images, n_images, params, &model.tokenizer) } {
+                Ok(r) => r,
+                Err(s) => return s,
+            };
         if logprobs.is_some() {
             return fail(
                 kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
@@ -515,13 +534,14 @@ unsafe fn read_request(
     images: *const kosmos_image,
     n_images: usize,
     params: *const kosmos_params,
+    tokenizer: &KosmosTokenizer,
 ) -> Result<(Prompt, GenerateParams, Option<usize>), kosmos_status> {
     // SAFETY: per this function's contract.
     let text = unsafe { c_str(prompt, "prompt") }?;
     // SAFETY: per this function's contract.
     let inputs = unsafe { read_images(images, n_images) }?;
     // SAFETY: per this function's contract.
-    let (params, logprobs) = unsafe { read_params(params) }?;
+    let (params, logprobs) = unsafe { read_params(params, tokenizer) }?;
     let prompt = Prompt::parse(text, inputs).map_err(|e| fail(status_of(&e), e.to_string()))?;
     Ok((prompt, params, logprobs))
 }
@@ -660,9 +680,11 @@ pub unsafe extern "C" fn kosmos_params_init(params: *mut kosmos_params, struct_s
 /// its `logprobs` asks for (`None`: off).
 ///
 /// # Safety
-/// `params` is NULL or valid, its `stop` holding `n_stop` NUL-terminated strings.
+/// `params` is NULL or valid, its `stop` holding `n_stop` and its `bad_words` `n_bad_words`
+/// NUL-terminated strings.
 unsafe fn read_params(
     params: *const kosmos_params,
+    tokenizer: &KosmosTokenizer,
 ) -> Result<(GenerateParams, Option<usize>), kosmos_status> {
     let invalid = |m: String| fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, format!("params: {m}"));
     let p = if params.is_null() {
@@ -687,6 +709,15 @@ unsafe fn read_params(
         .map(|i| {
             // SAFETY: `stop` holds `n_stop` NUL-terminated strings per the contract.
             unsafe { c_str(*p.stop.add(i), &format!("params: stop[{i}]")) }.map(str::to_string)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // SAFETY: `bad_words` holds `n_bad_words` NUL-terminated strings per the contract.
+    let bad_words = unsafe { c_array(p.bad_words, p.n_bad_words, "bad_words") }?
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| {
+            // SAFETY: as above.
+            unsafe { c_str(w, &format!("params: bad_words[{i}]")) }.map(str::to_string)
         })
         .collect::<Result<Vec<_>, _>>()?;
     let logprobs = match p.logprobs {
@@ -726,11 +757,17 @@ unsafe fn read_params(
         stop_token_ids: unsafe { c_array(p.stop_token_ids, p.n_stop_token_ids, "stop_token_ids") }?.to_vec(),
         // SAFETY: per the contract, `constraint` is NULL or a NUL-terminated string.
         constraint: unsafe { c_constraint(&p) }?,
-        // Not in kosmos_params yet (fields can now be appended: see KOSMOS_ABI_VERSION).
-        allowed_token_ids: Vec::new(),
-        bad_words: Vec::new(),
+        // SAFETY: as above.
+        allowed_token_ids: unsafe {
+            c_array(p.allowed_token_ids, p.n_allowed_token_ids, "allowed_token_ids")
+        }?
+        .to_vec(),
+        bad_words: bad_word_tokens(tokenizer, &bad_words).map_err(invalid)?,
     };
-    if let Some((_, message)) = params.invalid_setting() {
+    if let Some((_, message)) = params
+        .invalid_setting()
+        .or_else(|| params.invalid_token(tokenizer.vocab_size()))
+    {
         return Err(invalid(message));
     }
     Ok((params, logprobs))

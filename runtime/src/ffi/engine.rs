@@ -368,10 +368,11 @@ pub unsafe extern "C" fn kosmos_engine_submit(
             );
         };
         // SAFETY: per this function's contract.
-        let (prompt, params, logprobs) = match unsafe { read_request(prompt, images, n_images, params) } {
-            Ok(r) => r,
-            Err(s) => return s,
-        };
+        let (prompt, params, logprobs) =
+            match unsafe { read_request(prompt, images, n_images, params, &engine.tokenizer) } {
+                Ok(r) => r,
+                Err(s) => return s,
+            };
         if params.beams > 1 {
             return fail(
                 kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
