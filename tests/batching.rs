@@ -77,6 +77,7 @@ fn request(
         params: params.clone(),
         logprobs: None,
         prompt_logprobs: None,
+        priority: 0,
         arrived: Instant::now(),
         deadline: None,
         cancel: cancel.clone(),
@@ -1049,4 +1050,44 @@ fn prompts_are_grouped_by_what_is_left_to_prefill() {
             "{case}: {computed} positions computed, at most {most} ({lens:?}, {uncached} uncached)"
         );
     }
+}
+
+/// Waiting sequences are admitted by priority (lower first), equal ones in arrival order; the
+/// running one keeps its row.
+#[test]
+fn waiting_sequences_are_admitted_by_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg_dir = buffer_package(dir.path());
+    let pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    let config = EngineConfig {
+        max_batch: 1,
+        ..Default::default()
+    };
+    let mut engine = Engine::new(pkg, config, Arc::default()).unwrap();
+    let prompt = Prompt::parse("a blue square", vec![]).unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let submit = |engine: &mut Engine, label: &'static str, priority: i64| {
+        let (mut req, _, _) = request(engine.package(), &prompt, &greedy(4));
+        req.priority = priority;
+        let order = order.clone();
+        req.sink = Box::new(move |ev| {
+            if matches!(ev, SeqEvent::Done(_)) {
+                order.lock().unwrap().push(label);
+            }
+            true
+        });
+        engine.submit(req);
+    };
+    submit(&mut engine, "running", 9);
+    engine.step();
+    for (label, priority) in [("late", 5), ("first of 0", 0), ("urgent", -3), ("second of 0", 0)] {
+        submit(&mut engine, label, priority);
+    }
+    while !engine.is_idle() {
+        engine.step();
+    }
+    assert_eq!(
+        *order.lock().unwrap(),
+        ["running", "urgent", "first of 0", "second of 0", "late"]
+    );
 }

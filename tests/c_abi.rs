@@ -450,6 +450,7 @@ fn c_abi_engine_takes_every_generation_setting() {
         params: cases[0].clone(),
         logprobs: Some(3),
         prompt_logprobs: None,
+        priority: 0,
         arrived: std::time::Instant::now(),
         deadline: None,
         cancel: Arc::default(),
@@ -576,6 +577,7 @@ fn c_abi_engine_takes_every_generation_setting() {
             words_ptrs.as_ptr()
         },
         n_bad_words: if g.bad_words.is_empty() { 0 } else { words.len() },
+        priority: 0,
     };
     let submit = |params: &kosmos_params, shared: &Shared| {
         // SAFETY: live engine, valid strings; `shared` outlives the request (waited for below).

@@ -254,6 +254,11 @@ typedef struct kosmos_params {
    */
   const char *const *bad_words;
   size_t n_bad_words;
+  /*
+   Engine only: admission order among waiting requests, lower first (vLLM's `priority`);
+   running requests keep their rows.
+   */
+  int32_t priority;
 } kosmos_params;
 
 /*

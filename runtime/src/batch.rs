@@ -65,6 +65,9 @@ pub struct SeqRequest {
     /// Report the prompt's tokens' log-probabilities too, with this many alternatives (OpenAI's
     /// `echo` with `logprobs`), in one [`SeqEvent::PromptLogprobs`] before any text.
     pub prompt_logprobs: Option<usize>,
+    /// Admission order among waiting sequences: lower first (vLLM's `priority`), equal ones in
+    /// arrival order. Running sequences are never preempted.
+    pub priority: i64,
     pub arrived: Instant,
     /// Past this instant the sequence ends with [`SeqFailure::Timeout`].
     pub deadline: Option<Instant>,
@@ -608,9 +611,12 @@ impl Engine {
         &self.pkg
     }
 
-    /// Queue a sequence; it is admitted at the next step with a free row.
+    /// Queue a sequence behind every waiting one of its priority or a more urgent one; it is
+    /// admitted at the next step with a free row when it is first.
     pub fn submit(&mut self, req: SeqRequest) {
-        self.pending.push_back(req);
+        // The queue stays sorted by priority, so this is a stable insertion.
+        let at = self.pending.partition_point(|w| w.priority <= req.priority);
+        self.pending.insert(at, req);
     }
 
     /// Nothing running, prefilling or waiting.

@@ -132,6 +132,9 @@ pub struct kosmos_params {
     /// vLLM's `bad_words`: `n_bad_words` NUL-terminated words that are never generated.
     pub bad_words: *const *const c_char,
     pub n_bad_words: usize,
+    /// Engine only: admission order among waiting requests, lower first (vLLM's `priority`);
+    /// running requests keep their rows.
+    pub priority: i32,
 }
 
 /// `kosmos_params.constraint_kind`: no constraint.
@@ -357,6 +360,7 @@ pub extern "C" fn kosmos_default_params() -> kosmos_params {
         n_allowed_token_ids: 0,
         bad_words: std::ptr::null(),
         n_bad_words: 0,
+        priority: 0,
     }
 }
 
@@ -488,7 +492,7 @@ pub unsafe extern "C" fn kosmos_generate(
             Err(s) => return s,
         };
         // SAFETY: per this function's contract.
-        let (prompt, params, logprobs) =
+        let (prompt, CallSettings { params, logprobs, .. }) =
             match unsafe { read_request(prompt, images, n_images, params, &model.tokenizer) } {
                 Ok(r) => r,
                 Err(s) => return s,
@@ -535,15 +539,15 @@ unsafe fn read_request(
     n_images: usize,
     params: *const kosmos_params,
     tokenizer: &KosmosTokenizer,
-) -> Result<(Prompt, GenerateParams, Option<usize>), kosmos_status> {
+) -> Result<(Prompt, CallSettings), kosmos_status> {
     // SAFETY: per this function's contract.
     let text = unsafe { c_str(prompt, "prompt") }?;
     // SAFETY: per this function's contract.
     let inputs = unsafe { read_images(images, n_images) }?;
     // SAFETY: per this function's contract.
-    let (params, logprobs) = unsafe { read_params(params, tokenizer) }?;
+    let call = unsafe { read_params(params, tokenizer) }?;
     let prompt = Prompt::parse(text, inputs).map_err(|e| fail(status_of(&e), e.to_string()))?;
-    Ok((prompt, params, logprobs))
+    Ok((prompt, call))
 }
 
 /// The images of a call.
@@ -676,8 +680,15 @@ pub unsafe extern "C" fn kosmos_params_init(params: *mut kosmos_params, struct_s
     })
 }
 
-/// A call's generation settings (NULL: the defaults), checked, and the number of alternatives
-/// its `logprobs` asks for (`None`: off).
+/// A call's settings from its `kosmos_params`.
+pub(crate) struct CallSettings {
+    pub params: GenerateParams,
+    /// Alternatives per token its `logprobs` asks for (`None`: off).
+    pub logprobs: Option<usize>,
+    pub priority: i64,
+}
+
+/// A call's generation settings (NULL: the defaults), checked.
 ///
 /// # Safety
 /// `params` is NULL or valid, its `stop` holding `n_stop` and its `bad_words` `n_bad_words`
@@ -685,7 +696,7 @@ pub unsafe extern "C" fn kosmos_params_init(params: *mut kosmos_params, struct_s
 unsafe fn read_params(
     params: *const kosmos_params,
     tokenizer: &KosmosTokenizer,
-) -> Result<(GenerateParams, Option<usize>), kosmos_status> {
+) -> Result<CallSettings, kosmos_status> {
     let invalid = |m: String| fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, format!("params: {m}"));
     let p = if params.is_null() {
         kosmos_default_params()
@@ -770,7 +781,11 @@ unsafe fn read_params(
     {
         return Err(invalid(message));
     }
-    Ok((params, logprobs))
+    Ok(CallSettings {
+        params,
+        logprobs,
+        priority: p.priority.into(),
+    })
 }
 
 /// `n` elements at `ptr` (NULL allowed when `n` is 0).

@@ -107,7 +107,7 @@ def main():
         ("vLLM prompt_logprobs", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "prompt_logprobs": 1}, auth, 400, "prompt_logprobs is not supported"),
         ("vLLM truncate_prompt_tokens", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "truncate_prompt_tokens": 4}, auth, 400, "truncate_prompt_tokens is not supported"),
         ("vLLM skip_special_tokens false", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "skip_special_tokens": False}, auth, 400, "skip_special_tokens is not supported"),
-        ("vLLM priority", "POST", "/v1/chat/completions", chat("hi", priority=5), auth, 400, "priority is not supported"),
+        ("vLLM length_penalty", "POST", "/v1/chat/completions", chat("hi", length_penalty=2.0), auth, 400, "length_penalty is not supported"),
         ("vLLM chat_template", "POST", "/v1/chat/completions", chat("hi", chat_template="{{ 1 }}"), auth, 400, "chat_template is not supported"),
         ("vLLM continue_final_message", "POST", "/v1/chat/completions", chat("hi", continue_final_message=True), auth, 400, "continue_final_message is not supported"),
         ("vLLM chat echo", "POST", "/v1/chat/completions", chat("hi", echo=True), auth, 400, "echo is not supported"),

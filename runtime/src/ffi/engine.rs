@@ -14,8 +14,8 @@ use kosmos_models::KosmosTokenizer;
 use kosmos_models::sequence::Assembled;
 
 use super::{
-    Handles, clear_out, fail, guard, init_sized, kosmos_image, kosmos_params, kosmos_status, open_package,
-    read_request, read_sized, status_of,
+    CallSettings, Handles, clear_out, fail, guard, init_sized, kosmos_image, kosmos_params, kosmos_status,
+    open_package, read_request, read_sized, status_of,
 };
 use crate::batch::{Engine, EngineConfig, SeqEvent, SeqFailure, SeqRequest};
 use crate::error::RtError;
@@ -368,11 +368,17 @@ pub unsafe extern "C" fn kosmos_engine_submit(
             );
         };
         // SAFETY: per this function's contract.
-        let (prompt, params, logprobs) =
-            match unsafe { read_request(prompt, images, n_images, params, &engine.tokenizer) } {
-                Ok(r) => r,
-                Err(s) => return s,
-            };
+        let (
+            prompt,
+            CallSettings {
+                params,
+                logprobs,
+                priority,
+            },
+        ) = match unsafe { read_request(prompt, images, n_images, params, &engine.tokenizer) } {
+            Ok(r) => r,
+            Err(s) => return s,
+        };
         if params.beams > 1 {
             return fail(
                 kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
@@ -455,6 +461,7 @@ pub unsafe extern "C" fn kosmos_engine_submit(
             params,
             logprobs,
             prompt_logprobs: None,
+            priority,
             arrived: Instant::now(),
             deadline: None,
             cancel: cancel.clone(),

@@ -67,6 +67,8 @@ struct Sampling {
     allowed_token_ids: Option<Vec<i64>>,
     /// vLLM's: words never generated.
     bad_words: Option<Vec<String>>,
+    /// vLLM's: lower is admitted first (waiting requests only; running ones keep their rows).
+    priority: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -527,6 +529,7 @@ impl AppState {
             n: n as usize,
             logprobs,
             echo,
+            priority: s.priority.unwrap_or(0),
         })
     }
 
@@ -537,6 +540,7 @@ impl AppState {
             n,
             logprobs,
             echo,
+            priority,
         } = r;
         let n = *n;
         let total = prompts.len() * n;
@@ -567,6 +571,7 @@ impl AppState {
                     params,
                     logprobs: *logprobs,
                     prompt_logprobs: if *echo { *logprobs } else { None },
+                    priority: *priority,
                     arrived,
                     deadline,
                     cancel,
@@ -692,11 +697,6 @@ const UNSUPPORTED: &[Unsupported] = &[
         "logprobs show tokens as text with their bytes",
     ),
     (
-        "priority",
-        |v| v.as_f64() == Some(0.0),
-        "requests are served first come, first served",
-    ),
-    (
         "chat_template",
         |_| false,
         "the package's chat_template (kosmos_rt.json) is the only one",
@@ -791,6 +791,8 @@ struct Requested {
     logprobs: Option<usize>,
     /// Completions' `echo`: the prompt's tokens get log-probabilities too.
     echo: bool,
+    /// vLLM's: lower is admitted first.
+    priority: i64,
 }
 
 /// `logprobs` / `top_logprobs` as the endpoint takes them: chat `logprobs: true` with
