@@ -105,7 +105,9 @@ def main():
         ("stop string in output", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "include_stop_str_in_output": True}, auth, 400, "include_stop_str_in_output"),
         # vLLM's and llama.cpp's fields that would change the answer: refused, never ignored.
         ("vLLM prompt_logprobs", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "prompt_logprobs": 1}, auth, 400, "prompt_logprobs is not supported"),
-        ("vLLM truncate_prompt_tokens", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "truncate_prompt_tokens": 4}, auth, 400, "truncate_prompt_tokens is not supported"),
+        ("vLLM truncate_prompt_tokens 0", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "truncate_prompt_tokens": 0}, auth, 400, "truncate_prompt_tokens must be"),
+        ("vLLM truncate_prompt_tokens with echo", "POST", "/v1/completions", {"model": args.model, "prompt": "a b c", "echo": True, "truncate_prompt_tokens": 2}, auth, 400, "cannot be combined with echo"),
+        ("vLLM truncation through an image", "POST", "/v1/chat/completions", {**good, "truncate_prompt_tokens": 12}, auth, 400, "would cut image 1"),
         ("vLLM skip_special_tokens false", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "skip_special_tokens": False}, auth, 400, "skip_special_tokens is not supported"),
         ("vLLM length_penalty", "POST", "/v1/chat/completions", chat("hi", length_penalty=2.0), auth, 400, "length_penalty is not supported"),
         ("vLLM chat_template", "POST", "/v1/chat/completions", chat("hi", chat_template="{{ 1 }}"), auth, 400, "chat_template is not supported"),

@@ -184,6 +184,34 @@ def main():
     if metric_sum(metrics, "kosmos_shared_prefill_tokens_total") <= 0:
         failures.append("the n=3 choices did not share their prefill")
 
+    # vLLM's truncate_prompt_tokens: the last k tokens of `<s> text`, as if sent as token ids;
+    # with -1 (the context) nothing is cut.
+    ids = httpx.post(args.base_url.removesuffix("/v1") + "/tokenize", headers={"Authorization": f"Bearer {args.api_key}"},
+                     json={"model": args.model, "prompt": text}).json()["tokens"]
+    cut = client.completions.create(model=args.model, prompt=text, max_tokens=8, temperature=0,
+                                    extra_body={"truncate_prompt_tokens": 3})
+    as_ids = client.completions.create(model=args.model, prompt=ids[-3:], max_tokens=8, temperature=0)
+    check("truncate_prompt_tokens 3 equals the last 3 token ids", cut.choices[0].text, as_ids.choices[0].text)
+    check("truncated prompt_tokens", cut.usage.prompt_tokens, 3)
+    whole = client.completions.create(model=args.model, prompt=text, max_tokens=8, temperature=0,
+                                      extra_body={"truncate_prompt_tokens": -1})
+    check("truncate_prompt_tokens -1 keeps the prompt", whole.usage.prompt_tokens, len(ids))
+    # A cut after an image drops the whole image (slots and pixels): the question alone.
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(args.image[0])}},
+                                             {"type": "text", "text": question}]}]
+    chat_ids = httpx.post(args.base_url.removesuffix("/v1") + "/tokenize", headers={"Authorization": f"Bearer {args.api_key}"},
+                          json={"model": args.model, "messages": messages}).json()["tokens"]
+    text_ids = httpx.post(args.base_url.removesuffix("/v1") + "/tokenize", headers={"Authorization": f"Bearer {args.api_key}"},
+                          json={"model": args.model, "prompt": question, "add_special_tokens": False}).json()["tokens"]
+    k = len(text_ids)
+    no_image = client.chat.completions.create(model=args.model, messages=messages, max_tokens=8, temperature=0,
+                                              extra_body={"truncate_prompt_tokens": k})
+    question_ids = client.completions.create(model=args.model, prompt=chat_ids[-k:], max_tokens=8, temperature=0)
+    check("truncation past an image equals the question's ids", no_image.choices[0].message.content,
+          question_ids.choices[0].text)
+    check("the question's ids are the chat prompt's last ones", chat_ids[-k:], text_ids)
+    check("truncated chat prompt_tokens", no_image.usage.prompt_tokens, k)
+
     # logit_bias, min_p, min_tokens, stop_token_ids (OpenAI's and vLLM's) as `kosmos-rt run`
     # applies them, with token ids from the server's own /tokenize.
     def token(word):

@@ -69,6 +69,8 @@ struct Sampling {
     bad_words: Option<Vec<String>>,
     /// vLLM's: lower is admitted first (waiting requests only; running ones keep their rows).
     priority: Option<i64>,
+    /// vLLM's: keep only the prompt's last k tokens (-1: the model's context).
+    truncate_prompt_tokens: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -212,6 +214,66 @@ struct Submitted {
 struct Prepared {
     assembled: kosmos_models::sequence::Assembled,
     pixels: Vec<Vec<f32>>,
+}
+
+impl AppState {
+    /// vLLM's `truncate_prompt_tokens`: the prompt's last k tokens (`<s>` included in the
+    /// count, as vLLM counts it). The cut may drop whole images, with their pixels, never part
+    /// of one (`<image>`, its slots and `</image>`).
+    fn truncate_prompt(&self, p: Prepared, s: &Sampling) -> Result<Prepared, ApiError> {
+        const FIELD: &str = "truncate_prompt_tokens";
+        let keep = match s.truncate_prompt_tokens {
+            None => return Ok(p),
+            Some(-1) => self.manifest.decoder.context_length,
+            Some(k) if k >= 1 => k as usize,
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    format!("{FIELD} must be ≥ 1 (or -1 for the model's context), got {k}"),
+                    FIELD,
+                ));
+            }
+        };
+        let len = p.assembled.len();
+        let Some(cut) = len.checked_sub(keep).filter(|&c| c > 0) else {
+            return Ok(p);
+        };
+        let mask = &p.assembled.image_mask;
+        let (mut dropped, mut image, mut i) = (0, 0, 0);
+        while i < len {
+            if !mask[i] {
+                i += 1;
+                continue;
+            }
+            let start = i.saturating_sub(1); // `<image>`
+            let mut end = i;
+            while end < len && mask[end] {
+                end += 1;
+            }
+            let end = (end + 1).min(len); // past `</image>`
+            image += 1;
+            if start < cut && cut < end {
+                return Err(ApiError::invalid(
+                    format!(
+                        "{FIELD} {keep} would cut image {image} (prompt tokens {start}..{end} of {len}); keep fewer or more tokens"
+                    ),
+                    FIELD,
+                ));
+            }
+            if end <= cut {
+                dropped += 1;
+            }
+            i = end;
+        }
+        let a = &p.assembled;
+        Ok(Prepared {
+            assembled: Assembled {
+                input_ids: a.input_ids[cut..].to_vec(),
+                image_mask: a.image_mask[cut..].to_vec(),
+                num_images: a.num_images - dropped,
+            },
+            pixels: p.pixels.into_iter().skip(dropped).collect(),
+        })
+    }
 }
 
 impl AppState {
@@ -670,11 +732,6 @@ const UNSUPPORTED: &[Unsupported] = &[
         "prompt_logprobs",
         |_| false,
         "score a prompt with /v1/completions, echo: true and logprobs",
-    ),
-    (
-        "truncate_prompt_tokens",
-        |_| false,
-        "prompts are never cut (a prompt over the context is a 400)",
     ),
     (
         "skip_special_tokens",
@@ -1227,7 +1284,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Re
         ));
     }
     let (segments, urls) = st.chat_prompt(&req.messages, req.add_generation_prompt.unwrap_or(true))?;
-    let prepared = st.prepare(segments, urls).await?;
+    let prepared = st.truncate_prompt(st.prepare(segments, urls).await?, &req.sampling)?;
     let mut r = st.params(&req.sampling, prepared.assembled.len(), Kind::Chat, false)?;
     r.params.constraint = constraint;
     let mut sub = st.submit(vec![prepared], &r)?;
@@ -1275,8 +1332,18 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<
             }
         }
     }
-    let longest = prepared.iter().map(|p| p.assembled.len()).max().unwrap_or(0);
     let echo = req.echo == Some(true);
+    if echo && req.sampling.truncate_prompt_tokens.is_some() {
+        return Err(ApiError::invalid(
+            "truncate_prompt_tokens cannot be combined with echo: the echoed prompt would not be the one scored",
+            "truncate_prompt_tokens",
+        ));
+    }
+    let prepared = prepared
+        .into_iter()
+        .map(|p| st.truncate_prompt(p, &req.sampling))
+        .collect::<Result<Vec<_>, _>>()?;
+    let longest = prepared.iter().map(|p| p.assembled.len()).max().unwrap_or(0);
     let mut r = st.params(&req.sampling, longest, Kind::Completion, echo)?;
     r.params.constraint = constraint;
     let total = prepared.len() * r.n;
