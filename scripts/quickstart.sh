@@ -2,7 +2,8 @@
 # The main job on the built-in default, from nothing: set up, train the tiny KOSMOS-1 on the
 # built-in synthetic task (shape captions + VQA), export it to ONNX, and caption / answer
 # held-out images through kosmos-rt (ONNX Runtime), printing accuracy next to the trainer's own
-# (and an int4-quantised package's).
+# (and an int4-quantised package's), then ask the server through the openai client and run the
+# held-out questions as an offline batch file.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -68,6 +69,32 @@ print(f"{url}: {question} {r.choices[0].message.content.strip()}  ({r.usage.tota
 PY
 kill -TERM "$server" && wait "$server"
 trap - EXIT
+
+echo "== offline: the 200 held-out questions as an OpenAI Batch API file through kosmos-rt batch =="
+.venv/bin/python - "$out" <<'PY'
+import json, os, sys
+out = os.path.abspath(sys.argv[1])
+with open(f"{out}/test-vqa/manifest.jsonl") as m, open(f"{out}/batch-requests.jsonl", "w") as f:
+    for i, line in enumerate(m):
+        item = json.loads(line)
+        content = [{"type": "image_url", "image_url": {"url": f"file://{out}/test-vqa/{item['image']}"}},
+                   {"type": "text", "text": item["prompt"]}]
+        body = {"model": "tiny-onnx", "max_tokens": 8, "temperature": 0,
+                "messages": [{"role": "user", "content": content}]}
+        f.write(json.dumps({"custom_id": f"vqa-{i}", "method": "POST", "url": "/v1/chat/completions",
+                            "body": body}) + "\n")
+PY
+$rt batch "$out/tiny-onnx" -i "$out/batch-requests.jsonl" -o "$out/batch-results.jsonl" \
+  --allow-file-root "$out" --force --quiet
+.venv/bin/python - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+answers = [json.loads(l)["text"] for l in open(f"{out}/test-vqa/manifest.jsonl")]
+results = [json.loads(l) for l in open(f"{out}/batch-results.jsonl")]
+right = sum(r["response"]["body"]["choices"][0]["message"]["content"].strip() == a.strip()
+            for r, a in zip(results, answers))
+print(f"batch: exact match {100 * right / len(answers):.1f}% ({right}/{len(answers)}), in {out}/batch-results.jsonl")
+PY
 
 echo
 echo "checkpoint: $out/tiny (loss curve: $out/tiny/loss.png), package: $out/tiny-onnx"
