@@ -348,6 +348,68 @@ fn the_package_chat_template_assembles_the_prompt() {
     assert_eq!(got, String::from_utf8_lossy(&out.stdout).trim());
 }
 
+/// vLLM's `add_generation_prompt: false` and `continue_final_message`: the template renders
+/// without the assistant's opening, and a final assistant message is continued (the template's
+/// end of turn after it cut), so the answer equals `kosmos-rt run` on that exact text.
+#[test]
+fn chat_continues_the_final_assistant_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pkg, _) = fixture(dir.path());
+    let manifest_path = pkg.join("kosmos_rt.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    manifest["chat_template"] =
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }} | {% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+            .into();
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    let server = Server::start(&pkg, &[]);
+    let answer = |extra: serde_json::Value, messages: serde_json::Value| {
+        let mut body =
+            serde_json::json!({"model": "pkg", "max_tokens": 6, "temperature": 0, "messages": messages});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, _, resp) = server.http("POST", "/v1/chat/completions", &body.to_string());
+        assert_eq!(status, 200, "{resp}");
+        let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let question = serde_json::json!({"role": "user", "content": "Question: what shape?"});
+    let started = serde_json::json!({"role": "assistant", "content": "It is a"});
+    let continued = answer(
+        serde_json::json!({"continue_final_message": true}),
+        serde_json::json!([question, started]),
+    );
+    let run = |prompt: &str| run_text(&pkg, &["--prompt", prompt, "--max-tokens", "6"]);
+    assert_eq!(
+        continued,
+        run("[user] Question: what shape? | [assistant] It is a")
+    );
+    // The prompt itself, token for token (a random model may answer alike either way).
+    let tokens = |body: serde_json::Value| {
+        let (status, _, resp) = server.http("POST", "/tokenize", &body.to_string());
+        assert_eq!(status, 200, "{resp}");
+        serde_json::from_str::<serde_json::Value>(&resp).unwrap()["tokens"].clone()
+    };
+    assert_eq!(
+        tokens(serde_json::json!({"messages": [question, started], "continue_final_message": true})),
+        tokens(serde_json::json!({"prompt": "[user] Question: what shape? | [assistant] It is a"}))
+    );
+    assert_eq!(
+        tokens(serde_json::json!({"messages": [question], "add_generation_prompt": false})),
+        tokens(serde_json::json!({"prompt": "[user] Question: what shape? | "}))
+    );
+    let unopened = answer(
+        serde_json::json!({"add_generation_prompt": false}),
+        serde_json::json!([question]),
+    );
+    assert_eq!(unopened, run("[user] Question: what shape? | "));
+}
+
 #[test]
 fn sigterm_drains_requests_in_flight() {
     let dir = tempfile::tempdir().unwrap();

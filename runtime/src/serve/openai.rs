@@ -86,6 +86,8 @@ struct ChatRequest {
     add_generation_prompt: Option<bool>,
     /// vLLM's chat `echo` (the last message before the answer); not supported.
     echo: Option<bool>,
+    /// vLLM's: the answer continues the final (assistant) message instead of a new turn.
+    continue_final_message: Option<bool>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -293,10 +295,28 @@ impl AppState {
     pub(super) fn chat_prompt(
         &self,
         messages: &[Message],
-        add_generation_prompt: bool,
+        add_generation_prompt: Option<bool>,
+        continue_final_message: bool,
     ) -> Result<(Vec<Segment>, Vec<String>), ApiError> {
         if messages.is_empty() {
             return Err(ApiError::invalid("messages must not be empty", "messages"));
+        }
+        // vLLM's pair: continuing the final (assistant) message opens no new turn.
+        let add_generation_prompt = match (add_generation_prompt, continue_final_message) {
+            (Some(true), true) => {
+                return Err(ApiError::invalid(
+                    "add_generation_prompt and continue_final_message cannot both be true",
+                    "continue_final_message",
+                ));
+            }
+            (_, true) => false,
+            (a, false) => a.unwrap_or(true),
+        };
+        if continue_final_message && messages.last().is_some_and(|m| m.role != "assistant") {
+            return Err(ApiError::invalid(
+                "continue_final_message continues the last message, which must be the assistant's",
+                "continue_final_message",
+            ));
         }
         let mut urls = Vec::new();
         // Per message: its parts in order (text, or an image place).
@@ -379,7 +399,7 @@ impl AppState {
                     .get_template("chat")
                     .map_err(|e| ApiError::internal(format!("chat template: {e}")))?;
                 let sp = self.tokenizer.special();
-                let text = tmpl
+                let mut text = tmpl
                     .render(json!({
                         "messages": msgs,
                         "add_generation_prompt": add_generation_prompt,
@@ -389,6 +409,23 @@ impl AppState {
                     .map_err(|e| {
                         ApiError::invalid(format!("the package's chat template failed: {e}"), "messages")
                     })?;
+                if continue_final_message {
+                    // The answer goes on from the final message's text: cut what the template
+                    // puts after it (its end-of-turn), as vLLM does.
+                    let last = msgs
+                        .last()
+                        .and_then(|m| m["content"].as_str())
+                        .unwrap_or_default();
+                    match text.rfind(last).filter(|_| !last.is_empty()) {
+                        Some(at) => text.truncate(at + last.len()),
+                        None => {
+                            return Err(ApiError::invalid(
+                                "continue_final_message: the final message is empty or the chat template does not keep its text as is",
+                                "continue_final_message",
+                            ));
+                        }
+                    }
+                }
                 let markers = text.matches(IMAGE_MARKER).count();
                 if markers != urls.len() {
                     return Err(ApiError::invalid(
@@ -772,11 +809,6 @@ const UNSUPPORTED: &[Unsupported] = &[
         "documents",
         |_| false,
         "the package's chat template takes no documents",
-    ),
-    (
-        "continue_final_message",
-        |v| v == &Value::Bool(false),
-        "the answer is always a new assistant turn",
     ),
     // llama.cpp's samplers.
     (
@@ -1283,7 +1315,11 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Re
             "echo",
         ));
     }
-    let (segments, urls) = st.chat_prompt(&req.messages, req.add_generation_prompt.unwrap_or(true))?;
+    let (segments, urls) = st.chat_prompt(
+        &req.messages,
+        req.add_generation_prompt,
+        req.continue_final_message.unwrap_or(false),
+    )?;
     let prepared = st.truncate_prompt(st.prepare(segments, urls).await?, &req.sampling)?;
     let mut r = st.params(&req.sampling, prepared.assembled.len(), Kind::Chat, false)?;
     r.params.constraint = constraint;

@@ -25,6 +25,8 @@ struct TokenizeRequest {
     add_special_tokens: Option<bool>,
     /// Messages only: open the assistant's turn, as the chat endpoint does (default true).
     add_generation_prompt: Option<bool>,
+    /// Messages only: continue the final assistant message, as the chat endpoint does.
+    continue_final_message: Option<bool>,
     /// List each token's text too (`token_strs`).
     return_token_strs: Option<bool>,
 }
@@ -45,8 +47,12 @@ pub async fn tokenize(State(st): State<Arc<AppState>>, body: Body) -> Result<Res
     let segments = match (&req.prompt, &req.messages) {
         (Some(text), None) => st.completion_segments(text)?,
         (None, Some(messages)) => {
-            st.chat_prompt(messages, req.add_generation_prompt.unwrap_or(true))?
-                .0
+            st.chat_prompt(
+                messages,
+                req.add_generation_prompt,
+                req.continue_final_message.unwrap_or(false),
+            )?
+            .0
         }
         _ => {
             return Err(ApiError::invalid(
