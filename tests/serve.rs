@@ -299,17 +299,23 @@ fn requests_past_their_timeout_get_504() {
     assert_eq!((status, body.contains("ok")), (200, true));
 }
 
+/// Give the package `pkg` this `chat_template` in its manifest.
+fn set_chat_template(pkg: &Path, template: &str) {
+    let path = pkg.join("kosmos_rt.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    manifest["chat_template"] = template.into();
+    std::fs::write(&path, manifest.to_string()).unwrap();
+}
+
 #[test]
 fn the_package_chat_template_assembles_the_prompt() {
     let dir = tempfile::tempdir().unwrap();
     let (pkg, images) = fixture(dir.path());
-    let manifest_path = pkg.join("kosmos_rt.json");
-    let mut manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
-    manifest["chat_template"] =
-        "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %} Answer:"
-            .into();
-    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    set_chat_template(
+        &pkg,
+        "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %} Answer:",
+    );
     let server = Server::start(&pkg, &[]);
     let png = std::fs::read(&images[0]).unwrap();
     let body = serde_json::json!({
@@ -355,13 +361,10 @@ fn the_package_chat_template_assembles_the_prompt() {
 fn chat_continues_the_final_assistant_message() {
     let dir = tempfile::tempdir().unwrap();
     let (pkg, _) = fixture(dir.path());
-    let manifest_path = pkg.join("kosmos_rt.json");
-    let mut manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
-    manifest["chat_template"] =
-        "{% for m in messages %}[{{ m.role }}] {{ m.content }} | {% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
-            .into();
-    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    set_chat_template(
+        &pkg,
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }} | {% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}",
+    );
     let server = Server::start(&pkg, &[]);
     let answer = |extra: serde_json::Value, messages: serde_json::Value| {
         let mut body =
