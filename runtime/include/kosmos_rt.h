@@ -159,7 +159,8 @@ typedef struct kosmos_tokenizer kosmos_tokenizer;
  */
 typedef struct kosmos_params {
   /*
-   `sizeof(struct kosmos_params)`, set by `kosmos_default_params()`.
+   `sizeof(struct kosmos_params)` as the caller compiled it, set by `KOSMOS_PARAMS_INIT` (or
+   `kosmos_default_params()`).
    */
   uint32_t struct_size;
   /*
@@ -281,7 +282,8 @@ typedef bool (*kosmos_token_callback)(const char *piece, void *user_data);
  */
 typedef struct kosmos_engine_config {
   /*
-   `sizeof(struct kosmos_engine_config)`, set by `kosmos_engine_default_config()`.
+   `sizeof(struct kosmos_engine_config)` as the caller compiled it, set by
+   `KOSMOS_ENGINE_CONFIG_INIT` (or `kosmos_engine_default_config()`).
    */
   uint32_t struct_size;
   /*

@@ -76,7 +76,8 @@ const PARAMS_MIN_SIZE: usize = size_of::<kosmos_params>();
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct kosmos_params {
-    /// `sizeof(struct kosmos_params)`, set by `kosmos_default_params()`.
+    /// `sizeof(struct kosmos_params)` as the caller compiled it, set by `KOSMOS_PARAMS_INIT` (or
+    /// `kosmos_default_params()`).
     pub struct_size: u32,
     /// Tokens to generate at most (≥ 1).
     pub max_tokens: u32,
@@ -651,7 +652,7 @@ pub(crate) unsafe fn init_sized<T: Copy>(
         return s;
     }
     let mut d = defaults;
-    // SAFETY: `out` is this library's full struct, starting with its u32 size.
+    // SAFETY: `d` is this library's full struct, starting with its u32 size.
     unsafe { (&raw mut d).cast::<u32>().write(size as u32) };
     // SAFETY: `size` bytes are writable at `ptr` per the contract and readable in `d`.
     unsafe { std::ptr::copy_nonoverlapping((&raw const d).cast::<u8>(), ptr.cast::<u8>(), size) };

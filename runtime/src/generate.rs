@@ -1047,16 +1047,15 @@ impl RowState {
             }
         }
         if !p.allowed_token_ids.is_empty() {
-            let mut allowed = vec![false; logits.len()];
-            for &t in &p.allowed_token_ids {
-                if let Some(a) = allowed.get_mut(t as usize) {
-                    *a = true;
-                }
-            }
-            for (l, a) in logits.iter_mut().zip(allowed) {
-                if !a {
-                    *l = f32::NEG_INFINITY;
-                }
+            // Keep the allowed logits, rule out the rest.
+            let kept: Vec<(usize, f32)> = p
+                .allowed_token_ids
+                .iter()
+                .filter_map(|&t| logits.get(t as usize).map(|&l| (t as usize, l)))
+                .collect();
+            logits.fill(f32::NEG_INFINITY);
+            for (t, l) in kept {
+                logits[t] = l;
             }
         }
         for word in &p.bad_words {

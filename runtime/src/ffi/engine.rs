@@ -27,7 +27,8 @@ use crate::metrics::Metrics;
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct kosmos_engine_config {
-    /// `sizeof(struct kosmos_engine_config)`, set by `kosmos_engine_default_config()`.
+    /// `sizeof(struct kosmos_engine_config)` as the caller compiled it, set by
+    /// `KOSMOS_ENGINE_CONFIG_INIT` (or `kosmos_engine_default_config()`).
     pub struct_size: u32,
     /// Sequences decoded together (rows of the KV pool, ≥ 1).
     pub max_batch: u32,
@@ -384,9 +385,6 @@ pub unsafe extern "C" fn kosmos_engine_submit(
                 kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
                 "params: the engine decodes one sequence per request (beams = 1); beam search runs through kosmos_generate",
             );
-        }
-        if let Some((_, m)) = params.invalid_token(engine.tokenizer.vocab_size()) {
-            return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, format!("params: {m}"));
         }
         let prepared = engine.prepare(&prompt, params.max_tokens);
         let (assembled, pixels) = match prepared {

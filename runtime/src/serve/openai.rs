@@ -603,7 +603,7 @@ impl AppState {
             min_p: s.min_p.unwrap_or(0.0),
             min_tokens: usize::try_from(s.min_tokens.unwrap_or(0))
                 .map_err(|_| ApiError::invalid("min_tokens must be ≥ 0", "min_tokens"))?,
-            stop_token_ids: stop_ids(s.stop_token_ids.as_deref(), "stop_token_ids")?,
+            stop_token_ids: token_id_list(s.stop_token_ids.as_deref(), "stop_token_ids")?,
             constraint: None,
             allowed_token_ids: match s.allowed_token_ids.as_deref() {
                 Some([]) => {
@@ -612,7 +612,7 @@ impl AppState {
                         "allowed_token_ids",
                     ));
                 }
-                ids => stop_ids(ids, "allowed_token_ids")?,
+                ids => token_id_list(ids, "allowed_token_ids")?,
             },
             bad_words: bad_word_tokens(&self.tokenizer, s.bad_words.as_deref().unwrap_or_default())
                 .map_err(|m| ApiError::invalid(m, "bad_words"))?,
@@ -719,7 +719,8 @@ fn logit_bias(m: Option<&std::collections::HashMap<String, f32>>) -> Result<Vec<
     Ok(out)
 }
 
-fn stop_ids(ids: Option<&[i64]>, field: &'static str) -> Result<Vec<u32>, ApiError> {
+/// A request field holding token ids (absent: none), each checked to be one.
+fn token_id_list(ids: Option<&[i64]>, field: &'static str) -> Result<Vec<u32>, ApiError> {
     ids.into_iter()
         .flatten()
         .map(|&t| {
