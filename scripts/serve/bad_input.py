@@ -60,15 +60,22 @@ def main():
     good = chat(image(data_url(args.image)), temperature=0)
     root = os.path.realpath(args.file_root)
     cases = [
-        # (name, method, path, body (dict | bytes), headers, expected status, words the message must contain)
+        # (name, method, path, body (dict | bytes), headers, expected status, words the message must
+        # contain[, the error's param])
         ("malformed JSON", "POST", "/v1/chat/completions", b'{"model": "x", "messages": [', auth, 400, "malformed JSON"),
-        ("body not an object", "POST", "/v1/chat/completions", b"[1, 2]", auth, 400, "invalid request"),
-        ("messages wrong type", "POST", "/v1/chat/completions", {"model": args.model, "messages": "hi"}, auth, 400, "invalid"),
-        ("max_tokens wrong type", "POST", "/v1/chat/completions", chat("hi", max_tokens="ten"), auth, 400, "invalid"),
-        ("missing messages", "POST", "/v1/chat/completions", {"model": args.model}, auth, 400, "messages"),
+        ("body not an object", "POST", "/v1/chat/completions", b"[1, 2]", auth, 400, "the body must be a JSON object", "body"),
+        ("messages wrong type", "POST", "/v1/chat/completions", {"model": args.model, "messages": "hi"}, auth, 400, "messages: invalid type: string \"hi\", expected an array", "messages"),
+        ("max_tokens wrong type", "POST", "/v1/chat/completions", chat("hi", max_tokens="ten"), auth, 400, "max_tokens: invalid type: string \"ten\", expected an integer", "max_tokens"),
+        ("temperature wrong type", "POST", "/v1/completions", {"prompt": "a", "temperature": "hot"}, auth, 400, "expected a number", "temperature"),
+        ("stop wrong type", "POST", "/v1/completions", {"prompt": "a", "stop": 5}, auth, 400, "stop: expected a string or an array of strings", "stop"),
+        ("logit_bias value wrong type", "POST", "/v1/completions", {"prompt": "a", "logit_bias": {"5": "up"}}, auth, 400, "expected a number", "logit_bias.5"),
+        ("stream wrong type", "POST", "/v1/chat/completions", chat("hi", stream="yes"), auth, 400, "expected a boolean", "stream"),
+        ("content wrong type", "POST", "/v1/chat/completions", chat(5), auth, 400, "expected a string or an array of content parts", "messages[0].content"),
+        ("message without role", "POST", "/v1/chat/completions", {"messages": [{"content": "hi"}]}, auth, 400, "missing field `messages[0].role`", "messages[0].role"),
+        ("missing messages", "POST", "/v1/chat/completions", {"model": args.model}, auth, 400, "missing field `messages`", "messages"),
         ("empty messages", "POST", "/v1/chat/completions", {"model": args.model, "messages": []}, auth, 400, "messages must not be empty"),
         ("unknown role", "POST", "/v1/chat/completions", {"model": args.model, "messages": [{"role": "robot", "content": "hi"}]}, auth, 400, "role"),
-        ("unknown part type", "POST", "/v1/chat/completions", chat([{"type": "audio", "audio": {}}]), auth, 400, "invalid"),
+        ("unknown part type", "POST", "/v1/chat/completions", chat([{"type": "audio", "audio": {}}]), auth, 400, "part 0: unknown variant `audio`", "messages[0].content"),
         ("unknown model", "POST", "/v1/chat/completions", {**good, "model": "gpt-4"}, auth, 404, "does not exist"),
         ("invalid base64", "POST", "/v1/chat/completions", chat(image("data:image/png;base64,!!!not-base64!!!")), auth, 400, "invalid base64"),
         ("data URL without base64", "POST", "/v1/chat/completions", chat(image("data:image/png,rawbytes")), auth, 400, "base64"),
@@ -142,7 +149,7 @@ def main():
         ("body too large", "POST", "/v1/chat/completions", b'{"model": "' + b"x" * (40 << 20) + b'"}', auth, 413, "too large"),
     ]
     failures = []
-    for name, method, path, body, headers, status, words in cases:
+    for name, method, path, body, headers, status, words, *param in cases:
         kw = {"headers": headers}
         if isinstance(body, bytes):
             kw["content"] = body
@@ -160,6 +167,8 @@ def main():
                     problems.append(f"error object lacks '{key}'")
             if words.lower() not in err["message"].lower():
                 problems.append(f"message {err['message']!r} does not mention {words!r}")
+            if param and err["param"] != param[0]:
+                problems.append(f"param {err['param']!r}, wanted {param[0]!r}")
         except Exception as e:  # noqa: BLE001 - any non-JSON answer is a failure to report
             problems.append(f"not an OpenAI error body ({e}): {r.text[:200]!r}")
         # After each bad request the server must still answer a good one.
@@ -175,6 +184,11 @@ def main():
     print(f"{'ok' if r.status_code == 200 else 'FAIL':5} file URL under the root: {r.status_code}")
     if r.status_code != 200:
         failures.append(f"file under the root refused: {r.text}")
+    # As in vLLM, `model` may be left out: the server serves one.
+    r = client.post("/v1/chat/completions", json={k: v for k, v in good.items() if k != "model"}, headers=auth)
+    print(f"{'ok' if r.status_code == 200 else 'FAIL':5} request without model: {r.status_code}")
+    if r.status_code != 200:
+        failures.append(f"request without model refused: {r.text}")
     r = client.get("/health")
     if r.status_code != 200:
         failures.append(f"/health without a key: {r.status_code}")

@@ -1,6 +1,8 @@
 //! Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with the HTTP
 //! status OpenAI uses for the same condition.
 
+use std::borrow::Cow;
+
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -10,7 +12,8 @@ pub struct ApiError {
     pub status: u16,
     pub message: String,
     pub kind: &'static str,
-    pub param: Option<&'static str>,
+    /// The field at fault, as a path (`max_tokens`, `messages[0].content`).
+    pub param: Option<Cow<'static, str>>,
     pub code: Option<&'static str>,
     /// Seconds, for 429.
     pub retry_after: Option<u64>,
@@ -29,9 +32,9 @@ impl ApiError {
     }
 
     /// 400: the request is wrong; `param` names the field.
-    pub fn invalid(message: impl Into<String>, param: &'static str) -> Self {
+    pub fn invalid(message: impl Into<String>, param: impl Into<Cow<'static, str>>) -> Self {
         ApiError {
-            param: Some(param),
+            param: Some(param.into()),
             ..Self::new(400, "invalid_request_error", message)
         }
     }

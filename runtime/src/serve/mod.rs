@@ -10,6 +10,7 @@
 //! Batch API files through the same router without a socket.
 
 pub mod batch_job;
+mod body;
 pub mod error;
 pub mod images;
 mod logprobs;
@@ -237,7 +238,7 @@ fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(state.clone(), count))
-        // The handlers enforce --max-body-bytes themselves (see `openai::read_body`).
+        // The handlers enforce --max-body-bytes themselves (see `body::read_body`).
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }

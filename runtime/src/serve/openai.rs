@@ -6,17 +6,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use http_body_util::BodyExt;
 use kosmos_models::sequence::{Assembled, Segment, assemble};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::AppState;
+use super::body::{RequestBody, kind_of, locate_in, parse_bytes, read_body};
 use super::error::ApiError;
 use super::tools::{self, ToolCalls};
 use super::{images, logprobs, structured};
@@ -26,7 +26,7 @@ use crate::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob};
 
 /// `stop`: one string or several.
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "expected a string or an array of strings")]
 enum Stop {
     One(String),
     Many(Vec<String>),
@@ -80,7 +80,8 @@ struct StreamOptions {
 
 #[derive(Deserialize)]
 struct ChatRequest {
-    model: String,
+    /// Optional, as in vLLM: this server serves one model.
+    model: Option<String>,
     messages: Vec<Message>,
     /// vLLM's: whether the chat template opens the assistant's turn (default true).
     add_generation_prompt: Option<bool>,
@@ -102,11 +103,32 @@ pub(super) struct Message {
     tool_calls: Option<Vec<Value>>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum Content {
     Text(String),
     Parts(Vec<Part>),
+}
+
+/// By hand rather than `untagged`, whose one message ("did not match any variant") would hide
+/// which part is wrong and why.
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Value::deserialize(d)? {
+            Value::String(text) => Ok(Content::Text(text)),
+            Value::Array(parts) => parts
+                .into_iter()
+                .enumerate()
+                .map(|(i, part)| {
+                    Part::deserialize(part).map_err(|e| D::Error::custom(format!("part {i}: {e}")))
+                })
+                .collect::<Result<_, _>>()
+                .map(Content::Parts),
+            other => Err(D::Error::custom(format!(
+                "invalid type: {}, expected a string or an array of content parts",
+                kind_of(&other)
+            ))),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -117,7 +139,7 @@ enum Part {
 }
 
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "expected an object {\"url\": ...} or a URL string")]
 enum ImageUrl {
     Object { url: String },
     Plain(String),
@@ -125,7 +147,8 @@ enum ImageUrl {
 
 #[derive(Deserialize)]
 struct CompletionRequest {
-    model: String,
+    /// Optional, as in vLLM: this server serves one model.
+    model: Option<String>,
     /// A string, strings, token ids, or token-id lists (see [`completion_prompts`]).
     prompt: Value,
     #[serde(flatten)]
@@ -135,50 +158,16 @@ struct CompletionRequest {
     best_of: Option<i64>,
 }
 
-/// The request body, at most `limit` bytes. A bigger body is still read (and dropped) up to
-/// [`DRAIN_LIMIT`] before the 413 goes out: closing a connection whose client is still sending
-/// makes the kernel reset it, and the client would never see the answer.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    let mut body = body;
-    let mut buf = Vec::new();
-    let mut seen = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame =
-            frame.map_err(|e| ApiError::invalid(format!("cannot read the request body: {e}"), "body"))?;
-        let Ok(data) = frame.into_data() else { continue };
-        seen += data.len();
-        if seen <= limit {
-            buf.extend_from_slice(&data);
-        } else if seen > DRAIN_LIMIT {
-            break;
-        }
+impl RequestBody for ChatRequest {
+    fn locate_flattened(fields: &serde_json::Map<String, Value>) -> Option<(String, String)> {
+        locate_in::<Sampling>(fields)
     }
-    if seen > limit {
-        return Err(ApiError::too_large(format!(
-            "request body too large: {}{seen} bytes, the limit is {limit} (--max-body-bytes)",
-            if seen > DRAIN_LIMIT { "over " } else { "" }
-        )));
-    }
-    Ok(Bytes::from(buf))
 }
 
-/// How much of an oversized body is read before giving up on a clean answer.
-const DRAIN_LIMIT: usize = 256 << 20;
-
-pub(super) async fn parse<T: serde::de::DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
-    let body = read_body(body, limit).await?;
-    parse_bytes(&body)
-}
-
-fn parse_bytes<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        let what = if e.is_syntax() || e.is_eof() {
-            "malformed JSON"
-        } else {
-            "invalid request"
-        };
-        ApiError::invalid(format!("{what}: {e}"), "body")
-    })
+impl RequestBody for CompletionRequest {
+    fn locate_flattened(fields: &serde_json::Map<String, Value>) -> Option<(String, String)> {
+        locate_in::<Sampling>(fields)
+    }
 }
 
 fn now_secs() -> u64 {
@@ -1298,7 +1287,9 @@ async fn respond(
 pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
     let body = read_body(body, st.cfg.max_body_bytes).await?;
     let req: ChatRequest = parse_bytes(&body)?;
-    st.check_model(&req.model)?;
+    if let Some(m) = &req.model {
+        st.check_model(m)?;
+    }
     refuse_unsupported(&body)?;
     let (constraint, tool_calls) = match (structured::requested(&body)?, tools::requested(&body)?) {
         (Some(_), Some(_)) => {
@@ -1332,7 +1323,9 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Re
 pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
     let body = read_body(body, st.cfg.max_body_bytes).await?;
     let req: CompletionRequest = parse_bytes(&body)?;
-    st.check_model(&req.model)?;
+    if let Some(m) = &req.model {
+        st.check_model(m)?;
+    }
     refuse_unsupported(&body)?;
     tools::refuse(&body)?;
     let constraint = structured::requested(&body)?;

@@ -12,9 +12,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::body::{RequestBody, parse};
 use super::error::ApiError;
 use super::logprobs::token_text;
-use super::openai::{Message, parse, token_ids};
+use super::openai::{Message, token_ids};
 
 #[derive(Deserialize)]
 struct TokenizeRequest {
@@ -36,6 +37,9 @@ struct DetokenizeRequest {
     model: Option<String>,
     tokens: Vec<Value>,
 }
+
+impl RequestBody for TokenizeRequest {}
+impl RequestBody for DetokenizeRequest {}
 
 /// The ids the completions (`prompt`) or chat (`messages`) endpoint would feed the model. Images
 /// are not fetched: each stands for its slots, so `count` equals the response's `prompt_tokens`.
