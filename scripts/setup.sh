@@ -33,9 +33,17 @@ fi
 torch_dir="$("$venv/bin/python" -c 'import torch, os; print(os.path.dirname(torch.__file__))')"
 ort_lib="$("$venv/bin/python" -c 'import onnxruntime, os, glob; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so.*")))[-1])')"
 
+# NVIDIA's compiler wheels put a CUDA toolkit under nvidia/cu13, short of two links that a
+# toolkit root has: nvcc 13.0 links from lib64, and CMake's FindCUDAToolkit wants libcudart.so.
+cuda_dir="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia/cu13"
+[[ -e "$cuda_dir/lib64" ]] || ln -s lib "$cuda_dir/lib64"
+[[ -e "$cuda_dir/lib/libcudart.so" ]] || ln -s libcudart.so.13 "$cuda_dir/lib/libcudart.so"
+
 mkdir -p .deps
 ln -sfn "$torch_dir" .deps/libtorch
 ln -sfn "$ort_lib" .deps/libonnxruntime.so
+ln -sfn "$cuda_dir" .deps/cuda
 log "libtorch      -> $torch_dir"
 log "onnxruntime   -> $ort_lib"
+log "cuda (nvcc)   -> $cuda_dir"
 log "ready"
