@@ -432,7 +432,21 @@ fn prefix_cache_reuse_equals_generation_alone() {
                     .map(|e| e.iter().zip(&k).take_while(|(x, y)| x == y).count())
                     .max()
                     .unwrap_or(0);
-                expect_hits += common.min(k.len() - 1) as u64;
+                let reusable = common.min(k.len() - 1);
+                expect_hits += reusable as u64;
+                // What the summary reports as cached (OpenAI's cached_tokens): at most what
+                // the cache held; all of it for a prompt prefilled alone.
+                assert!(
+                    done.cached_tokens <= reusable,
+                    "{case}: wave {w} #{i}: {} cached of {reusable}",
+                    done.cached_tokens
+                );
+                if wave.len() == 1 {
+                    assert_eq!(
+                        done.cached_tokens, reusable,
+                        "{case}: wave {w} #{i} cached tokens"
+                    );
+                }
                 let mut entry = k;
                 entry.extend(done.tokens[..done.tokens.len() - 1].iter().map(|&t| t as u64));
                 finished.push(entry);

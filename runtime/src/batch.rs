@@ -101,6 +101,10 @@ pub struct SeqSummary {
     pub tokens: Vec<u32>,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache instead of being
+    /// computed (OpenAI's `cached_tokens`); a sequence sharing another's prefill (same prompt,
+    /// same admission) counts what that one did.
+    pub cached_tokens: usize,
 }
 
 impl SeqSummary {
@@ -111,6 +115,7 @@ impl SeqSummary {
             tokens: Vec::new(),
             finish_reason: FinishReason::Cancelled,
             prompt_tokens: req.assembled.len(),
+            cached_tokens: 0,
         }
     }
 }
@@ -168,6 +173,8 @@ struct Running {
     keys: Vec<PositionKey>,
     /// Why the sequence cannot go on (reported as `Failed` when it retires).
     failure: Option<String>,
+    /// Its prompt tokens that the prefix cache gave (see [`SeqSummary::cached_tokens`]).
+    cached_tokens: usize,
 }
 
 /// A group of admitted sequences being prefilled, chunk by chunk, in pool rows
@@ -179,6 +186,9 @@ struct Prefill {
     width: usize,
     /// Positions `0..written` of every row are in the cache.
     written: usize,
+    /// Where the prefill calls began: each row's prompt slots before it came from the prefix
+    /// cache.
+    start: usize,
     /// [rows, width]: token ids, image slots, real (1) or padding (0).
     ids: Vec<i64>,
     image_mask: Vec<bool>,
@@ -980,6 +990,7 @@ impl Engine {
             first,
             width,
             written,
+            start: written,
             ids,
             image_mask,
             real,
@@ -1144,6 +1155,9 @@ impl Engine {
             }
             let seed = req.params.seed;
             let score_only = req.params.max_tokens == 0;
+            // Left-padded to the group's width, the prompt starts at width − len; the calls
+            // computed from `start` (a follower's prompt is its leader's).
+            let cached_tokens = (p.start + req.assembled.len()).saturating_sub(p.width);
             let mut run = Running {
                 state: RowState::new(&req.assembled, seed).constrained(self.pkg.constraint(&req.params)),
                 mask: p.real[r * p.width..(r + 1) * p.width].to_vec(),
@@ -1153,6 +1167,7 @@ impl Engine {
                 pending_logprobs: Vec::new(),
                 keys,
                 failure: None,
+                cached_tokens,
                 req,
             };
             if score_only {
@@ -1323,6 +1338,7 @@ impl Engine {
                 tokens: std::mem::take(&mut run.state.tokens),
                 finish_reason: reason,
                 prompt_tokens,
+                cached_tokens: run.cached_tokens,
             };
             (run.req.sink)(SeqEvent::Done(summary));
         }

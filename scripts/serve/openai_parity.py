@@ -1,7 +1,7 @@
 """The official `openai` client against `kosmos-rt serve` (DESIGN §7 step 6): chat with an image
 (plain and streaming), completions (plain and streaming), logprobs in both shapes, echo, models,
-penalties, seeded n, logit_bias / min_p / min_tokens / stop_token_ids; greedy answers must equal
-`kosmos-rt run` on the same inputs.
+penalties, seeded n, logit_bias / min_p / min_tokens / stop_token_ids, the prefix cache's
+cached_tokens; greedy answers must equal `kosmos-rt run` on the same inputs.
 
     python scripts/serve/openai_parity.py --base-url http://127.0.0.1:8000/v1 \
         --binary target/debug/kosmos-rt --package pkg --image a.png --image b.png
@@ -42,6 +42,18 @@ def main():
         )
         check(f"chat caption {img}", r.choices[0].message.content.strip(), want_caption)
         assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0, r.usage
+        if img == args.image[0]:
+            check("cached_tokens of the first chat", r.usage.prompt_tokens_details.cached_tokens, 0)
+            # The same chat again: the prefix cache gives all of its prompt but the last token.
+            again = client.chat.completions.create(
+                model=args.model,
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}}]}],
+                max_tokens=16,
+                temperature=0,
+            )
+            check("chat caption again", again.choices[0].message.content.strip(), want_caption)
+            check("cached_tokens of a repeated chat", again.usage.prompt_tokens_details.cached_tokens,
+                  again.usage.prompt_tokens - 1)
 
         want_vqa = run_reference(args.binary, args.package, prompt=question, images=[img], max_tokens=8)
         stream = client.chat.completions.create(

@@ -193,6 +193,8 @@ struct Submitted {
     events: UnboundedReceiver<(usize, SeqEvent)>,
     guard: CancelOnDrop,
     prompt_tokens: usize,
+    /// Choices per prompt: choice `i` is of prompt `i / n`.
+    n: usize,
     /// Responses carry `logprobs` (the request asked for them).
     wants_logprobs: bool,
     /// Completions' `echo`: each choice's prompt text, which its text starts with.
@@ -683,6 +685,7 @@ impl AppState {
             events: rx,
             guard: CancelOnDrop(flags),
             prompt_tokens,
+            n,
             wants_logprobs: logprobs.is_some(),
             echo: None,
             tools: None,
@@ -1002,8 +1005,20 @@ fn tool_message(
     ))
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// OpenAI's `usage`; `cached`: prompt tokens the prefix cache gave.
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+/// A request's cached prompt tokens from its choices' summaries: each prompt counted once (as
+/// `prompt_tokens` counts it), by its first choice.
+fn cached_tokens(per_choice: &[usize], n: usize) -> usize {
+    per_choice.iter().step_by(n.max(1)).sum()
 }
 
 /// Which endpoint a response is for.
@@ -1028,6 +1043,7 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
         events: mut rx,
         guard: _guard,
         prompt_tokens,
+        n,
         wants_logprobs,
         echo,
         tools,
@@ -1041,6 +1057,7 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
             prompt_logprobs: Vec::new(),
         })
         .collect();
+    let mut cached = vec![0; total];
     let mut done = 0;
     while done < total {
         let Some((i, ev)) = rx.recv().await else {
@@ -1059,6 +1076,7 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
                 };
                 c.finish = Some(s.finish_reason);
                 c.tokens = s.tokens.len();
+                cached[i] = s.cached_tokens;
                 done += 1;
             }
             SeqEvent::Failed(SeqFailure::Timeout) => {
@@ -1100,7 +1118,7 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
                 };
                 json!({"index": i, "message": message, "logprobs": lp((i, c)), "finish_reason": reason})
             }).collect::<Vec<_>>(),
-            "usage": usage(prompt_tokens, completion),
+            "usage": usage(prompt_tokens, completion, cached_tokens(&cached, n)),
         }),
         Kind::Completion => json!({
             "id": request_id("cmpl"),
@@ -1113,7 +1131,7 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
                 "logprobs": lp((i, c)),
                 "finish_reason": finish_str(c.finish.unwrap_or(FinishReason::Length)),
             })).collect::<Vec<_>>(),
-            "usage": usage(prompt_tokens, completion),
+            "usage": usage(prompt_tokens, completion, cached_tokens(&cached, n)),
         }),
     };
     Ok(axum::Json(body).into_response())
@@ -1125,6 +1143,7 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
         events: mut rx,
         guard,
         prompt_tokens,
+        n,
         wants_logprobs,
         echo,
         tools,
@@ -1161,6 +1180,7 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
         }
         let mut done = 0;
         let mut completion = 0;
+        let mut cached = vec![0; total];
         // Each choice's generated tokens so far and where they start (after an echoed prompt),
         // for completions' text_offset.
         let mut offsets = vec![Vec::new(); total];
@@ -1221,6 +1241,7 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
                 SeqEvent::Done(s) => {
                     done += 1;
                     completion += s.tokens.len();
+                    cached[i] = s.cached_tokens;
                     let mut reason = finish_str(s.finish_reason);
                     if let Some(mode) = &tools {
                         if let Some((message, r)) = tool_message(Some(mode), s.finish_reason, &s.text, true) {
@@ -1241,7 +1262,7 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
                     };
                     // The last finish chunk carries the usage too (clients that did not ask for
                     // the usage chunk still see it).
-                    let u = (done == total).then(|| usage(prompt_tokens, completion));
+                    let u = (done == total).then(|| usage(prompt_tokens, completion, cached_tokens(&cached, n)));
                     yield Ok(chunk(json!([choice]), u));
                 }
                 SeqEvent::Failed(f) => {
@@ -1256,7 +1277,7 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
             }
         }
         if include_usage && done == total {
-            yield Ok(chunk(json!([]), Some(usage(prompt_tokens, completion))));
+            yield Ok(chunk(json!([]), Some(usage(prompt_tokens, completion, cached_tokens(&cached, n)))));
         }
         yield Ok(Event::default().data("[DONE]"));
     };
