@@ -143,6 +143,14 @@ fn structured_outputs_pass_pythons_validators() {
     client_script("structured.py");
 }
 
+/// OpenAI's Responses API through the official client: image and text input items, a string
+/// input after instructions, streaming events, logprobs and a JSON-Schema `text.format`, each
+/// equal to `kosmos-rt run` or the chat endpoint, and what a stateless server refuses.
+#[test]
+fn responses_api_answers_equal_kosmos_rt_run() {
+    client_script("responses_api.py");
+}
+
 /// Run a client script of `scripts/serve/` against a server on the random fixture, with the
 /// arguments they share (server URL, `kosmos-rt` binary and package for `run` references, two
 /// images).
@@ -543,6 +551,9 @@ fn batch_files_answer_like_kosmos_rt_run_in_input_order_and_resume() {
         ),
         serde_json::json!({"custom_id": "sampled", "method": "POST", "url": "/v1/completions",
             "body": {"model": "pkg", "prompt": "a", "max_tokens": 6, "n": 2, "temperature": 1, "seed": 5}}),
+        serde_json::json!({"custom_id": "response", "method": "POST", "url": "/v1/responses",
+            "body": {"model": "pkg", "max_output_tokens": 8, "temperature": 0, "input": [{"role": "user",
+                "content": [{"type": "input_image", "image_url": url(1)}, {"type": "input_text", "text": "Question: what colour is the circle? Answer:"}]}]}}),
     ];
     let input = dir.path().join("requests.jsonl");
     let mut text: Vec<String> = requests
@@ -561,7 +572,9 @@ fn batch_files_answer_like_kosmos_rt_run_in_input_order_and_resume() {
     let ids: Vec<&str> = got.iter().map(|l| l["custom_id"].as_str().unwrap()).collect();
     assert_eq!(
         ids,
-        ["caption", "question", "text", "refused", "schema", "sampled"]
+        [
+            "caption", "question", "text", "refused", "schema", "sampled", "response"
+        ]
     );
     let content = |l: &serde_json::Value| {
         let c = &l["response"]["body"]["choices"][0];
@@ -594,6 +607,16 @@ fn batch_files_answer_like_kosmos_rt_run_in_input_order_and_resume() {
     assert_eq!(
         content(&got[2]),
         run_text(&pkg, &["--prompt", "a red", "--max-tokens", "5"])
+    );
+    // The Responses API's answer to the same question as "question".
+    let response = &got[6]["response"]["body"];
+    assert_eq!(response["object"], "response", "{response}");
+    assert_eq!(
+        response["output"][0]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .trim(),
+        content(&got[1])
     );
     let schema_file = s(&dir.path().join("schema.json"));
     let want = run_text(
@@ -633,7 +656,7 @@ fn batch_files_answer_like_kosmos_rt_run_in_input_order_and_resume() {
             .unwrap()
             .contains("temperature")
     );
-    assert!(err.contains("5 succeeded, 1 failed"), "{err}");
+    assert!(err.contains("6 succeeded, 1 failed"), "{err}");
 
     // An existing output is never overwritten without --force.
     let before = std::fs::read(&out).unwrap();
@@ -667,7 +690,7 @@ fn batch_files_answer_like_kosmos_rt_run_in_input_order_and_resume() {
     let (code, err) = batch(&pkg, &input, &out, &["--allow-file-root", &root, "--resume"]);
     assert_eq!(code, 0, "{err}");
     let resumed = lines(&out);
-    assert_eq!(resumed.len(), 6);
+    assert_eq!(resumed.len(), 7);
     assert_eq!(resumed[0]["id"], "kept");
     assert_eq!(resumed[1]["id"], "kept");
     assert_ne!(resumed[2]["id"], "kept");
@@ -677,7 +700,11 @@ fn batch_files_answer_like_kosmos_rt_run_in_input_order_and_resume() {
             got[i]["response"]["body"]["choices"]
         );
     }
-    assert!(err.contains("resuming: 2 of 6 requests already written"), "{err}");
+    assert_eq!(
+        resumed[6]["response"]["body"]["output"][0]["content"],
+        got[6]["response"]["body"]["output"][0]["content"]
+    );
+    assert!(err.contains("resuming: 2 of 7 requests already written"), "{err}");
 }
 
 /// Every envelope problem of a batch file is reported, with its line, before anything runs, and

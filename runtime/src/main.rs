@@ -234,7 +234,7 @@ enum Command {
         Each input line: {\"custom_id\": \"img-1\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\",\n  \
           \"body\": {\"model\": \"k1\", \"max_tokens\": 32, \"messages\": [{\"role\": \"user\", \"content\": [\n    \
             {\"type\": \"image_url\", \"image_url\": {\"url\": \"file:///data/images/1.jpg\"}}]}]}}\n\
-        (url may also be /v1/completions; the body is what the server takes, without stream).\n\
+        (url may also be /v1/completions or /v1/responses; the body is what the server takes, without stream).\n\
         Each output line, in input order: {\"id\", \"custom_id\", \"response\": {\"status_code\", \"request_id\",\n  \
         \"body\"}, \"error\"}; error is null on success. Every line's envelope is checked before the model\n\
         loads. Results go to OUTPUT.partial until the last one is written; exit status 130 after Ctrl-C.")]

@@ -3,7 +3,7 @@
 //! `run_batch` does.
 //!
 //! Input, one request per line: `{"custom_id": "...", "method": "POST", "url":
-//! "/v1/chat/completions" | "/v1/completions", "body": {...}}`. Output, one line per request in
+//! "/v1/chat/completions" | "/v1/completions" | "/v1/responses", "body": {...}}`. Output, one line per request in
 //! input order: `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`,
 //! `error` being null on success and `{"code", "message"}` otherwise (the body then holds the
 //! server's error object). Every line's envelope is checked before the model loads, so a typo
@@ -34,7 +34,7 @@ use crate::error::{Result, RtError};
 use crate::package::Package;
 
 /// The endpoints a batch line may name.
-pub const BATCH_URLS: &[&str] = &["/v1/chat/completions", "/v1/completions"];
+pub const BATCH_URLS: &[&str] = &["/v1/chat/completions", "/v1/completions", "/v1/responses"];
 
 /// At most this many envelope errors are listed before the rest are only counted.
 const MAX_LISTED_ERRORS: usize = 20;

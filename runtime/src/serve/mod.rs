@@ -15,6 +15,7 @@ pub mod error;
 pub mod images;
 mod logprobs;
 mod openai;
+mod responses;
 mod structured;
 mod tokenize;
 mod tools;
@@ -227,6 +228,7 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{id}", get(openai::model))
         .route("/tokenize", post(tokenize::tokenize))

@@ -35,23 +35,23 @@ enum Stop {
 /// Sampling fields shared by both endpoints (OpenAI's names, plus `top_k` and
 /// `repetition_penalty` as vLLM and llama.cpp accept them).
 #[derive(Deserialize, Default)]
-struct Sampling {
-    max_tokens: Option<i64>,
-    max_completion_tokens: Option<i64>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
+pub(super) struct Sampling {
+    pub(super) max_tokens: Option<i64>,
+    pub(super) max_completion_tokens: Option<i64>,
+    pub(super) temperature: Option<f32>,
+    pub(super) top_p: Option<f32>,
     top_k: Option<i64>,
     repetition_penalty: Option<f32>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
     stop: Option<Stop>,
     seed: Option<i64>,
-    n: Option<i64>,
+    pub(super) n: Option<i64>,
     /// Chat: true / false; completions: how many alternatives per token (0..=20).
-    logprobs: Option<Value>,
+    pub(super) logprobs: Option<Value>,
     /// Chat: alternatives per token (0..=20), with `logprobs: true`.
-    top_logprobs: Option<i64>,
-    stream: Option<bool>,
+    pub(super) top_logprobs: Option<i64>,
+    pub(super) stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     /// vLLM's extension for benchmarks: keep generating after `</s>`.
     ignore_eos: Option<bool>,
@@ -103,6 +103,17 @@ pub(super) struct Message {
     tool_calls: Option<Vec<Value>>,
 }
 
+impl Message {
+    /// A message of `parts` in order (the Responses API's input items become these).
+    pub(super) fn from_parts(role: &str, parts: Vec<Part>) -> Self {
+        Message {
+            role: role.to_owned(),
+            content: Some(Content::Parts(parts)),
+            tool_calls: None,
+        }
+    }
+}
+
 enum Content {
     Text(String),
     Parts(Vec<Part>),
@@ -133,14 +144,14 @@ impl<'de> Deserialize<'de> for Content {
 
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-enum Part {
+pub(super) enum Part {
     Text { text: String },
     ImageUrl { image_url: ImageUrl },
 }
 
 #[derive(Deserialize)]
 #[serde(untagged, expecting = "expected an object {\"url\": ...} or a URL string")]
-enum ImageUrl {
+pub(super) enum ImageUrl {
     Object { url: String },
     Plain(String),
 }
@@ -170,7 +181,7 @@ impl RequestBody for CompletionRequest {
     }
 }
 
-fn now_secs() -> u64 {
+pub(super) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -189,14 +200,14 @@ pub(super) fn request_id(prefix: &str) -> String {
 
 /// A request's sequences in the engine: their events (tagged with the choice index), the guard
 /// that cancels them when dropped, and the prompt tokens counted for `usage`.
-struct Submitted {
-    events: UnboundedReceiver<(usize, SeqEvent)>,
-    guard: CancelOnDrop,
-    prompt_tokens: usize,
+pub(super) struct Submitted {
+    pub(super) events: UnboundedReceiver<(usize, SeqEvent)>,
+    pub(super) guard: CancelOnDrop,
+    pub(super) prompt_tokens: usize,
     /// Choices per prompt: choice `i` is of prompt `i / n`.
     n: usize,
     /// Responses carry `logprobs` (the request asked for them).
-    wants_logprobs: bool,
+    pub(super) wants_logprobs: bool,
     /// Completions' `echo`: each choice's prompt text, which its text starts with.
     echo: Option<Vec<String>>,
     /// Chat with a forced tool call: the text is the call.
@@ -204,8 +215,8 @@ struct Submitted {
 }
 
 /// A validated prompt ready for the engine.
-struct Prepared {
-    assembled: kosmos_models::sequence::Assembled,
+pub(super) struct Prepared {
+    pub(super) assembled: kosmos_models::sequence::Assembled,
     pixels: Vec<Vec<f32>>,
 }
 
@@ -213,7 +224,7 @@ impl AppState {
     /// vLLM's `truncate_prompt_tokens`: the prompt's last k tokens (`<s>` included in the
     /// count, as vLLM counts it). The cut may drop whole images, with their pixels, never part
     /// of one (`<image>`, its slots and `</image>`).
-    fn truncate_prompt(&self, p: Prepared, s: &Sampling) -> Result<Prepared, ApiError> {
+    pub(super) fn truncate_prompt(&self, p: Prepared, s: &Sampling) -> Result<Prepared, ApiError> {
         const FIELD: &str = "truncate_prompt_tokens";
         let keep = match s.truncate_prompt_tokens {
             None => return Ok(p),
@@ -469,7 +480,7 @@ impl AppState {
     }
 
     /// Fetch, decode and preprocess the images, and assemble the tokens.
-    async fn prepare(
+    pub(super) async fn prepare(
         self: &Arc<Self>,
         segments: Vec<Segment>,
         urls: Vec<String>,
@@ -500,7 +511,13 @@ impl AppState {
 
     /// Generation parameters from the request; `prompt_len` bounds max_tokens by the context.
     /// With completions' `echo`, max_tokens may be 0: the prompt is only scored.
-    fn params(&self, s: &Sampling, prompt_len: usize, kind: Kind, echo: bool) -> Result<Requested, ApiError> {
+    pub(super) fn params(
+        &self,
+        s: &Sampling,
+        prompt_len: usize,
+        kind: Kind,
+        echo: bool,
+    ) -> Result<Requested, ApiError> {
         let context = self.manifest.decoder.context_length;
         let room = context.saturating_sub(prompt_len);
         let requested = s.max_completion_tokens.or(s.max_tokens);
@@ -624,7 +641,7 @@ impl AppState {
     }
 
     /// Queue `n` sequences per prompt; their events arrive tagged with the choice index.
-    fn submit(&self, prompts: Vec<Prepared>, r: &Requested) -> Result<Submitted, ApiError> {
+    pub(super) fn submit(&self, prompts: Vec<Prepared>, r: &Requested) -> Result<Submitted, ApiError> {
         let Requested {
             params,
             n,
@@ -847,7 +864,7 @@ const UNSUPPORTED: &[Unsupported] = &[
     ),
 ];
 
-fn refuse_unsupported(body: &[u8]) -> Result<(), ApiError> {
+pub(super) fn refuse_unsupported(body: &[u8]) -> Result<(), ApiError> {
     let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
         return Ok(()); // the request's own parse reports what is wrong with it
     };
@@ -866,8 +883,8 @@ fn refuse_unsupported(body: &[u8]) -> Result<(), ApiError> {
 }
 
 /// What a request asks the engine for: its sampling, choices per prompt, and log-probabilities.
-struct Requested {
-    params: GenerateParams,
+pub(super) struct Requested {
+    pub(super) params: GenerateParams,
     n: usize,
     /// Alternatives per token when the request wants log-probabilities.
     logprobs: Option<usize>,
@@ -1023,7 +1040,7 @@ fn cached_tokens(per_choice: &[usize], n: usize) -> usize {
 
 /// Which endpoint a response is for.
 #[derive(Clone, Copy)]
-enum Kind {
+pub(super) enum Kind {
     Chat,
     Completion,
 }

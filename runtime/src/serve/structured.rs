@@ -28,6 +28,60 @@ struct Fields {
 
 /// The compiled constraint a request asks for, if any (`body` is valid JSON already).
 pub(super) fn requested(body: &[u8]) -> Result<Option<Arc<Grammar>>, ApiError> {
+    compile(found_in(body)?)
+}
+
+/// The Responses API's: `text.format` (`text`, `json_object`, or `json_schema` with the schema
+/// beside its name), or one of the chat endpoint's vLLM / llama.cpp fields, not both.
+/// `response_format` is refused with where it went, as OpenAI does.
+pub(super) fn requested_for_responses(body: &[u8]) -> Result<Option<Arc<Grammar>>, ApiError> {
+    #[derive(Deserialize, Default)]
+    struct TextField {
+        text: Option<Json>,
+    }
+    let mut found = found_in(body)?;
+    if found.iter().any(|(f, _)| *f == "response_format") {
+        return Err(ApiError::invalid(
+            "response_format is not a Responses API field: it moved to text.format",
+            "response_format",
+        ));
+    }
+    let f: TextField = serde_json::from_slice(body).unwrap_or_default();
+    if let Some(format) = f
+        .text
+        .as_ref()
+        .and_then(|t| t.get("format"))
+        .filter(|v| **v != Json::Null)
+        && let Some(c) = text_format(format)?
+    {
+        found.push(("text.format", c));
+    }
+    compile(found)
+}
+
+fn text_format(format: &Json) -> Result<Option<Constraint>, ApiError> {
+    const FIELD: &str = "text.format";
+    let bad = |m: String| ApiError::invalid(m, FIELD);
+    match format.get("type").and_then(Json::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Constraint::JsonObject)),
+        Some("json_schema") => {
+            let schema = format
+                .get("schema")
+                .ok_or_else(|| bad("text.format of type json_schema needs \"schema\"".into()))?;
+            Ok(Some(Constraint::JsonSchema(schema_value(schema, FIELD)?)))
+        }
+        Some(other) => Err(bad(format!(
+            "text.format type '{other}' is not supported (text, json_object, json_schema are)"
+        ))),
+        None => Err(bad(
+            "text.format needs a \"type\": text, json_object or json_schema".into(),
+        )),
+    }
+}
+
+/// Every constraint field of the body, with the field it came from.
+fn found_in(body: &[u8]) -> Result<Vec<(&'static str, Constraint)>, ApiError> {
     let f: Fields = serde_json::from_slice(body).unwrap_or_default();
     let mut found: Vec<(&'static str, Constraint)> = Vec::new();
     if let Some(rf) = f.response_format.as_ref().filter(|v| **v != Json::Null)
@@ -63,6 +117,11 @@ pub(super) fn requested(body: &[u8]) -> Result<Option<Arc<Grammar>>, ApiError> {
     if let Some(v) = f.structured_outputs.as_ref().filter(|v| **v != Json::Null) {
         found.extend(structured_outputs(v)?.map(|c| ("structured_outputs", c)));
     }
+    Ok(found)
+}
+
+/// The one constraint found, compiled; an error for several.
+fn compile(mut found: Vec<(&'static str, Constraint)>) -> Result<Option<Arc<Grammar>>, ApiError> {
     match found.len() {
         0 => Ok(None),
         1 => {

@@ -1,0 +1,554 @@
+//! OpenAI's Responses API, `POST /v1/responses`, stateless as vLLM serves it: `instructions`
+//! and `input` become a chat that takes the chat endpoint's path (template, images, sampling,
+//! structured output, the engine), and the answer comes back as a `response` object or as its
+//! stream of typed events (`response.created` … `response.output_text.delta` …
+//! `response.completed`). Nothing is stored: `previous_response_id`, `conversation` and
+//! `background` are refused, and the response says `"store": false`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::body::{RequestBody, locate_in, parse_bytes, read_body};
+use super::error::ApiError;
+use super::openai::{
+    ImageUrl, Kind, Message, Part, Sampling, Submitted, now_secs, refuse_unsupported, request_id,
+};
+use super::{logprobs, structured};
+use crate::batch::{SeqEvent, SeqFailure, SeqSummary};
+use crate::generate::FinishReason;
+use crate::logprobs::TokenLogprob;
+
+/// The `include` value that asks for the output text's log-probabilities.
+const INCLUDE_LOGPROBS: &str = "message.output_text.logprobs";
+
+#[derive(Deserialize)]
+struct ResponsesRequest {
+    /// Optional, as in vLLM: this server serves one model.
+    model: Option<String>,
+    input: Value,
+    instructions: Option<String>,
+    max_output_tokens: Option<i64>,
+    include: Option<Vec<String>>,
+    /// Accepted (OpenAI's default is true) and answered with `"store": false`: this server
+    /// keeps no responses.
+    #[allow(dead_code)]
+    store: Option<bool>,
+    previous_response_id: Option<String>,
+    conversation: Option<Value>,
+    prompt: Option<Value>,
+    background: Option<bool>,
+    reasoning: Option<Value>,
+    truncation: Option<String>,
+    tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
+    text: Option<Value>,
+    metadata: Option<Value>,
+    user: Option<String>,
+    parallel_tool_calls: Option<bool>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+impl RequestBody for ResponsesRequest {
+    fn locate_flattened(fields: &serde_json::Map<String, Value>) -> Option<(String, String)> {
+        locate_in::<Sampling>(fields)
+    }
+}
+
+impl ResponsesRequest {
+    /// Fields that would need state, tools or reasoning this server does not have, and chat
+    /// fields whose Responses names differ: a 400 naming each, never silently dropped.
+    fn refuse_unsupported(&self) -> Result<(), ApiError> {
+        let refuse =
+            |field: &'static str, why: &str| Err(ApiError::invalid(format!("{field}: {why}"), field));
+        if self.previous_response_id.is_some() || self.conversation.as_ref().is_some_and(|c| !c.is_null()) {
+            let field = if self.previous_response_id.is_some() {
+                "previous_response_id"
+            } else {
+                "conversation"
+            };
+            return refuse(
+                field,
+                "this server stores no responses or conversations; send the whole conversation in input",
+            );
+        }
+        if self.prompt.as_ref().is_some_and(|p| !p.is_null()) {
+            return refuse("prompt", "stored prompt templates are not supported; send input");
+        }
+        if self.background == Some(true) {
+            return refuse(
+                "background",
+                "background responses are not supported (nothing is stored)",
+            );
+        }
+        if self.reasoning.as_ref().is_some_and(|r| !r.is_null()) {
+            return refuse("reasoning", "this model does not reason before answering");
+        }
+        if let Some(t) = self.truncation.as_deref().filter(|t| *t != "disabled") {
+            return refuse(
+                "truncation",
+                &format!(
+                    "'{t}' is not supported (\"disabled\" is; vLLM's truncate_prompt_tokens cuts a prompt)"
+                ),
+            );
+        }
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return refuse(
+                "tools",
+                "tools are not supported in /v1/responses; /v1/chat/completions takes forced tool calls",
+            );
+        }
+        if let Some(c) = self.tool_choice.as_ref().filter(|c| !c.is_null())
+            && !matches!(c.as_str(), Some("none" | "auto"))
+        {
+            return refuse("tool_choice", "needs tools, which /v1/responses does not take");
+        }
+        for (field, given, instead) in [
+            (
+                "max_tokens",
+                self.sampling.max_tokens.is_some(),
+                "max_output_tokens",
+            ),
+            (
+                "max_completion_tokens",
+                self.sampling.max_completion_tokens.is_some(),
+                "max_output_tokens",
+            ),
+            (
+                "logprobs",
+                self.sampling.logprobs.is_some(),
+                "include: [\"message.output_text.logprobs\"] with top_logprobs",
+            ),
+        ] {
+            if given {
+                return Err(ApiError::invalid(
+                    format!("{field} is not a Responses API field; use {instead}"),
+                    field,
+                ));
+            }
+        }
+        if self.sampling.n.is_some_and(|n| n != 1) {
+            return refuse("n", "the Responses API answers once per request");
+        }
+        for item in self.include.iter().flatten() {
+            if item != INCLUDE_LOGPROBS {
+                return Err(ApiError::invalid(
+                    format!("include '{item}' is not supported (only \"{INCLUDE_LOGPROBS}\" is)"),
+                    "include",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The chat endpoint's sampling fields for this request.
+    fn chat_sampling(mut self) -> (Sampling, Echo) {
+        let logprobs = self
+            .include
+            .as_ref()
+            .is_some_and(|i| i.iter().any(|x| x == INCLUDE_LOGPROBS))
+            || self.sampling.top_logprobs.is_some();
+        let echo = Echo {
+            instructions: self.instructions.take(),
+            max_output_tokens: self.max_output_tokens,
+            temperature: self.sampling.temperature.unwrap_or(1.0),
+            top_p: self.sampling.top_p.unwrap_or(1.0),
+            top_logprobs: self.sampling.top_logprobs,
+            text: self
+                .text
+                .take()
+                .unwrap_or_else(|| json!({"format": {"type": "text"}})),
+            metadata: self.metadata.take().unwrap_or_else(|| json!({})),
+            user: self.user.take(),
+            parallel_tool_calls: self.parallel_tool_calls.unwrap_or(true),
+        };
+        let mut s = self.sampling;
+        s.max_completion_tokens = self.max_output_tokens;
+        s.logprobs = logprobs.then_some(Value::Bool(true));
+        (s, echo)
+    }
+}
+
+/// What a `response` object repeats of its request.
+struct Echo {
+    instructions: Option<String>,
+    max_output_tokens: Option<i64>,
+    temperature: f32,
+    top_p: f32,
+    top_logprobs: Option<i64>,
+    text: Value,
+    metadata: Value,
+    user: Option<String>,
+    parallel_tool_calls: bool,
+}
+
+/// `instructions` (a system message first) and `input` (a string: one user message; or items:
+/// messages with `input_text` / `input_image` / `output_text` parts) as chat messages.
+fn messages(instructions: Option<&str>, input: &Value) -> Result<Vec<Message>, ApiError> {
+    let mut out = Vec::new();
+    if let Some(text) = instructions.filter(|t| !t.is_empty()) {
+        out.push(Message::from_parts(
+            "system",
+            vec![Part::Text {
+                text: text.to_owned(),
+            }],
+        ));
+    }
+    let items = match input {
+        Value::String(text) => {
+            out.push(Message::from_parts(
+                "user",
+                vec![Part::Text { text: text.clone() }],
+            ));
+            return Ok(out);
+        }
+        Value::Array(items) if !items.is_empty() => items,
+        Value::Array(_) => return Err(ApiError::invalid("input must not be empty", "input")),
+        other => {
+            return Err(ApiError::invalid(
+                format!(
+                    "input must be a string or an array of input items, not {}",
+                    super::body::kind_of(other)
+                ),
+                "input",
+            ));
+        }
+    };
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("input[{i}]");
+        let bad = |at: &str, m: String| ApiError::invalid(format!("{at}: {m}"), at.to_owned());
+        let Value::Object(item) = item else {
+            return Err(bad(&at, "an input item must be an object".into()));
+        };
+        let kind = item.get("type").and_then(Value::as_str).unwrap_or("message");
+        if kind != "message" {
+            return Err(bad(
+                &at,
+                format!("input items of type '{kind}' are not supported (messages are)"),
+            ));
+        }
+        let role = item.get("role").and_then(Value::as_str).ok_or_else(|| {
+            bad(
+                &at,
+                "a message needs a role: user, system, developer or assistant".into(),
+            )
+        })?;
+        if !matches!(role, "user" | "system" | "developer" | "assistant") {
+            return Err(bad(
+                &format!("{at}.role"),
+                format!("'{role}' is not one of user, system, developer, assistant"),
+            ));
+        }
+        let parts = match item.get("content") {
+            Some(Value::String(text)) => vec![Part::Text { text: text.clone() }],
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .enumerate()
+                .map(|(j, p)| content_part(p, &format!("{at}.content[{j}]")))
+                .collect::<Result<_, _>>()?,
+            _ => {
+                return Err(bad(
+                    &format!("{at}.content"),
+                    "a message's content must be a string or an array of content parts".into(),
+                ));
+            }
+        };
+        out.push(Message::from_parts(role, parts));
+    }
+    Ok(out)
+}
+
+fn content_part(p: &Value, at: &str) -> Result<Part, ApiError> {
+    let bad = |m: String| ApiError::invalid(format!("{at}: {m}"), at.to_owned());
+    let text = |key: &str| {
+        p.get(key)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| bad(format!("needs \"{key}\" (a string)")))
+    };
+    match p.get("type").and_then(Value::as_str) {
+        Some("input_text" | "output_text") => Ok(Part::Text { text: text("text")? }),
+        Some("refusal") => Ok(Part::Text {
+            text: text("refusal")?,
+        }),
+        Some("input_image") => {
+            if p.get("file_id").is_some_and(|f| !f.is_null()) {
+                return Err(bad(
+                    "file_id needs OpenAI's Files API, which this server does not have; give image_url (a data: or http(s) URL)"
+                        .into(),
+                ));
+            }
+            Ok(Part::ImageUrl {
+                image_url: ImageUrl::Plain(text("image_url")?),
+            })
+        }
+        Some(other) => Err(bad(format!(
+            "content parts of type '{other}' are not supported (input_text, input_image, output_text are)"
+        ))),
+        None => Err(bad("a content part needs a \"type\"".into())),
+    }
+}
+
+pub async fn responses(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
+    let body = read_body(body, st.cfg.max_body_bytes).await?;
+    let req: ResponsesRequest = parse_bytes(&body)?;
+    if let Some(m) = &req.model {
+        st.check_model(m)?;
+    }
+    refuse_unsupported(&body)?;
+    req.refuse_unsupported()?;
+    if req.max_output_tokens.is_some_and(|n| n < 1) {
+        return Err(ApiError::invalid(
+            format!(
+                "max_output_tokens must be at least 1, got {}",
+                req.max_output_tokens.unwrap_or_default()
+            ),
+            "max_output_tokens",
+        ));
+    }
+    let constraint = structured::requested_for_responses(&body)?;
+    let messages = messages(req.instructions.as_deref(), &req.input)?;
+    let (sampling, echo) = req.chat_sampling();
+    let (segments, urls) = st.chat_prompt(&messages, None, false)?;
+    let prepared = st.truncate_prompt(st.prepare(segments, urls).await?, &sampling)?;
+    let mut r = st.params(&sampling, prepared.assembled.len(), Kind::Chat, false)?;
+    r.params.constraint = constraint;
+    let sub = st.submit(vec![prepared], &r)?;
+    // OpenAI's ids read `resp_…` and `msg_…`.
+    let ids = Ids {
+        response: request_id("resp").replacen('-', "_", 1),
+        message: request_id("msg").replacen('-', "_", 1),
+        created: now_secs(),
+    };
+    if sampling.stream.unwrap_or(false) {
+        return Ok(stream(st, sub, ids, echo));
+    }
+    collect(&st, sub, ids, echo).await
+}
+
+struct Ids {
+    response: String,
+    message: String,
+    created: u64,
+}
+
+/// The answer so far.
+#[derive(Default)]
+struct Answer {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    summary: Option<SeqSummary>,
+}
+
+fn failure(st: &AppState, f: SeqFailure) -> ApiError {
+    match f {
+        SeqFailure::Timeout => ApiError::timeout(st.cfg.request_timeout.unwrap_or_default().as_secs_f64()),
+        SeqFailure::Engine(m) => ApiError::internal(m),
+    }
+}
+
+async fn collect(st: &AppState, sub: Submitted, ids: Ids, echo: Echo) -> Result<Response, ApiError> {
+    let Submitted {
+        mut events,
+        guard: _guard,
+        prompt_tokens,
+        wants_logprobs,
+        ..
+    } = sub;
+    let mut answer = Answer::default();
+    while answer.summary.is_none() {
+        match events.recv().await {
+            Some((_, SeqEvent::Text { logprobs, .. })) => answer.logprobs.extend(logprobs),
+            Some((_, SeqEvent::PromptLogprobs(_))) => {}
+            Some((_, SeqEvent::Done(s))) => {
+                answer.text = s.text.clone();
+                answer.summary = Some(s);
+            }
+            Some((_, SeqEvent::Failed(f))) => return Err(failure(st, f)),
+            None => {
+                return Err(ApiError::internal(
+                    "the engine stopped before the request finished",
+                ));
+            }
+        }
+    }
+    let body = response_object(st, &ids, &echo, prompt_tokens, wants_logprobs, &answer);
+    Ok(axum::Json(body).into_response())
+}
+
+/// `completed`, or `incomplete` for an answer cut by `max_output_tokens` (or the context).
+fn status(finish: Option<FinishReason>) -> (&'static str, Value) {
+    match finish {
+        Some(FinishReason::Length) => ("incomplete", json!({"reason": "max_output_tokens"})),
+        Some(_) => ("completed", Value::Null),
+        None => ("in_progress", Value::Null),
+    }
+}
+
+fn output_text(st: &AppState, answer: &Answer, wants_logprobs: bool) -> Value {
+    let logprobs = match wants_logprobs {
+        true => logprobs::chat(&st.tokenizer, &answer.logprobs)["content"].take(),
+        false => json!([]),
+    };
+    json!({"type": "output_text", "text": answer.text, "annotations": [], "logprobs": logprobs})
+}
+
+fn message_item(ids: &Ids, status: &str, content: Vec<Value>) -> Value {
+    json!({"id": ids.message, "type": "message", "status": status, "role": "assistant", "content": content})
+}
+
+/// The `response` object: in progress (no output yet) until the answer has its summary.
+fn response_object(
+    st: &AppState,
+    ids: &Ids,
+    echo: &Echo,
+    prompt_tokens: usize,
+    wants_logprobs: bool,
+    answer: &Answer,
+) -> Value {
+    let finish = answer.summary.as_ref().map(|s| s.finish_reason);
+    let (status, incomplete) = status(finish);
+    let (output, usage) = match &answer.summary {
+        None => (json!([]), Value::Null),
+        Some(s) => {
+            let output = vec![message_item(
+                ids,
+                status,
+                vec![output_text(st, answer, wants_logprobs)],
+            )];
+            let generated = s.tokens.len();
+            let usage = json!({
+                "input_tokens": prompt_tokens,
+                "input_tokens_details": {"cached_tokens": s.cached_tokens},
+                "output_tokens": generated,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": prompt_tokens + generated,
+            });
+            (Value::Array(output), usage)
+        }
+    };
+    json!({
+        "id": ids.response,
+        "object": "response",
+        "created_at": ids.created,
+        "status": status,
+        "error": null,
+        "incomplete_details": incomplete,
+        "instructions": echo.instructions,
+        "max_output_tokens": echo.max_output_tokens,
+        "model": st.model_name,
+        "output": output,
+        "parallel_tool_calls": echo.parallel_tool_calls,
+        "previous_response_id": null,
+        "reasoning": null,
+        "store": false,
+        "temperature": echo.temperature,
+        "text": echo.text,
+        "tool_choice": "none",
+        "tools": [],
+        "top_logprobs": echo.top_logprobs,
+        "top_p": echo.top_p,
+        "truncation": "disabled",
+        "usage": usage,
+        "user": echo.user,
+        "metadata": echo.metadata,
+    })
+}
+
+/// The stream of typed events, each `event: <type>` with its JSON (which repeats the type and
+/// carries a `sequence_number`), as OpenAI sends them; no `[DONE]` line.
+fn stream(st: Arc<AppState>, sub: Submitted, ids: Ids, echo: Echo) -> Response {
+    let Submitted {
+        mut events,
+        guard,
+        prompt_tokens,
+        wants_logprobs,
+        ..
+    } = sub;
+    let body = async_stream::stream! {
+        // Held by the stream: a client that hangs up cancels the sequence.
+        let _guard = guard;
+        let mut seq = 0u64;
+        let mut event = |kind: &str, mut data: Value| -> Result<Event, Infallible> {
+            data["type"] = json!(kind);
+            data["sequence_number"] = json!(seq);
+            seq += 1;
+            Ok(Event::default().event(kind).data(data.to_string()))
+        };
+        let mut answer = Answer::default();
+        let response = |answer: &Answer| response_object(&st, &ids, &echo, prompt_tokens, wants_logprobs, answer);
+        yield event("response.created", json!({"response": response(&answer)}));
+        yield event("response.in_progress", json!({"response": response(&answer)}));
+        let at = json!({"item_id": ids.message, "output_index": 0, "content_index": 0});
+        let with = |extra: Value| {
+            let mut v = at.clone();
+            for (k, x) in extra.as_object().into_iter().flatten() {
+                v[k] = x.clone();
+            }
+            v
+        };
+        yield event(
+            "response.output_item.added",
+            json!({"output_index": 0, "item": message_item(&ids, "in_progress", vec![])}),
+        );
+        yield event(
+            "response.content_part.added",
+            with(json!({"part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})),
+        );
+        loop {
+            match events.recv().await {
+                Some((_, SeqEvent::Text { text, logprobs: entries })) => {
+                    let lp = match wants_logprobs {
+                        true => logprobs::chat(&st.tokenizer, &entries)["content"].take(),
+                        false => json!([]),
+                    };
+                    answer.logprobs.extend(entries);
+                    answer.text.push_str(&text);
+                    if !text.is_empty() || wants_logprobs {
+                        yield event("response.output_text.delta", with(json!({"delta": text, "logprobs": lp})));
+                    }
+                }
+                Some((_, SeqEvent::PromptLogprobs(_))) => {}
+                Some((_, SeqEvent::Done(s))) => {
+                    answer.text = s.text.clone();
+                    answer.summary = Some(s);
+                    let part = output_text(&st, &answer, wants_logprobs);
+                    yield event(
+                        "response.output_text.done",
+                        with(json!({"text": answer.text, "logprobs": part["logprobs"]})),
+                    );
+                    yield event("response.content_part.done", with(json!({"part": part})));
+                    let full = response(&answer);
+                    yield event(
+                        "response.output_item.done",
+                        json!({"output_index": 0, "item": full["output"][0]}),
+                    );
+                    let kind = match full["status"].as_str() {
+                        Some("incomplete") => "response.incomplete",
+                        _ => "response.completed",
+                    };
+                    yield event(kind, json!({"response": full}));
+                    break;
+                }
+                Some((_, SeqEvent::Failed(f))) => {
+                    let e = failure(&st, f);
+                    let mut failed = response(&answer);
+                    failed["status"] = json!("failed");
+                    failed["error"] = json!({"code": e.code.unwrap_or("server_error"), "message": e.message});
+                    yield event("response.failed", json!({"response": failed}));
+                    break;
+                }
+                None => break,
+            }
+        }
+    };
+    Sse::new(body).keep_alive(KeepAlive::default()).into_response()
+}
