@@ -60,6 +60,13 @@ impl Server {
             .arg(pkg)
             .args(["--port", "0"])
             .args(args)
+            // Image URLs in these tests are local: straight there, whatever proxy is set.
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -360,6 +367,114 @@ fn the_package_chat_template_assembles_the_prompt() {
         .unwrap();
     assert!(out.status.success());
     assert_eq!(got, String::from_utf8_lossy(&out.stdout).trim());
+}
+
+/// A local HTTP server for image URLs: `/img.png` the bytes, `/moved` → `/img.png`, `/away` →
+/// the same image on `localhost`.
+fn image_host(png: Vec<u8>) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]).to_string();
+            let path = req.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            let head = |status: &str, extra: &str, len: usize| {
+                format!("HTTP/1.1 {status}\r\n{extra}Content-Length: {len}\r\nConnection: close\r\n\r\n")
+            };
+            let mut answer = match path.as_str() {
+                "/img.png" => head("200 OK", "Content-Type: image/png\r\n", png.len()).into_bytes(),
+                "/moved" => head("301 Moved Permanently", "Location: /img.png\r\n", 0).into_bytes(),
+                "/away" => head(
+                    "302 Found",
+                    &format!("Location: http://localhost:{port}/img.png\r\n"),
+                    0,
+                )
+                .into_bytes(),
+                _ => head("404 Not Found", "", 0).into_bytes(),
+            };
+            if path == "/img.png" {
+                answer.extend_from_slice(&png);
+            }
+            let _ = conn.write_all(&answer);
+        }
+    });
+    port
+}
+
+/// `http(s)://` image URLs with `--allow-remote-images`: the image downloaded (after a redirect
+/// too) answers as the same image sent inline and as `kosmos-rt run`; a redirect to a host
+/// outside `--allowed-media-domains` is a 403 naming it, a missing image a 400 naming its
+/// status; without the flag the URL is refused, naming the flag.
+#[test]
+fn remote_image_urls_answer_like_inline_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pkg, images) = fixture(dir.path());
+    let png = std::fs::read(&images[0]).unwrap();
+    let port = image_host(png.clone());
+    let chat = |server: &Server, url: &str| {
+        let body = serde_json::json!({"max_tokens": 6, "temperature": 0, "messages": [{"role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}]}]});
+        let (status, _, resp) = server.http("POST", "/v1/chat/completions", &body.to_string());
+        let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+        (status, v)
+    };
+    let text = |v: &serde_json::Value| {
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let want = run_text(&pkg, &["--image", &s(&images[0]), "--max-tokens", "6"]);
+
+    let server = Server::start(
+        &pkg,
+        &[
+            "--allowed-media-domains",
+            "127.0.0.1",
+            "--image-fetch-timeout",
+            "5",
+        ],
+    );
+    let inline = format!("data:image/png;base64,{}", STANDARD.encode(&png));
+    let (status, v) = chat(&server, &inline);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(text(&v), want);
+    for path in ["/img.png", "/moved"] {
+        let (status, v) = chat(&server, &format!("http://127.0.0.1:{port}{path}"));
+        assert_eq!(status, 200, "{path}: {v}");
+        assert_eq!(text(&v), want, "{path}");
+    }
+    let (status, v) = chat(&server, &format!("http://127.0.0.1:{port}/away"));
+    assert_eq!(status, 403, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("host 'localhost'"),
+        "{v}"
+    );
+    let (status, v) = chat(&server, &format!("http://127.0.0.1:{port}/gone.png"));
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("HTTP 404"),
+        "{v}"
+    );
+    drop(server);
+
+    let server = Server::start(&pkg, &[]);
+    let (status, v) = chat(&server, &format!("http://127.0.0.1:{port}/img.png"));
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--allow-remote-images"),
+        "{v}"
+    );
 }
 
 /// vLLM's `add_generation_prompt: false` and `continue_final_message`: the template renders

@@ -86,6 +86,18 @@ impl Structured {
 }
 
 /// `--logit-bias ID=BIAS`.
+/// Seconds as a positive, finite number (a `Duration` cannot hold anything else).
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
+        return Err(format!("{s} seconds: give a positive number"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 fn parse_bias(s: &str) -> Result<(u32, f32), String> {
     let (id, bias) = s.split_once('=').ok_or("expected ID=BIAS, e.g. 42=-100")?;
     let id = id
@@ -342,6 +354,17 @@ struct ServerSettings {
     /// Allow `file://` image URLs, only for files under this directory.
     #[arg(long)]
     allow_file_root: Option<PathBuf>,
+    /// Download `http(s)://` image URLs (off: the server makes no network requests). Proxies
+    /// come from HTTPS_PROXY / HTTP_PROXY / ALL_PROXY.
+    #[arg(long)]
+    allow_remote_images: bool,
+    /// Only from these hosts (exact names, comma-separated; redirects checked too). Implies
+    /// --allow-remote-images.
+    #[arg(long, value_delimiter = ',')]
+    allowed_media_domains: Vec<String>,
+    /// Seconds one image's download may take, redirects included.
+    #[arg(long, value_parser = parse_seconds, default_value = "10")]
+    image_fetch_timeout: std::time::Duration,
 }
 
 impl ServerSettings {
@@ -359,6 +382,12 @@ impl ServerSettings {
             max_image_side: self.max_image_side,
             max_images: self.max_images,
             allow_file_root: self.allow_file_root,
+            remote_images: (self.allow_remote_images || !self.allowed_media_domains.is_empty()).then_some(
+                kosmos_rt::serve::RemoteImagesConfig {
+                    allowed_domains: self.allowed_media_domains,
+                    timeout: self.image_fetch_timeout,
+                },
+            ),
             ..Default::default()
         }
     }

@@ -66,6 +66,8 @@ pub struct ServeConfig {
     /// for rows by design).
     pub request_timeout: Option<Duration>,
     pub allow_file_root: Option<PathBuf>,
+    /// Fetch `http(s)://` image URLs (see [`images::RemoteImages`]); `None` refuses them.
+    pub remote_images: Option<RemoteImagesConfig>,
     pub vision_cache: usize,
     /// Most prompt tokens one prefill call writes (see [`EngineConfig::prefill_chunk`]).
     pub prefill_chunk: usize,
@@ -73,6 +75,14 @@ pub struct ServeConfig {
     pub kv_preallocate: bool,
     /// See [`EngineConfig::prefix_cache_bytes`].
     pub prefix_cache_bytes: usize,
+}
+
+/// `http(s)://` image URLs: from these hosts only (exact names; empty: any), each download
+/// within `timeout`.
+#[derive(Clone, Debug)]
+pub struct RemoteImagesConfig {
+    pub allowed_domains: Vec<String>,
+    pub timeout: Duration,
 }
 
 impl Default for ServeConfig {
@@ -92,6 +102,7 @@ impl Default for ServeConfig {
             default_max_tokens: 256,
             request_timeout: Some(Duration::from_secs(600)),
             allow_file_root: None,
+            remote_images: None,
             vision_cache: 256,
             prefill_chunk: EngineConfig::default().prefill_chunk,
             kv_preallocate: EngineConfig::default().kv_preallocate,
@@ -208,6 +219,10 @@ fn start(pkg: Package, cfg: ServeConfig) -> Result<Running> {
             max_bytes: cfg.max_image_bytes,
             max_side: cfg.max_image_side,
             file_root,
+            remote: cfg
+                .remote_images
+                .as_ref()
+                .map(|r| images::RemoteImages::new(r.allowed_domains.clone(), r.timeout)),
         },
         cfg: cfg.clone(),
         model_name,
