@@ -1066,42 +1066,183 @@ fn prompts_are_grouped_by_what_is_left_to_prefill() {
     }
 }
 
-/// Waiting sequences are admitted by priority (lower first), equal ones in arrival order; the
-/// running one keeps its row.
+/// Waiting sequences are admitted lower priority first, equal ones in arrival order. Without
+/// preemption the running one keeps its row; with it (the default) the running one, less urgent
+/// than every newcomer but `late`, gives its row up and finishes last.
 #[test]
 fn waiting_sequences_are_admitted_by_priority() {
     let dir = tempfile::tempdir().unwrap();
     let pkg_dir = buffer_package(dir.path());
-    let pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
-    let config = EngineConfig {
-        max_batch: 1,
-        ..Default::default()
-    };
-    let mut engine = Engine::new(pkg, config, Arc::default()).unwrap();
-    let prompt = Prompt::parse("a blue square", vec![]).unwrap();
-    let order = Arc::new(Mutex::new(Vec::new()));
-    let submit = |engine: &mut Engine, label: &'static str, priority: i64| {
-        let (mut req, _, _) = request(engine.package(), &prompt, &greedy(4));
-        req.priority = priority;
-        let order = order.clone();
-        req.sink = Box::new(move |ev| {
-            if matches!(ev, SeqEvent::Done(_)) {
-                order.lock().unwrap().push(label);
-            }
-            true
-        });
-        engine.submit(req);
-    };
-    submit(&mut engine, "running", 9);
-    engine.step();
-    for (label, priority) in [("late", 5), ("first of 0", 0), ("urgent", -3), ("second of 0", 0)] {
-        submit(&mut engine, label, priority);
-    }
-    while !engine.is_idle() {
+    for (preemption, want) in [
+        (false, ["running", "urgent", "first of 0", "second of 0", "late"]),
+        (true, ["urgent", "first of 0", "second of 0", "late", "running"]),
+    ] {
+        let pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+        let config = EngineConfig {
+            max_batch: 1,
+            priority_preemption: preemption,
+            ..Default::default()
+        };
+        let mut engine = Engine::new(pkg, config, Arc::default()).unwrap();
+        let prompt = Prompt::parse("a blue square", vec![]).unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let submit = |engine: &mut Engine, label: &'static str, priority: i64| {
+            let (mut req, _, _) = request(engine.package(), &prompt, &greedy(4));
+            req.priority = priority;
+            let order = order.clone();
+            req.sink = Box::new(move |ev| {
+                if matches!(ev, SeqEvent::Done(_)) {
+                    order.lock().unwrap().push(label);
+                }
+                true
+            });
+            engine.submit(req);
+        };
+        submit(&mut engine, "running", 9);
         engine.step();
+        for (label, priority) in [("late", 5), ("first of 0", 0), ("urgent", -3), ("second of 0", 0)] {
+            submit(&mut engine, label, priority);
+        }
+        while !engine.is_idle() {
+            engine.step();
+        }
+        assert_eq!(*order.lock().unwrap(), want, "preemption {preemption}");
     }
-    assert_eq!(
-        *order.lock().unwrap(),
-        ["running", "urgent", "first of 0", "second of 0", "late"]
-    );
+}
+
+/// Preemption changes when a sequence finishes, never what it generates: two running sequences
+/// (greedy with an image and log-probabilities, and sampled) give their rows to two more urgent
+/// ones mid-generation, resume, and still equal `Package::generate` alone token for token and
+/// text for text (the sampler's state goes on), every log-probability equal to tch's on the
+/// trainer's full forward, the streamed text arriving once. With and without the prefix cache
+/// (resuming recomputes everything without it), whole and 7-token prefill chunks.
+#[test]
+fn preempted_sequences_resume_and_generate_what_they_would_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, pkg_dir) = kosmos_e2e::tiny_buffer_package(dir.path(), 7);
+    let mut reference = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    let slow = [
+        (
+            Prompt::parse(
+                "Question: what colour is the circle? Answer:",
+                vec![ImageInput::Bytes(png(3))],
+            )
+            .unwrap(),
+            greedy(14),
+        ),
+        (
+            Prompt::parse("a red circle on the left", vec![]).unwrap(),
+            GenerateParams {
+                max_tokens: 14,
+                temperature: 0.9,
+                top_k: 20,
+                repetition_penalty: 1.3,
+                seed: 11,
+                ignore_eos: true,
+                ..Default::default()
+            },
+        ),
+    ];
+    let urgent = Prompt::parse("green", vec![]).unwrap();
+    let want: Vec<Generation> = slow
+        .iter()
+        .map(|(p, params)| alone(&mut reference, p, params))
+        .collect();
+    for (prefix_cache_bytes, prefill_chunk) in [(512 << 20, 0), (0, 7)] {
+        let case = format!("prefix cache {prefix_cache_bytes}, chunk {prefill_chunk}");
+        let config = EngineConfig {
+            max_batch: 2,
+            prefix_cache_bytes,
+            prefill_chunk,
+            ..Default::default()
+        };
+        let (mut engine, metrics) = engine_on(&ckpt, &pkg_dir, false, config);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut outs = Vec::new();
+        let mut submit = |engine: &mut Engine,
+                          label: &'static str,
+                          prompt: &Prompt,
+                          params: &GenerateParams,
+                          priority: i64| {
+            let (mut req, out, _) = request(engine.package(), prompt, params);
+            req.priority = priority;
+            req.logprobs = Some(2);
+            let order = order.clone();
+            let mut inner = std::mem::replace(&mut req.sink, Box::new(|_| true));
+            req.sink = Box::new(move |ev| {
+                if matches!(ev, SeqEvent::Done(_)) {
+                    order.lock().unwrap().push(label);
+                }
+                inner(ev)
+            });
+            engine.submit(req);
+            outs.push(out);
+        };
+        submit(&mut engine, "slow greedy", &slow[0].0, &slow[0].1, 5);
+        submit(&mut engine, "slow sampled", &slow[1].0, &slow[1].1, 5);
+        // A few tokens in, every row taken: then the urgent ones come.
+        for _ in 0..6 {
+            engine.step();
+        }
+        assert!(order.lock().unwrap().is_empty(), "{case}");
+        submit(&mut engine, "urgent 1", &urgent, &greedy(3), 0);
+        submit(&mut engine, "urgent 2", &urgent, &greedy(3), 0);
+        while !engine.is_idle() {
+            engine.step();
+        }
+        let mut order = order.lock().unwrap().clone();
+        // The urgent ones finish together (the same prompt, prefilled once), first.
+        order[..2].sort();
+        assert_eq!(&order[..2], ["urgent 1", "urgent 2"], "{case}: {order:?}");
+        assert_eq!(metrics.preemptions.load(Ordering::Relaxed), 2, "{case}");
+        for (i, ((prompt, _), want)) in slow.iter().zip(&want).enumerate() {
+            let c = outs[i].lock().unwrap();
+            let done = c
+                .done
+                .as_ref()
+                .unwrap_or_else(|| panic!("{case}: #{i} did not finish"));
+            assert_eq!(done.tokens, want.tokens, "{case}: #{i} tokens vs generate()");
+            assert_eq!(c.text, want.text, "{case}: #{i} streamed text");
+            assert_eq!(done.text, want.text, "{case}: #{i}");
+            let a = engine.package().assemble(prompt).unwrap();
+            assert_eq!(done.prompt_tokens, a.len(), "{case}: #{i} prompt tokens");
+            let mut ids: Vec<i64> = a.input_ids.iter().map(|&t| t as i64).collect();
+            ids.extend(done.tokens.iter().map(|&t| t as i64));
+            let mut image_mask = a.image_mask.clone();
+            image_mask.resize(ids.len(), false);
+            let pixels: Vec<f32> = prompt
+                .images
+                .iter()
+                .flat_map(|im| engine.package().preprocess(im).unwrap())
+                .collect();
+            let logp = trainer_log_softmax(&ckpt, &ids, &image_mask, &pixels);
+            assert_eq!(c.logprobs.len(), done.tokens.len(), "{case}: #{i}");
+            for (j, e) in c.logprobs.iter().enumerate() {
+                let want = logp
+                    .get(0)
+                    .get((a.len() - 1 + j) as i64)
+                    .double_value(&[e.token as i64]);
+                assert!(
+                    (e.logprob as f64 - want).abs() <= 1e-4,
+                    "{case}: #{i} token {j}: {} vs the trainer's {want}",
+                    e.logprob
+                );
+            }
+        }
+        if prefix_cache_bytes > 0 {
+            // The next turn of the resumed greedy sequence: the prefix cache holds its prompt
+            // and every generated token fed back (all but the last), under the right keys.
+            let tokens = outs[0].lock().unwrap().done.as_ref().unwrap().tokens.clone();
+            let (mut req, out, _) = request(engine.package(), &slow[0].0, &greedy(2));
+            req.assembled.input_ids.extend_from_slice(&tokens);
+            let len = req.assembled.input_ids.len();
+            req.assembled.image_mask.resize(len, false);
+            engine.submit(req);
+            while !engine.is_idle() {
+                engine.step();
+            }
+            let cached = out.lock().unwrap().done.as_ref().unwrap().cached_tokens;
+            assert_eq!(cached, len - 1, "{case}: the next turn's cached prompt tokens");
+        }
+    }
 }

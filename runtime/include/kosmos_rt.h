@@ -257,7 +257,8 @@ typedef struct kosmos_params {
   size_t n_bad_words;
   /*
    Engine only: admission order among waiting requests, lower first (vLLM's `priority`);
-   running requests keep their rows.
+   a more urgent request takes the row of the least urgent running one, which resumes
+   later where it was (its output unchanged).
    */
   int32_t priority;
 } kosmos_params;

@@ -26,7 +26,7 @@
 //! Finished sequences' keys and values go to the [`PrefixCache`]; an admitted prompt copies its
 //! longest cached prefix into its row and the group's prefill starts after the cached parts.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{CStr, CString};
 use std::ops::Range;
 use std::sync::Arc;
@@ -66,7 +66,8 @@ pub struct SeqRequest {
     /// `echo` with `logprobs`), in one [`SeqEvent::PromptLogprobs`] before any text.
     pub prompt_logprobs: Option<usize>,
     /// Admission order among waiting sequences: lower first (vLLM's `priority`), equal ones in
-    /// arrival order. Running sequences are never preempted.
+    /// arrival order. With [`EngineConfig::priority_preemption`] a running sequence gives its
+    /// row to a more urgent waiting one and resumes later where it was.
     pub priority: i64,
     pub arrived: Instant,
     /// Past this instant the sequence ends with [`SeqFailure::Timeout`].
@@ -142,6 +143,12 @@ pub struct EngineConfig {
     /// Bytes of finished sequences' keys and values kept for prompts that start the same way
     /// (see [`crate::prefix_cache`]); 0 turns prefix caching off.
     pub prefix_cache_bytes: usize,
+    /// When every row is taken and a waiting sequence is more urgent (lower `priority`) than a
+    /// running one, the least urgent running sequence gives up its row (vLLM's recompute
+    /// preemption): its keys and values go to the prefix cache, it waits with its prompt and
+    /// generated tokens as its prompt, and resumes with its own sampler state, so what it
+    /// generates does not change.
+    pub priority_preemption: bool,
 }
 
 impl Default for EngineConfig {
@@ -152,6 +159,7 @@ impl Default for EngineConfig {
             prefill_chunk: 512,
             kv_preallocate: false,
             prefix_cache_bytes: 512 << 20,
+            priority_preemption: true,
         }
     }
 }
@@ -175,6 +183,22 @@ struct Running {
     failure: Option<String>,
     /// Its prompt tokens that the prefix cache gave (see [`SeqSummary::cached_tokens`]).
     cached_tokens: usize,
+    /// Its prompt's length: `req.assembled` also holds tokens generated before a preemption.
+    prompt_len: usize,
+}
+
+/// What a preempted sequence resumes with when it gets a row again.
+struct Resume {
+    state: RowState,
+    pending_logprobs: Vec<TokenLogprob>,
+    last_token_at: Option<Instant>,
+    prompt_len: usize,
+    cached_tokens: usize,
+}
+
+/// A sequence's identity while it waits (its cancel flag is its own).
+fn seq_key(req: &SeqRequest) -> usize {
+    Arc::as_ptr(&req.cancel) as usize
 }
 
 /// A group of admitted sequences being prefilled, chunk by chunk, in pool rows
@@ -278,7 +302,11 @@ impl Prefill {
 /// Split `group` into the candidates to prefill and the requests whose prompt (tokens, image
 /// slots and image content) equals an earlier one's and that do not ask for their prompt's
 /// log-probabilities, each with the index of the candidate whose prefill it will copy.
-fn split_identical(group: Vec<Candidate>) -> (Vec<Candidate>, Vec<(SeqRequest, usize)>) {
+/// A resumed sequence (`resumed`) always leads: its state must meet its own row.
+fn split_identical(
+    group: Vec<Candidate>,
+    resumed: impl Fn(&SeqRequest) -> bool,
+) -> (Vec<Candidate>, Vec<(SeqRequest, usize)>) {
     let mut leaders: Vec<Candidate> = Vec::with_capacity(group.len());
     let mut followers = Vec::new();
     for c in group {
@@ -288,7 +316,7 @@ fn split_identical(group: Vec<Candidate>) -> (Vec<Candidate>, Vec<(SeqRequest, u
                 && l.hashes == c.hashes
         });
         match same {
-            Some(i) if c.req.prompt_logprobs.is_none() => followers.push((c.req, i)),
+            Some(i) if c.req.prompt_logprobs.is_none() && !resumed(&c.req) => followers.push((c.req, i)),
             _ => leaders.push(c),
         }
     }
@@ -572,6 +600,8 @@ pub struct Engine {
     /// At most one group prefills at a time; none is admitted meanwhile.
     prefill: Option<Prefill>,
     pending: VecDeque<SeqRequest>,
+    /// Preempted sequences among `pending`, by [`seq_key`].
+    resumes: HashMap<usize, Resume>,
     prefix: PrefixCache,
     metrics: Arc<Metrics>,
 }
@@ -612,6 +642,7 @@ impl Engine {
             running: Vec::new(),
             prefill: None,
             pending: VecDeque::new(),
+            resumes: HashMap::new(),
             prefix,
             metrics,
         })
@@ -666,6 +697,7 @@ impl Engine {
             .map(|p| p.into_requests().collect())
             .unwrap_or_default();
         let pending = std::mem::take(&mut self.pending);
+        self.resumes.clear();
         let waiting = pending.len() as u64;
         for mut req in running
             .into_iter()
@@ -730,7 +762,12 @@ impl Engine {
     fn drop_abandoned(&mut self) {
         let now = Instant::now();
         let metrics = self.metrics.clone();
+        let resumes = &mut self.resumes;
         self.pending.retain_mut(|req| {
+            let abandoned = req.cancel.load(Ordering::Relaxed) || req.deadline.is_some_and(|d| now >= d);
+            if abandoned {
+                resumes.remove(&seq_key(req));
+            }
             if req.cancel.load(Ordering::Relaxed) {
                 metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
                 metrics.finished("cancelled", req.assembled.len(), 0);
@@ -773,6 +810,9 @@ impl Engine {
 
     /// Take waiting sequences into free rows and prefill them together.
     fn admit(&mut self) -> Result<()> {
+        if self.config.priority_preemption {
+            self.preempt_for_priority();
+        }
         let free = self.config.max_batch - self.running.len();
         if free == 0 || self.pending.is_empty() {
             return Ok(());
@@ -789,7 +829,7 @@ impl Engine {
         while group.len() < free {
             let Some(next) = self.pending.front() else { break };
             let w = width.max(next.assembled.len());
-            let n = most_new.max(next.params.max_tokens);
+            let n = most_new.max(self.max_new(next));
             if w + n > context && !group.is_empty() {
                 break;
             }
@@ -798,7 +838,7 @@ impl Engine {
             // Callers check these before queueing; a request that slipped through fails alone.
             let refused = if req.assembled.is_empty() {
                 Some(RtError::Input("the prompt has no tokens".into()))
-            } else if req.assembled.len() + req.params.max_tokens > context {
+            } else if req.assembled.len() + self.max_new(&req) > context {
                 Some(RtError::ContextOverflow {
                     prompt: req.assembled.len(),
                     max_new: req.params.max_tokens,
@@ -830,6 +870,81 @@ impl Engine {
             return Ok(());
         }
         self.start_prefill(group, width)
+    }
+
+    /// Tokens `req` may still generate (fewer than `max_tokens` after a preemption).
+    fn max_new(&self, req: &SeqRequest) -> usize {
+        let done = self
+            .resumes
+            .get(&seq_key(req))
+            .map_or(0, |r| r.state.tokens.len());
+        req.params.max_tokens.saturating_sub(done)
+    }
+
+    /// Rows for waiting sequences more urgent than running ones: for each (in queue order,
+    /// beyond those the free rows serve) the least urgent running sequence, the latest admitted
+    /// among equals, is preempted if it is less urgent. A preempted sequence is never more
+    /// urgent than one still running, so preemptions do not cascade.
+    fn preempt_for_priority(&mut self) {
+        let mut next = self.config.max_batch - self.running.len();
+        while let Some(waiting) = self.pending.get(next).map(|w| w.priority) {
+            let victim = self
+                .running
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.state.finish.is_none() && r.req.priority > waiting)
+                .max_by_key(|(_, r)| (r.req.priority, r.req.arrived))
+                .map(|(i, _)| i);
+            let Some(i) = victim else { return };
+            self.preempt(i);
+            next += 1;
+        }
+    }
+
+    /// Take running row `i` off its row: its keys and values go to the prefix cache, and it
+    /// waits, ahead of the others of its priority, with its prompt and every generated token as
+    /// its prompt, to resume with its state (sampler, penalties, constraint, held-back text).
+    fn preempt(&mut self, i: usize) {
+        self.keep_prefix(i);
+        let last = self.running.len() - 1;
+        if i != last {
+            let used = self.running[last].mask.len();
+            self.pool.move_row(last, i, used);
+        }
+        let Running {
+            mut req,
+            state,
+            pending_logprobs,
+            last_token_at,
+            prompt_len,
+            cached_tokens,
+            ..
+        } = self.running.swap_remove(i);
+        let a = &mut req.assembled;
+        a.input_ids.truncate(prompt_len);
+        a.input_ids.extend_from_slice(&state.tokens);
+        a.image_mask.resize(a.input_ids.len(), false);
+        // Sent at its first prefill.
+        req.prompt_logprobs = None;
+        tracing::debug!(
+            priority = req.priority,
+            generated = state.tokens.len(),
+            "preempted for a more urgent sequence"
+        );
+        self.resumes.insert(
+            seq_key(&req),
+            Resume {
+                state,
+                pending_logprobs,
+                last_token_at,
+                prompt_len,
+                cached_tokens,
+            },
+        );
+        let at = self.pending.partition_point(|w| w.priority < req.priority);
+        self.pending.insert(at, req);
+        self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        self.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `req` with its images' hashes, its position keys and how much of it the prefix cache
@@ -915,7 +1030,7 @@ impl Engine {
     /// Reserve pool rows for `group`, encode its images and lay out its prompts; the chunks
     /// run from the next `prefill_chunk` call on. On failure every member has failed.
     fn start_prefill(&mut self, group: Vec<Candidate>, width: usize) -> Result<()> {
-        let most_new = group.iter().map(|c| c.req.params.max_tokens).max().unwrap_or(0);
+        let most_new = group.iter().map(|c| self.max_new(&c.req)).max().unwrap_or(0);
         let reserved_max = self
             .running
             .iter()
@@ -929,7 +1044,8 @@ impl Engine {
         }
         let dm = self.pkg.manifest.decoder.hidden_size;
         let per = self.pkg.manifest.vision.tokens_per_image;
-        let (leaders, followers) = split_identical(group);
+        let resumed = |r: &SeqRequest| self.resumes.contains_key(&seq_key(r));
+        let (leaders, followers) = split_identical(group, resumed);
         let m = leaders.len();
 
         // Images: one vision batch (cached embeddings reused), laid out per row in prompt order.
@@ -1153,21 +1269,29 @@ impl Engine {
                 let tokens = req.assembled.input_ids.iter().copied().zip(scored).collect();
                 (req.sink)(SeqEvent::PromptLogprobs(tokens));
             }
-            let seed = req.params.seed;
             let score_only = req.params.max_tokens == 0;
-            // Left-padded to the group's width, the prompt starts at width − len; the calls
-            // computed from `start` (a follower's prompt is its leader's).
-            let cached_tokens = (p.start + req.assembled.len()).saturating_sub(p.width);
+            let reserved = p.width + self.max_new(&req);
+            let resume = self.resumes.remove(&seq_key(&req)).unwrap_or_else(|| Resume {
+                state: RowState::new(&req.assembled, req.params.seed)
+                    .constrained(self.pkg.constraint(&req.params)),
+                pending_logprobs: Vec::new(),
+                last_token_at: None,
+                prompt_len: req.assembled.len(),
+                // Left-padded to the group's width, the prompt starts at width − len; the
+                // calls computed from `start` (a follower's prompt is its leader's).
+                cached_tokens: (p.start + req.assembled.len()).saturating_sub(p.width),
+            });
             let mut run = Running {
-                state: RowState::new(&req.assembled, seed).constrained(self.pkg.constraint(&req.params)),
+                state: resume.state,
                 mask: p.real[r * p.width..(r + 1) * p.width].to_vec(),
                 next: pad,
-                reserved: p.width + req.params.max_tokens,
-                last_token_at: None,
-                pending_logprobs: Vec::new(),
+                reserved,
+                last_token_at: resume.last_token_at,
+                pending_logprobs: resume.pending_logprobs,
                 keys,
                 failure: None,
-                cached_tokens,
+                cached_tokens: resume.cached_tokens,
+                prompt_len: resume.prompt_len,
                 req,
             };
             if score_only {
@@ -1323,7 +1447,7 @@ impl Engine {
                 FinishReason::Length => "length",
                 FinishReason::Cancelled => "cancelled",
             };
-            let prompt_tokens = run.req.assembled.len();
+            let prompt_tokens = run.prompt_len;
             self.metrics
                 .finished(label, prompt_tokens, run.state.tokens.len());
             tracing::debug!(
@@ -1354,9 +1478,15 @@ impl Engine {
         let pad = run.mask.iter().take_while(|&&m| m == 0).count();
         let fed = run.mask.len() - pad - run.keys.len();
         let used = run.mask.len();
+        // Tokens generated before a preemption are in the keys already (they were its prompt).
+        let before = run.keys.len() - run.prompt_len;
         // The row is retiring: its keys are not needed any more.
         let mut keys = std::mem::take(&mut run.keys);
-        keys.extend(run.state.tokens[..fed].iter().map(|&t| token_key(t)));
+        keys.extend(
+            run.state.tokens[before..before + fed]
+                .iter()
+                .map(|&t| token_key(t)),
+        );
         let tensors = self.pool.copy_out(i, pad..used);
         self.prefix.insert(keys, tensors);
     }

@@ -134,7 +134,8 @@ pub struct kosmos_params {
     pub bad_words: *const *const c_char,
     pub n_bad_words: usize,
     /// Engine only: admission order among waiting requests, lower first (vLLM's `priority`);
-    /// running requests keep their rows.
+    /// a more urgent request takes the row of the least urgent running one, which resumes
+    /// later where it was (its output unchanged).
     pub priority: i32,
 }
 

@@ -332,6 +332,10 @@ struct ServerSettings {
     /// prefill. 0: off.
     #[arg(long, default_value_t = kosmos_rt::batch::EngineConfig::default().prefix_cache_bytes >> 20)]
     prefix_cache_mb: usize,
+    /// Never preempt: a request with a lower `priority` waits for a free row instead of taking
+    /// the row of the least urgent running one (which would resume later where it was).
+    #[arg(long)]
+    no_priority_preemption: bool,
     /// max_tokens for requests that give none (bounded by the context left).
     #[arg(long, default_value_t = 256)]
     default_max_tokens: usize,
@@ -375,6 +379,7 @@ impl ServerSettings {
             prefill_chunk: self.prefill_chunk,
             kv_preallocate: self.kv_preallocate,
             prefix_cache_bytes: self.prefix_cache_mb << 20,
+            priority_preemption: !self.no_priority_preemption,
             default_max_tokens: self.default_max_tokens,
             request_timeout: self.request_timeout.map(std::time::Duration::from_secs),
             max_body_bytes: self.max_body_bytes,

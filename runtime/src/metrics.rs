@@ -83,6 +83,8 @@ pub struct Metrics {
     /// Prompt tokens whose keys and values were copied from an identical prompt prefilled in
     /// the same group (`n` > 1, or the same request twice at once).
     pub shared_prefill_tokens: AtomicU64,
+    /// Running sequences that gave their row to a more urgent one (to resume later).
+    pub preemptions: AtomicU64,
     /// Tokens chosen under a structured-output constraint, and the microseconds spent choosing
     /// them (the grammar's mask and the sampling after it).
     pub constrained_tokens: AtomicU64,
@@ -108,6 +110,7 @@ impl Default for Metrics {
             prefix_cache_hit_tokens: AtomicU64::new(0),
             prefix_cache_bytes: AtomicU64::new(0),
             shared_prefill_tokens: AtomicU64::new(0),
+            preemptions: AtomicU64::new(0),
             constrained_tokens: AtomicU64::new(0),
             constrained_pick_us: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BUCKETS),
@@ -224,6 +227,13 @@ impl Metrics {
             "kosmos_shared_prefill_tokens_total",
             "Prompt tokens copied from an identical prompt prefilled at the same time (n > 1) instead of prefilled again.",
             &self.shared_prefill_tokens,
+            "counter",
+        );
+        counter(
+            &mut out,
+            "kosmos_preemptions_total",
+            "Running sequences that gave their row to a more urgent waiting one (lower priority), to resume later where they were.",
+            &self.preemptions,
             "counter",
         );
         counter(

@@ -298,6 +298,7 @@ pub unsafe extern "C" fn kosmos_engine_open(
             prefill_chunk: c.prefill_chunk as usize,
             kv_preallocate: c.kv_preallocate,
             prefix_cache_bytes: (c.prefix_cache_mb as usize) << 20,
+            ..EngineConfig::default()
         };
         let engine = match Engine::new(pkg, config, Arc::new(Metrics::default())) {
             Ok(e) => e,

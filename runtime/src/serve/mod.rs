@@ -75,6 +75,8 @@ pub struct ServeConfig {
     pub kv_preallocate: bool,
     /// See [`EngineConfig::prefix_cache_bytes`].
     pub prefix_cache_bytes: usize,
+    /// See [`EngineConfig::priority_preemption`].
+    pub priority_preemption: bool,
 }
 
 /// `http(s)://` image URLs: from these hosts only (exact names; empty: any), each download
@@ -107,6 +109,7 @@ impl Default for ServeConfig {
             prefill_chunk: EngineConfig::default().prefill_chunk,
             kv_preallocate: EngineConfig::default().kv_preallocate,
             prefix_cache_bytes: EngineConfig::default().prefix_cache_bytes,
+            priority_preemption: EngineConfig::default().priority_preemption,
         }
     }
 }
@@ -205,6 +208,7 @@ fn start(pkg: Package, cfg: ServeConfig) -> Result<Running> {
             prefill_chunk: cfg.prefill_chunk,
             kv_preallocate: cfg.kv_preallocate,
             prefix_cache_bytes: cfg.prefix_cache_bytes,
+            priority_preemption: cfg.priority_preemption,
         },
         metrics.clone(),
     )?;

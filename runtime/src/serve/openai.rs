@@ -67,7 +67,8 @@ pub(super) struct Sampling {
     allowed_token_ids: Option<Vec<i64>>,
     /// vLLM's: words never generated.
     bad_words: Option<Vec<String>>,
-    /// vLLM's: lower is admitted first (waiting requests only; running ones keep their rows).
+    /// vLLM's: lower is admitted first, and preempts less urgent running requests (which resume
+    /// where they were) unless `--no-priority-preemption`.
     priority: Option<i64>,
     /// vLLM's: keep only the prompt's last k tokens (-1: the model's context).
     truncate_prompt_tokens: Option<i64>,
