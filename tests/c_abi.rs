@@ -274,7 +274,8 @@ fn c_abi_is_thread_safe() {
 #[derive(Default)]
 struct Received {
     text: String,
-    logprobs: Vec<kosmos_rt::logprobs::TokenLogprob>,
+    /// (token, log-probability, alternatives): what `kosmos_logprob` holds.
+    logprobs: Vec<(u32, f32, Vec<(u32, f32)>)>,
     done: Option<(kosmos_rt::ffi::kosmos_finish_reason, Vec<u32>, String)>,
     failed: Option<String>,
 }
@@ -310,11 +311,7 @@ extern "C" fn collect(ev: *const kosmos_rt::ffi::kosmos_event, user_data: *mut s
                         (t.token, t.logprob)
                     })
                     .collect();
-                r.logprobs.push(kosmos_rt::logprobs::TokenLogprob {
-                    token: e.token,
-                    logprob: e.logprob,
-                    top,
-                });
+                r.logprobs.push((e.token, e.logprob, top));
             }
         }
         KOSMOS_EVENT_DONE => {
@@ -634,11 +631,11 @@ fn c_abi_engine_takes_every_generation_setting() {
         if case == 0 {
             assert_eq!(tokens.len(), 12, "ignore_eos: all max_tokens");
             assert_eq!(r.logprobs.len(), tokens.len(), "one entry per generated token");
-            for (i, (c, rust)) in r.logprobs.iter().zip(&rust_logprobs).enumerate() {
-                assert_eq!(c.token, tokens[i], "step {i}");
-                assert_eq!(c.token, rust.token, "step {i}");
-                assert_eq!(c.logprob.to_bits(), rust.logprob.to_bits(), "step {i}");
-                assert_eq!(c.top, rust.top, "step {i}: the 3 most likely");
+            for (i, ((token, logprob, top), rust)) in r.logprobs.iter().zip(&rust_logprobs).enumerate() {
+                assert_eq!(*token, tokens[i], "step {i}");
+                assert_eq!(*token, rust.token, "step {i}");
+                assert_eq!(logprob.to_bits(), rust.logprob.to_bits(), "step {i}");
+                assert_eq!(*top, rust.top, "step {i}: the 3 most likely");
             }
         } else {
             assert!(r.logprobs.is_empty(), "logprobs -1: none reported");

@@ -10,6 +10,8 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 pub struct TokenLogprob {
     pub token: u32,
     pub logprob: f32,
+    /// 1 + the number of tokens more likely than `token` (vLLM's `rank`; ties share a rank).
+    pub rank: u32,
     /// Up to the requested number of (token, log-probability), most likely first (ties by id).
     pub top: Vec<(u32, f32)>,
 }
@@ -28,11 +30,13 @@ pub fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
     }
     best.truncate(top);
     best.sort_unstable_by(order);
+    let own = logits.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
     TokenLogprob {
         token,
         logprob: logits
             .get(token as usize)
             .map_or(f32::NEG_INFINITY, |_| lp(token as usize)),
+        rank: 1 + logits.iter().filter(|&&x| x > own).count() as u32,
         top: best.into_iter().map(|i| (i as u32, lp(i))).collect(),
     }
 }
@@ -55,5 +59,8 @@ mod tests {
         assert!((total - 1.0).abs() < 1e-6);
         assert!(token_logprob(&logits, 0, 0).top.is_empty());
         assert_eq!(token_logprob(&logits, 0, 9).top.len(), 5);
+        // Ranks: two tokens share the top logit.
+        let ranks: Vec<u32> = (0..5).map(|i| token_logprob(&logits, i, 0).rank).collect();
+        assert_eq!(ranks, [4, 1, 3, 1, 5]);
     }
 }

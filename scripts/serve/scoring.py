@@ -158,6 +158,57 @@ def main():
                 check(f"max_tokens 1 pair {k}: generated the most likely token",
                       math.isclose(gen, last.max().item(), abs_tol=TOLERANCE), (gen, last.max().item()))
 
+    # vLLM's prompt_logprobs (no echo): per prompt token {id: {logprob, rank, decoded_token}} for
+    # the token and the k most likely; the logprobs are the reference's, the ranks those of its
+    # distribution (any order among logits within the tolerance of the token's).
+    def reference_ranks(ids):
+        x = torch.tensor([ids])
+        logp = forward(reference, None, x, torch.zeros_like(x, dtype=torch.uint8)).float().log_softmax(-1)[0]
+        # (fewest more likely, most): the second counts the token itself, as its 1 + would.
+        return [None] + [(1 + int((logp[i - 1] > logp[i - 1, t] + TOLERANCE).sum()),
+                          int((logp[i - 1] > logp[i - 1, t] - TOLERANCE).sum()))
+                         for i, t in enumerate(ids) if i > 0]
+
+    out = post("/v1/completions", {"model": args.model, "prompt": prompts, "temperature": 0, "max_tokens": 1,
+                                   "prompt_logprobs": 2})
+    for k, (choice, ids, (chosen, best, _)) in enumerate(zip(sorted(out["choices"], key=lambda c: c["index"]),
+                                                              prompts, refs)):
+        pl, n = choice["prompt_logprobs"], len(ids)
+        check(f"prompt_logprobs pair {k}: one entry per prompt token, the first null",
+              len(pl) == n and pl[0] is None, len(pl))
+        own = [pl[i][str(ids[i])] for i in range(1, n)]
+        worst = max(abs(o["logprob"] - chosen[i + 1]) for i, o in enumerate(own))
+        check(f"prompt_logprobs pair {k}: = reference", worst <= TOLERANCE, f"{worst:.2e}")
+        worst_top = max(abs(max(v["logprob"] for v in pl[i].values()) - best[i]) for i in range(1, n))
+        check(f"prompt_logprobs pair {k}: the most likely = reference's", worst_top <= TOLERANCE, f"{worst_top:.2e}")
+        ranks = reference_ranks(ids)
+        bad = [(i, o["rank"], ranks[i + 1]) for i, o in enumerate(own)
+               if not ranks[i + 1][0] <= o["rank"] <= ranks[i + 1][1]]
+        check(f"prompt_logprobs pair {k}: ranks = reference's", not bad, bad[:3])
+        check(f"prompt_logprobs pair {k}: 2 alternatives + the token",
+              all(len(pl[i]) == (2 if pl[i][str(ids[i])]["rank"] <= 2 else 3) for i in range(1, n)))
+        check(f"prompt_logprobs pair {k}: each entry's decoded token",
+              all(isinstance(v["decoded_token"], str) for i in range(1, n) for v in pl[i].values()))
+        check(f"prompt_logprobs pair {k}: no completions logprobs asked, none given", choice["logprobs"] is None)
+
+    # A chat's prompt_logprobs: once, beside the choices, over the ids /tokenize gives for it.
+    text_chat = [{"role": "user", "content": PAIRS[2][0]}]
+    ids = post("/tokenize", {"model": args.model, "messages": text_chat})["tokens"]
+    out = post("/v1/chat/completions", {"model": args.model, "messages": text_chat, "max_tokens": 1,
+                                        "prompt_logprobs": 0})
+    pl = out["prompt_logprobs"]
+    chosen = reference_logprobs(ids)[0]
+    check("chat prompt_logprobs: one per prompt token", len(pl) == len(ids) == out["usage"]["prompt_tokens"],
+          (len(pl), len(ids)))
+    worst = max(abs(pl[i][str(ids[i])]["logprob"] - chosen[i]) for i in range(1, len(ids)))
+    check("chat prompt_logprobs = reference", worst <= TOLERANCE, f"{worst:.2e}")
+    # With an image: its slots are embeddings, not tokens: null like the first.
+    out = post("/v1/chat/completions", {"model": args.model, "messages": messages, "max_tokens": 1,
+                                        "prompt_logprobs": 1})
+    nulls = sum(e is None for e in out["prompt_logprobs"])
+    check("chat prompt_logprobs with an image: the first token and the image slots null",
+          len(out["prompt_logprobs"]) == out["usage"]["prompt_tokens"] and nulls > 1, nulls)
+
     # Ids are fed as given: without <s> the first id is the one with no context.
     bare = prompts[0][1:]
     out = post("/v1/completions", {"model": args.model, "prompt": bare, "max_tokens": 0, "echo": True, "logprobs": 0})

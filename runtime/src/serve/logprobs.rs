@@ -81,6 +81,51 @@ pub fn prompt(entries: &[(u32, Option<TokenLogprob>)]) -> impl Iterator<Item = (
     entries.iter().map(|(id, e)| (*id, e.as_ref()))
 }
 
+/// vLLM's `prompt_logprobs`: per prompt token null (the first, and image slots, which are
+/// embeddings, not tokens) or `{"<id>": {"logprob", "rank", "decoded_token"}}` for the token
+/// itself and the `k` most likely at its place (ranked 1..=k).
+pub fn vllm_prompt(tok: &KosmosTokenizer, entries: &[(u32, Option<TokenLogprob>)], k: usize) -> Value {
+    let entry = |id: u32, logprob: f32, rank: u32| {
+        (
+            id.to_string(),
+            json!({"logprob": logprob, "rank": rank, "decoded_token": token_text(tok, id).0}),
+        )
+    };
+    entries
+        .iter()
+        .map(|(_, e)| match e {
+            None => Value::Null,
+            Some(e) => {
+                let mut m: Map<String, Value> = e
+                    .top
+                    .iter()
+                    .take(k)
+                    .enumerate()
+                    .map(|(r, &(id, lp))| entry(id, lp, r as u32 + 1))
+                    .collect();
+                let (key, own) = entry(e.token, e.logprob, e.rank);
+                m.insert(key, own);
+                Value::Object(m)
+            }
+        })
+        .collect()
+}
+
+/// `entries` with at most `k` alternatives each: echo's `logprobs: k` and `prompt_logprobs`
+/// share one scoring, made for the larger of the two.
+pub fn trimmed(entries: &[(u32, Option<TokenLogprob>)], k: usize) -> Vec<(u32, Option<TokenLogprob>)> {
+    entries
+        .iter()
+        .map(|(id, e)| {
+            let e = e.as_ref().map(|e| TokenLogprob {
+                top: e.top.iter().take(k).copied().collect(),
+                ..e.clone()
+            });
+            (*id, e)
+        })
+        .collect()
+}
+
 /// `a` followed by `b`, two legacy `logprobs` objects.
 pub fn concat(mut a: Value, b: &Value) -> Value {
     for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {

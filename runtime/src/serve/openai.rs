@@ -72,6 +72,8 @@ pub(super) struct Sampling {
     priority: Option<i64>,
     /// vLLM's: keep only the prompt's last k tokens (-1: the model's context).
     truncate_prompt_tokens: Option<i64>,
+    /// vLLM's: each prompt token's log-probability, rank and the k most likely alternatives.
+    pub(super) prompt_logprobs: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -207,8 +209,12 @@ pub(super) struct Submitted {
     pub(super) prompt_tokens: usize,
     /// Choices per prompt: choice `i` is of prompt `i / n`.
     n: usize,
+    /// vLLM's `prompt_logprobs` (alternatives per prompt token), when asked for.
+    prompt_logprobs: Option<usize>,
     /// Responses carry `logprobs` (the request asked for them).
     pub(super) wants_logprobs: bool,
+    /// Alternatives per token of those `logprobs` (an echoed prompt's included).
+    logprobs_top: usize,
     /// Completions' `echo`: each choice's prompt text, which its text starts with.
     echo: Option<Vec<String>>,
     /// Chat with a forced tool call: the text is the call.
@@ -580,6 +586,20 @@ impl AppState {
             ));
         }
         let logprobs = requested_logprobs(s, kind)?;
+        let prompt_logprobs = match s.prompt_logprobs {
+            None => None,
+            Some(k) => Some(
+                usize::try_from(k)
+                    .ok()
+                    .filter(|&k| k <= MAX_TOP_LOGPROBS)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            format!("prompt_logprobs must be in 0..={MAX_TOP_LOGPROBS}, got {k}"),
+                            "prompt_logprobs",
+                        )
+                    })?,
+            ),
+        };
         let stop = match &s.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
@@ -637,6 +657,7 @@ impl AppState {
             n: n as usize,
             logprobs,
             echo,
+            prompt_logprobs,
             priority: s.priority.unwrap_or(0),
         })
     }
@@ -648,8 +669,15 @@ impl AppState {
             n,
             logprobs,
             echo,
+            prompt_logprobs,
             priority,
         } = r;
+        // Echo's scores and vLLM's prompt_logprobs come from one scoring, at the larger width.
+        let scored = match (*echo, *logprobs, *prompt_logprobs) {
+            (true, Some(a), Some(b)) => Some(a.max(b)),
+            (true, Some(a), None) => Some(a),
+            (_, _, b) => b,
+        };
         let n = *n;
         let total = prompts.len() * n;
         let depth = self.metrics.queue_depth.fetch_add(total as u64, Ordering::SeqCst) as usize;
@@ -678,7 +706,7 @@ impl AppState {
                     pixels: p.pixels.clone(),
                     params,
                     logprobs: *logprobs,
-                    prompt_logprobs: if *echo { *logprobs } else { None },
+                    prompt_logprobs: scored,
                     priority: *priority,
                     arrived,
                     deadline,
@@ -704,7 +732,9 @@ impl AppState {
             guard: CancelOnDrop(flags),
             prompt_tokens,
             n,
+            prompt_logprobs: *prompt_logprobs,
             wants_logprobs: logprobs.is_some(),
+            logprobs_top: logprobs.unwrap_or(0),
             echo: None,
             tools: None,
         })
@@ -776,11 +806,6 @@ const UNSUPPORTED: &[Unsupported] = &[
         "JSON output allows at most one space between tokens",
     ),
     // vLLM's.
-    (
-        "prompt_logprobs",
-        |_| false,
-        "score a prompt with /v1/completions, echo: true and logprobs",
-    ),
     (
         "skip_special_tokens",
         |v| v == &Value::Bool(true),
@@ -891,6 +916,8 @@ pub(super) struct Requested {
     logprobs: Option<usize>,
     /// Completions' `echo`: the prompt's tokens get log-probabilities too.
     echo: bool,
+    /// vLLM's `prompt_logprobs`: alternatives per prompt token.
+    prompt_logprobs: Option<usize>,
     /// vLLM's: lower is admitted first.
     priority: i64,
 }
@@ -1062,7 +1089,9 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
         guard: _guard,
         prompt_tokens,
         n,
+        prompt_logprobs,
         wants_logprobs,
+        logprobs_top,
         echo,
         tools,
     } = sub;
@@ -1115,7 +1144,8 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
             logprobs::completion(tok, logprobs::generated(&c.logprobs), &mut Vec::new(), 0)
         }
         (true, Kind::Completion, Some(prompts)) => {
-            let prompt = logprobs::completion(tok, logprobs::prompt(&c.prompt_logprobs), &mut Vec::new(), 0);
+            let scored = logprobs::trimmed(&c.prompt_logprobs, logprobs_top);
+            let prompt = logprobs::completion(tok, logprobs::prompt(&scored), &mut Vec::new(), 0);
             let base = prompts[i].chars().count();
             let generated =
                 logprobs::completion(tok, logprobs::generated(&c.logprobs), &mut Vec::new(), base);
@@ -1152,6 +1182,19 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
             "usage": usage(prompt_tokens, completion, cached_tokens(&cached, n)),
         }),
     };
+    let mut body = body;
+    if let Some(k) = prompt_logprobs {
+        let scored = |c: &Choice| logprobs::vllm_prompt(tok, &c.prompt_logprobs, k);
+        match kind {
+            // vLLM's places: the response (a chat has one prompt), or each choice.
+            Kind::Chat => body["prompt_logprobs"] = scored(&choices[0]),
+            Kind::Completion => {
+                for (i, c) in choices.iter().enumerate() {
+                    body["choices"][i]["prompt_logprobs"] = scored(c);
+                }
+            }
+        }
+    }
     Ok(axum::Json(body).into_response())
 }
 
@@ -1162,7 +1205,9 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
         guard,
         prompt_tokens,
         n,
+        prompt_logprobs,
         wants_logprobs,
+        logprobs_top,
         echo,
         tools,
     } = sub;
@@ -1172,7 +1217,7 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
     });
     let created = now_secs();
     let model = st.model_name.clone();
-    let chunk = move |choices: Value, usage: Option<Value>| -> Event {
+    let chunk_json = move |choices: Value, usage: Option<Value>| -> Value {
         let mut c = json!({
             "id": id,
             "object": match kind { Kind::Chat => "chat.completion.chunk", Kind::Completion => "text_completion" },
@@ -1183,11 +1228,12 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
         if let Some(u) = usage {
             c["usage"] = u;
         }
-        Event::default().data(c.to_string())
+        c
     };
     let body = async_stream::stream! {
         // Held by the stream: dropping the response (client gone) cancels the sequences.
         let _guard = guard;
+        let chunk = |choices: Value, usage: Option<Value>| Event::default().data(chunk_json(choices, usage).to_string());
         if let Kind::Chat = kind {
             for i in 0..total {
                 yield Ok::<Event, Infallible>(chunk(
@@ -1221,8 +1267,29 @@ fn stream(st: Arc<AppState>, kind: Kind, sub: Submitted, total: usize, include_u
             let Some((i, ev)) = rx.recv().await else { break };
             match ev {
                 SeqEvent::PromptLogprobs(p) => {
+                    // vLLM's prompt_logprobs first: in a chunk of their own, as vLLM sends them
+                    // (a chat's at the top, once; a completion's in its choice).
+                    if let Some(k) = prompt_logprobs {
+                        let scored = logprobs::vllm_prompt(&st.tokenizer, &p, k);
+                        match kind {
+                            Kind::Chat if i == 0 => {
+                                let mut c = chunk_json(json!([]), None);
+                                c["prompt_logprobs"] = scored;
+                                yield Ok(Event::default().data(c.to_string()));
+                            }
+                            Kind::Chat => {}
+                            Kind::Completion => {
+                                let choice = json!({"index": i, "text": "", "logprobs": null, "finish_reason": null, "prompt_logprobs": scored});
+                                yield Ok(chunk(json!([choice]), None));
+                            }
+                        }
+                    }
                     let Some(prompts) = &echo else { continue };
-                    let lp = logprobs::completion(&st.tokenizer, logprobs::prompt(&p), &mut Vec::new(), 0);
+                    if !wants_logprobs {
+                        continue;
+                    }
+                    let scored = logprobs::trimmed(&p, logprobs_top);
+                    let lp = logprobs::completion(&st.tokenizer, logprobs::prompt(&scored), &mut Vec::new(), 0);
                     let choice = json!({"index": i, "text": prompts[i], "logprobs": lp, "finish_reason": null});
                     yield Ok(chunk(json!([choice]), None));
                 }

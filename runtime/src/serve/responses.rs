@@ -135,6 +135,12 @@ impl ResponsesRequest {
                 ));
             }
         }
+        if self.sampling.prompt_logprobs.is_some() {
+            return refuse(
+                "prompt_logprobs",
+                "not a Responses API field; /v1/completions and /v1/chat/completions take it",
+            );
+        }
         if self.sampling.n.is_some_and(|n| n != 1) {
             return refuse("n", "the Responses API answers once per request");
         }
