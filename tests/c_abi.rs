@@ -270,12 +270,14 @@ fn c_abi_is_thread_safe() {
     assert_eq!(unsafe { kosmos_model_free(model) }, kosmos_status::KOSMOS_OK);
 }
 
+/// What a `kosmos_logprob` holds: token, log-probability, alternatives.
+type CLogprob = (u32, f32, Vec<(u32, f32)>);
+
 /// What the callback of `c_abi_engine_takes_every_generation_setting` received.
 #[derive(Default)]
 struct Received {
     text: String,
-    /// (token, log-probability, alternatives): what `kosmos_logprob` holds.
-    logprobs: Vec<(u32, f32, Vec<(u32, f32)>)>,
+    logprobs: Vec<CLogprob>,
     done: Option<(kosmos_rt::ffi::kosmos_finish_reason, Vec<u32>, String)>,
     failed: Option<String>,
 }
