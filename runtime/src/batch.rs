@@ -189,6 +189,9 @@ struct Running {
 
 /// What a preempted sequence resumes with when it gets a row again.
 struct Resume {
+    /// The sequence's cancel flag, held so that its address (the key) cannot be reused by
+    /// another sequence while this waits.
+    _key: Arc<AtomicBool>,
     state: RowState,
     pending_logprobs: Vec<TokenLogprob>,
     last_token_at: Option<Instant>,
@@ -801,6 +804,7 @@ impl Engine {
         });
         if all_cancelled {
             for mut req in self.prefill.take().expect("checked").into_requests() {
+                self.resumes.remove(&seq_key(&req));
                 metrics.finished("cancelled", req.assembled.len(), 0);
                 let summary = SeqSummary::cancelled(&req);
                 (req.sink)(SeqEvent::Done(summary));
@@ -849,6 +853,7 @@ impl Engine {
             };
             if let Some(e) = refused {
                 let mut req = req;
+                self.resumes.remove(&seq_key(&req));
                 self.metrics.finished("error", req.assembled.len(), 0);
                 (req.sink)(SeqEvent::Failed(SeqFailure::Engine(e.to_string())));
                 continue;
@@ -934,6 +939,7 @@ impl Engine {
         self.resumes.insert(
             seq_key(&req),
             Resume {
+                _key: req.cancel.clone(),
                 state,
                 pending_logprobs,
                 last_token_at,
@@ -990,8 +996,9 @@ impl Engine {
         }
     }
 
-    fn fail_group(&self, group: impl IntoIterator<Item = SeqRequest>, e: &RtError) {
+    fn fail_group(&mut self, group: impl IntoIterator<Item = SeqRequest>, e: &RtError) {
         for mut req in group {
+            self.resumes.remove(&seq_key(&req));
             self.metrics.finished("error", req.assembled.len(), 0);
             (req.sink)(SeqEvent::Failed(SeqFailure::Engine(e.to_string())));
         }
@@ -1272,6 +1279,7 @@ impl Engine {
             let score_only = req.params.max_tokens == 0;
             let reserved = p.width + self.max_new(&req);
             let resume = self.resumes.remove(&seq_key(&req)).unwrap_or_else(|| Resume {
+                _key: req.cancel.clone(),
                 state: RowState::new(&req.assembled, req.params.seed)
                     .constrained(self.pkg.constraint(&req.params)),
                 pending_logprobs: Vec::new(),
