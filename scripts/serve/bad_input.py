@@ -111,7 +111,8 @@ def main():
         ("vLLM beam search", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "use_beam_search": True}, auth, 400, "use_beam_search"),
         ("stop string in output", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "include_stop_str_in_output": True}, auth, 400, "include_stop_str_in_output"),
         # vLLM's and llama.cpp's fields that would change the answer: refused, never ignored.
-        ("vLLM prompt_logprobs", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "prompt_logprobs": 1}, auth, 400, "prompt_logprobs is not supported"),
+        ("prompt_logprobs over 20", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "prompt_logprobs": 21}, auth, 400, "prompt_logprobs must be in 0..=20", "prompt_logprobs"),
+        ("prompt_logprobs in responses", "POST", "/v1/responses", {"input": "a", "prompt_logprobs": 1}, auth, 400, "not a Responses API field", "prompt_logprobs"),
         ("vLLM truncate_prompt_tokens 0", "POST", "/v1/completions", {"model": args.model, "prompt": "a", "truncate_prompt_tokens": 0}, auth, 400, "truncate_prompt_tokens must be"),
         ("vLLM truncate_prompt_tokens with echo", "POST", "/v1/completions", {"model": args.model, "prompt": "a b c", "echo": True, "truncate_prompt_tokens": 2}, auth, 400, "cannot be combined with echo"),
         ("vLLM truncation through an image", "POST", "/v1/chat/completions", {**good, "truncate_prompt_tokens": 12}, auth, 400, "would cut image 1"),
