@@ -399,31 +399,16 @@ fn prefix_cache_reuse_equals_generation_alone() {
                 }
                 // Tokens alone barely depend on the context in a random model; the
                 // log-probabilities do: each equals tch's on the trainer's full forward.
-                let a = engine.package().assemble(prompt).unwrap();
-                let mut ids: Vec<i64> = a.input_ids.iter().map(|&t| t as i64).collect();
-                ids.extend(extra.iter().map(|&t| t as i64));
-                let prompt_len = ids.len();
-                ids.extend(done.tokens.iter().map(|&t| t as i64));
-                let mut image_mask = a.image_mask.clone();
-                image_mask.resize(ids.len(), false);
-                let pixels: Vec<f32> = prompt
-                    .images
-                    .iter()
-                    .flat_map(|i| engine.package().preprocess(i).unwrap())
-                    .collect();
-                let logp = trainer_log_softmax(&ckpt, &ids, &image_mask, &pixels);
-                assert_eq!(c.logprobs.len(), done.tokens.len());
-                for (j, e) in c.logprobs.iter().enumerate() {
-                    let want = logp
-                        .get(0)
-                        .get((prompt_len - 1 + j) as i64)
-                        .double_value(&[e.token as i64]);
-                    assert!(
-                        (e.logprob as f64 - want).abs() <= 1e-4,
-                        "{case}: wave {w} #{i} token {j}: {} vs the trainer's {want}",
-                        e.logprob
-                    );
-                }
+                let what = format!("{case}: wave {w} #{i}");
+                assert_logprobs_are_the_trainers(
+                    &ckpt,
+                    &engine,
+                    prompt,
+                    extra,
+                    &done.tokens,
+                    &c.logprobs,
+                    &what,
+                );
                 // Reused: the longest common prefix with an earlier sequence, short of the last
                 // prompt token.
                 let k = keys(&engine, prompt, extra);
@@ -466,6 +451,44 @@ fn prefix_cache_reuse_equals_generation_alone() {
         }
         let text = metrics.render();
         assert!(!text.contains("kosmos_prefix_cache_bytes 0\n"), "{text}");
+    }
+}
+
+/// Each of `logprobs` (one per generated token) equals tch's log-softmax on the trainer's full
+/// forward over `prompt`, `extra` tokens after it, and `generated`.
+fn assert_logprobs_are_the_trainers(
+    ckpt: &Path,
+    engine: &Engine,
+    prompt: &Prompt,
+    extra: &[u32],
+    generated: &[u32],
+    logprobs: &[kosmos_rt::logprobs::TokenLogprob],
+    what: &str,
+) {
+    let a = engine.package().assemble(prompt).unwrap();
+    let mut ids: Vec<i64> = a.input_ids.iter().map(|&t| t as i64).collect();
+    ids.extend(extra.iter().map(|&t| t as i64));
+    let prompt_len = ids.len();
+    ids.extend(generated.iter().map(|&t| t as i64));
+    let mut image_mask = a.image_mask.clone();
+    image_mask.resize(ids.len(), false);
+    let pixels: Vec<f32> = prompt
+        .images
+        .iter()
+        .flat_map(|i| engine.package().preprocess(i).unwrap())
+        .collect();
+    let logp = trainer_log_softmax(ckpt, &ids, &image_mask, &pixels);
+    assert_eq!(logprobs.len(), generated.len(), "{what}: one per generated token");
+    for (j, e) in logprobs.iter().enumerate() {
+        let want = logp
+            .get(0)
+            .get((prompt_len - 1 + j) as i64)
+            .double_value(&[e.token as i64]);
+        assert!(
+            (e.logprob as f64 - want).abs() <= 1e-4,
+            "{what} token {j}: {} vs the trainer's {want}",
+            e.logprob
+        );
     }
 }
 
@@ -1206,28 +1229,8 @@ fn preempted_sequences_resume_and_generate_what_they_would_alone() {
             assert_eq!(done.text, want.text, "{case}: #{i}");
             let a = engine.package().assemble(prompt).unwrap();
             assert_eq!(done.prompt_tokens, a.len(), "{case}: #{i} prompt tokens");
-            let mut ids: Vec<i64> = a.input_ids.iter().map(|&t| t as i64).collect();
-            ids.extend(done.tokens.iter().map(|&t| t as i64));
-            let mut image_mask = a.image_mask.clone();
-            image_mask.resize(ids.len(), false);
-            let pixels: Vec<f32> = prompt
-                .images
-                .iter()
-                .flat_map(|im| engine.package().preprocess(im).unwrap())
-                .collect();
-            let logp = trainer_log_softmax(&ckpt, &ids, &image_mask, &pixels);
-            assert_eq!(c.logprobs.len(), done.tokens.len(), "{case}: #{i}");
-            for (j, e) in c.logprobs.iter().enumerate() {
-                let want = logp
-                    .get(0)
-                    .get((a.len() - 1 + j) as i64)
-                    .double_value(&[e.token as i64]);
-                assert!(
-                    (e.logprob as f64 - want).abs() <= 1e-4,
-                    "{case}: #{i} token {j}: {} vs the trainer's {want}",
-                    e.logprob
-                );
-            }
+            let what = format!("{case}: #{i}");
+            assert_logprobs_are_the_trainers(&ckpt, &engine, prompt, &[], &done.tokens, &c.logprobs, &what);
         }
         if prefix_cache_bytes > 0 {
             // The next turn of the resumed greedy sequence: the prefix cache holds its prompt

@@ -51,6 +51,19 @@ def rss_kb(pid):
     raise RuntimeError("no VmRSS")
 
 
+def checker(failures):
+    """`check(what, got, want)`: prints the comparison, and records `what` in `failures` when
+    they differ."""
+
+    def check(what, got, want):
+        status = "ok" if got == want else "MISMATCH"
+        print(f"{status:8} {what}: server={got!r} want={want!r}")
+        if got != want:
+            failures.append(what)
+
+    return check
+
+
 def client_args(description):
     """The arguments of the client checks that compare the server with `kosmos-rt run`."""
     ap = argparse.ArgumentParser(description=description)

@@ -13,7 +13,7 @@ import sys
 import httpx2 as httpx  # the HTTP client the openai package ships with
 import openai
 
-from common import client_args, data_url, metric_sum, parse_metrics, run_reference
+from common import checker, client_args, data_url, metric_sum, parse_metrics, run_reference
 
 
 def main():
@@ -21,11 +21,7 @@ def main():
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0)
     failures = []
 
-    def check(what, got, want):
-        status = "ok" if got == want else "MISMATCH"
-        print(f"{status:8} {what}: server={got!r} run={want!r}")
-        if got != want:
-            failures.append(what)
+    check = checker(failures)
 
     models = client.models.list()
     ids = [m.id for m in models.data]

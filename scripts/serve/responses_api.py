@@ -16,7 +16,7 @@ import tempfile
 import jsonschema
 import openai
 
-from common import client_args, data_url, run_reference
+from common import checker, client_args, data_url, run_reference
 
 
 def main():
@@ -24,11 +24,7 @@ def main():
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0)
     failures = []
 
-    def check(what, got, want):
-        status = "ok" if got == want else "MISMATCH"
-        print(f"{status:8} {what}: server={got!r} want={want!r}")
-        if got != want:
-            failures.append(what)
+    check = checker(failures)
 
     question = "Question: what colour is the square? Answer:"
     for img in args.image:

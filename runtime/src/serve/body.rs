@@ -13,6 +13,9 @@ use super::error::ApiError;
 /// path (the flattened fields are buffered and read after the rest), so a type that flattens
 /// says where to look.
 pub(super) trait RequestBody: DeserializeOwned {
+    /// The `model` the request names, if any.
+    fn model(&self) -> Option<&str>;
+
     /// The path and description of the first top-level field its flattened struct refuses.
     fn locate_flattened(_fields: &Map<String, Value>) -> Option<(String, String)> {
         None
@@ -192,6 +195,10 @@ mod tests {
     }
 
     impl RequestBody for Req {
+        fn model(&self) -> Option<&str> {
+            None
+        }
+
         fn locate_flattened(fields: &Map<String, Value>) -> Option<(String, String)> {
             locate_in::<Flat>(fields)
         }

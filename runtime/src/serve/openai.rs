@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -173,12 +173,20 @@ struct CompletionRequest {
 }
 
 impl RequestBody for ChatRequest {
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
     fn locate_flattened(fields: &serde_json::Map<String, Value>) -> Option<(String, String)> {
         locate_in::<Sampling>(fields)
     }
 }
 
 impl RequestBody for CompletionRequest {
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
     fn locate_flattened(fields: &serde_json::Map<String, Value>) -> Option<(String, String)> {
         locate_in::<Sampling>(fields)
     }
@@ -890,7 +898,7 @@ const UNSUPPORTED: &[Unsupported] = &[
     ),
 ];
 
-pub(super) fn refuse_unsupported(body: &[u8]) -> Result<(), ApiError> {
+fn refuse_unsupported(body: &[u8]) -> Result<(), ApiError> {
     let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
         return Ok(()); // the request's own parse reports what is wrong with it
     };
@@ -1390,13 +1398,20 @@ async fn respond(
     collect(&st, kind, sub, total).await
 }
 
-pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
+/// A generation request's body and its parse, the model it names checked and the fields no
+/// endpoint honours refused.
+pub(super) async fn read_request<T: RequestBody>(st: &AppState, body: Body) -> Result<(Bytes, T), ApiError> {
     let body = read_body(body, st.cfg.max_body_bytes).await?;
-    let req: ChatRequest = parse_bytes(&body)?;
-    if let Some(m) = &req.model {
+    let req: T = parse_bytes(&body)?;
+    if let Some(m) = req.model() {
         st.check_model(m)?;
     }
     refuse_unsupported(&body)?;
+    Ok((body, req))
+}
+
+pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
+    let (body, req) = read_request::<ChatRequest>(&st, body).await?;
     let (constraint, tool_calls) = match (structured::requested(&body)?, tools::requested(&body)?) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(
@@ -1427,12 +1442,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Re
 }
 
 pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
-    let body = read_body(body, st.cfg.max_body_bytes).await?;
-    let req: CompletionRequest = parse_bytes(&body)?;
-    if let Some(m) = &req.model {
-        st.check_model(m)?;
-    }
-    refuse_unsupported(&body)?;
+    let (body, req) = read_request::<CompletionRequest>(&st, body).await?;
     tools::refuse(&body)?;
     let constraint = structured::requested(&body)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {

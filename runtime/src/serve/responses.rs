@@ -16,11 +16,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::body::{RequestBody, locate_in, parse_bytes, read_body};
+use super::body::{RequestBody, locate_in};
 use super::error::ApiError;
-use super::openai::{
-    ImageUrl, Kind, Message, Part, Sampling, Submitted, now_secs, refuse_unsupported, request_id,
-};
+use super::openai::{ImageUrl, Kind, Message, Part, Sampling, Submitted, now_secs, read_request, request_id};
 use super::{logprobs, structured};
 use crate::batch::{SeqEvent, SeqFailure, SeqSummary};
 use crate::generate::FinishReason;
@@ -58,6 +56,10 @@ struct ResponsesRequest {
 }
 
 impl RequestBody for ResponsesRequest {
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
     fn locate_flattened(fields: &serde_json::Map<String, Value>) -> Option<(String, String)> {
         locate_in::<Sampling>(fields)
     }
@@ -304,12 +306,7 @@ fn content_part(p: &Value, at: &str) -> Result<Part, ApiError> {
 }
 
 pub async fn responses(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
-    let body = read_body(body, st.cfg.max_body_bytes).await?;
-    let req: ResponsesRequest = parse_bytes(&body)?;
-    if let Some(m) = &req.model {
-        st.check_model(m)?;
-    }
-    refuse_unsupported(&body)?;
+    let (body, req) = read_request::<ResponsesRequest>(&st, body).await?;
     req.refuse_unsupported()?;
     if req.max_output_tokens.is_some_and(|n| n < 1) {
         return Err(ApiError::invalid(

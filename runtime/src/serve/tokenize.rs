@@ -38,14 +38,23 @@ struct DetokenizeRequest {
     tokens: Vec<Value>,
 }
 
-impl RequestBody for TokenizeRequest {}
-impl RequestBody for DetokenizeRequest {}
+impl RequestBody for TokenizeRequest {
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+}
+
+impl RequestBody for DetokenizeRequest {
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+}
 
 /// The ids the completions (`prompt`) or chat (`messages`) endpoint would feed the model. Images
 /// are not fetched: each stands for its slots, so `count` equals the response's `prompt_tokens`.
 pub async fn tokenize(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
     let req: TokenizeRequest = parse(body, st.cfg.max_body_bytes).await?;
-    if let Some(m) = &req.model {
+    if let Some(m) = req.model() {
         st.check_model(m)?;
     }
     let segments = match (&req.prompt, &req.messages) {
@@ -95,7 +104,7 @@ pub async fn tokenize(State(st): State<Arc<AppState>>, body: Body) -> Result<Res
 /// The text of token ids, special tokens skipped (as the endpoints decode generated text).
 pub async fn detokenize(State(st): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
     let req: DetokenizeRequest = parse(body, st.cfg.max_body_bytes).await?;
-    if let Some(m) = &req.model {
+    if let Some(m) = req.model() {
         st.check_model(m)?;
     }
     let ids = token_ids(&req.tokens, st.manifest.decoder.vocab_size, "tokens", "tokens")?;
