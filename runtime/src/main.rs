@@ -278,13 +278,17 @@ enum Command {
         kosmos-export ckpt --to onnx --kv-cache buffer -o pkg/tiny\n  \
         kosmos-rt serve pkg/tiny --port 8000\n  \
         kosmos-rt serve pkg/k1 --host 0.0.0.0 --api-key \"$KEY\" --max-batch 16\n  \
-        kosmos-rt serve pkg/k1 --device cuda --prefill-chunk 2048   # GPU: bigger prefill chunks\n\n\
+        kosmos-rt serve pkg/k1 --device cuda --prefill-chunk 2048   # GPU: bigger prefill chunks\n  \
+        kosmos-rt serve pkg/k1 --allowed-media-domains images.example.com   # fetch https image URLs from there\n\n\
         curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{\n  \
           \"model\": \"tiny\", \"max_tokens\": 16, \"temperature\": 0,\n  \
           \"messages\": [{\"role\": \"user\", \"content\": [\n    \
             {\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/png;base64,...\"}}]}]}'\n\n\
         Structured output: add \"response_format\": {\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": ...}},\n\
-        or vLLM's guided_json / guided_regex / guided_choice / guided_grammar, or tools with a forced tool_choice.\n\n\
+        or vLLM's guided_json / guided_regex / guided_choice / guided_grammar, or tools with a forced tool_choice.\n\
+        Also POST /v1/completions, OpenAI's Responses API (POST /v1/responses, stateless), vLLM's /tokenize,\n\
+        /detokenize, /tokenizer_info; GET /v1/models, /health, /metrics. A request's \"priority\" (lower first)\n\
+        may take a less urgent running request's row (--no-priority-preemption to wait instead).\n\n\
         KV memory: max-batch x capacity x 2 x layers x hidden x 4 bytes (fp32); the capacity follows\n\
         the longest prompt + max_tokens among running requests.")]
     Serve {
