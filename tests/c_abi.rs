@@ -506,6 +506,18 @@ fn c_abi_engine_takes_every_generation_setting() {
         .into_owned();
     assert!(err.contains("config: struct_size is 12"), "{err}");
     assert!(e.is_null());
+    // A program compiled before `priority_preemption` was appended (its struct ends before the
+    // field) still opens an engine; the library does not read past its struct.
+    let older = kosmos_engine_config {
+        struct_size: std::mem::offset_of!(kosmos_engine_config, priority_preemption) as u32,
+        ..kosmos_engine_default_config()
+    };
+    // SAFETY: valid strings, config (read up to its struct_size) and out pointer.
+    let st = unsafe { kosmos_engine_open(dir_c.as_ptr(), std::ptr::null(), &older, &mut e) };
+    assert_eq!(st, kosmos_status::KOSMOS_OK, "a config of ABI 1's first size");
+    // SAFETY: the engine just opened.
+    assert_eq!(unsafe { kosmos_engine_free(e) }, kosmos_status::KOSMOS_OK);
+    e = std::ptr::null_mut();
     // SAFETY: valid strings and out pointer.
     let st = unsafe { kosmos_engine_open(dir_c.as_ptr(), std::ptr::null(), std::ptr::null(), &mut e) };
     assert_eq!(st, kosmos_status::KOSMOS_OK);

@@ -310,6 +310,13 @@ typedef struct kosmos_engine_config {
    skips that part of its prefill; 0 = off.
    */
   uint32_t prefix_cache_mb;
+  /*
+   A request with a lower `priority` takes the row of the least urgent running one when
+   every row is taken; that one resumes later where it was, its output unchanged. false:
+   it waits for a free row instead. (Appended after ABI 1's first release: a caller
+   compiled before it gets the default, true.)
+   */
+  bool priority_preemption;
 } kosmos_engine_config;
 
 /*

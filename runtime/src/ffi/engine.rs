@@ -43,10 +43,16 @@ pub struct kosmos_engine_config {
     /// MiB of finished requests' keys and values kept so that a prompt starting the same way
     /// skips that part of its prefill; 0 = off.
     pub prefix_cache_mb: u32,
+    /// A request with a lower `priority` takes the row of the least urgent running one when
+    /// every row is taken; that one resumes later where it was, its output unchanged. false:
+    /// it waits for a free row instead. (Appended after ABI 1's first release: a caller
+    /// compiled before it gets the default, true.)
+    pub priority_preemption: bool,
 }
 
-/// Bytes of the first `kosmos_engine_config` with `struct_size` (ABI 1).
-const CONFIG_MIN_SIZE: usize = size_of::<kosmos_engine_config>();
+/// Bytes of the first `kosmos_engine_config` with `struct_size` (ABI 1): it ended before
+/// `priority_preemption`.
+const CONFIG_MIN_SIZE: usize = std::mem::offset_of!(kosmos_engine_config, priority_preemption);
 
 /// Fill `*config` with the defaults for a caller whose `struct kosmos_engine_config` is
 /// `struct_size` bytes; `KOSMOS_ENGINE_CONFIG_INIT(&config)` passes its `sizeof`.
@@ -249,6 +255,7 @@ pub extern "C" fn kosmos_engine_default_config() -> kosmos_engine_config {
         vision_cache: d.vision_cache as u32,
         kv_preallocate: d.kv_preallocate,
         prefix_cache_mb: (d.prefix_cache_bytes >> 20) as u32,
+        priority_preemption: d.priority_preemption,
     }
 }
 
@@ -298,7 +305,7 @@ pub unsafe extern "C" fn kosmos_engine_open(
             prefill_chunk: c.prefill_chunk as usize,
             kv_preallocate: c.kv_preallocate,
             prefix_cache_bytes: (c.prefix_cache_mb as usize) << 20,
-            ..EngineConfig::default()
+            priority_preemption: c.priority_preemption,
         };
         let engine = match Engine::new(pkg, config, Arc::new(Metrics::default())) {
             Ok(e) => e,
