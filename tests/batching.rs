@@ -1249,3 +1249,47 @@ fn preempted_sequences_resume_and_generate_what_they_would_alone() {
         }
     }
 }
+
+/// A preempted sequence cancelled while it waits ends as cancelled with what it had generated
+/// (a prefix of its generation alone) and its own prompt's length, not the prompt it waited with.
+#[test]
+fn a_preempted_sequence_cancelled_while_waiting_reports_what_it_generated() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg_dir = buffer_package(dir.path());
+    let mut reference = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    let slow = Prompt::parse("a red circle on the left", vec![]).unwrap();
+    let want = alone(&mut reference, &slow, &greedy(14));
+    let pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    let config = EngineConfig {
+        max_batch: 1,
+        ..Default::default()
+    };
+    let metrics = Arc::new(Metrics::default());
+    let mut engine = Engine::new(pkg, config, metrics.clone()).unwrap();
+    let (mut req, out, cancel) = request(engine.package(), &slow, &greedy(14));
+    req.priority = 5;
+    let prompt_len = req.assembled.len();
+    engine.submit(req);
+    for _ in 0..4 {
+        engine.step();
+    }
+    let urgent = Prompt::parse("green", vec![]).unwrap();
+    let (req, _, _) = request(engine.package(), &urgent, &greedy(6));
+    engine.submit(req);
+    engine.step();
+    assert_eq!(metrics.preemptions.load(Ordering::Relaxed), 1);
+    cancel.store(true, Ordering::Relaxed);
+    while !engine.is_idle() {
+        engine.step();
+    }
+    let c = out.lock().unwrap();
+    let done = c.done.as_ref().expect("done");
+    assert_eq!(done.finish_reason, FinishReason::Cancelled);
+    assert!(
+        !done.tokens.is_empty() && done.tokens.len() < 14,
+        "{:?}",
+        done.tokens
+    );
+    assert_eq!(done.tokens[..], want.tokens[..done.tokens.len()]);
+    assert_eq!(done.prompt_tokens, prompt_len);
+}

@@ -109,16 +109,32 @@ pub struct SeqSummary {
 }
 
 impl SeqSummary {
-    /// The end of a sequence cancelled before it generated anything.
-    fn cancelled(req: &SeqRequest) -> Self {
-        SeqSummary {
-            text: String::new(),
-            tokens: Vec::new(),
-            finish_reason: FinishReason::Cancelled,
-            prompt_tokens: req.assembled.len(),
-            cached_tokens: 0,
+    /// The end of a sequence cancelled while it waited: before it generated anything, or, if
+    /// preempted (`resume`), after what it generated until then.
+    fn cancelled(req: &SeqRequest, resume: Option<Resume>) -> Self {
+        match resume {
+            None => SeqSummary {
+                text: String::new(),
+                tokens: Vec::new(),
+                finish_reason: FinishReason::Cancelled,
+                prompt_tokens: req.assembled.len(),
+                cached_tokens: 0,
+            },
+            Some(r) => SeqSummary {
+                text: r.state.text,
+                tokens: r.state.tokens,
+                finish_reason: FinishReason::Cancelled,
+                prompt_tokens: r.prompt_len,
+                cached_tokens: r.cached_tokens,
+            },
         }
     }
+}
+
+/// What a waiting sequence that leaves the engine counts: its own prompt and the tokens it
+/// generated before a preemption, not the prompt it waited with.
+fn counted(req: &SeqRequest, resume: Option<&Resume>) -> (usize, usize) {
+    resume.map_or((req.assembled.len(), 0), |r| (r.prompt_len, r.state.tokens.len()))
 }
 
 #[derive(Clone, Debug)]
@@ -700,15 +716,18 @@ impl Engine {
             .map(|p| p.into_requests().collect())
             .unwrap_or_default();
         let pending = std::mem::take(&mut self.pending);
-        self.resumes.clear();
         let waiting = pending.len() as u64;
-        for mut req in running
-            .into_iter()
-            .map(|r| r.req)
-            .chain(prefilling)
-            .chain(pending)
-        {
-            self.metrics.finished("error", req.assembled.len(), 0);
+        let resumes = std::mem::take(&mut self.resumes);
+        let running = running.into_iter().map(|r| {
+            let counts = (r.prompt_len, r.state.tokens.len());
+            (r.req, counts)
+        });
+        let waited = prefilling.into_iter().chain(pending).map(|req| {
+            let counts = counted(&req, resumes.get(&seq_key(&req)));
+            (req, counts)
+        });
+        for (mut req, (prompt, generated)) in running.chain(waited) {
+            self.metrics.finished("error", prompt, generated);
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 (req.sink)(SeqEvent::Failed(SeqFailure::Engine(message.to_string())))
             }));
@@ -767,24 +786,22 @@ impl Engine {
         let metrics = self.metrics.clone();
         let resumes = &mut self.resumes;
         self.pending.retain_mut(|req| {
-            let abandoned = req.cancel.load(Ordering::Relaxed) || req.deadline.is_some_and(|d| now >= d);
-            if abandoned {
-                resumes.remove(&seq_key(req));
+            let cancelled = req.cancel.load(Ordering::Relaxed);
+            if !cancelled && req.deadline.is_none_or(|d| now < d) {
+                return true;
             }
-            if req.cancel.load(Ordering::Relaxed) {
-                metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-                metrics.finished("cancelled", req.assembled.len(), 0);
-                let summary = SeqSummary::cancelled(req);
+            let resume = resumes.remove(&seq_key(req));
+            let (prompt, generated) = counted(req, resume.as_ref());
+            metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            if cancelled {
+                metrics.finished("cancelled", prompt, generated);
+                let summary = SeqSummary::cancelled(req, resume);
                 (req.sink)(SeqEvent::Done(summary));
-                return false;
-            }
-            if req.deadline.is_some_and(|d| now >= d) {
-                metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-                metrics.finished("timeout", req.assembled.len(), 0);
+            } else {
+                metrics.finished("timeout", prompt, generated);
                 (req.sink)(SeqEvent::Failed(SeqFailure::Timeout));
-                return false;
             }
-            true
+            false
         });
         for r in &mut self.running {
             if r.state.finish.is_some() {
@@ -804,9 +821,10 @@ impl Engine {
         });
         if all_cancelled {
             for mut req in self.prefill.take().expect("checked").into_requests() {
-                self.resumes.remove(&seq_key(&req));
-                metrics.finished("cancelled", req.assembled.len(), 0);
-                let summary = SeqSummary::cancelled(&req);
+                let resume = self.resumes.remove(&seq_key(&req));
+                let (prompt, generated) = counted(&req, resume.as_ref());
+                metrics.finished("cancelled", prompt, generated);
+                let summary = SeqSummary::cancelled(&req, resume);
                 (req.sink)(SeqEvent::Done(summary));
             }
         }
@@ -853,8 +871,9 @@ impl Engine {
             };
             if let Some(e) = refused {
                 let mut req = req;
-                self.resumes.remove(&seq_key(&req));
-                self.metrics.finished("error", req.assembled.len(), 0);
+                let resume = self.resumes.remove(&seq_key(&req));
+                let (prompt, generated) = counted(&req, resume.as_ref());
+                self.metrics.finished("error", prompt, generated);
                 (req.sink)(SeqEvent::Failed(SeqFailure::Engine(e.to_string())));
                 continue;
             }
@@ -998,8 +1017,9 @@ impl Engine {
 
     fn fail_group(&mut self, group: impl IntoIterator<Item = SeqRequest>, e: &RtError) {
         for mut req in group {
-            self.resumes.remove(&seq_key(&req));
-            self.metrics.finished("error", req.assembled.len(), 0);
+            let resume = self.resumes.remove(&seq_key(&req));
+            let (prompt, generated) = counted(&req, resume.as_ref());
+            self.metrics.finished("error", prompt, generated);
             (req.sink)(SeqEvent::Failed(SeqFailure::Engine(e.to_string())));
         }
     }
