@@ -1160,7 +1160,7 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
             logprobs::concat(prompt, &generated)
         }
     };
-    let body = match kind {
+    let mut body = match kind {
         Kind::Chat => json!({
             "id": request_id("chatcmpl"),
             "object": "chat.completion",
@@ -1190,7 +1190,6 @@ async fn collect(st: &AppState, kind: Kind, sub: Submitted, total: usize) -> Res
             "usage": usage(prompt_tokens, completion, cached_tokens(&cached, n)),
         }),
     };
-    let mut body = body;
     if let Some(k) = prompt_logprobs {
         let scored = |c: &Choice| logprobs::vllm_prompt(tok, &c.prompt_logprobs, k);
         match kind {
