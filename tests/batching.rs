@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use kosmos_rt::batch::{Engine, EngineConfig, SeqEvent, SeqFailure, SeqRequest};
 use kosmos_rt::metrics::Metrics;
 use kosmos_rt::{
-    FinishReason, GenerateParams, Generation, ImageInput, Package, Prompt, SessionOptions, VisionCache,
+    FinishReason, GenerateParams, Generation, ImageInput, Package, Prompt, SessionOptions, Speculation,
+    VisionCache,
 };
 use kosmos_train::synthetic::{Split, Task, item};
 
@@ -1292,4 +1293,237 @@ fn a_preempted_sequence_cancelled_while_waiting_reports_what_it_generated() {
     );
     assert_eq!(done.tokens[..], want.tokens[..done.tokens.len()]);
     assert_eq!(done.prompt_tokens, prompt_len);
+}
+
+fn speculation(max_batch: usize) -> Speculation {
+    Speculation {
+        tokens: 4,
+        ngram_min: 1,
+        ngram_max: 3,
+        max_batch,
+    }
+}
+
+/// Requests the speculative tests run: an image question (greedy), a text prompt sampled with
+/// top-k and a repetition penalty, and a constrained one (a regular expression that makes its
+/// output repeat, where guesses pay most).
+fn speculative_cases() -> Vec<(Prompt, GenerateParams)> {
+    let repeat = kosmos_rt::grammar::Constraint::Regex("(red |blue |a circle )+".into());
+    vec![
+        (
+            Prompt::parse(
+                "Question: what colour is the circle? Answer: red. Question: what colour is the circle? Answer:",
+                vec![ImageInput::Bytes(png(3))],
+            )
+            .unwrap(),
+            greedy(24),
+        ),
+        (
+            Prompt::parse("a red circle on the left and a red circle on the left and", vec![]).unwrap(),
+            GenerateParams {
+                max_tokens: 24,
+                temperature: 0.8,
+                top_k: 20,
+                repetition_penalty: 1.2,
+                seed: 5,
+                ignore_eos: true,
+                ..Default::default()
+            },
+        ),
+        (
+            Prompt::parse("colours:", vec![]).unwrap(),
+            GenerateParams {
+                constraint: Some(repeat.compile().unwrap()),
+                ..greedy(24)
+            },
+        ),
+    ]
+}
+
+/// Prompt-lookup speculative decoding in `Package::generate` gives what plain generation gives,
+/// token for token and text for text (streamed too), greedy, sampled and constrained, with a stop
+/// string met inside a call's kept guesses; it really keeps guesses (fewer decoder calls than
+/// tokens), and each greedy token is the most likely under the trainer's full forward in tch.
+#[test]
+fn speculative_generation_equals_plain_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, pkg_dir) = kosmos_e2e::tiny_buffer_package(dir.path(), 7);
+    let mut plain = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    let mut spec = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    spec.set_speculation(Some(speculation(4))).unwrap();
+    let mut cases = speculative_cases();
+    // Stop at the text of the greedy answer's 10th–11th tokens, wherever that ends a call.
+    let greedy_text = alone(&mut plain, &cases[0].0, &cases[0].1);
+    let stop = plain.tokenizer.decode(&greedy_text.tokens[9..11]).unwrap();
+    assert!(!stop.trim().is_empty(), "{stop:?}");
+    cases.push((
+        cases[0].0.clone(),
+        GenerateParams {
+            stop: vec![stop],
+            ..greedy(24)
+        },
+    ));
+    let (mut kept, mut calls, mut tokens) = (0, 0, 0);
+    for (i, (prompt, params)) in cases.iter().enumerate() {
+        let want = alone(&mut plain, prompt, params);
+        let mut streamed = String::new();
+        let got = spec
+            .generate(
+                &mut VisionCache::new(0),
+                std::slice::from_ref(prompt),
+                params,
+                &mut |_, t| {
+                    streamed.push_str(t);
+                    true
+                },
+            )
+            .unwrap()
+            .remove(0);
+        assert_eq!(got.tokens, want.tokens, "case {i}: tokens");
+        assert_eq!(got.text, want.text, "case {i}: text");
+        assert_eq!(streamed, want.text, "case {i}: streamed text");
+        assert_eq!(got.finish_reason, want.finish_reason, "case {i}");
+        assert!(got.timings.accepted <= got.timings.drafted, "case {i}");
+        kept += got.timings.accepted;
+        calls += got.timings.decode_ms.len();
+        tokens += got.tokens.len();
+        if i == 3 {
+            assert_eq!(got.finish_reason, FinishReason::Stop, "the stop string ends it");
+            assert!(got.tokens.len() < 24, "{}", got.tokens.len());
+        }
+    }
+    assert!(kept > 0, "no guess kept");
+    assert!(
+        calls + cases.len() < tokens,
+        "{calls} decode calls for {tokens} tokens"
+    );
+
+    // Independent of both: the greedy tokens are the trainer's most likely ones.
+    let (prompt, _) = &cases[0];
+    let a = plain.assemble(prompt).unwrap();
+    let mut ids: Vec<i64> = a.input_ids.iter().map(|&t| t as i64).collect();
+    ids.extend(greedy_text.tokens.iter().map(|&t| t as i64));
+    let mut image_mask = a.image_mask.clone();
+    image_mask.resize(ids.len(), false);
+    let pixels = plain.preprocess(&prompt.images[0]).unwrap();
+    let logp = trainer_log_softmax(&ckpt, &ids, &image_mask, &pixels);
+    for (j, &tok) in greedy_text.tokens.iter().enumerate() {
+        let row = logp.get(0).get((a.len() - 1 + j) as i64);
+        let best = row.max().double_value(&[]);
+        let chosen = row.double_value(&[tok as i64]);
+        assert!(chosen >= best - 1e-4, "token {j}: {chosen} vs the best {best}");
+    }
+
+    // Several prompts at once, and a package that cannot forget guessed slots: clear errors.
+    let two = [cases[0].0.clone(), cases[1].0.clone()];
+    let e = spec
+        .generate(&mut VisionCache::new(0), &two, &greedy(4), &mut |_, _| true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("one prompt at a time"), "{e}");
+    let (_, concat) = kosmos_e2e::tiny_package(&dir.path().join("concat"), 7);
+    let mut concat = Package::open(&concat, &SessionOptions::default()).unwrap();
+    let e = concat
+        .set_speculation(Some(speculation(4)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--kv-cache buffer"), "{e}");
+}
+
+/// The engine speculating for several running sequences (one admitted while the others decode,
+/// prefilled in 7-token chunks) gives what `Package::generate` gives each alone; every reported
+/// log-probability is tch's on the trainer's full forward, so the logits of each guessed position
+/// are right; guesses are kept (the metrics count them); with more rows than its limit it does
+/// not speculate; and the prefix cache afterwards holds exactly the prompt and the tokens fed
+/// back (a next turn reusing them scores as the trainer does).
+#[test]
+fn the_engine_speculating_generates_what_each_would_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, pkg_dir) = kosmos_e2e::tiny_buffer_package(dir.path(), 7);
+    let mut plain = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    let cases = speculative_cases();
+    let want: Vec<Generation> = cases
+        .iter()
+        .map(|(p, params)| alone(&mut plain, p, params))
+        .collect();
+    for limit in [4, 2] {
+        let mut pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+        pkg.set_speculation(Some(speculation(limit))).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let config = EngineConfig {
+            max_batch: 3,
+            prefill_chunk: 7,
+            ..Default::default()
+        };
+        let mut engine = Engine::new(pkg, config, metrics.clone()).unwrap();
+        let mut outs = Vec::new();
+        for (i, (prompt, params)) in cases.iter().enumerate() {
+            let (mut req, out, _) = request(engine.package(), prompt, params);
+            req.logprobs = Some(2);
+            engine.submit(req);
+            outs.push(out);
+            // Speculating, the third comes while two decode; otherwise all three run together
+            // (the same length, so no fewer than three rows ever decode).
+            if i == 1 && limit == 4 {
+                for _ in 0..4 {
+                    engine.step();
+                }
+            }
+        }
+        while !engine.is_idle() {
+            engine.step();
+        }
+        let case = format!("speculating up to batch {limit}");
+        for (i, ((prompt, _), want)) in cases.iter().zip(&want).enumerate() {
+            let c = outs[i].lock().unwrap();
+            let done = c
+                .done
+                .as_ref()
+                .unwrap_or_else(|| panic!("{case}: #{i} did not finish"));
+            assert_eq!(done.tokens, want.tokens, "{case}: #{i} tokens vs generate()");
+            assert_eq!(c.text, want.text, "{case}: #{i} streamed text");
+            let what = format!("{case}: #{i}");
+            assert_logprobs_are_the_trainers(&ckpt, &engine, prompt, &[], &done.tokens, &c.logprobs, &what);
+        }
+        let drafted = metrics.spec_draft_tokens.load(Ordering::Relaxed);
+        let accepted = metrics.spec_accepted_tokens.load(Ordering::Relaxed);
+        if limit == 4 {
+            assert!(
+                accepted > 0 && accepted <= drafted,
+                "{case}: {accepted} of {drafted}"
+            );
+            // The next turn of the greedy sequence: its prompt and every token fed back (all
+            // but the last) come from the prefix cache; guessed slots it did not keep do not.
+            let tokens = want[0].tokens.clone();
+            let (mut req, out, _) = request(engine.package(), &cases[0].0, &greedy(6));
+            req.assembled.input_ids.extend_from_slice(&tokens);
+            let len = req.assembled.input_ids.len();
+            req.assembled.image_mask.resize(len, false);
+            req.logprobs = Some(2);
+            engine.submit(req);
+            while !engine.is_idle() {
+                engine.step();
+            }
+            let c = out.lock().unwrap();
+            let done = c.done.as_ref().unwrap();
+            assert_eq!(
+                done.cached_tokens,
+                len - 1,
+                "{case}: the next turn's cached tokens"
+            );
+            let what = format!("{case}: the next turn");
+            let prompt = &cases[0].0;
+            assert_logprobs_are_the_trainers(
+                &ckpt,
+                &engine,
+                prompt,
+                &tokens,
+                &done.tokens,
+                &c.logprobs,
+                &what,
+            );
+        } else {
+            assert_eq!(drafted, 0, "{case}: three rows, none guessed");
+        }
+    }
 }

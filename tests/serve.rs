@@ -536,6 +536,95 @@ fn chat_continues_the_final_assistant_message() {
     assert_eq!(unopened, run("[user] Question: what shape? | "));
 }
 
+/// `--speculative-tokens`: the server's completions (plain and streamed) and `kosmos-rt run` with
+/// it answer as `run` without it, the guesses kept show in `/metrics`, and bad settings are
+/// refused naming what is wrong.
+#[test]
+fn speculative_decoding_leaves_answers_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pkg, images) = fixture(dir.path());
+    let prompt = "a red circle on the left and a red circle on the left and a red circle";
+    let plain = run_text(&pkg, &["--prompt", prompt, "--max-tokens", "24"]);
+    let spec = ["--speculative-tokens", "4"];
+    let with = |extra: &[&str]| {
+        let mut args = vec!["--prompt", prompt, "--max-tokens", "24"];
+        args.extend_from_slice(extra);
+        run_text(&pkg, &args)
+    };
+    assert_eq!(with(&spec), plain, "run");
+    let image = s(&images[0]);
+    let captioned = run_text(&pkg, &["--image", &image, "--max-tokens", "24"]);
+    assert_eq!(
+        run_text(
+            &pkg,
+            &[
+                "--image",
+                &image,
+                "--max-tokens",
+                "24",
+                "--speculative-tokens",
+                "3"
+            ]
+        ),
+        captioned
+    );
+
+    let server = Server::start(&pkg, &spec);
+    let body = |stream: bool| {
+        serde_json::json!({"model": "pkg", "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": stream})
+            .to_string()
+    };
+    let (status, _, resp) = server.http("POST", "/v1/completions", &body(false));
+    assert_eq!(status, 200, "{resp}");
+    let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap().trim(), plain);
+    let (status, _, resp) = server.http("POST", "/v1/completions", &body(true));
+    assert_eq!(status, 200, "{resp}");
+    let streamed: String = resp
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(streamed.trim(), plain, "streamed");
+    let (_, _, metrics) = server.http("GET", "/metrics", "");
+    let count = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    let (drafted, kept) = (
+        count("kosmos_spec_decode_draft_tokens_total"),
+        count("kosmos_spec_decode_accepted_tokens_total"),
+    );
+    assert!(kept > 0.0 && kept <= drafted, "{kept} of {drafted} guesses kept");
+
+    let refused = |args: &[&str]| {
+        let out = Command::new(binary()).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let p = s(&pkg);
+    let e = refused(&[
+        "run",
+        &p,
+        "--speculative-tokens",
+        "4",
+        "--prompt-lookup-min",
+        "3",
+        "--prompt-lookup-max",
+        "2",
+    ]);
+    assert!(
+        e.contains("--speculative-tokens") && e.contains("longest prompt-lookup n-gram (2)"),
+        "{e}"
+    );
+    let e = refused(&["bench", &p, "--speculative-tokens", "4", "--batch", "4"]);
+    assert!(e.contains("--batch 1"), "{e}");
+}
+
 #[test]
 fn sigterm_drains_requests_in_flight() {
     let dir = tempfile::tempdir().unwrap();

@@ -45,12 +45,13 @@ use ort::value::{DynTensor, DynValueRefMut, Shape, Tensor, TensorRefMut};
 use crate::error::{Result, RtError};
 use crate::generate::image_hash;
 use crate::generate::{
-    FinishReason, GenerateParams, RowState, VisionCache, keep_last_logits, last_positions,
+    FinishReason, GenerateParams, RowState, VisionCache, last_positions, logits_to_keep, lookup_history,
 };
 use crate::logprobs::{TokenLogprob, token_logprob};
 use crate::metrics::Metrics;
 use crate::package::Package;
 use crate::prefix_cache::{PositionKey, PrefixCache, image_key, token_key};
+use crate::speculate::Speculation;
 
 /// One sequence to generate: an assembled prompt, its preprocessed images, and where its output
 /// goes.
@@ -1398,8 +1399,16 @@ impl Engine {
         }
     }
 
-    /// One token for every running sequence.
+    /// One token for every running sequence (or, speculating, one and its guesses kept).
     fn decode_step(&mut self) -> Result<()> {
+        if let Some(spec) = self.pkg.speculation()
+            && self.running.len() <= spec.max_batch
+        {
+            let guesses = self.guesses(spec);
+            if guesses.iter().any(|g| !g.is_empty()) {
+                return self.speculative_step(&guesses);
+            }
+        }
         let n = self.running.len();
         let cap = self.pool.capacity;
         let dm = self.pkg.manifest.decoder.hidden_size;
@@ -1430,6 +1439,96 @@ impl Engine {
             self.take_token(run, &mut logits[r * vocab..(r + 1) * vocab]);
         }
         self.running = running;
+        Ok(())
+    }
+
+    /// Each running sequence's guesses by prompt lookup, within the slots its row has left
+    /// (every row of a call writes as many slots as the longest feed) and its `max_tokens`.
+    fn guesses(&self, spec: &Speculation) -> Vec<Vec<u32>> {
+        let cap = self.pool.capacity;
+        let free = self.running.iter().map(|r| cap - r.mask.len()).min().unwrap_or(0);
+        self.running
+            .iter()
+            .map(|run| {
+                let left = run.req.params.max_tokens.saturating_sub(run.state.tokens.len());
+                let room = (free - 1).min(left);
+                let prompt = &run.req.assembled;
+                let history: Vec<u32> = lookup_history(prompt)
+                    .into_iter()
+                    .take(run.prompt_len)
+                    .chain(run.state.tokens.iter().copied())
+                    .collect();
+                spec.propose(&history, room)
+            })
+            .collect()
+    }
+
+    /// One decoder call feeding every running sequence its next token and its guesses
+    /// (right-padded to the longest feed, the padding masked out), then each row's positions
+    /// picked from in order as decode steps would, keeping guesses up to the first the sampler
+    /// did not pick. A row's slots past what it kept are overwritten by its next call.
+    fn speculative_step(&mut self, guesses: &[Vec<u32>]) -> Result<()> {
+        let n = self.running.len();
+        let cap = self.pool.capacity;
+        let dm = self.pkg.manifest.decoder.hidden_size;
+        let s = 1 + guesses.iter().map(Vec::len).max().unwrap_or(0);
+        let pad = self.pkg.manifest.config.tokenizer.pad_token_id as i64;
+        let mut ids = Vec::with_capacity(n * s);
+        let mut mask = vec![0i64; n * cap];
+        let mut past = Vec::with_capacity(n);
+        for (r, (run, g)) in self.running.iter().zip(guesses).enumerate() {
+            let u = run.mask.len();
+            mask[r * cap..r * cap + u].copy_from_slice(&run.mask);
+            mask[r * cap + u..r * cap + u + 1 + g.len()].fill(1);
+            past.push(u as i64);
+            ids.push(run.next);
+            ids.extend(g.iter().map(|&t| t as i64));
+            ids.extend(std::iter::repeat_n(pad, s - 1 - g.len()));
+        }
+        let call = Call {
+            ids,
+            s,
+            embeds: vec![0f32; n * dm],
+            n_tok: 1,
+            image_mask: vec![false; n * s],
+            mask,
+            past,
+        };
+        let t0 = Instant::now();
+        let mut logits = self.call(0..n, call, true)?;
+        let vocab = self.pkg.manifest.decoder.vocab_size;
+        let (mut drafted, mut accepted) = (0, 0);
+        let mut running = std::mem::take(&mut self.running);
+        for (r, (run, g)) in running.iter_mut().zip(guesses).enumerate() {
+            // The token fed first is in the cache whatever happens to the guesses.
+            run.mask.push(1);
+            drafted += g.len();
+            for i in 0..=g.len() {
+                let at = (r * s + i) * vocab;
+                self.take_token(run, &mut logits[at..at + vocab]);
+                if run.state.finish.is_some() || i == g.len() || run.next != g[i] as i64 {
+                    break;
+                }
+                // Guess i was picked: its keys, written by this call, are kept.
+                run.mask.push(1);
+                accepted += 1;
+            }
+        }
+        self.running = running;
+        self.metrics
+            .spec_draft_tokens
+            .fetch_add(drafted as u64, Ordering::Relaxed);
+        self.metrics
+            .spec_accepted_tokens
+            .fetch_add(accepted as u64, Ordering::Relaxed);
+        tracing::debug!(
+            rows = n,
+            width = s,
+            drafted,
+            accepted,
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "speculative decode step"
+        );
         Ok(())
     }
 
@@ -1540,7 +1639,7 @@ impl Engine {
             let keep = if every_position {
                 Tensor::from_array(([0usize; 0], vec![0i64]))?
             } else {
-                keep_last_logits()?
+                logits_to_keep(1)?
             };
             binding.bind_input(io::LOGITS_TO_KEEP, &keep)?;
         }
@@ -1566,7 +1665,7 @@ impl Engine {
         let last = if every_position {
             logits.to_vec()
         } else {
-            last_positions(logits, m, vocab)
+            last_positions(logits, m, vocab, 1)
         };
         drop(out);
         drop(binding);

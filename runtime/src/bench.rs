@@ -48,6 +48,12 @@ pub struct BenchReport {
     /// Whole-request throughput (generated tokens / wall time incl. vision and prefill).
     pub end_to_end_tokens_per_s: BTreeMap<usize, f64>,
     pub peak_rss_mb: f64,
+    /// Speculating: guessed tokens fed, over all timed runs at the latency batch, and the share
+    /// the sampler picked too (each a token without a decoder call of its own).
+    pub drafted: usize,
+    pub acceptance: Option<f64>,
+    /// Tokens per decode call, at the latency batch (1 without speculation).
+    pub tokens_per_call: f64,
     pub new_tokens: usize,
     pub runs: usize,
 }
@@ -113,6 +119,7 @@ pub fn run(pkg: &mut Package, opts: &BenchOptions) -> Result<BenchReport> {
     let mut tokens_per_s = BTreeMap::new();
     let mut e2e = BTreeMap::new();
     let mut prompt_tokens = 0;
+    let (mut drafted, mut accepted, mut calls, mut decoded) = (0, 0, 0, 0);
     let latency_batch = opts.batches.iter().copied().min().unwrap_or(1);
     for &b in &opts.batches {
         let prompts: Vec<Prompt> = (0..b as u32).map(prompt).collect::<Result<_>>()?;
@@ -128,8 +135,14 @@ pub fn run(pkg: &mut Package, opts: &BenchOptions) -> Result<BenchReport> {
             let t = &g[0].timings;
             generated += g.iter().map(|x| x.tokens.len()).sum::<usize>();
             decode_total += t.decode_ms.iter().sum::<f64>() / 1e3;
-            decode_tokens += b * t.decode_ms.len();
+            // The first token of each prompt comes from the prefill.
+            let after_first = g.iter().map(|x| x.tokens.len().saturating_sub(1)).sum::<usize>();
+            decode_tokens += after_first;
             if b == latency_batch {
+                drafted += t.drafted;
+                accepted += t.accepted;
+                calls += t.decode_ms.len();
+                decoded += after_first;
                 prompt_tokens = g[0].prompt_tokens;
                 vision.push(t.vision_ms);
                 prefill.push(t.prefill_ms);
@@ -152,6 +165,9 @@ pub fn run(pkg: &mut Package, opts: &BenchOptions) -> Result<BenchReport> {
         tokens_per_s,
         end_to_end_tokens_per_s: e2e,
         peak_rss_mb: peak_rss_mb(),
+        drafted,
+        acceptance: (drafted > 0).then(|| accepted as f64 / drafted as f64),
+        tokens_per_call: decoded as f64 / calls.max(1) as f64 / latency_batch as f64,
         new_tokens: opts.new_tokens,
         runs: opts.runs,
     })

@@ -11,6 +11,8 @@ use half::f16;
 use kosmos_models::KosmosTokenizer;
 use kosmos_models::image::{ImageLimits, clip_preprocess, decode_image, load_image};
 use kosmos_models::package::{KvCacheLayout, io};
+
+use crate::speculate::{NOT_A_TOKEN, Speculation};
 use kosmos_models::sequence::{Assembled, Segment, assemble};
 use ort::value::{DynValue, Tensor};
 use rand::rngs::StdRng;
@@ -292,8 +294,12 @@ pub struct Timings {
     pub vision_ms: f64,
     /// The prefill decoder call.
     pub prefill_ms: f64,
-    /// Each later decoder call (one token per prompt each).
+    /// Each later decoder call (one token per prompt each, or, speculating, one and the
+    /// guesses kept).
     pub decode_ms: Vec<f64>,
+    /// Speculating: guessed tokens fed to the decoder, and those the sampler picked too.
+    pub drafted: usize,
+    pub accepted: usize,
 }
 
 /// Streaming callback: (prompt index, new text) → keep going.
@@ -504,7 +510,6 @@ impl Package {
     }
 
     /// One decoder call. Returns the last position's logits per row ([b · vocab]).
-    #[allow(clippy::too_many_arguments)]
     fn decode(
         &mut self,
         ids: &[i64],
@@ -513,6 +518,22 @@ impl Package {
         attention_mask: &[i64],
         b: usize,
         cache: &mut Cache,
+    ) -> Result<Vec<f32>> {
+        self.decode_keeping(ids, image_mask, image_embeds, attention_mask, b, cache, 1)
+    }
+
+    /// One decoder call. Returns the logits of each row's last `keep` positions ([b, keep,
+    /// vocab]).
+    #[allow(clippy::too_many_arguments)]
+    fn decode_keeping(
+        &mut self,
+        ids: &[i64],
+        image_mask: &[bool],
+        image_embeds: (&[f32], usize),
+        attention_mask: &[i64],
+        b: usize,
+        cache: &mut Cache,
+        keep: usize,
     ) -> Result<Vec<f32>> {
         let d = &self.manifest.decoder;
         let (layers, dm, vocab) = (d.num_layers, d.hidden_size, d.vocab_size);
@@ -529,7 +550,15 @@ impl Package {
             image_embeds
         };
         if let Some(capacity) = cache.capacity {
-            return self.decode_in_place(ids, image_mask, image_embeds, attention_mask, b, capacity, cache);
+            return self.decode_in_place(
+                ids,
+                image_mask,
+                image_embeds,
+                attention_mask,
+                (b, keep),
+                capacity,
+                cache,
+            );
         }
         let mut inputs: Vec<(String, DynValue)> = vec![
             (
@@ -550,7 +579,7 @@ impl Package {
             ),
         ];
         if d.takes_logits_to_keep() {
-            inputs.push((io::LOGITS_TO_KEEP.into(), keep_last_logits()?.into_dyn()));
+            inputs.push((io::LOGITS_TO_KEEP.into(), logits_to_keep(keep)?.into_dyn()));
         }
         for (i, v) in cache.values.drain(..).enumerate() {
             let name = if i % 2 == 0 {
@@ -562,7 +591,7 @@ impl Package {
         }
         let mut out = self.decoder.run(inputs)?;
         let (_, logits) = out[io::LOGITS].try_extract_tensor::<f32>()?;
-        let last = last_positions(logits, b, vocab);
+        let last = last_positions(logits, b, vocab, keep);
         for i in 0..layers {
             for name in [io::present_key(i), io::present_value(i)] {
                 let v = out
@@ -584,7 +613,7 @@ impl Package {
         image_mask: &[bool],
         image_embeds: (&[f32], usize),
         attention_mask: &[i64],
-        b: usize,
+        (b, keep): (usize, usize),
         capacity: usize,
         cache: &mut Cache,
     ) -> Result<Vec<f32>> {
@@ -618,7 +647,7 @@ impl Package {
             &Tensor::from_array(([b], vec![cache.len as i64; b]))?,
         )?;
         if d.takes_logits_to_keep() {
-            binding.bind_input(io::LOGITS_TO_KEEP, &keep_last_logits()?)?;
+            binding.bind_input(io::LOGITS_TO_KEEP, &logits_to_keep(keep)?)?;
         }
         for (i, v) in cache.values.iter_mut().enumerate() {
             let (past, present) = if i % 2 == 0 {
@@ -636,7 +665,7 @@ impl Package {
         }
         let out = self.decoder.run_binding(&binding)?;
         let (_, logits) = out[io::LOGITS].try_extract_tensor::<f32>()?;
-        let last = last_positions(logits, b, vocab);
+        let last = last_positions(logits, b, vocab, keep);
         debug_assert_eq!(cache.values.len(), 2 * layers);
         cache.len = t;
         Ok(last)
@@ -671,6 +700,13 @@ impl Package {
                 .enumerate()
                 .map(|(i, p)| self.beam_search(cache, i, p, params, on_token))
                 .collect();
+        }
+        if self.speculation().is_some() && prompts.len() > 1 {
+            return Err(RtError::Input(format!(
+                "speculative decoding generates one prompt at a time here ({} given); \
+                 the batching engine (`kosmos-rt serve`, `batch`) speculates for several",
+                prompts.len()
+            )));
         }
         let assembled: Vec<Assembled> = prompts.iter().map(|p| self.assemble(p)).collect::<Result<_>>()?;
         let b = prompts.len();
@@ -718,6 +754,14 @@ impl Package {
                 RowState::new(a, params.seed.wrapping_add(r as u64)).constrained(self.constraint(params))
             })
             .collect();
+        if let Some(spec) = self.speculation().cloned() {
+            let row = &mut rows[0];
+            let ctx = (params, &mut timings);
+            self.decode_speculatively(&spec, &assembled[0], row, logits, &mut kv, ctx, on_token)?;
+            row.flush(0, on_token);
+            let row = rows.pop().expect("one row");
+            return Ok(vec![row.finish(assembled[0].len(), timings)]);
+        }
         for step in 0..params.max_tokens {
             let mut next = Vec::with_capacity(b);
             for (r, row) in rows.iter_mut().enumerate() {
@@ -761,6 +805,86 @@ impl Package {
             .zip(&assembled)
             .map(|(r, a)| r.finish(a.len(), timings.clone()))
             .collect())
+    }
+
+    /// Decode one prompt's row after its prefill (`logits`: its last position's), guessing
+    /// ahead by prompt lookup ([`crate::speculate`]). Each call feeds the token just picked and
+    /// the guesses; the logits of every position are picked from in order, as sequential steps
+    /// would, and the guesses are kept up to the first the sampler did not pick, whose pick is
+    /// fed next. The cache forgets the rest: the next call writes over their slots.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_speculatively(
+        &mut self,
+        spec: &Speculation,
+        a: &Assembled,
+        row: &mut RowState,
+        mut logits: Vec<f32>,
+        kv: &mut Cache,
+        (params, timings): (&GenerateParams, &mut Timings),
+        on_token: &mut OnToken<'_>,
+    ) -> Result<()> {
+        let eos = self.manifest.config.tokenizer.eos_token_id;
+        let vocab = self.manifest.decoder.vocab_size;
+        let prompt = lookup_history(a);
+        // A token picked and pushed but not fed yet (a rejected guess's replacement).
+        let mut picked: Option<u32> = None;
+        loop {
+            let tok = match picked.take() {
+                Some(t) => t,
+                None => {
+                    let t = row.pick(&mut logits, params, eos)?;
+                    if params.ends(t, eos) {
+                        row.finish = Some(FinishReason::Stop);
+                        return Ok(());
+                    }
+                    row.push(t, &self.tokenizer, params, 0, on_token)?;
+                    t
+                }
+            };
+            if row.finish.is_some() || row.tokens.len() >= params.max_tokens {
+                return Ok(());
+            }
+            // Feeding the token and k guesses fills k + 1 slots: within the prompt + max_tokens
+            // the cache was made for.
+            let room = params.max_tokens - row.tokens.len();
+            let history: Vec<u32> = prompt.iter().chain(&row.tokens).copied().collect();
+            let guesses = spec.propose(&history, room);
+            let mut ids = vec![tok as i64];
+            ids.extend(guesses.iter().map(|&g| g as i64));
+            let past = kv.len;
+            let mask = vec![1i64; past + ids.len()];
+            let t0 = Instant::now();
+            let mut out =
+                self.decode_keeping(&ids, &vec![false; ids.len()], (&[], 0), &mask, 1, kv, ids.len())?;
+            timings.decode_ms.push(ms(t0));
+            timings.drafted += guesses.len();
+            let mut kept = 0;
+            for (i, &guess) in guesses.iter().enumerate() {
+                let t = row.pick(&mut out[i * vocab..(i + 1) * vocab], params, eos)?;
+                if params.ends(t, eos) {
+                    row.finish = Some(FinishReason::Stop);
+                    break;
+                }
+                row.push(t, &self.tokenizer, params, 0, on_token)?;
+                if t != guess {
+                    picked = Some(t);
+                    break;
+                }
+                kept += 1;
+                if row.finish.is_some() || row.tokens.len() >= params.max_tokens {
+                    break;
+                }
+            }
+            timings.accepted += kept;
+            // The fed token and the guesses kept are in the cache; the rest is forgotten.
+            kv.len = past + 1 + kept;
+            if row.finish.is_some() || row.tokens.len() >= params.max_tokens {
+                return Ok(());
+            }
+            if picked.is_none() {
+                logits = out.split_off(guesses.len() * vocab);
+            }
+        }
     }
 
     /// A row's structured-output state for `params` (none without a constraint).
@@ -969,20 +1093,21 @@ impl Package {
     }
 }
 
-/// `logits_to_keep` = 1: generation samples from the last position only, so the final
-/// LayerNorm and the LM head skip the rest of a prompt (and its [b, s, vocab] logits).
-pub(crate) fn keep_last_logits() -> Result<Tensor<i64>> {
-    Ok(Tensor::from_array(([0usize; 0], vec![1i64]))?)
+/// `logits_to_keep` = `n`: generation samples from the last position only (or, speculating,
+/// from the last few), so the final LayerNorm and the LM head skip the rest of a prompt (and
+/// its [b, s, vocab] logits).
+pub(crate) fn logits_to_keep(n: usize) -> Result<Tensor<i64>> {
+    Ok(Tensor::from_array(([0usize; 0], vec![n as i64]))?)
 }
 
-/// Each row's last-position logits from the decoder's `logits` [b, s, vocab], where s is every
-/// new position or, with `logits_to_keep`, fewer.
-pub(crate) fn last_positions(logits: &[f32], b: usize, vocab: usize) -> Vec<f32> {
+/// Each row's last `keep` positions' logits ([b, keep, vocab]) from the decoder's `logits`
+/// [b, s, vocab], where s is every new position or, with `logits_to_keep`, fewer.
+pub(crate) fn last_positions(logits: &[f32], b: usize, vocab: usize, keep: usize) -> Vec<f32> {
     let s = logits.len() / (b * vocab);
     (0..b)
         .flat_map(|r| {
-            let off = (r * s + s - 1) * vocab;
-            logits[off..off + vocab].iter().copied()
+            let off = (r * s + s - keep) * vocab;
+            logits[off..off + keep * vocab].iter().copied()
         })
         .collect()
 }
@@ -996,6 +1121,15 @@ fn log_softmax(l: &[f32]) -> Vec<f32> {
     let sum: f64 = l.iter().map(|&x| ((x - m) as f64).exp()).sum();
     let lse = m as f64 + sum.ln();
     l.iter().map(|&x| (x as f64 - lse) as f32).collect()
+}
+
+/// A prompt as prompt lookup sees it: its tokens, image slots as [`NOT_A_TOKEN`].
+pub(crate) fn lookup_history(a: &Assembled) -> Vec<u32> {
+    a.input_ids
+        .iter()
+        .zip(&a.image_mask)
+        .map(|(&t, &image)| if image { NOT_A_TOKEN } else { t })
+        .collect()
 }
 
 /// One row's decoding state.

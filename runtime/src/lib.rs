@@ -26,6 +26,7 @@ pub mod ort_env;
 pub mod package;
 pub mod prefix_cache;
 pub mod serve;
+pub mod speculate;
 
 pub use error::{Result, RtError};
 pub use generate::{
@@ -36,3 +37,4 @@ pub use generate::{
 pub use kosmos_grammar as grammar;
 pub use ort_env::{Device, SessionOptions};
 pub use package::Package;
+pub use speculate::Speculation;

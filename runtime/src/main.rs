@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use kosmos_grammar::{Constraint, Json};
-use kosmos_rt::{Device, GenerateParams, ImageInput, Package, Prompt, SessionOptions, VisionCache};
+use kosmos_rt::{
+    Device, GenerateParams, ImageInput, Package, Prompt, SessionOptions, Speculation, VisionCache,
+};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +43,41 @@ struct Engine {
     /// Do not register the fused ai.kosmos kernels (their ONNX function bodies run instead).
     #[arg(long)]
     without_custom_ops: bool,
+    #[command(flatten)]
+    speculate: Speculate,
+}
+
+/// Speculative decoding by prompt lookup (vLLM's `ngram` method).
+#[derive(clap::Args)]
+struct Speculate {
+    /// Guess up to K tokens per decoder call from the text so far (what followed the latest
+    /// earlier occurrence of its last n tokens, in the prompt or the output) and keep those the
+    /// sampler picks too. The output does not change; repetitive output (extraction, code,
+    /// JSON, quoting the prompt) comes faster. Needs a `--kv-cache buffer` package; `run`,
+    /// `bench` and `eval` generate one prompt at a time with it. 0: off.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    speculative_tokens: usize,
+    /// The longest n-gram looked up.
+    #[arg(long, default_value_t = Speculation::default().ngram_max, value_name = "N")]
+    prompt_lookup_max: usize,
+    /// The shortest n-gram looked up.
+    #[arg(long, default_value_t = Speculation::default().ngram_min, value_name = "N")]
+    prompt_lookup_min: usize,
+    /// serve, batch: speculate only while at most this many sequences decode together (with
+    /// more, the guesses' compute costs more than the calls they save on a CPU).
+    #[arg(long, default_value_t = Speculation::default().max_batch, value_name = "N")]
+    speculative_max_batch: usize,
+}
+
+impl Speculate {
+    fn settings(&self) -> Option<Speculation> {
+        (self.speculative_tokens > 0).then_some(Speculation {
+            tokens: self.speculative_tokens,
+            ngram_max: self.prompt_lookup_max,
+            ngram_min: self.prompt_lookup_min,
+            max_batch: self.speculative_max_batch,
+        })
+    }
 }
 
 /// Structured output: at most one of these.
@@ -421,8 +458,11 @@ fn session_options(e: &Engine, package: &std::path::Path) -> SessionOptions {
 }
 
 fn open(package: &std::path::Path, engine: &Engine) -> Result<Package> {
-    Package::open(package, &session_options(engine, package))
-        .with_context(|| format!("opening package {}", package.display()))
+    let mut pkg = Package::open(package, &session_options(engine, package))
+        .with_context(|| format!("opening package {}", package.display()))?;
+    pkg.set_speculation(engine.speculate.settings())
+        .context("--speculative-tokens")?;
+    Ok(pkg)
 }
 
 fn main() {
@@ -487,14 +527,21 @@ fn run(cli: Cli) -> Result<()> {
             json,
             engine,
         } => {
+            let speculating = engine.speculate.speculative_tokens > 0;
+            if speculating && batches.iter().any(|&b| b > 1) {
+                anyhow::bail!(
+                    "--speculative-tokens: bench generates one prompt at a time with it; measure --batch 1 \
+                     (kosmos-rt serve speculates for several sequences at once)"
+                );
+            }
             let mut pkg = open(&package, &engine)?;
             let opts = kosmos_rt::bench::BenchOptions {
                 prompt_words,
                 new_tokens,
-                batches: if batches.is_empty() {
-                    vec![1, 4, 8]
-                } else {
-                    batches
+                batches: match (batches.is_empty(), speculating) {
+                    (false, _) => batches,
+                    (true, false) => vec![1, 4, 8],
+                    (true, true) => vec![1],
                 },
                 runs: runs.max(1),
             };
@@ -516,6 +563,16 @@ fn run(cli: Cli) -> Result<()> {
                     "decode           {:.2} ms/step median, {:.2} p90 at batch {}",
                     r.decode_ms_median, r.decode_ms_p90, r.latency_batch
                 );
+                if let Some(a) = r.acceptance {
+                    println!(
+                        "speculation      {:.0}% of {} guesses kept, {:.2} tokens per decode step",
+                        100.0 * a,
+                        r.drafted,
+                        r.tokens_per_call
+                    );
+                } else if speculating {
+                    println!("speculation      no guess: prompt lookup found no repeat");
+                }
                 for (b, t) in &r.tokens_per_s {
                     println!(
                         "batch {b:<3}        {t:.1} tokens/s decode, {:.1} tokens/s end to end",

@@ -85,6 +85,10 @@ pub struct Metrics {
     pub shared_prefill_tokens: AtomicU64,
     /// Running sequences that gave their row to a more urgent one (to resume later).
     pub preemptions: AtomicU64,
+    /// Speculative decoding: guessed tokens fed to the decoder, and those the sampler picked
+    /// too (kept; vLLM's `spec_decode_num_draft_tokens` / `num_accepted_tokens`).
+    pub spec_draft_tokens: AtomicU64,
+    pub spec_accepted_tokens: AtomicU64,
     /// Tokens chosen under a structured-output constraint, and the microseconds spent choosing
     /// them (the grammar's mask and the sampling after it).
     pub constrained_tokens: AtomicU64,
@@ -111,6 +115,8 @@ impl Default for Metrics {
             prefix_cache_bytes: AtomicU64::new(0),
             shared_prefill_tokens: AtomicU64::new(0),
             preemptions: AtomicU64::new(0),
+            spec_draft_tokens: AtomicU64::new(0),
+            spec_accepted_tokens: AtomicU64::new(0),
             constrained_tokens: AtomicU64::new(0),
             constrained_pick_us: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BUCKETS),
@@ -234,6 +240,20 @@ impl Metrics {
             "kosmos_preemptions_total",
             "Running sequences that gave their row to a more urgent waiting one (lower priority), to resume later where they were.",
             &self.preemptions,
+            "counter",
+        );
+        counter(
+            &mut out,
+            "kosmos_spec_decode_draft_tokens_total",
+            "Speculative decoding: tokens guessed by prompt lookup and fed to the decoder.",
+            &self.spec_draft_tokens,
+            "counter",
+        );
+        counter(
+            &mut out,
+            "kosmos_spec_decode_accepted_tokens_total",
+            "Speculative decoding: guessed tokens the sampler picked too, each a token gained without a decoder call of its own.",
+            &self.spec_accepted_tokens,
             "counter",
         );
         counter(

@@ -9,6 +9,7 @@ use ort::session::Session;
 
 use crate::error::{Result, RtError};
 use crate::ort_env::{SessionOptions, session};
+use crate::speculate::Speculation;
 
 pub struct Package {
     pub dir: PathBuf,
@@ -21,6 +22,8 @@ pub struct Package {
     pub load_ms: f64,
     /// The vocabulary as structured output's matcher sees it, built at its first use.
     constraint_vocab: std::sync::OnceLock<std::sync::Arc<crate::constrain::ConstraintVocab>>,
+    /// Prompt-lookup speculative decoding, when turned on ([`Package::set_speculation`]).
+    speculation: Option<Speculation>,
 }
 
 impl std::fmt::Debug for Package {
@@ -103,6 +106,7 @@ impl Package {
             decoder,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             constraint_vocab: std::sync::OnceLock::new(),
+            speculation: None,
         };
         pkg.check_graphs()?;
         Ok(pkg)
@@ -177,6 +181,29 @@ impl Package {
 
     pub fn context_length(&self) -> usize {
         self.manifest.decoder.context_length
+    }
+
+    /// Decode speculatively by prompt lookup ([`crate::speculate`]) in [`Package::generate`]
+    /// (one prompt at a time) and in the batching engine, or not (`None`). A rejected guess's
+    /// keys are left in the cache to be overwritten, which only the buffer KV layout allows.
+    pub fn set_speculation(&mut self, s: Option<Speculation>) -> Result<()> {
+        if let Some(s) = &s {
+            s.check()?;
+            if self.manifest.decoder.kv_cache != kosmos_models::package::KvCacheLayout::Buffer {
+                return Err(RtError::Package {
+                    path: self.dir.clone(),
+                    message: "speculative decoding needs a decoder that updates its KV cache in place; \
+                              re-export with `kosmos-export <ckpt> --to onnx --kv-cache buffer`"
+                        .into(),
+                });
+            }
+        }
+        self.speculation = s;
+        Ok(())
+    }
+
+    pub fn speculation(&self) -> Option<&Speculation> {
+        self.speculation.as_ref()
     }
 }
 

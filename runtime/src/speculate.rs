@@ -1,0 +1,174 @@
+//! Speculative decoding by prompt lookup (vLLM's `ngram` method, TensorRT-LLM's prompt-lookup
+//! decoding, llama.cpp's lookup decoding): the tokens that followed the latest earlier occurrence
+//! of a sequence's last n tokens (in its prompt or in what it generated) are guessed to follow
+//! again. A decoder call feeds the next token and those guesses; the logits of every position
+//! are then sampled in order, exactly as one call per token would have sampled them (the same
+//! penalties, constraint and random draws), and the guesses are kept up to the first one the
+//! sampler did not pick. So the output is the one decoding without speculation gives, and each
+//! call yields 1 + (guesses kept) tokens for one read of the weights.
+
+use crate::error::{Result, RtError};
+
+/// How to speculate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Speculation {
+    /// Guessed tokens fed per decoder call, at most (vLLM's `num_speculative_tokens`).
+    pub tokens: usize,
+    /// The longest n-gram looked up (vLLM's `prompt_lookup_max`); longer ones are tried first.
+    pub ngram_max: usize,
+    /// The shortest n-gram looked up (vLLM's `prompt_lookup_min`).
+    pub ngram_min: usize,
+    /// The server speculates only while at most this many sequences decode together: on a
+    /// saturated CPU every guessed token costs compute that the rejected ones waste (vLLM's
+    /// `disable_by_batch_size`).
+    pub max_batch: usize,
+}
+
+impl Default for Speculation {
+    fn default() -> Self {
+        Speculation {
+            tokens: 4,
+            ngram_max: 3,
+            ngram_min: 1,
+            max_batch: 4,
+        }
+    }
+}
+
+/// Slots of a history that no guess may match or contain (image embeddings are not tokens).
+pub const NOT_A_TOKEN: u32 = u32::MAX;
+
+impl Speculation {
+    /// The settings' own consistency, as an error naming the setting.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(RtError::Input(m));
+        if self.tokens == 0 || self.tokens > 32 {
+            return bad(format!(
+                "speculative tokens must be in 1..=32, not {}",
+                self.tokens
+            ));
+        }
+        if self.ngram_min == 0 {
+            return bad("the shortest prompt-lookup n-gram must be at least 1".into());
+        }
+        if self.ngram_max < self.ngram_min {
+            return bad(format!(
+                "the longest prompt-lookup n-gram ({}) is shorter than the shortest ({})",
+                self.ngram_max, self.ngram_min
+            ));
+        }
+        if self.max_batch == 0 {
+            return bad("speculative max batch must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` (and [`Self::tokens`]) guessed tokens to follow `history`: what followed the
+    /// latest earlier occurrence of its last n tokens, the longest n from `ngram_max` down to
+    /// `ngram_min` that occurs. Empty when nothing matches.
+    pub fn propose(&self, history: &[u32], limit: usize) -> Vec<u32> {
+        let limit = limit.min(self.tokens);
+        let len = history.len();
+        if limit == 0 {
+            return Vec::new();
+        }
+        for n in (self.ngram_min..=self.ngram_max.min(len.saturating_sub(1))).rev() {
+            let tail = &history[len - n..];
+            if tail.contains(&NOT_A_TOKEN) {
+                continue;
+            }
+            // Latest first; the match must leave at least one token after it.
+            for start in (0..len - n).rev() {
+                if &history[start..start + n] == tail {
+                    let from = start + n;
+                    let to = (from + limit).min(len);
+                    let guess: Vec<u32> = history[from..to]
+                        .iter()
+                        .copied()
+                        .take_while(|&t| t != NOT_A_TOKEN)
+                        .collect();
+                    if !guess.is_empty() {
+                        return guess;
+                    }
+                }
+            }
+        }
+        Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(tokens: usize, min: usize, max: usize) -> Speculation {
+        Speculation {
+            tokens,
+            ngram_min: min,
+            ngram_max: max,
+            max_batch: 4,
+        }
+    }
+
+    #[test]
+    fn the_latest_occurrence_of_the_longest_ngram_is_continued() {
+        // "1 2 3" occurs at 0 (then 4 5) and at 5 (then 9 9); its latest occurrence wins.
+        let h = [1, 2, 3, 4, 5, 1, 2, 3, 9, 9, 7, 1, 2, 3];
+        assert_eq!(spec(2, 1, 3).propose(&h, 8), vec![9, 9]);
+        // Longest first: "7 2 3" never occurred, "2 3" did (latest at 6).
+        let h = [2, 3, 5, 6, 2, 3, 8, 7, 2, 3];
+        assert_eq!(spec(3, 2, 3).propose(&h, 8), vec![8, 7, 2]);
+        // A shorter n-gram only when no longer one matches: "3" → what followed the last "3".
+        let h = [4, 3, 6, 1, 5, 3];
+        assert_eq!(spec(4, 1, 3).propose(&h, 8), vec![6, 1, 5, 3]);
+        assert_eq!(spec(4, 2, 3).propose(&h, 8), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn guesses_stop_at_the_limit_the_history_and_image_slots() {
+        let h = [1, 2, 3, 4, 5, 6, 1, 2];
+        assert_eq!(spec(8, 1, 2).propose(&h, 3), vec![3, 4, 5]);
+        assert_eq!(spec(2, 1, 2).propose(&h, 8), vec![3, 4]);
+        assert_eq!(spec(4, 1, 2).propose(&h, 0), Vec::<u32>::new());
+        // The continuation runs to the history's end and no further.
+        let h = [7, 8, 7];
+        assert_eq!(spec(4, 1, 3).propose(&h, 8), vec![8, 7]);
+        // Image slots end a guess, and never match.
+        let n = NOT_A_TOKEN;
+        let h = [1, 2, n, n, 3, 1, 2];
+        assert_eq!(spec(4, 1, 2).propose(&h, 8), Vec::<u32>::new());
+        let h = [n, n, 5, n, 6];
+        assert_eq!(spec(4, 1, 3).propose(&[n, n], 8), Vec::<u32>::new());
+        assert_eq!(spec(4, 1, 3).propose(&h[..3], 8), Vec::<u32>::new());
+        let h = [5, 6, n, 5];
+        assert_eq!(spec(4, 1, 3).propose(&h, 8), vec![6]);
+    }
+
+    #[test]
+    fn short_histories_propose_nothing() {
+        assert_eq!(spec(4, 1, 3).propose(&[], 8), Vec::<u32>::new());
+        assert_eq!(spec(4, 1, 3).propose(&[1], 8), Vec::<u32>::new());
+        assert_eq!(spec(4, 1, 3).propose(&[1, 1], 8), vec![1]);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        for (s, what) in [
+            (spec(0, 1, 3), "speculative tokens"),
+            (spec(33, 1, 3), "speculative tokens"),
+            (spec(4, 0, 3), "shortest"),
+            (spec(4, 3, 2), "longest"),
+            (
+                Speculation {
+                    max_batch: 0,
+                    ..Speculation::default()
+                },
+                "max batch",
+            ),
+        ] {
+            let e = s.check().unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        }
+        Speculation::default().check().unwrap();
+    }
+}
