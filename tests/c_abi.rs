@@ -428,6 +428,23 @@ fn c_abi_engine_takes_every_generation_setting() {
     };
     let cases = [sampled, stopped, constrained, biased, masked];
     let want: Vec<_> = cases.iter().map(|p| alone(&mut pkg, prompt, p)).collect();
+    // Output that repeats itself (a regular expression makes it), where prompt lookup guesses:
+    // for the speculating engine.
+    let repeat = "(red |blue |a circle )+";
+    let repeat_c = CString::new(repeat).unwrap();
+    let repeat_want = alone(
+        &mut pkg,
+        prompt,
+        &GenerateParams {
+            max_tokens: 16,
+            constraint: Some(
+                kosmos_rt::grammar::Constraint::Regex(repeat.into())
+                    .compile()
+                    .unwrap(),
+            ),
+            ..greedy.clone()
+        },
+    );
     assert!(
         want[1].text.len() < full.len() && !want[1].text.contains(&stop),
         "{want:?}"
@@ -518,6 +535,25 @@ fn c_abi_engine_takes_every_generation_setting() {
     // SAFETY: the engine just opened.
     assert_eq!(unsafe { kosmos_engine_free(e) }, kosmos_status::KOSMOS_OK);
     e = std::ptr::null_mut();
+    // Speculative settings are checked before anything loads.
+    let contradictory = kosmos_engine_config {
+        speculative_tokens: 4,
+        prompt_lookup_min: 3,
+        prompt_lookup_max: 2,
+        ..kosmos_engine_default_config()
+    };
+    // SAFETY: valid strings, config and out pointer.
+    let st = unsafe { kosmos_engine_open(dir_c.as_ptr(), std::ptr::null(), &contradictory, &mut e) };
+    assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT);
+    // SAFETY: the thread's last error is a valid C string.
+    let err = unsafe { CStr::from_ptr(kosmos_last_error()) }
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        err.contains("config: the longest prompt-lookup n-gram (2)"),
+        "{err}"
+    );
+    assert!(e.is_null());
     // SAFETY: valid strings and out pointer.
     let st = unsafe { kosmos_engine_open(dir_c.as_ptr(), std::ptr::null(), std::ptr::null(), &mut e) };
     assert_eq!(st, kosmos_status::KOSMOS_OK);
@@ -810,6 +846,56 @@ fn c_abi_engine_takes_every_generation_setting() {
     }
     // SAFETY: the handle is live; freed once.
     assert_eq!(unsafe { kosmos_engine_free(e) }, kosmos_status::KOSMOS_OK);
+
+    // The same requests, and the repeating one, through an engine that speculates: the same
+    // tokens and text.
+    let speculating = kosmos_engine_config {
+        speculative_tokens: 4,
+        ..kosmos_engine_default_config()
+    };
+    let mut fast: *mut kosmos_engine = std::ptr::null_mut();
+    // SAFETY: valid strings, config and out pointer.
+    let st = unsafe { kosmos_engine_open(dir_c.as_ptr(), std::ptr::null(), &speculating, &mut fast) };
+    assert_eq!(st, kosmos_status::KOSMOS_OK, "{}", last_error());
+    let repeating = kosmos_params {
+        max_tokens: 16,
+        constraint_kind: KOSMOS_CONSTRAINT_REGEX,
+        constraint: repeat_c.as_ptr(),
+        ..c_params(&greedy, -1)
+    };
+    let runs = cases.iter().map(|g| c_params(g, -1)).chain([repeating]);
+    for (case, (params, want)) in runs.zip(want.iter().chain([&repeat_want])).enumerate() {
+        let shared: Shared = Default::default();
+        // SAFETY: live engine, valid strings; `shared` outlives the request (waited for below).
+        let st = unsafe {
+            kosmos_engine_submit(
+                fast,
+                prompt_c.as_ptr(),
+                std::ptr::null(),
+                0,
+                &params,
+                Some(collect),
+                &shared as *const Shared as *mut std::ffi::c_void,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(st, kosmos_status::KOSMOS_OK, "{}", last_error());
+        let r = shared
+            .1
+            .wait_while(shared.0.lock().unwrap(), |r| {
+                r.done.is_none() && r.failed.is_none()
+            })
+            .unwrap();
+        let (_, tokens, text) = r
+            .done
+            .clone()
+            .unwrap_or_else(|| panic!("case {case}: {:?}", r.failed));
+        assert_eq!(tokens, want.tokens, "speculating, case {case}");
+        assert_eq!(text, want.text, "speculating, case {case}");
+        assert_eq!(r.text, want.text, "speculating, case {case}: streamed");
+    }
+    // SAFETY: the handle is live; freed once.
+    assert_eq!(unsafe { kosmos_engine_free(fast) }, kosmos_status::KOSMOS_OK);
 
     // kosmos_generate has no log-probabilities to report: asking is refused, not ignored.
     let mut model: *mut kosmos_model = std::ptr::null_mut();

@@ -317,6 +317,22 @@ typedef struct kosmos_engine_config {
    compiled before it gets the default, true.)
    */
   bool priority_preemption;
+  /*
+   Speculative decoding by prompt lookup: up to this many guessed tokens fed per decoder
+   call (what followed the latest earlier occurrence of a sequence's last n tokens), kept
+   where the sampler picks them too, so the output does not change; 0 = off. (This and the
+   three below were appended after `priority_preemption`.)
+   */
+  uint32_t speculative_tokens;
+  /*
+   The longest and shortest n-gram looked up (defaults 3 and 1).
+   */
+  uint32_t prompt_lookup_max;
+  uint32_t prompt_lookup_min;
+  /*
+   Speculate only while at most this many sequences decode together (default 4).
+   */
+  uint32_t speculative_max_batch;
 } kosmos_engine_config;
 
 /*

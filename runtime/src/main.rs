@@ -70,13 +70,19 @@ struct Speculate {
 }
 
 impl Speculate {
-    fn settings(&self) -> Option<Speculation> {
-        (self.speculative_tokens > 0).then_some(Speculation {
+    fn settings(&self) -> Result<Option<Speculation>> {
+        if self.speculative_tokens == 0 {
+            return Ok(None);
+        }
+        let s = Speculation {
             tokens: self.speculative_tokens,
             ngram_max: self.prompt_lookup_max,
             ngram_min: self.prompt_lookup_min,
             max_batch: self.speculative_max_batch,
-        })
+        };
+        s.check()
+            .map_err(|m| anyhow::anyhow!("--speculative-tokens: {m}"))?;
+        Ok(Some(s))
     }
 }
 
@@ -458,10 +464,11 @@ fn session_options(e: &Engine, package: &std::path::Path) -> SessionOptions {
 }
 
 fn open(package: &std::path::Path, engine: &Engine) -> Result<Package> {
+    // Settings are checked before the model loads.
+    let speculation = engine.speculate.settings()?;
     let mut pkg = Package::open(package, &session_options(engine, package))
         .with_context(|| format!("opening package {}", package.display()))?;
-    pkg.set_speculation(engine.speculate.settings())
-        .context("--speculative-tokens")?;
+    pkg.set_speculation(speculation).context("--speculative-tokens")?;
     Ok(pkg)
 }
 

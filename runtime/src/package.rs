@@ -188,7 +188,7 @@ impl Package {
     /// keys are left in the cache to be overwritten, which only the buffer KV layout allows.
     pub fn set_speculation(&mut self, s: Option<Speculation>) -> Result<()> {
         if let Some(s) = &s {
-            s.check()?;
+            s.check().map_err(RtError::Input)?;
             if self.manifest.decoder.kv_cache != kosmos_models::package::KvCacheLayout::Buffer {
                 return Err(RtError::Package {
                     path: self.dir.clone(),

@@ -7,8 +7,6 @@
 //! sampler did not pick. So the output is the one decoding without speculation gives, and each
 //! call yields 1 + (guesses kept) tokens for one read of the weights.
 
-use crate::error::{Result, RtError};
-
 /// How to speculate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Speculation {
@@ -39,26 +37,25 @@ impl Default for Speculation {
 pub const NOT_A_TOKEN: u32 = u32::MAX;
 
 impl Speculation {
-    /// The settings' own consistency, as an error naming the setting.
-    pub fn check(&self) -> Result<()> {
-        let bad = |m: String| Err(RtError::Input(m));
+    /// The settings' own consistency: a message naming the setting that is wrong.
+    pub fn check(&self) -> Result<(), String> {
         if self.tokens == 0 || self.tokens > 32 {
-            return bad(format!(
+            return Err(format!(
                 "speculative tokens must be in 1..=32, not {}",
                 self.tokens
             ));
         }
         if self.ngram_min == 0 {
-            return bad("the shortest prompt-lookup n-gram must be at least 1".into());
+            return Err("the shortest prompt-lookup n-gram must be at least 1".into());
         }
         if self.ngram_max < self.ngram_min {
-            return bad(format!(
+            return Err(format!(
                 "the longest prompt-lookup n-gram ({}) is shorter than the shortest ({})",
                 self.ngram_max, self.ngram_min
             ));
         }
         if self.max_batch == 0 {
-            return bad("speculative max batch must be at least 1".into());
+            return Err("speculative max batch must be at least 1".into());
         }
         Ok(())
     }
@@ -166,7 +163,7 @@ mod tests {
                 "max batch",
             ),
         ] {
-            let e = s.check().unwrap_err().to_string();
+            let e = s.check().unwrap_err();
             assert!(e.contains(what), "{e}");
         }
         Speculation::default().check().unwrap();

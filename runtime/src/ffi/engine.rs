@@ -22,6 +22,7 @@ use crate::error::RtError;
 use crate::generate::{FinishReason, Prompt, assemble_prompt, preprocess_image};
 use crate::logprobs::TokenLogprob;
 use crate::metrics::Metrics;
+use crate::speculate::Speculation;
 
 /// Settings of a continuous-batching engine; start from `kosmos_engine_default_config()`.
 #[repr(C)]
@@ -48,6 +49,16 @@ pub struct kosmos_engine_config {
     /// it waits for a free row instead. (Appended after ABI 1's first release: a caller
     /// compiled before it gets the default, true.)
     pub priority_preemption: bool,
+    /// Speculative decoding by prompt lookup: up to this many guessed tokens fed per decoder
+    /// call (what followed the latest earlier occurrence of a sequence's last n tokens), kept
+    /// where the sampler picks them too, so the output does not change; 0 = off. (This and the
+    /// three below were appended after `priority_preemption`.)
+    pub speculative_tokens: u32,
+    /// The longest and shortest n-gram looked up (defaults 3 and 1).
+    pub prompt_lookup_max: u32,
+    pub prompt_lookup_min: u32,
+    /// Speculate only while at most this many sequences decode together (default 4).
+    pub speculative_max_batch: u32,
 }
 
 /// Bytes of the first `kosmos_engine_config` with `struct_size` (ABI 1): it ended before
@@ -248,6 +259,7 @@ fn c_string(s: &str) -> CString {
 #[unsafe(no_mangle)]
 pub extern "C" fn kosmos_engine_default_config() -> kosmos_engine_config {
     let d = EngineConfig::default();
+    let spec = Speculation::default();
     kosmos_engine_config {
         struct_size: size_of::<kosmos_engine_config>() as u32,
         max_batch: d.max_batch as u32,
@@ -256,6 +268,10 @@ pub extern "C" fn kosmos_engine_default_config() -> kosmos_engine_config {
         kv_preallocate: d.kv_preallocate,
         prefix_cache_mb: (d.prefix_cache_bytes >> 20) as u32,
         priority_preemption: d.priority_preemption,
+        speculative_tokens: 0,
+        prompt_lookup_max: spec.ngram_max as u32,
+        prompt_lookup_min: spec.ngram_min as u32,
+        speculative_max_batch: spec.max_batch as u32,
     }
 }
 
@@ -293,11 +309,23 @@ pub unsafe extern "C" fn kosmos_engine_open(
                 "config: max_batch must be ≥ 1",
             );
         }
+        let speculation = (c.speculative_tokens > 0).then_some(Speculation {
+            tokens: c.speculative_tokens as usize,
+            ngram_max: c.prompt_lookup_max as usize,
+            ngram_min: c.prompt_lookup_min as usize,
+            max_batch: c.speculative_max_batch as usize,
+        });
+        if let Some(Err(m)) = speculation.as_ref().map(Speculation::check) {
+            return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, format!("config: {m}"));
+        }
         // SAFETY: per this function's contract.
-        let pkg = match unsafe { open_package(package_dir, device) } {
+        let mut pkg = match unsafe { open_package(package_dir, device) } {
             Ok(p) => p,
             Err(s) => return s,
         };
+        if let Err(e) = pkg.set_speculation(speculation) {
+            return fail(status_of(&e), e.to_string());
+        }
         let (tokenizer, manifest) = (pkg.tokenizer.clone(), pkg.manifest.clone());
         let config = EngineConfig {
             max_batch: c.max_batch as usize,
