@@ -1337,13 +1337,30 @@ fn speculative_cases() -> Vec<(Prompt, GenerateParams)> {
                 ..greedy(24)
             },
         ),
+        (
+            Prompt::parse("json:", vec![]).unwrap(),
+            GenerateParams {
+                constraint: Some(keyed_schema().compile().unwrap()),
+                ..greedy(40)
+            },
+        ),
     ]
 }
 
-/// Prompt-lookup speculative decoding in `Package::generate` gives what plain generation gives,
-/// token for token and text for text (streamed too), greedy, sampled and constrained, with a stop
-/// string met inside a call's kept guesses; it really keeps guesses (fewer decoder calls than
-/// tokens), and each greedy token is the most likely under the trainer's full forward in tch.
+/// A JSON Schema whose long keys the grammar forces once their first character is out.
+fn keyed_schema() -> kosmos_rt::grammar::Constraint {
+    let schema = r#"{"type": "object", "properties": {
+        "description_of_the_picture": {"enum": ["a red circle", "a blue square"]},
+        "number_of_shapes_in_the_picture": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["description_of_the_picture", "number_of_shapes_in_the_picture"]}"#;
+    kosmos_rt::grammar::Constraint::JsonSchema(kosmos_rt::grammar::Json::parse(schema).unwrap())
+}
+
+/// Speculative decoding in `Package::generate` gives what plain generation gives, token for
+/// token and text for text (streamed too), greedy, sampled and constrained, with a stop string
+/// met inside a call's kept guesses; it really keeps guesses (fewer decoder calls than tokens;
+/// under a JSON Schema, the keys the grammar forces), and each greedy token is the most likely
+/// under the trainer's full forward in tch.
 #[test]
 fn speculative_generation_equals_plain_generation() {
     let dir = tempfile::tempdir().unwrap();
@@ -1388,11 +1405,26 @@ fn speculative_generation_equals_plain_generation() {
         calls += got.timings.decode_ms.len();
         tokens += got.tokens.len();
         if i == 3 {
+            // The schema's keys are spelled as guesses and kept (the model may only follow them).
+            assert!(
+                got.timings.accepted >= 20,
+                "{:?}: {} kept",
+                got.text,
+                got.timings.accepted
+            );
+        }
+        if i == 4 {
             assert_eq!(got.finish_reason, FinishReason::Stop, "the stop string ends it");
             assert!(got.tokens.len() < 24, "{}", got.tokens.len());
         }
     }
     assert!(kept > 0, "no guess kept");
+    // Forced text is spelled with the vocabulary's tokens, longest first, back to the same text.
+    let text = r#"description_of_the_picture": "a red circle"#;
+    let spelled = plain.constraint_vocab().spell(text.as_bytes(), 64);
+    assert_eq!(plain.tokenizer.decode(&spelled).unwrap(), text);
+    assert!(spelled.len() < text.len(), "{spelled:?}: one token per byte");
+    assert_eq!(plain.constraint_vocab().spell(text.as_bytes(), 3).len(), 3);
     assert!(
         calls + cases.len() < tokens,
         "{calls} decode calls for {tokens} tokens"
@@ -1431,7 +1463,7 @@ fn speculative_generation_equals_plain_generation() {
 }
 
 /// The engine speculating for several running sequences (one admitted while the others decode,
-/// prefilled in 7-token chunks) gives what `Package::generate` gives each alone; every reported
+/// prefilled in 7-token chunks, one waiting for a row; greedy, sampled and constrained) gives what `Package::generate` gives each alone; every reported
 /// log-probability is tch's on the trainer's full forward, so the logits of each guessed position
 /// are right; guesses are kept (the metrics count them); with more rows than its limit it does
 /// not speculate; and the prefix cache afterwards holds exactly the prompt and the tokens fed
@@ -1447,6 +1479,9 @@ fn the_engine_speculating_generates_what_each_would_alone() {
         .map(|(p, params)| alone(&mut plain, p, params))
         .collect();
     for limit in [4, 2] {
+        // Speculating, the first three (the same length: 24 tokens, `</s>` ignored) run together
+        // beside nothing else; otherwise all four, three rows at a time.
+        let cases = if limit == 4 { &cases[..] } else { &cases[..3] };
         let mut pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
         pkg.set_speculation(Some(speculation(limit))).unwrap();
         let metrics = Arc::new(Metrics::default());
@@ -1462,8 +1497,8 @@ fn the_engine_speculating_generates_what_each_would_alone() {
             req.logprobs = Some(2);
             engine.submit(req);
             outs.push(out);
-            // Speculating, the third comes while two decode; otherwise all three run together
-            // (the same length, so no fewer than three rows ever decode).
+            // Speculating, the third comes while two decode (the fourth waits for a row);
+            // otherwise all three run together, so no fewer than three rows ever decode.
             if i == 1 && limit == 4 {
                 for _ in 0..4 {
                     engine.step();

@@ -137,6 +137,43 @@ impl Matcher {
         ok
     }
 
+    /// The text the grammar forces next, at most `max` bytes: while the text so far is not
+    /// complete and every parse allows the same single character, that character (a key of a
+    /// JSON schema, the rest of an enum value once it is told apart). What SGLang's
+    /// jump-forward decoding skips; the runtime feeds it to speculative decoding as guesses.
+    pub fn forced(&mut self, max: usize) -> String {
+        let (base, overflowed) = (self.frames.len(), self.overflowed);
+        let mut s = self.state.clone();
+        let mut out = String::new();
+        while out.len() < max && s.partial.need == 0 && !s.accepted {
+            let Some(c) = self.only_char(&s) else { break };
+            let (Some(ch), Some(next)) = (char::from_u32(c), self.step_char(&s, c)) else {
+                break;
+            };
+            out.push(ch);
+            s = next;
+        }
+        self.forget_from(base);
+        self.overflowed = overflowed;
+        out
+    }
+
+    /// The one character every frontier stack of `s` allows, if they allow one and the same.
+    fn only_char(&self, s: &State) -> Option<u32> {
+        let mut only = None;
+        for &f in &s.frontier {
+            let (pos, _) = self.frames[f as usize];
+            let Elem::Chars(set) = self.g.elems[pos as usize] else {
+                return None;
+            };
+            match self.g.sets[set as usize].ranges() {
+                [(lo, hi)] if lo == hi && only.is_none_or(|c| c == *lo) => only = Some(*lo),
+                _ => return None,
+            }
+        }
+        only
+    }
+
     /// Set `allowed[t]` for every token `t` of `trie` that may come next (others untouched).
     pub fn fill_allowed(&mut self, trie: &TokenTrie, allowed: &mut [bool]) {
         let cached = self

@@ -420,3 +420,72 @@ fn number_bounds_match_exact_decimal_comparison() {
         }
     }
 }
+
+/// Characters the brute-force check below tries.
+fn alphabet() -> Vec<char> {
+    (' '..='~').chain(['é', '中', '\n', '\t']).collect()
+}
+
+/// `Matcher::forced` against trying every character: each forced character is the only one the
+/// grammar allows there, and after the forced text either several are allowed, the text may end,
+/// or the limit was reached.
+#[test]
+fn forced_text_is_the_only_continuation() {
+    let schema = Json::parse(
+        r#"{"type":"object","properties":{"colour":{"enum":["crimson","cyan"]},"count":{"type":"integer"}},"required":["colour","count"]}"#,
+    )
+    .unwrap();
+    let cases: Vec<(Arc<Grammar>, &str, &str)> = vec![
+        (compile(r#"root ::= "abc" | "abd""#), "", "ab"),
+        (compile(r#"root ::= "h" [é] "llo" [0-9]"#), "", "héllo"),
+        (compile(r#"root ::= "x" "y"?"#), "x", ""),
+        (Constraint::JsonSchema(schema.clone()).compile().unwrap(), "{", ""),
+        (
+            Constraint::JsonSchema(schema.clone()).compile().unwrap(),
+            "{\"",
+            "colour\"",
+        ),
+        (
+            Constraint::JsonSchema(schema.clone()).compile().unwrap(),
+            r#"{"colour": "c"#,
+            "",
+        ),
+        (
+            Constraint::JsonSchema(schema).compile().unwrap(),
+            r#"{"colour": "cr"#,
+            "imson\"",
+        ),
+    ];
+    for (g, before, want) in cases {
+        let mut m = Matcher::new(g.clone());
+        assert!(m.accept(before.as_bytes()), "{before:?}");
+        let forced = m.forced(64);
+        assert_eq!(forced, want, "after {before:?}");
+        // Brute force, independent of `forced`: one character allowed at each step, then not.
+        let mut text = before.to_string();
+        for c in forced.chars() {
+            let allowed: Vec<char> = alphabet()
+                .into_iter()
+                .filter(|a| m.allows(a.to_string().as_bytes()))
+                .collect();
+            assert_eq!(allowed, vec![c], "after {text:?}");
+            assert!(!m.is_accepting(), "after {text:?}: the text could end");
+            assert!(m.accept(c.to_string().as_bytes()));
+            text.push(c);
+        }
+        let allowed = alphabet()
+            .into_iter()
+            .filter(|a| m.allows(a.to_string().as_bytes()))
+            .count();
+        assert!(
+            allowed != 1 || m.is_accepting(),
+            "after {text:?}: one character was left"
+        );
+    }
+    // The limit, and a matcher unchanged by asking.
+    let g = compile(r#"root ::= "abcdef" [0-9]"#);
+    let mut m = Matcher::new(g);
+    assert_eq!(m.forced(4), "abcd");
+    assert_eq!(m.forced(64), "abcdef");
+    assert!(m.accept(b"abcdef7") && m.is_accepting());
+}

@@ -1401,10 +1401,10 @@ impl Engine {
 
     /// One token for every running sequence (or, speculating, one and its guesses kept).
     fn decode_step(&mut self) -> Result<()> {
-        if let Some(spec) = self.pkg.speculation()
+        if let Some(spec) = self.pkg.speculation().cloned()
             && self.running.len() <= spec.max_batch
         {
-            let guesses = self.guesses(spec);
+            let guesses = self.guesses(&spec);
             if guesses.iter().any(|g| !g.is_empty()) {
                 return self.speculative_step(&guesses);
             }
@@ -1444,21 +1444,17 @@ impl Engine {
 
     /// Each running sequence's guesses by prompt lookup, within the slots its row has left
     /// (every row of a call writes as many slots as the longest feed) and its `max_tokens`.
-    fn guesses(&self, spec: &Speculation) -> Vec<Vec<u32>> {
+    fn guesses(&mut self, spec: &Speculation) -> Vec<Vec<u32>> {
         let cap = self.pool.capacity;
         let free = self.running.iter().map(|r| cap - r.mask.len()).min().unwrap_or(0);
         self.running
-            .iter()
+            .iter_mut()
             .map(|run| {
                 let left = run.req.params.max_tokens.saturating_sub(run.state.tokens.len());
-                let room = (free - 1).min(left);
-                let prompt = &run.req.assembled;
-                let history: Vec<u32> = lookup_history(prompt)
-                    .into_iter()
-                    .take(run.prompt_len)
-                    .chain(run.state.tokens.iter().copied())
-                    .collect();
-                spec.propose(&history, room)
+                let room = free.saturating_sub(1).min(left);
+                let mut prompt = lookup_history(&run.req.assembled);
+                prompt.truncate(run.prompt_len);
+                run.state.guesses(spec, &prompt, room)
             })
             .collect()
     }

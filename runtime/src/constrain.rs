@@ -3,12 +3,16 @@
 //! is complete. The text a grammar sees is exactly the generated text the caller receives: each
 //! token's decoded bytes, the first token's `▁` dropped as the tokenizer's decoder drops it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use kosmos_grammar::{Grammar, Matcher, TokenTrie};
 use kosmos_models::KosmosTokenizer;
 
 use crate::error::{Result, RtError};
+
+/// Most forced text looked at for one call's guesses (a call guesses at most 32 tokens).
+const FORCED_BYTES: usize = 256;
 
 /// The vocabulary as the matcher sees it, built once per package.
 pub struct ConstraintVocab {
@@ -20,6 +24,9 @@ pub struct ConstraintVocab {
     /// Special tokens: never allowed under a constraint (`</s>` is decided apart).
     special: Vec<bool>,
     eos: u32,
+    /// Tokens by their text after other tokens, for spelling out forced text.
+    by_text: std::sync::OnceLock<HashMap<Vec<u8>, u32>>,
+    longest: usize,
 }
 
 impl ConstraintVocab {
@@ -45,6 +52,8 @@ impl ConstraintVocab {
         ConstraintVocab {
             later: trie(&later_bytes),
             first: trie(&first_bytes),
+            longest: later_bytes.iter().map(Vec::len).max().unwrap_or(0),
+            by_text: std::sync::OnceLock::new(),
             later_bytes,
             first_bytes,
             special,
@@ -74,6 +83,35 @@ impl ConstraintVocab {
             *e = m.is_accepting();
         }
         Some(allowed)
+    }
+
+    /// `text` (after other tokens) as tokens, longest first: how a model would most likely
+    /// spell text the grammar forces. Stops where no token's text is a prefix of the rest.
+    pub fn spell(&self, text: &[u8], limit: usize) -> Vec<u32> {
+        let by_text = self.by_text.get_or_init(|| {
+            let mut m = HashMap::new();
+            // The later of tokens with equal text wins: byte-fallback pieces come first.
+            for (t, b) in self.later_bytes.iter().enumerate() {
+                if !self.special[t] && !b.is_empty() {
+                    m.insert(b.clone(), t as u32);
+                }
+            }
+            m
+        });
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < text.len() && out.len() < limit {
+            let longest = self.longest.min(text.len() - at);
+            let Some((n, t)) = (1..=longest)
+                .rev()
+                .find_map(|n| by_text.get(&text[at..at + n]).map(|&t| (n, t)))
+            else {
+                break;
+            };
+            out.push(t);
+            at += n;
+        }
+        out
     }
 
     fn bytes(&self, t: u32, first: bool) -> &[u8] {
@@ -163,5 +201,12 @@ impl ActiveConstraint {
     /// The text is complete and nothing may follow.
     pub(crate) fn finished(&self) -> bool {
         self.matcher.is_finished()
+    }
+
+    /// Up to `limit` tokens spelling the text the grammar forces next (after at least one
+    /// generated token): speculative decoding's guesses under a constraint.
+    pub(crate) fn forced_tokens(&mut self, limit: usize) -> Vec<u32> {
+        let text = self.matcher.forced(FORCED_BYTES);
+        self.vocab.spell(text.as_bytes(), limit)
     }
 }

@@ -847,8 +847,7 @@ impl Package {
             // Feeding the token and k guesses fills k + 1 slots: within the prompt + max_tokens
             // the cache was made for.
             let room = params.max_tokens - row.tokens.len();
-            let history: Vec<u32> = prompt.iter().chain(&row.tokens).copied().collect();
-            let guesses = spec.propose(&history, room);
+            let guesses = row.guesses(spec, &prompt, room);
             let mut ids = vec![tok as i64];
             ids.extend(guesses.iter().map(|&g| g as i64));
             let past = kv.len;
@@ -1361,6 +1360,22 @@ impl RowState {
         }
         self.emit(upto, index, on_token);
         Ok(())
+    }
+
+    /// Speculative decoding's guesses for this row, at most `limit`: the tokens spelling what
+    /// its constraint forces next, or else what followed the latest earlier occurrence of its
+    /// last n tokens in `prompt` (as [`lookup_history`]) and its output.
+    pub(crate) fn guesses(&mut self, spec: &Speculation, prompt: &[u32], limit: usize) -> Vec<u32> {
+        if let Some(c) = self.constraint.as_mut()
+            && !self.tokens.is_empty()
+        {
+            let forced = c.forced_tokens(limit.min(spec.tokens));
+            if !forced.is_empty() {
+                return forced;
+            }
+        }
+        let history: Vec<u32> = prompt.iter().chain(&self.tokens).copied().collect();
+        spec.propose(&history, limit)
     }
 
     /// Send text up to byte `upto` that was not sent yet.
