@@ -107,6 +107,24 @@ pub(super) struct Message {
 }
 
 impl Message {
+    /// An assistant turn of tool `calls` (OpenAI's chat shape) and no text.
+    pub(super) fn tool_calls(calls: Vec<Value>) -> Self {
+        Message {
+            role: "assistant".to_owned(),
+            content: None,
+            tool_calls: Some(calls),
+        }
+    }
+
+    /// An assistant turn of tool calls only, which a further parallel call joins.
+    pub(super) fn is_tool_call_turn(&self) -> bool {
+        self.role == "assistant" && self.content.is_none() && self.tool_calls.is_some()
+    }
+
+    pub(super) fn push_tool_call(&mut self, call: Value) {
+        self.tool_calls.get_or_insert_with(Vec::new).push(call);
+    }
+
     /// A message of `parts` in order (the Responses API's input items become these).
     pub(super) fn from_parts(role: &str, parts: Vec<Part>) -> Self {
         Message {

@@ -2,7 +2,9 @@
 //! and `input` become a chat that takes the chat endpoint's path (template, images, sampling,
 //! structured output, the engine), and the answer comes back as a `response` object or as its
 //! stream of typed events (`response.created` … `response.output_text.delta` …
-//! `response.completed`). Nothing is stored: `previous_response_id`, `conversation` and
+//! `response.completed`). Forced function calls (`tools` with a named or "required"
+//! `tool_choice`) come back as `function_call` items, and such items and their outputs can be
+//! given back in `input`. Nothing is stored: `previous_response_id`, `conversation` and
 //! `background` are refused, and the response says `"store": false`.
 
 use std::convert::Infallible;
@@ -19,6 +21,7 @@ use super::AppState;
 use super::body::{RequestBody, locate_in};
 use super::error::ApiError;
 use super::openai::{ImageUrl, Kind, Message, Part, Sampling, Submitted, now_secs, read_request, request_id};
+use super::tools::{self, ToolCalls};
 use super::{logprobs, structured};
 use crate::batch::{SeqEvent, SeqFailure, SeqSummary};
 use crate::generate::FinishReason;
@@ -102,17 +105,6 @@ impl ResponsesRequest {
                 ),
             );
         }
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return refuse(
-                "tools",
-                "tools are not supported in /v1/responses; /v1/chat/completions takes forced tool calls",
-            );
-        }
-        if let Some(c) = self.tool_choice.as_ref().filter(|c| !c.is_null())
-            && !matches!(c.as_str(), Some("none" | "auto"))
-        {
-            return refuse("tool_choice", "needs tools, which /v1/responses does not take");
-        }
         for (field, given, instead) in [
             (
                 "max_tokens",
@@ -177,6 +169,12 @@ impl ResponsesRequest {
             metadata: self.metadata.take().unwrap_or_else(|| json!({})),
             user: self.user.take(),
             parallel_tool_calls: self.parallel_tool_calls.unwrap_or(true),
+            tools: Value::Array(self.tools.take().unwrap_or_default()),
+            tool_choice: self
+                .tool_choice
+                .take()
+                .filter(|c| !c.is_null())
+                .unwrap_or_else(|| json!("auto")),
         };
         let mut s = self.sampling;
         s.max_completion_tokens = self.max_output_tokens;
@@ -196,10 +194,13 @@ struct Echo {
     metadata: Value,
     user: Option<String>,
     parallel_tool_calls: bool,
+    tools: Value,
+    tool_choice: Value,
 }
 
 /// `instructions` (a system message first) and `input` (a string: one user message; or items:
-/// messages with `input_text` / `input_image` / `output_text` parts) as chat messages.
+/// messages with `input_text` / `input_image` / `output_text` parts, and earlier function calls
+/// and their outputs) as chat messages.
 fn messages(instructions: Option<&str>, input: &Value) -> Result<Vec<Message>, ApiError> {
     let mut out = Vec::new();
     if let Some(text) = instructions.filter(|t| !t.is_empty()) {
@@ -237,11 +238,38 @@ fn messages(instructions: Option<&str>, input: &Value) -> Result<Vec<Message>, A
             return Err(bad(&at, "an input item must be an object".into()));
         };
         let kind = item.get("type").and_then(Value::as_str).unwrap_or("message");
-        if kind != "message" {
-            return Err(bad(
-                &at,
-                format!("input items of type '{kind}' are not supported (messages are)"),
-            ));
+        let field = |key: &str| {
+            item.get(key)
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(&at, format!("a {kind} item needs \"{key}\" (a string)")))
+        };
+        match kind {
+            "message" => {}
+            // An earlier call of the model's: an assistant turn's tool call, consecutive calls
+            // one turn (parallel calls).
+            "function_call" => {
+                let call = json!({"id": field("call_id")?, "type": "function",
+                    "function": {"name": field("name")?, "arguments": field("arguments")?}});
+                match out.last_mut().filter(|m| m.is_tool_call_turn()) {
+                    Some(turn) => turn.push_tool_call(call),
+                    None => out.push(Message::tool_calls(vec![call])),
+                }
+                continue;
+            }
+            "function_call_output" => {
+                field("call_id")?;
+                let text = field("output")?.to_owned();
+                out.push(Message::from_parts("tool", vec![Part::Text { text }]));
+                continue;
+            }
+            _ => {
+                return Err(bad(
+                    &at,
+                    format!(
+                        "input items of type '{kind}' are not supported (message, function_call and function_call_output are)"
+                    ),
+                ));
+            }
         }
         let role = item.get("role").and_then(Value::as_str).ok_or_else(|| {
             bad(
@@ -317,7 +345,21 @@ pub async fn responses(State(st): State<Arc<AppState>>, body: Body) -> Result<Re
             "max_output_tokens",
         ));
     }
-    let constraint = structured::requested_for_responses(&body)?;
+    let constraint = match (
+        structured::requested_for_responses(&body)?,
+        tools::requested_for_responses(&body)?,
+    ) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "a forced tool call is already a structured output; give tool_choice or text.format, not both",
+                "tool_choice",
+            ));
+        }
+        (Some(c), None) => Some((c, None)),
+        (None, Some(t)) => Some((t.grammar, Some(t.mode))),
+        (None, None) => None,
+    };
+    let (constraint, mode) = constraint.map_or((None, None), |(c, m)| (Some(c), m));
     let messages = messages(req.instructions.as_deref(), &req.input)?;
     let (sampling, echo) = req.chat_sampling();
     let (segments, urls) = st.chat_prompt(&messages, None, false)?;
@@ -329,7 +371,9 @@ pub async fn responses(State(st): State<Arc<AppState>>, body: Body) -> Result<Re
     let ids = Ids {
         response: request_id("resp").replacen('-', "_", 1),
         message: request_id("msg").replacen('-', "_", 1),
+        call: call_ids(),
         created: now_secs(),
+        mode,
     };
     if sampling.stream.unwrap_or(false) {
         return Ok(stream(st, sub, ids, echo));
@@ -337,10 +381,20 @@ pub async fn responses(State(st): State<Arc<AppState>>, body: Body) -> Result<Re
     collect(&st, sub, ids, echo).await
 }
 
+/// The response's ids, and how its output becomes function calls (when it does).
 struct Ids {
     response: String,
     message: String,
+    /// The first call's item id and `call_id`.
+    call: (String, String),
     created: u64,
+    mode: Option<ToolCalls>,
+}
+
+/// A function call's item id (`fc_…`) and `call_id` (`call_…`).
+fn call_ids() -> (String, String) {
+    let call = tools::call_id();
+    (call.replacen("call_", "fc_", 1), call)
 }
 
 /// The answer so far.
@@ -349,6 +403,49 @@ struct Answer {
     text: String,
     logprobs: Vec<TokenLogprob>,
     summary: Option<SeqSummary>,
+    /// Under a forced tool call, the finished answer as `function_call` items (`None`: not
+    /// whole calls, cut by the token limit; the text is then a message, as chat gives it).
+    calls: Option<Vec<Value>>,
+}
+
+impl Answer {
+    fn finish(&mut self, ids: &Ids, s: SeqSummary) {
+        self.text = s.text.clone();
+        self.calls = ids
+            .mode
+            .as_ref()
+            .and_then(|m| call_items(ids, m, s.finish_reason, &s.text));
+        self.summary = Some(s);
+    }
+}
+
+fn function_call_item(ids: &(String, String), name: &str, arguments: &str, status: &str) -> Value {
+    json!({"id": ids.0, "type": "function_call", "status": status, "arguments": arguments,
+        "call_id": ids.1, "name": name})
+}
+
+/// A finished answer's calls as `function_call` items: a named call cut short (token limit,
+/// stop string) is one incomplete item with the arguments so far; calls of "required" cut
+/// short are `None`.
+fn call_items(ids: &Ids, mode: &ToolCalls, finish: FinishReason, text: &str) -> Option<Vec<Value>> {
+    if let ToolCalls::Named(name) = mode {
+        let whole = finish == FinishReason::Stop && tools::calls(mode, text).is_some();
+        let status = if whole { "completed" } else { "incomplete" };
+        return Some(vec![function_call_item(&ids.call, name, text, status)]);
+    }
+    if finish != FinishReason::Stop {
+        return None;
+    }
+    let calls = tools::calls(mode, text)?;
+    let items = calls
+        .iter()
+        .enumerate()
+        .map(|(j, (name, args))| {
+            let id = if j == 0 { ids.call.clone() } else { call_ids() };
+            function_call_item(&id, name, args, "completed")
+        })
+        .collect();
+    Some(items)
 }
 
 fn failure(st: &AppState, f: SeqFailure) -> ApiError {
@@ -371,10 +468,7 @@ async fn collect(st: &AppState, sub: Submitted, ids: Ids, echo: Echo) -> Result<
         match events.recv().await {
             Some((_, SeqEvent::Text { logprobs, .. })) => answer.logprobs.extend(logprobs),
             Some((_, SeqEvent::PromptLogprobs(_))) => {}
-            Some((_, SeqEvent::Done(s))) => {
-                answer.text = s.text.clone();
-                answer.summary = Some(s);
-            }
+            Some((_, SeqEvent::Done(s))) => answer.finish(&ids, s),
             Some((_, SeqEvent::Failed(f))) => return Err(failure(st, f)),
             None => {
                 return Err(ApiError::internal(
@@ -422,11 +516,13 @@ fn response_object(
     let (output, usage) = match &answer.summary {
         None => (json!([]), Value::Null),
         Some(s) => {
-            let output = vec![message_item(
-                ids,
-                status,
-                vec![output_text(st, answer, wants_logprobs)],
-            )];
+            let output = answer.calls.clone().unwrap_or_else(|| {
+                vec![message_item(
+                    ids,
+                    status,
+                    vec![output_text(st, answer, wants_logprobs)],
+                )]
+            });
             let generated = s.tokens.len();
             let usage = json!({
                 "input_tokens": prompt_tokens,
@@ -455,8 +551,8 @@ fn response_object(
         "store": false,
         "temperature": echo.temperature,
         "text": echo.text,
-        "tool_choice": "none",
-        "tools": [],
+        "tool_choice": echo.tool_choice,
+        "tools": echo.tools,
         "top_logprobs": echo.top_logprobs,
         "top_p": echo.top_p,
         "truncation": "disabled",
@@ -464,6 +560,115 @@ fn response_object(
         "user": echo.user,
         "metadata": echo.metadata,
     })
+}
+
+/// What a stream sends as it comes: the message's text, or a named call's arguments (the calls
+/// "required" makes are only known when the answer is whole).
+enum Live {
+    Message,
+    Call(String),
+}
+
+/// The message's position for its content events, with `extra` fields.
+fn message_at(ids: &Ids, extra: Value) -> Value {
+    let mut v = json!({"item_id": ids.message, "output_index": 0, "content_index": 0});
+    for (k, x) in extra.as_object().into_iter().flatten() {
+        v[k] = x.clone();
+    }
+    v
+}
+
+/// The events that open the streamed item.
+fn opening(ids: &Ids, live: Option<&Live>) -> Vec<(&'static str, Value)> {
+    match live {
+        Some(Live::Message) => vec![
+            (
+                "response.output_item.added",
+                json!({"output_index": 0, "item": message_item(ids, "in_progress", vec![])}),
+            ),
+            (
+                "response.content_part.added",
+                message_at(
+                    ids,
+                    json!({"part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}),
+                ),
+            ),
+        ],
+        Some(Live::Call(name)) => vec![(
+            "response.output_item.added",
+            json!({"output_index": 0, "item": function_call_item(&ids.call, name, "", "in_progress")}),
+        )],
+        None => Vec::new(),
+    }
+}
+
+/// The events that close the output once the answer is whole (`full`: the final response).
+fn closing(
+    st: &AppState,
+    ids: &Ids,
+    answer: &Answer,
+    full: &Value,
+    live: Option<&Live>,
+    wants_logprobs: bool,
+) -> Vec<(&'static str, Value)> {
+    let item_done = |j: usize| {
+        (
+            "response.output_item.done",
+            json!({"output_index": j, "item": full["output"][j]}),
+        )
+    };
+    match (live, &answer.calls) {
+        (Some(Live::Call(_)), _) => vec![
+            (
+                "response.function_call_arguments.done",
+                json!({"item_id": ids.call.0, "output_index": 0, "arguments": answer.text}),
+            ),
+            item_done(0),
+        ],
+        (None, Some(items)) => {
+            let mut out = Vec::new();
+            for (j, item) in items.iter().enumerate() {
+                let mut opened = item.clone();
+                opened["status"] = json!("in_progress");
+                opened["arguments"] = json!("");
+                let at = json!({"item_id": item["id"], "output_index": j});
+                let mut delta = at.clone();
+                delta["delta"] = item["arguments"].clone();
+                let mut done = at;
+                done["arguments"] = item["arguments"].clone();
+                out.push((
+                    "response.output_item.added",
+                    json!({"output_index": j, "item": opened}),
+                ));
+                out.push(("response.function_call_arguments.delta", delta));
+                out.push(("response.function_call_arguments.done", done));
+                out.push(item_done(j));
+            }
+            out
+        }
+        (live, _) => {
+            // The message: streamed as it came, or ("required" cut short) all at once now.
+            let mut out = Vec::new();
+            if live.is_none() {
+                out = opening(ids, Some(&Live::Message));
+                out.push((
+                    "response.output_text.delta",
+                    message_at(ids, json!({"delta": answer.text, "logprobs": []})),
+                ));
+            }
+            let part = output_text(st, answer, wants_logprobs);
+            out.push((
+                "response.output_text.done",
+                message_at(ids, json!({"text": answer.text, "logprobs": part["logprobs"]})),
+            ));
+            out.push((
+                "response.content_part.done",
+                message_at(ids, json!({"part": part})),
+            ));
+            out.push(item_done(0));
+            out
+        }
+    }
 }
 
 /// The stream of typed events, each `event: <type>` with its JSON (which repeats the type and
@@ -476,11 +681,16 @@ fn stream(st: Arc<AppState>, sub: Submitted, ids: Ids, echo: Echo) -> Response {
         wants_logprobs,
         ..
     } = sub;
+    let live = match &ids.mode {
+        None => Some(Live::Message),
+        Some(ToolCalls::Named(name)) => Some(Live::Call(name.clone())),
+        Some(ToolCalls::Required) => None,
+    };
     let body = async_stream::stream! {
         // Held by the stream: a client that hangs up cancels the sequence.
         let _guard = guard;
         let mut seq = 0u64;
-        let mut event = |kind: &str, mut data: Value| -> Result<Event, Infallible> {
+        let mut event = |(kind, mut data): (&str, Value)| -> Result<Event, Infallible> {
             data["type"] = json!(kind);
             data["sequence_number"] = json!(seq);
             seq += 1;
@@ -488,24 +698,11 @@ fn stream(st: Arc<AppState>, sub: Submitted, ids: Ids, echo: Echo) -> Response {
         };
         let mut answer = Answer::default();
         let response = |answer: &Answer| response_object(&st, &ids, &echo, prompt_tokens, wants_logprobs, answer);
-        yield event("response.created", json!({"response": response(&answer)}));
-        yield event("response.in_progress", json!({"response": response(&answer)}));
-        let at = json!({"item_id": ids.message, "output_index": 0, "content_index": 0});
-        let with = |extra: Value| {
-            let mut v = at.clone();
-            for (k, x) in extra.as_object().into_iter().flatten() {
-                v[k] = x.clone();
-            }
-            v
-        };
-        yield event(
-            "response.output_item.added",
-            json!({"output_index": 0, "item": message_item(&ids, "in_progress", vec![])}),
-        );
-        yield event(
-            "response.content_part.added",
-            with(json!({"part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})),
-        );
+        yield event(("response.created", json!({"response": response(&answer)})));
+        yield event(("response.in_progress", json!({"response": response(&answer)})));
+        for e in opening(&ids, live.as_ref()) {
+            yield event(e);
+        }
         loop {
             match events.recv().await {
                 Some((_, SeqEvent::Text { text, logprobs: entries })) => {
@@ -515,30 +712,30 @@ fn stream(st: Arc<AppState>, sub: Submitted, ids: Ids, echo: Echo) -> Response {
                     };
                     answer.logprobs.extend(entries);
                     answer.text.push_str(&text);
-                    if !text.is_empty() || wants_logprobs {
-                        yield event("response.output_text.delta", with(json!({"delta": text, "logprobs": lp})));
+                    match &live {
+                        Some(Live::Message) if !text.is_empty() || wants_logprobs => {
+                            let delta = message_at(&ids, json!({"delta": text, "logprobs": lp}));
+                            yield event(("response.output_text.delta", delta));
+                        }
+                        Some(Live::Call(_)) if !text.is_empty() => {
+                            let delta = json!({"item_id": ids.call.0, "output_index": 0, "delta": text});
+                            yield event(("response.function_call_arguments.delta", delta));
+                        }
+                        _ => {}
                     }
                 }
                 Some((_, SeqEvent::PromptLogprobs(_))) => {}
                 Some((_, SeqEvent::Done(s))) => {
-                    answer.text = s.text.clone();
-                    answer.summary = Some(s);
-                    let part = output_text(&st, &answer, wants_logprobs);
-                    yield event(
-                        "response.output_text.done",
-                        with(json!({"text": answer.text, "logprobs": part["logprobs"]})),
-                    );
-                    yield event("response.content_part.done", with(json!({"part": part})));
+                    answer.finish(&ids, s);
                     let full = response(&answer);
-                    yield event(
-                        "response.output_item.done",
-                        json!({"output_index": 0, "item": full["output"][0]}),
-                    );
+                    for e in closing(&st, &ids, &answer, &full, live.as_ref(), wants_logprobs) {
+                        yield event(e);
+                    }
                     let kind = match full["status"].as_str() {
                         Some("incomplete") => "response.incomplete",
                         _ => "response.completed",
                     };
-                    yield event(kind, json!({"response": full}));
+                    yield event((kind, json!({"response": full})));
                     break;
                 }
                 Some((_, SeqEvent::Failed(f))) => {
@@ -546,7 +743,7 @@ fn stream(st: Arc<AppState>, sub: Submitted, ids: Ids, echo: Echo) -> Response {
                     let mut failed = response(&answer);
                     failed["status"] = json!("failed");
                     failed["error"] = json!({"code": e.code.unwrap_or("server_error"), "message": e.message});
-                    yield event("response.failed", json!({"response": failed}));
+                    yield event(("response.failed", json!({"response": failed})));
                     break;
                 }
                 None => break,

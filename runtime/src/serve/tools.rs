@@ -4,6 +4,7 @@
 //! arguments object; "required" generates `[{"name": ..., "arguments": {...}}, ...]` (one call
 //! when `parallel_tool_calls` is false). `tool_choice: "auto"` would need a model trained to
 //! decide between answering and calling, which KOSMOS-1 is not: it is refused, not ignored.
+//! The Responses API's flattened tool shapes take the same path.
 
 use std::sync::Arc;
 
@@ -57,7 +58,7 @@ pub(super) fn requested(body: &[u8]) -> Result<Option<ToolRequest>, ApiError> {
         Some(Json::Array(xs)) => xs
             .iter()
             .enumerate()
-            .map(|(i, t)| tool(t, i))
+            .map(|(i, t)| tool(t, i, "function.name"))
             .collect::<Result<_, _>>()?,
         Some(other) => {
             return Err(ApiError::invalid(
@@ -66,7 +67,60 @@ pub(super) fn requested(body: &[u8]) -> Result<Option<ToolRequest>, ApiError> {
             ));
         }
     };
-    let choice = f.tool_choice.as_ref().filter(|c| **c != Json::Null);
+    let named = |c: &Json| c.get("function")?.get("name")?.as_str().map(str::to_owned);
+    let form = "{\"type\": \"function\", \"function\": {\"name\": ...}}";
+    forced(&tools, f.tool_choice.as_ref(), named, form, f.parallel_tool_calls)
+}
+
+/// The forced call a Responses API request asks for, if any: its tools are
+/// `{"type": "function", "name", "parameters"}` and a named choice `{"type": "function",
+/// "name"}` (the chat API nests both under "function").
+pub(super) fn requested_for_responses(body: &[u8]) -> Result<Option<ToolRequest>, ApiError> {
+    let f: Fields = serde_json::from_slice(body).unwrap_or_default();
+    let tools = match &f.tools {
+        None | Some(Json::Null) => Vec::new(),
+        Some(Json::Array(xs)) => xs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if let Some(kind) = t.get("type").and_then(Json::as_str).filter(|k| *k != "function") {
+                    return Err(ApiError::invalid(
+                        format!("tools[{i}]: tools of type '{kind}' (OpenAI's hosted tools) are not supported; only \"function\" is"),
+                        "tools",
+                    ));
+                }
+                // The chat shape's fields, flattened: one check of name and parameters.
+                let nested = Json::Object(vec![
+                    ("type".into(), Json::String("function".into())),
+                    ("function".into(), t.clone()),
+                ]);
+                tool(&nested, i, "name")
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("tools must be an array, not {}", other.kind()),
+                "tools",
+            ));
+        }
+    };
+    let named = |c: &Json| {
+        (c.get("type")?.as_str()? == "function").then_some(())?;
+        c.get("name")?.as_str().map(str::to_owned)
+    };
+    let form = "{\"type\": \"function\", \"name\": ...}";
+    forced(&tools, f.tool_choice.as_ref(), named, form, f.parallel_tool_calls)
+}
+
+/// The call `choice` forces among `tools` (`named` reads a named choice, written as `form`).
+fn forced(
+    tools: &[(String, Json)],
+    choice: Option<&Json>,
+    named: impl Fn(&Json) -> Option<String>,
+    form: &str,
+    parallel_tool_calls: Option<bool>,
+) -> Result<Option<ToolRequest>, ApiError> {
+    let choice = choice.filter(|c| **c != Json::Null);
     if tools.is_empty() {
         return match choice {
             None => Ok(None),
@@ -83,34 +137,30 @@ pub(super) fn requested(body: &[u8]) -> Result<Option<ToolRequest>, ApiError> {
                 .unwrap_or("auto (the default with tools)");
             return Err(ApiError::invalid(
                 format!(
-                    "tool_choice {given} is not supported: it needs a model trained to choose between answering and calling a tool, which this one is not; give tool_choice \"required\" or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} to have the output be a call"
+                    "tool_choice {given} is not supported: it needs a model trained to choose between answering and calling a tool, which this one is not; give tool_choice \"required\" or {form} to have the output be a call"
                 ),
                 "tool_choice",
             ));
         }
         Some(c) => {
-            let name = c
-                .get("function")
-                .and_then(|f| f.get("name"))
-                .and_then(Json::as_str)
-                .ok_or_else(|| {
-                    ApiError::invalid(
-                        "tool_choice must be \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
-                        "tool_choice",
-                    )
-                })?;
+            let name = named(c).ok_or_else(|| {
+                ApiError::invalid(
+                    format!("tool_choice must be \"none\", \"required\" or {form}"),
+                    "tool_choice",
+                )
+            })?;
             if !tools.iter().any(|t| t.0 == name) {
                 return Err(ApiError::invalid(
                     format!("tool_choice names function '{name}', which is not in tools"),
                     "tool_choice",
                 ));
             }
-            ToolCalls::Named(name.to_string())
+            ToolCalls::Named(name)
         }
     };
     let schema = match &mode {
         ToolCalls::Named(name) => tools.iter().find(|t| t.0 == *name).expect("checked").1.clone(),
-        ToolCalls::Required => required_schema(&tools, f.parallel_tool_calls != Some(false)),
+        ToolCalls::Required => required_schema(tools, parallel_tool_calls != Some(false)),
     };
     let grammar = Constraint::JsonSchema(schema)
         .compile()
@@ -118,8 +168,8 @@ pub(super) fn requested(body: &[u8]) -> Result<Option<ToolRequest>, ApiError> {
     Ok(Some(ToolRequest { mode, grammar }))
 }
 
-/// A tool's (name, parameters schema).
-fn tool(t: &Json, i: usize) -> Result<(String, Json), ApiError> {
+/// A tool's (name, parameters schema); `name_field` is where the request has the name.
+fn tool(t: &Json, i: usize, name_field: &str) -> Result<(String, Json), ApiError> {
     let bad = |m: &str| ApiError::invalid(format!("tools[{i}]: {m}"), "tools");
     if t.get("type").and_then(Json::as_str) != Some("function") {
         return Err(bad("only tools of type \"function\" are supported"));
@@ -133,7 +183,11 @@ fn tool(t: &Json, i: usize) -> Result<(String, Json), ApiError> {
                 && n.chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         })
-        .ok_or_else(|| bad("function.name must be a non-empty string of letters, digits, _ and -"))?;
+        .ok_or_else(|| {
+            bad(&format!(
+                "{name_field} must be a non-empty string of letters, digits, _ and -"
+            ))
+        })?;
     // OpenAI: no parameters is a function that takes none.
     let params = f.get("parameters").cloned().unwrap_or_else(|| {
         Json::parse(r#"{"type":"object","properties":{},"additionalProperties":false}"#).expect("JSON")
