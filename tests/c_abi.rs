@@ -925,8 +925,32 @@ fn c_abi_engine_takes_every_generation_setting() {
     let text = unsafe { CStr::from_ptr(out) }.to_string_lossy().into_owned();
     unsafe { kosmos_string_free(out) };
     assert_eq!(text, want[1].text);
+    // Speculating, the same texts (the repeating one is where guesses are made); bad settings
+    // refused, naming them.
+    // SAFETY: live handle.
+    let st = unsafe { kosmos_model_set_speculation(model, 4, 3, 2) };
+    assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT);
+    assert!(
+        last_error().contains("longest prompt-lookup n-gram (2)"),
+        "{}",
+        last_error()
+    );
+    // SAFETY: live handle.
+    let st = unsafe { kosmos_model_set_speculation(model, 4, 1, 3) };
+    assert_eq!(st, kosmos_status::KOSMOS_OK, "{}", last_error());
+    for (params, want) in [(c_params(&cases[1], -1), &want[1]), (repeating, &repeat_want)] {
+        let st = generate(&params, &mut out);
+        assert_eq!(st, kosmos_status::KOSMOS_OK, "{}", last_error());
+        // SAFETY: `out` came from kosmos_generate.
+        let text = unsafe { CStr::from_ptr(out) }.to_string_lossy().into_owned();
+        unsafe { kosmos_string_free(out) };
+        assert_eq!(text, want.text, "kosmos_generate speculating");
+    }
     // SAFETY: the handle is live; freed once.
     assert_eq!(unsafe { kosmos_model_free(model) }, kosmos_status::KOSMOS_OK);
+    // SAFETY: NULL is refused.
+    let st = unsafe { kosmos_model_set_speculation(std::ptr::null_mut(), 4, 1, 3) };
+    assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_HANDLE);
 }
 
 /// `kosmos_tokenize` / `kosmos_detokenize` give the package tokenizer's ids and text (what the

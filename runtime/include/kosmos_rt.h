@@ -439,6 +439,21 @@ enum kosmos_status kosmos_model_open(const char *package_dir,
                                      struct kosmos_model **out);
 
 /*
+ Turn speculative decoding by prompt lookup on for `kosmos_generate` on `model` (`tokens`
+ guesses at most per decoder call, n-grams of `prompt_lookup_min..=prompt_lookup_max` tokens
+ looked up; under structured output, the text the grammar forces), or off (`tokens` 0). The
+ output does not change; repetitive output comes with fewer decoder calls. Needs a package
+ exported with `--kv-cache buffer` (else `KOSMOS_ERR_PACKAGE`).
+
+ # Safety
+ `model` is a handle from `kosmos_model_open` (or NULL).
+ */
+enum kosmos_status kosmos_model_set_speculation(struct kosmos_model *model,
+                                                uint32_t tokens,
+                                                uint32_t prompt_lookup_min,
+                                                uint32_t prompt_lookup_max);
+
+/*
  Release a model (NULL is ignored; freeing twice is refused, not undefined).
 
  # Safety

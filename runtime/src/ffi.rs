@@ -32,6 +32,7 @@ use crate::generate::{
 use crate::logprobs::MAX_TOP_LOGPROBS;
 use crate::ort_env::{Device, SessionOptions};
 use crate::package::Package;
+use crate::speculate::Speculation;
 
 /// Status codes. `KOSMOS_OK` is 0; every other value is a failure with a message in
 /// `kosmos_last_error()`.
@@ -429,6 +430,44 @@ unsafe fn open_package(package_dir: *const c_char, device: *const c_char) -> Res
     Package::open(&dir, &opts).map_err(|e| match e {
         RtError::Provider(..) => fail(kosmos_status::KOSMOS_ERR_PROVIDER, e.to_string()),
         e => fail(kosmos_status::KOSMOS_ERR_PACKAGE, e.to_string()),
+    })
+}
+
+/// Turn speculative decoding by prompt lookup on for `kosmos_generate` on `model` (`tokens`
+/// guesses at most per decoder call, n-grams of `prompt_lookup_min..=prompt_lookup_max` tokens
+/// looked up; under structured output, the text the grammar forces), or off (`tokens` 0). The
+/// output does not change; repetitive output comes with fewer decoder calls. Needs a package
+/// exported with `--kv-cache buffer` (else `KOSMOS_ERR_PACKAGE`).
+///
+/// # Safety
+/// `model` is a handle from `kosmos_model_open` (or NULL).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kosmos_model_set_speculation(
+    model: *mut kosmos_model,
+    tokens: u32,
+    prompt_lookup_min: u32,
+    prompt_lookup_max: u32,
+) -> kosmos_status {
+    guard(|| {
+        // SAFETY: per this function's contract.
+        let model = match unsafe { MODELS.get(model, "model") } {
+            Ok(m) => m,
+            Err(s) => return s,
+        };
+        let spec = (tokens > 0).then_some(Speculation {
+            tokens: tokens as usize,
+            ngram_min: prompt_lookup_min as usize,
+            ngram_max: prompt_lookup_max as usize,
+            ..Speculation::default()
+        });
+        if let Some(Err(m)) = spec.as_ref().map(Speculation::check) {
+            return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, m);
+        }
+        let mut guard = model.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.0.set_speculation(spec) {
+            Ok(()) => kosmos_status::KOSMOS_OK,
+            Err(e) => fail(kosmos_status::KOSMOS_ERR_PACKAGE, e.to_string()),
+        }
     })
 }
 
