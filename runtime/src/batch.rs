@@ -25,6 +25,11 @@
 //! A sequence with `max_tokens` 0 only scores its prompt: it ends when its prefill does.
 //! Finished sequences' keys and values go to the [`PrefixCache`]; an admitted prompt copies its
 //! longest cached prefix into its row and the group's prefill starts after the cached parts.
+//!
+//! Speculative decoding ([`crate::speculate`], when the package has it on and at most its
+//! `max_batch` sequences run): a decode step feeds each row its next token and its guesses,
+//! samples every position in order and keeps the guesses the sampler picked; the rest of the
+//! slots written are beyond the row's mask and written over by its next call.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{CStr, CString};
@@ -1442,8 +1447,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Each running sequence's guesses by prompt lookup, within the slots its row has left
-    /// (every row of a call writes as many slots as the longest feed) and its `max_tokens`.
+    /// Each running sequence's guesses ([`RowState::guesses`]: forced by its grammar, or by
+    /// prompt lookup), within the slots its row has left (every row of a call writes as many
+    /// slots as the longest feed) and its `max_tokens`.
     fn guesses(&mut self, spec: &Speculation) -> Vec<Vec<u32>> {
         let cap = self.pool.capacity;
         let free = self.running.iter().map(|r| cap - r.mask.len()).min().unwrap_or(0);
@@ -1632,11 +1638,8 @@ impl Engine {
         binding.bind_input(io::ATTENTION_MASK, &Tensor::from_array(([m, cap], c.mask))?)?;
         binding.bind_input(io::PAST_SEQUENCE_LENGTH, &Tensor::from_array(([m], c.past))?)?;
         if d.takes_logits_to_keep() {
-            let keep = if every_position {
-                Tensor::from_array(([0usize; 0], vec![0i64]))?
-            } else {
-                logits_to_keep(1)?
-            };
+            // 0 keeps every position.
+            let keep = logits_to_keep(if every_position { 0 } else { 1 })?;
             binding.bind_input(io::LOGITS_TO_KEEP, &keep)?;
         }
         // Inputs bound in place must outlive the run.

@@ -808,7 +808,7 @@ impl Package {
     }
 
     /// Decode one prompt's row after its prefill (`logits`: its last position's), guessing
-    /// ahead by prompt lookup ([`crate::speculate`]). Each call feeds the token just picked and
+    /// ahead ([`RowState::guesses`]: the text its grammar forces, or prompt lookup). Each call feeds the token just picked and
     /// the guesses; the logits of every position are picked from in order, as sequential steps
     /// would, and the guesses are kept up to the first the sampler did not pick, whose pick is
     /// fed next. The cache forgets the rest: the next call writes over their slots.
