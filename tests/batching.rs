@@ -1453,6 +1453,15 @@ fn speculative_generation_equals_plain_generation() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("one prompt at a time"), "{e}");
+    let beams = GenerateParams {
+        beams: 3,
+        ..greedy(4)
+    };
+    let e = spec
+        .generate(&mut VisionCache::new(0), &two[..1], &beams, &mut |_, _| true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("beam search with speculative decoding"), "{e}");
     let (_, concat) = kosmos_e2e::tiny_package(&dir.path().join("concat"), 7);
     let mut concat = Package::open(&concat, &SessionOptions::default()).unwrap();
     let e = concat

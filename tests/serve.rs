@@ -623,6 +623,11 @@ fn speculative_decoding_leaves_answers_unchanged() {
     );
     let e = refused(&["bench", &p, "--speculative-tokens", "4", "--batch", "4"]);
     assert!(e.contains("--batch 1"), "{e}");
+    let manifest = dir.path().join("manifest.jsonl");
+    std::fs::write(&manifest, "").unwrap();
+    let m = s(&manifest);
+    let e = refused(&["eval", &p, "--data", &m, "--speculative-tokens", "4"]);
+    assert!(e.contains("--batch-size 1"), "{e}");
 }
 
 #[test]

@@ -694,6 +694,11 @@ impl Package {
                 "beam search with structured output is not supported; use beams 1".into(),
             ));
         }
+        if params.beams > 1 && self.speculation().is_some() {
+            return Err(RtError::Input(
+                "beam search with speculative decoding is not supported; use beams 1, or turn speculation off".into(),
+            ));
+        }
         if params.beams > 1 {
             return prompts
                 .iter()

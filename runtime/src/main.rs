@@ -503,6 +503,11 @@ fn run(cli: Cli) -> Result<()> {
             json,
             engine,
         } => {
+            if engine.speculate.speculative_tokens > 0 && batch_size > 1 {
+                anyhow::bail!(
+                    "--speculative-tokens: eval generates one prompt at a time with it; add --batch-size 1"
+                );
+            }
             let mut pkg = open(&package, &engine)?;
             let r = kosmos_rt::eval::evaluate(&mut pkg, &data, batch_size, limit, |want, got| {
                 if show {
