@@ -1301,6 +1301,7 @@ fn speculation(max_batch: usize) -> Speculation {
         ngram_min: 1,
         ngram_max: 3,
         max_batch,
+        adaptive: false,
     }
 }
 
@@ -1381,7 +1382,17 @@ fn speculative_generation_equals_plain_generation() {
         },
     ));
     let (mut kept, mut calls, mut tokens) = (0, 0, 0);
-    for (i, (prompt, params)) in cases.iter().enumerate() {
+    // (fed, kept) over the cases, with a fixed number of guesses and with the adaptive one.
+    let mut fed = [(0, 0); 2];
+    let adaptive = Speculation {
+        adaptive: true,
+        ..speculation(4)
+    };
+    let runs = cases.iter().enumerate().flat_map(|c| [(c, false), (c, true)]);
+    for ((i, (prompt, params)), adapt) in runs {
+        let setting = if adapt { adaptive.clone() } else { speculation(4) };
+        spec.set_speculation(Some(setting)).unwrap();
+        let i = if adapt { i + 100 } else { i };
         let want = alone(&mut plain, prompt, params);
         let mut streamed = String::new();
         let got = spec
@@ -1401,6 +1412,11 @@ fn speculative_generation_equals_plain_generation() {
         assert_eq!(streamed, want.text, "case {i}: streamed text");
         assert_eq!(got.finish_reason, want.finish_reason, "case {i}");
         assert!(got.timings.accepted <= got.timings.drafted, "case {i}");
+        fed[usize::from(adapt)].0 += got.timings.drafted;
+        fed[usize::from(adapt)].1 += got.timings.accepted;
+        if adapt {
+            continue;
+        }
         kept += got.timings.accepted;
         calls += got.timings.decode_ms.len();
         tokens += got.tokens.len();
@@ -1419,6 +1435,17 @@ fn speculative_generation_equals_plain_generation() {
         }
     }
     assert!(kept > 0, "no guess kept");
+    // Adapting, fewer guesses are fed where they miss, and about as many kept.
+    let [(fixed_fed, fixed_kept), (adapted_fed, adapted_kept)] = fed;
+    assert!(
+        adapted_fed < fixed_fed,
+        "{adapted_fed} fed adapting, {fixed_fed} not"
+    );
+    assert!(
+        2 * adapted_kept >= fixed_kept,
+        "{adapted_kept} kept adapting, {fixed_kept} not"
+    );
+    spec.set_speculation(Some(speculation(4))).unwrap();
     // Forced text is spelled with the vocabulary's tokens, longest first, back to the same text.
     let text = r#"description_of_the_picture": "a red circle"#;
     let spelled = plain.constraint_vocab().spell(text.as_bytes(), 64);
@@ -1487,12 +1514,16 @@ fn the_engine_speculating_generates_what_each_would_alone() {
         .iter()
         .map(|(p, params)| alone(&mut plain, p, params))
         .collect();
-    for limit in [4, 2] {
+    for (limit, adaptive) in [(4, false), (4, true), (2, false)] {
         // Speculating, the first three (the same length: 24 tokens, `</s>` ignored) run together
         // beside nothing else; otherwise all four, three rows at a time.
         let cases = if limit == 4 { &cases[..] } else { &cases[..3] };
         let mut pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
-        pkg.set_speculation(Some(speculation(limit))).unwrap();
+        let setting = Speculation {
+            adaptive,
+            ..speculation(limit)
+        };
+        pkg.set_speculation(Some(setting)).unwrap();
         let metrics = Arc::new(Metrics::default());
         let config = EngineConfig {
             max_batch: 3,
@@ -1517,7 +1548,7 @@ fn the_engine_speculating_generates_what_each_would_alone() {
         while !engine.is_idle() {
             engine.step();
         }
-        let case = format!("speculating up to batch {limit}");
+        let case = format!("speculating up to batch {limit}, adaptive {adaptive}");
         for (i, ((prompt, _), want)) in cases.iter().zip(&want).enumerate() {
             let c = outs[i].lock().unwrap();
             let done = c

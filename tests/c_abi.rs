@@ -928,7 +928,7 @@ fn c_abi_engine_takes_every_generation_setting() {
     // Speculating, the same texts (the repeating one is where guesses are made); bad settings
     // refused, naming them.
     // SAFETY: live handle.
-    let st = unsafe { kosmos_model_set_speculation(model, 4, 3, 2) };
+    let st = unsafe { kosmos_model_set_speculation(model, 4, 3, 2, false) };
     assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT);
     assert!(
         last_error().contains("longest prompt-lookup n-gram (2)"),
@@ -936,7 +936,7 @@ fn c_abi_engine_takes_every_generation_setting() {
         last_error()
     );
     // SAFETY: live handle.
-    let st = unsafe { kosmos_model_set_speculation(model, 4, 1, 3) };
+    let st = unsafe { kosmos_model_set_speculation(model, 4, 1, 3, true) };
     assert_eq!(st, kosmos_status::KOSMOS_OK, "{}", last_error());
     for (params, want) in [(c_params(&cases[1], -1), &want[1]), (repeating, &repeat_want)] {
         let st = generate(&params, &mut out);
@@ -949,7 +949,7 @@ fn c_abi_engine_takes_every_generation_setting() {
     // SAFETY: the handle is live; freed once.
     assert_eq!(unsafe { kosmos_model_free(model) }, kosmos_status::KOSMOS_OK);
     // SAFETY: NULL is refused.
-    let st = unsafe { kosmos_model_set_speculation(std::ptr::null_mut(), 4, 1, 3) };
+    let st = unsafe { kosmos_model_set_speculation(std::ptr::null_mut(), 4, 1, 3, false) };
     assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_HANDLE);
 }
 

@@ -333,6 +333,11 @@ typedef struct kosmos_engine_config {
    Speculate only while at most this many sequences decode together (default 4).
    */
   uint32_t speculative_max_batch;
+  /*
+   Adapt each sequence's number of guesses to how many it keeps (for int4 / int8 packages
+   on a CPU; default false).
+   */
+  bool speculative_adaptive;
 } kosmos_engine_config;
 
 /*
@@ -441,7 +446,8 @@ enum kosmos_status kosmos_model_open(const char *package_dir,
 /*
  Turn speculative decoding by prompt lookup on for `kosmos_generate` on `model` (`tokens`
  guesses at most per decoder call, n-grams of `prompt_lookup_min..=prompt_lookup_max` tokens
- looked up; under structured output, the text the grammar forces), or off (`tokens` 0). The
+ looked up; under structured output, the text the grammar forces; `adaptive`: fewer guesses
+ while they miss, for int4 / int8 packages), or off (`tokens` 0). The
  output does not change; repetitive output comes with fewer decoder calls. Needs a package
  exported with `--kv-cache buffer` (else `KOSMOS_ERR_PACKAGE`).
 
@@ -451,7 +457,8 @@ enum kosmos_status kosmos_model_open(const char *package_dir,
 enum kosmos_status kosmos_model_set_speculation(struct kosmos_model *model,
                                                 uint32_t tokens,
                                                 uint32_t prompt_lookup_min,
-                                                uint32_t prompt_lookup_max);
+                                                uint32_t prompt_lookup_max,
+                                                bool adaptive);
 
 /*
  Release a model (NULL is ignored; freeing twice is refused, not undefined).

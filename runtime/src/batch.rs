@@ -1411,7 +1411,7 @@ impl Engine {
         {
             let guesses = self.guesses(&spec);
             if guesses.iter().any(|g| !g.is_empty()) {
-                return self.speculative_step(&guesses);
+                return self.speculative_step(&spec, &guesses);
             }
         }
         let n = self.running.len();
@@ -1469,7 +1469,7 @@ impl Engine {
     /// (right-padded to the longest feed, the padding masked out), then each row's positions
     /// picked from in order as decode steps would, keeping guesses up to the first the sampler
     /// did not pick. A row's slots past what it kept are overwritten by its next call.
-    fn speculative_step(&mut self, guesses: &[Vec<u32>]) -> Result<()> {
+    fn speculative_step(&mut self, spec: &Speculation, guesses: &[Vec<u32>]) -> Result<()> {
         let n = self.running.len();
         let cap = self.pool.capacity;
         let dm = self.pkg.manifest.decoder.hidden_size;
@@ -1505,6 +1505,7 @@ impl Engine {
             // The token fed first is in the cache whatever happens to the guesses.
             run.mask.push(1);
             drafted += g.len();
+            let mut kept = 0;
             for i in 0..=g.len() {
                 let at = (r * s + i) * vocab;
                 self.take_token(run, &mut logits[at..at + vocab]);
@@ -1513,8 +1514,10 @@ impl Engine {
                 }
                 // Guess i was picked: its keys, written by this call, are kept.
                 run.mask.push(1);
-                accepted += 1;
+                kept += 1;
             }
+            accepted += kept;
+            run.state.guessed(spec, g.len(), kept);
         }
         self.running = running;
         self.metrics

@@ -435,7 +435,8 @@ unsafe fn open_package(package_dir: *const c_char, device: *const c_char) -> Res
 
 /// Turn speculative decoding by prompt lookup on for `kosmos_generate` on `model` (`tokens`
 /// guesses at most per decoder call, n-grams of `prompt_lookup_min..=prompt_lookup_max` tokens
-/// looked up; under structured output, the text the grammar forces), or off (`tokens` 0). The
+/// looked up; under structured output, the text the grammar forces; `adaptive`: fewer guesses
+/// while they miss, for int4 / int8 packages), or off (`tokens` 0). The
 /// output does not change; repetitive output comes with fewer decoder calls. Needs a package
 /// exported with `--kv-cache buffer` (else `KOSMOS_ERR_PACKAGE`).
 ///
@@ -447,6 +448,7 @@ pub unsafe extern "C" fn kosmos_model_set_speculation(
     tokens: u32,
     prompt_lookup_min: u32,
     prompt_lookup_max: u32,
+    adaptive: bool,
 ) -> kosmos_status {
     guard(|| {
         // SAFETY: per this function's contract.
@@ -458,6 +460,7 @@ pub unsafe extern "C" fn kosmos_model_set_speculation(
             tokens: tokens as usize,
             ngram_min: prompt_lookup_min as usize,
             ngram_max: prompt_lookup_max as usize,
+            adaptive,
             ..Speculation::default()
         });
         if let Some(Err(m)) = spec.as_ref().map(Speculation::check) {

@@ -880,6 +880,7 @@ impl Package {
                 }
             }
             timings.accepted += kept;
+            row.guessed(spec, guesses.len(), kept);
             // The fed token and the guesses kept are in the cache; the rest is forgotten.
             kv.len = past + 1 + kept;
             if row.finish.is_some() || row.tokens.len() >= params.max_tokens {
@@ -1147,6 +1148,8 @@ pub(crate) struct RowState {
     steps: usize,
     rng: StdRng,
     constraint: Option<ActiveConstraint>,
+    /// Speculating: the most guesses the next call feeds (0: not set yet, the settings' most).
+    guess_budget: usize,
 }
 
 impl RowState {
@@ -1167,6 +1170,7 @@ impl RowState {
             steps: 0,
             rng: StdRng::seed_from_u64(seed),
             constraint: None,
+            guess_budget: 0,
         }
     }
 
@@ -1371,6 +1375,10 @@ impl RowState {
     /// its constraint forces next, or else what followed the latest earlier occurrence of its
     /// last n tokens in `prompt` (as [`lookup_history`]) and its output.
     pub(crate) fn guesses(&mut self, spec: &Speculation, prompt: &[u32], limit: usize) -> Vec<u32> {
+        if self.guess_budget == 0 {
+            self.guess_budget = spec.tokens;
+        }
+        let limit = limit.min(self.guess_budget);
         if let Some(c) = self.constraint.as_mut()
             && !self.tokens.is_empty()
         {
@@ -1381,6 +1389,20 @@ impl RowState {
         }
         let history: Vec<u32> = prompt.iter().chain(&self.tokens).copied().collect();
         spec.propose(&history, limit)
+    }
+
+    /// After a call that fed `fed` guesses and kept `kept`, with [`Speculation::adaptive`]: the
+    /// next call may feed two more when all were kept, one fewer (at least one) when not, so a
+    /// row whose guesses miss stops paying for long feeds.
+    pub(crate) fn guessed(&mut self, spec: &Speculation, fed: usize, kept: usize) {
+        if fed == 0 || !spec.adaptive {
+            return;
+        }
+        self.guess_budget = if kept == fed {
+            (self.guess_budget + 2).min(spec.tokens)
+        } else {
+            self.guess_budget.saturating_sub(1).max(1)
+        };
     }
 
     /// Send text up to byte `upto` that was not sent yet.

@@ -67,6 +67,11 @@ struct Speculate {
     /// more, the guesses' compute costs more than the calls they save on a CPU).
     #[arg(long, default_value_t = Speculation::default().max_batch, value_name = "N")]
     speculative_max_batch: usize,
+    /// Adapt each sequence's number of guesses to how many it has been keeping (two more after
+    /// a call that kept all, one fewer after one that did not): for int4 / int8 packages, whose
+    /// decoder calls on a CPU cost more with every position; fp32 ones gain more without.
+    #[arg(long)]
+    speculative_adaptive: bool,
 }
 
 impl Speculate {
@@ -79,6 +84,7 @@ impl Speculate {
             ngram_max: self.prompt_lookup_max,
             ngram_min: self.prompt_lookup_min,
             max_batch: self.speculative_max_batch,
+            adaptive: self.speculative_adaptive,
         };
         s.check()
             .map_err(|m| anyhow::anyhow!("--speculative-tokens: {m}"))?;

@@ -20,6 +20,11 @@ pub struct Speculation {
     /// saturated CPU every guessed token costs compute that the rejected ones waste (vLLM's
     /// `disable_by_batch_size`).
     pub max_batch: usize,
+    /// Adapt each sequence's number of guesses: two more after a call that kept them all, one
+    /// fewer after one that did not (Hugging Face's "heuristic" schedule). For packages whose
+    /// decoder calls cost more with every position (int4 / int8 on a CPU); where a call costs
+    /// the same for a few positions (fp32, memory-bound), feeding `tokens` every time gains more.
+    pub adaptive: bool,
 }
 
 impl Default for Speculation {
@@ -29,6 +34,7 @@ impl Default for Speculation {
             ngram_max: 3,
             ngram_min: 1,
             max_batch: 4,
+            adaptive: false,
         }
     }
 }
@@ -104,6 +110,7 @@ mod tests {
             ngram_min: min,
             ngram_max: max,
             max_batch: 4,
+            adaptive: false,
         }
     }
 

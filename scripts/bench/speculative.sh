@@ -9,6 +9,7 @@
 # the best case; say which model the figures come from.
 #
 #   scripts/bench/speculative.sh PKG [K] [ROUNDS] [NEW_TOKENS]
+#   SPEC_FLAGS=--speculative-adaptive scripts/bench/speculative.sh PKG 4   # int4 / int8 packages
 set -euo pipefail
 pkg="${1:?usage: speculative.sh PKG [K] [ROUNDS] [NEW_TOKENS]}"
 k="${2:-4}"
@@ -24,7 +25,7 @@ trap 'kill "${pid:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
 echo "== kosmos-rt bench --batch 1 --new-tokens $new, plain vs --speculative-tokens $k ($rounds rounds)"
 for r in $(seq "$rounds"); do
   "$rt" bench "$pkg" --batch 1 --new-tokens "$new" --runs 2 --json >"$work/plain.$r.json"
-  "$rt" bench "$pkg" --batch 1 --new-tokens "$new" --runs 2 --json --speculative-tokens "$k" >"$work/spec.$r.json"
+  "$rt" bench "$pkg" --batch 1 --new-tokens "$new" --runs 2 --json --speculative-tokens "$k" ${SPEC_FLAGS:-} >"$work/spec.$r.json"
 done
 "$py" - "$work" "$rounds" <<'EOF'
 import json, statistics, sys
@@ -48,7 +49,8 @@ ImageDraw.Draw(im).ellipse((40, 60, 120, 140), fill=(200, 30, 30))
 im.save('$img')"
 for mode in plain speculative; do
   flags=(--max-batch 8 --port "$port")
-  [[ $mode == speculative ]] && flags+=(--speculative-tokens "$k")
+  # shellcheck disable=SC2206 # SPEC_FLAGS holds separate flags
+  [[ $mode == speculative ]] && flags+=(--speculative-tokens "$k" ${SPEC_FLAGS:-})
   "$rt" serve "$pkg" "${flags[@]}" >"$work/serve.log" 2>&1 &
   pid=$!
   until curl -sf "http://127.0.0.1:$port/health" >/dev/null; do sleep 0.5; done

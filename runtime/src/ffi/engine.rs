@@ -59,6 +59,9 @@ pub struct kosmos_engine_config {
     pub prompt_lookup_min: u32,
     /// Speculate only while at most this many sequences decode together (default 4).
     pub speculative_max_batch: u32,
+    /// Adapt each sequence's number of guesses to how many it keeps (for int4 / int8 packages
+    /// on a CPU; default false).
+    pub speculative_adaptive: bool,
 }
 
 /// Bytes of the first `kosmos_engine_config` with `struct_size` (ABI 1): it ended before
@@ -272,6 +275,7 @@ pub extern "C" fn kosmos_engine_default_config() -> kosmos_engine_config {
         prompt_lookup_max: spec.ngram_max as u32,
         prompt_lookup_min: spec.ngram_min as u32,
         speculative_max_batch: spec.max_batch as u32,
+        speculative_adaptive: spec.adaptive,
     }
 }
 
@@ -314,6 +318,7 @@ pub unsafe extern "C" fn kosmos_engine_open(
             ngram_max: c.prompt_lookup_max as usize,
             ngram_min: c.prompt_lookup_min as usize,
             max_batch: c.speculative_max_batch as usize,
+            adaptive: c.speculative_adaptive,
         });
         if let Some(Err(m)) = speculation.as_ref().map(Speculation::check) {
             return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, format!("config: {m}"));
