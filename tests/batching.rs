@@ -1499,11 +1499,12 @@ fn speculative_generation_equals_plain_generation() {
 }
 
 /// The engine speculating for several running sequences (one admitted while the others decode,
-/// prefilled in 7-token chunks, one waiting for a row; greedy, sampled and constrained) gives what `Package::generate` gives each alone; every reported
-/// log-probability is tch's on the trainer's full forward, so the logits of each guessed position
-/// are right; guesses are kept (the metrics count them); with more rows than its limit it does
-/// not speculate; and the prefix cache afterwards holds exactly the prompt and the tokens fed
-/// back (a next turn reusing them scores as the trainer does).
+/// prefilled in 7-token chunks, one waiting for a row; greedy, sampled and constrained; a fixed
+/// and an adaptive number of guesses) gives what `Package::generate` gives each alone; every
+/// reported log-probability is tch's on the trainer's full forward, so the logits of each
+/// guessed position are right; guesses are kept (the metrics count them); with more rows than
+/// its limit it does not speculate; and the prefix cache afterwards holds exactly the prompt and
+/// the tokens fed back (a next turn reusing them scores as the trainer does).
 #[test]
 fn the_engine_speculating_generates_what_each_would_alone() {
     let dir = tempfile::tempdir().unwrap();

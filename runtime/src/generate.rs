@@ -509,31 +509,16 @@ impl Package {
         })
     }
 
-    /// One decoder call. Returns the last position's logits per row ([b · vocab]).
+    /// One decoder call over `b` rows. Returns the logits of each row's last `keep` positions
+    /// ([b, keep, vocab]; generation samples from the last one, speculation from a few).
     fn decode(
         &mut self,
         ids: &[i64],
         image_mask: &[bool],
         image_embeds: (&[f32], usize),
         attention_mask: &[i64],
-        b: usize,
+        (b, keep): (usize, usize),
         cache: &mut Cache,
-    ) -> Result<Vec<f32>> {
-        self.decode_keeping(ids, image_mask, image_embeds, attention_mask, b, cache, 1)
-    }
-
-    /// One decoder call. Returns the logits of each row's last `keep` positions ([b, keep,
-    /// vocab]).
-    #[allow(clippy::too_many_arguments)]
-    fn decode_keeping(
-        &mut self,
-        ids: &[i64],
-        image_mask: &[bool],
-        image_embeds: (&[f32], usize),
-        attention_mask: &[i64],
-        b: usize,
-        cache: &mut Cache,
-        keep: usize,
     ) -> Result<Vec<f32>> {
         let d = &self.manifest.decoder;
         let (layers, dm, vocab) = (d.num_layers, d.hidden_size, d.vocab_size);
@@ -747,7 +732,7 @@ impl Package {
         }
         let mut kv = self.empty_cache(b, width + params.max_tokens)?;
         let t0 = Instant::now();
-        let mut logits = self.decode(&ids, &img, (&image_embeds, n_tok), &attn, b, &mut kv)?;
+        let mut logits = self.decode(&ids, &img, (&image_embeds, n_tok), &attn, (b, 1), &mut kv)?;
         timings.prefill_ms = ms(t0);
 
         let eos = self.manifest.config.tokenizer.eos_token_id;
@@ -796,7 +781,7 @@ impl Package {
             }
             let no_img = vec![false; b];
             let t0 = Instant::now();
-            logits = self.decode(&next, &no_img, (&[], 0), &mask, b, &mut kv)?;
+            logits = self.decode(&next, &no_img, (&[], 0), &mask, (b, 1), &mut kv)?;
             timings.decode_ms.push(ms(t0));
             for row in rows.iter_mut() {
                 row.steps += 1;
@@ -858,8 +843,8 @@ impl Package {
             let past = kv.len;
             let mask = vec![1i64; past + ids.len()];
             let t0 = Instant::now();
-            let mut out =
-                self.decode_keeping(&ids, &vec![false; ids.len()], (&[], 0), &mask, 1, kv, ids.len())?;
+            let no_img = vec![false; ids.len()];
+            let mut out = self.decode(&ids, &no_img, (&[], 0), &mask, (1, ids.len()), kv)?;
             timings.decode_ms.push(ms(t0));
             timings.drafted += guesses.len();
             let mut kept = 0;
@@ -961,7 +946,14 @@ impl Package {
         let ids: Vec<i64> = a.input_ids.iter().map(|&i| i as i64).collect();
         let mut attn = vec![1i64; a.len()];
         let mut kv = self.empty_cache(1, a.len() + params.max_tokens)?;
-        let logits = self.decode(&ids, &a.image_mask, (&image_embeds, n_tok), &attn, 1, &mut kv)?;
+        let logits = self.decode(
+            &ids,
+            &a.image_mask,
+            (&image_embeds, n_tok),
+            &attn,
+            (1, 1),
+            &mut kv,
+        )?;
         let eos = self.manifest.config.tokenizer.eos_token_id;
         let vocab = self.manifest.decoder.vocab_size;
 
@@ -1015,7 +1007,7 @@ impl Package {
                 .collect();
             attn = vec![1i64; n * (kv.len + 1)];
             let no_img = vec![false; n];
-            let l = self.decode(&last, &no_img, (&[], 0), &attn, n, &mut kv)?;
+            let l = self.decode(&last, &no_img, (&[], 0), &attn, (n, 1), &mut kv)?;
             logp = l.chunks(vocab).flat_map(log_softmax).collect();
         }
         let (tokens, _) = finished
