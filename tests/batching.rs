@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use kosmos_rt::batch::{Engine, EngineConfig, SeqEvent, SeqFailure, SeqRequest};
 use kosmos_rt::metrics::Metrics;
 use kosmos_rt::{
-    FinishReason, GenerateParams, Generation, ImageInput, Package, Prompt, SessionOptions, Speculation,
-    VisionCache,
+    FinishReason, GenerateParams, Generation, GuessSchedule, ImageInput, Package, Prompt, SessionOptions,
+    Speculation, VisionCache,
 };
 use kosmos_train::synthetic::{Split, Task, item};
 
@@ -1301,7 +1301,7 @@ fn speculation(max_batch: usize) -> Speculation {
         ngram_min: 1,
         ngram_max: 3,
         max_batch,
-        adaptive: false,
+        schedule: GuessSchedule::Fixed,
     }
 }
 
@@ -1385,7 +1385,7 @@ fn speculative_generation_equals_plain_generation() {
     // (fed, kept) over the cases, with a fixed number of guesses and with the adaptive one.
     let mut fed = [(0, 0); 2];
     let adaptive = Speculation {
-        adaptive: true,
+        schedule: GuessSchedule::Adaptive,
         ..speculation(4)
     };
     let runs = cases.iter().enumerate().flat_map(|c| [(c, false), (c, true)]);
@@ -1520,8 +1520,12 @@ fn the_engine_speculating_generates_what_each_would_alone() {
         // beside nothing else; otherwise all four, three rows at a time.
         let cases = if limit == 4 { &cases[..] } else { &cases[..3] };
         let mut pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+        let schedule = match adaptive {
+            true => GuessSchedule::Adaptive,
+            false => GuessSchedule::Fixed,
+        };
         let setting = Speculation {
-            adaptive,
+            schedule,
             ..speculation(limit)
         };
         pkg.set_speculation(Some(setting)).unwrap();
@@ -1602,4 +1606,41 @@ fn the_engine_speculating_generates_what_each_would_alone() {
             assert_eq!(drafted, 0, "{case}: three rows, none guessed");
         }
     }
+}
+
+/// `GuessSchedule::Auto` adapts on a quantised package (whose decoder calls cost more per
+/// position on a CPU) and stays fixed on fp32; an int8 package speculating still generates what
+/// it does plainly.
+#[test]
+fn the_auto_schedule_follows_the_package() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ckpt, pkg_dir) = kosmos_e2e::tiny_buffer_package(dir.path(), 7);
+    let auto = Speculation::default();
+    assert_eq!(auto.schedule, GuessSchedule::Auto);
+    let mut fp32 = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
+    fp32.set_speculation(Some(auto.clone())).unwrap();
+    assert_eq!(fp32.speculation().unwrap().schedule, GuessSchedule::Fixed);
+    let int8 = dir.path().join("pkg-int8");
+    let opts = kosmos_export::ExportOptions {
+        kv_cache: kosmos_models::package::KvCacheLayout::Buffer,
+        quantization: Some(kosmos_models::package::Quantization {
+            bits: 8,
+            block_size: 32,
+            accuracy_level: 4,
+        }),
+        ..Default::default()
+    };
+    kosmos_export::export(&ckpt, &int8, &opts).unwrap();
+    let mut plain = Package::open(&int8, &SessionOptions::default()).unwrap();
+    let mut spec = Package::open(&int8, &SessionOptions::default()).unwrap();
+    spec.set_speculation(Some(auto)).unwrap();
+    assert_eq!(spec.speculation().unwrap().schedule, GuessSchedule::Adaptive);
+    let mut kept = 0;
+    for (i, (prompt, params)) in speculative_cases().iter().enumerate() {
+        let want = alone(&mut plain, prompt, params);
+        let got = alone(&mut spec, prompt, params);
+        assert_eq!(got.tokens, want.tokens, "case {i}");
+        kept += got.timings.accepted;
+    }
+    assert!(kept > 0);
 }

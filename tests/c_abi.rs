@@ -928,7 +928,7 @@ fn c_abi_engine_takes_every_generation_setting() {
     // Speculating, the same texts (the repeating one is where guesses are made); bad settings
     // refused, naming them.
     // SAFETY: live handle.
-    let st = unsafe { kosmos_model_set_speculation(model, 4, 3, 2, false) };
+    let st = unsafe { kosmos_model_set_speculation(model, 4, 3, 2, KOSMOS_SPECULATE_AUTO) };
     assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT);
     assert!(
         last_error().contains("longest prompt-lookup n-gram (2)"),
@@ -936,7 +936,15 @@ fn c_abi_engine_takes_every_generation_setting() {
         last_error()
     );
     // SAFETY: live handle.
-    let st = unsafe { kosmos_model_set_speculation(model, 4, 1, 3, true) };
+    let st = unsafe { kosmos_model_set_speculation(model, 4, 1, 3, 7) };
+    assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT);
+    assert!(
+        last_error().contains("speculative schedule 7"),
+        "{}",
+        last_error()
+    );
+    // SAFETY: live handle.
+    let st = unsafe { kosmos_model_set_speculation(model, 4, 1, 3, KOSMOS_SPECULATE_ADAPTIVE) };
     assert_eq!(st, kosmos_status::KOSMOS_OK, "{}", last_error());
     for (params, want) in [(c_params(&cases[1], -1), &want[1]), (repeating, &repeat_want)] {
         let st = generate(&params, &mut out);
@@ -949,7 +957,7 @@ fn c_abi_engine_takes_every_generation_setting() {
     // SAFETY: the handle is live; freed once.
     assert_eq!(unsafe { kosmos_model_free(model) }, kosmos_status::KOSMOS_OK);
     // SAFETY: NULL is refused.
-    let st = unsafe { kosmos_model_set_speculation(std::ptr::null_mut(), 4, 1, 3, false) };
+    let st = unsafe { kosmos_model_set_speculation(std::ptr::null_mut(), 4, 1, 3, KOSMOS_SPECULATE_FIXED) };
     assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_HANDLE);
 }
 

@@ -38,6 +38,22 @@
 #define KOSMOS_ABI_VERSION 1
 
 /*
+ `speculative_schedule` / `kosmos_model_set_speculation`'s `schedule`: adaptive for int4 /
+ int8 packages, fixed otherwise.
+ */
+#define KOSMOS_SPECULATE_AUTO 0
+
+/*
+ Up to the set number of guesses every decoder call.
+ */
+#define KOSMOS_SPECULATE_FIXED 1
+
+/*
+ Two more guesses after a call that kept them all, one fewer after one that did not.
+ */
+#define KOSMOS_SPECULATE_ADAPTIVE 2
+
+/*
  `kosmos_params.constraint_kind`: no constraint.
  */
 #define KOSMOS_CONSTRAINT_NONE 0
@@ -334,10 +350,10 @@ typedef struct kosmos_engine_config {
    */
   uint32_t speculative_max_batch;
   /*
-   Adapt each sequence's number of guesses to how many it keeps (for int4 / int8 packages
-   on a CPU; default false).
+   How many guesses each call feeds: `KOSMOS_SPECULATE_AUTO` (default: adaptive for int4 /
+   int8 packages, fixed otherwise), `KOSMOS_SPECULATE_FIXED` or `KOSMOS_SPECULATE_ADAPTIVE`.
    */
-  bool speculative_adaptive;
+  uint32_t speculative_schedule;
 } kosmos_engine_config;
 
 /*
@@ -446,8 +462,8 @@ enum kosmos_status kosmos_model_open(const char *package_dir,
 /*
  Turn speculative decoding by prompt lookup on for `kosmos_generate` on `model` (`tokens`
  guesses at most per decoder call, n-grams of `prompt_lookup_min..=prompt_lookup_max` tokens
- looked up; under structured output, the text the grammar forces; `adaptive`: fewer guesses
- while they miss, for int4 / int8 packages), or off (`tokens` 0). The
+ looked up; under structured output, the text the grammar forces; `schedule` one of
+ `KOSMOS_SPECULATE_*`), or off (`tokens` 0). The
  output does not change; repetitive output comes with fewer decoder calls. Needs a package
  exported with `--kv-cache buffer` (else `KOSMOS_ERR_PACKAGE`).
 
@@ -458,7 +474,7 @@ enum kosmos_status kosmos_model_set_speculation(struct kosmos_model *model,
                                                 uint32_t tokens,
                                                 uint32_t prompt_lookup_min,
                                                 uint32_t prompt_lookup_max,
-                                                bool adaptive);
+                                                uint32_t schedule);
 
 /*
  Release a model (NULL is ignored; freeing twice is refused, not undefined).

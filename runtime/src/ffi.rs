@@ -32,7 +32,7 @@ use crate::generate::{
 use crate::logprobs::MAX_TOP_LOGPROBS;
 use crate::ort_env::{Device, SessionOptions};
 use crate::package::Package;
-use crate::speculate::Speculation;
+use crate::speculate::{GuessSchedule, Speculation};
 
 /// Status codes. `KOSMOS_OK` is 0; every other value is a failure with a message in
 /// `kosmos_last_error()`.
@@ -138,6 +138,27 @@ pub struct kosmos_params {
     /// a more urgent request takes the row of the least urgent running one, which resumes
     /// later where it was (its output unchanged).
     pub priority: i32,
+}
+
+/// `speculative_schedule` / `kosmos_model_set_speculation`'s `schedule`: adaptive for int4 /
+/// int8 packages, fixed otherwise.
+pub const KOSMOS_SPECULATE_AUTO: u32 = 0;
+/// Up to the set number of guesses every decoder call.
+pub const KOSMOS_SPECULATE_FIXED: u32 = 1;
+/// Two more guesses after a call that kept them all, one fewer after one that did not.
+pub const KOSMOS_SPECULATE_ADAPTIVE: u32 = 2;
+
+/// The schedule a `KOSMOS_SPECULATE_*` value names.
+pub(crate) fn guess_schedule(v: u32) -> Result<GuessSchedule, kosmos_status> {
+    match v {
+        KOSMOS_SPECULATE_AUTO => Ok(GuessSchedule::Auto),
+        KOSMOS_SPECULATE_FIXED => Ok(GuessSchedule::Fixed),
+        KOSMOS_SPECULATE_ADAPTIVE => Ok(GuessSchedule::Adaptive),
+        other => Err(fail(
+            kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT,
+            format!("speculative schedule {other} is not one of KOSMOS_SPECULATE_*"),
+        )),
+    }
 }
 
 /// `kosmos_params.constraint_kind`: no constraint.
@@ -435,8 +456,8 @@ unsafe fn open_package(package_dir: *const c_char, device: *const c_char) -> Res
 
 /// Turn speculative decoding by prompt lookup on for `kosmos_generate` on `model` (`tokens`
 /// guesses at most per decoder call, n-grams of `prompt_lookup_min..=prompt_lookup_max` tokens
-/// looked up; under structured output, the text the grammar forces; `adaptive`: fewer guesses
-/// while they miss, for int4 / int8 packages), or off (`tokens` 0). The
+/// looked up; under structured output, the text the grammar forces; `schedule` one of
+/// `KOSMOS_SPECULATE_*`), or off (`tokens` 0). The
 /// output does not change; repetitive output comes with fewer decoder calls. Needs a package
 /// exported with `--kv-cache buffer` (else `KOSMOS_ERR_PACKAGE`).
 ///
@@ -448,7 +469,7 @@ pub unsafe extern "C" fn kosmos_model_set_speculation(
     tokens: u32,
     prompt_lookup_min: u32,
     prompt_lookup_max: u32,
-    adaptive: bool,
+    schedule: u32,
 ) -> kosmos_status {
     guard(|| {
         // SAFETY: per this function's contract.
@@ -456,11 +477,15 @@ pub unsafe extern "C" fn kosmos_model_set_speculation(
             Ok(m) => m,
             Err(s) => return s,
         };
+        let schedule = match guess_schedule(schedule) {
+            Ok(s) => s,
+            Err(s) => return s,
+        };
         let spec = (tokens > 0).then_some(Speculation {
             tokens: tokens as usize,
             ngram_min: prompt_lookup_min as usize,
             ngram_max: prompt_lookup_max as usize,
-            adaptive,
+            schedule,
             ..Speculation::default()
         });
         if let Some(Err(m)) = spec.as_ref().map(Speculation::check) {

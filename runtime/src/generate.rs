@@ -12,7 +12,7 @@ use kosmos_models::KosmosTokenizer;
 use kosmos_models::image::{ImageLimits, clip_preprocess, decode_image, load_image};
 use kosmos_models::package::{KvCacheLayout, io};
 
-use crate::speculate::{NOT_A_TOKEN, Speculation};
+use crate::speculate::{GuessSchedule, NOT_A_TOKEN, Speculation};
 use kosmos_models::sequence::{Assembled, Segment, assemble};
 use ort::value::{DynValue, Tensor};
 use rand::rngs::StdRng;
@@ -1383,11 +1383,11 @@ impl RowState {
         spec.propose(&history, limit)
     }
 
-    /// After a call that fed `fed` guesses and kept `kept`, with [`Speculation::adaptive`]: the
-    /// next call may feed two more when all were kept, one fewer (at least one) when not, so a
-    /// row whose guesses miss stops paying for long feeds.
+    /// After a call that fed `fed` guesses and kept `kept`, under
+    /// [`GuessSchedule::Adaptive`]: the next call may feed two more when all were kept, one
+    /// fewer (at least one) when not.
     pub(crate) fn guessed(&mut self, spec: &Speculation, fed: usize, kept: usize) {
-        if fed == 0 || !spec.adaptive {
+        if fed == 0 || spec.schedule != GuessSchedule::Adaptive {
             return;
         }
         self.guess_budget = if kept == fed {

@@ -37,4 +37,4 @@ pub use generate::{
 pub use kosmos_grammar as grammar;
 pub use ort_env::{Device, SessionOptions};
 pub use package::Package;
-pub use speculate::Speculation;
+pub use speculate::{GuessSchedule, Speculation};

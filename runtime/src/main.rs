@@ -5,7 +5,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use kosmos_grammar::{Constraint, Json};
 use kosmos_rt::{
-    Device, GenerateParams, ImageInput, Package, Prompt, SessionOptions, Speculation, VisionCache,
+    Device, GenerateParams, GuessSchedule, ImageInput, Package, Prompt, SessionOptions, Speculation,
+    VisionCache,
 };
 
 #[derive(Parser)]
@@ -67,11 +68,19 @@ struct Speculate {
     /// more, the guesses' compute costs more than the calls they save on a CPU).
     #[arg(long, default_value_t = Speculation::default().max_batch, value_name = "N")]
     speculative_max_batch: usize,
-    /// Adapt each sequence's number of guesses to how many it has been keeping (two more after
-    /// a call that kept all, one fewer after one that did not): for int4 / int8 packages, whose
-    /// decoder calls on a CPU cost more with every position; fp32 ones gain more without.
-    #[arg(long)]
-    speculative_adaptive: bool,
+    /// How many guesses each call feeds: `adaptive` (two more after a call that kept them
+    /// all, one fewer after one that did not) suits int4 / int8 packages, whose decoder calls
+    /// on a CPU cost more with every position; `fixed` (K every time) suits fp32 ones; `auto`
+    /// picks by the package.
+    #[arg(long, value_enum, default_value = "auto")]
+    speculative_schedule: ScheduleArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScheduleArg {
+    Auto,
+    Fixed,
+    Adaptive,
 }
 
 impl Speculate {
@@ -84,7 +93,11 @@ impl Speculate {
             ngram_max: self.prompt_lookup_max,
             ngram_min: self.prompt_lookup_min,
             max_batch: self.speculative_max_batch,
-            adaptive: self.speculative_adaptive,
+            schedule: match self.speculative_schedule {
+                ScheduleArg::Auto => GuessSchedule::Auto,
+                ScheduleArg::Fixed => GuessSchedule::Fixed,
+                ScheduleArg::Adaptive => GuessSchedule::Adaptive,
+            },
         };
         s.check()
             .map_err(|m| anyhow::anyhow!("--speculative-tokens: {m}"))?;

@@ -9,7 +9,7 @@ use ort::session::Session;
 
 use crate::error::{Result, RtError};
 use crate::ort_env::{SessionOptions, session};
-use crate::speculate::Speculation;
+use crate::speculate::{GuessSchedule, Speculation};
 
 pub struct Package {
     pub dir: PathBuf,
@@ -186,7 +186,16 @@ impl Package {
     /// Decode speculatively by prompt lookup ([`crate::speculate`]) in [`Package::generate`]
     /// (one prompt at a time) and in the batching engine, or not (`None`). A rejected guess's
     /// keys are left in the cache to be overwritten, which only the buffer KV layout allows.
-    pub fn set_speculation(&mut self, s: Option<Speculation>) -> Result<()> {
+    /// [`GuessSchedule::Auto`] becomes adaptive for a quantised package, fixed otherwise.
+    pub fn set_speculation(&mut self, mut s: Option<Speculation>) -> Result<()> {
+        if let Some(s) = s.as_mut()
+            && s.schedule == GuessSchedule::Auto
+        {
+            s.schedule = match self.manifest.quantization {
+                Some(_) => GuessSchedule::Adaptive,
+                None => GuessSchedule::Fixed,
+            };
+        }
         if let Some(s) = &s {
             s.check().map_err(RtError::Input)?;
             if self.manifest.decoder.kv_cache != kosmos_models::package::KvCacheLayout::Buffer {

@@ -20,11 +20,24 @@ pub struct Speculation {
     /// saturated CPU every guessed token costs compute that the rejected ones waste (vLLM's
     /// `disable_by_batch_size`).
     pub max_batch: usize,
-    /// Adapt each sequence's number of guesses: two more after a call that kept them all, one
-    /// fewer after one that did not (Hugging Face's "heuristic" schedule). For packages whose
-    /// decoder calls cost more with every position (int4 / int8 on a CPU); where a call costs
-    /// the same for a few positions (fp32, memory-bound), feeding `tokens` every time gains more.
-    pub adaptive: bool,
+    /// How many guesses each call feeds.
+    pub schedule: GuessSchedule,
+}
+
+/// How many guesses a sequence's calls feed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GuessSchedule {
+    /// [`GuessSchedule::Adaptive`] for packages with quantised linears, whose decoder calls on
+    /// a CPU cost more with every position; [`GuessSchedule::Fixed`] for the others, where a call
+    /// of a few positions costs what one of one does (memory-bound).
+    #[default]
+    Auto,
+    /// Up to [`Speculation::tokens`] every call.
+    Fixed,
+    /// Two more after a call that kept them all, one fewer (at least one) after one that did
+    /// not: Hugging Face's "heuristic" schedule, so a sequence whose guesses miss stops paying
+    /// for long feeds.
+    Adaptive,
 }
 
 impl Default for Speculation {
@@ -34,7 +47,7 @@ impl Default for Speculation {
             ngram_max: 3,
             ngram_min: 1,
             max_batch: 4,
-            adaptive: false,
+            schedule: GuessSchedule::Auto,
         }
     }
 }
@@ -110,7 +123,7 @@ mod tests {
             ngram_min: min,
             ngram_max: max,
             max_batch: 4,
-            adaptive: false,
+            schedule: GuessSchedule::Fixed,
         }
     }
 

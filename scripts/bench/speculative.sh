@@ -9,7 +9,7 @@
 # the best case; say which model the figures come from.
 #
 #   scripts/bench/speculative.sh PKG [K] [ROUNDS] [NEW_TOKENS]
-#   SPEC_FLAGS=--speculative-adaptive scripts/bench/speculative.sh PKG 4   # int4 / int8 packages
+#   SPEC_FLAGS='--speculative-schedule fixed' scripts/bench/speculative.sh PKG 4   # other settings
 set -euo pipefail
 pkg="${1:?usage: speculative.sh PKG [K] [ROUNDS] [NEW_TOKENS]}"
 k="${2:-4}"

@@ -14,8 +14,8 @@ use kosmos_models::KosmosTokenizer;
 use kosmos_models::sequence::Assembled;
 
 use super::{
-    CallSettings, Handles, clear_out, fail, guard, init_sized, kosmos_image, kosmos_params, kosmos_status,
-    open_package, read_request, read_sized, status_of,
+    CallSettings, Handles, KOSMOS_SPECULATE_AUTO, clear_out, fail, guard, guess_schedule, init_sized,
+    kosmos_image, kosmos_params, kosmos_status, open_package, read_request, read_sized, status_of,
 };
 use crate::batch::{Engine, EngineConfig, SeqEvent, SeqFailure, SeqRequest};
 use crate::error::RtError;
@@ -59,9 +59,9 @@ pub struct kosmos_engine_config {
     pub prompt_lookup_min: u32,
     /// Speculate only while at most this many sequences decode together (default 4).
     pub speculative_max_batch: u32,
-    /// Adapt each sequence's number of guesses to how many it keeps (for int4 / int8 packages
-    /// on a CPU; default false).
-    pub speculative_adaptive: bool,
+    /// How many guesses each call feeds: `KOSMOS_SPECULATE_AUTO` (default: adaptive for int4 /
+    /// int8 packages, fixed otherwise), `KOSMOS_SPECULATE_FIXED` or `KOSMOS_SPECULATE_ADAPTIVE`.
+    pub speculative_schedule: u32,
 }
 
 /// Bytes of the first `kosmos_engine_config` with `struct_size` (ABI 1): it ended before
@@ -275,7 +275,7 @@ pub extern "C" fn kosmos_engine_default_config() -> kosmos_engine_config {
         prompt_lookup_max: spec.ngram_max as u32,
         prompt_lookup_min: spec.ngram_min as u32,
         speculative_max_batch: spec.max_batch as u32,
-        speculative_adaptive: spec.adaptive,
+        speculative_schedule: KOSMOS_SPECULATE_AUTO,
     }
 }
 
@@ -313,12 +313,16 @@ pub unsafe extern "C" fn kosmos_engine_open(
                 "config: max_batch must be ≥ 1",
             );
         }
+        let schedule = match guess_schedule(c.speculative_schedule) {
+            Ok(s) => s,
+            Err(s) => return s,
+        };
         let speculation = (c.speculative_tokens > 0).then_some(Speculation {
             tokens: c.speculative_tokens as usize,
             ngram_max: c.prompt_lookup_max as usize,
             ngram_min: c.prompt_lookup_min as usize,
             max_batch: c.speculative_max_batch as usize,
-            adaptive: c.speculative_adaptive,
+            schedule,
         });
         if let Some(Err(m)) = speculation.as_ref().map(Speculation::check) {
             return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, format!("config: {m}"));
