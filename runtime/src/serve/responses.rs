@@ -345,7 +345,7 @@ pub async fn responses(State(st): State<Arc<AppState>>, body: Body) -> Result<Re
             "max_output_tokens",
         ));
     }
-    let constraint = match (
+    let (constraint, mode) = match (
         structured::requested_for_responses(&body)?,
         tools::requested_for_responses(&body)?,
     ) {
@@ -355,11 +355,10 @@ pub async fn responses(State(st): State<Arc<AppState>>, body: Body) -> Result<Re
                 "tool_choice",
             ));
         }
-        (Some(c), None) => Some((c, None)),
-        (None, Some(t)) => Some((t.grammar, Some(t.mode))),
-        (None, None) => None,
+        (Some(c), None) => (Some(c), None),
+        (None, Some(t)) => (Some(t.grammar), Some(t.mode)),
+        (None, None) => (None, None),
     };
-    let (constraint, mode) = constraint.map_or((None, None), |(c, m)| (Some(c), m));
     let messages = messages(req.instructions.as_deref(), &req.input)?;
     let (sampling, echo) = req.chat_sampling();
     let (segments, urls) = st.chat_prompt(&messages, None, false)?;
