@@ -549,6 +549,7 @@ fn bench_reports_every_batch_and_the_load_time() {
         new_tokens: 3,
         batches: vec![2, 1],
         runs: 1,
+        ..Default::default()
     };
     let r = kosmos_rt::bench::run(&mut pkg, &opts).expect("bench");
     assert_eq!(r.latency_batch, 1);
@@ -567,4 +568,26 @@ fn bench_reports_every_batch_and_the_load_time() {
     }
     assert!((r.ttft_ms - r.vision_ms - r.prefill_ms).abs() < 1e-6);
     assert!(r.prompt_tokens > 4, "image slots + words: {}", r.prompt_tokens);
+
+    // The user's own prompt, with their image and without one: its tokens are what is measured.
+    let img = dir.path().join("a.png");
+    image::RgbImage::from_pixel(40, 30, image::Rgb([200, 10, 10]))
+        .save(&img)
+        .unwrap();
+    let text = "Question: what colour is the square? Answer:";
+    let want = |images: Vec<ImageInput>| pkg.assemble(&Prompt::parse(text, images).unwrap()).unwrap().len();
+    let (with, without) = (want(vec![ImageInput::Path(img.clone())]), want(Vec::new()));
+    for (images, tokens) in [(vec![img], with), (Vec::new(), without)] {
+        let own = kosmos_rt::bench::BenchOptions {
+            prompt: Some(text.into()),
+            images,
+            new_tokens: 2,
+            batches: vec![1],
+            runs: 1,
+            ..Default::default()
+        };
+        let r = kosmos_rt::bench::run(&mut pkg, &own).expect("bench");
+        assert_eq!(r.prompt_tokens, tokens);
+    }
+    assert!(with > without);
 }

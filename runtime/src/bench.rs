@@ -9,8 +9,12 @@ use crate::package::Package;
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
-    /// Words of text after the image.
+    /// Words of text after the image (of the built-in prompt; ignored with `prompt`).
     pub prompt_words: usize,
+    /// The user's own prompt (with `<image>` markers or not) and images, instead of the
+    /// built-in synthetic ones: what speculative decoding gains depends on the text.
+    pub prompt: Option<String>,
+    pub images: Vec<std::path::PathBuf>,
     /// Tokens generated per prompt (`</s>` ignored).
     pub new_tokens: usize,
     pub batches: Vec<usize>,
@@ -22,6 +26,8 @@ impl Default for BenchOptions {
     fn default() -> Self {
         BenchOptions {
             prompt_words: 32,
+            prompt: None,
+            images: Vec::new(),
             new_tokens: 32,
             batches: vec![1, 4, 8],
             runs: 3,
@@ -103,8 +109,13 @@ pub fn run(pkg: &mut Package, opts: &BenchOptions) -> Result<BenchReport> {
     .cycle()
     .take(opts.prompt_words)
     .collect();
-    let text = words.join(" ");
-    let prompt = |i: u32| Prompt::parse(&text, vec![ImageInput::Rgb(bench_image(i))]);
+    let text = opts.prompt.clone().unwrap_or_else(|| words.join(" "));
+    // Each prompt of a batch gets its own synthetic image, so the vision graph runs for each.
+    let prompt = |i: u32| match (&opts.prompt, opts.images.is_empty()) {
+        (Some(_), true) => Prompt::parse(&text, Vec::new()),
+        (_, false) => Prompt::parse(&text, opts.images.iter().cloned().map(ImageInput::Path).collect()),
+        (None, true) => Prompt::parse(&text, vec![ImageInput::Rgb(bench_image(i))]),
+    };
     let params = GenerateParams {
         max_tokens: opts.new_tokens,
         ignore_eos: true,

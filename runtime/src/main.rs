@@ -281,12 +281,19 @@ enum Command {
     /// Measure time to first token, decode latency, throughput at batch 1/4/8 and peak memory.
     #[command(after_help = "Examples:\n  \
         kosmos-rt bench pkg/tiny\n  \
-        kosmos-rt bench pkg/k1 --json --new-tokens 64 --batch 1 --batch 8")]
+        kosmos-rt bench pkg/k1 --json --new-tokens 64 --batch 1 --batch 8\n  \
+        kosmos-rt bench pkg/k1 --image form.png --prompt 'Fields as JSON:' --batch 1 --speculative-tokens 4")]
     Bench {
         package: PathBuf,
-        /// Words of prompt text after the image.
+        /// Words of the built-in prompt's text after its image.
         #[arg(long, default_value_t = 32)]
         prompt_words: usize,
+        /// Your own prompt instead (text with <image> markers, or after the images).
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Your own image (repeatable); with --prompt or without (captioning).
+        #[arg(long)]
+        image: Vec<PathBuf>,
         /// Tokens generated per prompt.
         #[arg(long, default_value_t = 32)]
         new_tokens: usize,
@@ -554,6 +561,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             package,
             prompt_words,
+            prompt,
+            image,
             new_tokens,
             batches,
             runs,
@@ -570,6 +579,8 @@ fn run(cli: Cli) -> Result<()> {
             let mut pkg = open(&package, &engine)?;
             let opts = kosmos_rt::bench::BenchOptions {
                 prompt_words,
+                prompt,
+                images: image,
                 new_tokens,
                 batches: match (batches.is_empty(), speculating) {
                     (false, _) => batches,
