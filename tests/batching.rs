@@ -493,6 +493,27 @@ fn assert_logprobs_are_the_trainers(
     }
 }
 
+/// A chat's next turn: `prompt` followed by the `generated` tokens fed back, run to the end
+/// (with the log-probabilities of two alternatives). Returns what it collected and its prompt's
+/// length.
+fn next_turn(
+    engine: &mut Engine,
+    prompt: &Prompt,
+    generated: &[u32],
+    params: &GenerateParams,
+) -> (Arc<Mutex<Collected>>, usize) {
+    let (mut req, out, _) = request(engine.package(), prompt, params);
+    req.assembled.input_ids.extend_from_slice(generated);
+    let len = req.assembled.input_ids.len();
+    req.assembled.image_mask.resize(len, false);
+    req.logprobs = Some(2);
+    engine.submit(req);
+    while !engine.is_idle() {
+        engine.step();
+    }
+    (out, len)
+}
+
 /// Submit every request (`tweak` sets its options), run the engine until idle, and return what
 /// each collected.
 fn run_all<'a>(
@@ -1237,14 +1258,7 @@ fn preempted_sequences_resume_and_generate_what_they_would_alone() {
             // The next turn of the resumed greedy sequence: the prefix cache holds its prompt
             // and every generated token fed back (all but the last), under the right keys.
             let tokens = outs[0].lock().unwrap().done.as_ref().unwrap().tokens.clone();
-            let (mut req, out, _) = request(engine.package(), &slow[0].0, &greedy(2));
-            req.assembled.input_ids.extend_from_slice(&tokens);
-            let len = req.assembled.input_ids.len();
-            req.assembled.image_mask.resize(len, false);
-            engine.submit(req);
-            while !engine.is_idle() {
-                engine.step();
-            }
+            let (out, len) = next_turn(&mut engine, &slow[0].0, &tokens, &greedy(2));
             let cached = out.lock().unwrap().done.as_ref().unwrap().cached_tokens;
             assert_eq!(cached, len - 1, "{case}: the next turn's cached prompt tokens");
         }
@@ -1575,15 +1589,7 @@ fn the_engine_speculating_generates_what_each_would_alone() {
             // The next turn of the greedy sequence: its prompt and every token fed back (all
             // but the last) come from the prefix cache; guessed slots it did not keep do not.
             let tokens = want[0].tokens.clone();
-            let (mut req, out, _) = request(engine.package(), &cases[0].0, &greedy(6));
-            req.assembled.input_ids.extend_from_slice(&tokens);
-            let len = req.assembled.input_ids.len();
-            req.assembled.image_mask.resize(len, false);
-            req.logprobs = Some(2);
-            engine.submit(req);
-            while !engine.is_idle() {
-                engine.step();
-            }
+            let (out, len) = next_turn(&mut engine, &cases[0].0, &tokens, &greedy(6));
             let c = out.lock().unwrap();
             let done = c.done.as_ref().unwrap();
             assert_eq!(
