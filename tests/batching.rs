@@ -1362,6 +1362,19 @@ fn speculative_cases() -> Vec<(Prompt, GenerateParams)> {
     ]
 }
 
+/// `greedy`'s prompt with a stop string: the text of its answer's 10th–11th tokens, wherever
+/// that ends a speculative call.
+fn stop_case(plain: &mut Package, greedy: &(Prompt, GenerateParams)) -> (Prompt, GenerateParams) {
+    let answer = alone(plain, &greedy.0, &greedy.1);
+    let stop = plain.tokenizer.decode(&answer.tokens[9..11]).unwrap();
+    assert!(!stop.trim().is_empty(), "{stop:?}");
+    let params = GenerateParams {
+        stop: vec![stop],
+        ..greedy.1.clone()
+    };
+    (greedy.0.clone(), params)
+}
+
 /// A JSON Schema whose long keys the grammar forces once their first character is out.
 fn keyed_schema() -> kosmos_rt::grammar::Constraint {
     let schema = r#"{"type": "object", "properties": {
@@ -1384,17 +1397,8 @@ fn speculative_generation_equals_plain_generation() {
     let mut spec = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
     spec.set_speculation(Some(speculation(4))).unwrap();
     let mut cases = speculative_cases();
-    // Stop at the text of the greedy answer's 10th–11th tokens, wherever that ends a call.
+    cases.push(stop_case(&mut plain, &cases[0]));
     let greedy_text = alone(&mut plain, &cases[0].0, &cases[0].1);
-    let stop = plain.tokenizer.decode(&greedy_text.tokens[9..11]).unwrap();
-    assert!(!stop.trim().is_empty(), "{stop:?}");
-    cases.push((
-        cases[0].0.clone(),
-        GenerateParams {
-            stop: vec![stop],
-            ..greedy(24)
-        },
-    ));
     let (mut kept, mut calls, mut tokens) = (0, 0, 0);
     // (fed, kept) over the cases, with a fixed number of guesses and with the adaptive one.
     let mut fed = [(0, 0); 2];
@@ -1513,25 +1517,26 @@ fn speculative_generation_equals_plain_generation() {
 }
 
 /// The engine speculating for several running sequences (one admitted while the others decode,
-/// prefilled in 7-token chunks, one waiting for a row; greedy, sampled and constrained; a fixed
-/// and an adaptive number of guesses) gives what `Package::generate` gives each alone; every
-/// reported log-probability is tch's on the trainer's full forward, so the logits of each
-/// guessed position are right; guesses are kept (the metrics count them); with more rows than
-/// its limit it does not speculate; and the prefix cache afterwards holds exactly the prompt and
-/// the tokens fed back (a next turn reusing them scores as the trainer does).
+/// prefilled in 7-token chunks, two waiting for a row; greedy, sampled, constrained, ended by a
+/// stop string; a fixed and an adaptive number of guesses) gives what `Package::generate` gives
+/// each alone; every reported log-probability is tch's on the trainer's full forward, so the
+/// logits of each guessed position are right; guesses are kept (the metrics count them); with
+/// more rows than its limit it does not speculate; and the prefix cache afterwards holds exactly
+/// the prompt and the tokens fed back (a next turn reusing them scores as the trainer does).
 #[test]
 fn the_engine_speculating_generates_what_each_would_alone() {
     let dir = tempfile::tempdir().unwrap();
     let (ckpt, pkg_dir) = kosmos_e2e::tiny_buffer_package(dir.path(), 7);
     let mut plain = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
-    let cases = speculative_cases();
+    let mut cases = speculative_cases();
+    cases.push(stop_case(&mut plain, &cases[0]));
     let want: Vec<Generation> = cases
         .iter()
         .map(|(p, params)| alone(&mut plain, p, params))
         .collect();
     for (limit, adaptive) in [(4, false), (4, true), (2, false)] {
         // Speculating, the first three (the same length: 24 tokens, `</s>` ignored) run together
-        // beside nothing else; otherwise all four, three rows at a time.
+        // beside nothing else; otherwise all five, three rows at a time.
         let cases = if limit == 4 { &cases[..] } else { &cases[..3] };
         let mut pkg = Package::open(&pkg_dir, &SessionOptions::default()).unwrap();
         let schedule = match adaptive {
@@ -1556,7 +1561,7 @@ fn the_engine_speculating_generates_what_each_would_alone() {
             req.logprobs = Some(2);
             engine.submit(req);
             outs.push(out);
-            // Speculating, the third comes while two decode (the fourth waits for a row);
+            // Speculating, the third comes while two decode (the others wait for a row);
             // otherwise all three run together, so no fewer than three rows ever decode.
             if i == 1 && limit == 4 {
                 for _ in 0..4 {
