@@ -49,9 +49,7 @@ use ort::value::{DynTensor, DynValueRefMut, Shape, Tensor, TensorRefMut};
 
 use crate::error::{Result, RtError};
 use crate::generate::image_hash;
-use crate::generate::{
-    FinishReason, GenerateParams, RowState, VisionCache, last_positions, logits_to_keep, lookup_history,
-};
+use crate::generate::{FinishReason, GenerateParams, RowState, VisionCache, last_positions, logits_to_keep};
 use crate::logprobs::{TokenLogprob, token_logprob};
 use crate::metrics::Metrics;
 use crate::package::Package;
@@ -1458,9 +1456,7 @@ impl Engine {
             .map(|run| {
                 let left = run.req.params.max_tokens.saturating_sub(run.state.tokens.len());
                 let room = free.saturating_sub(1).min(left);
-                let mut prompt = lookup_history(&run.req.assembled);
-                prompt.truncate(run.prompt_len);
-                run.state.guesses(spec, &prompt, room)
+                run.state.guesses(spec, room)
             })
             .collect()
     }

@@ -12,7 +12,7 @@ use kosmos_models::KosmosTokenizer;
 use kosmos_models::image::{ImageLimits, clip_preprocess, decode_image, load_image};
 use kosmos_models::package::{KvCacheLayout, io};
 
-use crate::speculate::{GuessSchedule, NOT_A_TOKEN, Speculation};
+use crate::speculate::{GuessSchedule, Speculation};
 use kosmos_models::sequence::{Assembled, Segment, assemble};
 use ort::value::{DynValue, Tensor};
 use rand::rngs::StdRng;
@@ -747,7 +747,7 @@ impl Package {
         if let Some(spec) = self.speculation().cloned() {
             let row = &mut rows[0];
             let ctx = (params, &mut timings);
-            self.decode_speculatively(&spec, &assembled[0], row, logits, &mut kv, ctx, on_token)?;
+            self.decode_speculatively(&spec, row, logits, &mut kv, ctx, on_token)?;
             row.flush(0, on_token);
             let row = rows.pop().expect("one row");
             return Ok(vec![row.finish(assembled[0].len(), timings)]);
@@ -806,7 +806,6 @@ impl Package {
     fn decode_speculatively(
         &mut self,
         spec: &Speculation,
-        a: &Assembled,
         row: &mut RowState,
         mut logits: Vec<f32>,
         kv: &mut Cache,
@@ -815,7 +814,6 @@ impl Package {
     ) -> Result<()> {
         let eos = self.manifest.config.tokenizer.eos_token_id;
         let vocab = self.manifest.decoder.vocab_size;
-        let prompt = lookup_history(a);
         // A token picked and pushed but not fed yet (a rejected guess's replacement).
         let mut picked: Option<u32> = None;
         loop {
@@ -837,7 +835,7 @@ impl Package {
             // Feeding the token and k guesses fills k + 1 slots: within the prompt + max_tokens
             // the cache was made for.
             let room = params.max_tokens - row.tokens.len();
-            let guesses = row.guesses(spec, &prompt, room);
+            let guesses = row.guesses(spec, room);
             let mut ids = vec![tok as i64];
             ids.extend(guesses.iter().map(|&g| g as i64));
             let past = kv.len;
@@ -1120,15 +1118,6 @@ fn log_softmax(l: &[f32]) -> Vec<f32> {
     l.iter().map(|&x| (x as f64 - lse) as f32).collect()
 }
 
-/// A prompt as prompt lookup sees it: its tokens, image slots as [`NOT_A_TOKEN`].
-pub(crate) fn lookup_history(a: &Assembled) -> Vec<u32> {
-    a.input_ids
-        .iter()
-        .zip(&a.image_mask)
-        .map(|(&t, &image)| if image { NOT_A_TOKEN } else { t })
-        .collect()
-}
-
 /// One row's decoding state.
 pub(crate) struct RowState {
     pub(crate) tokens: Vec<u32>,
@@ -1365,8 +1354,8 @@ impl RowState {
 
     /// Speculative decoding's guesses for this row, at most `limit`: the tokens spelling what
     /// its constraint forces next, or else what followed the latest earlier occurrence of its
-    /// last n tokens in `prompt` (as [`lookup_history`]) and its output.
-    pub(crate) fn guesses(&mut self, spec: &Speculation, prompt: &[u32], limit: usize) -> Vec<u32> {
+    /// last n tokens in its prompt's text and its output (what the repetition penalty sees).
+    pub(crate) fn guesses(&mut self, spec: &Speculation, limit: usize) -> Vec<u32> {
         if self.guess_budget == 0 {
             self.guess_budget = spec.tokens;
         }
@@ -1379,8 +1368,7 @@ impl RowState {
                 return forced;
             }
         }
-        let history: Vec<u32> = prompt.iter().chain(&self.tokens).copied().collect();
-        spec.propose(&history, limit)
+        spec.propose(&self.seen, limit)
     }
 
     /// After a call that fed `fed` guesses and kept `kept`, under

@@ -1,7 +1,8 @@
 //! Speculative decoding by prompt lookup (vLLM's `ngram` method, TensorRT-LLM's prompt-lookup
 //! decoding, llama.cpp's lookup decoding): the tokens that followed the latest earlier occurrence
-//! of a sequence's last n tokens (in its prompt or in what it generated) are guessed to follow
-//! again. A decoder call feeds the next token and those guesses; the logits of every position
+//! of a sequence's last n tokens (in its prompt's text or in what it generated) are guessed to
+//! follow again; under structured output, the text the grammar forces
+//! ([`kosmos_grammar::Matcher::forced`]) comes first. A decoder call feeds the next token and those guesses; the logits of every position
 //! are then sampled in order, exactly as one call per token would have sampled them (the same
 //! penalties, constraint and random draws), and the guesses are kept up to the first one the
 //! sampler did not pick. So the output is the one decoding without speculation gives, and each
@@ -52,9 +53,6 @@ impl Default for Speculation {
     }
 }
 
-/// Slots of a history that no guess may match or contain (image embeddings are not tokens).
-pub const NOT_A_TOKEN: u32 = u32::MAX;
-
 impl Speculation {
     /// The settings' own consistency: a message naming the setting that is wrong.
     pub fn check(&self) -> Result<(), String> {
@@ -90,23 +88,10 @@ impl Speculation {
         }
         for n in (self.ngram_min..=self.ngram_max.min(len.saturating_sub(1))).rev() {
             let tail = &history[len - n..];
-            if tail.contains(&NOT_A_TOKEN) {
-                continue;
-            }
             // Latest first; the match must leave at least one token after it.
-            for start in (0..len - n).rev() {
-                if &history[start..start + n] == tail {
-                    let from = start + n;
-                    let to = (from + limit).min(len);
-                    let guess: Vec<u32> = history[from..to]
-                        .iter()
-                        .copied()
-                        .take_while(|&t| t != NOT_A_TOKEN)
-                        .collect();
-                    if !guess.is_empty() {
-                        return guess;
-                    }
-                }
+            if let Some(start) = (0..len - n).rev().find(|&i| history[i..i + n] == *tail) {
+                let from = start + n;
+                return history[from..(from + limit).min(len)].to_vec();
             }
         }
         Vec::new()
@@ -142,7 +127,7 @@ mod tests {
     }
 
     #[test]
-    fn guesses_stop_at_the_limit_the_history_and_image_slots() {
+    fn guesses_stop_at_the_limit_and_the_history() {
         let h = [1, 2, 3, 4, 5, 6, 1, 2];
         assert_eq!(spec(8, 1, 2).propose(&h, 3), vec![3, 4, 5]);
         assert_eq!(spec(2, 1, 2).propose(&h, 8), vec![3, 4]);
@@ -150,15 +135,6 @@ mod tests {
         // The continuation runs to the history's end and no further.
         let h = [7, 8, 7];
         assert_eq!(spec(4, 1, 3).propose(&h, 8), vec![8, 7]);
-        // Image slots end a guess, and never match.
-        let n = NOT_A_TOKEN;
-        let h = [1, 2, n, n, 3, 1, 2];
-        assert_eq!(spec(4, 1, 2).propose(&h, 8), Vec::<u32>::new());
-        let h = [n, n, 5, n, 6];
-        assert_eq!(spec(4, 1, 3).propose(&[n, n], 8), Vec::<u32>::new());
-        assert_eq!(spec(4, 1, 3).propose(&h[..3], 8), Vec::<u32>::new());
-        let h = [5, 6, n, 5];
-        assert_eq!(spec(4, 1, 3).propose(&h, 8), vec![6]);
     }
 
     #[test]
