@@ -31,8 +31,18 @@ struct Fixture {
     images: Vec<PathBuf>,
 }
 
-fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
+/// The fixture, trained once per test process: tests that trained their own at the same time
+/// (two test threads) sometimes got a different model from the same seed — concurrent tch
+/// training is not bit-reproducible — and one near-tie flipped (int4 top-1 agreement 0.76
+/// instead of 0.95, once in seven full runs). Alone, the training is the same every time.
+fn fixture() -> &'static Fixture {
+    static FIXTURE: std::sync::OnceLock<Fixture> = std::sync::OnceLock::new();
+    FIXTURE.get_or_init(train_fixture)
+}
+
+fn train_fixture() -> Fixture {
+    // A static is never dropped: the directory goes under cargo's target/tmp, not /tmp.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let ckpt = dir.path().join("ckpt");
     let mut recipe = Recipe::tiny();
     recipe.steps = 60;
@@ -122,13 +132,13 @@ fn trainer_greedy(ckpt: &Path, prompts: &[(Vec<Segment>, Vec<PathBuf>)], max: us
 #[test]
 fn greedy_equals_trainer_and_batch_equals_single() {
     let f = fixture();
-    check_generation(&f, &f.pkg);
+    check_generation(f, &f.pkg);
 }
 
 #[test]
 fn in_place_kv_buffer_generates_the_same() {
     let f = fixture();
-    check_generation(&f, &f.pkg_buffer);
+    check_generation(f, &f.pkg_buffer);
 }
 
 /// Structured output on the trained model: a constraint that allows what the model says anyway
@@ -296,7 +306,7 @@ fn quantized_packages_keep_the_trained_models_answers() {
             String::from_utf8_lossy(&out.stderr)
         );
         if bits == 8 {
-            check_generation(&f, &pkg);
+            check_generation(f, &pkg);
         }
     }
 }
