@@ -23,7 +23,6 @@ use tch::{Device, Tensor};
 
 /// A briefly trained tiny model, exported (portable fp32), plus held-out images.
 struct Fixture {
-    _dir: tempfile::TempDir,
     ckpt: PathBuf,
     pkg: PathBuf,
     /// The same model with the buffer KV layout (updated in place through IoBinding).
@@ -41,9 +40,14 @@ fn fixture() -> &'static Fixture {
 }
 
 fn train_fixture() -> Fixture {
-    // A static is never dropped: the directory goes under cargo's target/tmp, not /tmp.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let ckpt = dir.path().join("ckpt");
+    // A static is never dropped: one directory under cargo's target/tmp, replaced by each run
+    // (cargo runs one test binary at a time), rather than a new one in /tmp every time.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("runtime-fixture");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let ckpt = dir.join("ckpt");
     let mut recipe = Recipe::tiny();
     recipe.steps = 60;
     // Fixed here (not the preset's default) so the outputs the tests look at stay the same.
@@ -63,7 +67,7 @@ fn train_fixture() -> Fixture {
         progress: false,
     })
     .expect("fit");
-    let pkg = dir.path().join("pkg");
+    let pkg = dir.join("pkg");
     export_package(
         &ckpt,
         &pkg,
@@ -71,7 +75,7 @@ fn train_fixture() -> Fixture {
         PackageDtype::Fp32,
         KvCacheLayout::Concat,
     );
-    let pkg_buffer = dir.path().join("pkg-buffer");
+    let pkg_buffer = dir.join("pkg-buffer");
     export_package(
         &ckpt,
         &pkg_buffer,
@@ -81,13 +85,12 @@ fn train_fixture() -> Fixture {
     );
     let images = (0..3)
         .map(|i| {
-            let p = dir.path().join(format!("img{i}.png"));
+            let p = dir.join(format!("img{i}.png"));
             item(Task::Shapes, Split::Test, 0, i).image.save(&p).unwrap();
             p
         })
         .collect();
     Fixture {
-        _dir: dir,
         ckpt,
         pkg,
         pkg_buffer,
