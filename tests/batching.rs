@@ -108,6 +108,9 @@ enum EnginePackage {
     CachedAttention,
     /// A `--cached-attention --quantize int8` export, against its own `Package::generate`.
     Int8,
+    /// A `--cached-attention --kv-cache-dtype fp16` export (float16 buffers, bound in place),
+    /// against its own `Package::generate`.
+    HalfCache,
 }
 
 #[test]
@@ -142,23 +145,54 @@ fn staggered_sequences_on_an_int8_package_equal_its_single_generation() {
     staggered_sequences(24, EnginePackage::Int8);
 }
 
+/// Float16 KV buffers: the pool's 2-byte rows moved as sequences come and go, the kernel writing
+/// rounded keys into the bound buffers in place. A call reads its own keys unrounded and the
+/// older ones as stored, so the engine equals generation alone where the calls split a sequence
+/// alike: whole prefills, and no prefix cache (whose reuse would read a prompt's first keys
+/// rounded where a fresh prefill reads them as computed).
+#[test]
+fn staggered_sequences_on_a_float16_kv_cache_equal_its_single_generation() {
+    staggered_sequences(0, EnginePackage::HalfCache);
+}
+
 fn staggered_sequences(prefill_chunk: usize, engine_package: EnginePackage) {
     let dir = tempfile::tempdir().unwrap();
     let (ckpt, pkg_dir) = kosmos_e2e::tiny_buffer_package(dir.path(), 7);
-    let mut pkg = if engine_package == EnginePackage::Int8 {
-        let int8 = dir.path().join("pkg-int8");
+    let own = match engine_package {
+        EnginePackage::Int8 => Some((
+            "pkg-int8",
+            kosmos_export::ExportOptions {
+                quantization: Some(kosmos_models::package::Quantization {
+                    bits: 8,
+                    block_size: 32,
+                    accuracy_level: 4,
+                }),
+                ..Default::default()
+            },
+        )),
+        EnginePackage::HalfCache => Some((
+            "pkg-kv-fp16",
+            kosmos_export::ExportOptions {
+                kv_dtype: Some(kosmos_models::package::PackageDtype::Fp16),
+                ..Default::default()
+            },
+        )),
+        _ => None,
+    };
+    let mut pkg = if let Some((name, opts)) = own {
+        let path = dir.path().join(name);
         let opts = kosmos_export::ExportOptions {
             kv_cache: kosmos_models::package::KvCacheLayout::Buffer,
             cached_attention: true,
-            quantization: Some(kosmos_models::package::Quantization {
-                bits: 8,
-                block_size: 32,
-                accuracy_level: 4,
-            }),
-            ..Default::default()
+            ..opts
         };
-        kosmos_export::export(&ckpt, &int8, &opts).unwrap();
-        Package::open(&int8, &SessionOptions::default()).unwrap()
+        kosmos_export::export(&ckpt, &path, &opts).unwrap();
+        let pkg = Package::open(&path, &SessionOptions::default()).unwrap();
+        assert_eq!(
+            pkg.manifest.decoder.kv_dtype,
+            opts.kv_dtype.unwrap_or(opts.dtype).element_type()
+        );
+        pkg
     } else {
         Package::open(&pkg_dir, &SessionOptions::default()).unwrap()
     };
@@ -202,6 +236,11 @@ fn staggered_sequences(prefill_chunk: usize, engine_package: EnginePackage) {
         max_batch: 3,
         vision_cache: 16,
         prefill_chunk,
+        prefix_cache_bytes: if engine_package == EnginePackage::HalfCache {
+            0
+        } else {
+            EngineConfig::default().prefix_cache_bytes
+        },
         ..Default::default()
     };
     let mut engine = Engine::new(pkg, config, metrics.clone()).unwrap();

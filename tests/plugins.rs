@@ -253,11 +253,12 @@ fn packed_linear_kernel_equals_function_body_equals_tch_linear() {
     assert!(e.contains("W_packed is [3, 2, 32], expected [2, 3, 32]"), "{e}");
 }
 
-/// Inputs of a `CachedAttention` call: Q, K, V [b, h, s, d], the buffers [b, h, c, d], past
-/// lengths [b] and the visibility mask [b, 1, s, c].
+/// Inputs of a `CachedAttention` call: Q, K, V [b, h, s, d], the buffers [b, h, c, d] (float16
+/// when `half_cache`), past lengths [b] and the visibility mask [b, 1, s, c].
 #[allow(clippy::too_many_arguments)]
 fn attention_inputs(
     (b, h, s, c, d): (usize, usize, usize, usize, usize),
+    half_cache: bool,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -272,12 +273,19 @@ fn attention_inputs(
             Tensor::from_array(([b, h, n, d], x.to_vec())).unwrap().into_dyn(),
         )
     };
+    let cache = |name: &'static str, x: &[f32]| {
+        if !half_cache {
+            return f(name, c, x);
+        }
+        let x: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+        (name, Tensor::from_array(([b, h, c, d], x)).unwrap().into_dyn())
+    };
     vec![
         f("Q", s, q),
         f("K", s, k),
         f("V", s, v),
-        f("past_key", c, past_k),
-        f("past_value", c, past_v),
+        cache("past_key", past_k),
+        cache("past_value", past_v),
         (
             "past_sequence_length",
             Tensor::from_array(([b], past_len.to_vec())).unwrap().into_dyn(),
@@ -304,10 +312,33 @@ type AttentionCase = (
 
 #[test]
 fn cached_attention_kernel_equals_function_body_equals_tch_attention() {
+    cached_attention_case(false);
+}
+
+/// With float16 buffers: the past is read as stored, the call's own keys and values as given,
+/// and the presents hold them rounded to nearest even (tch's rounding, bit for bit).
+#[test]
+fn cached_attention_on_a_float16_cache_equals_function_body_equals_tch_attention() {
+    cached_attention_case(true);
+}
+
+fn cached_attention_case(half_cache: bool) {
+    use kosmos_export::onnx::builder::DType;
     use kosmos_plugins::cached_attention::GEMM_MIN_QUERIES;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("op.onnx");
-    std::fs::write(&path, single_op_model(SingleOp::CachedAttention)).unwrap();
+    let cache = if half_cache { DType::F16 } else { DType::F32 };
+    std::fs::write(&path, single_op_model(SingleOp::CachedAttention { cache })).unwrap();
+    // What a buffer of the cache type holds for `x`.
+    let stored = |x: &[f32]| -> Vec<f32> {
+        let t = TchTensor::from_slice(x);
+        let t = if half_cache {
+            t.to_kind(Kind::Half).to_kind(Kind::Float)
+        } else {
+            t
+        };
+        Vec::<f32>::try_from(t).unwrap()
+    };
     // Decode steps and prefill chunks on both kernel paths (direct below GEMM_MIN_QUERIES
     // queries, GEMM from there), odd and non-panel head dims, rows ending at the capacity, and
     // left padding, whose queries see no key at all.
@@ -332,8 +363,8 @@ fn cached_attention_kernel_equals_function_body_equals_tch_attention() {
         let k = values(b * h * s * d, seed + 1);
         let v = values(b * h * s * d, seed + 2);
         // Every slot holds values, so reading one that is not visible would show.
-        let past_k = values(b * h * c * d, seed + 3);
-        let past_v = values(b * h * c * d, seed + 4);
+        let past_k = stored(&values(b * h * c * d, seed + 3));
+        let past_v = stored(&values(b * h * c * d, seed + 4));
         let past_len: Vec<i64> = past.iter().map(|&p| p as i64).collect();
         // Key j is seen by new token i of row r when pad_r ≤ j ≤ past_r + i (the decoder's mask).
         let mut visible = vec![false; b * s * c];
@@ -362,13 +393,24 @@ fn cached_attention_kernel_equals_function_body_equals_tch_attention() {
         let scores = scores.masked_fill(&mask.logical_not(), f32::MIN as f64);
         let want_y = scores.softmax(-1, Kind::Float).matmul(&t(&want_v, c));
         let want_y = Vec::<f32>::try_from(want_y.flatten(0, -1)).unwrap();
+        // The buffers keep the new rows as their type holds them.
+        let (want_k, want_v) = (stored(&want_k), stored(&want_v));
 
         let mut got = Vec::new();
         for session in sessions.iter_mut() {
             let dims = (b, h, s, c, d);
-            let inputs = attention_inputs(dims, &q, &k, &v, &past_k, &past_v, &past_len, &visible);
+            let inputs = attention_inputs(
+                dims, half_cache, &q, &k, &v, &past_k, &past_v, &past_len, &visible,
+            );
             let r = session.run(inputs).expect("run");
-            let out = |n: &str| r[n].try_extract_tensor::<f32>().unwrap().1.to_vec();
+            let out = |n: &str| match r[n].try_extract_tensor::<f32>() {
+                Ok((_, x)) => x.to_vec(),
+                Err(_) => {
+                    assert!(half_cache && n != "Y", "{n} is not float32");
+                    let (_, x) = r[n].try_extract_tensor::<half::f16>().unwrap();
+                    x.iter().map(|v| v.to_f32()).collect()
+                }
+            };
             got.push([out("Y"), out("present_key"), out("present_value")]);
         }
         let [body, kernel] = [got.pop().unwrap(), got.pop().unwrap()];
@@ -383,15 +425,33 @@ fn cached_attention_kernel_equals_function_body_equals_tch_attention() {
                 max_diff(&kernel[idx], &body[idx]),
             );
             eprintln!(
-                "CachedAttention case {ci} {name}: kernel {dk:.1e}, body {db:.1e}, kernel-body {dkb:.1e}"
+                "CachedAttention ({cache:?} cache) case {ci} {name}: kernel {dk:.1e}, body \
+                 {db:.1e}, kernel-body {dkb:.1e}"
             );
             assert!(dk <= 1e-5 && db <= 1e-5 && dkb <= 1e-5, "case {ci} {name}");
+            if idx > 0 {
+                // Stored values are the same rounding of the same inputs: equal, not close.
+                assert!(dk == 0.0 && db == 0.0, "case {ci} {name}: stored values differ");
+            }
         }
+    }
+    if half_cache {
+        return;
     }
 
     // New tokens that would run past the capacity are refused by name, not written out of bounds.
     let (z8, z12) = (vec![0f32; 8], vec![0f32; 12]);
-    let overflow = attention_inputs((1, 1, 2, 3, 4), &z8, &z8, &z8, &z12, &z12, &[2], &[true; 6]);
+    let overflow = attention_inputs(
+        (1, 1, 2, 3, 4),
+        false,
+        &z8,
+        &z8,
+        &z8,
+        &z12,
+        &z12,
+        &[2],
+        &[true; 6],
+    );
     let e = match sessions[0].run(overflow) {
         Ok(_) => panic!("past 2 + 2 new tokens in capacity 3 must fail"),
         Err(e) => e.to_string(),

@@ -140,6 +140,9 @@ pub struct ExportOptions {
     /// Write the decoder's attention as `ai.kosmos::CachedAttention` (buffer layout: kosmos-rt's
     /// CPU kernel reads each row's own keys only; the function body runs anywhere else).
     pub cached_attention: bool,
+    /// Element type of the KV buffers when it differs from `dtype`: a float16 cache for a
+    /// float32 (or quantised) model, read by `CachedAttention`'s kernel.
+    pub kv_dtype: Option<PackageDtype>,
     /// Quantise the decoder's linears (weight-only, `com.microsoft::MatMulNBits`).
     pub quantization: Option<Quantization>,
     /// Replace an existing output directory.
@@ -158,6 +161,7 @@ impl Default for ExportOptions {
             kv_cache: KvCacheLayout::Concat,
             packed_linears: false,
             cached_attention: false,
+            kv_dtype: None,
             quantization: None,
             force: false,
             progress: false,
@@ -182,10 +186,7 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
     let staged = StagedDir::new(out, opts.force)?;
     let dir = staged.path().to_path_buf();
     let cfg = &ckpt.config;
-    let dtype = match opts.dtype {
-        PackageDtype::Fp32 => DType::F32,
-        PackageDtype::Fp16 => DType::F16,
-    };
+    let dtype = element_type(opts.dtype);
 
     if opts.kv_cache == KvCacheLayout::Buffer && opts.profile == Profile::Ort {
         return Err(ExportError::Unsupported(
@@ -222,6 +223,25 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
     if let Some(q) = &opts.quantization {
         check_quantization(q, opts)?;
     }
+    let kv_dtype = opts.kv_dtype.unwrap_or(opts.dtype);
+    match (opts.dtype, kv_dtype) {
+        (PackageDtype::Fp16, PackageDtype::Fp32) => {
+            return Err(ExportError::Unsupported(
+                "--kv-cache-dtype fp32 with --dtype fp16: a float16 model's attention runs in \
+                 float16, so a float32 cache would only hold float16 values"
+                    .into(),
+            ));
+        }
+        (PackageDtype::Fp32, PackageDtype::Fp16) if !opts.cached_attention => {
+            return Err(ExportError::Unsupported(
+                "--kv-cache-dtype fp16 with --dtype fp32: a cache type other than the model's is \
+                 a float16 cache read by --cached-attention's kernel (add --cached-attention, \
+                 which needs --kv-cache buffer)"
+                    .into(),
+            ));
+        }
+        _ => {}
+    }
     let vision_bytes = write_component(&ckpt, &dir, package::VISION_FILE, dtype, opts, |l| {
         l.vision_graph(cfg)
     })?;
@@ -242,6 +262,7 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         &format!("{PRODUCER} {}", env!("CARGO_PKG_VERSION")),
     );
     manifest.quantization = opts.quantization;
+    manifest.decoder.kv_dtype = kv_dtype.element_type().into();
     kosmos_models::atomic::write_atomic(&dir.join(package::MANIFEST_FILE), manifest.to_json().as_bytes())?;
     let package = staged.commit()?;
     Ok(ExportSummary {
@@ -250,6 +271,14 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         decoder_bytes,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// The graph element type of a package dtype.
+fn element_type(dtype: PackageDtype) -> DType {
+    match dtype {
+        PackageDtype::Fp32 => DType::F32,
+        PackageDtype::Fp16 => DType::F16,
+    }
 }
 
 /// Whether `--quantize` goes with the other options.
@@ -315,6 +344,7 @@ fn write_component(
         // The vision tower runs once per image at 257+ rows, where MLAS's GEMM is the better one.
         packed_linears: opts.packed_linears && file == package::DECODER_FILE,
         cached_attention: opts.cached_attention,
+        kv_dtype: element_type(opts.kv_dtype.unwrap_or(opts.dtype)),
         // The vision tower is compute-bound and runs once per image; the decoder re-reads every
         // weight per generated token, which is what quantisation saves.
         quantization: opts.quantization.filter(|_| file == package::DECODER_FILE),
@@ -370,7 +400,8 @@ fn model_proto(
         ));
     }
     // Model-local bodies of the ai.kosmos ops it calls, so runtimes without their kernels inline them.
-    let functions = lower::kosmos_ops::functions_called(&graph.node);
+    let cache = element_type(opts.kv_dtype.unwrap_or(opts.dtype));
+    let functions = lower::kosmos_ops::functions_called(&graph.node, cache);
     ModelProto {
         ir_version: IR_VERSION,
         opset_import: opsets

@@ -19,6 +19,7 @@ use kosmos_export::{ExportOptions, Profile, export, parse_dtype};
         kosmos-export runs/k1 -o pkg/k1-trt --profile trt\n  \
         kosmos-export runs/k1 -o pkg/k1-serve --kv-cache buffer --packed-linears --cached-attention\n  \
         kosmos-export runs/k1 -o pkg/k1-int8 --kv-cache buffer --cached-attention --quantize int8\n  \
+        kosmos-export runs/k1 -o pkg/k1-int4 --kv-cache buffer --cached-attention --quantize int4 --kv-cache-dtype fp16\n  \
         kosmos-export inspect pkg/tiny/decoder.onnx\n  \
         kosmos-export verify runs/tiny pkg/tiny"
 )]
@@ -67,6 +68,12 @@ struct ExportArgs {
     /// function body keeps the package runnable by any ONNX runtime.
     #[arg(long)]
     cached_attention: bool,
+    /// Element type of the KV cache: fp16 halves the memory each sequence holds and the bytes
+    /// a step reads from it, for a fp32 or quantised model (needs --cached-attention, whose
+    /// kernel reads float16 buffers; keys and values are rounded as they are stored, as
+    /// vLLM's --kv-cache-dtype or llama.cpp's --cache-type-k f16 do). Default: --dtype.
+    #[arg(long, value_name = "fp32|fp16")]
+    kv_cache_dtype: Option<String>,
     /// Weight-only quantisation of the decoder's linears and LM head: int8 or int4, written as
     /// ONNX Runtime's com.microsoft::MatMulNBits (block-wise symmetric scales, as ONNX Runtime's
     /// own quantiser and ONNX Runtime GenAI's model builder make them). A decode step reads 4x
@@ -172,8 +179,17 @@ fn run(cli: Cli) -> Result<i32> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{} {} package ({} KV cache), {} decode steps",
-                    r.profile, r.dtype, r.kv_cache, steps
+                    "{} {} package ({} {} KV cache), {} decode steps{}",
+                    r.profile,
+                    r.dtype,
+                    r.kv_cache,
+                    r.kv_dtype,
+                    steps,
+                    if r.presents_beyond_rounding {
+                        "; the reference reads the stored float16 cache, present.* differences beyond its rounding (2^-11 of each value)"
+                    } else {
+                        ""
+                    }
                 );
                 for d in &r.diffs {
                     println!(
@@ -244,6 +260,7 @@ fn run(cli: Cli) -> Result<i32> {
                 kv_cache,
                 packed_linears: a.packed_linears,
                 cached_attention: a.cached_attention,
+                kv_dtype: a.kv_cache_dtype.as_deref().map(parse_dtype).transpose()?,
                 quantization,
                 force: a.force,
                 progress: !a.quiet,

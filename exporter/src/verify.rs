@@ -74,6 +74,11 @@ pub struct VerifyReport {
     pub dtype: String,
     pub profile: String,
     pub kv_cache: String,
+    /// Element type of the KV cache ("float32", "float16").
+    pub kv_dtype: String,
+    /// Whether the `present.*` differences are measured beyond float16 rounding (a float16
+    /// cache under a float32 model).
+    pub presents_beyond_rounding: bool,
     pub diffs: Vec<OutputDiff>,
     /// Greedy tokens (argmax of the last position per step and row) of the reference and package.
     pub reference_tokens: Vec<Vec<i64>>,
@@ -114,6 +119,12 @@ impl Top1 {
 
 impl Diffs {
     fn add(&mut self, name: &str, reference: &[f32], got: &[f32]) -> Result<()> {
+        self.add_beyond(name, reference, got, 0.0)
+    }
+
+    /// Like `add`, with each difference first reduced by `rounding`·|reference| (what storing
+    /// the value in a narrower type may move it by).
+    fn add_beyond(&mut self, name: &str, reference: &[f32], got: &[f32], rounding: f64) -> Result<()> {
         if reference.len() != got.len() {
             return Err(ExportError::Ort(format!(
                 "{name}: {} values from the package, {} expected",
@@ -124,7 +135,7 @@ impl Diffs {
         let max_abs = reference
             .iter()
             .zip(got)
-            .map(|(a, b)| (a - b).abs() as f64)
+            .map(|(&a, &b)| ((a - b).abs() as f64 - rounding * a.abs() as f64).max(0.0))
             .fold(0.0, |m, d| if d.is_nan() || d > m { d } else { m });
         let ref_max = reference.iter().map(|a| a.abs() as f64).fold(0.0, f64::max);
         match self.0.iter_mut().find(|d| d.output == name) {
@@ -259,6 +270,20 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
         d.head_dim() as i64,
     );
     let vocab = d.vocab_size as i64;
+    let kv_dtype = PackageDtype::from_element_type(&manifest.decoder.kv_dtype).ok_or_else(|| {
+        ExportError::BadPackage {
+            path: pkg.to_path_buf(),
+            message: format!("unknown kv_dtype '{}'", manifest.decoder.kv_dtype),
+        }
+    })?;
+    // A float16 cache under a float32 model stores each key and value rounded, and the next
+    // call reads them so. Rounding the reference's own cache would not give the same float16s:
+    // values a float32 rounding error apart round to neighbouring float16s now and then. So the
+    // reference's next step reads the package's stored cache, each step checks the stored new
+    // slots against the reference's keys and values within that rounding (half a float16 ulp,
+    // ≤ 2^-11 of the value) besides the tolerance, and the older slots must be unchanged.
+    let rounded_cache = kv_dtype == PackageDtype::Fp16 && manifest.dtype == PackageDtype::Fp32;
+    let rounding = if rounded_cache { 2f64.powi(-11) } else { 0.0 };
     let mut vision = session_with(&pkg.join(&manifest.vision.file), opts.without_custom_ops)?;
     let mut decoder = session_with(&pkg.join(&manifest.decoder.file), opts.without_custom_ops)?;
 
@@ -334,8 +359,8 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     inputs.extend(layout.extra(0, b, 0)?);
     let past0 = layout.capacity.unwrap_or(0);
     for i in 0..layers {
-        inputs.push((io::past_key(i), zero_kv([b, heads, past0, hd], manifest.dtype)?));
-        inputs.push((io::past_value(i), zero_kv([b, heads, past0, hd], manifest.dtype)?));
+        inputs.push((io::past_key(i), zero_kv([b, heads, past0, hd], kv_dtype)?));
+        inputs.push((io::past_value(i), zero_kv([b, heads, past0, hd], kv_dtype)?));
     }
     let mut out = decoder.run(inputs).map_err(ort_err)?;
     let logits = ort_f32(&out[io::LOGITS], io::LOGITS)?;
@@ -350,8 +375,15 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     let mut top1 = Top1::default();
     top1.add(&ref_real, &got_real);
     let mut present: Vec<DynValue> = Vec::with_capacity(2 * layers);
-    collect_present(&mut diffs, &step.present, &mut out, &attention_mask, &mut present)?;
-    let mut ref_past = step.present;
+    let stored = collect_present(
+        &mut diffs,
+        &step.present,
+        &mut out,
+        &attention_mask,
+        rounding,
+        &mut present,
+    )?;
+    let mut ref_past = if rounded_cache { stored } else { step.present };
     let last = |l: &Tensor| l.select(1, -1).argmax(-1, false);
     let mut next = last(&step.logits);
     let mut pkg_next = last(&got);
@@ -396,8 +428,15 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
             &step.logits.view([-1, vocab]),
             &Tensor::from_slice(&logits).view([-1, vocab]),
         );
-        collect_present(&mut diffs, &step.present, &mut out, &attention_mask, &mut present)?;
-        ref_past = step.present;
+        let stored = collect_present(
+            &mut diffs,
+            &step.present,
+            &mut out,
+            &attention_mask,
+            rounding,
+            &mut present,
+        )?;
+        ref_past = if rounded_cache { stored } else { step.present };
         next = last(&step.logits);
         pkg_next = last(&Tensor::from_slice(&logits).view([b, 1, vocab]));
         reference_tokens.push(to_i64(&next));
@@ -434,6 +473,8 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
         dtype: manifest.dtype.as_str().into(),
         profile: manifest.profile.clone(),
         kv_cache: manifest.decoder.kv_cache.as_str().into(),
+        kv_dtype: manifest.decoder.kv_dtype.clone(),
+        presents_beyond_rounding: rounded_cache,
         diffs: diffs.0,
         reference_tokens,
         package_tokens,
@@ -447,15 +488,20 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
 
 /// Compare the package's `present.*` with the reference cache at real (non-padding) positions —
 /// padding slots hold whatever each implementation computes for queries that see no key, and no
-/// real token ever reads them — and keep the package's values for the next step.
+/// real token ever reads them — beyond `rounding` (see `Diffs::add_beyond`), and keep the
+/// package's values for the next step. Returns them as a reference cache (the sequence's slots,
+/// as float32).
 fn collect_present(
     diffs: &mut Diffs,
     reference: &[kosmos_train::LayerKv],
     out: &mut ort::session::SessionOutputs<'_>,
     attention_mask: &Tensor,
+    rounding: f64,
     keep: &mut Vec<DynValue>,
-) -> Result<()> {
+) -> Result<Vec<kosmos_train::LayerKv>> {
+    let mut stored = Vec::with_capacity(reference.len());
     for (i, kv) in reference.iter().enumerate() {
+        let mut pair = Vec::with_capacity(2);
         let shape = kv.key.size();
         let real = attention_mask
             .to_kind(Kind::Bool)
@@ -471,18 +517,23 @@ fn collect_present(
             let got = Tensor::from_slice(&got)
                 .view([shape[0], shape[1], cap, shape[3]])
                 .narrow(2, 0, shape[2]);
-            diffs.add(
+            diffs.add_beyond(
                 label,
                 &to_vec(&r.masked_select(&real)),
                 &to_vec(&got.masked_select(&real)),
+                rounding,
             )?;
+            pair.push(got);
             keep.push(
                 out.remove(name.as_str())
                     .ok_or_else(|| ExportError::Ort(format!("{name} missing from the outputs")))?,
             );
         }
+        let value = pair.pop().expect("value");
+        let key = pair.pop().expect("key");
+        stored.push(kosmos_train::LayerKv { key, value });
     }
-    Ok(())
+    Ok(stored)
 }
 
 fn to_i64(t: &Tensor) -> Vec<i64> {

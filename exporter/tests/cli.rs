@@ -131,6 +131,23 @@ fn bad_input_gets_one_clear_error_and_no_output() {
             "--packed-linears needs --dtype fp32",
         ),
         (
+            vec![
+                s(&ckpt),
+                "-o",
+                s(&out),
+                "--kv-cache",
+                "buffer",
+                "--kv-cache-dtype",
+                "fp16",
+            ],
+            "--kv-cache-dtype fp16 with --dtype fp32: a cache type other than the model's is a \
+             float16 cache read by --cached-attention's kernel",
+        ),
+        (
+            vec![s(&ckpt), "-o", s(&out), "--kv-cache-dtype", "int8"],
+            "unknown dtype 'int8'",
+        ),
+        (
             vec![s(&ckpt), "-o", s(&out), "--packed-linears", "--profile", "trt"],
             "TensorRT has no plugin for it",
         ),

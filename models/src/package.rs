@@ -62,6 +62,21 @@ impl PackageDtype {
             PackageDtype::Fp16 => "fp16",
         }
     }
+
+    /// The ONNX element type's name, as the manifest's `kv_dtype` gives it.
+    pub fn element_type(self) -> &'static str {
+        match self {
+            PackageDtype::Fp32 => "float32",
+            PackageDtype::Fp16 => "float16",
+        }
+    }
+
+    /// The dtype whose [`element_type`](Self::element_type) is `name`.
+    pub fn from_element_type(name: &str) -> Option<Self> {
+        [PackageDtype::Fp32, PackageDtype::Fp16]
+            .into_iter()
+            .find(|d| d.element_type() == name)
+    }
 }
 
 /// How the decoder's KV cache is passed (DESIGN §5 describes `concat`).
@@ -283,11 +298,7 @@ impl PackageManifest {
                 hidden_size: d.decoder_embed_dim,
                 vocab_size: d.vocab_size,
                 context_length: d.max_target_positions,
-                kv_dtype: match dtype {
-                    PackageDtype::Fp32 => "float32",
-                    PackageDtype::Fp16 => "float16",
-                }
-                .into(),
+                kv_dtype: dtype.element_type().into(),
                 kv_cache,
                 past_key: "past_key_values.{i}.key".into(),
                 past_value: "past_key_values.{i}.value".into(),

@@ -7,12 +7,63 @@
 //! capacity 1600 against 275 ms at capacity 128, so one long request slowed every other one.
 //! Here query i of row r stops at its last visible key.
 //!
+//! The buffers hold float32 or float16 ([`CacheElement`]): a float16 cache halves the bytes a
+//! long sequence's steps read and the memory each row holds. Past keys and values are widened
+//! to float32 as they are read; a call's own new keys and values are used as given and rounded
+//! only where they are stored, so the next call sees them rounded.
+//!
 //! Two paths, per (row, head): below [`GEMM_MIN_QUERIES`] queries (decode steps) a direct loop
 //! streams each visible key and value once; from there on (prefill) Q·Kᵀ and P·V run through
 //! the `PackedLinear` GEMM on keys and values packed into panels, whose cost is paid once for
 //! many queries.
 
+use std::cell::RefCell;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
 use crate::packed_linear::{self, Isa, pack_in_out, pack_out_in};
+
+/// Element type of the key and value buffers.
+pub trait CacheElement: Copy + Send + Sync + 'static {
+    /// `dst` = `src` as float32 (same lengths).
+    fn widen(src: &[Self], dst: &mut [f32]);
+    /// `dst` = `src` rounded to this type, to nearest even (same lengths).
+    fn narrow(src: &[f32], dst: &mut [Self]);
+    /// `src` itself when it is float32 already, so a float32 cache is read in place.
+    fn as_f32(src: &[Self]) -> Option<&[f32]>;
+}
+
+impl CacheElement for f32 {
+    fn widen(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn narrow(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn as_f32(src: &[f32]) -> Option<&[f32]> {
+        Some(src)
+    }
+}
+
+impl CacheElement for f16 {
+    fn widen(src: &[f16], dst: &mut [f32]) {
+        // F16C where the CPU has it (the `half` crate detects it at run time).
+        src.convert_to_f32_slice(dst);
+    }
+    fn narrow(src: &[f32], dst: &mut [f16]) {
+        dst.convert_from_f32_slice(src);
+    }
+    fn as_f32(_: &[f16]) -> Option<&[f32]> {
+        None
+    }
+}
+
+thread_local! {
+    /// Float32 keys and values of a float16 cache's (row, head), reused by every task a thread
+    /// runs (a fresh allocation per task would fault in new pages each time).
+    static WIDENED: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
 
 /// Queries per (row, head) from which the GEMM path is used.
 pub const GEMM_MIN_QUERIES: usize = 8;
@@ -104,32 +155,40 @@ pub struct Counts {
     pub present_value: usize,
 }
 
-/// The buffers of one call. `present_*` either are `past_*` (the runtime binds one buffer as
-/// both, and only the new slots are written) or do not overlap them (the past is copied first).
-#[derive(Clone, Copy, Debug)]
-pub struct Buffers {
+/// The buffers of one call, the caches of element type `E`. `present_*` either are `past_*` (the
+/// runtime binds one buffer as both, and only the new slots are written) or do not overlap them
+/// (the past is copied first).
+#[derive(Debug)]
+pub struct Buffers<E> {
     pub q: *const f32,
     pub k: *const f32,
     pub v: *const f32,
-    pub past_key: *const f32,
-    pub past_value: *const f32,
+    pub past_key: *const E,
+    pub past_value: *const E,
     pub past_len: *const i64,
     pub visible: *const bool,
     pub y: *mut f32,
-    pub present_key: *mut f32,
-    pub present_value: *mut f32,
+    pub present_key: *mut E,
+    pub present_value: *mut E,
 }
 
+impl<E> Clone for Buffers<E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<E> Copy for Buffers<E> {}
+
 // SAFETY: the tasks of one call touch disjoint (row, head) blocks of every output.
-unsafe impl Send for Buffers {}
-unsafe impl Sync for Buffers {}
+unsafe impl<E> Send for Buffers<E> {}
+unsafe impl<E> Sync for Buffers<E> {}
 
 /// Task `task` of [`Dims::tasks`]: row `task / heads`, head `task % heads`.
 ///
 /// # Safety
 /// The buffers hold what [`Dims::check`] accepted (past lengths included), with the aliasing
 /// [`Buffers`] describes, and no two concurrent calls share a task index for the same outputs.
-pub unsafe fn run_task(isa: Isa, d: Dims, buf: Buffers, task: usize) {
+pub unsafe fn run_task<E: CacheElement>(isa: Isa, d: Dims, buf: Buffers<E>, task: usize) {
     let Dims {
         heads,
         seq: s,
@@ -148,17 +207,55 @@ pub unsafe fn run_task(isa: Isa, d: Dims, buf: Buffers, task: usize) {
             if old != present.cast_const() {
                 std::ptr::copy_nonoverlapping(old.add(cache_at), present.add(cache_at), c * hd);
             }
-            std::ptr::copy_nonoverlapping(fresh.add(new_at), present.add(cache_at + past * hd), s * hd);
+            E::narrow(
+                std::slice::from_raw_parts(fresh.add(new_at), s * hd),
+                std::slice::from_raw_parts_mut(present.add(cache_at + past * hd), s * hd),
+            );
+        }
+        if s == 0 {
+            return;
         }
         let keys = std::slice::from_raw_parts(buf.present_key.add(cache_at), c * hd);
         let values = std::slice::from_raw_parts(buf.present_value.add(cache_at), c * hd);
         let q = std::slice::from_raw_parts(buf.q.add(new_at), s * hd);
         let y = std::slice::from_raw_parts_mut(buf.y.add(new_at), s * hd);
         let visible = std::slice::from_raw_parts(buf.visible.add(row * s * c), s * c);
-        if s > 0 {
-            attend(isa, (s, c, hd), q, keys, values, visible, y);
+        let lens = visible_lengths(visible, c);
+        if let (Some(keys), Some(values)) = (E::as_f32(keys), E::as_f32(values)) {
+            // A float32 cache holds the new keys and values exactly: read it in place.
+            attend(isa, (s, c, hd), q, keys, values, visible, &lens, y);
+            return;
         }
+        // Widen the slots any query reads (all of them when a query sees none: it gets the mean
+        // of every value), with this call's own keys and values as given, not rounded.
+        let slots = if lens.contains(&0) {
+            c
+        } else {
+            lens.iter().copied().max().unwrap_or(0)
+        };
+        let new_k = std::slice::from_raw_parts(buf.k.add(new_at), s * hd);
+        let new_v = std::slice::from_raw_parts(buf.v.add(new_at), s * hd);
+        WIDENED.with_borrow_mut(|(kw, vw)| {
+            for (wide, stored, fresh) in [(&mut *kw, keys, new_k), (&mut *vw, values, new_v)] {
+                wide.resize(slots * hd, 0.0);
+                E::widen(&stored[..slots * hd], wide);
+                let end = (past + s).min(slots);
+                if end > past {
+                    wide[past * hd..end * hd].copy_from_slice(&fresh[..(end - past) * hd]);
+                }
+            }
+            attend(isa, (s, c, hd), q, kw, vw, visible, &lens, y);
+        });
     }
+}
+
+/// For each query of `visible` [s, c], one past its last visible key (0 when it sees none):
+/// keys from there on are never read.
+fn visible_lengths(visible: &[bool], c: usize) -> Vec<usize> {
+    visible
+        .chunks_exact(c)
+        .map(|v| v.iter().rposition(|&x| x).map_or(0, |j| j + 1))
+        .collect()
 }
 
 /// Run `$f(args)` compiled for the instruction set `isa` (the compiler vectorises the
@@ -186,8 +283,10 @@ macro_rules! dispatch {
     }};
 }
 
-/// One (row, head): `y` [s, hd] from `q` [s, hd] over `keys`, `values` [c, hd] where
-/// `visible` [s, c] allows (s, c, hd > 0).
+/// One (row, head): `y` [s, hd] from `q` [s, hd] over `keys`, `values` [≥ max(lens), hd] (all
+/// c slots when a query sees no key) where `visible` [s, c] allows; `lens` from
+/// [`visible_lengths`] (s, c, hd > 0).
+#[allow(clippy::too_many_arguments)]
 fn attend(
     isa: Isa,
     (s, c, hd): (usize, usize, usize),
@@ -195,13 +294,9 @@ fn attend(
     keys: &[f32],
     values: &[f32],
     visible: &[bool],
+    lens: &[usize],
     y: &mut [f32],
 ) {
-    // Keys past a query's last visible one are never read.
-    let lens: Vec<usize> = visible
-        .chunks_exact(c)
-        .map(|v| v.iter().rposition(|&x| x).map_or(0, |j| j + 1))
-        .collect();
     let span = lens.iter().copied().max().unwrap_or(0);
     if s < GEMM_MIN_QUERIES {
         for i in 0..s {
@@ -239,7 +334,7 @@ fn attend(
         let yi = &mut y[i * hd..(i + 1) * hd];
         yi.fill(0.0);
         let w = 1.0 / c as f32;
-        for v in values.chunks_exact(hd) {
+        for v in values[..c * hd].chunks_exact(hd) {
             axpy(w, v, yi);
         }
     }
@@ -344,30 +439,30 @@ pub fn exp(x: f32) -> f32 {
 
 /// The outputs of [`cached_attention`].
 #[derive(Clone, Debug, PartialEq)]
-pub struct Attended {
+pub struct Attended<E> {
     pub y: Vec<f32>,
-    pub present_key: Vec<f32>,
-    pub present_value: Vec<f32>,
+    pub present_key: Vec<E>,
+    pub present_value: Vec<E>,
 }
 
 /// The whole call on the calling thread, with separate past and present buffers (tests, and
 /// callers without a thread pool).
 #[allow(clippy::too_many_arguments)]
-pub fn cached_attention(
+pub fn cached_attention<E: CacheElement + Default>(
     isa: Isa,
     d: Dims,
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    past_key: &[f32],
-    past_value: &[f32],
+    past_key: &[E],
+    past_value: &[E],
     past_len: &[i64],
     visible: &[bool],
-) -> Result<Attended, String> {
+) -> Result<Attended<E>, String> {
     let (mut y, mut pk, mut pv) = (
         vec![0f32; q.len()],
-        vec![0f32; past_key.len()],
-        vec![0f32; past_value.len()],
+        vec![E::default(); past_key.len()],
+        vec![E::default(); past_value.len()],
     );
     let counts = Counts {
         q: q.len(),
@@ -432,7 +527,7 @@ mod tests {
             head_dim: 2,
         };
         let (n, c) = (12, 16);
-        let err = cached_attention(
+        let err = cached_attention::<f32>(
             Isa::Portable,
             d,
             &vec![0.0; n],
@@ -448,7 +543,7 @@ mod tests {
             err.contains("row 1 has past_sequence_length 2") && err.contains("0..=1"),
             "{err}"
         );
-        let err = cached_attention(
+        let err = cached_attention::<f32>(
             Isa::Portable,
             d,
             &vec![0.0; n],

@@ -76,19 +76,30 @@
 //! `kosmos-export --cached-attention` writes the decoder's attention this way.
 //!
 //! * inputs `Q`, `K`, `V`: T[b, h, s, d] (queries already scaled by 1/√d and, like the keys,
-//!   through xPos); `past_key`, `past_value`: T[b, h, c, d]; `past_sequence_length`:
+//!   through xPos); `past_key`, `past_value`: C[b, h, c, d]; `past_sequence_length`:
 //!   int64[b] with 0 ≤ p_r ≤ c − s; `visible`: bool[b, 1, s, c];
-//! * outputs `Y`: T[b, h, s, d]; `present_key`, `present_value`: T[b, h, c, d];
-//! * T: float32 (the kernel is float32; the exporter refuses `--dtype fp16` with it).
+//! * outputs `Y`: T[b, h, s, d]; `present_key`, `present_value`: C[b, h, c, d];
+//! * T: float32 (the kernel is float32; the exporter refuses `--dtype fp16` with it);
+//! * C: float32 or float16 (`kosmos-export --kv-cache-dtype fp16`: half the cache's memory and
+//!   of the bytes a step reads from it). ONNX Runtime picks the kernel by C.
 //!
-//! `present_*` are `past_*` with slots p_r .. p_r + s of row r replaced by `K`, `V`;
-//! `Y[r, :, i] = Σ_j softmax_j(S_ij) · present_value[r, :, j]` with `S_ij = Q[r, :, i] ·
-//! present_key[r, :, j]` where `visible[r, 0, i, j]` and the lowest float32 elsewhere (so a query
-//! with no visible key gets the mean of all c values, as `Softmax` gives). When the runtime binds
-//! one buffer as both `past_*` and `present_*`, the kernel writes only the new slots.
+//! `present_*` are `past_*` with slots p_r .. p_r + s of row r replaced by `K`, `V` rounded to C
+//! (to nearest even). Let key_j be the j-th row of `past_key[r, :]` widened to float32 for
+//! j < p_r and beyond p_r + s, and `K[r, :, j − p_r]` itself (not rounded) for the call's own
+//! slots; value_j likewise. `Y[r, :, i] = Σ_j softmax_j(S_ij) · value_j` with
+//! `S_ij = Q[r, :, i] · key_j` where `visible[r, 0, i, j]` and the lowest float32 elsewhere (so a
+//! query with no visible key gets the mean of all c values, as `Softmax` gives). For C = float32
+//! key_j is simply `present_key[r, :, j]`. When the runtime binds one buffer as both `past_*` and
+//! `present_*`, the kernel writes only the new slots.
+//!
+//! Why a call's own rows are read unrounded: a prefill then gives exactly the float32 model's
+//! logits. The price: a float16 cache's output depends, in its last bits, on where a sequence's
+//! calls split it (a prompt prefilled in chunks, or partly from the prefix cache, reads its
+//! earlier part rounded), as a quantised model's does.
 //!
 //! The function body is the standard-op attention of the other profiles: `ScatterND` of K and V
-//! at (row, head, p_r + i), `MatMul` with the transposed keys, `Where`, `Softmax`, `MatMul`.
+//! at (row, head, p_r + i), `MatMul` with the transposed keys, `Where`, `Softmax`, `MatMul`; for
+//! C = float16 the presents take `Cast(K)` and the attention reads `ScatterND(Cast(past_key), K)`.
 
 pub mod cached_attention;
 pub mod ort_ops;

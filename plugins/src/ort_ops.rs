@@ -1,13 +1,19 @@
 //! Fused ONNX Runtime CPU kernels for the `ai.kosmos` ops, through `ort`'s custom-operator API.
-//! [`operator_domain`] is what a session registers. Float32 only, as the `trt` profile that
-//! uses these ops (a float16 node would find no kernel and fail to load, not run the body).
+//! [`operator_domain`] is what a session registers. Float32 activations only, as the `trt`
+//! profile that uses these ops (a float16 node would find no kernel and fail to load, not run the
+//! body); `CachedAttention` has a kernel for float32 and one for float16 KV buffers, which ONNX
+//! Runtime picks between by the buffers' type.
+
+use std::marker::PhantomData;
+
+use half::f16;
 
 use ort::operator::{
     ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput,
 };
-use ort::value::TensorElementType;
+use ort::value::{PrimitiveTensorElementType, TensorElementType};
 
-use crate::cached_attention::{self as attention, Buffers, Counts};
+use crate::cached_attention::{self as attention, Buffers, CacheElement, Counts};
 use crate::packed_linear::{Dims, Isa, PANEL, panels, run_task};
 use crate::reference::{XposAttrs, subln_gelu, xpos};
 use crate::{DOMAIN, cached, packed, subln, xpos as xpos_names};
@@ -18,7 +24,8 @@ pub fn operator_domain() -> ort::Result<OperatorDomain> {
         .add(XposOp)?
         .add(SubLnGeluOp)?
         .add(PackedLinearOp)?
-        .add(CachedAttentionOp)
+        .add(CachedAttentionOp::<f32>::default())?
+        .add(CachedAttentionOp::<f16>::default())
 }
 
 fn missing(what: &str) -> ort::Error {
@@ -239,36 +246,51 @@ impl Kernel for PackedLinearKernel {
     }
 }
 
-pub struct CachedAttentionOp;
+/// `CachedAttention` with KV buffers of element type `E` (f32 or f16).
+pub struct CachedAttentionOp<E>(PhantomData<E>);
 
-pub struct CachedAttentionKernel {
-    isa: Isa,
+impl<E> Default for CachedAttentionOp<E> {
+    fn default() -> Self {
+        CachedAttentionOp(PhantomData)
+    }
 }
 
-impl Operator for CachedAttentionOp {
-    type Kernel<'attr> = CachedAttentionKernel;
+pub struct CachedAttentionKernel<E> {
+    isa: Isa,
+    cache: PhantomData<E>,
+}
+
+impl<E: CacheElement + PrimitiveTensorElementType> Operator for CachedAttentionOp<E> {
+    type Kernel<'attr> = CachedAttentionKernel<E>;
 
     fn name(&self) -> &str {
         cached::OP
     }
 
     fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
-        f32_inputs(5).into_iter().chain([
+        let cache = E::into_tensor_element_type();
+        f32_inputs(3).into_iter().chain([
+            OperatorInput::required(cache),
+            OperatorInput::required(cache),
             OperatorInput::required(TensorElementType::Int64),
             OperatorInput::required(TensorElementType::Bool),
         ])
     }
 
     fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
-        (0..3).map(|_| OperatorOutput::required(TensorElementType::Float32))
+        let cache = E::into_tensor_element_type();
+        [TensorElementType::Float32, cache, cache].map(OperatorOutput::required)
     }
 
-    fn create_kernel<'attr>(&self, _: &KernelContext<'attr>) -> ort::Result<CachedAttentionKernel> {
-        Ok(CachedAttentionKernel { isa: Isa::detect() })
+    fn create_kernel<'attr>(&self, _: &KernelContext<'attr>) -> ort::Result<CachedAttentionKernel<E>> {
+        Ok(CachedAttentionKernel {
+            isa: Isa::detect(),
+            cache: PhantomData,
+        })
     }
 }
 
-impl Kernel for CachedAttentionKernel {
+impl<E: CacheElement + PrimitiveTensorElementType> Kernel for CachedAttentionKernel<E> {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let input = |i: usize| {
             ctx.input(i)?
@@ -286,8 +308,8 @@ impl Kernel for CachedAttentionKernel {
         let (qs, q) = qv.try_extract_tensor::<f32>()?;
         let (_, k) = kv.try_extract_tensor::<f32>()?;
         let (_, v) = vv.try_extract_tensor::<f32>()?;
-        let (cs, past_key) = pkv.try_extract_tensor::<f32>()?;
-        let (_, past_value) = pvv.try_extract_tensor::<f32>()?;
+        let (cs, past_key) = pkv.try_extract_tensor::<E>()?;
+        let (_, past_value) = pvv.try_extract_tensor::<E>()?;
         let (_, past_len) = plv.try_extract_tensor::<i64>()?;
         let (_, visible) = visv.try_extract_tensor::<bool>()?;
         let (d, cache_shape) = match (&**qs, &**cs) {
@@ -336,8 +358,8 @@ impl Kernel for CachedAttentionKernel {
             .output(2, cache_shape)?
             .ok_or_else(|| missing("output 2 (present_value)"))?;
         let (_, y) = yv.try_extract_tensor_mut::<f32>()?;
-        let (_, present_key) = pk_out.try_extract_tensor_mut::<f32>()?;
-        let (_, present_value) = pv_out.try_extract_tensor_mut::<f32>()?;
+        let (_, present_key) = pk_out.try_extract_tensor_mut::<E>()?;
+        let (_, present_value) = pv_out.try_extract_tensor_mut::<E>()?;
         let counts = Counts {
             q: q_n,
             k: k_n,

@@ -47,7 +47,6 @@ enum CacheWrite {
 impl Lower<'_, '_, '_> {
     pub fn decoder_graph(&mut self, cfg: &KosmosConfig) -> Result<()> {
         let d = &cfg.decoder;
-        let dt = self.dtype();
         let (dm, heads, hd) = (
             d.decoder_embed_dim as i64,
             d.decoder_attention_heads,
@@ -83,9 +82,10 @@ impl Lower<'_, '_, '_> {
             None
         };
         let mut past = Vec::with_capacity(d.decoder_layers);
+        let kv_dt = self.kv_dtype;
         for i in 0..d.decoder_layers {
-            let k = self.g.input(&io::past_key(i), dt, shape![&b, heads, &p, hd]);
-            let v = self.g.input(&io::past_value(i), dt, shape![&b, heads, &p, hd]);
+            let k = self.g.input(&io::past_key(i), kv_dt, shape![&b, heads, &p, hd]);
+            let v = self.g.input(&io::past_value(i), kv_dt, shape![&b, heads, &p, hd]);
             past.push((k, v));
         }
 
@@ -454,8 +454,8 @@ impl Lower<'_, '_, '_> {
                             vec![],
                             vec![
                                 (qh.dtype, qh.shape.clone()),
-                                (kh.dtype, past_k.shape.clone()),
-                                (vh.dtype, past_v.shape.clone()),
+                                (past_k.dtype, past_k.shape.clone()),
+                                (past_v.dtype, past_v.shape.clone()),
                             ],
                         );
                         let mut it = outs.into_iter();

@@ -296,8 +296,10 @@ pub fn packed_linear_function() -> FunctionProto {
 }
 
 /// `ai.kosmos::CachedAttention(Q, K, V, past_key, past_value, past_sequence_length, visible)
-/// -> (Y, present_key, present_value)`: the standard-op attention over the buffer.
-pub fn cached_attention_function() -> FunctionProto {
+/// -> (Y, present_key, present_value)`: the standard-op attention over the buffer, whose element
+/// type is `cache` (F32 or F16; a model holds one body per op, so the exporter picks the one its
+/// buffers need).
+pub fn cached_attention_function(cache: DType) -> FunctionProto {
     let mut b = Body::new();
     // (row, head, past[row] + i) for every new [b, h, s] entry, for ScatterND.
     let dim = |b: &mut Body, i: i64| b.op("Shape", &["K"], vec![attr_i("start", i), attr_i("end", i + 1)]);
@@ -328,18 +330,34 @@ pub fn cached_attention_function() -> FunctionProto {
         &[&parts[0], &parts[1], &parts[2]],
         vec![attr_i("axis", 3)],
     );
-    b.op_to("ScatterND", &["past_key", &idx, "K"], vec![], "present_key");
-    b.op_to("ScatterND", &["past_value", &idx, "V"], vec![], "present_value");
-    let kt = b.op(
-        "Transpose",
-        &["present_key"],
-        vec![attr_ints("perm", &[0, 1, 3, 2])],
-    );
+    let (keys, values) = if cache == DType::F32 {
+        b.op_to("ScatterND", &["past_key", &idx, "K"], vec![], "present_key");
+        b.op_to("ScatterND", &["past_value", &idx, "V"], vec![], "present_value");
+        ("present_key".to_string(), "present_value".to_string())
+    } else {
+        // The buffers store the new rows rounded; this call attends to the past as stored and
+        // to its own rows as given (the spec, and what the kernel does).
+        let to_cache = || vec![attr_i("to", cache.onnx() as i64)];
+        let to_f32 = || vec![attr_i("to", DType::F32.onnx() as i64)];
+        let mut attended = Vec::new();
+        for (new, past, present) in [
+            ("K", "past_key", "present_key"),
+            ("V", "past_value", "present_value"),
+        ] {
+            let stored = b.op("Cast", &[new], to_cache());
+            b.op_to("ScatterND", &[past, &idx, &stored], vec![], present);
+            let wide = b.op("Cast", &[past], to_f32());
+            attended.push(b.op("ScatterND", &[&wide, &idx, new], vec![]));
+        }
+        let values = attended.pop().unwrap();
+        (attended.pop().unwrap(), values)
+    };
+    let kt = b.op("Transpose", &[&keys], vec![attr_ints("perm", &[0, 1, 3, 2])]);
     let scores = b.op("MatMul", &["Q", &kt], vec![]);
     let lowest = b.float(f32::MIN);
     let scores = b.op("Where", &["visible", &scores, &lowest], vec![]);
     let probs = b.op("Softmax", &[&scores], vec![attr_i("axis", -1)]);
-    b.op_to("MatMul", &[&probs, "present_value"], vec![], "Y");
+    b.op_to("MatMul", &[&probs, &values], vec![], "Y");
     b.finish(
         cached::OP,
         &cached::INPUTS,
@@ -349,19 +367,20 @@ pub fn cached_attention_function() -> FunctionProto {
     )
 }
 
-/// Every `ai.kosmos` function.
-pub fn functions() -> Vec<FunctionProto> {
+/// Every `ai.kosmos` function, `CachedAttention`'s for KV buffers of type `cache`.
+pub fn functions(cache: DType) -> Vec<FunctionProto> {
     vec![
         xpos_function(),
         subln_gelu_function(),
         packed_linear_function(),
-        cached_attention_function(),
+        cached_attention_function(cache),
     ]
 }
 
-/// The `ai.kosmos` functions that `nodes` call, for the model that holds them.
-pub fn functions_called(nodes: &[NodeProto]) -> Vec<FunctionProto> {
-    functions()
+/// The `ai.kosmos` functions that `nodes` call, for the model that holds them (its KV buffers of
+/// type `cache`).
+pub fn functions_called(nodes: &[NodeProto], cache: DType) -> Vec<FunctionProto> {
+    functions(cache)
         .into_iter()
         .filter(|f| nodes.iter().any(|n| n.domain == DOMAIN && n.op_type == f.name))
         .collect()
@@ -402,10 +421,10 @@ pub enum SingleOp {
     SubLnGelu { epsilon: f32 },
     /// Inputs `X` f32[b, s, k], `W_packed` f32[p, k, 32], `B` f32[n].
     PackedLinear { n: usize },
-    /// Inputs `Q`, `K`, `V` f32[b, h, s, d], `past_key`, `past_value` f32[b, h, c, d],
-    /// `past_sequence_length` i64[b], `visible` bool[b, 1, s, c]; outputs `Y`, `present_key`,
-    /// `present_value`.
-    CachedAttention,
+    /// Inputs `Q`, `K`, `V` f32[b, h, s, d], `past_key`, `past_value` [b, h, c, d] of type
+    /// `cache` (F32 or F16), `past_sequence_length` i64[b], `visible` bool[b, 1, s, c]; outputs
+    /// `Y`, `present_key`, `present_value`.
+    CachedAttention { cache: DType },
 }
 
 /// A model whose graph is one call of `op` (output `Y`, and the presents of `CachedAttention`),
@@ -449,7 +468,7 @@ pub fn single_op_model(op: SingleOp) -> Vec<u8> {
             ],
             packed_linear_attributes(n),
         ),
-        SingleOp::CachedAttention => {
+        SingleOp::CachedAttention { cache: ct } => {
             let new = [sym("b"), sym("h"), sym("s"), sym("d")];
             let cache = [sym("b"), sym("h"), sym("c"), sym("d")];
             (
@@ -458,8 +477,8 @@ pub fn single_op_model(op: SingleOp) -> Vec<u8> {
                     value_info("Q", DType::F32, &new),
                     value_info("K", DType::F32, &new),
                     value_info("V", DType::F32, &new),
-                    value_info("past_key", DType::F32, &cache),
-                    value_info("past_value", DType::F32, &cache),
+                    value_info("past_key", ct, &cache),
+                    value_info("past_value", ct, &cache),
                     value_info("past_sequence_length", DType::I64, &[sym("b")]),
                     value_info(
                         "visible",
@@ -483,12 +502,12 @@ pub fn single_op_model(op: SingleOp) -> Vec<u8> {
             DType::F32,
             &[sym("b"), sym("s"), Dim::Fixed(n as i64)],
         )],
-        SingleOp::CachedAttention => {
+        SingleOp::CachedAttention { cache: ct } => {
             let cache = [sym("b"), sym("h"), sym("c"), sym("d")];
             vec![
                 value_info("Y", DType::F32, &[sym("b"), sym("h"), sym("s"), sym("d")]),
-                value_info("present_key", DType::F32, &cache),
-                value_info("present_value", DType::F32, &cache),
+                value_info("present_key", ct, &cache),
+                value_info("present_value", ct, &cache),
             ]
         }
     };
@@ -524,7 +543,10 @@ pub fn single_op_model(op: SingleOp) -> Vec<u8> {
             output: outputs,
             ..Default::default()
         }),
-        functions: functions(),
+        functions: functions(match op {
+            SingleOp::CachedAttention { cache } => cache,
+            _ => DType::F32,
+        }),
         ..Default::default()
     };
     model.encode_to_vec()

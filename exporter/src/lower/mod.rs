@@ -104,6 +104,9 @@ pub struct Lower<'a, 'c, 'w> {
     pub packed_linears: bool,
     /// Write the decoder's attention as `ai.kosmos::CachedAttention` (`--cached-attention`).
     pub cached_attention: bool,
+    /// Element type of the decoder's KV buffers (the model's, or F16 under F32 with
+    /// `cached_attention`).
+    pub kv_dtype: DType,
     /// Write linears as `com.microsoft::MatMulNBits` with these settings (the decoder of
     /// `--quantize`).
     pub quantization: Option<Quantization>,
