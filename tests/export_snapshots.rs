@@ -1,5 +1,6 @@
 //! `kosmos-export inspect` summaries of the tiny preset's graphs in every profile and dtype (and
-//! the buffer KV layout's decoder, with and without `ai.kosmos::CachedAttention`, and int4-quantised, and the trt
+//! the buffer KV layout's decoder, with and without `ai.kosmos::CachedAttention`, with a float16
+//! KV cache, and int4-quantised, and the trt
 //! profile with its function bodies), pinned with insta. A change to a lowering shows up here as
 //! a reviewed diff (`cargo insta review`).
 
@@ -46,6 +47,20 @@ fn tiny_preset_graphs() {
     kosmos_export::export(&ckpt, &pkg, &opts).expect("export");
     insta::assert_snapshot!(
         "tiny-portable-fp32-buffer-cached-decoder",
+        summarise(&pkg, "decoder")
+    );
+    // --kv-cache-dtype fp16: float16 buffers in and out, and CachedAttention's body for them
+    // (Cast of the new rows into the presents; the attention over the widened past).
+    let pkg = dir.path().join("buffer-cached-kvfp16");
+    let opts = kosmos_export::ExportOptions {
+        kv_cache: KvCacheLayout::Buffer,
+        cached_attention: true,
+        kv_dtype: Some(PackageDtype::Fp16),
+        ..kosmos_export::ExportOptions::default()
+    };
+    kosmos_export::export(&ckpt, &pkg, &opts).expect("export");
+    insta::assert_snapshot!(
+        "tiny-portable-fp32-buffer-cached-kvfp16-decoder",
         summarise(&pkg, "decoder")
     );
     // --quantize int4: MatMulNBits (+ Add of the bias) in place of every decoder linear.

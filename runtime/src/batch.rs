@@ -645,6 +645,15 @@ impl Engine {
         }
         let d = &pkg.manifest.decoder;
         let mut pool = KvPool::empty(d.num_heads, d.head_dim, d.kv_dtype == "float16");
+        // What a deployment sizes memory by: the cache of one token, and of every row full.
+        let token_bytes = 2 * d.num_layers * pool.run_bytes(1) * d.num_heads;
+        tracing::info!(
+            kv_dtype = %d.kv_dtype,
+            kib_per_token = token_bytes as f64 / 1024.0,
+            gib_at_full_context = (token_bytes * config.max_batch * pkg.context_length()) as f64
+                / (1u64 << 30) as f64,
+            "KV cache"
+        );
         if config.kv_preallocate {
             let (rows, capacity) = (config.max_batch, pkg.context_length());
             let t0 = Instant::now();
