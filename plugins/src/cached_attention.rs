@@ -32,6 +32,9 @@ pub trait CacheElement: Copy + Send + Sync + 'static {
     fn narrow(src: &[f32], dst: &mut [Self]);
     /// `src` itself when it is float32 already, so a float32 cache is read in place.
     fn as_f32(src: &[Self]) -> Option<&[f32]>;
+    /// One value as float32, inlined into the caller's loop (and its instruction set): a
+    /// decode step widens each key and value where it multiplies it.
+    fn load(self) -> f32;
 }
 
 impl CacheElement for f32 {
@@ -43,6 +46,10 @@ impl CacheElement for f32 {
     }
     fn as_f32(src: &[f32]) -> Option<&[f32]> {
         Some(src)
+    }
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self
     }
 }
 
@@ -57,11 +64,84 @@ impl CacheElement for f16 {
     fn as_f32(_: &[f16]) -> Option<&[f32]> {
         None
     }
+    #[inline(always)]
+    fn load(self) -> f32 {
+        f16_to_f32(self.to_bits())
+    }
+}
+
+/// float16 bits to float32, exactly, without branches (so a loop of it vectorises): the
+/// exponent and mantissa moved into float32's places and scaled by 2^112 (which also
+/// normalises subnormals), infinities and NaNs given float32's all-ones exponent.
+#[inline(always)]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let h = u32::from(h);
+    let magnitude = (h & 0x7fff) << 13;
+    let scaled = (f32::from_bits(magnitude) * f32::from_bits(0x7780_0000)).to_bits();
+    let special = if magnitude >= 0x0f80_0000 { 0x7f80_0000 } else { 0 };
+    f32::from_bits(scaled | special | (h & 0x8000) << 16)
+}
+
+/// One (row, head)'s keys or values: slot j is `stored` row j widened, except the call's own
+/// slots `past ..`, which are `fresh` (its K or V) as given.
+#[derive(Clone, Copy)]
+struct Slots<'a, E> {
+    stored: &'a [E],
+    fresh: &'a [f32],
+    past: usize,
+    /// Rows of `fresh` (kept, not divided out per slot: a division costs more than the dot).
+    new: usize,
+    hd: usize,
+}
+
+impl<'a, E: CacheElement> Slots<'a, E> {
+    /// `q` · slot `j`.
+    #[inline(always)]
+    fn dot(&self, q: &[f32], j: usize) -> f32 {
+        let hd = self.hd;
+        let new = j.wrapping_sub(self.past);
+        if new < self.new {
+            dot(q, &self.fresh[new * hd..(new + 1) * hd])
+        } else {
+            dot(q, &self.stored[j * hd..(j + 1) * hd])
+        }
+    }
+
+    /// `y += a ·` slot `j`.
+    #[inline(always)]
+    fn axpy(&self, a: f32, j: usize, y: &mut [f32]) {
+        let hd = self.hd;
+        let new = j.wrapping_sub(self.past);
+        if new < self.new {
+            axpy(a, &self.fresh[new * hd..(new + 1) * hd], y)
+        } else {
+            axpy(a, &self.stored[j * hd..(j + 1) * hd], y)
+        }
+    }
+
+    /// Slots `0..n` as one float32 array, in `out` when they must be widened.
+    fn contiguous<'b>(&self, n: usize, out: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        let hd = self.hd;
+        if let Some(all) = E::as_f32(&self.stored[..n * hd]) {
+            // A float32 buffer already holds the call's own rows, exactly.
+            return all;
+        }
+        out.resize(n * hd, 0.0);
+        E::widen(&self.stored[..n * hd], out);
+        let end = (self.past + self.new).min(n);
+        if end > self.past {
+            out[self.past * hd..end * hd].copy_from_slice(&self.fresh[..(end - self.past) * hd]);
+        }
+        out
+    }
 }
 
 thread_local! {
-    /// Float32 keys and values of a float16 cache's (row, head), reused by every task a thread
-    /// runs (a fresh allocation per task would fault in new pages each time).
+    /// Float32 keys and values of a float16 cache's (row, head) for the GEMM path, reused by
+    /// every task a thread runs (a fresh allocation per task would fault in new pages each time).
     static WIDENED: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
@@ -220,32 +300,16 @@ pub unsafe fn run_task<E: CacheElement>(isa: Isa, d: Dims, buf: Buffers<E>, task
         let q = std::slice::from_raw_parts(buf.q.add(new_at), s * hd);
         let y = std::slice::from_raw_parts_mut(buf.y.add(new_at), s * hd);
         let visible = std::slice::from_raw_parts(buf.visible.add(row * s * c), s * c);
-        let lens = visible_lengths(visible, c);
-        if let (Some(keys), Some(values)) = (E::as_f32(keys), E::as_f32(values)) {
-            // A float32 cache holds the new keys and values exactly: read it in place.
-            attend(isa, (s, c, hd), q, keys, values, visible, &lens, y);
-            return;
-        }
-        // Widen the slots any query reads (all of them when a query sees none: it gets the mean
-        // of every value), with this call's own keys and values as given, not rounded.
-        let slots = if lens.contains(&0) {
-            c
-        } else {
-            lens.iter().copied().max().unwrap_or(0)
+        let slots = |stored, fresh| Slots {
+            stored,
+            fresh,
+            past,
+            new: s,
+            hd,
         };
-        let new_k = std::slice::from_raw_parts(buf.k.add(new_at), s * hd);
-        let new_v = std::slice::from_raw_parts(buf.v.add(new_at), s * hd);
-        WIDENED.with_borrow_mut(|(kw, vw)| {
-            for (wide, stored, fresh) in [(&mut *kw, keys, new_k), (&mut *vw, values, new_v)] {
-                wide.resize(slots * hd, 0.0);
-                E::widen(&stored[..slots * hd], wide);
-                let end = (past + s).min(slots);
-                if end > past {
-                    wide[past * hd..end * hd].copy_from_slice(&fresh[..(end - past) * hd]);
-                }
-            }
-            attend(isa, (s, c, hd), q, kw, vw, visible, &lens, y);
-        });
+        let keys = slots(keys, std::slice::from_raw_parts(buf.k.add(new_at), s * hd));
+        let values = slots(values, std::slice::from_raw_parts(buf.v.add(new_at), s * hd));
+        attend(isa, (s, c, hd), q, keys, values, visible, y);
     }
 }
 
@@ -283,20 +347,18 @@ macro_rules! dispatch {
     }};
 }
 
-/// One (row, head): `y` [s, hd] from `q` [s, hd] over `keys`, `values` [≥ max(lens), hd] (all
-/// c slots when a query sees no key) where `visible` [s, c] allows; `lens` from
-/// [`visible_lengths`] (s, c, hd > 0).
-#[allow(clippy::too_many_arguments)]
-fn attend(
+/// One (row, head): `y` [s, hd] from `q` [s, hd] over the `keys` and `values` of the c slots
+/// where `visible` [s, c] allows (s, c, hd > 0).
+fn attend<E: CacheElement>(
     isa: Isa,
     (s, c, hd): (usize, usize, usize),
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: Slots<'_, E>,
+    values: Slots<'_, E>,
     visible: &[bool],
-    lens: &[usize],
     y: &mut [f32],
 ) {
+    let lens = visible_lengths(visible, c);
     let span = lens.iter().copied().max().unwrap_or(0);
     if s < GEMM_MIN_QUERIES {
         for i in 0..s {
@@ -305,28 +367,10 @@ fn attend(
             dispatch!(isa, direct(&q[i * hd..(i + 1) * hd], keys, values, vis, yi));
         }
     } else if span > 0 {
-        let mut scores = vec![0f32; s * span];
-        gemm(
-            isa,
-            s,
-            hd,
-            span,
-            q,
-            &pack_out_in(&keys[..span * hd], span, hd),
-            &mut scores,
-        );
-        for (row, vis) in scores.chunks_exact_mut(span).zip(visible.chunks_exact(c)) {
-            dispatch!(isa, softmax_visible(row, &vis[..span]));
-        }
-        gemm(
-            isa,
-            s,
-            span,
-            hd,
-            &scores,
-            &pack_in_out(&values[..span * hd], span, hd),
-            y,
-        );
+        WIDENED.with_borrow_mut(|(kw, vw)| {
+            let (keys, values) = (keys.contiguous(span, kw), values.contiguous(span, vw));
+            prefill(isa, (s, c, hd, span), q, keys, values, visible, y);
+        });
     }
     // A query that sees no key (a left-padding position) gets softmax's answer over a row of
     // equal scores: the mean of every value in the capacity.
@@ -334,10 +378,44 @@ fn attend(
         let yi = &mut y[i * hd..(i + 1) * hd];
         yi.fill(0.0);
         let w = 1.0 / c as f32;
-        for v in values[..c * hd].chunks_exact(hd) {
-            axpy(w, v, yi);
+        for j in 0..c {
+            values.axpy(w, j, yi);
         }
     }
+}
+
+/// The GEMM path of [`attend`]: every query over the first `span` slots, float32 [span, hd].
+fn prefill(
+    isa: Isa,
+    (s, c, hd, span): (usize, usize, usize, usize),
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    visible: &[bool],
+    y: &mut [f32],
+) {
+    let mut scores = vec![0f32; s * span];
+    gemm(
+        isa,
+        s,
+        hd,
+        span,
+        q,
+        &pack_out_in(&keys[..span * hd], span, hd),
+        &mut scores,
+    );
+    for (row, vis) in scores.chunks_exact_mut(span).zip(visible.chunks_exact(c)) {
+        dispatch!(isa, softmax_visible(row, &vis[..span]));
+    }
+    gemm(
+        isa,
+        s,
+        span,
+        hd,
+        &scores,
+        &pack_in_out(&values[..span * hd], span, hd),
+        y,
+    );
 }
 
 /// `y` [m, n] = `x` [m, k] · W with W packed [panels(n), k, 32], on this thread.
@@ -352,8 +430,13 @@ fn gemm(isa: Isa, m: usize, k: usize, n: usize, x: &[f32], w: &[f32], y: &mut [f
 
 /// One query over the visible keys among the first `visible.len()`.
 #[inline(always)]
-fn direct(q: &[f32], keys: &[f32], values: &[f32], visible: &[bool], y: &mut [f32]) {
-    let hd = q.len();
+fn direct<E: CacheElement>(
+    q: &[f32],
+    keys: Slots<'_, E>,
+    values: Slots<'_, E>,
+    visible: &[bool],
+    y: &mut [f32],
+) {
     let mut scores = vec![0f32; visible.len()];
     for (j, (sc, _)) in scores
         .iter_mut()
@@ -361,59 +444,83 @@ fn direct(q: &[f32], keys: &[f32], values: &[f32], visible: &[bool], y: &mut [f3
         .enumerate()
         .filter(|(_, (_, v))| **v)
     {
-        *sc = dot(q, &keys[j * hd..(j + 1) * hd]);
+        *sc = keys.dot(q, j);
     }
     softmax_visible(&mut scores, visible);
     y.fill(0.0);
     for (j, &p) in scores.iter().enumerate().filter(|&(_, &p)| p != 0.0) {
-        axpy(p, &values[j * hd..(j + 1) * hd], y);
+        values.axpy(p, j, y);
     }
 }
 
 /// Softmax over the visible entries of `row`; the others become 0 (all 0 when none is visible).
 #[inline(always)]
 fn softmax_visible(row: &mut [f32], visible: &[bool]) {
-    let max = row
-        .iter()
-        .zip(visible)
-        .filter(|(_, v)| **v)
-        .fold(f32::NEG_INFINITY, |m, (&x, _)| m.max(x));
+    // Each pass is a plain or lane-wise loop, so it vectorises: a running scalar max or sum
+    // would keep the whole pass, exp included, scalar (most of a decode step's attention).
+    for (x, &v) in row.iter_mut().zip(visible) {
+        if !v {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    let max = lanes(row, f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
         row.fill(0.0);
         return;
     }
-    let mut sum = 0f32;
     for (x, &v) in row.iter_mut().zip(visible) {
-        let e = exp(*x - max);
-        *x = if v { e } else { 0.0 };
-        sum += *x;
+        *x = if v { exp(*x - max) } else { 0.0 };
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / lanes(row, 0.0, |a, b| a + b);
     for x in row.iter_mut() {
         *x *= inv;
     }
 }
 
+/// `row` folded by `f` (associative) in [`LANES`] interleaved lanes, then across them.
+#[inline(always)]
+fn lanes(row: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = f(acc[l], c[l]);
+        }
+    }
+    let lanes = acc.into_iter().fold(init, &f);
+    tail.iter().fold(lanes, |a, &x| f(a, x))
+}
+
 const LANES: usize = 16;
 
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<E: CacheElement>(a: &[f32], b: &[E]) -> f32 {
     let n = a.len() / LANES * LANES;
     let mut acc = [0f32; LANES];
     for (ca, cb) in a[..n].chunks_exact(LANES).zip(b[..n].chunks_exact(LANES)) {
         for l in 0..LANES {
-            acc[l] += ca[l] * cb[l];
+            acc[l] += ca[l] * cb[l].load();
         }
     }
-    let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
+    let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y.load()).sum();
+    // Halves added pairwise: vector adds, not a chain of 16 scalar ones (whose latency was most
+    // of a decode step's attention).
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+        width /= 2;
+    }
+    acc[0] + tail
 }
 
 /// `y += a · x`.
 #[inline(always)]
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, &xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
+fn axpy<E: CacheElement>(a: f32, x: &[E], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi.load();
     }
 }
 
@@ -515,6 +622,19 @@ mod tests {
             x += 0.0137;
         }
         assert!(exp(-1e4) < 1.3e-38 && exp(f32::NEG_INFINITY) < 1.3e-38);
+    }
+
+    #[test]
+    fn f16_to_f32_is_exact_for_every_value() {
+        for bits in 0..=u16::MAX {
+            let (got, want) = (f16_to_f32(bits), f16::from_bits(bits).to_f32());
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{bits:#06x}: {got:e} ({:#010x}), half {want:e} ({:#010x})",
+                got.to_bits(),
+                want.to_bits()
+            );
+        }
     }
 
     #[test]
