@@ -283,7 +283,6 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     // slots against the reference's keys and values within that rounding (half a float16 ulp,
     // ≤ 2^-11 of the value) besides the tolerance, and the older slots must be unchanged.
     let rounded_cache = kv_dtype == PackageDtype::Fp16 && manifest.dtype == PackageDtype::Fp32;
-    let rounding = if rounded_cache { 2f64.powi(-11) } else { 0.0 };
     let mut vision = session_with(&pkg.join(&manifest.vision.file), opts.without_custom_ops)?;
     let mut decoder = session_with(&pkg.join(&manifest.decoder.file), opts.without_custom_ops)?;
 
@@ -375,15 +374,14 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     let mut top1 = Top1::default();
     top1.add(&ref_real, &got_real);
     let mut present: Vec<DynValue> = Vec::with_capacity(2 * layers);
-    let stored = collect_present(
+    let mut ref_past = collect_present(
         &mut diffs,
-        &step.present,
+        step.present,
         &mut out,
         &attention_mask,
-        rounding,
+        rounded_cache,
         &mut present,
     )?;
-    let mut ref_past = if rounded_cache { stored } else { step.present };
     let last = |l: &Tensor| l.select(1, -1).argmax(-1, false);
     let mut next = last(&step.logits);
     let mut pkg_next = last(&got);
@@ -428,15 +426,14 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
             &step.logits.view([-1, vocab]),
             &Tensor::from_slice(&logits).view([-1, vocab]),
         );
-        let stored = collect_present(
+        ref_past = collect_present(
             &mut diffs,
-            &step.present,
+            step.present,
             &mut out,
             &attention_mask,
-            rounding,
+            rounded_cache,
             &mut present,
         )?;
-        ref_past = if rounded_cache { stored } else { step.present };
         next = last(&step.logits);
         pkg_next = last(&Tensor::from_slice(&logits).view([b, 1, vocab]));
         reference_tokens.push(to_i64(&next));
@@ -488,17 +485,19 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
 
 /// Compare the package's `present.*` with the reference cache at real (non-padding) positions —
 /// padding slots hold whatever each implementation computes for queries that see no key, and no
-/// real token ever reads them — beyond `rounding` (see `Diffs::add_beyond`), and keep the
-/// package's values for the next step. Returns them as a reference cache (the sequence's slots,
-/// as float32).
+/// real token ever reads them — and keep the package's values for its next step. Returns the
+/// cache the reference's next step reads: its own, or with `rounded_cache` (a float16 cache
+/// under a float32 model) the package's stored one, whose values may then differ from the
+/// reference's by their rounding besides the tolerance (half a float16 ulp, ≤ 2^-11 of each).
 fn collect_present(
     diffs: &mut Diffs,
-    reference: &[kosmos_train::LayerKv],
+    reference: Vec<kosmos_train::LayerKv>,
     out: &mut ort::session::SessionOutputs<'_>,
     attention_mask: &Tensor,
-    rounding: f64,
+    rounded_cache: bool,
     keep: &mut Vec<DynValue>,
 ) -> Result<Vec<kosmos_train::LayerKv>> {
+    let rounding = if rounded_cache { 2f64.powi(-11) } else { 0.0 };
     let mut stored = Vec::with_capacity(reference.len());
     for (i, kv) in reference.iter().enumerate() {
         let mut pair = Vec::with_capacity(2);
@@ -533,7 +532,7 @@ fn collect_present(
         let key = pair.pop().expect("key");
         stored.push(kosmos_train::LayerKv { key, value });
     }
-    Ok(stored)
+    Ok(if rounded_cache { stored } else { reference })
 }
 
 fn to_i64(t: &Tensor) -> Vec<i64> {
