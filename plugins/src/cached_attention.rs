@@ -78,14 +78,19 @@ impl CacheElement for f16 {
     fn load(self) -> f32 {
         f16_to_f32(self.to_bits())
     }
-    // AVX-512 has the conversion as one instruction (a sixth of the bit trick's), which keeps a
+    // x86 has the conversion as one instruction (a sixth of the bit trick's), which keeps a
     // decode step's attention memory-bound on a float16 cache.
     #[inline(always)]
     fn dot_row(isa: Isa, q: &[f32], row: &[f16]) -> f32 {
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512 && q.len() == row.len() {
-            // SAFETY: `isa` came from `Isa::detect`, so the CPU has AVX-512F; equal lengths.
-            return unsafe { f16_avx512::dot(q, row) };
+        if q.len() == row.len() {
+            // SAFETY: `isa` came from `Isa::detect`, so the CPU has AVX-512F, or AVX2, FMA and
+            // F16C; equal lengths.
+            match isa {
+                Isa::Avx512 => return unsafe { f16_x86::dot_avx512(q, row) },
+                Isa::Avx2 => return unsafe { f16_x86::dot_avx2(q, row) },
+                Isa::Portable => {}
+            }
         }
         let _ = isa;
         dot(q, row)
@@ -93,18 +98,22 @@ impl CacheElement for f16 {
     #[inline(always)]
     fn axpy_row(isa: Isa, a: f32, row: &[f16], y: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512 && y.len() == row.len() {
+        if y.len() == row.len() {
             // SAFETY: as in `dot_row`.
-            return unsafe { f16_avx512::axpy(a, row, y) };
+            match isa {
+                Isa::Avx512 => return unsafe { f16_x86::axpy_avx512(a, row, y) },
+                Isa::Avx2 => return unsafe { f16_x86::axpy_avx2(a, row, y) },
+                Isa::Portable => {}
+            }
         }
         let _ = isa;
         axpy(a, row, y)
     }
 }
 
-/// float16 rows against float32 ones with AVX-512's `vcvtph2ps`.
+/// float16 rows against float32 ones with `vcvtph2ps` (AVX-512, or F16C beside AVX2).
 #[cfg(target_arch = "x86_64")]
-mod f16_avx512 {
+mod f16_x86 {
     use std::arch::x86_64::*;
 
     use half::f16;
@@ -114,7 +123,7 @@ mod f16_avx512 {
     /// # Safety
     /// The CPU has AVX-512F; `q` and `row` have equal lengths.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot(q: &[f32], row: &[f16]) -> f32 {
+    pub unsafe fn dot_avx512(q: &[f32], row: &[f16]) -> f32 {
         let n = q.len() / 16 * 16;
         let (qp, rp) = (q.as_ptr(), row.as_ptr().cast::<__m256i>());
         let mut acc = _mm512_setzero_ps();
@@ -134,7 +143,7 @@ mod f16_avx512 {
     /// # Safety
     /// The CPU has AVX-512F; `row` and `y` have equal lengths.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn axpy(a: f32, row: &[f16], y: &mut [f32]) {
+    pub unsafe fn axpy_avx512(a: f32, row: &[f16], y: &mut [f32]) {
         let n = y.len() / 16 * 16;
         let (yp, rp) = (y.as_mut_ptr(), row.as_ptr().cast::<__m256i>());
         let av = _mm512_set1_ps(a);
@@ -143,6 +152,50 @@ mod f16_avx512 {
             unsafe {
                 let x = _mm512_cvtph_ps(_mm256_loadu_si256(rp.add(i / 16)));
                 _mm512_storeu_ps(yp.add(i), _mm512_fmadd_ps(av, x, _mm512_loadu_ps(yp.add(i))));
+            }
+        }
+        for (yi, h) in y[n..].iter_mut().zip(&row[n..]) {
+            *yi += a * h.to_f32();
+        }
+    }
+
+    /// `q · row`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `q` and `row` have equal lengths.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_avx2(q: &[f32], row: &[f16]) -> f32 {
+        let n = q.len() / 8 * 8;
+        let (qp, rp) = (q.as_ptr(), row.as_ptr().cast::<__m128i>());
+        let mut acc = _mm256_setzero_ps();
+        for i in (0..n).step_by(8) {
+            // SAFETY: i + 8 ≤ n ≤ both lengths; unaligned loads.
+            unsafe {
+                let k = _mm256_cvtph_ps(_mm_loadu_si128(rp.add(i / 8)));
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), k, acc);
+            }
+        }
+        let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        let sum = _mm_add_ss(pairs, _mm_shuffle_ps::<1>(pairs, pairs));
+        let tail: f32 = q[n..].iter().zip(&row[n..]).map(|(x, h)| x * h.to_f32()).sum();
+        _mm_cvtss_f32(sum) + tail
+    }
+
+    /// `y += a · row`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `row` and `y` have equal lengths.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy_avx2(a: f32, row: &[f16], y: &mut [f32]) {
+        let n = y.len() / 8 * 8;
+        let (yp, rp) = (y.as_mut_ptr(), row.as_ptr().cast::<__m128i>());
+        let av = _mm256_set1_ps(a);
+        for i in (0..n).step_by(8) {
+            // SAFETY: i + 8 ≤ n ≤ both lengths; unaligned loads and stores.
+            unsafe {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(rp.add(i / 8)));
+                _mm256_storeu_ps(yp.add(i), _mm256_fmadd_ps(av, x, _mm256_loadu_ps(yp.add(i))));
             }
         }
         for (yi, h) in y[n..].iter_mut().zip(&row[n..]) {
@@ -708,14 +761,17 @@ mod tests {
     }
 
     /// Every instruction set this CPU has gives the portable path's answer on float16 buffers
-    /// (AVX-512 converts with `vcvtph2ps`, the others with `f16_to_f32`), head dims with and
-    /// without a tail past the 16-lane blocks.
+    /// (AVX-512 and AVX2 convert with `vcvtph2ps`, the portable path with `f16_to_f32`), head
+    /// dims with and without a tail past the 8- and 16-lane blocks.
     #[test]
     fn float16_buffers_give_the_same_answer_on_every_instruction_set() {
         let mut isas = vec![Isa::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
                 isas.push(Isa::Avx2);
             }
             if std::arch::is_x86_feature_detected!("avx512f") {
