@@ -188,10 +188,7 @@ fn staggered_sequences(prefill_chunk: usize, engine_package: EnginePackage) {
         };
         kosmos_export::export(&ckpt, &path, &opts).unwrap();
         let pkg = Package::open(&path, &SessionOptions::default()).unwrap();
-        assert_eq!(
-            pkg.manifest.decoder.kv_dtype,
-            opts.kv_dtype.unwrap_or(opts.dtype).element_type()
-        );
+        assert_eq!(pkg.manifest.decoder.kv_dtype, opts.cache_dtype().element_type());
         pkg
     } else {
         Package::open(&pkg_dir, &SessionOptions::default()).unwrap()

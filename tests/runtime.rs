@@ -508,6 +508,26 @@ fn bad_input_is_a_clear_error() {
         assert!(err.contains(file), "{file}: {err}");
     }
 
+    // A KV cache type this version does not know: refused at open, naming it.
+    let odd = dir.path().join("odd-kv");
+    std::fs::create_dir(&odd).unwrap();
+    for e in std::fs::read_dir(&f.pkg).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), odd.join(e.file_name())).unwrap();
+    }
+    let manifest = odd.join("kosmos_rt.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(text.contains("\"kv_dtype\": \"float32\""), "{text}");
+    std::fs::write(
+        &manifest,
+        text.replace("\"kv_dtype\": \"float32\"", "\"kv_dtype\": \"bfloat16\""),
+    )
+    .unwrap();
+    let err = Package::open(&odd, &SessionOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown decoder.kv_dtype 'bfloat16'"), "{err}");
+
     // A provider this ONNX Runtime build lacks: a clear error naming it, unless fallback is allowed.
     for (device, name) in [
         (kosmos_rt::Device::Cuda, "CUDAExecutionProvider"),

@@ -151,6 +151,13 @@ pub struct ExportOptions {
     pub progress: bool,
 }
 
+impl ExportOptions {
+    /// The KV buffers' element type: `kv_dtype`, else the model's.
+    pub fn cache_dtype(&self) -> PackageDtype {
+        self.kv_dtype.unwrap_or(self.dtype)
+    }
+}
+
 impl Default for ExportOptions {
     /// The CLI's defaults: portable, fp32, concat cache, plain `MatMul` linears, no overwrite,
     /// no progress bars.
@@ -223,7 +230,7 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
     if let Some(q) = &opts.quantization {
         check_quantization(q, opts)?;
     }
-    let kv_dtype = opts.kv_dtype.unwrap_or(opts.dtype);
+    let kv_dtype = opts.cache_dtype();
     match (opts.dtype, kv_dtype) {
         (PackageDtype::Fp16, PackageDtype::Fp32) => {
             return Err(ExportError::Unsupported(
@@ -344,7 +351,7 @@ fn write_component(
         // The vision tower runs once per image at 257+ rows, where MLAS's GEMM is the better one.
         packed_linears: opts.packed_linears && file == package::DECODER_FILE,
         cached_attention: opts.cached_attention,
-        kv_dtype: element_type(opts.kv_dtype.unwrap_or(opts.dtype)),
+        kv_dtype: element_type(opts.cache_dtype()),
         // The vision tower is compute-bound and runs once per image; the decoder re-reads every
         // weight per generated token, which is what quantisation saves.
         quantization: opts.quantization.filter(|_| file == package::DECODER_FILE),
@@ -400,8 +407,7 @@ fn model_proto(
         ));
     }
     // Model-local bodies of the ai.kosmos ops it calls, so runtimes without their kernels inline them.
-    let cache = element_type(opts.kv_dtype.unwrap_or(opts.dtype));
-    let functions = lower::kosmos_ops::functions_called(&graph.node, cache);
+    let functions = lower::kosmos_ops::functions_called(&graph.node, element_type(opts.cache_dtype()));
     ModelProto {
         ir_version: IR_VERSION,
         opset_import: opsets

@@ -270,12 +270,13 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
         d.head_dim() as i64,
     );
     let vocab = d.vocab_size as i64;
-    let kv_dtype = PackageDtype::from_element_type(&manifest.decoder.kv_dtype).ok_or_else(|| {
-        ExportError::BadPackage {
+    let kv_dtype = manifest
+        .decoder
+        .cache_dtype()
+        .ok_or_else(|| ExportError::BadPackage {
             path: pkg.to_path_buf(),
             message: format!("unknown kv_dtype '{}'", manifest.decoder.kv_dtype),
-        }
-    })?;
+        })?;
     // A float16 cache under a float32 model stores each key and value rounded, and the next
     // call reads them so. Rounding the reference's own cache would not give the same float16s:
     // values a float32 rounding error apart round to neighbouring float16s now and then. So the

@@ -216,6 +216,11 @@ pub struct DecoderGraph {
 }
 
 impl DecoderGraph {
+    /// The KV buffers' element type, `None` for a name this version does not know.
+    pub fn cache_dtype(&self) -> Option<PackageDtype> {
+        PackageDtype::from_element_type(&self.kv_dtype)
+    }
+
     /// Whether the decoder takes `logits_to_keep` (packages before it, and `trt` ones, do not).
     pub fn takes_logits_to_keep(&self) -> bool {
         self.inputs.iter().any(|i| i == io::LOGITS_TO_KEEP)

@@ -40,7 +40,7 @@ use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use half::f16;
-use kosmos_models::package::{KvCacheLayout, io};
+use kosmos_models::package::{KvCacheLayout, PackageDtype, io};
 use kosmos_models::sequence::Assembled;
 use ort::AsPointer;
 use ort::memory::MemoryInfo;
@@ -644,7 +644,11 @@ impl Engine {
             return Err(RtError::Input("max_batch must be at least 1".into()));
         }
         let d = &pkg.manifest.decoder;
-        let mut pool = KvPool::empty(d.num_heads, d.head_dim, d.kv_dtype == "float16");
+        let mut pool = KvPool::empty(
+            d.num_heads,
+            d.head_dim,
+            d.cache_dtype() == Some(PackageDtype::Fp16),
+        );
         // What a deployment sizes memory by: the cache of one token, and of every row full.
         let token_bytes = 2 * d.num_layers * pool.run_bytes(1) * d.num_heads;
         tracing::info!(

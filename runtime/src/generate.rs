@@ -10,7 +10,7 @@ use std::time::Instant;
 use half::f16;
 use kosmos_models::KosmosTokenizer;
 use kosmos_models::image::{ImageLimits, clip_preprocess, decode_image, load_image};
-use kosmos_models::package::{KvCacheLayout, io};
+use kosmos_models::package::{KvCacheLayout, PackageDtype, io};
 
 use crate::speculate::{GuessSchedule, Speculation};
 use kosmos_models::sequence::{Assembled, Segment, assemble};
@@ -473,7 +473,7 @@ impl Package {
         for _ in 0..2 * d.num_layers {
             values.push(if buffer {
                 self.kv_buffer(shape, None)?
-            } else if d.kv_dtype == "float16" {
+            } else if d.cache_dtype() == Some(PackageDtype::Fp16) {
                 Tensor::<f16>::from_array((shape, Vec::<f16>::new()))?.into_dyn()
             } else {
                 Tensor::<f32>::from_array((shape, Vec::<f32>::new()))?.into_dyn()
@@ -490,23 +490,25 @@ impl Package {
     /// or filled with `data`.
     fn kv_buffer(&self, shape: [i64; 4], data: Option<KvData>) -> Result<DynValue> {
         let alloc = self.decoder.allocator();
-        Ok(if self.manifest.decoder.kv_dtype == "float16" {
-            let mut t = Tensor::<f16>::new(alloc, shape)?;
-            let (_, dst) = t.try_extract_tensor_mut::<f16>()?;
-            match data {
-                Some(KvData::F16(v)) => dst.copy_from_slice(&v),
-                _ => dst.fill(f16::ZERO),
-            }
-            t.into_dyn()
-        } else {
-            let mut t = Tensor::<f32>::new(alloc, shape)?;
-            let (_, dst) = t.try_extract_tensor_mut::<f32>()?;
-            match data {
-                Some(KvData::F32(v)) => dst.copy_from_slice(&v),
-                _ => dst.fill(0.0),
-            }
-            t.into_dyn()
-        })
+        Ok(
+            if self.manifest.decoder.cache_dtype() == Some(PackageDtype::Fp16) {
+                let mut t = Tensor::<f16>::new(alloc, shape)?;
+                let (_, dst) = t.try_extract_tensor_mut::<f16>()?;
+                match data {
+                    Some(KvData::F16(v)) => dst.copy_from_slice(&v),
+                    _ => dst.fill(f16::ZERO),
+                }
+                t.into_dyn()
+            } else {
+                let mut t = Tensor::<f32>::new(alloc, shape)?;
+                let (_, dst) = t.try_extract_tensor_mut::<f32>()?;
+                match data {
+                    Some(KvData::F32(v)) => dst.copy_from_slice(&v),
+                    _ => dst.fill(0.0),
+                }
+                t.into_dyn()
+            },
+        )
     }
 
     /// One decoder call over `b` rows. Returns the logits of each row's last `keep` positions

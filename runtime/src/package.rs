@@ -75,6 +75,15 @@ impl Package {
             .into());
         }
         let manifest = PackageManifest::load(dir)?;
+        if manifest.decoder.cache_dtype().is_none() {
+            return Err(crate::RtError::Package {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "kosmos_rt.json: unknown decoder.kv_dtype '{}' (float32 or float16)",
+                    manifest.decoder.kv_dtype
+                ),
+            });
+        }
         let vision_path = dir.join(&manifest.vision.file);
         let decoder_path = dir.join(&manifest.decoder.file);
         require(&vision_path, "vision graph")?;
