@@ -19,5 +19,9 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "ruff (python/)"
+.venv/bin/ruff check python
+.venv/bin/ruff format --check python
+
 step "cargo test"
 cargo test --workspace --locked --no-fail-fast

@@ -1,0 +1,136 @@
+"""`Model`: one package, one generation at a time (`kosmos_generate`)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from ctypes import byref, c_void_p
+
+from . import _lib
+from ._lib import lib
+from ._params import Call, prompt_bytes, take_string
+from .errors import check
+from .handles import Handle, package_path
+
+
+class Model(Handle):
+    """A loaded package (`kosmos-export` output).
+
+    >>> model = kosmos_rt.Model("pkg/tiny")
+    >>> model.generate("Question: what colour is the circle? Answer:", images=["a.png"], max_tokens=8)
+    ' red'
+    >>> for piece in model.stream("", images=["a.png"]):   # a caption, as it is generated
+    ...     print(piece, end="", flush=True)
+
+    Calls from several threads take turns; for requests decoded together use `Engine`.
+    """
+
+    def __init__(self, package_dir, device: str = "cpu"):
+        out = c_void_p()
+        check(lib.kosmos_model_open(package_path(package_dir), device.encode(), byref(out)))
+        super().__init__(out.value, lib.kosmos_model_free)
+        self.package_dir = str(package_dir)
+        self._turn = threading.Lock()
+
+    def close(self) -> None:
+        """Release the model (waits for a generation in progress); later calls raise
+        InvalidHandleError."""
+        with self._turn:
+            super().close()
+
+    def generate(
+        self, prompt: str = "", images=(), *, beams: int | None = None, on_text=None, **settings
+    ) -> str:
+        """The generated continuation of `prompt`.
+
+        `prompt` places the images in order where it says `<image>`; without markers they come
+        first (an image and an empty prompt asks for a caption). `images`: paths, encoded
+        PNG/JPEG/WebP bytes or PIL images. `on_text(piece)` (optional) receives the text as it
+        is produced; returning False stops generation there.
+
+        Settings (library defaults when left out: 32 tokens, greedy): max_tokens, temperature,
+        top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed,
+        stop (a string or a list), ignore_eos, min_tokens, logit_bias ({token: bias}),
+        stop_token_ids, allowed_token_ids, bad_words, beams, and one constraint: json_schema
+        (a dict or its JSON text), json_object=True, regex, grammar (GBNF) or choice (a list
+        of strings).
+        """
+        if beams is not None:
+            settings["beams"] = beams
+        call = Call(images, settings, extra=("beams",))
+        failure = []
+
+        def receive(piece, _user):
+            try:
+                keep = on_text(piece.decode("utf-8")) if on_text else True
+                return keep is not False
+            except BaseException as e:  # an exception cannot cross the C callback
+                failure.append(e)
+                return False
+
+        callback = _lib.token_callback(receive)
+        out = c_void_p()
+        with self._turn:
+            status = lib.kosmos_generate(
+                self._live(),
+                prompt_bytes(prompt),
+                call.images,
+                call.n_images,
+                byref(call.params),
+                callback,
+                None,
+                byref(out),
+            )
+            check(status)
+        text = take_string(out.value)
+        if failure:
+            raise failure[0]
+        return text
+
+    def stream(self, prompt: str = "", images=(), **settings) -> Iterator[str]:
+        """`generate`, as an iterator over the text pieces; leaving the loop early stops the
+        generation."""
+        pieces = queue.Queue()
+        stop = threading.Event()
+        done = object()
+
+        def on_text(piece):
+            pieces.put(piece)
+            return not stop.is_set()
+
+        def run():
+            try:
+                self.generate(prompt, images, on_text=on_text, **settings)
+                pieces.put(done)
+            except BaseException as e:
+                pieces.put(e)
+
+        worker = threading.Thread(target=run, name="kosmos-stream", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = pieces.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            worker.join()
+
+    def set_speculation(
+        self, tokens: int, prompt_lookup_min: int = 1, prompt_lookup_max: int = 3, schedule: str = "auto"
+    ) -> None:
+        """Speculative decoding by prompt lookup for later `generate` calls (output unchanged):
+        up to `tokens` guesses per decoder call (0 turns it off); schedule "auto", "fixed" or
+        "adaptive". Needs a package exported with `--kv-cache buffer`."""
+        if schedule not in _lib.SPECULATE:
+            raise ValueError(f"schedule: {schedule!r} is not one of {', '.join(_lib.SPECULATE)}")
+        with self._turn:
+            check(
+                lib.kosmos_model_set_speculation(
+                    self._live(), tokens, prompt_lookup_min, prompt_lookup_max, _lib.SPECULATE[schedule]
+                )
+            )

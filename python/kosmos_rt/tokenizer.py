@@ -1,0 +1,44 @@
+"""`Tokenizer`: a package's token ids and their text (`kosmos_tokenize` / `kosmos_detokenize`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from ctypes import POINTER, byref, c_size_t, c_uint32, c_void_p
+
+from ._lib import lib
+from ._params import _unsigned, _utf8, take_string
+from .errors import check
+from .handles import Handle, package_path
+
+
+class Tokenizer(Handle):
+    """The tokenizer of a package; any number of threads may use one at once.
+
+    >>> tok = kosmos_rt.Tokenizer("pkg/tiny")
+    >>> tok.decode(tok.encode("a red circle", add_bos=False))
+    'a red circle'
+    """
+
+    def __init__(self, package_dir):
+        out = c_void_p()
+        check(lib.kosmos_tokenizer_open(package_path(package_dir), byref(out)))
+        super().__init__(out.value, lib.kosmos_tokenizer_free)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """The ids of `text` (`<image>` is plain text here), `<s>` first when `add_bos` (every
+        prompt starts with it)."""
+        ids = POINTER(c_uint32)()
+        n = c_size_t()
+        check(lib.kosmos_tokenize(self._live(), _utf8(text), add_bos, byref(ids), byref(n)))
+        try:
+            return ids[: n.value] if n.value else []
+        finally:
+            lib.kosmos_tokens_free(ids, n.value)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids`, special tokens skipped (as a completion's text is made)."""
+        ids = [_unsigned("ids", i, 32) for i in ids]
+        arr = (c_uint32 * max(len(ids), 1))(*ids)
+        out = c_void_p()
+        check(lib.kosmos_detokenize(self._live(), arr, len(ids), byref(out)))
+        return take_string(out.value)

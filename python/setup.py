@@ -1,0 +1,26 @@
+"""The wheel carries libkosmos_rt.so, so it is tagged for the platform (any Python 3: the
+library is loaded with ctypes, not built against Python)."""
+
+from pathlib import Path
+
+import tomllib
+from setuptools import setup
+
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:  # setuptools < 70
+    from wheel.bdist_wheel import bdist_wheel
+
+
+class PlatformWheel(bdist_wheel):
+    def finalize_options(self):
+        super().finalize_options()
+        self.root_is_pure = False
+
+    def get_tag(self):
+        _, _, platform = super().get_tag()
+        return "py3", "none", platform
+
+
+cargo = tomllib.loads((Path(__file__).resolve().parent.parent / "Cargo.toml").read_text())
+setup(version=cargo["workspace"]["package"]["version"], cmdclass={"bdist_wheel": PlatformWheel})

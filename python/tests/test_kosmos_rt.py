@@ -1,0 +1,306 @@
+"""The Python bindings against the Rust API's answers for the same package.
+
+Run by tests/python_api.rs, which exports a tiny package, writes what the Rust API generates
+for each case to $KOSMOS_PY_EXPECTED and sets $KOSMOS_RT_LIB to the debug library.
+"""
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import tempfile
+import threading
+import unittest
+from pathlib import Path
+
+import kosmos_rt
+from kosmos_rt import _lib
+
+EXPECTED = json.loads(Path(os.environ["KOSMOS_PY_EXPECTED"]).read_text())
+PACKAGE = EXPECTED["package"]
+IMAGE = EXPECTED["image"]
+HEADER = Path(__file__).resolve().parents[2] / "runtime/include/kosmos_rt.h"
+
+
+def case_args(case):
+    settings = {
+        k: v
+        for k, v in case.items()
+        if k not in ("prompt", "text", "tokens", "finish_reason", "prompt_tokens")
+    }
+    images = [IMAGE] if "<image>" in case["prompt"] else []
+    return case["prompt"], images, settings
+
+
+class Layout(unittest.TestCase):
+    def header_fields(self, struct):
+        body = re.search(rf"typedef struct {struct} \{{(.*?)\}} {struct};", HEADER.read_text(), re.S)
+        self.assertIsNotNone(body, struct)
+        text = re.sub(r"/\*.*?\*/", "", body.group(1), flags=re.S)
+        return [
+            re.search(r"(\w+)\s*;", decl.strip() + ";").group(1) for decl in text.split(";") if decl.strip()
+        ]
+
+    def test_structs_mirror_the_header_field_by_field(self):
+        for name, cls in _lib.STRUCTS.items():
+            self.assertEqual([f for f, _ in cls._fields_], self.header_fields(name), name)
+
+    def test_struct_sizes_and_offsets_equal_the_c_compilers(self):
+        lines = ["#include <stddef.h>", "#include <stdio.h>", '#include "kosmos_rt.h"', "int main(void) {"]
+        for name, cls in _lib.STRUCTS.items():
+            lines.append(f'printf("{name} %zu\\n", sizeof(struct {name}));')
+            for field, _ in cls._fields_:
+                lines.append(
+                    f'printf("{name}.{field} %zu %zu\\n", offsetof(struct {name}, {field}), '
+                    f"sizeof(((struct {name} *)0)->{field}));"
+                )
+        lines.append("return 0; }")
+        with tempfile.TemporaryDirectory() as d:
+            src, exe = Path(d, "layout.c"), Path(d, "layout")
+            src.write_text("\n".join(lines))
+            subprocess.run(["cc", "-I", str(HEADER.parent), str(src), "-o", str(exe)], check=True)
+            c = dict(line.split(" ", 1) for line in subprocess.check_output([exe], text=True).splitlines())
+        import ctypes
+
+        for name, cls in _lib.STRUCTS.items():
+            self.assertEqual(int(c[name]), ctypes.sizeof(cls), f"sizeof {name}")
+            for field, _ in cls._fields_:
+                f = getattr(cls, field)
+                self.assertEqual(c[f"{name}.{field}"], f"{f.offset} {f.size}", f"{name}.{field}: offset size")
+
+
+class Tokenizing(unittest.TestCase):
+    def test_ids_equal_hugging_face_tokenizers_on_the_packages_tokenizer_json(self):
+        from tokenizers import Tokenizer as HfTokenizer
+
+        hf = HfTokenizer.from_file(str(Path(PACKAGE, "tokenizer.json")))
+        with kosmos_rt.Tokenizer(PACKAGE) as tok:
+            for text in EXPECTED["texts"]:
+                want = hf.encode(text, add_special_tokens=False).ids
+                self.assertEqual(tok.encode(text, add_bos=False), want, text)
+                self.assertEqual(tok.encode(text), [EXPECTED["bos"]] + want, text)
+                self.assertEqual(tok.decode(want), hf.decode(want), text)
+            with self.assertRaisesRegex(kosmos_rt.InvalidArgumentError, "999999"):
+                tok.decode([999999])
+
+
+class Generating(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model = kosmos_rt.Model(PACKAGE)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.model.close()
+
+    def test_each_case_equals_the_rust_api(self):
+        for case in EXPECTED["cases"]:
+            prompt, images, settings = case_args(case)
+            self.assertEqual(self.model.generate(prompt, images, **settings), case["text"], case)
+
+    def test_stream_pieces_make_the_text_and_leaving_early_stops(self):
+        streams = []
+        for case in EXPECTED["cases"]:
+            prompt, images, settings = case_args(case)
+            pieces = list(self.model.stream(prompt, images, **settings))
+            self.assertEqual("".join(pieces), case["text"], case)
+            streams.append((len(pieces), case, pieces))
+        _, case, pieces = max(streams, key=lambda s: s[0])
+        self.assertGreater(len(pieces), 2, "some case streams in several pieces")
+        prompt, images, settings = case_args(case)
+        first = next(iter(self.model.stream(prompt, images, **settings)))
+        self.assertEqual(first, pieces[0])
+        # on_text returning False ends generation there, with the text so far.
+        got = []
+        text = self.model.generate(
+            prompt, images, on_text=lambda p: got.append(p) or len(got) < 2, **settings
+        )
+        self.assertEqual(got, pieces[:2])
+        self.assertEqual(text, "".join(pieces[:2]))
+        # An exception in on_text stops generation and reaches the caller.
+        with self.assertRaisesRegex(ZeroDivisionError, "division"):
+            self.model.generate(prompt, images, on_text=lambda p: 1 / 0, **settings)
+
+    def test_images_as_bytes_or_pil_images_equal_paths(self):
+        from PIL import Image
+
+        case = next(c for c in EXPECTED["cases"] if "<image>" in c["prompt"])
+        prompt, _, settings = case_args(case)
+        data = Path(IMAGE).read_bytes()
+        self.assertEqual(self.model.generate(prompt, [data], **settings), case["text"])
+        self.assertEqual(self.model.generate(prompt, Image.open(IMAGE), **settings), case["text"])
+
+    def test_constraints(self):
+        choices = ["red", "green", "blue"]
+        out = self.model.generate("Question: what colour is it? Answer:", max_tokens=8, choice=choices)
+        self.assertIn(out, choices)
+        schema = {
+            "type": "object",
+            "properties": {
+                "colour": {"enum": choices},
+                "count": {"type": "integer", "minimum": 1, "maximum": 2},
+            },
+            "required": ["colour", "count"],
+            "additionalProperties": False,
+        }
+        out = self.model.generate("", max_tokens=40, json_schema=schema)
+        import jsonschema
+
+        jsonschema.validate(json.loads(out), schema)
+        self.assertRegex(self.model.generate("", max_tokens=8, regex="[0-9]{3}"), r"^[0-9]{3}$")
+        # choice is compiled to GBNF: quotes and backslashes in a choice are literal text.
+        self.assertIn(
+            self.model.generate("", max_tokens=8, choice=['say "hi"', "a\\b"]), ['say "hi"', "a\\b"]
+        )
+        with self.assertRaisesRegex(ValueError, "one constraint"):
+            self.model.generate("", regex="a", choice=["a"])
+
+    def test_bad_input_raises_the_matching_error_naming_the_problem(self):
+        with self.assertRaisesRegex(kosmos_rt.PackageError, "no-such-package"):
+            kosmos_rt.Model("/no-such-package")
+        with self.assertRaisesRegex(kosmos_rt.ImageError, "image"):
+            self.model.generate("", [b"not an image"])
+        with self.assertRaisesRegex(kosmos_rt.ImageError, "missing.png"):
+            self.model.generate("", ["/missing.png"])
+        with self.assertRaisesRegex(kosmos_rt.ContextLengthError, "context"):
+            self.model.generate("", max_tokens=EXPECTED["max_positions"] + 1)
+        with self.assertRaisesRegex(kosmos_rt.InvalidArgumentError, "temperature"):
+            self.model.generate("", temperature=-1.0)
+        with self.assertRaisesRegex(TypeError, "tempreature"):
+            self.model.generate("", tempreature=0.5)
+        with self.assertRaisesRegex(ValueError, "NUL"):
+            self.model.generate("a\0b")
+        with self.assertRaisesRegex(ValueError, "seed"):
+            self.model.generate("", seed=-1)
+        with self.assertRaisesRegex(kosmos_rt.InvalidArgumentError, "bogus"):
+            kosmos_rt.Model(PACKAGE, device="bogus")
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            with self.assertRaisesRegex(kosmos_rt.ProviderError, "(?i)cuda"):
+                kosmos_rt.Model(PACKAGE, device="cuda")
+        closed = kosmos_rt.Model(PACKAGE)
+        closed.close()
+        closed.close()  # a second close does nothing
+        with self.assertRaisesRegex(kosmos_rt.InvalidHandleError, "closed"):
+            closed.generate("")
+
+    def test_threads_take_turns_on_one_model(self):
+        cases = EXPECTED["cases"]
+        got = {}
+
+        def run(i):
+            prompt, images, settings = case_args(cases[i])
+            got[i] = self.model.generate(prompt, images, **settings)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual([got[i] for i in range(len(cases))], [c["text"] for c in cases])
+
+
+class Batching(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.engine = kosmos_rt.Engine(PACKAGE, max_batch=4, prefill_chunk=16)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.engine.close()
+
+    def check(self, case, completion):
+        self.assertEqual(completion.text, case["text"], case)
+        self.assertEqual(completion.tokens, case["tokens"], case)
+        self.assertEqual(completion.finish_reason, case["finish_reason"], case)
+        self.assertEqual(completion.generated_tokens, len(case["tokens"]))
+        self.assertEqual(completion.prompt_tokens, case["prompt_tokens"], case)
+
+    def test_requests_from_many_threads_each_equal_the_rust_api(self):
+        cases = EXPECTED["cases"]
+        got = {}
+
+        def run(i):
+            prompt, images, settings = case_args(cases[i])
+            got[i] = self.engine.generate(prompt, images, **settings)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, case in enumerate(cases):
+            self.check(case, got[i])
+
+    def test_asyncio_awaits_and_streams(self):
+        cases = EXPECTED["cases"]
+
+        async def main():
+            requests = [self.engine.submit(*case_args(c)[:2], **case_args(c)[2]) for c in cases]
+            done = await asyncio.gather(*requests)
+            prompt, images, settings = case_args(cases[0])
+            pieces = [p async for p in self.engine.submit(prompt, images, **settings)]
+            return done, pieces
+
+        done, pieces = asyncio.run(main())
+        for case, completion in zip(cases, done):
+            self.check(case, completion)
+        self.assertEqual("".join(pieces), cases[0]["text"])
+
+    def test_logprobs_cancel_and_failures(self):
+        case = EXPECTED["cases"][0]
+        prompt, images, settings = case_args(case)
+        request = self.engine.submit(prompt, images, logprobs=3, **settings)
+        self.assertEqual("".join(request), case["text"])
+        completion = request.result()
+        self.check(case, completion)
+        self.assertEqual([lp.token for lp in completion.logprobs], case["tokens"])
+        for lp in completion.logprobs:
+            self.assertEqual(len(lp.top), 3)
+            self.assertLessEqual(lp.logprob, 0.0)
+            self.assertEqual([t for t in lp.top], sorted(lp.top, key=lambda t: (-t[1], t[0])))
+            if settings.get("temperature", 0) == 0:  # greedy: the token is the most likely one
+                self.assertEqual(lp.top[0][0], lp.token)
+        self.assertIsNone(self.engine.generate(prompt, images, **settings).logprobs)
+
+        long = self.engine.submit("", max_tokens=200, ignore_eos=True)
+        long.cancel()
+        self.assertEqual(long.result(timeout=60).finish_reason, "cancelled")
+
+        with self.assertRaises(kosmos_rt.KosmosError) as failed:
+            self.engine.generate("", max_tokens=EXPECTED["max_positions"] + 1)
+        self.assertIn("context", str(failed.exception))
+        with self.assertRaisesRegex(TypeError, "beams.*Model.generate"):
+            self.engine.generate("", beams=2)
+        with self.assertRaisesRegex(TypeError, "max_batch"):
+            kosmos_rt.Engine(PACKAGE, max_bach=2)
+
+    def test_token_id_settings_reach_the_library(self):
+        with kosmos_rt.Tokenizer(PACKAGE) as tok:
+            a, b = tok.encode("red", add_bos=False)[0], tok.encode("blue", add_bos=False)[0]
+        forced = self.engine.generate("", max_tokens=4, logit_bias={a: 100.0})
+        self.assertEqual(forced.tokens, [a] * 4)
+        allowed = self.engine.generate("", max_tokens=6, temperature=1.0, seed=3, allowed_token_ids=[a, b])
+        self.assertTrue(set(allowed.tokens) <= {a, b}, allowed)
+        stopped = self.engine.generate("", max_tokens=6, logit_bias={a: 100.0}, stop_token_ids=[a])
+        self.assertEqual((stopped.finish_reason, stopped.text), ("stop", ""))
+        at_least = self.engine.generate(
+            "", max_tokens=6, logit_bias={a: 100.0}, stop_token_ids=[a], min_tokens=3
+        )
+        self.assertGreaterEqual(at_least.generated_tokens, 3)
+        self.assertNotIn(a, at_least.tokens[:3])
+
+    def test_close_cancels_what_is_running(self):
+        engine = kosmos_rt.Engine(PACKAGE, max_batch=2)
+        running = [engine.submit("", max_tokens=200, ignore_eos=True) for _ in range(3)]
+        engine.close()
+        for r in running:
+            self.assertEqual(r.result(timeout=0).finish_reason, "cancelled")
+        with self.assertRaisesRegex(kosmos_rt.InvalidHandleError, "closed"):
+            engine.submit("")
+
+
+if __name__ == "__main__":
+    unittest.main()
