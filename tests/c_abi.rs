@@ -1037,6 +1037,47 @@ fn c_abi_tokenizer_equals_the_package_tokenizer() {
         "a red circle",
         "round trip"
     );
+    // A chat's prompt: the parts in order (this package has no chat template), the image count
+    // beside it; a NULL out pointer is refused, a NULL count is allowed.
+    let chat = CString::new(
+        r#"[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}},
+            {"type": "text", "text": "what colour?"}]}, {"role": "assistant", "content": "red"}]"#,
+    )
+    .unwrap();
+    let (mut prompt, mut n_images): (*mut std::ffi::c_char, usize) = (std::ptr::null_mut(), 9);
+    // SAFETY: live handle, valid string and out pointers.
+    let st = unsafe { kosmos_chat_prompt(tok, chat.as_ptr(), true, false, &mut prompt, &mut n_images) };
+    assert_eq!(st, kosmos_status::KOSMOS_OK, "{}", last_error());
+    // SAFETY: the library returned a string; freed once.
+    assert_eq!(
+        unsafe { CStr::from_ptr(prompt) }.to_str().unwrap(),
+        "<image>what colour?\nred"
+    );
+    unsafe { kosmos_string_free(prompt) };
+    assert_eq!(n_images, 1);
+    // SAFETY: a NULL count is allowed; a NULL out_prompt is refused before anything is read.
+    let st =
+        unsafe { kosmos_chat_prompt(tok, chat.as_ptr(), true, false, &mut prompt, std::ptr::null_mut()) };
+    assert_eq!(st, kosmos_status::KOSMOS_OK);
+    unsafe { kosmos_string_free(prompt) };
+    let st = unsafe {
+        kosmos_chat_prompt(
+            tok,
+            chat.as_ptr(),
+            true,
+            false,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT);
+    let bad = CString::new(r#"[{"role": "user", "content": 5}]"#).unwrap();
+    // SAFETY: as above.
+    let st = unsafe { kosmos_chat_prompt(tok, bad.as_ptr(), true, false, &mut prompt, &mut n_images) };
+    assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT);
+    assert!(prompt.is_null() && n_images == 0);
+    assert!(last_error().contains("[0].content"), "{}", last_error());
+
     let vocab = reference.vocab_size() as u32;
     let (st, err) = detokenize(&[5, vocab]).unwrap_err();
     assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT);

@@ -110,7 +110,7 @@ fn python_bindings_equal_the_rust_api() {
     let case = expect(&mut package, &image, "a red circle on the left and", &stopped);
     assert_eq!(case["finish_reason"], "stop", "{case}");
     cases.push(case);
-    let bos = package.tokenizer.special().bos_token_id;
+    let special = package.tokenizer.special().clone();
     drop(package);
 
     let expected = json!({
@@ -123,7 +123,9 @@ fn python_bindings_equal_the_rust_api() {
             "naïve café — 東京 🙂",
             "",
         ],
-        "bos": bos,
+        "bos": special.bos_token_id,
+        "bos_token": special.bos_token,
+        "eos_token": special.eos_token,
         "max_positions": KosmosConfig::tiny().decoder.max_target_positions,
     });
     let expected_path = dir.path().join("expected.json");

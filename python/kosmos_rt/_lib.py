@@ -194,6 +194,10 @@ _PROTOTYPES = {
     ),
     "kosmos_tokens_free": (None, [POINTER(c_uint32), c_size_t]),
     "kosmos_detokenize": (c_int, [c_void_p, POINTER(c_uint32), c_size_t, POINTER(c_void_p)]),
+    "kosmos_chat_prompt": (
+        c_int,
+        [c_void_p, c_char_p, c_bool, c_bool, POINTER(c_void_p), POINTER(c_size_t)],
+    ),
 }
 
 

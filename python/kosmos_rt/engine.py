@@ -13,6 +13,7 @@ from ._lib import kosmos_engine_config, lib
 from ._params import Call, prompt_bytes
 from .errors import RequestFailed, check
 from .handles import Handle, package_path
+from .tokenizer import Tokenizer
 
 #: `Engine(...)` settings (`struct kosmos_engine_config`); left out = the library's default
 #: (the server's: 8 rows, 512-token prefill chunks, 256 cached images, a 512 MiB prefix cache).
@@ -201,6 +202,7 @@ class Engine(Handle):
         check(lib.kosmos_engine_open(package_path(package_dir), device.encode(), byref(config), byref(out)))
         super().__init__(out.value, lib.kosmos_engine_free)
         self.package_dir = str(package_dir)
+        self._tokenizer = None
 
     def _dispatch(self, ev_ptr, key) -> bool:
         try:
@@ -262,7 +264,28 @@ class Engine(Handle):
         """`submit(...).result()`."""
         return self.submit(prompt, images, **settings).result()
 
+    def submit_chat(
+        self,
+        messages,
+        *,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
+        **settings,
+    ) -> Request:
+        """`submit` on the prompt a chat makes (see `Model.chat`)."""
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = Tokenizer(self.package_dir)
+        prompt, images = self._tokenizer.chat_prompt(messages, add_generation_prompt, continue_final_message)
+        return self.submit(prompt, images, **settings)
+
+    def chat(self, messages, **settings) -> Completion:
+        """`submit_chat(...).result()`."""
+        return self.submit_chat(messages, **settings).result()
+
     def close(self) -> None:
         """Cancel what is still queued or running (each request gets its completion, "cancelled"),
         stop the engine thread and release the engine."""
         super().close()
+        if self._tokenizer is not None:
+            self._tokenizer.close()

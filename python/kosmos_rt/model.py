@@ -12,6 +12,7 @@ from ._lib import lib
 from ._params import Call, prompt_bytes, take_string
 from .errors import check
 from .handles import Handle, package_path
+from .tokenizer import Tokenizer
 
 
 class Model(Handle):
@@ -32,12 +33,51 @@ class Model(Handle):
         super().__init__(out.value, lib.kosmos_model_free)
         self.package_dir = str(package_dir)
         self._turn = threading.Lock()
+        self._tokenizer = None
+        self._opening = threading.Lock()
 
     def close(self) -> None:
         """Release the model (waits for a generation in progress); later calls raise
         InvalidHandleError."""
         with self._turn:
             super().close()
+            if self._tokenizer is not None:
+                self._tokenizer.close()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The package's tokenizer (opened on first use)."""
+        self._live()
+        with self._opening:
+            if self._tokenizer is None:
+                self._tokenizer = Tokenizer(self.package_dir)
+        return self._tokenizer
+
+    def chat(
+        self,
+        messages,
+        *,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
+        **settings,
+    ) -> str:
+        """`generate` on the prompt a chat makes (as the server's `/v1/chat/completions`):
+        OpenAI-style messages whose image parts carry the images (see
+        `Tokenizer.apply_chat_template`)."""
+        prompt, images = self.tokenizer.chat_prompt(messages, add_generation_prompt, continue_final_message)
+        return self.generate(prompt, images, **settings)
+
+    def chat_stream(
+        self,
+        messages,
+        *,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
+        **settings,
+    ) -> Iterator[str]:
+        """`chat`, as an iterator over the text pieces."""
+        prompt, images = self.tokenizer.chat_prompt(messages, add_generation_prompt, continue_final_message)
+        return self.stream(prompt, images, **settings)
 
     def generate(
         self, prompt: str = "", images=(), *, beams: int | None = None, on_text=None, **settings

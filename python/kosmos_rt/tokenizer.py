@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from ctypes import POINTER, byref, c_size_t, c_uint32, c_void_p
 
+from ._chat import split_images
 from ._lib import lib
 from ._params import _unsigned, _utf8, take_string
 from .errors import check
@@ -42,3 +43,30 @@ class Tokenizer(Handle):
         out = c_void_p()
         check(lib.kosmos_detokenize(self._live(), arr, len(ids), byref(out)))
         return take_string(out.value)
+
+    def apply_chat_template(
+        self, messages, add_generation_prompt: bool | None = None, continue_final_message: bool = False
+    ) -> str:
+        """The prompt the server builds for these chat messages (the package's chat template,
+        else the parts in order), an `<image>` marker for each image part."""
+        return self.chat_prompt(messages, add_generation_prompt, continue_final_message)[0]
+
+    def chat_prompt(
+        self, messages, add_generation_prompt: bool | None = None, continue_final_message: bool = False
+    ) -> tuple[str, list]:
+        """(`apply_chat_template`'s prompt, the messages' images in order, ready for
+        `Model.generate` / `Engine.submit`)."""
+        text, images = split_images(messages)
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
+        out = c_void_p()
+        n = c_size_t()
+        check(
+            lib.kosmos_chat_prompt(
+                self._live(), _utf8(text), add_generation_prompt, continue_final_message, byref(out), byref(n)
+            )
+        )
+        prompt = take_string(out.value)
+        if n.value != len(images):  # the library and split_images disagree: a bug, not bad input
+            raise AssertionError(f"{n.value} image places in the prompt for {len(images)} images")
+        return prompt, images

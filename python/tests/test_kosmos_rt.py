@@ -5,6 +5,7 @@ for each case to $KOSMOS_PY_EXPECTED and sets $KOSMOS_RT_LIB to the debug librar
 """
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -200,6 +201,114 @@ class Generating(unittest.TestCase):
         for t in threads:
             t.join()
         self.assertEqual([got[i] for i in range(len(cases))], [c["text"] for c in cases])
+
+
+def with_chat_template(directory: str, template: str) -> str:
+    """A copy of the package whose manifest has this chat template."""
+    import shutil
+
+    copy = Path(directory, "pkg")
+    shutil.copytree(PACKAGE, copy)
+    manifest = json.loads((copy / "kosmos_rt.json").read_text())
+    manifest["chat_template"] = template
+    (copy / "kosmos_rt.json").write_text(json.dumps(manifest))
+    return str(copy)
+
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}[{{ m.content }}]"
+    "{% elif m.role == 'user' %}Q: {{ m.content }}\n{% else %}A: {{ m.content }}{{ eos_token }}\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+)
+
+
+class Chatting(unittest.TestCase):
+    def messages(self):
+        data = base64.b64encode(Path(IMAGE).read_bytes()).decode()
+        return [
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+                    {"type": "text", "text": "What colour is it?"},
+                ],
+            },
+            {"role": "assistant", "content": "red"},
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": IMAGE}, {"type": "text", "text": "And this?"}],
+            },
+        ]
+
+    def test_without_a_template_the_parts_go_in_order_as_the_server_puts_them(self):
+        case = next(c for c in EXPECTED["cases"] if c["prompt"].startswith("<image> Question"))
+        _, _, settings = case_args(case)
+        question = case["prompt"][len("<image>") :]
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "image", "path": IMAGE}, {"type": "text", "text": question}],
+            }
+        ]
+        with kosmos_rt.Model(PACKAGE) as model:
+            self.assertEqual(model.tokenizer.apply_chat_template(messages), case["prompt"])
+            self.assertEqual(model.chat(messages, **settings), case["text"])
+            self.assertEqual("".join(model.chat_stream(messages, **settings)), case["text"])
+            prompt, images = model.tokenizer.chat_prompt(self.messages())
+        self.assertEqual(prompt, "Be brief.\n<image>What colour is it?\nred\n<image>And this?")
+        self.assertEqual([type(i) for i in images], [bytes, str])
+
+    def test_the_packages_template_renders_as_jinja2_renders_it(self):
+        import jinja2
+
+        with tempfile.TemporaryDirectory() as d:
+            package = with_chat_template(d, TEMPLATE)
+            template = jinja2.Environment().from_string(TEMPLATE)
+            as_text = [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "<image>What colour is it?"},
+                {"role": "assistant", "content": "red"},
+                {"role": "user", "content": "<image>And this?"},
+            ]
+            special = {"bos_token": EXPECTED["bos_token"], "eos_token": EXPECTED["eos_token"]}
+            with kosmos_rt.Tokenizer(package) as tok:
+                for add in (True, False):
+                    want = template.render(messages=as_text, add_generation_prompt=add, **special)
+                    self.assertEqual(
+                        tok.apply_chat_template(self.messages(), add_generation_prompt=add), want
+                    )
+                # Going on from a final assistant message: the template's end of turn is cut.
+                going_on = self.messages()[:3]
+                want = template.render(messages=as_text[:3], add_generation_prompt=False, **special)
+                got = tok.apply_chat_template(going_on, continue_final_message=True)
+                self.assertEqual(got, want[: want.rindex("red") + len("red")])
+                with self.assertRaisesRegex(kosmos_rt.InvalidArgumentError, "continue_final_message"):
+                    tok.apply_chat_template(going_on, add_generation_prompt=True, continue_final_message=True)
+                with self.assertRaisesRegex(kosmos_rt.InvalidArgumentError, "role 'robot'"):
+                    tok.apply_chat_template([{"role": "robot", "content": "hi"}])
+                with self.assertRaisesRegex(
+                    kosmos_rt.InvalidArgumentError, r"messages_json at \[0\]\.content"
+                ):
+                    tok.apply_chat_template([{"role": "user", "content": [{"type": "audio"}]}])
+                with self.assertRaisesRegex(ValueError, "not fetched"):
+                    tok.apply_chat_template(
+                        [{"role": "user", "content": [{"type": "image_url", "image_url": "https://x/a.png"}]}]
+                    )
+            prompt = template.render(messages=as_text, add_generation_prompt=True, **special)
+            with kosmos_rt.Model(package) as model:
+                want = model.generate(prompt, [IMAGE, IMAGE], max_tokens=6)
+                self.assertEqual(model.chat(self.messages(), max_tokens=6), want)
+            with kosmos_rt.Engine(package, max_batch=2) as engine:
+                self.assertEqual(engine.chat(self.messages(), max_tokens=6).text, want)
+
+    def test_a_template_that_does_not_parse_fails_chats_only(self):
+        with tempfile.TemporaryDirectory() as d:
+            package = with_chat_template(d, "{% for m in %}")
+            with kosmos_rt.Tokenizer(package) as tok:
+                self.assertEqual(tok.decode(tok.encode("a red circle", add_bos=False)), "a red circle")
+                with self.assertRaisesRegex(kosmos_rt.PackageError, "chat_template does not parse"):
+                    tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
 class Batching(unittest.TestCase):

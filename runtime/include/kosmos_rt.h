@@ -654,6 +654,28 @@ enum kosmos_status kosmos_detokenize(const struct kosmos_tokenizer *tokenizer,
                                      size_t n,
                                      char **out_text);
 
+/*
+ The prompt a chat makes, as the server builds it for `/v1/chat/completions`: `messages_json`
+ is OpenAI's message list (JSON: `role`, `content` as a string or parts of type `text` and
+ `image_url`; earlier `tool_calls`), rendered by the package's chat template if it has one,
+ else its parts in order with a newline between messages. Each image part becomes an
+ `<image>` marker: pass the images themselves, in order, to `kosmos_generate` or
+ `kosmos_engine_submit` with the prompt (their URLs are not read here). `add_generation_prompt`
+ opens the assistant's turn; `continue_final_message` instead goes on from the last message,
+ which must be the assistant's (not both). On success `*out_prompt` holds the prompt, to
+ release with `kosmos_string_free`, and `*out_n_images` (if not NULL) its image count.
+
+ # Safety
+ `tokenizer` is a handle from `kosmos_tokenizer_open` (or NULL); `messages_json` a
+ NUL-terminated string; `out_prompt` is writable; `out_n_images` is NULL or writable.
+ */
+enum kosmos_status kosmos_chat_prompt(const struct kosmos_tokenizer *tokenizer,
+                                      const char *messages_json,
+                                      bool add_generation_prompt,
+                                      bool continue_final_message,
+                                      char **out_prompt,
+                                      size_t *out_n_images);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -14,6 +14,7 @@
 
 pub mod batch;
 pub mod bench;
+mod chat;
 pub mod constrain;
 pub mod error;
 pub mod eval;

@@ -10,11 +10,15 @@ use kosmos_models::KosmosTokenizer;
 use kosmos_models::package::PackageManifest;
 
 use super::{Handles, c_str, clear_out, fail, free_handle, guard, kosmos_status};
+use crate::chat::{ChatTemplate, Message, prompt_text};
 use crate::package::open_tokenizer;
 
 /// A package's tokenizer (opaque); any number of threads may use one at once.
 pub struct kosmos_tokenizer {
     tokenizer: KosmosTokenizer,
+    /// The package's chat template; one that does not parse fails `kosmos_chat_prompt`, not
+    /// the opening (token counts do not need it).
+    chat: Result<ChatTemplate, String>,
 }
 
 static TOKENIZERS: Handles = Handles::new();
@@ -26,6 +30,19 @@ static TOKENIZERS: Handles = Handles::new();
 unsafe fn live<'a>(tokenizer: *const kosmos_tokenizer) -> Result<&'a KosmosTokenizer, kosmos_status> {
     // SAFETY: per this function's contract.
     unsafe { TOKENIZERS.get(tokenizer, "tokenizer") }.map(|t| &t.tokenizer)
+}
+
+/// The chat template behind a live handle (as [`live`]).
+///
+/// # Safety
+/// As [`live`].
+unsafe fn live_chat<'a>(tokenizer: *const kosmos_tokenizer) -> Result<&'a ChatTemplate, kosmos_status> {
+    // SAFETY: per this function's contract.
+    let handle: &kosmos_tokenizer = unsafe { TOKENIZERS.get(tokenizer, "tokenizer") }?;
+    handle
+        .chat
+        .as_ref()
+        .map_err(|e| fail(kosmos_status::KOSMOS_ERR_PACKAGE, e.clone()))
 }
 
 /// Open the tokenizer of the package in `package_dir`. On success `*out` holds a tokenizer to
@@ -50,10 +67,13 @@ pub unsafe extern "C" fn kosmos_tokenizer_open(
         };
         let opened = PackageManifest::load(&dir)
             .map_err(crate::error::RtError::from)
-            .and_then(|m| open_tokenizer(&dir, &m));
+            .and_then(|m| open_tokenizer(&dir, &m).map(|t| (m, t)));
         match opened {
-            // SAFETY: `out` was checked non-NULL above.
-            Ok(tokenizer) => unsafe { TOKENIZERS.publish(kosmos_tokenizer { tokenizer }, out) },
+            Ok((manifest, tokenizer)) => {
+                let chat = ChatTemplate::new(&manifest, &dir, &tokenizer).map_err(|e| e.to_string());
+                // SAFETY: `out` was checked non-NULL above.
+                unsafe { TOKENIZERS.publish(kosmos_tokenizer { tokenizer, chat }, out) }
+            }
             Err(e) => fail(kosmos_status::KOSMOS_ERR_PACKAGE, e.to_string()),
         }
     })
@@ -195,5 +215,74 @@ pub unsafe extern "C" fn kosmos_detokenize(
             }
             Err(e) => fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, e.to_string()),
         }
+    })
+}
+
+/// The prompt a chat makes, as the server builds it for `/v1/chat/completions`: `messages_json`
+/// is OpenAI's message list (JSON: `role`, `content` as a string or parts of type `text` and
+/// `image_url`; earlier `tool_calls`), rendered by the package's chat template if it has one,
+/// else its parts in order with a newline between messages. Each image part becomes an
+/// `<image>` marker: pass the images themselves, in order, to `kosmos_generate` or
+/// `kosmos_engine_submit` with the prompt (their URLs are not read here). `add_generation_prompt`
+/// opens the assistant's turn; `continue_final_message` instead goes on from the last message,
+/// which must be the assistant's (not both). On success `*out_prompt` holds the prompt, to
+/// release with `kosmos_string_free`, and `*out_n_images` (if not NULL) its image count.
+///
+/// # Safety
+/// `tokenizer` is a handle from `kosmos_tokenizer_open` (or NULL); `messages_json` a
+/// NUL-terminated string; `out_prompt` is writable; `out_n_images` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kosmos_chat_prompt(
+    tokenizer: *const kosmos_tokenizer,
+    messages_json: *const c_char,
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    out_prompt: *mut *mut c_char,
+    out_n_images: *mut usize,
+) -> kosmos_status {
+    guard(|| {
+        // SAFETY: per this function's contract.
+        if let Err(s) = unsafe { clear_out(out_prompt, "out_prompt") } {
+            return s;
+        }
+        if !out_n_images.is_null() {
+            // SAFETY: non-NULL, writable per the contract.
+            unsafe { *out_n_images = 0 };
+        }
+        // SAFETY: per this function's contract.
+        let chat = match unsafe { live_chat(tokenizer) } {
+            Ok(c) => c,
+            Err(s) => return s,
+        };
+        // SAFETY: per this function's contract.
+        let json = match unsafe { c_str(messages_json, "messages_json") } {
+            Ok(t) => t,
+            Err(s) => return s,
+        };
+        let invalid = |m: String| fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, m);
+        let mut de = serde_json::Deserializer::from_str(json);
+        let messages: Vec<Message> = match serde_path_to_error::deserialize(&mut de) {
+            Ok(m) => m,
+            Err(e) => {
+                let path = e.path().to_string();
+                return invalid(format!("messages_json at {path}: {}", e.into_inner()));
+            }
+        };
+        let rendered = chat.render(&messages, Some(add_generation_prompt), continue_final_message);
+        let (segments, images) = match rendered {
+            Ok(r) => r,
+            Err(e) => return invalid(e.to_string()),
+        };
+        let Ok(prompt) = CString::new(prompt_text(&segments)) else {
+            return invalid("the chat's text contains a NUL character".into());
+        };
+        // SAFETY: checked non-NULL above; the NULL check on `out_n_images` guards the other.
+        unsafe {
+            *out_prompt = prompt.into_raw();
+            if !out_n_images.is_null() {
+                *out_n_images = images.len();
+            }
+        }
+        kosmos_status::KOSMOS_OK
     })
 }

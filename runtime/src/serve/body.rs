@@ -155,7 +155,7 @@ fn describe(e: &serde_json::Error) -> String {
 }
 
 /// "a string", "an array", ... for messages about a value of the wrong kind.
-pub(super) fn kind_of(v: &Value) -> &'static str {
+pub(crate) fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -10,7 +10,7 @@
 //! Batch API files through the same router without a socket.
 
 pub mod batch_job;
-mod body;
+pub(crate) mod body;
 pub mod error;
 pub mod images;
 mod logprobs;
@@ -34,6 +34,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kosmos_models::KosmosTokenizer;
 use kosmos_models::package::PackageManifest;
+
+use crate::chat::ChatTemplate;
 
 use crate::batch::{Engine, EngineConfig, SeqRequest};
 use crate::error::{Result, RtError};
@@ -119,7 +121,7 @@ pub struct AppState {
     model_name: String,
     manifest: PackageManifest,
     tokenizer: KosmosTokenizer,
-    template: Option<minijinja::Environment<'static>>,
+    chat: ChatTemplate,
     images: ImagePolicy,
     engine: std::sync::Mutex<Sender<Vec<SeqRequest>>>,
     metrics: Arc<Metrics>,
@@ -178,18 +180,7 @@ fn start(pkg: Package, cfg: ServeConfig) -> Result<Running> {
             .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "kosmos".into())
     });
-    let template = match &pkg.manifest.chat_template {
-        Some(src) => {
-            let mut env = minijinja::Environment::new();
-            env.add_template_owned("chat", src.clone())
-                .map_err(|e| RtError::Package {
-                    path: pkg.dir.join(kosmos_models::package::MANIFEST_FILE),
-                    message: format!("chat_template does not parse: {e}"),
-                })?;
-            Some(env)
-        }
-        None => None,
-    };
+    let chat = ChatTemplate::new(&pkg.manifest, &pkg.dir, &pkg.tokenizer)?;
     let file_root = match &cfg.allow_file_root {
         Some(root) => Some(
             root.canonicalize()
@@ -232,7 +223,7 @@ fn start(pkg: Package, cfg: ServeConfig) -> Result<Running> {
         model_name,
         manifest,
         tokenizer,
-        template,
+        chat,
         engine: std::sync::Mutex::new(tx),
         metrics,
         started: std::time::SystemTime::now()

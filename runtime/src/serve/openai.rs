@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::AppState;
-use super::body::{RequestBody, kind_of, locate_in, parse_bytes, read_body};
+use super::body::{RequestBody, locate_in, parse_bytes, read_body};
 use super::error::ApiError;
 use super::tools::{self, ToolCalls};
 use super::{images, logprobs, structured};
@@ -96,86 +96,7 @@ struct ChatRequest {
     sampling: Sampling,
 }
 
-#[derive(Deserialize)]
-pub(super) struct Message {
-    role: String,
-    #[serde(default)]
-    content: Option<Content>,
-    /// An assistant turn's earlier tool calls (OpenAI's shape), given back in a conversation.
-    #[serde(default)]
-    tool_calls: Option<Vec<Value>>,
-}
-
-impl Message {
-    /// An assistant turn of tool `calls` (OpenAI's chat shape) and no text.
-    pub(super) fn tool_calls(calls: Vec<Value>) -> Self {
-        Message {
-            role: "assistant".to_owned(),
-            content: None,
-            tool_calls: Some(calls),
-        }
-    }
-
-    /// An assistant turn of tool calls only, which a further parallel call joins.
-    pub(super) fn is_tool_call_turn(&self) -> bool {
-        self.role == "assistant" && self.content.is_none() && self.tool_calls.is_some()
-    }
-
-    pub(super) fn push_tool_call(&mut self, call: Value) {
-        self.tool_calls.get_or_insert_with(Vec::new).push(call);
-    }
-
-    /// A message of `parts` in order (the Responses API's input items become these).
-    pub(super) fn from_parts(role: &str, parts: Vec<Part>) -> Self {
-        Message {
-            role: role.to_owned(),
-            content: Some(Content::Parts(parts)),
-            tool_calls: None,
-        }
-    }
-}
-
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-/// By hand rather than `untagged`, whose one message ("did not match any variant") would hide
-/// which part is wrong and why.
-impl<'de> Deserialize<'de> for Content {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
-        match Value::deserialize(d)? {
-            Value::String(text) => Ok(Content::Text(text)),
-            Value::Array(parts) => parts
-                .into_iter()
-                .enumerate()
-                .map(|(i, part)| {
-                    Part::deserialize(part).map_err(|e| D::Error::custom(format!("part {i}: {e}")))
-                })
-                .collect::<Result<_, _>>()
-                .map(Content::Parts),
-            other => Err(D::Error::custom(format!(
-                "invalid type: {}, expected a string or an array of content parts",
-                kind_of(&other)
-            ))),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub(super) enum Part {
-    Text { text: String },
-    ImageUrl { image_url: ImageUrl },
-}
-
-#[derive(Deserialize)]
-#[serde(untagged, expecting = "expected an object {\"url\": ...} or a URL string")]
-pub(super) enum ImageUrl {
-    Object { url: String },
-    Plain(String),
-}
+pub(super) use crate::chat::{ImageUrl, Message, Part};
 
 #[derive(Deserialize)]
 struct CompletionRequest {
@@ -325,86 +246,17 @@ impl AppState {
         Ok(())
     }
 
-    /// Segments and image URLs of a chat, through the package's chat template if it has one
-    /// (which ends with the assistant's turn opened when `add_generation_prompt`).
+    /// Segments and image URLs of a chat ([`crate::chat`]), within `--max-images`.
     pub(super) fn chat_prompt(
         &self,
         messages: &[Message],
         add_generation_prompt: Option<bool>,
         continue_final_message: bool,
     ) -> Result<(Vec<Segment>, Vec<String>), ApiError> {
-        if messages.is_empty() {
-            return Err(ApiError::invalid("messages must not be empty", "messages"));
-        }
-        // vLLM's pair: continuing the final (assistant) message opens no new turn.
-        let add_generation_prompt = match (add_generation_prompt, continue_final_message) {
-            (Some(true), true) => {
-                return Err(ApiError::invalid(
-                    "add_generation_prompt and continue_final_message cannot both be true",
-                    "continue_final_message",
-                ));
-            }
-            (_, true) => false,
-            (a, false) => a.unwrap_or(true),
-        };
-        if continue_final_message && messages.last().is_some_and(|m| m.role != "assistant") {
-            return Err(ApiError::invalid(
-                "continue_final_message continues the last message, which must be the assistant's",
-                "continue_final_message",
-            ));
-        }
-        let mut urls = Vec::new();
-        // Per message: its parts in order (text, or an image place).
-        let mut per_message: Vec<(String, Vec<Segment>)> = Vec::new();
-        for (i, m) in messages.iter().enumerate() {
-            if !matches!(
-                m.role.as_str(),
-                "system" | "user" | "assistant" | "developer" | "tool"
-            ) {
-                return Err(ApiError::invalid(
-                    format!(
-                        "messages[{i}].role '{}' is not one of system, developer, user, assistant, tool",
-                        m.role
-                    ),
-                    "messages",
-                ));
-            }
-            let mut segs = Vec::new();
-            // Earlier calls, as the text a forced call generates: [{"name", "arguments"}].
-            if let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_empty()) {
-                let calls: Vec<Value> = calls
-                    .iter()
-                    .map(|c| {
-                        let f = &c["function"];
-                        let args = f["arguments"]
-                            .as_str()
-                            .and_then(|a| serde_json::from_str::<Value>(a).ok())
-                            .unwrap_or_else(|| f["arguments"].clone());
-                        json!({"name": f["name"], "arguments": args})
-                    })
-                    .collect();
-                segs.push(Segment::Text(Value::Array(calls).to_string()));
-            }
-            match &m.content {
-                None => {}
-                Some(Content::Text(t)) => segs.push(Segment::Text(t.clone())),
-                Some(Content::Parts(parts)) => {
-                    for p in parts {
-                        match p {
-                            Part::Text { text } => segs.push(Segment::Text(text.clone())),
-                            Part::ImageUrl { image_url } => {
-                                let url = match image_url {
-                                    ImageUrl::Object { url } | ImageUrl::Plain(url) => url.clone(),
-                                };
-                                urls.push(url);
-                                segs.push(Segment::Image);
-                            }
-                        }
-                    }
-                }
-            }
-            per_message.push((m.role.clone(), segs));
-        }
+        let (segments, urls) = self
+            .chat
+            .render(messages, add_generation_prompt, continue_final_message)
+            .map_err(|e| ApiError::invalid(e.message, e.param))?;
         if urls.len() > self.cfg.max_images {
             return Err(ApiError::invalid(
                 format!(
@@ -415,83 +267,6 @@ impl AppState {
                 "messages",
             ));
         }
-        let segments = match &self.template {
-            Some(env) => {
-                let msgs: Vec<Value> = per_message
-                    .iter()
-                    .map(|(role, segs)| {
-                        let text: String = segs
-                            .iter()
-                            .map(|s| match s {
-                                Segment::Text(t) => t.as_str(),
-                                Segment::Image => IMAGE_MARKER,
-                            })
-                            .collect();
-                        json!({"role": role, "content": text})
-                    })
-                    .collect();
-                let tmpl = env
-                    .get_template("chat")
-                    .map_err(|e| ApiError::internal(format!("chat template: {e}")))?;
-                let sp = self.tokenizer.special();
-                let mut text = tmpl
-                    .render(json!({
-                        "messages": msgs,
-                        "add_generation_prompt": add_generation_prompt,
-                        "bos_token": sp.bos_token,
-                        "eos_token": sp.eos_token,
-                    }))
-                    .map_err(|e| {
-                        ApiError::invalid(format!("the package's chat template failed: {e}"), "messages")
-                    })?;
-                if continue_final_message {
-                    // The answer goes on from the final message's text: cut what the template
-                    // puts after it (its end-of-turn), as vLLM does.
-                    let last = msgs
-                        .last()
-                        .and_then(|m| m["content"].as_str())
-                        .unwrap_or_default();
-                    match text.rfind(last).filter(|_| !last.is_empty()) {
-                        Some(at) => text.truncate(at + last.len()),
-                        None => {
-                            return Err(ApiError::invalid(
-                                "continue_final_message: the final message is empty or the chat template does not keep its text as is",
-                                "continue_final_message",
-                            ));
-                        }
-                    }
-                }
-                let markers = text.matches(IMAGE_MARKER).count();
-                if markers != urls.len() {
-                    return Err(ApiError::invalid(
-                        format!(
-                            "the chat template placed {markers} {IMAGE_MARKER} markers for {} images",
-                            urls.len()
-                        ),
-                        "messages",
-                    ));
-                }
-                split_markers(&text)
-            }
-            None => {
-                // Parts in order; adjacent text joins (messages separated by a newline), so a
-                // single user message is exactly what `kosmos-rt run` builds.
-                let mut segs: Vec<Segment> = Vec::new();
-                for (i, (_, parts)) in per_message.into_iter().enumerate() {
-                    if i > 0 {
-                        push_text(&mut segs, "\n");
-                    }
-                    for s in parts {
-                        match s {
-                            Segment::Text(t) => push_text(&mut segs, &t),
-                            Segment::Image => segs.push(Segment::Image),
-                        }
-                    }
-                }
-                segs.retain(|s| !matches!(s, Segment::Text(t) if t.is_empty()));
-                segs
-            }
-        };
         Ok((segments, urls))
     }
 
@@ -1003,27 +778,6 @@ fn requested_logprobs(s: &Sampling, kind: Kind) -> Result<Option<usize>, ApiErro
             }
         }
     }
-}
-
-fn push_text(segs: &mut Vec<Segment>, t: &str) {
-    if let Some(Segment::Text(last)) = segs.last_mut() {
-        last.push_str(t);
-    } else {
-        segs.push(Segment::Text(t.to_string()));
-    }
-}
-
-fn split_markers(text: &str) -> Vec<Segment> {
-    let mut segs = Vec::new();
-    for (i, part) in text.split(IMAGE_MARKER).enumerate() {
-        if i > 0 {
-            segs.push(Segment::Image);
-        }
-        if !part.is_empty() {
-            segs.push(Segment::Text(part.to_string()));
-        }
-    }
-    segs
 }
 
 /// Cancels the request's sequences when the response (or the handler) is dropped: a client that
