@@ -102,10 +102,16 @@ impl Drop for Server {
 }
 
 fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String, String) {
+    http_as(port, method, path, body, None)
+}
+
+/// [`http`] with `Authorization: Bearer <key>` when a key is given.
+fn http_as(port: u16, method: &str, path: &str, body: &str, key: Option<&str>) -> (u16, String, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -367,6 +373,75 @@ fn the_package_chat_template_assembles_the_prompt() {
         .unwrap();
     assert!(out.status.success());
     assert_eq!(got, String::from_utf8_lossy(&out.stdout).trim());
+}
+
+/// SageMaker's and vLLM's extra endpoints: `/ping` answers without the API key (GET and POST),
+/// `/version` names the release, and `/invocations` answers each body as the endpoint its
+/// fields belong to would.
+#[test]
+fn sagemaker_ping_and_invocations_answer_as_the_openai_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pkg, images) = fixture(dir.path());
+    let server = Server::start(&pkg, &["--api-key", "k"]);
+    let port = server.port;
+    for method in ["GET", "POST"] {
+        let (status, _, body) = http(port, method, "/ping", "");
+        assert_eq!(status, 200, "{method} /ping: {body}");
+    }
+    assert_eq!(http(port, "GET", "/version", "").0, 401, "/version needs the key");
+    let (status, _, body) = http_as(port, "GET", "/version", "", Some("k"));
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        http(port, "POST", "/invocations", "{}").0,
+        401,
+        "/invocations needs the key"
+    );
+
+    let png = std::fs::read(&images[0]).unwrap();
+    let chat = serde_json::json!({
+        "max_tokens": 6, "temperature": 0,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", STANDARD.encode(&png))}},
+            {"type": "text", "text": "Question: what shape? Answer:"}]}],
+    })
+    .to_string();
+    let completion = r#"{"prompt": "a red circle on the", "max_tokens": 6, "temperature": 0}"#;
+    let responses = r#"{"input": "a red circle on the", "max_output_tokens": 6, "temperature": 0}"#;
+    let answer = |path: &str, body: &str| -> serde_json::Value {
+        let (status, _, resp) = http_as(port, "POST", path, body, Some("k"));
+        assert_eq!(status, 200, "{path}: {resp}");
+        serde_json::from_str(&resp).unwrap()
+    };
+    for (body, path, text) in [
+        (
+            chat.as_str(),
+            "/v1/chat/completions",
+            "/choices/0/message/content",
+        ),
+        (completion, "/v1/completions", "/choices/0/text"),
+        (responses, "/v1/responses", "/output/0/content/0/text"),
+    ] {
+        let direct = answer(path, body);
+        let invoked = answer("/invocations", body);
+        assert!(invoked.pointer(text).is_some_and(|t| t.is_string()), "{invoked}");
+        assert_eq!(
+            invoked.pointer(text),
+            direct.pointer(text),
+            "{path}: {invoked} vs {direct}"
+        );
+        assert_eq!(invoked["object"], direct["object"], "{path}");
+    }
+    for bad in [
+        r#"{"model": "pkg"}"#,
+        r#"{"prompt": "a", "messages": []}"#,
+        "not json",
+    ] {
+        let (status, _, resp) = http_as(port, "POST", "/invocations", bad, Some("k"));
+        assert_eq!(status, 400, "{bad}: {resp}");
+        assert!(resp.contains("messages") || resp.contains("JSON"), "{resp}");
+    }
 }
 
 /// A local HTTP server for image URLs: `/img.png` the bytes, `/moved` → `/img.png`, `/away` →

@@ -16,6 +16,7 @@ pub mod images;
 mod logprobs;
 mod openai;
 mod responses;
+mod sagemaker;
 mod structured;
 mod tokenize;
 mod tools;
@@ -245,6 +246,9 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/detokenize", post(tokenize::detokenize))
         .route("/tokenizer_info", get(tokenize::tokenizer_info))
         .route("/health", get(health))
+        .route("/ping", get(sagemaker::ping).post(sagemaker::ping))
+        .route("/invocations", post(sagemaker::invocations))
+        .route("/version", get(sagemaker::version))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -278,12 +282,13 @@ async fn method_not_allowed(req: Request) -> ApiError {
     }
 }
 
-/// Bearer-token check (constant time) on every endpoint but `/health`.
+/// Bearer-token check (constant time) on every endpoint but the liveness probes (`/health`,
+/// SageMaker's `/ping`), which platforms call without credentials.
 async fn authorize(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let Some(key) = &st.cfg.api_key else {
         return next.run(req).await;
     };
-    if req.uri().path() == "/health" {
+    if matches!(req.uri().path(), "/health" | "/ping") {
         return next.run(req).await;
     }
     let given = req
