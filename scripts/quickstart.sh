@@ -3,7 +3,7 @@
 # built-in synthetic task (shape captions + VQA), export it to ONNX, and caption / answer
 # held-out images through kosmos-rt (ONNX Runtime), printing accuracy next to the trainer's own
 # (and an int4-quantised package's), then ask the server through the openai client and run the
-# held-out questions as an offline batch file.
+# held-out questions as an offline batch file and from Python.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -94,6 +94,21 @@ results = [json.loads(l) for l in open(f"{out}/batch-results.jsonl")]
 right = sum(r["response"]["body"]["choices"][0]["message"]["content"].strip() == a.strip()
             for r, a in zip(results, answers))
 print(f"batch: exact match {100 * right / len(answers):.1f}% ({right}/{len(answers)}), in {out}/batch-results.jsonl")
+PY
+
+echo "== the same questions from Python: kosmos_rt.Engine (python/, ctypes over libkosmos_rt.so) =="
+KOSMOS_RT_LIB="$root/target/debug/libkosmos_rt.so" PYTHONPATH="$root/python" .venv/bin/python - "$out" <<'PY'
+import json, sys
+import kosmos_rt
+out = sys.argv[1]
+items = [json.loads(l) for l in open(f"{out}/test-vqa/manifest.jsonl")]
+with kosmos_rt.Engine(f"{out}/tiny-onnx", max_batch=8) as engine:
+    requests = [engine.submit_chat([{"role": "user", "content": [
+                    {"type": "image", "image": f"{out}/test-vqa/{item['image']}"},
+                    {"type": "text", "text": item["prompt"]}]}], max_tokens=8)
+                for item in items]
+    right = sum(r.result().text.strip() == item["text"].strip() for r, item in zip(requests, items))
+print(f"python: exact match {100 * right / len(items):.1f}% ({right}/{len(items)})")
 PY
 
 echo
