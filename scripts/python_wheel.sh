@@ -22,7 +22,8 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 
-scripts/setup.sh
+# The set-up only when missing: the test suite runs this beside tests that use .deps/.
+[[ -x .venv/bin/python ]] || scripts/setup.sh
 flags=(--locked -p kosmos-rt --lib)
 [[ $profile == release ]] && flags+=(--release)
 cargo build "${flags[@]}"

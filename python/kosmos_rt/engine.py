@@ -193,6 +193,7 @@ class Engine(Handle):
                 value = _lib.SPECULATE[value]
             setattr(config, name, value)
         self._requests = {}
+        self._engine_thread = None
         self._lock = threading.Lock()
         self._next_key = 1
         # One C callback for every request, alive as long as the engine; `user_data` is the
@@ -205,6 +206,7 @@ class Engine(Handle):
         self._tokenizer = None
 
     def _dispatch(self, ev_ptr, key) -> bool:
+        self._engine_thread = threading.get_ident()
         try:
             ev = ev_ptr.contents
             final = ev.kind != _lib.EVENT_TEXT
@@ -286,6 +288,10 @@ class Engine(Handle):
     def close(self) -> None:
         """Cancel what is still queued or running (each request gets its completion, "cancelled"),
         stop the engine thread and release the engine."""
+        if threading.get_ident() == self._engine_thread:
+            # A finalizer can run on the engine's own thread, which cannot join itself.
+            threading.Thread(target=Engine.close, args=(self,), name="kosmos-engine-close").start()
+            return
         super().close()
         if self._tokenizer is not None:
             self._tokenizer.close()

@@ -410,6 +410,26 @@ class Batching(unittest.TestCase):
         with self.assertRaisesRegex(kosmos_rt.InvalidHandleError, "closed"):
             engine.submit("")
 
+    def test_close_on_the_engines_own_thread_is_handed_to_another(self):
+        engine = kosmos_rt.Engine(PACKAGE, max_batch=1)
+        self.assertEqual(engine.generate("", max_tokens=2).generated_tokens, 2)
+        freed_on, free = [], engine._free
+
+        def recording_free(ptr):
+            freed_on.append(threading.get_ident())
+            return free(ptr)
+
+        engine._free = recording_free
+        engine._engine_thread = threading.get_ident()  # this thread stands in for the engine's
+        engine.close()  # as a finalizer running there would
+        for _ in range(100):
+            if engine.closed and freed_on:
+                break
+            threading.Event().wait(0.05)
+        self.assertTrue(engine.closed)
+        self.assertEqual(len(freed_on), 1)
+        self.assertNotEqual(freed_on[0], threading.get_ident(), "freed from another thread")
+
 
 if __name__ == "__main__":
     unittest.main()
