@@ -34,6 +34,24 @@ def case_args(case):
     return case["prompt"], images, settings
 
 
+def in_threads(generate):
+    """`generate(prompt, images, **settings)` for every case at once, one thread each; the
+    results in case order."""
+    cases = EXPECTED["cases"]
+    got = [None] * len(cases)
+
+    def run(i):
+        prompt, images, settings = case_args(cases[i])
+        got[i] = generate(prompt, images, **settings)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return got
+
+
 class Layout(unittest.TestCase):
     def header_fields(self, struct):
         body = re.search(rf"typedef struct {struct} \{{(.*?)\}} {struct};", HEADER.read_text(), re.S)
@@ -188,19 +206,8 @@ class Generating(unittest.TestCase):
             closed.generate("")
 
     def test_threads_take_turns_on_one_model(self):
-        cases = EXPECTED["cases"]
-        got = {}
-
-        def run(i):
-            prompt, images, settings = case_args(cases[i])
-            got[i] = self.model.generate(prompt, images, **settings)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        self.assertEqual([got[i] for i in range(len(cases))], [c["text"] for c in cases])
+        got = in_threads(self.model.generate)
+        self.assertEqual(got, [c["text"] for c in EXPECTED["cases"]])
 
 
 def with_chat_template(directory: str, template: str) -> str:
@@ -328,20 +335,8 @@ class Batching(unittest.TestCase):
         self.assertEqual(completion.prompt_tokens, case["prompt_tokens"], case)
 
     def test_requests_from_many_threads_each_equal_the_rust_api(self):
-        cases = EXPECTED["cases"]
-        got = {}
-
-        def run(i):
-            prompt, images, settings = case_args(cases[i])
-            got[i] = self.engine.generate(prompt, images, **settings)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for i, case in enumerate(cases):
-            self.check(case, got[i])
+        for case, completion in zip(EXPECTED["cases"], in_threads(self.engine.generate)):
+            self.check(case, completion)
 
     def test_asyncio_awaits_and_streams(self):
         cases = EXPECTED["cases"]
