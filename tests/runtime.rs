@@ -314,6 +314,72 @@ fn quantized_packages_keep_the_trained_models_answers() {
     }
 }
 
+/// `verify --data`: real examples instead of arbitrary token ids and random pixels — the
+/// synthetic task's held-out split, and a manifest whose rows hold no image, one image with a
+/// prompt, and two images between text — hold the float32 tolerance through both KV layouts
+/// (every row's images, however many, reach its slots); a spec with nothing usable is an error
+/// that says so.
+#[test]
+fn verify_runs_on_real_examples() {
+    use kosmos_export::verify::{VerifyOptions, verify};
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let synthetic = VerifyOptions {
+        data: Some("synthetic:shapes".into()),
+        examples: 6,
+        ..Default::default()
+    };
+    let r = verify(&f.ckpt, &f.pkg, &synthetic).expect("verify --data synthetic:shapes");
+    assert!(r.passed, "{r:?}");
+    let arbitrary = verify(&f.ckpt, &f.pkg, &Default::default()).unwrap();
+    assert!(
+        r.positions > arbitrary.positions,
+        "{} vs {}",
+        r.positions,
+        arbitrary.positions
+    );
+
+    let manifest = dir.path().join("mixed.jsonl");
+    let (a, b) = (f.images[0].display(), f.images[1].display());
+    std::fs::write(
+        &manifest,
+        format!(
+            "{{\"text\": \"a red circle on the left and a blue square on the right\"}}\n\
+             {{\"image\": \"{a}\", \"prompt\": \"Question: what colour is the circle? Answer:\", \"text\": \"red\"}}\n\
+             {{\"segments\": [{{\"text\": \"first\"}}, {{\"image\": \"{a}\"}}, {{\"text\": \"then\"}}, {{\"image\": \"{b}\"}}, {{\"text\": \"done\"}}]}}\n"
+        ),
+    )
+    .unwrap();
+    let mixed = VerifyOptions {
+        data: Some(manifest.display().to_string()),
+        examples: 3,
+        ..Default::default()
+    };
+    for pkg in [&f.pkg, &f.pkg_buffer] {
+        let r = verify(&f.ckpt, pkg, &mixed).expect("verify --data mixed.jsonl");
+        assert!(r.passed, "{}: {r:?}", pkg.display());
+        assert_eq!((r.rows, r.images), (3, 3), "every line used, 0 + 1 + 2 images");
+        assert!(r.diffs.iter().any(|d| d.output == "image_embeds"), "{r:?}");
+    }
+
+    let unusable = dir.path().join("unusable.jsonl");
+    std::fs::write(&unusable, "{\"image\": \"missing.png\", \"text\": \"a\"}\n").unwrap();
+    let err = verify(
+        &f.ckpt,
+        &f.pkg,
+        &VerifyOptions {
+            data: Some(unusable.display().to_string()),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("--data") && err.contains("no usable example"),
+        "{err}"
+    );
+}
+
 /// A float16 KV cache under the float32 model (`--kv-cache-dtype fp16`, read and written by
 /// `CachedAttention`'s kernel, bound in place): verify passes its float32 bound (its reference
 /// reads the stored cache), and the runtime's greedy generation, batched and single, is the

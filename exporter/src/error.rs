@@ -28,6 +28,9 @@ pub enum ExportError {
     Ort(String),
     #[error("reference model: {0}")]
     Reference(String),
+    /// Verification data (`verify --data`) that cannot be read or gives no usable example.
+    #[error("--data: {0}")]
+    Data(String),
 }
 
 impl ExportError {

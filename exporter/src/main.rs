@@ -21,7 +21,8 @@ use kosmos_export::{ExportOptions, Profile, export, parse_dtype};
         kosmos-export runs/k1 -o pkg/k1-int8 --kv-cache buffer --cached-attention --quantize int8\n  \
         kosmos-export runs/k1 -o pkg/k1-int4 --kv-cache buffer --cached-attention --quantize int4 --kv-cache-dtype fp16\n  \
         kosmos-export inspect pkg/tiny/decoder.onnx\n  \
-        kosmos-export verify runs/tiny pkg/tiny"
+        kosmos-export verify runs/tiny pkg/tiny\n  \
+        kosmos-export verify runs/tiny pkg/tiny-int4 --data synthetic:shapes --examples 8"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -132,6 +133,14 @@ enum Command {
         /// profile).
         #[arg(long)]
         without_custom_ops: bool,
+        /// Real examples instead of arbitrary token ids and random pixels: a data spec as
+        /// kosmos-train takes it (a .jsonl manifest, .tar shards, or synthetic:shapes, whose
+        /// test split is drawn), each example whole and teacher-forced, then the decode steps.
+        #[arg(long, value_name = "SPEC")]
+        data: Option<String>,
+        /// Examples (rows) taken from --data.
+        #[arg(long, default_value_t = 4, requires = "data")]
+        examples: usize,
     },
 }
 
@@ -165,11 +174,15 @@ fn run(cli: Cli) -> Result<i32> {
             tolerance,
             json,
             without_custom_ops,
+            data,
+            examples,
         }) => {
             let opts = VerifyOptions {
                 decode_steps: steps,
                 tolerance,
                 without_custom_ops,
+                data,
+                examples,
                 ..Default::default()
             };
             let r = verify(&checkpoint, &package, &opts).with_context(|| {
@@ -179,11 +192,14 @@ fn run(cli: Cli) -> Result<i32> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{} {} package ({} {} KV cache), {} decode steps{}",
+                    "{} {} package ({} {} KV cache), {} rows with {} images from {}, {} decode steps{}",
                     r.profile,
                     r.dtype,
                     r.kv_cache,
                     r.kv_dtype,
+                    r.rows,
+                    r.images,
+                    r.data.as_deref().unwrap_or("arbitrary token ids and pixels"),
                     steps,
                     if r.presents_beyond_rounding {
                         "; the reference reads the stored float16 cache, present.* differences beyond its rounding (2^-11 of each value)"

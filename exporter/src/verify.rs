@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use kosmos_models::KosmosConfig;
 use kosmos_models::package::{KvCacheLayout, PackageDtype, PackageManifest, io};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor as OrtTensor};
@@ -41,6 +42,11 @@ pub struct VerifyOptions {
     pub seed: i64,
     /// Run the `ai.kosmos` ops' function bodies instead of their fused kernels.
     pub without_custom_ops: bool,
+    /// Real examples instead of arbitrary token ids and random pixels: a data spec as
+    /// `kosmos-train` takes it (`synthetic:*` draws its test split), whose first `examples`
+    /// usable examples become the rows, each whole (image slots, prompt and text, teacher-forced).
+    pub data: Option<String>,
+    pub examples: usize,
 }
 
 impl Default for VerifyOptions {
@@ -50,6 +56,8 @@ impl Default for VerifyOptions {
             tolerance: None,
             seed: 0,
             without_custom_ops: false,
+            data: None,
+            examples: 4,
         }
     }
 }
@@ -92,6 +100,12 @@ pub struct VerifyReport {
     pub top1_agreement: f64,
     /// Positions compared for `top1_agreement`.
     pub positions: usize,
+    /// Prompts in the batch and images among them (`data`: the examples used; else the two
+    /// arbitrary prompts with one image each).
+    pub rows: usize,
+    pub images: usize,
+    /// The data spec the rows came from, if any.
+    pub data: Option<String>,
     pub passed: bool,
 }
 
@@ -260,7 +274,6 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
         });
     }
     let cfg = &ck.config;
-    let tok = &cfg.tokenizer;
     let lat = cfg.resampler.num_latents;
     let size = cfg.vision.image_size as i64;
     let d = &cfg.decoder;
@@ -287,42 +300,26 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     let mut vision = session_with(&pkg.join(&manifest.vision.file), opts.without_custom_ops)?;
     let mut decoder = session_with(&pkg.join(&manifest.decoder.file), opts.without_custom_ops)?;
 
-    // Two prompts, left-padded to one length: text before and after the image in each.
     tch::manual_seed(opts.seed);
-    let text = |n: usize, start: i64| -> Vec<i64> {
-        (0..n as i64).map(|i| 6 + (start + 7 * i) % (vocab - 6)).collect()
+    let rows = match &opts.data {
+        None => synthetic_rows(cfg),
+        Some(spec) => data_rows(cfg, &ck.dir, spec, opts)?,
     };
-    let image = |pre: Vec<i64>, post: Vec<i64>| {
-        let mut ids = vec![tok.bos_token_id as i64];
-        ids.extend(pre);
-        ids.push(tok.image_start_token_id as i64);
-        let slot_start = ids.len();
-        ids.extend(std::iter::repeat_n(tok.pad_token_id as i64, lat));
-        ids.push(tok.image_end_token_id as i64);
-        ids.extend(post);
-        (ids, slot_start)
-    };
-    let rows = [image(text(2, 11), text(5, 3)), image(Vec::new(), text(2, 40))];
-    let len = rows.iter().map(|(r, _)| r.len()).max().unwrap_or(0);
+    let (ids, mut attention_mask, image_mask, len) = left_padded(cfg, &rows);
     let b = rows.len() as i64;
-    let mut ids = vec![tok.pad_token_id as i64; rows.len() * len];
-    let mut attn = vec![0i64; rows.len() * len];
-    let mut img_mask = vec![0i64; rows.len() * len];
-    for (r, (row, slot_start)) in rows.iter().enumerate() {
-        let pad = len - row.len();
-        for (j, &t) in row.iter().enumerate() {
-            ids[r * len + pad + j] = t;
-            attn[r * len + pad + j] = 1;
+    let images_per_row: Vec<usize> = rows.iter().map(|r| r.images).collect();
+    let pixels = match &opts.data {
+        // Arbitrary pixels for the synthetic rows: one image each.
+        None => Tensor::randn([b, 3, size, size], (Kind::Float, Device::Cpu)),
+        Some(_) => {
+            let all: Vec<f32> = rows
+                .iter()
+                .flat_map(|r| r.pixels.iter().flatten().copied())
+                .collect();
+            let n = images_per_row.iter().sum::<usize>() as i64;
+            Tensor::from_slice(&all).view([n, 3, size, size])
         }
-        for j in 0..lat {
-            img_mask[r * len + pad + slot_start + j] = 1;
-        }
-    }
-    let shape = [b, len as i64];
-    let ids = Tensor::from_slice(&ids).view(shape);
-    let mut attention_mask = Tensor::from_slice(&attn).view(shape);
-    let image_mask = Tensor::from_slice(&img_mask).view(shape).to_kind(Kind::Bool);
-    let pixels = Tensor::randn([b, 3, size, size], (Kind::Float, Device::Cpu));
+    };
 
     let mut diffs = Diffs(Vec::new());
     let layout = Layout {
@@ -332,14 +329,21 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     };
     let err = |e: kosmos_train::TrainError| ExportError::Reference(e.to_string());
 
-    // Vision.
-    let ref_embeds = tch::no_grad(|| model.encode_images(&pixels, false)).map_err(err)?;
-    let out = vision
-        .run(ort::inputs![io::PIXEL_VALUES => f32_tensor(&pixels)?])
-        .map_err(ort_err)?;
-    let embeds = ort_f32(&out[io::IMAGE_EMBEDS], io::IMAGE_EMBEDS)?;
-    diffs.add(io::IMAGE_EMBEDS, &to_vec(&ref_embeds), &embeds)?;
-    drop(out);
+    // Vision (text-only rows have no image to compare).
+    let ref_embeds = if pixels.size()[0] > 0 {
+        let ref_embeds = tch::no_grad(|| model.encode_images(&pixels, false)).map_err(err)?;
+        let out = vision
+            .run(ort::inputs![io::PIXEL_VALUES => f32_tensor(&pixels)?])
+            .map_err(ort_err)?;
+        let embeds = ort_f32(&out[io::IMAGE_EMBEDS], io::IMAGE_EMBEDS)?;
+        diffs.add(io::IMAGE_EMBEDS, &to_vec(&ref_embeds), &embeds)?;
+        ref_embeds
+    } else {
+        Tensor::zeros(
+            [0, lat as i64, d.decoder_embed_dim as i64],
+            (Kind::Float, Device::Cpu),
+        )
+    };
 
     // Prefill: the package gets the reference image embeddings, so decoder differences are its own.
     let real = attention_mask.to_kind(Kind::Bool);
@@ -348,7 +352,10 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
             .map_err(err)?;
     let mut inputs: Vec<(String, DynValue)> = vec![
         (io::INPUT_IDS.into(), i64_tensor(&ids)?),
-        (io::IMAGE_EMBEDS.into(), f32_tensor(&ref_embeds)?),
+        (
+            io::IMAGE_EMBEDS.into(),
+            f32_tensor(&per_row(&ref_embeds, &images_per_row))?,
+        ),
         (io::IMAGE_MASK.into(), bool_tensor(&image_mask)?),
         (
             io::ATTENTION_MASK.into(),
@@ -480,8 +487,137 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
         tolerance_kind: kind.into(),
         top1_agreement: top1.fraction(),
         positions: top1.positions,
+        rows: images_per_row.len(),
+        images: images_per_row.iter().sum(),
+        data: opts.data.clone(),
         passed,
     })
+}
+
+/// One prompt of a verification batch.
+struct Row {
+    ids: Vec<i64>,
+    /// Image slots (true), filled in order.
+    image_mask: Vec<bool>,
+    images: usize,
+    /// The images' pixels ([3, S, S] each, in slot order); empty for synthetic rows.
+    pixels: Vec<Vec<f32>>,
+}
+
+/// Two arbitrary prompts, text before and after one image each (one row without text before).
+fn synthetic_rows(cfg: &KosmosConfig) -> Vec<Row> {
+    let tok = &cfg.tokenizer;
+    let vocab = cfg.decoder.vocab_size as i64;
+    let lat = cfg.resampler.num_latents;
+    let text = |n: usize, start: i64| -> Vec<i64> {
+        (0..n as i64).map(|i| 6 + (start + 7 * i) % (vocab - 6)).collect()
+    };
+    let image = |pre: Vec<i64>, post: Vec<i64>| {
+        let mut ids = vec![tok.bos_token_id as i64];
+        ids.extend(pre);
+        ids.push(tok.image_start_token_id as i64);
+        let slot_start = ids.len();
+        ids.extend(std::iter::repeat_n(tok.pad_token_id as i64, lat));
+        ids.push(tok.image_end_token_id as i64);
+        ids.extend(post);
+        let image_mask = (0..ids.len())
+            .map(|i| (slot_start..slot_start + lat).contains(&i))
+            .collect();
+        Row {
+            ids,
+            image_mask,
+            images: 1,
+            pixels: Vec::new(),
+        }
+    };
+    vec![image(text(2, 11), text(5, 3)), image(Vec::new(), text(2, 40))]
+}
+
+/// The first `opts.examples` examples of `spec` that fit the context with the decode steps,
+/// encoded as the trainer encodes them (its tokenizer, the checkpoint's).
+fn data_rows(cfg: &KosmosConfig, ckpt_dir: &Path, spec: &str, opts: &VerifyOptions) -> Result<Vec<Row>> {
+    use kosmos_train::data::example::{SkipCounter, encode};
+    // The trainer's data errors name the source already.
+    let bad = |e: kosmos_train::TrainError| match e {
+        kosmos_train::TrainError::Data(m) => ExportError::Data(m),
+        other => ExportError::Data(format!("{spec}: {other}")),
+    };
+    let tok = kosmos_models::KosmosTokenizer::load(&ckpt_dir.join("tokenizer.json"), &cfg.tokenizer)?;
+    let mut source =
+        kosmos_train::data::open_source(spec, kosmos_train::synthetic::Split::Test, opts.seed as u64, None)
+            .map_err(bad)?;
+    let skips = SkipCounter::default();
+    let room = cfg.decoder.max_target_positions.saturating_sub(opts.decode_steps);
+    let mut rows = Vec::new();
+    while rows.len() < opts.examples.max(1) {
+        let Some(ex) = source.next(&skips).map_err(bad)? else {
+            break;
+        };
+        match encode(&ex, &tok, cfg) {
+            Ok(e) if e.len() <= room => rows.push(Row {
+                images: e.pixels.len(),
+                ids: e.input_ids,
+                image_mask: e.image_mask,
+                pixels: e.pixels,
+            }),
+            Ok(e) => skips.skip(
+                &ex.origin,
+                &format!("{} tokens leave no room for the decode steps", e.len()),
+            ),
+            Err(e) => skips.skip(&ex.origin, &e.to_string()),
+        }
+    }
+    if rows.is_empty() {
+        return Err(ExportError::Data(format!(
+            "{spec}: no usable example ({} skipped)",
+            skips.count()
+        )));
+    }
+    Ok(rows)
+}
+
+/// `rows` left-padded to one length: (input_ids, attention_mask, image_mask, length).
+fn left_padded(cfg: &KosmosConfig, rows: &[Row]) -> (Tensor, Tensor, Tensor, usize) {
+    let len = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+    let mut ids = vec![cfg.tokenizer.pad_token_id as i64; rows.len() * len];
+    let mut attn = vec![0i64; rows.len() * len];
+    let mut img_mask = vec![false; rows.len() * len];
+    for (r, row) in rows.iter().enumerate() {
+        let at = r * len + len - row.ids.len();
+        ids[at..at + row.ids.len()].copy_from_slice(&row.ids);
+        attn[at..at + row.ids.len()].fill(1);
+        img_mask[at..at + row.ids.len()].copy_from_slice(&row.image_mask);
+    }
+    let shape = [rows.len() as i64, len as i64];
+    (
+        Tensor::from_slice(&ids).view(shape),
+        Tensor::from_slice(&attn).view(shape),
+        Tensor::from_slice(&img_mask).view(shape),
+        len,
+    )
+}
+
+/// The decoder's `image_embeds` [b, slots, D]: each row's images' latents in slot order,
+/// zero-padded to the row with most (the reference model takes all images' latents in slot
+/// order across the rows, `embeds` [n, latents, D]).
+fn per_row(embeds: &Tensor, images_per_row: &[usize]) -> Tensor {
+    let (_, lat, d) = embeds.size3().expect("[n, latents, D]");
+    let most = images_per_row.iter().copied().max().unwrap_or(0) as i64;
+    let out = Tensor::zeros(
+        [images_per_row.len() as i64, most * lat, d],
+        (Kind::Float, Device::Cpu),
+    );
+    let mut at = 0i64;
+    for (r, &k) in images_per_row.iter().enumerate() {
+        let k = k as i64;
+        if k > 0 {
+            out.get(r as i64)
+                .narrow(0, 0, k * lat)
+                .copy_(&embeds.narrow(0, at, k).reshape([k * lat, d]));
+        }
+        at += k;
+    }
+    out
 }
 
 /// Compare the package's `present.*` with the reference cache at real (non-padding) positions —
