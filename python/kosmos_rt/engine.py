@@ -13,7 +13,7 @@ from ._lib import kosmos_engine_config, lib
 from ._params import Call, prompt_bytes
 from .errors import RequestFailed, check
 from .handles import Handle, package_path
-from .tokenizer import Tokenizer
+from .tokenizer import OwnsTokenizer
 
 #: `Engine(...)` settings (`struct kosmos_engine_config`); left out = the library's default
 #: (the server's: 8 rows, 512-token prefill chunks, 256 cached images, a 512 MiB prefix cache).
@@ -162,7 +162,7 @@ class Request:
         self.result()
 
 
-class Engine(Handle):
+class Engine(OwnsTokenizer, Handle):
     """Continuous batching over one package exported with `--kv-cache buffer`.
 
     >>> with kosmos_rt.Engine("pkg/tiny", max_batch=4) as engine:
@@ -203,7 +203,6 @@ class Engine(Handle):
         check(lib.kosmos_engine_open(package_path(package_dir), device.encode(), byref(config), byref(out)))
         super().__init__(out.value, lib.kosmos_engine_free)
         self.package_dir = str(package_dir)
-        self._tokenizer = None
 
     def _dispatch(self, ev_ptr, key) -> bool:
         self._engine_thread = threading.get_ident()
@@ -275,10 +274,7 @@ class Engine(Handle):
         **settings,
     ) -> Request:
         """`submit` on the prompt a chat makes (see `Model.chat`)."""
-        with self._lock:
-            if self._tokenizer is None:
-                self._tokenizer = Tokenizer(self.package_dir)
-        prompt, images = self._tokenizer.chat_prompt(messages, add_generation_prompt, continue_final_message)
+        prompt, images = self.tokenizer.chat_prompt(messages, add_generation_prompt, continue_final_message)
         return self.submit(prompt, images, **settings)
 
     def chat(self, messages, **settings) -> Completion:
@@ -293,5 +289,4 @@ class Engine(Handle):
             threading.Thread(target=Engine.close, args=(self,), name="kosmos-engine-close").start()
             return
         super().close()
-        if self._tokenizer is not None:
-            self._tokenizer.close()
+        self._close_tokenizer()

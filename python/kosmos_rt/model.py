@@ -12,10 +12,10 @@ from ._lib import lib
 from ._params import Call, prompt_bytes, take_string
 from .errors import check
 from .handles import Handle, package_path
-from .tokenizer import Tokenizer
+from .tokenizer import OwnsTokenizer
 
 
-class Model(Handle):
+class Model(OwnsTokenizer, Handle):
     """A loaded package (`kosmos-export` output).
 
     >>> model = kosmos_rt.Model("pkg/tiny")
@@ -33,25 +33,13 @@ class Model(Handle):
         super().__init__(out.value, lib.kosmos_model_free)
         self.package_dir = str(package_dir)
         self._turn = threading.Lock()
-        self._tokenizer = None
-        self._opening = threading.Lock()
 
     def close(self) -> None:
         """Release the model (waits for a generation in progress); later calls raise
         InvalidHandleError."""
         with self._turn:
             super().close()
-            if self._tokenizer is not None:
-                self._tokenizer.close()
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        """The package's tokenizer (opened on first use)."""
-        self._live()
-        with self._opening:
-            if self._tokenizer is None:
-                self._tokenizer = Tokenizer(self.package_dir)
-        return self._tokenizer
+            self._close_tokenizer()
 
     def chat(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from ctypes import POINTER, byref, c_size_t, c_uint32, c_void_p
 
@@ -10,6 +11,9 @@ from ._lib import lib
 from ._params import _unsigned, _utf8, take_string
 from .errors import check
 from .handles import Handle, package_path
+
+# Opening a tokenizer is rare (once per model or engine): one lock for all of them.
+_OPENING = threading.Lock()
 
 
 class Tokenizer(Handle):
@@ -70,3 +74,23 @@ class Tokenizer(Handle):
         if n.value != len(images):  # the library and split_images disagree: a bug, not bad input
             raise AssertionError(f"{n.value} image places in the prompt for {len(images)} images")
         return prompt, images
+
+
+class OwnsTokenizer:
+    """For `Model` and `Engine`: their package's `Tokenizer`, opened on first use (chats need
+    it) and closed with them. Needs `package_dir` and `_live()`."""
+
+    _tokenizer: Tokenizer | None = None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The package's tokenizer (opened on first use)."""
+        self._live()
+        with _OPENING:
+            if self._tokenizer is None:
+                self._tokenizer = Tokenizer(self.package_dir)
+        return self._tokenizer
+
+    def _close_tokenizer(self) -> None:
+        if self._tokenizer is not None:
+            self._tokenizer.close()
