@@ -89,6 +89,40 @@ pub fn expected_params(cfg: &KosmosConfig) -> Vec<ParamSpec> {
     c.0
 }
 
+/// Linears that read one LayerNorm's output and nothing else, with that LayerNorm.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NormedLinears {
+    /// The LayerNorm's prefix (`.weight`, `.bias`).
+    pub norm: String,
+    /// The linears' prefixes (`.weight` [out, in], optional `.bias`).
+    pub linears: Vec<String>,
+}
+
+/// Every decoder linear grouped by the LayerNorm in front of it (sub-LN puts one before each):
+/// a per-input-feature factor moves from such a LayerNorm's weight and bias into the linears'
+/// weights without changing the model (`kosmos-export --awq`).
+pub fn decoder_normed_linears(cfg: &KosmosConfig) -> Vec<NormedLinears> {
+    let group = |norm: String, linears: &[String]| NormedLinears {
+        norm,
+        linears: linears.to_vec(),
+    };
+    let mut groups = Vec::new();
+    for l in 0..cfg.decoder.decoder_layers {
+        let p = format!("{DECODER}.layers.{l}");
+        let a = format!("{p}.self_attn");
+        let qkv = ["q_proj", "k_proj", "v_proj"].map(|x| format!("{a}.{x}"));
+        groups.push(group(format!("{p}.self_attn_layer_norm"), &qkv));
+        groups.push(group(format!("{a}.inner_attn_ln"), &[format!("{a}.out_proj")]));
+        groups.push(group(format!("{p}.final_layer_norm"), &[format!("{p}.ffn.fc1")]));
+        groups.push(group(format!("{p}.ffn.ffn_layernorm"), &[format!("{p}.ffn.fc2")]));
+    }
+    groups.push(group(
+        format!("{DECODER}.layer_norm"),
+        &[format!("{DECODER}.output_projection")],
+    ));
+    groups
+}
+
 /// Total number of parameters of a config.
 pub fn param_count(cfg: &KosmosConfig) -> usize {
     expected_params(cfg)
@@ -116,5 +150,39 @@ impl Collector {
     fn norm(&mut self, prefix: &str, d: usize) {
         self.tensor(format!("{prefix}.weight"), &[d]);
         self.tensor(format!("{prefix}.bias"), &[d]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_decoder_linear_has_exactly_one_layer_norm_in_front() {
+        let cfg = KosmosConfig::tiny();
+        let params = expected_params(&cfg);
+        let shape = |name: &str| params.iter().find(|p| p.name == name).map(|p| p.shape.clone());
+        let groups = decoder_normed_linears(&cfg);
+        let mut seen = Vec::new();
+        for g in &groups {
+            let width = shape(&format!("{}.weight", g.norm)).expect("norm weight")[0];
+            for lin in &g.linears {
+                // The norm's width is the linear's input width.
+                assert_eq!(
+                    shape(&format!("{lin}.weight")).expect("linear")[1],
+                    width,
+                    "{lin}"
+                );
+                seen.push(format!("{lin}.weight"));
+            }
+        }
+        seen.sort();
+        let mut linears: Vec<String> = params
+            .iter()
+            .filter(|p| p.name.starts_with(DECODER) && p.shape.len() == 2 && !p.name.contains("embed_tokens"))
+            .map(|p| p.name.clone())
+            .collect();
+        linears.sort();
+        assert_eq!(seen, linears);
     }
 }

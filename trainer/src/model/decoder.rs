@@ -50,6 +50,9 @@ struct DecoderLayer {
     final_layer_norm: LayerNorm,
 }
 
+/// Called with a LayerNorm's parameter prefix and its output ([`Decoder::forward_observed`]).
+pub type NormObserver<'a> = dyn FnMut(&str, &Tensor) + 'a;
+
 #[derive(Debug)]
 pub struct Decoder {
     cfg: DecoderConfig,
@@ -137,6 +140,37 @@ impl Decoder {
         past: Option<&[LayerKv]>,
         train: bool,
     ) -> (Tensor, Vec<LayerKv>) {
+        self.forward_with(embeds, attention_mask, past, train, None)
+    }
+
+    /// [`Decoder::forward`] without a cache (inference) that also hands `observe` each
+    /// LayerNorm output a linear reads, with the LayerNorm's parameter prefix (the groups of
+    /// `kosmos_models::params::decoder_normed_linears`): the activations a quantiser calibrates on.
+    pub fn forward_observed(
+        &self,
+        embeds: &Tensor,
+        attention_mask: &Tensor,
+        observe: &mut NormObserver<'_>,
+    ) -> Tensor {
+        self.forward_with(embeds, attention_mask, None, false, Some(observe))
+            .0
+    }
+
+    fn forward_with(
+        &self,
+        embeds: &Tensor,
+        attention_mask: &Tensor,
+        past: Option<&[LayerKv]>,
+        train: bool,
+        mut observe: Option<&mut NormObserver<'_>>,
+    ) -> (Tensor, Vec<LayerKv>) {
+        let mut norm = |ln: &LayerNorm, x: &Tensor| {
+            let y = ln.forward(x);
+            if let Some(f) = observe.as_mut() {
+                f(&ln.name, &y);
+            }
+            y
+        };
         let (b, s, _) = embeds.size3().expect("embeds [b, s, D]");
         let past_len = past.and_then(|p| p.first()).map_or(0, |kv| kv.len());
         let total = past_len + s;
@@ -160,11 +194,19 @@ impl Decoder {
         let mut present = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_past = past.map(|p| &p[i]);
-            let h = layer.self_attn_layer_norm.forward(&x);
-            let (h, kv) = self.attention(&layer.self_attn, &h, &tables, &blocked, layer_past, train);
+            let h = norm(&layer.self_attn_layer_norm, &x);
+            let (h, kv) = self.attention(
+                &layer.self_attn,
+                &h,
+                &tables,
+                &blocked,
+                layer_past,
+                train,
+                &mut norm,
+            );
             x = &x + h.dropout(self.cfg.dropout, train); // out of place: autograd saved x
             present.push(kv);
-            let h = layer.final_layer_norm.forward(&x);
+            let h = norm(&layer.final_layer_norm, &x);
             let ffn = &layer.ffn;
             let h = ffn
                 .fc1
@@ -173,13 +215,14 @@ impl Decoder {
                 .gelu("none")
                 .to_kind(h.kind());
             let h = h.dropout(self.cfg.activation_dropout, train);
-            let h = ffn.fc2.forward(&ffn.ffn_layernorm.forward(&h));
+            let h = ffn.fc2.forward(&norm(&ffn.ffn_layernorm, &h));
             x = &x + h.dropout(self.cfg.dropout, train); // out of place: autograd saved x
         }
-        let x = self.layer_norm.forward(&x);
+        let x = norm(&self.layer_norm, &x);
         (self.output_projection.forward(&x), present)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         a: &SelfAttention,
@@ -188,6 +231,7 @@ impl Decoder {
         blocked: &Tensor,
         past: Option<&LayerKv>,
         train: bool,
+        norm: &mut dyn FnMut(&LayerNorm, &Tensor) -> Tensor,
     ) -> (Tensor, LayerKv) {
         let heads = self.cfg.decoder_attention_heads;
         let scaling = (self.cfg.head_dim() as f64).powf(-0.5);
@@ -205,7 +249,7 @@ impl Decoder {
         let scores = matmul(&q, &k.transpose(-2, -1)).masked_fill(blocked, f64::from(f32::MIN));
         let probs = softmax_f32(&scores).dropout(self.cfg.attention_dropout, train);
         let out = merge_heads(&matmul(&probs, &v));
-        let out = a.out_proj.forward(&a.inner_attn_ln.forward(&out));
+        let out = a.out_proj.forward(&norm(&a.inner_attn_ln, &out));
         (out, LayerKv { key: k, value: v })
     }
 }

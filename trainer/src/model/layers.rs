@@ -98,14 +98,18 @@ impl Linear {
 pub struct LayerNorm {
     pub weight: Tensor,
     pub bias: Tensor,
+    /// Parameter prefix (`decoder.layers.0.final_layer_norm`), as `kosmos_models::params` names it.
+    pub name: String,
     dim: i64,
     eps: f64,
 }
 
 impl LayerNorm {
     pub fn new(p: &Path, name: &str, dim: usize, eps: f64) -> Self {
+        let full_name = p.path(name);
         let p = p / name;
         LayerNorm {
+            name: full_name,
             weight: p.var("weight", &[dim as i64], Init::Const(1.0)),
             bias: p.var("bias", &[dim as i64], Init::Const(0.0)),
             dim: dim as i64,
