@@ -314,6 +314,170 @@ fn quantized_packages_keep_the_trained_models_answers() {
     }
 }
 
+/// A copy of `ckpt` whose checkpoint tensors `edit` changes (name → values, shape).
+fn edited_copy(
+    ckpt: &Path,
+    out: &Path,
+    edit: impl FnOnce(&mut std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>),
+) -> PathBuf {
+    use kosmos_models::checkpoint::{Checkpoint, TensorBytes, write_checkpoint};
+    let c = Checkpoint::open(ckpt).unwrap();
+    let st = c.weights().unwrap();
+    let mut tensors: std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, (view.shape().to_vec(), values))
+        })
+        .collect();
+    edit(&mut tensors);
+    let bytes: std::collections::BTreeMap<String, (Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, (shape, v))| (n, (shape, v.iter().flat_map(|x| x.to_le_bytes()).collect())))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, (shape, data))| {
+            (
+                n.clone(),
+                TensorBytes {
+                    shape: shape.clone(),
+                    data,
+                },
+            )
+        })
+        .collect();
+    let tok =
+        kosmos_models::KosmosTokenizer::load(&c.dir.join("tokenizer.json"), &c.config.tokenizer).unwrap();
+    write_checkpoint(out, &c.config, &tok, &views, false, None).unwrap()
+}
+
+/// The tch model's logits for a fixed prompt with an image.
+fn reference_logits(ckpt: &Path) -> Tensor {
+    let (_vs, model, ck) = kosmos_train::checkpoint::load(ckpt, Device::Cpu).unwrap();
+    let tok =
+        kosmos_models::KosmosTokenizer::load(&ck.dir.join("tokenizer.json"), &ck.config.tokenizer).unwrap();
+    let prompt = common::image_in_middle(&tok, &ck.config, "a picture of", "a red circle on the left");
+    let (ids, image_mask) = common::batch(&[prompt]);
+    let attention = ids.ones_like();
+    let pixels = common::pixels(&ck.config, 1, 5);
+    tch::no_grad(|| model.forward(&ids, Some(&pixels), &image_mask, &attention, false)).unwrap()
+}
+
+/// `--awq` (activation-aware int4): its scales fold into the LayerNorms without changing the
+/// float model (the tch model on the folded weights equals it on the original ones), and where
+/// a few input channels carry large activations — LLMs' salient channels, planted here by
+/// moving a factor 16 from four columns of each linear into its LayerNorm, which leaves the
+/// float model unchanged — its package is much closer to the reference than round-to-nearest
+/// on held-out examples (KL divergence), and the manifest records the calibration.
+#[test]
+fn awq_keeps_the_float_model_and_beats_round_to_nearest_on_salient_channels() {
+    use kosmos_export::awq::{AwqOptions, search};
+    use kosmos_export::quantize::ScaleType;
+    use kosmos_models::package::{PackageManifest, Quantization};
+    use kosmos_models::params::decoder_normed_linears;
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = kosmos_models::Checkpoint::open(&f.ckpt).unwrap().config;
+    let salient = edited_copy(&f.ckpt, &dir.path().join("salient"), |t| {
+        for (g, group) in decoder_normed_linears(&cfg).iter().enumerate() {
+            let width = t[&format!("{}.weight", group.norm)].1.len();
+            let factor: Vec<f32> = (0..width)
+                .map(|j| if (j * 7 + g * 3) % width < 4 { 16.0 } else { 1.0 })
+                .collect();
+            for part in ["weight", "bias"] {
+                let v = &mut t.get_mut(&format!("{}.{part}", group.norm)).unwrap().1;
+                v.iter_mut().zip(&factor).for_each(|(v, f)| *v *= f);
+            }
+            for lin in &group.linears {
+                let v = &mut t.get_mut(&format!("{lin}.weight")).unwrap().1;
+                for row in v.chunks_exact_mut(width) {
+                    row.iter_mut().zip(&factor).for_each(|(v, f)| *v /= f);
+                }
+            }
+        }
+    });
+    let original = reference_logits(&f.ckpt);
+    // Every linear reads the LayerNorm the group names, or the copy would compute another model.
+    let moved = common::max_abs_diff(&reference_logits(&salient), &original);
+    assert!(
+        moved < 1e-4,
+        "planting salient channels changed the model by {moved}"
+    );
+
+    let q = Quantization {
+        bits: 4,
+        block_size: 32,
+        accuracy_level: 4,
+    };
+    let awq = AwqOptions {
+        examples: 32,
+        ..AwqOptions::new("synthetic:shapes")
+    };
+    let found = search(&salient, &q, ScaleType::F32, &awq).expect("AWQ search");
+    assert_eq!(found.groups.len(), decoder_normed_linears(&cfg).len());
+    assert!(found.groups.iter().any(|g| g.alpha > 0.0), "{:?}", found.groups);
+    let folded = edited_copy(&salient, &dir.path().join("folded"), |t| {
+        let scaled = found
+            .scaled_tensors(|name| Ok((t[name].1.clone(), t[name].0.clone())))
+            .unwrap();
+        for (name, v) in scaled {
+            t.get_mut(&name).unwrap().1 = v;
+        }
+    });
+    let moved = common::max_abs_diff(&reference_logits(&folded), &original);
+    assert!(
+        moved < 1e-4,
+        "folding the AWQ scales changed the model by {moved}"
+    );
+
+    let held_out = kosmos_export::verify::VerifyOptions {
+        data: Some("synthetic:shapes".into()),
+        examples: 16,
+        ..Default::default()
+    };
+    let mut reports = Vec::new();
+    for with_awq in [false, true] {
+        let pkg = dir.path().join(if with_awq { "awq" } else { "rtn" });
+        let opts = kosmos_export::ExportOptions {
+            kv_cache: KvCacheLayout::Buffer,
+            quantization: Some(q),
+            awq: with_awq.then(|| awq.clone()),
+            ..Default::default()
+        };
+        kosmos_export::export(&salient, &pkg, &opts).expect("export");
+        let m = PackageManifest::load(&pkg).unwrap();
+        assert_eq!(
+            m.awq.as_ref().map(|a| (a.examples, a.data.as_str())),
+            with_awq.then_some((32, "synthetic:shapes"))
+        );
+        let r = kosmos_export::verify::verify(&salient, &pkg, &held_out).expect("verify");
+        eprintln!(
+            "awq {with_awq}: top-1 {:.3} of {}, KL divergence mean {:.3e} max {:.3e}",
+            r.top1_agreement, r.positions, r.mean_kl_divergence, r.max_kl_divergence
+        );
+        reports.push(r);
+    }
+    let (rtn, awq) = (&reports[0], &reports[1]);
+    assert!(
+        awq.mean_kl_divergence < 0.5 * rtn.mean_kl_divergence,
+        "AWQ {:.3e} vs round-to-nearest {:.3e}",
+        awq.mean_kl_divergence,
+        rtn.mean_kl_divergence
+    );
+    assert!(
+        awq.top1_agreement >= rtn.top1_agreement,
+        "{} vs {}",
+        awq.top1_agreement,
+        rtn.top1_agreement
+    );
+}
+
 /// `verify --data`: real examples instead of arbitrary token ids and random pixels — the
 /// synthetic task's held-out split, and a manifest whose rows hold no image, one image with a
 /// prompt, and two images between text — hold the float32 tolerance through both KV layouts

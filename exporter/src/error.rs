@@ -28,9 +28,10 @@ pub enum ExportError {
     Ort(String),
     #[error("reference model: {0}")]
     Reference(String),
-    /// Verification data (`verify --data`) that cannot be read or gives no usable example.
-    #[error("--data: {0}")]
-    Data(String),
+    /// Example data (`verify --data`, `--awq`) that cannot be read or gives no usable example;
+    /// `option` names the flag that gave it.
+    #[error("{option}: {message}")]
+    Data { option: &'static str, message: String },
 }
 
 impl ExportError {

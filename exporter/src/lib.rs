@@ -23,7 +23,9 @@
 //! ONNX Runtime GenAI's model builder does; the rest of the package keeps its dtype (fp16 with
 //! int4 is that builder's GPU format).
 
+pub mod awq;
 pub mod error;
+pub mod examples;
 pub mod lower;
 pub mod onnx;
 pub mod quantize;
@@ -145,6 +147,8 @@ pub struct ExportOptions {
     pub kv_dtype: Option<PackageDtype>,
     /// Quantise the decoder's linears (weight-only, `com.microsoft::MatMulNBits`).
     pub quantization: Option<Quantization>,
+    /// Calibrate activation-aware scales before quantising (needs `quantization`).
+    pub awq: Option<awq::AwqOptions>,
     /// Replace an existing output directory.
     pub force: bool,
     /// Show a progress bar per component.
@@ -170,6 +174,7 @@ impl Default for ExportOptions {
             cached_attention: false,
             kv_dtype: None,
             quantization: None,
+            awq: None,
             force: false,
             progress: false,
         }
@@ -183,6 +188,8 @@ pub struct ExportSummary {
     pub vision_bytes: u64,
     pub decoder_bytes: u64,
     pub seconds: f64,
+    /// The activation-aware scales searched (`--awq`).
+    pub awq: Option<awq::AwqScales>,
 }
 
 /// Export the checkpoint in `ckpt_dir` to a package directory `out` (written to a staging
@@ -230,6 +237,29 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
     if let Some(q) = &opts.quantization {
         check_quantization(q, opts)?;
     }
+    let awq = match (&opts.awq, &opts.quantization) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(ExportError::Unsupported(
+                "--awq without --quantize: its scales only change how weights quantise".into(),
+            ));
+        }
+        (Some(a), Some(q)) => {
+            let scale_type = match opts.dtype {
+                PackageDtype::Fp32 => quantize::ScaleType::F32,
+                PackageDtype::Fp16 => quantize::ScaleType::F16,
+            };
+            let found = awq::search(ckpt_dir, q, scale_type, a)?;
+            tracing::info!(
+                groups = found.groups.len(),
+                examples = found.calibration.examples,
+                tokens = found.calibration.tokens,
+                median_error_ratio = found.median_error_ratio(),
+                "AWQ scales searched"
+            );
+            Some(found)
+        }
+    };
     let kv_dtype = opts.cache_dtype();
     match (opts.dtype, kv_dtype) {
         (PackageDtype::Fp16, PackageDtype::Fp32) => {
@@ -249,12 +279,18 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         }
         _ => {}
     }
-    let vision_bytes = write_component(&ckpt, &dir, package::VISION_FILE, dtype, opts, |l| {
+    let vision_bytes = write_component(&ckpt, &dir, package::VISION_FILE, dtype, opts, None, |l| {
         l.vision_graph(cfg)
     })?;
-    let decoder_bytes = write_component(&ckpt, &dir, package::DECODER_FILE, dtype, opts, |l| {
-        l.decoder_graph(cfg)
-    })?;
+    let decoder_bytes = write_component(
+        &ckpt,
+        &dir,
+        package::DECODER_FILE,
+        dtype,
+        opts,
+        awq.as_ref(),
+        |l| l.decoder_graph(cfg),
+    )?;
 
     let tok_src = ckpt.dir.join(package::TOKENIZER_FILE);
     let tok_dst = dir.join(package::TOKENIZER_FILE);
@@ -269,6 +305,7 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         &format!("{PRODUCER} {}", env!("CARGO_PKG_VERSION")),
     );
     manifest.quantization = opts.quantization;
+    manifest.awq = awq.as_ref().map(|a| a.calibration.clone());
     manifest.decoder.kv_dtype = kv_dtype.element_type().into();
     kosmos_models::atomic::write_atomic(&dir.join(package::MANIFEST_FILE), manifest.to_json().as_bytes())?;
     let package = staged.commit()?;
@@ -277,6 +314,7 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
         vision_bytes,
         decoder_bytes,
         seconds: t0.elapsed().as_secs_f64(),
+        awq,
     })
 }
 
@@ -324,6 +362,7 @@ fn write_component(
     file: &str,
     dtype: DType,
     opts: &ExportOptions,
+    awq: Option<&awq::AwqScales>,
     build: impl FnOnce(&mut Lower<'_, '_, '_>) -> Result<()>,
 ) -> Result<u64> {
     let cfg = &ckpt.config;
@@ -341,7 +380,11 @@ fn write_component(
     let data_name = format!("{file}.data");
     let data_path = dir.join(&data_name);
     let mut sink = WeightSink::create(&data_path)?;
-    let weights = Weights::new(ckpt.weights()?, dtype, Box::new(|n| pb.inc(n)));
+    let mut weights = Weights::new(ckpt.weights()?, dtype, Box::new(|n| pb.inc(n)));
+    if let Some(a) = awq {
+        let scaled = a.scaled_tensors(|name| weights.read(name))?;
+        weights = weights.replacing(scaled, a.clips());
+    }
     let graph_name = file.trim_end_matches(".onnx");
     let mut lower = Lower {
         g: GraphBuilder::new(graph_name, OPSET, &mut sink),
@@ -429,6 +472,21 @@ fn model_proto(
             .collect(),
         functions,
     }
+}
+
+/// A progress bar over `total` items (hidden unless `show`).
+pub(crate) fn progress_count(show: bool, total: u64, what: &str) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>16} [{bar:30}] {pos}/{len} ETA {eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
 }
 
 fn progress_bar(show: bool, total: u64, what: &str) -> indicatif::ProgressBar {

@@ -20,6 +20,7 @@ use kosmos_export::{ExportOptions, Profile, export, parse_dtype};
         kosmos-export runs/k1 -o pkg/k1-serve --kv-cache buffer --packed-linears --cached-attention\n  \
         kosmos-export runs/k1 -o pkg/k1-int8 --kv-cache buffer --cached-attention --quantize int8\n  \
         kosmos-export runs/k1 -o pkg/k1-int4 --kv-cache buffer --cached-attention --quantize int4 --kv-cache-dtype fp16\n  \
+        kosmos-export runs/tiny -o pkg/tiny-awq --quantize int4 --awq synthetic:shapes\n  \
         kosmos-export inspect pkg/tiny/decoder.onnx\n  \
         kosmos-export verify runs/tiny pkg/tiny\n  \
         kosmos-export verify runs/tiny pkg/tiny-int4 --data synthetic:shapes --examples 8"
@@ -89,6 +90,17 @@ struct ExportArgs {
     /// multiplies in integers (fastest on CPU), 0 dequantises to f32 first.
     #[arg(long, default_value_t = 4, requires = "quantize")]
     quant_accuracy_level: u32,
+    /// --quantize, activation-aware (AWQ, as TensorRT-LLM's int4_awq): run these examples
+    /// through the checkpoint (a data spec as kosmos-train takes it: a .jsonl manifest, .tar
+    /// shards, or synthetic:shapes, whose training split is drawn), and per LayerNorm search
+    /// input-feature scales that shrink the quantisation error of the linears after it; the
+    /// scales fold into the LayerNorm, so the graph and its speed do not change. Check the
+    /// result with `verify --data` on held-out examples.
+    #[arg(long, value_name = "SPEC", requires = "quantize")]
+    awq: Option<String>,
+    /// --awq: calibration examples.
+    #[arg(long, default_value_t = kosmos_export::awq::AwqOptions::DEFAULT_EXAMPLES, requires = "awq")]
+    awq_examples: usize,
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
@@ -217,14 +229,17 @@ fn run(cli: Cli) -> Result<i32> {
                     );
                 }
                 println!(
-                    "  greedy tokens {}; most likely token agrees at {:.1} % of {} positions",
+                    "  greedy tokens {}; most likely token agrees at {:.1} % of {} positions; \
+                     KL divergence from the reference {:.3e} nats mean, {:.3e} max",
                     if r.reference_tokens == r.package_tokens {
                         "equal"
                     } else {
                         "DIFFER"
                     },
                     100.0 * r.top1_agreement,
-                    r.positions
+                    r.positions,
+                    r.mean_kl_divergence,
+                    r.max_kl_divergence
                 );
                 let verdict = if r.passed { "PASS" } else { "FAIL" };
                 if r.tolerance_kind == "top-1" {
@@ -278,6 +293,11 @@ fn run(cli: Cli) -> Result<i32> {
                 cached_attention: a.cached_attention,
                 kv_dtype: a.kv_cache_dtype.as_deref().map(parse_dtype).transpose()?,
                 quantization,
+                awq: a.awq.as_deref().map(|data| kosmos_export::awq::AwqOptions {
+                    examples: a.awq_examples,
+                    progress: !a.quiet,
+                    ..kosmos_export::awq::AwqOptions::new(data)
+                }),
                 force: a.force,
                 progress: !a.quiet,
             };
@@ -295,6 +315,17 @@ fn run(cli: Cli) -> Result<i32> {
                     .unwrap_or_default(),
                 s.seconds
             );
+            if let Some(awq) = &s.awq {
+                println!(
+                    "AWQ: {} examples ({} tokens) from {}; the quantised linears' output error is \
+                     {:.2} of round-to-nearest's (median of {} LayerNorm groups)",
+                    awq.calibration.examples,
+                    awq.calibration.tokens,
+                    awq.calibration.data,
+                    awq.median_error_ratio(),
+                    awq.groups.len()
+                );
+            }
             Ok(0)
         }
     }

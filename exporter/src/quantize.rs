@@ -50,38 +50,35 @@ pub fn quantize_blockwise(
     block_size: usize,
     scale_type: ScaleType,
 ) -> BlockQuantized {
+    quantize_blockwise_clipped(w, n, k, bits, block_size, scale_type, None)
+}
+
+/// [`quantize_blockwise`] with each block's kept extreme multiplied by `clip[row * blocks + b]`
+/// (≤ 1) before its scale is computed, so values beyond it clamp to the end codes: a smaller
+/// step for the rest of the block (`--awq`'s clipping search picks the factors).
+pub fn quantize_blockwise_clipped(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    bits: u32,
+    block_size: usize,
+    scale_type: ScaleType,
+    clip: Option<&[f32]>,
+) -> BlockQuantized {
     assert!(bits == 4 || bits == 8, "4 or 8 bits");
     assert_eq!(w.len(), n * k, "weight is [n, k]");
     let blocks = k.div_ceil(block_size);
     let per_byte = (8 / bits) as usize;
     let blob = block_size / per_byte;
-    let mid = (1u32 << (bits - 1)) as f32;
-    let top = ((1u32 << bits) - 1) as f32;
     let mut codes = vec![0u8; n * blocks * blob];
     let mut scales = vec![0f32; n * blocks];
     let mut block_codes = vec![0u8; block_size];
     for row in 0..n {
         let weights = &w[row * k..(row + 1) * k];
         for b in 0..blocks {
-            let values: Vec<f32> = weights[b * block_size..((b + 1) * block_size).min(k)]
-                .iter()
-                .map(|&v| scale_type.round(v))
-                .collect();
-            let (min, max) = values
-                .iter()
-                .fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-            // MLAS keeps the larger-magnitude end with its sign (the smaller one on a tie), and
-            // maps it to code 0: the wider half of the range, [-8, 0) for 4 bits, takes it.
-            let m = if max.abs() > min.abs() { max } else { min };
-            let scale = scale_type.round(-m / mid);
-            let reciprocal = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-            for (i, code) in block_codes.iter_mut().enumerate() {
-                let v = values.get(i).copied().unwrap_or(0.0);
-                // Separate multiply and add (no fused multiply-add), rounding half away from
-                // zero: MLAS's `roundf(v * reciprocal_scale + zp)`.
-                let q = v * reciprocal;
-                *code = (q + mid).round().clamp(0.0, top) as u8;
-            }
+            let values = &weights[b * block_size..((b + 1) * block_size).min(k)];
+            let clip = clip.map(|c| c[row * blocks + b]);
+            let scale = quantize_block(values, bits, scale_type, clip, &mut block_codes);
             scales[row * blocks + b] = scale;
             let out = &mut codes[(row * blocks + b) * blob..][..blob];
             if bits == 8 {
@@ -99,6 +96,80 @@ pub fn quantize_blockwise(
         blocks,
         blob,
     }
+}
+
+/// One block's scale, and its codes into `codes` (one per byte, `codes.len()` = the block size;
+/// positions past `values` are the zero padding's codes).
+fn quantize_block(
+    values: &[f32],
+    bits: u32,
+    scale_type: ScaleType,
+    clip: Option<f32>,
+    codes: &mut [u8],
+) -> f32 {
+    let mid = (1u32 << (bits - 1)) as f32;
+    let top = ((1u32 << bits) - 1) as f32;
+    let (min, max) = values.iter().fold((f32::MAX, -f32::MAX), |(lo, hi), &v| {
+        let v = scale_type.round(v);
+        (lo.min(v), hi.max(v))
+    });
+    // MLAS keeps the larger-magnitude end with its sign (the smaller one on a tie), and maps it
+    // to code 0: the wider half of the range, [-8, 0) for 4 bits, takes it.
+    let m = if max.abs() > min.abs() { max } else { min };
+    let m = clip.map_or(m, |c| m * c);
+    let scale = scale_type.round(-m / mid);
+    let reciprocal = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+    for (i, code) in codes.iter_mut().enumerate() {
+        let v = values.get(i).map_or(0.0, |&v| scale_type.round(v));
+        // Separate multiply and add (no fused multiply-add), rounding half away from zero:
+        // MLAS's `roundf(v * reciprocal_scale + zp)`.
+        let q = v * reciprocal;
+        *code = (q + mid).round().clamp(0.0, top) as u8;
+    }
+    scale
+}
+
+/// What [`quantize_blockwise_clipped`] then [`dequantize`] give for one block of `values`:
+/// the dequantised weights into `out` (`out.len()` ≤ the block size, `codes` as long as a block).
+pub fn fake_quantize_block(
+    values: &[f32],
+    bits: u32,
+    scale_type: ScaleType,
+    clip: Option<f32>,
+    codes: &mut [u8],
+    out: &mut [f32],
+) {
+    let mid = 1i32 << (bits - 1);
+    let scale = quantize_block(values, bits, scale_type, clip, codes);
+    for (o, &c) in out.iter_mut().zip(codes.iter()) {
+        *o = (c as i32 - mid) as f32 * scale;
+    }
+}
+
+/// What [`quantize_blockwise_clipped`] then [`dequantize`] give for `w` [n, k], block by block
+/// on all cores without packing the codes.
+#[allow(clippy::too_many_arguments)]
+pub fn fake_quantize(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    bits: u32,
+    block_size: usize,
+    scale_type: ScaleType,
+    clip: Option<&[f32]>,
+) -> Vec<f32> {
+    assert_eq!(w.len(), n * k, "weight is [n, k]");
+    let blocks = k.div_ceil(block_size);
+    let mut out = vec![0f32; n * k];
+    for_each_row(&mut out, k, |row, dst| {
+        let mut codes = vec![0u8; block_size];
+        let src = &w[row * k..(row + 1) * k];
+        for (b, (v, o)) in src.chunks(block_size).zip(dst.chunks_mut(block_size)).enumerate() {
+            let clip = clip.map(|c| c[row * blocks + b]);
+            fake_quantize_block(v, bits, scale_type, clip, &mut codes, o);
+        }
+    });
+    out
 }
 
 /// The weights the codes stand for, `[n, k]` (what `MatMulNBits` multiplies by).
@@ -120,9 +191,61 @@ pub fn dequantize(q: &BlockQuantized, n: usize, k: usize, bits: u32, block_size:
     w
 }
 
+/// `f(row, out_row)` for each `row_len`-long row of `out`, rows split evenly over the cores.
+pub fn for_each_row<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let n = out.len() / row_len.max(1);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(n.max(1));
+    let rows_per = n.div_ceil(threads).max(1);
+    let f = &f;
+    std::thread::scope(|scope| {
+        for (chunk, rows) in out.chunks_mut(rows_per * row_len).enumerate() {
+            scope.spawn(move || {
+                for (r, row) in rows.chunks_exact_mut(row_len).enumerate() {
+                    f(chunk * rows_per + r, row);
+                }
+            });
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fake_quantize_equals_quantize_then_dequantize_bit_for_bit() {
+        // Odd k (a short last block), ties for the kept extreme, exact halves, tiny values
+        // whose fp16 scales round, all-zero and one-signed blocks; more rows than threads.
+        let (n, k) = (7usize, 45usize);
+        let mut w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 97) as f32 - 48.0) / 64.0)
+            .collect();
+        w[..k].iter_mut().for_each(|v| *v /= 65536.0);
+        w[k..2 * k].fill(0.0);
+        w[2 * k..3 * k].iter_mut().for_each(|v| *v = v.abs());
+        w[3 * k..4 * k].iter_mut().for_each(|v| *v = -v.abs());
+        w[4 * k] = 0.75;
+        w[4 * k + 1] = -0.75;
+        for (bits, block) in [(4, 16), (4, 32), (8, 16), (8, 64)] {
+            let blocks = k.div_ceil(block);
+            let clip: Vec<f32> = (0..n * blocks).map(|i| 1.0 - (i % 11) as f32 / 20.0).collect();
+            for st in [ScaleType::F32, ScaleType::F16] {
+                for c in [None, Some(clip.as_slice())] {
+                    let q = quantize_blockwise_clipped(&w, n, k, bits, block, st, c);
+                    let want = dequantize(&q, n, k, bits, block);
+                    let got = fake_quantize(&w, n, k, bits, block, st, c);
+                    let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "int{bits} block {block} {st:?} clipped {}", c.is_some());
+                }
+            }
+        }
+        // A clip factor of 1/2 halves the block's step: values beyond half the extreme clamp.
+        let q = quantize_blockwise_clipped(&[-2.0, 0.0, 0.5, 1.9], 1, 4, 4, 4, ScaleType::F32, Some(&[0.5]));
+        assert_eq!(q.scales, vec![0.125]);
+        assert_eq!(dequantize(&q, 1, 4, 4, 4), vec![-1.0, 0.0, 0.5, 0.875]);
+    }
 
     #[test]
     fn codes_scales_and_nibble_order_of_a_small_block() {

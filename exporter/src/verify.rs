@@ -12,6 +12,7 @@ use ort::value::{DynValue, Tensor as OrtTensor};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{ExportError, Result};
+use crate::examples::{self, Row};
 
 /// A CPU session for `path` (ONNX Runtime loaded as the runtime crate does, the fused
 /// `ai.kosmos` kernels registered).
@@ -100,6 +101,10 @@ pub struct VerifyReport {
     pub top1_agreement: f64,
     /// Positions compared for `top1_agreement`.
     pub positions: usize,
+    /// KL(reference ‖ package) of the next-token distributions, nats: mean and largest over
+    /// those positions.
+    pub mean_kl_divergence: f64,
+    pub max_kl_divergence: f64,
     /// Prompts in the batch and images among them (`data`: the examples used; else the two
     /// arbitrary prompts with one image each).
     pub rows: usize,
@@ -111,11 +116,15 @@ pub struct VerifyReport {
 
 struct Diffs(Vec<OutputDiff>);
 
-/// Positions whose argmax over the vocabulary agrees between reference and package.
+/// How the package's next-token distributions agree with the reference's: positions whose
+/// argmax agrees, and the KL divergence KL(reference ‖ package) per position (what llama.cpp's
+/// `perplexity --kl-divergence` reports for a quantised model).
 #[derive(Default)]
 struct Top1 {
     agree: usize,
     positions: usize,
+    kl_sum: f64,
+    kl_max: f64,
 }
 
 impl Top1 {
@@ -124,6 +133,17 @@ impl Top1 {
         let same = reference.argmax(-1, false).eq_tensor(&got.argmax(-1, false));
         self.positions += same.numel();
         self.agree += i64::try_from(same.sum(Kind::Int64)).expect("count") as usize;
+        let log_p = reference.to_kind(Kind::Double).log_softmax(-1, Kind::Double);
+        let log_q = got.to_kind(Kind::Double).log_softmax(-1, Kind::Double);
+        let kl = (log_p.exp() * (&log_p - log_q)).sum_dim_intlist(-1, false, Kind::Double);
+        if kl.numel() > 0 {
+            self.kl_sum += kl.sum(Kind::Double).double_value(&[]);
+            self.kl_max = self.kl_max.max(kl.max().double_value(&[]));
+        }
+    }
+
+    fn mean_kl(&self) -> f64 {
+        self.kl_sum / self.positions.max(1) as f64
     }
 
     fn fraction(&self) -> f64 {
@@ -303,22 +323,28 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     tch::manual_seed(opts.seed);
     let rows = match &opts.data {
         None => synthetic_rows(cfg),
-        Some(spec) => data_rows(cfg, &ck.dir, spec, opts)?,
+        Some(spec) => {
+            let room = cfg.decoder.max_target_positions.saturating_sub(opts.decode_steps);
+            let split = kosmos_train::synthetic::Split::Test;
+            examples::data_rows(
+                "--data",
+                cfg,
+                &ck.dir,
+                spec,
+                split,
+                opts.seed as u64,
+                opts.examples,
+                room,
+            )?
+        }
     };
-    let (ids, mut attention_mask, image_mask, len) = left_padded(cfg, &rows);
+    let (ids, mut attention_mask, image_mask, len) = examples::left_padded(cfg, &rows);
     let b = rows.len() as i64;
     let images_per_row: Vec<usize> = rows.iter().map(|r| r.images).collect();
     let pixels = match &opts.data {
         // Arbitrary pixels for the synthetic rows: one image each.
         None => Tensor::randn([b, 3, size, size], (Kind::Float, Device::Cpu)),
-        Some(_) => {
-            let all: Vec<f32> = rows
-                .iter()
-                .flat_map(|r| r.pixels.iter().flatten().copied())
-                .collect();
-            let n = images_per_row.iter().sum::<usize>() as i64;
-            Tensor::from_slice(&all).view([n, 3, size, size])
-        }
+        Some(_) => examples::pixels(cfg, &rows),
     };
 
     let mut diffs = Diffs(Vec::new());
@@ -487,21 +513,13 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
         tolerance_kind: kind.into(),
         top1_agreement: top1.fraction(),
         positions: top1.positions,
+        mean_kl_divergence: top1.mean_kl(),
+        max_kl_divergence: top1.kl_max,
         rows: images_per_row.len(),
         images: images_per_row.iter().sum(),
         data: opts.data.clone(),
         passed,
     })
-}
-
-/// One prompt of a verification batch.
-struct Row {
-    ids: Vec<i64>,
-    /// Image slots (true), filled in order.
-    image_mask: Vec<bool>,
-    images: usize,
-    /// The images' pixels ([3, S, S] each, in slot order); empty for synthetic rows.
-    pixels: Vec<Vec<f32>>,
 }
 
 /// Two arbitrary prompts, text before and after one image each (one row without text before).
@@ -531,70 +549,6 @@ fn synthetic_rows(cfg: &KosmosConfig) -> Vec<Row> {
         }
     };
     vec![image(text(2, 11), text(5, 3)), image(Vec::new(), text(2, 40))]
-}
-
-/// The first `opts.examples` examples of `spec` that fit the context with the decode steps,
-/// encoded as the trainer encodes them (its tokenizer, the checkpoint's).
-fn data_rows(cfg: &KosmosConfig, ckpt_dir: &Path, spec: &str, opts: &VerifyOptions) -> Result<Vec<Row>> {
-    use kosmos_train::data::example::{SkipCounter, encode};
-    // The trainer's data errors name the source already.
-    let bad = |e: kosmos_train::TrainError| match e {
-        kosmos_train::TrainError::Data(m) => ExportError::Data(m),
-        other => ExportError::Data(format!("{spec}: {other}")),
-    };
-    let tok = kosmos_models::KosmosTokenizer::load(&ckpt_dir.join("tokenizer.json"), &cfg.tokenizer)?;
-    let mut source =
-        kosmos_train::data::open_source(spec, kosmos_train::synthetic::Split::Test, opts.seed as u64, None)
-            .map_err(bad)?;
-    let skips = SkipCounter::default();
-    let room = cfg.decoder.max_target_positions.saturating_sub(opts.decode_steps);
-    let mut rows = Vec::new();
-    while rows.len() < opts.examples.max(1) {
-        let Some(ex) = source.next(&skips).map_err(bad)? else {
-            break;
-        };
-        match encode(&ex, &tok, cfg) {
-            Ok(e) if e.len() <= room => rows.push(Row {
-                images: e.pixels.len(),
-                ids: e.input_ids,
-                image_mask: e.image_mask,
-                pixels: e.pixels,
-            }),
-            Ok(e) => skips.skip(
-                &ex.origin,
-                &format!("{} tokens leave no room for the decode steps", e.len()),
-            ),
-            Err(e) => skips.skip(&ex.origin, &e.to_string()),
-        }
-    }
-    if rows.is_empty() {
-        return Err(ExportError::Data(format!(
-            "{spec}: no usable example ({} skipped)",
-            skips.count()
-        )));
-    }
-    Ok(rows)
-}
-
-/// `rows` left-padded to one length: (input_ids, attention_mask, image_mask, length).
-fn left_padded(cfg: &KosmosConfig, rows: &[Row]) -> (Tensor, Tensor, Tensor, usize) {
-    let len = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
-    let mut ids = vec![cfg.tokenizer.pad_token_id as i64; rows.len() * len];
-    let mut attn = vec![0i64; rows.len() * len];
-    let mut img_mask = vec![false; rows.len() * len];
-    for (r, row) in rows.iter().enumerate() {
-        let at = r * len + len - row.ids.len();
-        ids[at..at + row.ids.len()].copy_from_slice(&row.ids);
-        attn[at..at + row.ids.len()].fill(1);
-        img_mask[at..at + row.ids.len()].copy_from_slice(&row.image_mask);
-    }
-    let shape = [rows.len() as i64, len as i64];
-    (
-        Tensor::from_slice(&ids).view(shape),
-        Tensor::from_slice(&attn).view(shape),
-        Tensor::from_slice(&img_mask).view(shape),
-        len,
-    )
 }
 
 /// The decoder's `image_embeds` [b, slots, D]: each row's images' latents in slot order,

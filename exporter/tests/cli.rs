@@ -98,6 +98,10 @@ fn bad_input_gets_one_clear_error_and_no_output() {
     let ckpt = tiny_ckpt(dir.path());
     let out = dir.path().join("out");
     let nope = dir.path().join("nope");
+    let missing_manifest = dir.path().join("calibration.jsonl");
+    // Inside the checkpoint's directory, so that the checks below find nothing new beside it.
+    let empty_manifest = dir.path().join("ckpt").join("empty.jsonl");
+    std::fs::write(&empty_manifest, "{\"text\": \"\"}\n").unwrap();
 
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec![s(&nope), "-o", s(&out)], "checkpoint directory"),
@@ -190,6 +194,34 @@ fn bad_input_gets_one_clear_error_and_no_output() {
         (
             vec![s(&ckpt), "-o", s(&out), "--quant-block-size", "64"],
             "--quantize",
+        ),
+        (
+            vec![s(&ckpt), "-o", s(&out), "--awq", "synthetic:shapes"],
+            "--quantize",
+        ),
+        (
+            vec![
+                s(&ckpt),
+                "-o",
+                s(&out),
+                "--quantize",
+                "int4",
+                "--awq",
+                s(&missing_manifest),
+            ],
+            missing_manifest.to_str().unwrap(),
+        ),
+        (
+            vec![
+                s(&ckpt),
+                "-o",
+                s(&out),
+                "--quantize",
+                "int4",
+                "--awq",
+                s(&empty_manifest),
+            ],
+            "no usable example",
         ),
     ];
     for (args, want) in &cases {

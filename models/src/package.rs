@@ -127,8 +127,27 @@ pub struct PackageManifest {
     /// Weight-only quantisation of the decoder's linears, when the package has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<Quantization>,
+    /// How activation-aware scales were calibrated before quantising (`kosmos-export --awq`);
+    /// absent for plain round-to-nearest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awq: Option<AwqCalibration>,
     /// The checkpoint's model config.
     pub config: KosmosConfig,
+}
+
+/// The calibration behind a package's activation-aware quantisation (`kosmos-export --awq`):
+/// per-input-feature scales, searched on these examples, moved from each LayerNorm into the
+/// linears after it before their weights were quantised.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwqCalibration {
+    /// The data spec the examples came from.
+    pub data: String,
+    pub examples: usize,
+    /// Tokens those examples made (image slots included).
+    pub tokens: usize,
+    /// Number of scale exponents tried per LayerNorm.
+    pub grid: usize,
 }
 
 /// Weight-only block quantisation (`kosmos-export --quantize`): every linear of the decoder,
@@ -323,6 +342,7 @@ impl PackageManifest {
             },
             chat_template: None,
             quantization: None,
+            awq: None,
             config: config.clone(),
         }
     }

@@ -6,6 +6,8 @@ pub mod decoder;
 pub mod kosmos_ops;
 pub mod vision;
 
+use std::collections::HashMap;
+
 use half::f16;
 use safetensors::SafeTensors;
 
@@ -24,6 +26,11 @@ pub const MATMUL_NBITS: &str = "MatMulNBits";
 /// Reads checkpoint tensors and adds them as initializers in the export dtype.
 pub struct Weights<'c> {
     st: SafeTensors<'c>,
+    /// Values that replace checkpoint tensors of the same name and shape (`--awq`'s scaled
+    /// LayerNorms and linears).
+    replaced: HashMap<String, Vec<f32>>,
+    /// Clipping factors of quantised linears by prefix ([out, blocks]; `--awq`).
+    clips: HashMap<String, Vec<f32>>,
     /// Float type of the exported weights and activations.
     pub dtype: DType,
     /// Called with the byte size of every weight written (progress reporting).
@@ -32,7 +39,25 @@ pub struct Weights<'c> {
 
 impl<'c> Weights<'c> {
     pub fn new(st: SafeTensors<'c>, dtype: DType, on_write: Box<dyn Fn(u64) + 'c>) -> Self {
-        Weights { st, dtype, on_write }
+        Weights {
+            st,
+            replaced: HashMap::new(),
+            clips: HashMap::new(),
+            dtype,
+            on_write,
+        }
+    }
+
+    /// These weights with `replaced` read instead of the checkpoint's tensors of those names,
+    /// and the linears in `clips` quantised with those clipping factors.
+    pub fn replacing(
+        mut self,
+        replaced: HashMap<String, Vec<f32>>,
+        clips: HashMap<String, Vec<f32>>,
+    ) -> Self {
+        self.replaced = replaced;
+        self.clips = clips;
+        self
     }
 
     /// The f32 values and shape of checkpoint tensor `name`.
@@ -41,6 +66,9 @@ impl<'c> Weights<'c> {
             .st
             .tensor(name)
             .map_err(|e| ExportError::Graph(format!("checkpoint tensor {name}: {e}")))?;
+        if let Some(v) = self.replaced.get(name) {
+            return Ok((v.clone(), t.shape().to_vec()));
+        }
         let data = t.data();
         let values = data
             .chunks_exact(4)
@@ -186,7 +214,8 @@ impl Lower<'_, '_, '_> {
                 DType::F16 => quantize::ScaleType::F16,
                 _ => quantize::ScaleType::F32,
             };
-            let bq = quantize::quantize_blockwise(&v, n, k, q.bits, q.block_size, scale_type);
+            let clip = w.clips.get(prefix).map(Vec::as_slice);
+            let bq = quantize::quantize_blockwise_clipped(&v, n, k, q.bits, q.block_size, scale_type, clip);
             let dims = [n as i64, bq.blocks as i64, bq.blob as i64];
             // Progress counts checkpoint weights converted, so the bar's total stays the f32 size.
             (w.on_write)((v.len() * w.dtype.size()) as u64);
