@@ -40,7 +40,7 @@ printf '%s %s\n' "$q" "$($rt run "$out/tiny-onnx" --image "$out/test-vqa/000000.
 echo "== int4 package: the decoder's linears quantised to 4 bits (ONNX Runtime's MatMulNBits) =="
 $export_bin "$out/tiny" --kv-cache buffer --quantize int4 -o "$out/tiny-int4" --force --quiet
 
-echo "== accuracy (greedy exact match): trainer (tch) vs exported package vs int4 package =="
+echo "== accuracy (greedy exact match) and loss: trainer (tch) vs exported package vs int4 package =="
 for set in test-captions test-vqa; do
   echo "-- $set"
   $train eval "$out/tiny" --data "$out/$set/manifest.jsonl"

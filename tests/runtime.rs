@@ -314,6 +314,54 @@ fn quantized_packages_keep_the_trained_models_answers() {
     }
 }
 
+/// `kosmos-rt eval`'s loss and perplexity (the package scoring each reference teacher-forced)
+/// equal `kosmos-train eval`'s on the same manifest of captions and VQA items, through both KV
+/// layouts, and its exact match is the trainer's too.
+#[test]
+fn eval_loss_equals_the_trainers() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let mut manifest = String::new();
+    for i in 0..8u64 {
+        let task = if i % 2 == 0 { Task::Shapes } else { Task::ShapesVqa };
+        let it = item(task, Split::Test, 0, i);
+        let image = dir.path().join(format!("{i}.png"));
+        it.image.save(&image).unwrap();
+        let mut line = serde_json::json!({"image": image.file_name().unwrap().to_str(), "text": it.text});
+        if let Some(p) = it.prompt {
+            line["prompt"] = serde_json::json!(p);
+        }
+        manifest.push_str(&format!("{line}\n"));
+    }
+    let path = dir.path().join("manifest.jsonl");
+    std::fs::write(&path, manifest).unwrap();
+
+    let (_vs, model, ck) = kosmos_train::checkpoint::load(&f.ckpt, Device::Cpu).unwrap();
+    let tok =
+        kosmos_models::KosmosTokenizer::load(&ck.dir.join("tokenizer.json"), &ck.config.tokenizer).unwrap();
+    let mut source = kosmos_train::data::open_source(path.to_str().unwrap(), Split::Test, 0, None).unwrap();
+    let want = kosmos_train::eval::evaluate(&model, &tok, source.as_mut(), None, 3, |_| {}).unwrap();
+    assert!(
+        want.loss > 0.05,
+        "a model with something left to learn: loss {}",
+        want.loss
+    );
+    for pkg in [&f.pkg, &f.pkg_buffer] {
+        let mut p = open(pkg);
+        let got = kosmos_rt::eval::evaluate(&mut p, &path, 3, None, |_, _| {}).unwrap();
+        assert!(
+            (got.loss - want.loss).abs() <= 1e-4 * want.loss,
+            "{}: loss {} vs the trainer's {}",
+            pkg.display(),
+            got.loss,
+            want.loss
+        );
+        assert!((got.perplexity - want.perplexity).abs() <= 1e-4 * want.perplexity);
+        assert_eq!(Some(got.exact_match), want.exact_match, "{}", pkg.display());
+        assert_eq!(got.items, 8);
+    }
+}
+
 /// A copy of `ckpt` whose checkpoint tensors `edit` changes (name → values, shape).
 fn edited_copy(
     ckpt: &Path,

@@ -1,6 +1,7 @@
-//! `kosmos-rt eval`: greedy exact match of a package on a caption/VQA manifest (JSONL lines
-//! `{"image": path, "prompt"?: text, "text": reference}`, paths relative to the manifest), the
-//! same measure as `kosmos-train eval`, so a trained checkpoint and its export can be compared.
+//! `kosmos-rt eval`: greedy exact match, and loss and perplexity of the references, of a package
+//! on a caption/VQA manifest (JSONL lines `{"image": path, "prompt"?: text, "text": reference}`,
+//! paths relative to the manifest) — `kosmos-train eval`'s measures, so a trained checkpoint, its
+//! export and a quantised export can be compared without the checkpoint at hand.
 
 use std::path::Path;
 
@@ -15,6 +16,12 @@ pub struct EvalReport {
     pub exact_match: f64,
     pub items: usize,
     pub correct: usize,
+    /// Mean negative log-likelihood (nats) of each reference's tokens and the `</s>` after it,
+    /// teacher-forced after the image and prompt: the trainer's loss on the same items.
+    pub loss: f64,
+    pub perplexity: f64,
+    /// Tokens `loss` is the mean over.
+    pub scored_tokens: usize,
 }
 
 struct Item {
@@ -59,6 +66,7 @@ pub fn evaluate(
     }
     let mut cache = VisionCache::new(0);
     let mut correct = 0;
+    let (mut nll, mut scored_tokens) = (0f64, 0usize);
     for chunk in items.chunks(batch.max(1)) {
         let prompts: Vec<Prompt> = chunk
             .iter()
@@ -73,6 +81,23 @@ pub fn evaluate(
                 }
             })
             .collect();
+        // The reference after the prompt, as the trainer lays out a captioned example.
+        let references: Vec<Prompt> = prompts
+            .iter()
+            .zip(chunk)
+            .map(|(p, it)| {
+                let mut p = p.clone();
+                p.segments.push(Segment::Text(it.text.clone()));
+                p
+            })
+            .collect();
+        for (p, scored) in prompts.iter().zip(pkg.score(&mut cache, &references, true)?) {
+            let context = pkg.assemble(p)?.len();
+            for lp in scored.logprobs[context..].iter().flatten() {
+                nll -= f64::from(*lp);
+                scored_tokens += 1;
+            }
+        }
         let longest = chunk
             .iter()
             .map(|it| pkg.tokenizer.encode(&it.text).map(|t| t.len()))
@@ -100,5 +125,8 @@ pub fn evaluate(
         },
         items: items.len(),
         correct,
+        loss: nll / scored_tokens.max(1) as f64,
+        perplexity: (nll / scored_tokens.max(1) as f64).exp(),
+        scored_tokens,
     })
 }

@@ -344,7 +344,7 @@ impl VisionCache {
 }
 
 /// The KV cache of a batch: the package's `present.*` values, fed back as `past_key_values.*`.
-struct Cache {
+pub(crate) struct Cache {
     values: Vec<DynValue>,
     /// Tokens in the cache.
     len: usize,
@@ -462,9 +462,32 @@ impl Package {
         assemble_prompt(&self.tokenizer, p, self.manifest.vision.tokens_per_image)
     }
 
+    /// The decoder's `input_ids`, `image_mask` and `attention_mask` [b, width] for `assembled`,
+    /// each row left-padded to `width`.
+    pub(crate) fn left_padded(
+        &self,
+        assembled: &[Assembled],
+        width: usize,
+    ) -> (Vec<i64>, Vec<bool>, Vec<i64>) {
+        let b = assembled.len();
+        let pad = self.manifest.config.tokenizer.pad_token_id as i64;
+        let mut ids = vec![pad; b * width];
+        let mut img = vec![false; b * width];
+        let mut attn = vec![0i64; b * width];
+        for (r, a) in assembled.iter().enumerate() {
+            let off = r * width + width - a.len();
+            for (j, (&id, &m)) in a.input_ids.iter().zip(&a.image_mask).enumerate() {
+                ids[off + j] = id as i64;
+                img[off + j] = m;
+                attn[off + j] = 1;
+            }
+        }
+        (ids, img, attn)
+    }
+
     /// A cache for `batch` rows that will hold up to `capacity` tokens: empty tensors for the
     /// concat layout, zeroed preallocated buffers for the buffer layout.
-    fn empty_cache(&self, batch: usize, capacity: usize) -> Result<Cache> {
+    pub(crate) fn empty_cache(&self, batch: usize, capacity: usize) -> Result<Cache> {
         let d = &self.manifest.decoder;
         let buffer = d.kv_cache == KvCacheLayout::Buffer;
         let slots = if buffer { capacity } else { 0 };
@@ -513,7 +536,7 @@ impl Package {
 
     /// One decoder call over `b` rows. Returns the logits of each row's last `keep` positions
     /// ([b, keep, vocab]; generation samples from the last one, speculation from a few).
-    fn decode(
+    pub(crate) fn decode(
         &mut self,
         ids: &[i64],
         image_mask: &[bool],
@@ -721,17 +744,7 @@ impl Package {
         timings.vision_ms = ms(t0);
 
         let pad = self.manifest.config.tokenizer.pad_token_id as i64;
-        let mut ids = vec![pad; b * width];
-        let mut img = vec![false; b * width];
-        let mut attn = vec![0i64; b * width];
-        for (r, a) in assembled.iter().enumerate() {
-            let off = r * width + width - a.len();
-            for (j, (&id, &m)) in a.input_ids.iter().zip(&a.image_mask).enumerate() {
-                ids[off + j] = id as i64;
-                img[off + j] = m;
-                attn[off + j] = 1;
-            }
-        }
+        let (ids, img, attn) = self.left_padded(&assembled, width);
         let mut kv = self.empty_cache(b, width + params.max_tokens)?;
         let t0 = Instant::now();
         let mut logits = self.decode(&ids, &img, (&image_embeds, n_tok), &attn, (b, 1), &mut kv)?;
@@ -890,7 +903,7 @@ impl Package {
         m
     }
 
-    fn check_context(&self, prompt: usize, max_new: usize) -> Result<()> {
+    pub(crate) fn check_context(&self, prompt: usize, max_new: usize) -> Result<()> {
         let context = self.context_length();
         if prompt + max_new > context {
             return Err(RtError::ContextOverflow {
@@ -903,7 +916,7 @@ impl Package {
     }
 
     /// Per-row image embeddings [b, n_tok, D], each row's images in order, zero-padded.
-    fn row_embeds(&self, prompts: &[Prompt], embeds: &[Arc<Vec<f32>>]) -> (Vec<f32>, usize) {
+    pub(crate) fn row_embeds(&self, prompts: &[Prompt], embeds: &[Arc<Vec<f32>>]) -> (Vec<f32>, usize) {
         let per = self.manifest.vision.tokens_per_image;
         let dm = self.manifest.decoder.hidden_size;
         let most = prompts.iter().map(|p| p.images.len()).max().unwrap_or(0);

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod ort_env;
 pub mod package;
 pub mod prefix_cache;
+pub mod score;
 pub mod serve;
 pub mod speculate;
 

@@ -256,7 +256,9 @@ enum Command {
         #[arg(long)]
         check: Vec<String>,
     },
-    /// Greedy exact match on a caption/VQA manifest (as `kosmos-train eval` measures it).
+    /// Greedy exact match, and loss and perplexity of the references (teacher-forced), on a
+    /// caption/VQA manifest, as `kosmos-train eval` measures them: compare a quantised package
+    /// with its float export on your own data.
     #[command(after_help = "Example:\n  \
         kosmos-train data synth --task shapes --split test --count 200 -o test-captions\n  \
         kosmos-rt eval pkg/tiny --data test-captions/manifest.jsonl")]
@@ -549,11 +551,14 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "exact match {:.1}% ({}/{}) on {}",
+                    "exact match {:.1}% ({}/{}) on {}; loss {:.4}, perplexity {:.4} over {} reference tokens",
                     100.0 * r.exact_match,
                     r.correct,
                     r.items,
-                    data.display()
+                    data.display(),
+                    r.loss,
+                    r.perplexity,
+                    r.scored_tokens
                 );
             }
             Ok(())
