@@ -270,6 +270,106 @@ fn c_abi_is_thread_safe() {
     assert_eq!(unsafe { kosmos_model_free(model) }, kosmos_status::KOSMOS_OK);
 }
 
+/// `kosmos_score` gives `Package::score`'s tokens and log-probabilities (NaN where the Rust
+/// API has none: the first token, image slots); NULL outputs, an over-long prompt and a freed
+/// model are refused with their status codes.
+#[test]
+fn c_abi_score_equals_the_rust_api() {
+    use kosmos_rt::ffi::*;
+    use std::ffi::CString;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_ckpt, pkg) = kosmos_e2e::tiny_package(dir.path(), 6);
+    let image = dir.path().join("shape.png");
+    item(Task::Shapes, Split::Test, 0, 1).image.save(&image).unwrap();
+    let text = "<image> a red circle on the left";
+
+    let mut package = Package::open(&pkg, &SessionOptions::default()).unwrap();
+    let prompt = Prompt::parse(text, vec![ImageInput::Path(image.clone())]).unwrap();
+    let want = package
+        .score(&mut VisionCache::new(0), &[prompt], true)
+        .unwrap()
+        .remove(0);
+    drop(package);
+
+    let dir_c = CString::new(pkg.to_str().unwrap()).unwrap();
+    let mut model: *mut kosmos_model = std::ptr::null_mut();
+    // SAFETY: valid strings and out pointer.
+    assert_eq!(
+        unsafe { kosmos_model_open(dir_c.as_ptr(), std::ptr::null(), &mut model) },
+        kosmos_status::KOSMOS_OK
+    );
+    let path = CString::new(image.to_str().unwrap()).unwrap();
+    let img = kosmos_image {
+        path: path.as_ptr(),
+        data: std::ptr::null(),
+        size: 0,
+    };
+    let score = |model: *mut kosmos_model, prompt: &str, outputs: bool| {
+        let prompt = CString::new(prompt).unwrap();
+        let (mut tokens, mut logprobs, mut n) = (std::ptr::null_mut(), std::ptr::null_mut(), 0usize);
+        let out_tokens = if outputs {
+            &raw mut tokens
+        } else {
+            std::ptr::null_mut()
+        };
+        // SAFETY: valid strings, one image, writable outputs (or NULL, which must be refused).
+        let st = unsafe {
+            kosmos_score(
+                model,
+                prompt.as_ptr(),
+                &img,
+                1,
+                true,
+                out_tokens,
+                &mut logprobs,
+                &mut n,
+            )
+        };
+        let got = (n > 0).then(|| {
+            // SAFETY: `n` entries each, from kosmos_score.
+            let pair = unsafe {
+                (
+                    std::slice::from_raw_parts(tokens, n).to_vec(),
+                    std::slice::from_raw_parts(logprobs, n).to_vec(),
+                )
+            };
+            // SAFETY: returned by kosmos_score with `n` entries, freed once.
+            unsafe {
+                kosmos_tokens_free(tokens, n);
+                kosmos_logprobs_free(logprobs, n);
+            }
+            pair
+        });
+        (st, got)
+    };
+    let (st, got) = score(model, text, true);
+    assert_eq!(st, kosmos_status::KOSMOS_OK);
+    let (tokens, logprobs) = got.expect("scored");
+    assert_eq!(tokens, want.tokens);
+    assert_eq!(tokens.last(), Some(&KosmosConfig::tiny().tokenizer.eos_token_id));
+    for (i, (c, rust)) in logprobs.iter().zip(&want.logprobs).enumerate() {
+        match rust {
+            None => assert!(c.is_nan(), "position {i}: {c}"),
+            Some(r) => assert_eq!(c, r, "position {i}"),
+        }
+    }
+    assert!(logprobs.iter().filter(|l| !l.is_nan()).all(|&l| l <= 0.0));
+
+    assert_eq!(
+        score(model, text, false).0,
+        kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT
+    );
+    let long = format!("<image>{}", " a red circle".repeat(400));
+    assert_eq!(score(model, &long, true).0, kosmos_status::KOSMOS_ERR_CONTEXT);
+    // SAFETY: the handle is live; freed once, then used once more, which must be refused.
+    assert_eq!(unsafe { kosmos_model_free(model) }, kosmos_status::KOSMOS_OK);
+    assert_eq!(
+        score(model, text, true).0,
+        kosmos_status::KOSMOS_ERR_INVALID_HANDLE
+    );
+}
+
 /// What a `kosmos_logprob` holds: token, log-probability, alternatives.
 type CLogprob = (u32, f32, Vec<(u32, f32)>);
 

@@ -110,6 +110,24 @@ fn python_bindings_equal_the_rust_api() {
     let case = expect(&mut package, &image, "a red circle on the left and", &stopped);
     assert_eq!(case["finish_reason"], "stop", "{case}");
     cases.push(case);
+    let mut scores = Vec::new();
+    for (prompt, add_eos) in [
+        ("<image> a red circle on the left", true),
+        ("a red circle", false),
+    ] {
+        let images = if prompt.contains("<image>") {
+            vec![ImageInput::Path(image.clone())]
+        } else {
+            Vec::new()
+        };
+        let p = Prompt::parse(prompt, images).unwrap();
+        let s = package
+            .score(&mut VisionCache::new(0), &[p], add_eos)
+            .unwrap()
+            .remove(0);
+        scores
+            .push(json!({"prompt": prompt, "add_eos": add_eos, "tokens": s.tokens, "logprobs": s.logprobs}));
+    }
     let special = package.tokenizer.special().clone();
     drop(package);
 
@@ -117,6 +135,7 @@ fn python_bindings_equal_the_rust_api() {
         "package": pkg,
         "image": image,
         "cases": cases,
+        "scores": scores,
         "texts": [
             "a red circle on the left and a blue square on the right",
             "Question: what colour is the <image> circle? Answer:",

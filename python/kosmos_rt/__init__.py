@@ -26,7 +26,7 @@ from .errors import (
     ProviderError,
     RequestFailed,
 )
-from .model import Model
+from .model import Model, Scored
 from .tokenizer import Tokenizer
 
 #: The library's version (the Rust workspace's).
@@ -48,6 +48,7 @@ __all__ = [
     "ProviderError",
     "Request",
     "RequestFailed",
+    "Scored",
     "TokenLogprob",
     "Tokenizer",
 ]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Iterator
-from ctypes import byref, c_void_p
+from ctypes import POINTER, byref, c_float, c_size_t, c_uint32, c_void_p
+from dataclasses import dataclass
 
 from . import _lib
 from ._lib import lib
@@ -13,6 +15,22 @@ from ._params import Call, prompt_bytes, take_string
 from .errors import check
 from .handles import Handle, package_path
 from .tokenizer import OwnsTokenizer
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A prompt scored teacher-forced (`Model.score`)."""
+
+    #: The prompt's token ids: `<s>` first, image slots included, `</s>` last with add_eos.
+    tokens: list[int]
+    #: Each token's natural-log probability given the tokens before it; None for the first
+    #: token and for image slots, which the model does not predict.
+    logprobs: list[float | None]
+
+    def total(self, start: int = 0) -> float:
+        """The sum of the log-probabilities from token `start` on (None counts as 0): how likely
+        the model finds that part given what comes before it."""
+        return sum(lp for lp in self.logprobs[start:] if lp is not None)
 
 
 class Model(OwnsTokenizer, Handle):
@@ -147,6 +165,41 @@ class Model(OwnsTokenizer, Handle):
         finally:
             stop.set()
             worker.join()
+
+    def score(self, prompt: str = "", images=(), *, add_eos: bool = False) -> Scored:
+        """Score `prompt` (with its images, placed as `generate` places them) teacher-forced, in
+        one decoder call: each token's log-probability given the tokens before it. With
+        `add_eos`, `</s>` ends the prompt and is scored too. Ranking candidate answers by their
+        log-likelihood is how the KOSMOS-1 paper classifies images zero-shot (the shared prefix
+        scores the same for each, so the whole prompt's total ranks them as their own tokens'):
+
+        >>> best = max(["cat", "dog"], key=lambda c: model.score(
+        ...     f"<image> a photo of a {c}", ["pet.jpg"], add_eos=True).total())
+        """
+        call = Call(images, {})
+        tokens = POINTER(c_uint32)()
+        logprobs = POINTER(c_float)()
+        n = c_size_t()
+        with self._turn:
+            check(
+                lib.kosmos_score(
+                    self._live(),
+                    prompt_bytes(prompt),
+                    call.images,
+                    call.n_images,
+                    add_eos,
+                    byref(tokens),
+                    byref(logprobs),
+                    byref(n),
+                )
+            )
+        try:
+            ids = tokens[: n.value] if n.value else []
+            values = [None if math.isnan(v) else v for v in logprobs[: n.value]] if n.value else []
+        finally:
+            lib.kosmos_tokens_free(tokens, n.value)
+            lib.kosmos_logprobs_free(logprobs, n.value)
+        return Scored(ids, values)
 
     def set_speculation(
         self, tokens: int, prompt_lookup_min: int = 1, prompt_lookup_max: int = 3, schedule: str = "auto"

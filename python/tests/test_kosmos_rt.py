@@ -6,6 +6,7 @@ for each case to $KOSMOS_PY_EXPECTED and sets $KOSMOS_RT_LIB to the debug librar
 
 import asyncio
 import base64
+import ctypes
 import json
 import os
 import re
@@ -140,6 +141,21 @@ class Generating(unittest.TestCase):
         # An exception in on_text stops generation and reaches the caller.
         with self.assertRaisesRegex(ZeroDivisionError, "division"):
             self.model.generate(prompt, images, on_text=lambda p: 1 / 0, **settings)
+
+    def test_score_equals_the_rust_api(self):
+        for case in EXPECTED["scores"]:
+            images = [IMAGE] if "<image>" in case["prompt"] else []
+            got = self.model.score(case["prompt"], images, add_eos=case["add_eos"])
+            # JSON holds the shortest decimal of each float32: round it back to float32.
+            want = [None if lp is None else ctypes.c_float(lp).value for lp in case["logprobs"]]
+            self.assertEqual(got.tokens, case["tokens"], case["prompt"])
+            self.assertEqual(got.logprobs, want, case["prompt"])
+            self.assertEqual(got.total(), sum(lp for lp in want if lp is not None))
+            self.assertEqual(got.total(len(got.tokens) - 1), want[-1])
+        with self.assertRaisesRegex(kosmos_rt.ContextLengthError, "context"):
+            self.model.score("a red circle " * 400)
+        with self.assertRaisesRegex(kosmos_rt.InvalidArgumentError, "image"):
+            self.model.score("<image> <image>", [IMAGE])
 
     def test_images_as_bytes_or_pil_images_equal_paths(self):
         from PIL import Image

@@ -601,6 +601,37 @@ enum kosmos_status kosmos_engine_cancel(struct kosmos_engine *engine, uint64_t r
 enum kosmos_status kosmos_engine_free(struct kosmos_engine *engine);
 
 /*
+ Score `prompt` (text with `<image>` markers, as `kosmos_generate` takes it) teacher-forced:
+ on success `*out_tokens` and `*out_logprobs` hold `*out_n` entries, the prompt's tokens
+ (`<s>` first, image slots included, `</s>` last when `add_eos`) and each one's natural-log
+ probability given the tokens before it (NaN for the first token and for image slots, which
+ the model does not predict). Release them with `kosmos_tokens_free` and
+ `kosmos_logprobs_free`. The sum over a continuation's tokens ranks candidate answers, as
+ the KOSMOS-1 paper's zero-shot classification does.
+
+ # Safety
+ `model` is a handle from `kosmos_model_open` (or NULL); `prompt` a NUL-terminated string;
+ `images` points to `n_images` valid `kosmos_image`s (or is NULL with `n_images` 0);
+ `out_tokens`, `out_logprobs` and `out_n` are writable.
+ */
+enum kosmos_status kosmos_score(struct kosmos_model *model,
+                                const char *prompt,
+                                const struct kosmos_image *images,
+                                size_t n_images,
+                                bool add_eos,
+                                uint32_t **out_tokens,
+                                float **out_logprobs,
+                                size_t *out_n);
+
+/*
+ Release log-probabilities returned by `kosmos_score` (NULL is ignored).
+
+ # Safety
+ `logprobs` is NULL or an array `kosmos_score` returned with `n` values, not yet freed.
+ */
+void kosmos_logprobs_free(float *logprobs, size_t n);
+
+/*
  Open the tokenizer of the package in `package_dir`. On success `*out` holds a tokenizer to
  release with `kosmos_tokenizer_free`.
 
@@ -633,10 +664,11 @@ enum kosmos_status kosmos_tokenize(const struct kosmos_tokenizer *tokenizer,
                                    size_t *out_n);
 
 /*
- Release ids returned by `kosmos_tokenize` (NULL is ignored).
+ Release ids returned by `kosmos_tokenize` or `kosmos_score` (NULL is ignored).
 
  # Safety
- `ids` is NULL or an array `kosmos_tokenize` returned with `n` ids, not yet freed.
+ `ids` is NULL or an array `kosmos_tokenize` or `kosmos_score` returned with `n` ids, not
+ yet freed.
  */
 void kosmos_tokens_free(uint32_t *ids, size_t n);
 

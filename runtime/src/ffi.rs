@@ -20,9 +20,11 @@ use std::sync::{Mutex, OnceLock};
 use kosmos_models::KosmosTokenizer;
 
 mod engine;
+mod score;
 mod tokenizer;
 
 pub use engine::*;
+pub use score::*;
 pub use tokenizer::*;
 
 use crate::error::RtError;

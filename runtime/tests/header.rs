@@ -1,5 +1,5 @@
-//! `runtime/include/kosmos_rt.h` is what cbindgen generates from `src/ffi.rs` and
-//! `src/ffi/engine.rs` and `src/ffi/tokenizer.rs` now.
+//! `runtime/include/kosmos_rt.h` is what cbindgen generates from `src/ffi.rs`,
+//! `src/ffi/engine.rs`, `src/ffi/score.rs` and `src/ffi/tokenizer.rs` now.
 
 use std::path::Path;
 
@@ -12,6 +12,7 @@ fn c_header_is_current() {
         .with_config(config)
         .with_src(crate_dir.join("src/ffi.rs"))
         .with_src(crate_dir.join("src/ffi/engine.rs"))
+        .with_src(crate_dir.join("src/ffi/score.rs"))
         .with_src(crate_dir.join("src/ffi/tokenizer.rs"))
         .generate()
         .expect("cbindgen")

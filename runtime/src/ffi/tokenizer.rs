@@ -148,10 +148,11 @@ pub unsafe extern "C" fn kosmos_tokenize(
     })
 }
 
-/// Release ids returned by `kosmos_tokenize` (NULL is ignored).
+/// Release ids returned by `kosmos_tokenize` or `kosmos_score` (NULL is ignored).
 ///
 /// # Safety
-/// `ids` is NULL or an array `kosmos_tokenize` returned with `n` ids, not yet freed.
+/// `ids` is NULL or an array `kosmos_tokenize` or `kosmos_score` returned with `n` ids, not
+/// yet freed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kosmos_tokens_free(ids: *mut u32, n: usize) {
     if !ids.is_null() {
