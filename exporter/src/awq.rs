@@ -11,10 +11,13 @@
 //! Per group, on calibration activations from real examples through the tch model:
 //! `s = mean|x|^α` (normalised so that `max(s)·min(s) = 1`), for α in `0, 1/grid, …,
 //! (grid−1)/grid`; the α whose quantised linears' outputs are closest (mean squared error over
-//! the calibration tokens) to the float ones wins. α = 0 is plain round-to-nearest, so no group
-//! ends worse than without `--awq` on the calibration tokens. The error is measured at the
-//! group's own linears (AWQ measures it after the whole attention block for q/k/v); the
-//! search's fake quantiser is the package's quantiser bit for bit ([`quantize::fake_quantize`]).
+//! an evenly spread sample of the calibration tokens) to the float ones wins. α = 0 is plain
+//! round-to-nearest, so no group ends worse than without `--awq` on those tokens. The error is
+//! measured at the group's own linears (AWQ measures it after the whole attention block for
+//! q/k/v). Then, AWQ's second step, each output row's block keeps the clipping factor of its
+//! largest weight (1 down to 0.55) whose squared output error over every calibration token is
+//! least, computed exactly from the block's Gram matrix of inputs. The search's fake quantiser
+//! is the package's quantiser bit for bit ([`quantize::fake_quantize_block`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -64,8 +67,8 @@ pub struct GroupScales {
     pub norm: String,
     pub linears: Vec<String>,
     pub alpha: f64,
-    /// Mean squared error of the quantised linears' outputs on the calibration tokens, with the
-    /// chosen scales and with none (round-to-nearest).
+    /// Mean squared error of the quantised linears' outputs on the sampled calibration tokens,
+    /// with the chosen scales and clipping, and with neither (round-to-nearest).
     pub error: f64,
     pub error_round_to_nearest: f64,
     #[serde(skip)]
