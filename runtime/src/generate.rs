@@ -730,17 +730,7 @@ impl Package {
 
         let mut timings = Timings::default();
         let t0 = Instant::now();
-        let pixels: Vec<Vec<f32>> = prompts
-            .iter()
-            .flat_map(|p| p.images.iter())
-            .map(|img| self.preprocess(img))
-            .collect::<Result<_>>()?;
-        let embeds = if pixels.is_empty() {
-            Vec::new()
-        } else {
-            self.encode_images(cache, &pixels)?
-        };
-        let (image_embeds, n_tok) = self.row_embeds(prompts, &embeds);
+        let (image_embeds, n_tok) = self.prompt_image_embeds(cache, prompts)?;
         timings.vision_ms = ms(t0);
 
         let pad = self.manifest.config.tokenizer.pad_token_id as i64;
@@ -915,8 +905,28 @@ impl Package {
         Ok(())
     }
 
+    /// The prompts' images preprocessed and encoded (through `cache`), laid out per row as
+    /// [`Package::row_embeds`] lays them: ([b, n_tok, D], n_tok).
+    pub(crate) fn prompt_image_embeds(
+        &mut self,
+        cache: &mut VisionCache,
+        prompts: &[Prompt],
+    ) -> Result<(Vec<f32>, usize)> {
+        let pixels: Vec<Vec<f32>> = prompts
+            .iter()
+            .flat_map(|p| p.images.iter())
+            .map(|img| self.preprocess(img))
+            .collect::<Result<_>>()?;
+        let embeds = if pixels.is_empty() {
+            Vec::new()
+        } else {
+            self.encode_images(cache, &pixels)?
+        };
+        Ok(self.row_embeds(prompts, &embeds))
+    }
+
     /// Per-row image embeddings [b, n_tok, D], each row's images in order, zero-padded.
-    pub(crate) fn row_embeds(&self, prompts: &[Prompt], embeds: &[Arc<Vec<f32>>]) -> (Vec<f32>, usize) {
+    fn row_embeds(&self, prompts: &[Prompt], embeds: &[Arc<Vec<f32>>]) -> (Vec<f32>, usize) {
         let per = self.manifest.vision.tokens_per_image;
         let dm = self.manifest.decoder.hidden_size;
         let most = prompts.iter().map(|p| p.images.len()).max().unwrap_or(0);
@@ -945,17 +955,7 @@ impl Package {
         let k = params.beams;
         let a = self.assemble(prompt)?;
         self.check_context(a.len(), params.max_tokens)?;
-        let pixels: Vec<Vec<f32>> = prompt
-            .images
-            .iter()
-            .map(|i| self.preprocess(i))
-            .collect::<Result<_>>()?;
-        let embeds = if pixels.is_empty() {
-            Vec::new()
-        } else {
-            self.encode_images(cache, &pixels)?
-        };
-        let (image_embeds, n_tok) = self.row_embeds(std::slice::from_ref(prompt), &embeds);
+        let (image_embeds, n_tok) = self.prompt_image_embeds(cache, std::slice::from_ref(prompt))?;
         let ids: Vec<i64> = a.input_ids.iter().map(|&i| i as i64).collect();
         let mut attn = vec![1i64; a.len()];
         let mut kv = self.empty_cache(1, a.len() + params.max_tokens)?;

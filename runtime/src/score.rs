@@ -37,17 +37,7 @@ impl Package {
         let b = prompts.len();
         let width = assembled.iter().map(|a| a.len()).max().unwrap_or(0);
         self.check_context(width, 0)?;
-        let pixels: Vec<Vec<f32>> = prompts
-            .iter()
-            .flat_map(|p| p.images.iter())
-            .map(|img| self.preprocess(img))
-            .collect::<Result<_>>()?;
-        let embeds = if pixels.is_empty() {
-            Vec::new()
-        } else {
-            self.encode_images(cache, &pixels)?
-        };
-        let (image_embeds, n_tok) = self.row_embeds(prompts, &embeds);
+        let (image_embeds, n_tok) = self.prompt_image_embeds(cache, prompts)?;
         let (ids, img, attn) = self.left_padded(&assembled, width);
         let mut kv = self.empty_cache(b, width)?;
         let logits = self.decode(&ids, &img, (&image_embeds, n_tok), &attn, (b, width), &mut kv)?;
