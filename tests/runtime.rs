@@ -314,9 +314,10 @@ fn quantized_packages_keep_the_trained_models_answers() {
     }
 }
 
-/// `kosmos-rt eval`'s loss and perplexity (the package scoring each reference teacher-forced)
-/// equal `kosmos-train eval`'s on the same manifest of captions and VQA items, through both KV
-/// layouts, and its exact match is the trainer's too.
+/// `kosmos-rt eval`'s loss and perplexity (the package scoring each line's target text
+/// teacher-forced) equal `kosmos-train eval`'s on the same manifest — captions, VQA items, a
+/// text-only line and an interleaved line with two images — through both KV layouts, and its
+/// exact match over the caption/VQA lines is the trainer's too.
 #[test]
 fn eval_loss_equals_the_trainers() {
     let f = fixture();
@@ -333,6 +334,11 @@ fn eval_loss_equals_the_trainers() {
         }
         manifest.push_str(&format!("{line}\n"));
     }
+    manifest.push_str("{\"text\": \"a blue square on the left and a red circle on the right\"}\n");
+    manifest.push_str(
+        "{\"segments\": [{\"text\": \"first\"}, {\"image\": \"0.png\"}, {\"text\": \"a red\"}, \
+         {\"image\": \"1.png\"}, {\"text\": \"then the other\"}]}\n",
+    );
     let path = dir.path().join("manifest.jsonl");
     std::fs::write(&path, manifest).unwrap();
 
@@ -357,8 +363,8 @@ fn eval_loss_equals_the_trainers() {
             want.loss
         );
         assert!((got.perplexity - want.perplexity).abs() <= 1e-4 * want.perplexity);
-        assert_eq!(Some(got.exact_match), want.exact_match, "{}", pkg.display());
-        assert_eq!(got.items, 8);
+        assert_eq!(got.exact_match, want.exact_match, "{}", pkg.display());
+        assert_eq!((got.items, got.captioned), (10, 8));
     }
 }
 

@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod image;
+pub mod manifest;
 pub mod package;
 pub mod params;
 pub mod sequence;

@@ -1,10 +1,11 @@
-//! `kosmos-rt eval`: greedy exact match, and loss and perplexity of the references, of a package
-//! on a caption/VQA manifest (JSONL lines `{"image": path, "prompt"?: text, "text": reference}`,
-//! paths relative to the manifest) — `kosmos-train eval`'s measures, so a trained checkpoint, its
-//! export and a quantised export can be compared without the checkpoint at hand.
+//! `kosmos-rt eval`: what `kosmos-train eval` measures, through a package — the loss and
+//! perplexity of a manifest's target text (captions, answers, text-only and interleaved lines;
+//! `kosmos_models::manifest`'s format), and greedy exact match on its caption/VQA lines — so a
+//! trained checkpoint, its export and a quantised export compare without the checkpoint at hand.
 
 use std::path::Path;
 
+use kosmos_models::manifest::{ManifestPart, parse_line};
 use kosmos_models::sequence::Segment;
 
 use crate::error::{Result, RtError};
@@ -13,46 +14,65 @@ use crate::package::Package;
 
 #[derive(Debug, serde::Serialize)]
 pub struct EvalReport {
-    pub exact_match: f64,
+    /// Lines evaluated.
     pub items: usize,
+    /// Caption/VQA lines (an image, an optional prompt, the reference), the ones generated.
+    pub captioned: usize,
     pub correct: usize,
-    /// Mean negative log-likelihood (nats) of each reference's tokens and the `</s>` after it,
-    /// teacher-forced after the image and prompt: the trainer's loss on the same items.
+    /// `correct / captioned`; `None` without caption/VQA lines.
+    pub exact_match: Option<f64>,
+    /// Mean negative log-likelihood (nats) of the target text's tokens — every text but
+    /// prompts, and the `</s>` after text that ends a line — teacher-forced: the trainer's loss.
     pub loss: f64,
     pub perplexity: f64,
     /// Tokens `loss` is the mean over.
     pub scored_tokens: usize,
 }
 
-struct Item {
-    image: std::path::PathBuf,
-    prompt: Option<String>,
-    text: String,
-}
-
-fn read_manifest(path: &Path) -> Result<Vec<Item>> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| RtError::Input(format!("{}: {e}", path.display())))?;
+fn read_manifest(path: &Path) -> Result<Vec<Vec<ManifestPart>>> {
+    let bytes = std::fs::read(path).map_err(|e| RtError::Input(format!("{}: {e}", path.display())))?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut items = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let bad = |m: &str| RtError::Input(format!("{}:{}: {m}", path.display(), n + 1));
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
-        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-        let (Some(image), Some(text)) = (field("image"), field("text")) else {
-            return Err(bad("needs \"image\" and \"text\""));
-        };
-        items.push(Item {
-            image: base.join(image),
-            prompt: field("prompt"),
-            text,
-        });
+    for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        match parse_line(line, base) {
+            Ok(Some(parts)) => items.push(parts),
+            Ok(None) => {}
+            Err(why) => return Err(RtError::Input(format!("{}:{}: {why}", path.display(), n + 1))),
+        }
     }
     Ok(items)
 }
 
-/// Greedy exact match over `manifest`, `batch` prompts per generate call; `on_item` sees
-/// (reference, generated) for each.
+/// The prompt of `parts` (images as segments, in order).
+fn prompt_of(parts: &[ManifestPart]) -> Prompt {
+    let mut p = Prompt::default();
+    for part in parts {
+        match part {
+            ManifestPart::Text { text, .. } => p.segments.push(Segment::Text(text.clone())),
+            ManifestPart::Image(path) => {
+                p.segments.push(Segment::Image);
+                p.images.push(ImageInput::Path(path.clone()));
+            }
+        }
+    }
+    p
+}
+
+/// (context, reference) of a caption/VQA line: one image, an optional prompt, the target.
+fn captioned(parts: &[ManifestPart]) -> Option<(&[ManifestPart], &str)> {
+    match parts {
+        [ManifestPart::Image(_), ManifestPart::Text { text, loss: true }]
+        | [
+            ManifestPart::Image(_),
+            ManifestPart::Text { loss: false, .. },
+            ManifestPart::Text { text, loss: true },
+        ] => Some((&parts[..parts.len() - 1], text)),
+        _ => None,
+    }
+}
+
+/// Exact match over the caption/VQA lines and loss over every line of `manifest`, `batch` lines
+/// per decoder call; `on_item` sees (reference, generated) for each caption/VQA line.
 pub fn evaluate(
     pkg: &mut Package,
     manifest: &Path,
@@ -65,42 +85,35 @@ pub fn evaluate(
         items.truncate(l);
     }
     let mut cache = VisionCache::new(0);
-    let mut correct = 0;
+    let (mut captioned_items, mut correct) = (0, 0);
     let (mut nll, mut scored_tokens) = (0f64, 0usize);
     for chunk in items.chunks(batch.max(1)) {
-        let prompts: Vec<Prompt> = chunk
-            .iter()
-            .map(|it| {
-                let mut segments = vec![Segment::Image];
-                if let Some(p) = &it.prompt {
-                    segments.push(Segment::Text(p.clone()));
+        let prompts: Vec<Prompt> = chunk.iter().map(|parts| prompt_of(parts)).collect();
+        for (parts, scored) in chunk.iter().zip(pkg.score(&mut cache, &prompts, true)?) {
+            // Target positions: each loss text's tokens, found from the lengths of the prefixes.
+            let mut start = 1;
+            for (i, part) in parts.iter().enumerate() {
+                let end = pkg.assemble(&prompt_of(&parts[..=i]))?.len();
+                if let ManifestPart::Text { loss: true, .. } = part {
+                    // `</s>` follows the line's last part when that part is target text.
+                    let end = if i + 1 == parts.len() { end + 1 } else { end };
+                    for lp in scored.logprobs[start..end].iter().flatten() {
+                        nll -= f64::from(*lp);
+                        scored_tokens += 1;
+                    }
                 }
-                Prompt {
-                    segments,
-                    images: vec![ImageInput::Path(it.image.clone())],
-                }
-            })
-            .collect();
-        // The reference after the prompt, as the trainer lays out a captioned example.
-        let references: Vec<Prompt> = prompts
-            .iter()
-            .zip(chunk)
-            .map(|(p, it)| {
-                let mut p = p.clone();
-                p.segments.push(Segment::Text(it.text.clone()));
-                p
-            })
-            .collect();
-        for (p, scored) in prompts.iter().zip(pkg.score(&mut cache, &references, true)?) {
-            let context = pkg.assemble(p)?.len();
-            for lp in scored.logprobs[context..].iter().flatten() {
-                nll -= f64::from(*lp);
-                scored_tokens += 1;
+                start = end;
             }
         }
-        let longest = chunk
+
+        let caption_lines: Vec<(&[ManifestPart], &str)> = chunk.iter().filter_map(|p| captioned(p)).collect();
+        if caption_lines.is_empty() {
+            continue;
+        }
+        let contexts: Vec<Prompt> = caption_lines.iter().map(|(c, _)| prompt_of(c)).collect();
+        let longest = caption_lines
             .iter()
-            .map(|it| pkg.tokenizer.encode(&it.text).map(|t| t.len()))
+            .map(|(_, text)| pkg.tokenizer.encode(text).map(|t| t.len()))
             .collect::<std::result::Result<Vec<_>, _>>()?
             .into_iter()
             .max()
@@ -109,24 +122,23 @@ pub fn evaluate(
             max_tokens: longest + 8,
             ..Default::default()
         };
-        let out = pkg.generate(&mut cache, &prompts, &params, &mut |_, _| true)?;
-        for (it, g) in chunk.iter().zip(out) {
-            if g.text.trim() == it.text.trim() {
+        let out = pkg.generate(&mut cache, &contexts, &params, &mut |_, _| true)?;
+        for ((_, reference), g) in caption_lines.iter().zip(out) {
+            captioned_items += 1;
+            if g.text.trim() == reference.trim() {
                 correct += 1;
             }
-            on_item(&it.text, &g.text);
+            on_item(reference, &g.text);
         }
     }
+    let loss = nll / scored_tokens.max(1) as f64;
     Ok(EvalReport {
-        exact_match: if items.is_empty() {
-            0.0
-        } else {
-            correct as f64 / items.len() as f64
-        },
         items: items.len(),
+        captioned: captioned_items,
         correct,
-        loss: nll / scored_tokens.max(1) as f64,
-        perplexity: (nll / scored_tokens.max(1) as f64).exp(),
+        exact_match: (captioned_items > 0).then(|| correct as f64 / captioned_items as f64),
+        loss,
+        perplexity: loss.exp(),
         scored_tokens,
     })
 }

@@ -256,15 +256,16 @@ enum Command {
         #[arg(long)]
         check: Vec<String>,
     },
-    /// Greedy exact match, and loss and perplexity of the references (teacher-forced), on a
-    /// caption/VQA manifest, as `kosmos-train eval` measures them: compare a quantised package
-    /// with its float export on your own data.
+    /// Loss and perplexity of a manifest's target text (teacher-forced), and greedy exact match
+    /// on its caption/VQA lines, as `kosmos-train eval` measures them: compare a quantised
+    /// package with its float export on your own data.
     #[command(after_help = "Example:\n  \
         kosmos-train data synth --task shapes --split test --count 200 -o test-captions\n  \
         kosmos-rt eval pkg/tiny --data test-captions/manifest.jsonl")]
     Eval {
         package: PathBuf,
-        /// JSONL manifest: {"image": path, "prompt"?: text, "text": reference} per line.
+        /// JSONL manifest, as kosmos-train reads it: {"image": path, "prompt"?: text, "text":
+        /// reference}, {"text": ...} or {"segments": [{"text": ...}, {"image": path}, ...]}.
         #[arg(long)]
         data: PathBuf,
         #[arg(long, default_value_t = 16)]
@@ -550,12 +551,14 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
+                let exact = match r.exact_match {
+                    Some(m) => format!("exact match {:.1}% ({}/{}), ", 100.0 * m, r.correct, r.captioned),
+                    None => String::new(),
+                };
                 println!(
-                    "exact match {:.1}% ({}/{}) on {}; loss {:.4}, perplexity {:.4} over {} reference tokens",
-                    100.0 * r.exact_match,
-                    r.correct,
-                    r.items,
+                    "{}: {} lines, {exact}loss {:.4}, perplexity {:.4} over {} target tokens",
                     data.display(),
+                    r.items,
                     r.loss,
                     r.perplexity,
                     r.scored_tokens
