@@ -399,13 +399,7 @@ fn scales(mean_abs: &[f32], alpha: f64) -> Vec<f32> {
 /// `Q(w · s) / s` into `out` [n, k]: the weights the scaled package's linears multiply by, in the
 /// unscaled model's terms (`w · s` rounded as [`AwqScales::scaled_tensors`] rounds it).
 fn quantize_scaled(w: &[f32], s: &[f32], clip: Option<&[f32]>, shape: &Shape, out: &mut [f32]) {
-    let Shape {
-        k,
-        bits,
-        block,
-        scale_type,
-        ..
-    } = *shape;
+    let (k, bits, block, scale_type) = (shape.k, shape.bits, shape.block, shape.scale_type);
     let blocks = k.div_ceil(block);
     quantize::for_each_row(out, k, |row, dst| {
         let mut scaled = vec![0f32; block];
@@ -431,13 +425,8 @@ fn quantize_scaled(w: &[f32], s: &[f32], clip: Option<&[f32]>, shape: &Shape, ou
 /// every calibration token, at the cost of one small product per candidate.
 fn search_clip(w: &[f32], s: &[f32], block_gram: &Tensor, clippable: &[bool], shape: &Shape) -> Vec<f32> {
     const STEPS: usize = 10;
-    let Shape {
-        n,
-        k,
-        bits,
-        block,
-        scale_type,
-    } = *shape;
+    let (n, k, bits, block) = (shape.n, shape.k, shape.bits, shape.block);
+    let scale_type = shape.scale_type;
     let blocks = k.div_ceil(block);
     let pad = blocks * block - k;
     let sb = Tensor::cat(
