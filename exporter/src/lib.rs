@@ -476,30 +476,28 @@ fn model_proto(
 
 /// A progress bar over `total` items (hidden unless `show`).
 pub(crate) fn progress_count(show: bool, total: u64, what: &str) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(total);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>16} [{bar:30}] {pos}/{len} ETA {eta}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
+    styled_bar(show, total, what, "{msg:>16} [{bar:30}] {pos}/{len} ETA {eta}")
 }
 
+/// A progress bar over `total` bytes (hidden unless `show`).
 fn progress_bar(show: bool, total: u64, what: &str) -> indicatif::ProgressBar {
+    styled_bar(
+        show,
+        total,
+        what,
+        "{msg:>14} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+    )
+}
+
+fn styled_bar(show: bool, total: u64, what: &str, template: &str) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }
     let pb = indicatif::ProgressBar::new(total);
     pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:>14} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-        )
-        .expect("template")
-        .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(template)
+            .expect("template")
+            .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
     pb

@@ -33,6 +33,24 @@ impl Assembled {
     }
 }
 
+/// A decoder batch of `rows` left-padded with `pad` to `width` (≥ the longest): `input_ids`,
+/// `image_mask` and `attention_mask` (1 on real tokens), each [rows, width] row-major. Left
+/// padding keeps every row's last token in the last column, where generation continues.
+pub fn left_padded<'a>(
+    rows: impl IntoIterator<Item = &'a Assembled>,
+    width: usize,
+    pad: u32,
+) -> (Vec<i64>, Vec<bool>, Vec<i64>) {
+    let (mut ids, mut img, mut attn) = (Vec::new(), Vec::new(), Vec::new());
+    for a in rows {
+        let padding = width - a.len();
+        ids.extend(std::iter::repeat_n(pad as i64, padding).chain(a.input_ids.iter().map(|&id| id as i64)));
+        img.extend(std::iter::repeat_n(false, padding).chain(a.image_mask.iter().copied()));
+        attn.extend(std::iter::repeat_n(0, padding).chain(std::iter::repeat_n(1, a.len())));
+    }
+    (ids, img, attn)
+}
+
 /// Assemble `segments` behind `<s>`; `image_tokens` slots per image; `</s>` at the end if `eos`.
 pub fn assemble(
     tok: &KosmosTokenizer,

@@ -1128,19 +1128,9 @@ impl Engine {
             }
         }
 
-        let pad = self.pkg.manifest.config.tokenizer.pad_token_id as i64;
-        let mut ids = vec![pad; m * width];
-        let mut image_mask = vec![false; m * width];
-        let mut real = vec![0i64; m * width];
-        for (r, req) in group.iter().enumerate() {
-            let a = &req.assembled;
-            let off = r * width + width - a.len();
-            for (j, (&id, &im)) in a.input_ids.iter().zip(&a.image_mask).enumerate() {
-                ids[off + j] = id as i64;
-                image_mask[off + j] = im;
-                real[off + j] = 1;
-            }
-        }
+        let pad = self.pkg.manifest.config.tokenizer.pad_token_id;
+        let (ids, image_mask, real) =
+            kosmos_models::sequence::left_padded(group.iter().map(|r| &r.assembled), width, pad);
         let prompt_logprobs = group
             .iter()
             .map(|r| r.prompt_logprobs.map(|_| vec![None; r.assembled.len()]))

@@ -463,26 +463,13 @@ impl Package {
     }
 
     /// The decoder's `input_ids`, `image_mask` and `attention_mask` [b, width] for `assembled`,
-    /// each row left-padded to `width`.
+    /// each row left-padded to `width` with the package's pad token.
     pub(crate) fn left_padded(
         &self,
         assembled: &[Assembled],
         width: usize,
     ) -> (Vec<i64>, Vec<bool>, Vec<i64>) {
-        let b = assembled.len();
-        let pad = self.manifest.config.tokenizer.pad_token_id as i64;
-        let mut ids = vec![pad; b * width];
-        let mut img = vec![false; b * width];
-        let mut attn = vec![0i64; b * width];
-        for (r, a) in assembled.iter().enumerate() {
-            let off = r * width + width - a.len();
-            for (j, (&id, &m)) in a.input_ids.iter().zip(&a.image_mask).enumerate() {
-                ids[off + j] = id as i64;
-                img[off + j] = m;
-                attn[off + j] = 1;
-            }
-        }
-        (ids, img, attn)
+        kosmos_models::sequence::left_padded(assembled, width, self.manifest.config.tokenizer.pad_token_id)
     }
 
     /// A cache for `batch` rows that will hold up to `capacity` tokens: empty tensors for the

@@ -29,17 +29,7 @@ pub fn greedy(
             model.config.decoder.max_target_positions
         )));
     }
-    let mut ids = vec![sp.pad_token_id as i64; b * width];
-    let mut img = vec![false; b * width];
-    let mut mask = vec![0i64; b * width];
-    for (row, p) in prompts.iter().enumerate() {
-        let off = row * width + width - p.len();
-        for (j, (&id, &m)) in p.input_ids.iter().zip(&p.image_mask).enumerate() {
-            ids[off + j] = id as i64;
-            img[off + j] = m;
-            mask[off + j] = 1;
-        }
-    }
+    let (ids, img, mask) = kosmos_models::sequence::left_padded(prompts, width, sp.pad_token_id);
     let shape = [b as i64, width as i64];
     let input_ids = Tensor::from_slice(&ids).view(shape).to_device(device);
     let image_mask = Tensor::from_slice(&img).view(shape).to_device(device);
