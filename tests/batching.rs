@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kosmos_models::package::KvDtype;
 use kosmos_rt::batch::{Engine, EngineConfig, SeqEvent, SeqFailure, SeqRequest};
 use kosmos_rt::metrics::Metrics;
 use kosmos_rt::{
@@ -108,9 +109,9 @@ enum EnginePackage {
     CachedAttention,
     /// A `--cached-attention --quantize int8` export, against its own `Package::generate`.
     Int8,
-    /// A `--cached-attention --kv-cache-dtype fp16` export (float16 buffers, bound in place),
-    /// against its own `Package::generate`.
-    HalfCache,
+    /// A `--cached-attention --kv-cache-dtype fp16|int8` export (narrow buffers, bound in
+    /// place), against its own `Package::generate`.
+    NarrowCache(KvDtype),
 }
 
 #[test]
@@ -152,7 +153,14 @@ fn staggered_sequences_on_an_int8_package_equal_its_single_generation() {
 /// rounded where a fresh prefill reads them as computed).
 #[test]
 fn staggered_sequences_on_a_float16_kv_cache_equal_its_single_generation() {
-    staggered_sequences(0, EnginePackage::HalfCache);
+    staggered_sequences(0, EnginePackage::NarrowCache(KvDtype::Fp16));
+}
+
+/// The same with int8 buffers: rows of head_dim + 1 bytes (values and the row's exponent)
+/// moved by the pool and quantised in place by the kernel.
+#[test]
+fn staggered_sequences_on_an_int8_kv_cache_equal_its_single_generation() {
+    staggered_sequences(0, EnginePackage::NarrowCache(KvDtype::Int8));
 }
 
 fn staggered_sequences(prefill_chunk: usize, engine_package: EnginePackage) {
@@ -170,10 +178,10 @@ fn staggered_sequences(prefill_chunk: usize, engine_package: EnginePackage) {
                 ..Default::default()
             },
         )),
-        EnginePackage::HalfCache => Some((
-            "pkg-kv-fp16",
+        EnginePackage::NarrowCache(kv_dtype) => Some((
+            "pkg-kv-narrow",
             kosmos_export::ExportOptions {
-                kv_dtype: Some(kosmos_models::package::PackageDtype::Fp16),
+                kv_dtype: Some(kv_dtype),
                 ..Default::default()
             },
         )),
@@ -233,7 +241,7 @@ fn staggered_sequences(prefill_chunk: usize, engine_package: EnginePackage) {
         max_batch: 3,
         vision_cache: 16,
         prefill_chunk,
-        prefix_cache_bytes: if engine_package == EnginePackage::HalfCache {
+        prefix_cache_bytes: if matches!(engine_package, EnginePackage::NarrowCache(_)) {
             0
         } else {
             EngineConfig::default().prefix_cache_bytes

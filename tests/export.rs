@@ -12,7 +12,7 @@ use kosmos_e2e::export_package as export_kv;
 use kosmos_export::Profile;
 use kosmos_export::verify::{VerifyOptions, verify};
 use kosmos_models::KosmosConfig;
-use kosmos_models::package::{KvCacheLayout, PackageDtype, PackageManifest};
+use kosmos_models::package::{KvCacheLayout, KvDtype, PackageDtype, PackageManifest};
 
 fn export_pkg(ckpt: &Path, out: &Path, profile: Profile, dtype: PackageDtype) {
     export_kv(ckpt, out, profile, dtype, KvCacheLayout::Concat);
@@ -40,7 +40,8 @@ fn check_all(config: &KosmosConfig, seed: i64) {
         (Trt, Fp32, Concat, false, false, None),
         (Portable, Fp32, Buffer, true, true, None),
         (Ort, Fp32, Concat, true, false, None),
-        (Portable, Fp32, Buffer, false, true, Some(Fp16)),
+        (Portable, Fp32, Buffer, false, true, Some(KvDtype::Fp16)),
+        (Portable, Fp32, Buffer, false, true, Some(KvDtype::Int8)),
     ];
     for (profile, dtype, kv, packed_linears, cached_attention, kv_dtype) in variants {
         {
@@ -70,7 +71,10 @@ fn check_all(config: &KosmosConfig, seed: i64) {
             assert_eq!(m.config, *config);
             assert_eq!(m.dtype, dtype);
             assert_eq!(m.decoder.kv_cache, kv);
-            assert_eq!(m.decoder.kv_dtype, kv_dtype.unwrap_or(dtype).element_type());
+            assert_eq!(
+                m.decoder.kv_dtype,
+                kv_dtype.unwrap_or(dtype.into()).element_type()
+            );
             // Every decoder linear (q, k, v, out, fc1, fc2 per layer, and the LM head) is packed,
             // or none is; the vision graph never is.
             // The `kosmos.cpu_ops` metadata lists exactly the CPU-kernel ops a graph has.

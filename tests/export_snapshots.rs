@@ -8,7 +8,7 @@ use kosmos_e2e::{checkpoint, export_package};
 use kosmos_export::Profile;
 use kosmos_export::onnx::inspect::{load_model, summary};
 use kosmos_models::KosmosConfig;
-use kosmos_models::package::{KvCacheLayout, PackageDtype};
+use kosmos_models::package::{KvCacheLayout, KvDtype, PackageDtype};
 
 #[test]
 fn tiny_preset_graphs() {
@@ -55,12 +55,26 @@ fn tiny_preset_graphs() {
     let opts = kosmos_export::ExportOptions {
         kv_cache: KvCacheLayout::Buffer,
         cached_attention: true,
-        kv_dtype: Some(PackageDtype::Fp16),
+        kv_dtype: Some(KvDtype::Fp16),
         ..kosmos_export::ExportOptions::default()
     };
     kosmos_export::export(&ckpt, &pkg, &opts).expect("export");
     insta::assert_snapshot!(
         "tiny-portable-fp32-buffer-cached-kvfp16-decoder",
+        summarise(&pkg, "decoder")
+    );
+    // --kv-cache-dtype int8: int8 rows of head_dim + 1 in and out, and CachedAttention's body
+    // for them (the rows' quantisation into the presents; the attention over the dequantised past).
+    let pkg = dir.path().join("buffer-cached-kvint8");
+    let opts = kosmos_export::ExportOptions {
+        kv_cache: KvCacheLayout::Buffer,
+        cached_attention: true,
+        kv_dtype: Some(KvDtype::Int8),
+        ..kosmos_export::ExportOptions::default()
+    };
+    kosmos_export::export(&ckpt, &pkg, &opts).expect("export");
+    insta::assert_snapshot!(
+        "tiny-portable-fp32-buffer-cached-kvint8-decoder",
         summarise(&pkg, "decoder")
     );
     // --quantize int4: MatMulNBits (+ Add of the bias) in place of every decoder linear.

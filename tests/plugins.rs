@@ -13,7 +13,7 @@ use kosmos_export::Profile;
 use kosmos_export::lower::kosmos_ops::{SingleOp, XPOS_THETA, XposNodeAttrs, single_op_model};
 use kosmos_export::verify::{VerifyOptions, session_with, verify};
 use kosmos_models::KosmosConfig;
-use kosmos_models::package::{KvCacheLayout, PackageDtype};
+use kosmos_models::package::{KvCacheLayout, KvDtype, PackageDtype};
 use kosmos_train::model::xpos::Xpos;
 use ort::value::Tensor;
 use tch::{Kind, Tensor as TchTensor};
@@ -253,12 +253,40 @@ fn packed_linear_kernel_equals_function_body_equals_tch_linear() {
     assert!(e.contains("W_packed is [3, 2, 32], expected [2, 3, 32]"), "{e}");
 }
 
-/// Inputs of a `CachedAttention` call: Q, K, V [b, h, s, d], the buffers [b, h, c, d] (float16
-/// when `half_cache`), past lengths [b] and the visibility mask [b, 1, s, c].
+/// int8 cache rows (`CachedAttention`'s spec, C = int8) for float32 rows `x` [.., d], written
+/// here in tch from the spec: per row the least e ≥ −100 with max|x| ≤ 127 · 2^e, and x / 2^e
+/// rounded half to even. Returns the rows [.., d + 1] and the values they stand for.
+fn int8_rows(x: &[f32], d: usize) -> (Vec<i8>, Vec<f32>) {
+    let t = TchTensor::from_slice(x).view([-1, d as i64]);
+    let floor = 127.0 * 2f64.powi(-100);
+    let m = t.abs().amax([-1i64].as_slice(), true).clamp_min(floor);
+    let pow2 = |e: &TchTensor| TchTensor::from(2f32).pow(e);
+    let mut e = (&m / 127.0).log2().ceil();
+    // The logarithm's guess, then exact comparisons.
+    e = e.where_self(&m.le_tensor(&(pow2(&e) * 127.0)), &(&e + 1.0));
+    let lower = &e - 1.0;
+    e = lower.where_self(&m.le_tensor(&(pow2(&lower) * 127.0)), &e);
+    let scale = pow2(&e);
+    let v = (&t / &scale).round().clamp(-127.0, 127.0);
+    let values = Vec::<f32>::try_from((&v * &scale).flatten(0, -1)).unwrap();
+    let rows = TchTensor::cat(&[&v, &e], 1).to_kind(Kind::Int8);
+    (Vec::<i8>::try_from(rows.flatten(0, -1)).unwrap(), values)
+}
+
+/// int8 cache rows [.., d + 1] as the float32 values they stand for.
+fn int8_values(rows: &[i8], d: usize) -> Vec<f32> {
+    rows.chunks_exact(d + 1)
+        .flat_map(|r| r[..d].iter().map(move |&v| f32::from(v) * 2f32.powi(r[d].into())))
+        .collect()
+}
+
+/// Inputs of a `CachedAttention` call: Q, K, V [b, h, s, d], the buffers [b, h, c, d] of type
+/// `cache` holding `past_k`, `past_v` (values the type holds exactly), past lengths [b] and the
+/// visibility mask [b, 1, s, c].
 #[allow(clippy::too_many_arguments)]
 fn attention_inputs(
     (b, h, s, c, d): (usize, usize, usize, usize, usize),
-    half_cache: bool,
+    cache: KvDtype,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -273,12 +301,20 @@ fn attention_inputs(
             Tensor::from_array(([b, h, n, d], x.to_vec())).unwrap().into_dyn(),
         )
     };
-    let cache = |name: &'static str, x: &[f32]| {
-        if !half_cache {
-            return f(name, c, x);
+    let cache = |name: &'static str, x: &[f32]| match cache {
+        KvDtype::Fp32 => f(name, c, x),
+        KvDtype::Fp16 => {
+            let x: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+            (name, Tensor::from_array(([b, h, c, d], x)).unwrap().into_dyn())
         }
-        let x: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
-        (name, Tensor::from_array(([b, h, c, d], x)).unwrap().into_dyn())
+        KvDtype::Int8 => {
+            let (rows, values) = int8_rows(x, d);
+            assert_eq!(values, x, "past values an int8 cache holds exactly");
+            (
+                name,
+                Tensor::from_array(([b, h, c, d + 1], rows)).unwrap().into_dyn(),
+            )
+        }
     };
     vec![
         f("Q", s, q),
@@ -312,32 +348,40 @@ type AttentionCase = (
 
 #[test]
 fn cached_attention_kernel_equals_function_body_equals_tch_attention() {
-    cached_attention_case(false);
+    cached_attention_case(KvDtype::Fp32);
 }
 
 /// With float16 buffers: the past is read as stored, the call's own keys and values as given,
 /// and the presents hold them rounded to nearest even (tch's rounding, bit for bit).
 #[test]
 fn cached_attention_on_a_float16_cache_equals_function_body_equals_tch_attention() {
-    cached_attention_case(true);
+    cached_attention_case(KvDtype::Fp16);
 }
 
-fn cached_attention_case(half_cache: bool) {
-    use kosmos_export::onnx::builder::DType;
+/// With int8 buffers: the same, the presents holding each new row quantised as the spec says
+/// (the test's own tch quantiser, [`int8_rows`]), values and exponents bit for bit.
+#[test]
+fn cached_attention_on_an_int8_cache_equals_function_body_equals_tch_attention() {
+    cached_attention_case(KvDtype::Int8);
+}
+
+fn cached_attention_case(kv: KvDtype) {
     use kosmos_plugins::cached_attention::GEMM_MIN_QUERIES;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("op.onnx");
-    let cache = if half_cache { DType::F16 } else { DType::F32 };
+    let cache = kv.into();
     std::fs::write(&path, single_op_model(SingleOp::CachedAttention { cache })).unwrap();
-    // What a buffer of the cache type holds for `x`.
-    let stored = |x: &[f32]| -> Vec<f32> {
-        let t = TchTensor::from_slice(x);
-        let t = if half_cache {
-            t.to_kind(Kind::Half).to_kind(Kind::Float)
-        } else {
-            t
-        };
-        Vec::<f32>::try_from(t).unwrap()
+    let half_cache = kv != KvDtype::Fp32;
+    // What a buffer of the cache type holds for `x` (rows of `d`).
+    let stored = |x: &[f32], d: usize| -> Vec<f32> {
+        match kv {
+            KvDtype::Fp32 => x.to_vec(),
+            KvDtype::Fp16 => {
+                Vec::<f32>::try_from(TchTensor::from_slice(x).to_kind(Kind::Half).to_kind(Kind::Float))
+                    .unwrap()
+            }
+            KvDtype::Int8 => int8_rows(x, d).1,
+        }
     };
     // Decode steps and prefill chunks on both kernel paths (direct below GEMM_MIN_QUERIES
     // queries, GEMM from there), odd and non-panel head dims, rows ending at the capacity, and
@@ -363,8 +407,8 @@ fn cached_attention_case(half_cache: bool) {
         let k = values(b * h * s * d, seed + 1);
         let v = values(b * h * s * d, seed + 2);
         // Every slot holds values, so reading one that is not visible would show.
-        let past_k = stored(&values(b * h * c * d, seed + 3));
-        let past_v = stored(&values(b * h * c * d, seed + 4));
+        let past_k = stored(&values(b * h * c * d, seed + 3), d);
+        let past_v = stored(&values(b * h * c * d, seed + 4), d);
         let past_len: Vec<i64> = past.iter().map(|&p| p as i64).collect();
         // Key j is seen by new token i of row r when pad_r ≤ j ≤ past_r + i (the decoder's mask).
         let mut visible = vec![false; b * s * c];
@@ -394,21 +438,24 @@ fn cached_attention_case(half_cache: bool) {
         let want_y = scores.softmax(-1, Kind::Float).matmul(&t(&want_v, c));
         let want_y = Vec::<f32>::try_from(want_y.flatten(0, -1)).unwrap();
         // The buffers keep the new rows as their type holds them.
-        let (want_k, want_v) = (stored(&want_k), stored(&want_v));
+        let (want_k, want_v) = (stored(&want_k, d), stored(&want_v, d));
 
         let mut got = Vec::new();
         for session in sessions.iter_mut() {
             let dims = (b, h, s, c, d);
-            let inputs = attention_inputs(
-                dims, half_cache, &q, &k, &v, &past_k, &past_v, &past_len, &visible,
-            );
+            let inputs = attention_inputs(dims, kv, &q, &k, &v, &past_k, &past_v, &past_len, &visible);
             let r = session.run(inputs).expect("run");
-            let out = |n: &str| match r[n].try_extract_tensor::<f32>() {
-                Ok((_, x)) => x.to_vec(),
-                Err(_) => {
-                    assert!(half_cache && n != "Y", "{n} is not float32");
-                    let (_, x) = r[n].try_extract_tensor::<half::f16>().unwrap();
-                    x.iter().map(|v| v.to_f32()).collect()
+            let out = |n: &str| {
+                if let Ok((_, x)) = r[n].try_extract_tensor::<f32>() {
+                    return x.to_vec();
+                }
+                assert!(half_cache && n != "Y", "{n} is not float32");
+                match kv {
+                    KvDtype::Int8 => int8_values(r[n].try_extract_tensor::<i8>().unwrap().1, d),
+                    _ => {
+                        let (_, x) = r[n].try_extract_tensor::<half::f16>().unwrap();
+                        x.iter().map(|v| v.to_f32()).collect()
+                    }
                 }
             };
             got.push([out("Y"), out("present_key"), out("present_value")]);
@@ -425,7 +472,7 @@ fn cached_attention_case(half_cache: bool) {
                 max_diff(&kernel[idx], &body[idx]),
             );
             eprintln!(
-                "CachedAttention ({cache:?} cache) case {ci} {name}: kernel {dk:.1e}, body \
+                "CachedAttention ({kv:?} cache) case {ci} {name}: kernel {dk:.1e}, body \
                  {db:.1e}, kernel-body {dkb:.1e}"
             );
             assert!(dk <= 1e-5 && db <= 1e-5 && dkb <= 1e-5, "case {ci} {name}");
@@ -443,7 +490,7 @@ fn cached_attention_case(half_cache: bool) {
     let (z8, z12) = (vec![0f32; 8], vec![0f32; 12]);
     let overflow = attention_inputs(
         (1, 1, 2, 3, 4),
-        false,
+        KvDtype::Fp32,
         &z8,
         &z8,
         &z8,

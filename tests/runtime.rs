@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicBool;
 use kosmos_e2e::export_package;
 use kosmos_export::Profile;
 use kosmos_models::image::{ImageLimits, clip_preprocess, load_image};
-use kosmos_models::package::{KvCacheLayout, PackageDtype};
+use kosmos_models::package::{KvCacheLayout, KvDtype, PackageDtype};
 use kosmos_models::sequence::{Segment, assemble};
 use kosmos_rt::{
     FinishReason, GenerateParams, ImageInput, Package, Prompt, RtError, SessionOptions, VisionCache,
@@ -605,6 +605,18 @@ fn verify_runs_on_real_examples() {
 /// a server holds) the trained model's most likely tokens still agree at ≥ 90 % of positions.
 #[test]
 fn a_float16_kv_cache_keeps_the_trained_models_answers() {
+    narrow_kv_cache_keeps_the_trained_models_answers(KvDtype::Fp16);
+}
+
+/// The same for int8 rows with a power-of-two scale per token and head (`--kv-cache-dtype
+/// int8`): verify's reference reads the dequantised cache, the new slots lie within half an
+/// int8 step of the reference's keys and values, and greedy answers are the trainer's.
+#[test]
+fn an_int8_kv_cache_keeps_the_trained_models_answers() {
+    narrow_kv_cache_keeps_the_trained_models_answers(KvDtype::Int8);
+}
+
+fn narrow_kv_cache_keeps_the_trained_models_answers(kv_dtype: KvDtype) {
     use kosmos_models::package::Quantization;
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
@@ -616,24 +628,28 @@ fn a_float16_kv_cache_keeps_the_trained_models_answers() {
             accuracy_level: 4,
         }),
     ] {
-        let pkg = dir
-            .path()
-            .join(format!("kv-fp16-{}", quantization.map_or(32, |q| q.bits)));
+        let pkg = dir.path().join(format!(
+            "kv-{}-{}",
+            kv_dtype.as_str(),
+            quantization.map_or(32, |q| q.bits)
+        ));
         let opts = kosmos_export::ExportOptions {
             kv_cache: KvCacheLayout::Buffer,
             cached_attention: true,
-            kv_dtype: Some(PackageDtype::Fp16),
+            kv_dtype: Some(kv_dtype),
             quantization,
             ..Default::default()
         };
         kosmos_export::export(&f.ckpt, &pkg, &opts).expect("export");
         let r = kosmos_export::verify::verify(&f.ckpt, &pkg, &Default::default()).expect("verify");
         eprintln!(
-            "float16 KV, {:?}: top-1 agreement {:.3}, diffs {:?}",
+            "{kv_dtype:?} KV, {:?}: top-1 agreement {:.3}, KL {:.2e}, diffs {:?}",
             quantization.map(|q| q.bits),
             r.top1_agreement,
+            r.mean_kl_divergence,
             r.diffs
         );
+        assert!(r.presents_beyond_rounding, "{r:?}");
         assert!(r.passed, "{r:?}");
         if quantization.is_none() {
             check_generation(f, &pkg);

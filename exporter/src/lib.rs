@@ -37,7 +37,7 @@ use std::str::FromStr;
 use std::time::Instant;
 
 use kosmos_models::atomic::StagedDir;
-use kosmos_models::package::{self, KvCacheLayout, PackageDtype, PackageManifest, Quantization};
+use kosmos_models::package::{self, KvCacheLayout, KvDtype, PackageDtype, PackageManifest, Quantization};
 use kosmos_models::params::{self, expected_params};
 use kosmos_models::{Checkpoint, KosmosConfig};
 use prost::Message;
@@ -107,6 +107,16 @@ pub fn parse_dtype(s: &str) -> Result<PackageDtype> {
     }
 }
 
+/// `--kv-cache-dtype fp32|fp16|int8`.
+pub fn parse_kv_dtype(s: &str) -> Result<KvDtype> {
+    KvDtype::from_name(s).ok_or_else(|| {
+        ExportError::Unsupported(format!(
+            "unknown --kv-cache-dtype '{s}' (available: {})",
+            KvDtype::ALL.map(KvDtype::as_str).join(", ")
+        ))
+    })
+}
+
 /// `--quantize int8|int4` with its block size and accuracy level.
 pub fn parse_quantization(name: &str, block_size: usize, accuracy_level: u32) -> Result<Quantization> {
     let bits = match name {
@@ -142,9 +152,9 @@ pub struct ExportOptions {
     /// Write the decoder's attention as `ai.kosmos::CachedAttention` (buffer layout: kosmos-rt's
     /// CPU kernel reads each row's own keys only; the function body runs anywhere else).
     pub cached_attention: bool,
-    /// Element type of the KV buffers when it differs from `dtype`: a float16 cache for a
-    /// float32 (or quantised) model, read by `CachedAttention`'s kernel.
-    pub kv_dtype: Option<PackageDtype>,
+    /// Element type of the KV buffers when it differs from `dtype`: a float16 or int8 cache for
+    /// a float32 (or quantised) model, read by `CachedAttention`'s kernel.
+    pub kv_dtype: Option<KvDtype>,
     /// Quantise the decoder's linears (weight-only, `com.microsoft::MatMulNBits`).
     pub quantization: Option<Quantization>,
     /// Calibrate activation-aware scales before quantising (needs `quantization`).
@@ -157,8 +167,8 @@ pub struct ExportOptions {
 
 impl ExportOptions {
     /// The KV buffers' element type: `kv_dtype`, else the model's.
-    pub fn cache_dtype(&self) -> PackageDtype {
-        self.kv_dtype.unwrap_or(self.dtype)
+    pub fn cache_dtype(&self) -> KvDtype {
+        self.kv_dtype.unwrap_or(self.dtype.into())
     }
 }
 
@@ -262,20 +272,28 @@ pub fn export(ckpt_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Expor
     };
     let kv_dtype = opts.cache_dtype();
     match (opts.dtype, kv_dtype) {
-        (PackageDtype::Fp16, PackageDtype::Fp32) => {
+        (PackageDtype::Fp16, KvDtype::Fp32) => {
             return Err(ExportError::Unsupported(
                 "--kv-cache-dtype fp32 with --dtype fp16: a float16 model's attention runs in \
                  float16, so a float32 cache would only hold float16 values"
                     .into(),
             ));
         }
-        (PackageDtype::Fp32, PackageDtype::Fp16) if !opts.cached_attention => {
+        (PackageDtype::Fp16, KvDtype::Int8) => {
             return Err(ExportError::Unsupported(
-                "--kv-cache-dtype fp16 with --dtype fp32: a cache type other than the model's is \
-                 a float16 cache read by --cached-attention's kernel (add --cached-attention, \
-                 which needs --kv-cache buffer)"
+                "--kv-cache-dtype int8 with --dtype fp16: the int8 cache is read by \
+                 --cached-attention's kernel, which is float32 (export with --dtype fp32, \
+                 quantised weights included)"
                     .into(),
             ));
+        }
+        (PackageDtype::Fp32, KvDtype::Fp16 | KvDtype::Int8) if !opts.cached_attention => {
+            return Err(ExportError::Unsupported(format!(
+                "--kv-cache-dtype {} with --dtype fp32: a cache type other than the model's is \
+                 read by --cached-attention's kernel (add --cached-attention, which needs \
+                 --kv-cache buffer)",
+                kv_dtype.as_str()
+            )));
         }
         _ => {}
     }
@@ -394,7 +412,7 @@ fn write_component(
         // The vision tower runs once per image at 257+ rows, where MLAS's GEMM is the better one.
         packed_linears: opts.packed_linears && file == package::DECODER_FILE,
         cached_attention: opts.cached_attention,
-        kv_dtype: element_type(opts.cache_dtype()),
+        kv_dtype: opts.cache_dtype(),
         // The vision tower is compute-bound and runs once per image; the decoder re-reads every
         // weight per generated token, which is what quantisation saves.
         quantization: opts.quantization.filter(|_| file == package::DECODER_FILE),
@@ -450,7 +468,7 @@ fn model_proto(
         ));
     }
     // Model-local bodies of the ai.kosmos ops it calls, so runtimes without their kernels inline them.
-    let functions = lower::kosmos_ops::functions_called(&graph.node, element_type(opts.cache_dtype()));
+    let functions = lower::kosmos_ops::functions_called(&graph.node, opts.cache_dtype().into());
     ModelProto {
         ir_version: IR_VERSION,
         opset_import: opsets

@@ -71,10 +71,11 @@ struct ExportArgs {
     #[arg(long)]
     cached_attention: bool,
     /// Element type of the KV cache: fp16 halves the memory each sequence holds and the bytes
-    /// a step reads from it, for a fp32 or quantised model (needs --cached-attention, whose
-    /// kernel reads float16 buffers; keys and values are rounded as they are stored, as
-    /// vLLM's --kv-cache-dtype or llama.cpp's --cache-type-k f16 do). Default: --dtype.
-    #[arg(long, value_name = "fp32|fp16")]
+    /// a step reads from it, int8 quarters them (each token's keys of a head as int8 with a
+    /// power-of-two scale), for a fp32 or quantised model (needs --cached-attention, whose
+    /// kernel reads these buffers; keys and values are rounded as they are stored, as vLLM's
+    /// --kv-cache-dtype or llama.cpp's --cache-type-k f16 / q8_0 do). Default: --dtype.
+    #[arg(long, value_name = "fp32|fp16|int8")]
     kv_cache_dtype: Option<String>,
     /// Weight-only quantisation of the decoder's linears and LM head: int8 or int4, written as
     /// ONNX Runtime's com.microsoft::MatMulNBits (block-wise symmetric scales, as ONNX Runtime's
@@ -291,7 +292,11 @@ fn run(cli: Cli) -> Result<i32> {
                 kv_cache,
                 packed_linears: a.packed_linears,
                 cached_attention: a.cached_attention,
-                kv_dtype: a.kv_cache_dtype.as_deref().map(parse_dtype).transpose()?,
+                kv_dtype: a
+                    .kv_cache_dtype
+                    .as_deref()
+                    .map(kosmos_export::parse_kv_dtype)
+                    .transpose()?,
                 quantization,
                 awq: a.awq.as_deref().map(|data| kosmos_export::awq::AwqOptions {
                     examples: a.awq_examples,

@@ -6,7 +6,8 @@
 use std::path::Path;
 
 use kosmos_models::KosmosConfig;
-use kosmos_models::package::{KvCacheLayout, PackageDtype, PackageManifest, io};
+use kosmos_models::package::{KvCacheLayout, KvDtype, PackageDtype, PackageManifest, io};
+use kosmos_plugins::cached_attention::{dequantize_int8_rows, exp2i};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor as OrtTensor};
 use tch::{Device, Kind, Tensor};
@@ -85,8 +86,8 @@ pub struct VerifyReport {
     pub kv_cache: String,
     /// Element type of the KV cache ("float32", "float16").
     pub kv_dtype: String,
-    /// Whether the `present.*` differences are measured beyond float16 rounding (a float16
-    /// cache under a float32 model).
+    /// Whether the `present.*` differences are measured beyond what storing moved each value
+    /// by (a float16 or int8 cache under a float32 model).
     pub presents_beyond_rounding: bool,
     pub diffs: Vec<OutputDiff>,
     /// Greedy tokens (argmax of the last position per step and row) of the reference and package.
@@ -153,12 +154,12 @@ impl Top1 {
 
 impl Diffs {
     fn add(&mut self, name: &str, reference: &[f32], got: &[f32]) -> Result<()> {
-        self.add_beyond(name, reference, got, 0.0)
+        self.add_beyond(name, reference, got, &[])
     }
 
-    /// Like `add`, with each difference first reduced by `rounding`·|reference| (what storing
-    /// the value in a narrower type may move it by).
-    fn add_beyond(&mut self, name: &str, reference: &[f32], got: &[f32], rounding: f64) -> Result<()> {
+    /// Like `add`, with each difference first reduced by `allowance` (what storing the value
+    /// in a narrower type may move it by; none when empty).
+    fn add_beyond(&mut self, name: &str, reference: &[f32], got: &[f32], allowance: &[f32]) -> Result<()> {
         if reference.len() != got.len() {
             return Err(ExportError::Ort(format!(
                 "{name}: {} values from the package, {} expected",
@@ -166,10 +167,12 @@ impl Diffs {
                 reference.len()
             )));
         }
+        let allowed = |i: usize| allowance.get(i).map_or(0.0, |&a| f64::from(a));
         let max_abs = reference
             .iter()
             .zip(got)
-            .map(|(&a, &b)| ((a - b).abs() as f64 - rounding * a.abs() as f64).max(0.0))
+            .enumerate()
+            .map(|(i, (&a, &b))| ((a - b).abs() as f64 - allowed(i)).max(0.0))
             .fold(0.0, |m, d| if d.is_nan() || d > m { d } else { m });
         let ref_max = reference.iter().map(|a| a.abs() as f64).fold(0.0, f64::max);
         match self.0.iter_mut().find(|d| d.output == name) {
@@ -232,17 +235,48 @@ fn bool_tensor(t: &Tensor) -> Result<DynValue> {
     Ok(OrtTensor::from_array((shape, data)).map_err(ort_err)?.into_dyn())
 }
 
-/// A zero cache tensor: empty (concat layout) or a zeroed buffer (buffer layout).
-fn zero_kv(shape: [i64; 4], dtype: PackageDtype) -> Result<DynValue> {
+/// A zero cache tensor: empty (concat layout) or a zeroed buffer (buffer layout); `shape`'s
+/// last dimension is head_dim, widened to an int8 row's.
+fn zero_kv(shape: [i64; 4], dtype: KvDtype) -> Result<DynValue> {
+    let shape = [
+        shape[0],
+        shape[1],
+        shape[2],
+        dtype.row_len(shape[3] as usize) as i64,
+    ];
     let n = shape.iter().product::<i64>() as usize;
     Ok(match dtype {
-        PackageDtype::Fp32 => OrtTensor::<f32>::from_array((shape, vec![0f32; n]))
+        KvDtype::Fp32 => OrtTensor::<f32>::from_array((shape, vec![0f32; n]))
             .map_err(ort_err)?
             .into_dyn(),
-        PackageDtype::Fp16 => OrtTensor::<half::f16>::from_array((shape, vec![half::f16::ZERO; n]))
+        KvDtype::Fp16 => OrtTensor::<half::f16>::from_array((shape, vec![half::f16::ZERO; n]))
+            .map_err(ort_err)?
+            .into_dyn(),
+        KvDtype::Int8 => OrtTensor::<i8>::from_array((shape, vec![0i8; n]))
             .map_err(ort_err)?
             .into_dyn(),
     })
+}
+
+/// A `present.*` tensor's values as float32 (int8 rows of `head_dim` + 1 dequantised), and per
+/// value what storing may have moved it by when the cache is narrower than the model: half a
+/// float16 ulp (2^-11 of the value) or half its int8 row's step; empty for float32.
+fn stored_cache(v: &DynValue, name: &str, head_dim: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    if let Ok((_, rows)) = v.try_extract_tensor::<i8>() {
+        let values = dequantize_int8_rows(rows, head_dim);
+        let half_steps = rows
+            .chunks_exact(head_dim + 1)
+            .flat_map(|r| std::iter::repeat_n(exp2i(r[head_dim]) / 2.0, head_dim))
+            .collect();
+        return Ok((values, half_steps));
+    }
+    let values = ort_f32(v, name)?;
+    let allowance = if v.try_extract_tensor::<half::f16>().is_ok() {
+        values.iter().map(|x| x.abs() * 2f32.powi(-11)).collect()
+    } else {
+        Vec::new()
+    };
+    Ok((values, allowance))
 }
 
 /// How the package takes the cache (its capacity, buffer layout), the mask/offset inputs and
@@ -310,13 +344,14 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
             path: pkg.to_path_buf(),
             message: format!("unknown kv_dtype '{}'", manifest.decoder.kv_dtype),
         })?;
-    // A float16 cache under a float32 model stores each key and value rounded, and the next
-    // call reads them so. Rounding the reference's own cache would not give the same float16s:
-    // values a float32 rounding error apart round to neighbouring float16s now and then. So the
-    // reference's next step reads the package's stored cache, each step checks the stored new
-    // slots against the reference's keys and values within that rounding (half a float16 ulp,
-    // ≤ 2^-11 of the value) besides the tolerance, and the older slots must be unchanged.
-    let rounded_cache = kv_dtype == PackageDtype::Fp16 && manifest.dtype == PackageDtype::Fp32;
+    // A float16 or int8 cache under a float32 model stores each key and value rounded, and the
+    // next call reads them so. Rounding the reference's own cache would not give the same
+    // values: inputs a float32 rounding error apart round to neighbouring float16s (or int8
+    // steps) now and then. So the reference's next step reads the package's stored cache, each
+    // step checks the stored new slots against the reference's keys and values within that
+    // rounding (half a float16 ulp, half an int8 row's step) besides the tolerance, and the
+    // older slots must be unchanged.
+    let rounded_cache = kv_dtype != KvDtype::from(manifest.dtype);
     let mut vision = session_with(&pkg.join(&manifest.vision.file), opts.without_custom_ops)?;
     let mut decoder = session_with(&pkg.join(&manifest.decoder.file), opts.without_custom_ops)?;
 
@@ -588,7 +623,6 @@ fn collect_present(
     rounded_cache: bool,
     keep: &mut Vec<DynValue>,
 ) -> Result<Vec<kosmos_train::LayerKv>> {
-    let rounding = if rounded_cache { 2f64.powi(-11) } else { 0.0 };
     let mut stored = Vec::with_capacity(reference.len());
     for (i, kv) in reference.iter().enumerate() {
         let mut pair = Vec::with_capacity(2);
@@ -601,17 +635,26 @@ fn collect_present(
             (io::present_key(i), "present.*.key", &kv.key),
             (io::present_value(i), "present.*.value", &kv.value),
         ] {
-            let got = ort_f32(&out[name.as_str()], &name)?;
+            let (got, allowance) = stored_cache(&out[name.as_str()], &name, shape[3] as usize)?;
             // A buffer-layout cache holds `capacity` slots: the first t are the sequence.
             let cap = got.len() as i64 / (shape[0] * shape[1] * shape[3]);
-            let got = Tensor::from_slice(&got)
-                .view([shape[0], shape[1], cap, shape[3]])
-                .narrow(2, 0, shape[2]);
+            let sequence = |x: &[f32]| {
+                Tensor::from_slice(x)
+                    .view([shape[0], shape[1], cap, shape[3]])
+                    .narrow(2, 0, shape[2])
+            };
+            let got = sequence(&got);
+            // A float16 model's own float16 cache is compared as it is (its tolerance is relative).
+            let allowance = if !rounded_cache || allowance.is_empty() {
+                Vec::new()
+            } else {
+                to_vec(&sequence(&allowance).masked_select(&real))
+            };
             diffs.add_beyond(
                 label,
                 &to_vec(&r.masked_select(&real)),
                 &to_vec(&got.masked_select(&real)),
-                rounding,
+                &allowance,
             )?;
             pair.push(got);
             keep.push(

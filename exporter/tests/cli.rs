@@ -144,12 +144,30 @@ fn bad_input_gets_one_clear_error_and_no_output() {
                 "--kv-cache-dtype",
                 "fp16",
             ],
-            "--kv-cache-dtype fp16 with --dtype fp32: a cache type other than the model's is a \
-             float16 cache read by --cached-attention's kernel",
+            "--kv-cache-dtype fp16 with --dtype fp32: a cache type other than the model's is \
+             read by --cached-attention's kernel",
         ),
         (
             vec![s(&ckpt), "-o", s(&out), "--kv-cache-dtype", "int8"],
-            "unknown dtype 'int8'",
+            "--kv-cache-dtype int8 with --dtype fp32: a cache type other than the model's is \
+             read by --cached-attention's kernel",
+        ),
+        (
+            vec![s(&ckpt), "-o", s(&out), "--kv-cache-dtype", "int4"],
+            "unknown --kv-cache-dtype 'int4' (available: fp32, fp16, int8)",
+        ),
+        (
+            vec![
+                s(&ckpt),
+                "-o",
+                s(&out),
+                "--dtype",
+                "fp16",
+                "--kv-cache-dtype",
+                "int8",
+            ],
+            "--kv-cache-dtype int8 with --dtype fp16: the int8 cache is read by \
+             --cached-attention's kernel, which is float32",
         ),
         (
             vec![s(&ckpt), "-o", s(&out), "--packed-linears", "--profile", "trt"],

@@ -62,20 +62,74 @@ impl PackageDtype {
             PackageDtype::Fp16 => "fp16",
         }
     }
+}
+
+/// Element type of the decoder's KV cache (`kosmos-export --kv-cache-dtype`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvDtype {
+    Fp32,
+    Fp16,
+    /// int8 rows of `head_dim` values and an exponent (the `ai.kosmos::CachedAttention` spec in
+    /// the plugins crate): `head_dim + 1` bytes per token and head.
+    Int8,
+}
+
+impl KvDtype {
+    pub const ALL: [KvDtype; 3] = [KvDtype::Fp32, KvDtype::Fp16, KvDtype::Int8];
+
+    /// The command-line name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvDtype::Fp32 => "fp32",
+            KvDtype::Fp16 => "fp16",
+            KvDtype::Int8 => "int8",
+        }
+    }
 
     /// The ONNX element type's name, as the manifest's `kv_dtype` gives it.
     pub fn element_type(self) -> &'static str {
         match self {
-            PackageDtype::Fp32 => "float32",
-            PackageDtype::Fp16 => "float16",
+            KvDtype::Fp32 => "float32",
+            KvDtype::Fp16 => "float16",
+            KvDtype::Int8 => "int8",
         }
     }
 
     /// The dtype whose [`element_type`](Self::element_type) is `name`.
     pub fn from_element_type(name: &str) -> Option<Self> {
-        [PackageDtype::Fp32, PackageDtype::Fp16]
-            .into_iter()
-            .find(|d| d.element_type() == name)
+        Self::ALL.into_iter().find(|d| d.element_type() == name)
+    }
+
+    /// The dtype whose command-line [`as_str`](Self::as_str) is `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.as_str() == name)
+    }
+
+    /// Elements of one slot (a token's keys of one head) in a cache tensor: its last dimension.
+    pub fn row_len(self, head_dim: usize) -> usize {
+        match self {
+            KvDtype::Int8 => head_dim + 1,
+            KvDtype::Fp32 | KvDtype::Fp16 => head_dim,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn element_bytes(self) -> usize {
+        match self {
+            KvDtype::Fp32 => 4,
+            KvDtype::Fp16 => 2,
+            KvDtype::Int8 => 1,
+        }
+    }
+}
+
+impl From<PackageDtype> for KvDtype {
+    /// A model's own cache type.
+    fn from(d: PackageDtype) -> Self {
+        match d {
+            PackageDtype::Fp32 => KvDtype::Fp32,
+            PackageDtype::Fp16 => KvDtype::Fp16,
+        }
     }
 }
 
@@ -223,7 +277,8 @@ pub struct DecoderGraph {
     pub vocab_size: usize,
     /// Longest past + new sequence the decoder supports.
     pub context_length: usize,
-    /// Element type of `past_key_values.*` / `present.*` ("float32" or "float16").
+    /// Element type of `past_key_values.*` / `present.*` ("float32", "float16" or "int8": see
+    /// [`KvDtype`]).
     pub kv_dtype: String,
     #[serde(default)]
     pub kv_cache: KvCacheLayout,
@@ -236,8 +291,8 @@ pub struct DecoderGraph {
 
 impl DecoderGraph {
     /// The KV buffers' element type, `None` for a name this version does not know.
-    pub fn cache_dtype(&self) -> Option<PackageDtype> {
-        PackageDtype::from_element_type(&self.kv_dtype)
+    pub fn cache_dtype(&self) -> Option<KvDtype> {
+        KvDtype::from_element_type(&self.kv_dtype)
     }
 
     /// Whether the decoder takes `logits_to_keep` (packages before it, and `trt` ones, do not).
@@ -322,7 +377,7 @@ impl PackageManifest {
                 hidden_size: d.decoder_embed_dim,
                 vocab_size: d.vocab_size,
                 context_length: d.max_target_positions,
-                kv_dtype: dtype.element_type().into(),
+                kv_dtype: KvDtype::from(dtype).element_type().into(),
                 kv_cache,
                 past_key: "past_key_values.{i}.key".into(),
                 past_value: "past_key_values.{i}.value".into(),

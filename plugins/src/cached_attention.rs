@@ -7,10 +7,11 @@
 //! capacity 1600 against 275 ms at capacity 128, so one long request slowed every other one.
 //! Here query i of row r stops at its last visible key.
 //!
-//! The buffers hold float32 or float16 ([`CacheElement`]): a float16 cache halves the bytes a
-//! long sequence's steps read and the memory each row holds. Past keys and values are widened
-//! to float32 as they are read; a call's own new keys and values are used as given and rounded
-//! only where they are stored, so the next call sees them rounded.
+//! The buffers hold float32, float16 or int8 rows with a power-of-two scale ([`CacheElement`]):
+//! a float16 cache halves the bytes a long sequence's steps read and the memory each row holds,
+//! an int8 one quarters them. Past keys and values are widened to float32 as they are read; a
+//! call's own new keys and values are used as given and rounded only where they are stored, so
+//! the next call sees them rounded.
 //!
 //! Two paths, per (row, head): below [`GEMM_MIN_QUERIES`] queries (decode steps) a direct loop
 //! streams each visible key and value once; from there on (prefill) Q·Kᵀ and P·V run through
@@ -26,16 +27,21 @@ use crate::packed_linear::{self, Isa, pack_in_out, pack_out_in};
 
 /// Element type of the key and value buffers.
 pub trait CacheElement: Copy + Send + Sync + 'static {
-    /// `dst` = `src` as float32 (same lengths).
-    fn widen(src: &[Self], dst: &mut [f32]);
-    /// `dst` = `src` rounded to this type, to nearest even (same lengths).
-    fn narrow(src: &[f32], dst: &mut [Self]);
+    /// Elements one slot's row of `head_dim` values takes in a buffer.
+    fn row_len(head_dim: usize) -> usize {
+        head_dim
+    }
+    /// `dst` (rows of `head_dim`) = `src` (rows of [`row_len`](Self::row_len)) as float32.
+    fn widen(src: &[Self], head_dim: usize, dst: &mut [f32]);
+    /// `dst` (rows of [`row_len`](Self::row_len)) = `src` (rows of `head_dim`) stored in this
+    /// type, rounded to nearest even.
+    fn narrow(src: &[f32], head_dim: usize, dst: &mut [Self]);
     /// `src` itself when it is float32 already, so a float32 cache is read in place.
     fn as_f32(src: &[Self]) -> Option<&[f32]>;
     /// One value as float32, inlined into the caller's loop (and its instruction set): a
     /// decode step widens each key and value where it multiplies it.
     fn load(self) -> f32;
-    /// `q · row` on `isa`.
+    /// `q · row` on `isa` (`row`: one stored row, [`row_len`](Self::row_len) elements).
     #[inline(always)]
     fn dot_row(_isa: Isa, q: &[f32], row: &[Self]) -> f32 {
         dot(q, row)
@@ -48,10 +54,10 @@ pub trait CacheElement: Copy + Send + Sync + 'static {
 }
 
 impl CacheElement for f32 {
-    fn widen(src: &[f32], dst: &mut [f32]) {
+    fn widen(src: &[f32], _: usize, dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
-    fn narrow(src: &[f32], dst: &mut [f32]) {
+    fn narrow(src: &[f32], _: usize, dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
     fn as_f32(src: &[f32]) -> Option<&[f32]> {
@@ -64,11 +70,11 @@ impl CacheElement for f32 {
 }
 
 impl CacheElement for f16 {
-    fn widen(src: &[f16], dst: &mut [f32]) {
+    fn widen(src: &[f16], _: usize, dst: &mut [f32]) {
         // F16C where the CPU has it (the `half` crate detects it at run time).
         src.convert_to_f32_slice(dst);
     }
-    fn narrow(src: &[f32], dst: &mut [f16]) {
+    fn narrow(src: &[f32], _: usize, dst: &mut [f16]) {
         dst.convert_from_f32_slice(src);
     }
     fn as_f32(_: &[f16]) -> Option<&[f32]> {
@@ -109,6 +115,86 @@ impl CacheElement for f16 {
         let _ = isa;
         axpy(a, row, y)
     }
+}
+
+/// int8 rows: `head_dim` values `v` and, last, the row's exponent `e`; the row holds `v · 2^e`
+/// (crate docs: `CachedAttention`, C = int8).
+impl CacheElement for i8 {
+    fn row_len(head_dim: usize) -> usize {
+        head_dim + 1
+    }
+    fn widen(src: &[i8], head_dim: usize, dst: &mut [f32]) {
+        for (row, out) in src.chunks_exact(head_dim + 1).zip(dst.chunks_exact_mut(head_dim)) {
+            let scale = exp2i(row[head_dim]);
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = f32::from(v) * scale;
+            }
+        }
+    }
+    fn narrow(src: &[f32], head_dim: usize, dst: &mut [i8]) {
+        for (x, row) in src.chunks_exact(head_dim).zip(dst.chunks_exact_mut(head_dim + 1)) {
+            quantize_int8_row(x, row);
+        }
+    }
+    fn as_f32(_: &[i8]) -> Option<&[f32]> {
+        None
+    }
+    #[inline(always)]
+    fn load(self) -> f32 {
+        f32::from(self)
+    }
+    // Scaling by a power of two is exact, so it can wait until after the sum.
+    #[inline(always)]
+    fn dot_row(_isa: Isa, q: &[f32], row: &[i8]) -> f32 {
+        let hd = row.len() - 1;
+        dot(q, &row[..hd]) * exp2i(row[hd])
+    }
+    #[inline(always)]
+    fn axpy_row(_isa: Isa, a: f32, row: &[i8], y: &mut [f32]) {
+        let hd = row.len() - 1;
+        axpy(a * exp2i(row[hd]), &row[..hd], y)
+    }
+}
+
+/// The least exponent an int8 row takes (rows of zeros, or tiny values, get it).
+pub const INT8_EXPONENT_MIN: i8 = -100;
+
+/// 2^`e` for `e` in [`INT8_EXPONENT_MIN`], 127.
+#[inline(always)]
+pub fn exp2i(e: i8) -> f32 {
+    f32::from_bits(((i32::from(e) + 127) as u32) << 23)
+}
+
+/// `x` (head_dim values) as an int8 row (`head_dim + 1`): the exponent `e` is the least in
+/// [`INT8_EXPONENT_MIN`], 127 with max|x| ≤ 127 · 2^e, and each value is x / 2^e rounded to
+/// nearest even.
+pub fn quantize_int8_row(x: &[f32], row: &mut [i8]) {
+    let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let mut e = i32::from(INT8_EXPONENT_MIN);
+    // A first guess from the logarithm, then exact comparisons (127 · 2^e is exact in float32).
+    if absmax > 127.0 * exp2i(INT8_EXPONENT_MIN) {
+        e = ((absmax / 127.0).log2().ceil() as i32).clamp(e, 127);
+        while e < 127 && absmax > 127.0 * exp2i(e as i8) {
+            e += 1;
+        }
+        while e > i32::from(INT8_EXPONENT_MIN) && absmax <= 127.0 * exp2i((e - 1) as i8) {
+            e -= 1;
+        }
+    }
+    // Division by a power of two is exact (2^-e may not be a normal float32; 2^e is).
+    let scale = exp2i(e as i8);
+    let (values, exponent) = row.split_at_mut(x.len());
+    for (v, &xi) in values.iter_mut().zip(x) {
+        *v = (xi / scale).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    exponent[0] = e as i8;
+}
+
+/// Rows of `head_dim + 1` int8s (values, then the exponent) as float32 rows of `head_dim`.
+pub fn dequantize_int8_rows(rows: &[i8], head_dim: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows.len() / (head_dim + 1) * head_dim];
+    i8::widen(rows, head_dim, &mut out);
+    out
 }
 
 /// float16 rows against float32 ones with `vcvtph2ps` (AVX-512, or F16C beside AVX2).
@@ -227,6 +313,8 @@ struct Slots<'a, E> {
     /// Rows of `fresh` (kept, not divided out per slot: a division costs more than the dot).
     new: usize,
     hd: usize,
+    /// Elements per row of `stored` ([`CacheElement::row_len`]).
+    row: usize,
 }
 
 impl<'a, E: CacheElement> Slots<'a, E> {
@@ -238,7 +326,7 @@ impl<'a, E: CacheElement> Slots<'a, E> {
         if new < self.new {
             dot(q, &self.fresh[new * hd..(new + 1) * hd])
         } else {
-            E::dot_row(self.isa, q, &self.stored[j * hd..(j + 1) * hd])
+            E::dot_row(self.isa, q, &self.stored[j * self.row..(j + 1) * self.row])
         }
     }
 
@@ -250,7 +338,7 @@ impl<'a, E: CacheElement> Slots<'a, E> {
         if new < self.new {
             axpy(a, &self.fresh[new * hd..(new + 1) * hd], y)
         } else {
-            E::axpy_row(self.isa, a, &self.stored[j * hd..(j + 1) * hd], y)
+            E::axpy_row(self.isa, a, &self.stored[j * self.row..(j + 1) * self.row], y)
         }
     }
 
@@ -265,7 +353,7 @@ impl<'a, E: CacheElement> Slots<'a, E> {
             return all;
         }
         out.resize(n * hd, 0.0);
-        E::widen(&self.stored[..n * hd], out);
+        E::widen(&self.stored[..n * self.row], hd, out);
         let end = (self.past + self.new).min(n);
         if end > self.past {
             out[self.past * hd..end * hd].copy_from_slice(&self.fresh[..(end - self.past) * hd]);
@@ -304,17 +392,17 @@ impl Dims {
         self.batch * self.heads * self.seq * self.head_dim
     }
 
-    fn cache_elements(&self) -> usize {
-        self.batch * self.heads * self.capacity * self.head_dim
+    fn cache_elements<E: CacheElement>(&self) -> usize {
+        self.batch * self.heads * self.capacity * E::row_len(self.head_dim)
     }
 
-    /// Check element counts and past lengths (each row's new tokens must fit in the capacity);
-    /// the error names what does not fit.
-    pub fn check(&self, counts: &Counts, past_len: &[i64]) -> Result<(), String> {
+    /// Check element counts of buffers of `E` and past lengths (each row's new tokens must fit
+    /// in the capacity); the error names what does not fit.
+    pub fn check<E: CacheElement>(&self, counts: &Counts, past_len: &[i64]) -> Result<(), String> {
         if self.head_dim == 0 {
             return Err("CachedAttention: head_dim is 0".into());
         }
-        let (new, cache) = (self.new_elements(), self.cache_elements());
+        let (new, cache) = (self.new_elements(), self.cache_elements::<E>());
         for (name, got, want) in [
             ("Q", counts.q, new),
             ("K", counts.k, new),
@@ -411,8 +499,8 @@ pub unsafe fn run_task<E: CacheElement>(isa: Isa, d: Dims, buf: Buffers<E>, task
         head_dim: hd,
         ..
     } = d;
-    let row = task / heads;
-    let (cache_at, new_at) = (task * c * hd, task * s * hd);
+    let (row, rl) = (task / heads, E::row_len(hd));
+    let (cache_at, new_at) = (task * c * rl, task * s * hd);
     unsafe {
         let past = *buf.past_len.add(row) as usize;
         for (old, present, fresh) in [
@@ -420,18 +508,19 @@ pub unsafe fn run_task<E: CacheElement>(isa: Isa, d: Dims, buf: Buffers<E>, task
             (buf.past_value, buf.present_value, buf.v),
         ] {
             if old != present.cast_const() {
-                std::ptr::copy_nonoverlapping(old.add(cache_at), present.add(cache_at), c * hd);
+                std::ptr::copy_nonoverlapping(old.add(cache_at), present.add(cache_at), c * rl);
             }
             E::narrow(
                 std::slice::from_raw_parts(fresh.add(new_at), s * hd),
-                std::slice::from_raw_parts_mut(present.add(cache_at + past * hd), s * hd),
+                hd,
+                std::slice::from_raw_parts_mut(present.add(cache_at + past * rl), s * rl),
             );
         }
         if s == 0 {
             return;
         }
-        let keys = std::slice::from_raw_parts(buf.present_key.add(cache_at), c * hd);
-        let values = std::slice::from_raw_parts(buf.present_value.add(cache_at), c * hd);
+        let keys = std::slice::from_raw_parts(buf.present_key.add(cache_at), c * rl);
+        let values = std::slice::from_raw_parts(buf.present_value.add(cache_at), c * rl);
         let q = std::slice::from_raw_parts(buf.q.add(new_at), s * hd);
         let y = std::slice::from_raw_parts_mut(buf.y.add(new_at), s * hd);
         let visible = std::slice::from_raw_parts(buf.visible.add(row * s * c), s * c);
@@ -442,6 +531,7 @@ pub unsafe fn run_task<E: CacheElement>(isa: Isa, d: Dims, buf: Buffers<E>, task
             past,
             new: s,
             hd,
+            row: rl,
         };
         let keys = slots(keys, std::slice::from_raw_parts(buf.k.add(new_at), s * hd));
         let values = slots(values, std::slice::from_raw_parts(buf.v.add(new_at), s * hd));
@@ -718,7 +808,7 @@ pub fn cached_attention<E: CacheElement + Default>(
         present_key: pk.len(),
         present_value: pv.len(),
     };
-    d.check(&counts, past_len)?;
+    d.check::<E>(&counts, past_len)?;
     let buf = Buffers {
         q: q.as_ptr(),
         k: k.as_ptr(),
@@ -760,11 +850,18 @@ mod tests {
         assert!(exp(-1e4) < 1.3e-38 && exp(f32::NEG_INFINITY) < 1.3e-38);
     }
 
-    /// Every instruction set this CPU has gives the portable path's answer on float16 buffers
-    /// (AVX-512 and AVX2 convert with `vcvtph2ps`, the portable path with `f16_to_f32`), head
-    /// dims with and without a tail past the 8- and 16-lane blocks.
+    /// Every instruction set this CPU has gives the portable path's answer on float16 and int8
+    /// buffers (AVX-512 and AVX2 convert float16 with `vcvtph2ps`, the portable path with
+    /// `f16_to_f32`), head dims with and without a tail past the 8- and 16-lane blocks.
     #[test]
-    fn float16_buffers_give_the_same_answer_on_every_instruction_set() {
+    fn narrow_buffers_give_the_same_answer_on_every_instruction_set() {
+        every_isa_agrees::<f16>(f16::from_f32);
+        every_isa_agrees::<i8>(|v| (v * 63.0) as i8);
+    }
+
+    /// Past buffers of `E` from values in [-2, 2) through `element` (int8 rows get a random
+    /// exponent in their last place).
+    fn every_isa_agrees<E: CacheElement + Default + PartialEq + std::fmt::Debug>(element: impl Fn(f32) -> E) {
         let mut isas = vec![Isa::Portable];
         #[cfg(target_arch = "x86_64")]
         {
@@ -796,8 +893,19 @@ mod tests {
             let new: Vec<Vec<f32>> = (0..3)
                 .map(|_| (0..2 * 3 * s * hd).map(|_| value()).collect())
                 .collect();
-            let past: Vec<Vec<f16>> = (0..2)
-                .map(|_| (0..2 * 3 * 40 * hd).map(|_| f16::from_f32(value())).collect())
+            let rl = E::row_len(hd);
+            let past: Vec<Vec<E>> = (0..2)
+                .map(|_| {
+                    (0..2 * 3 * 40 * rl)
+                        .map(|i| {
+                            if rl > hd && i % rl == hd {
+                                element(value() * 0.1)
+                            } else {
+                                element(value())
+                            }
+                        })
+                        .collect()
+                })
                 .collect();
             let past_len = [7, 40 - s as i64];
             let visible: Vec<bool> = (0..2 * s * 40).map(|i| i % 40 <= 36 || i % 3 == 0).collect();
@@ -820,6 +928,34 @@ mod tests {
                 assert_eq!(got.present_key, want.present_key, "{isa:?}");
                 assert_eq!(got.present_value, want.present_value, "{isa:?}");
             }
+        }
+    }
+
+    /// The int8 row format's rules, on values chosen to hit each: the least exponent that
+    /// holds the largest value (exactly at 127 · 2^e, and just above it), ties to even, zeros.
+    #[test]
+    fn int8_rows_take_the_least_exponent_and_round_ties_to_even() {
+        let row = |x: &[f32]| {
+            let mut r = vec![0i8; x.len() + 1];
+            quantize_int8_row(x, &mut r);
+            r
+        };
+        // max 127 = 127 · 2^0; 2.5 and 3.5 are ties (to 2 and 4), -0.5 to 0.
+        assert_eq!(row(&[127.0, 2.5, 3.5, -0.5]), [127, 2, 4, 0, 0]);
+        // Just above 127 needs e = 1: 127.5 / 2 = 63.75 → 64; 1.0 / 2 = 0.5 → 0.
+        assert_eq!(row(&[127.5, 1.0, -3.0, 0.0]), [64, 0, -2, 0, 1]);
+        // 127 · 2^-3 exactly: e = -3.
+        assert_eq!(row(&[-15.875, 0.125]), [-127, 1, -3]);
+        assert_eq!(row(&[0.0, 0.0]), [0, 0, INT8_EXPONENT_MIN]);
+        assert_eq!(row(&[1e-35, 0.0]), [0, 0, INT8_EXPONENT_MIN]);
+        let big = row(&[3.0e38, -1.0e38]);
+        assert_eq!(big[2], 121, "{big:?}");
+        // Dequantised values are within half a step of the input.
+        let x: Vec<f32> = (0..67).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.0123).collect();
+        let r = row(&x);
+        let step = exp2i(r[67]);
+        for (a, b) in x.iter().zip(dequantize_int8_rows(&r, 67)) {
+            assert!((a - b).abs() <= step / 2.0, "{a} vs {b}, step {step}");
         }
     }
 

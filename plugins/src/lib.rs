@@ -76,16 +76,27 @@
 //! `kosmos-export --cached-attention` writes the decoder's attention this way.
 //!
 //! * inputs `Q`, `K`, `V`: T[b, h, s, d] (queries already scaled by 1/√d and, like the keys,
-//!   through xPos); `past_key`, `past_value`: C[b, h, c, d]; `past_sequence_length`:
+//!   through xPos); `past_key`, `past_value`: C[b, h, c, d′]; `past_sequence_length`:
 //!   int64[b] with 0 ≤ p_r ≤ c − s; `visible`: bool[b, 1, s, c];
-//! * outputs `Y`: T[b, h, s, d]; `present_key`, `present_value`: C[b, h, c, d];
+//! * outputs `Y`: T[b, h, s, d]; `present_key`, `present_value`: C[b, h, c, d′];
 //! * T: float32 (the kernel is float32; the exporter refuses `--dtype fp16` with it);
 //! * C: float32 or float16 (`kosmos-export --kv-cache-dtype fp16`: half the cache's memory and
-//!   of the bytes a step reads from it). ONNX Runtime picks the kernel by C.
+//!   of the bytes a step reads from it), with d′ = d; or int8 (`--kv-cache-dtype int8`: a
+//!   quarter of float32's, plus one byte per row) with d′ = d + 1. ONNX Runtime picks the kernel
+//!   by C.
 //!
-//! `present_*` are `past_*` with slots p_r .. p_r + s of row r replaced by `K`, `V` rounded to C
-//! (to nearest even). Let key_j be the j-th row of `past_key[r, :]` widened to float32 for
-//! j < p_r and beyond p_r + s, and `K[r, :, j − p_r]` itself (not rounded) for the call's own
+//! An int8 slot row is d values v and, last, an exponent e, and stands for v · 2^e. Storing x
+//! (d float32s) takes the least e in −100 … 127 with max|x| ≤ 127 · 2^e, and v = x / 2^e
+//! rounded to nearest even (|v| ≤ 127; the division is exact). A power of two, unlike a float
+//! scale, is stored in the row's own type and applied exactly: the standard-op body computes the
+//! same bytes as the kernel, and dequantising commutes with the dot products. Its step is
+//! between 1/127 and 1/63.5 of the row's largest value, a 7- or 8-bit quantiser per token and
+//! head (llama.cpp's `q8_0` KV cache has one float16 scale per 32 values; TensorRT-LLM's int8
+//! cache one calibrated scale per tensor).
+//!
+//! `present_*` are `past_*` with slots p_r .. p_r + s of row r replaced by `K`, `V` stored as C
+//! (rounded to nearest even). Let key_j be the j-th row of `past_key[r, :]` widened to float32
+//! for j < p_r and beyond p_r + s, and `K[r, :, j − p_r]` itself (not rounded) for the call's own
 //! slots; value_j likewise. `Y[r, :, i] = Σ_j softmax_j(S_ij) · value_j` with
 //! `S_ij = Q[r, :, i] · key_j` where `visible[r, 0, i, j]` and the lowest float32 elsewhere (so a
 //! query with no visible key gets the mean of all c values, as `Softmax` gives). For C = float32
@@ -99,7 +110,9 @@
 //!
 //! The function body is the standard-op attention of the other profiles: `ScatterND` of K and V
 //! at (row, head, p_r + i), `MatMul` with the transposed keys, `Where`, `Softmax`, `MatMul`; for
-//! C = float16 the presents take `Cast(K)` and the attention reads `ScatterND(Cast(past_key), K)`.
+//! C = float16 the presents take `Cast(K)` and the attention reads `ScatterND(Cast(past_key), K)`;
+//! for C = int8 `Cast` becomes the quantisation above (`ReduceMax`, `Log`, `Ceil`, two exact
+//! `Where` corrections of the exponent, `Pow`, `Div`, `Round`, `Concat`) and its inverse.
 
 pub mod cached_attention;
 pub mod ort_ops;

@@ -25,7 +25,8 @@ pub fn operator_domain() -> ort::Result<OperatorDomain> {
         .add(SubLnGeluOp)?
         .add(PackedLinearOp)?
         .add(CachedAttentionOp::<f32>::default())?
-        .add(CachedAttentionOp::<f16>::default())
+        .add(CachedAttentionOp::<f16>::default())?
+        .add(CachedAttentionOp::<i8>::default())
 }
 
 fn missing(what: &str) -> ort::Error {
@@ -246,7 +247,7 @@ impl Kernel for PackedLinearKernel {
     }
 }
 
-/// `CachedAttention` with KV buffers of element type `E` (f32 or f16).
+/// `CachedAttention` with KV buffers of element type `E` (f32, f16 or i8).
 pub struct CachedAttentionOp<E>(PhantomData<E>);
 
 impl<E> Default for CachedAttentionOp<E> {
@@ -313,21 +314,31 @@ impl<E: CacheElement + PrimitiveTensorElementType> Kernel for CachedAttentionKer
         let (_, past_len) = plv.try_extract_tensor::<i64>()?;
         let (_, visible) = visv.try_extract_tensor::<bool>()?;
         let (d, cache_shape) = match (&**qs, &**cs) {
-            (&[b, h, s, hd], &[cb, ch, c, chd]) if (cb, ch, chd) == (b, h, hd) => (
-                attention::Dims {
-                    batch: b as usize,
-                    heads: h as usize,
-                    seq: s as usize,
-                    capacity: c as usize,
-                    head_dim: hd as usize,
-                },
-                cs.to_vec(),
-            ),
+            (&[b, h, s, hd], &[cb, ch, c, chd])
+                if (cb, ch, chd as usize) == (b, h, E::row_len(hd as usize)) =>
+            {
+                (
+                    attention::Dims {
+                        batch: b as usize,
+                        heads: h as usize,
+                        seq: s as usize,
+                        capacity: c as usize,
+                        head_dim: hd as usize,
+                    },
+                    cs.to_vec(),
+                )
+            }
             _ => {
                 return Err(ort::Error::new(format!(
                     "ai.kosmos::CachedAttention: Q must be [batch, heads, seq, head_dim] and past_key \
-                     [batch, heads, capacity, head_dim]; got {:?} and {:?}",
-                    &**qs, &**cs
+                     [batch, heads, capacity, {}]; got {:?} and {:?}",
+                    if E::row_len(1) == 1 {
+                        "head_dim"
+                    } else {
+                        "head_dim + 1 (int8 rows)"
+                    },
+                    &**qs,
+                    &**cs
                 )));
             }
         };
@@ -371,7 +382,7 @@ impl<E: CacheElement + PrimitiveTensorElementType> Kernel for CachedAttentionKer
             present_key: present_key.len(),
             present_value: present_value.len(),
         };
-        d.check(&counts, past_len)
+        d.check::<E>(&counts, past_len)
             .map_err(|e| ort::Error::new(format!("ai.kosmos::{e}")))?;
         if d.tasks() == 0 {
             return Ok(());

@@ -40,11 +40,12 @@ use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use half::f16;
-use kosmos_models::package::{KvCacheLayout, PackageDtype, io};
+use kosmos_models::package::{KvCacheLayout, KvDtype, io};
 use kosmos_models::sequence::Assembled;
 use ort::AsPointer;
-use ort::memory::MemoryInfo;
+use ort::memory::{Allocator, MemoryInfo};
 use ort::session::IoBinding;
+use ort::value::PrimitiveTensorElementType;
 use ort::value::{DynTensor, DynValueRefMut, Shape, Tensor, TensorRefMut};
 
 use crate::error::{Result, RtError};
@@ -376,12 +377,13 @@ struct KvPool {
     rows: usize,
     capacity: usize,
     heads: usize,
-    head_dim: usize,
-    fp16: bool,
+    /// Elements of one slot of one head: head_dim, and one more in an int8 row (its exponent).
+    slot_elems: usize,
+    dtype: KvDtype,
 }
 
 impl KvPool {
-    fn empty(heads: usize, head_dim: usize, fp16: bool) -> Self {
+    fn empty(heads: usize, head_dim: usize, dtype: KvDtype) -> Self {
         KvPool {
             tensors: Vec::new(),
             bases: Vec::new(),
@@ -389,23 +391,23 @@ impl KvPool {
             rows: 0,
             capacity: 0,
             heads,
-            head_dim,
-            fp16,
+            slot_elems: dtype.row_len(head_dim),
+            dtype,
         }
     }
 
     fn elem(&self) -> usize {
-        if self.fp16 { 2 } else { 4 }
+        self.dtype.element_bytes()
     }
 
     /// Bytes of one (row, head) run of `slots` slots.
     fn run_bytes(&self, slots: usize) -> usize {
-        slots * self.head_dim * self.elem()
+        slots * self.slot_elems * self.elem()
     }
 
     /// Byte offset of slot 0 of (row, head) at `capacity`.
     fn offset(&self, row: usize, head: usize, capacity: usize) -> usize {
-        (row * self.heads + head) * capacity * self.head_dim * self.elem()
+        (row * self.heads + head) * capacity * self.slot_elems * self.elem()
     }
 
     /// Lay the pool out as `rows` x `capacity`, keeping the first `used[r]` slots of rows
@@ -420,7 +422,7 @@ impl KvPool {
         capacity: usize,
         used: &[usize],
     ) -> Result<()> {
-        let elems = rows * self.heads * capacity * self.head_dim;
+        let elems = rows * self.heads * capacity * self.slot_elems;
         if self.tensors.len() == tensors && elems <= self.allocated {
             self.relayout(rows, capacity, used);
             return Ok(());
@@ -430,14 +432,10 @@ impl KvPool {
         let mut new = Vec::with_capacity(tensors);
         let mut bases = Vec::with_capacity(tensors);
         for i in 0..tensors {
-            let mut t: DynTensor = if self.fp16 {
-                let mut t = Tensor::<f16>::new(alloc, shape)?;
-                t.try_extract_tensor_mut::<f16>()?.1.fill(f16::ZERO);
-                t.upcast()
-            } else {
-                let mut t = Tensor::<f32>::new(alloc, shape)?;
-                t.try_extract_tensor_mut::<f32>()?.1.fill(0.0);
-                t.upcast()
+            let mut t: DynTensor = match self.dtype {
+                KvDtype::Fp32 => zeroed::<f32>(alloc, shape)?,
+                KvDtype::Fp16 => zeroed::<f16>(alloc, shape)?,
+                KvDtype::Int8 => zeroed::<i8>(alloc, shape)?,
             };
             let dst = t.data_ptr_mut() as usize;
             if let Some(&src) = self.bases.get(i) {
@@ -481,7 +479,7 @@ impl KvPool {
         if new > old {
             runs.reverse();
         }
-        let slot = self.head_dim * self.elem();
+        let slot = self.slot_elems * self.elem();
         for &base in &self.bases {
             for &(j, u) in &runs {
                 debug_assert!(u <= old && u <= new);
@@ -564,18 +562,28 @@ impl KvPool {
             rows.len() as i64,
             self.heads as i64,
             self.capacity as i64,
-            self.head_dim as i64,
+            self.slot_elems as i64,
         ]);
         // SAFETY: the view covers rows.start..rows.end of a live buffer of `self.rows` rows, and
         // its lifetime is tied to `&self`, so the buffer outlives it.
         Ok(unsafe {
-            if self.fp16 {
-                TensorRefMut::<f16>::from_raw(info, ptr.cast(), shape)?.into_dyn()
-            } else {
-                TensorRefMut::<f32>::from_raw(info, ptr.cast(), shape)?.into_dyn()
+            match self.dtype {
+                KvDtype::Fp32 => TensorRefMut::<f32>::from_raw(info, ptr.cast(), shape)?.into_dyn(),
+                KvDtype::Fp16 => TensorRefMut::<f16>::from_raw(info, ptr.cast(), shape)?.into_dyn(),
+                KvDtype::Int8 => TensorRefMut::<i8>::from_raw(info, ptr.cast(), shape)?.into_dyn(),
             }
         })
     }
+}
+
+/// A buffer of `shape` from `alloc`, zeroed (an int8 row of zeros has exponent 0: zeros).
+fn zeroed<T: PrimitiveTensorElementType + Copy + Default + std::fmt::Debug>(
+    alloc: &Allocator,
+    shape: [i64; 1],
+) -> Result<DynTensor> {
+    let mut t = Tensor::<T>::new(alloc, shape)?;
+    t.try_extract_tensor_mut::<T>()?.1.fill(T::default());
+    Ok(t.upcast())
 }
 
 /// Bind `value` as input `name` without the copy `IoBinding::bind_input` makes of borrowed
@@ -644,11 +652,7 @@ impl Engine {
             return Err(RtError::Input("max_batch must be at least 1".into()));
         }
         let d = &pkg.manifest.decoder;
-        let mut pool = KvPool::empty(
-            d.num_heads,
-            d.head_dim,
-            d.cache_dtype() == Some(PackageDtype::Fp16),
-        );
+        let mut pool = KvPool::empty(d.num_heads, d.head_dim, pkg.kv_dtype);
         // What a deployment sizes memory by: the cache of one token, and of every row full.
         let token_bytes = 2 * d.num_layers * pool.run_bytes(1) * d.num_heads;
         tracing::info!(
@@ -1065,7 +1069,7 @@ impl Engine {
             capacity,
             ms = t0.elapsed().as_secs_f64() * 1e3,
             "KV pool: {rows} rows x {capacity} slots ({:.1} MiB)",
-            (tensors * rows * capacity * self.pool.heads * self.pool.head_dim * self.pool.elem()) as f64
+            (tensors * rows * capacity * self.pool.heads * self.pool.slot_elems * self.pool.elem()) as f64
                 / (1 << 20) as f64
         );
         Ok(())

@@ -10,10 +10,12 @@ use std::time::Instant;
 use half::f16;
 use kosmos_models::KosmosTokenizer;
 use kosmos_models::image::{ImageLimits, clip_preprocess, decode_image, load_image};
-use kosmos_models::package::{KvCacheLayout, PackageDtype, io};
+use kosmos_models::package::{KvCacheLayout, KvDtype, io};
 
 use crate::speculate::{GuessSchedule, Speculation};
 use kosmos_models::sequence::{Assembled, Segment, assemble};
+use ort::memory::Allocator;
+use ort::value::PrimitiveTensorElementType;
 use ort::value::{DynValue, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -357,6 +359,53 @@ pub(crate) struct Cache {
 enum KvData {
     F32(Vec<f32>),
     F16(Vec<f16>),
+    I8(Vec<i8>),
+}
+
+impl KvData {
+    /// The elements of cache tensor `v`.
+    fn of(v: &DynValue) -> Result<Self> {
+        Ok(if let Ok((_, d)) = v.try_extract_tensor::<f32>() {
+            KvData::F32(d.to_vec())
+        } else if let Ok((_, d)) = v.try_extract_tensor::<f16>() {
+            KvData::F16(d.to_vec())
+        } else {
+            KvData::I8(v.try_extract_tensor::<i8>()?.1.to_vec())
+        })
+    }
+
+    /// Rows `parents` of `row` elements each, in that order.
+    fn gather(self, parents: &[usize], row: usize) -> Self {
+        fn rows<T: Copy>(d: &[T], parents: &[usize], row: usize) -> Vec<T> {
+            parents
+                .iter()
+                .flat_map(|&p| d[p * row..(p + 1) * row].iter().copied())
+                .collect()
+        }
+        match self {
+            KvData::F32(d) => KvData::F32(rows(&d, parents, row)),
+            KvData::F16(d) => KvData::F16(rows(&d, parents, row)),
+            KvData::I8(d) => KvData::I8(rows(&d, parents, row)),
+        }
+    }
+
+    /// A tensor of `shape` holding these elements.
+    fn into_value(self, shape: [i64; 4]) -> Result<DynValue> {
+        Ok(match self {
+            KvData::F32(d) => Tensor::from_array((shape, d))?.into_dyn(),
+            KvData::F16(d) => Tensor::from_array((shape, d))?.into_dyn(),
+            KvData::I8(d) => Tensor::from_array((shape, d))?.into_dyn(),
+        })
+    }
+
+    /// No elements, of the package's cache type.
+    fn empty(dtype: KvDtype) -> Self {
+        match dtype {
+            KvDtype::Fp32 => KvData::F32(Vec::new()),
+            KvDtype::Fp16 => KvData::F16(Vec::new()),
+            KvDtype::Int8 => KvData::I8(Vec::new()),
+        }
+    }
 }
 
 /// Decode `img` and CLIP-preprocess it for a vision tower of `image_size` pixels (size limits
@@ -478,15 +527,14 @@ impl Package {
         let d = &self.manifest.decoder;
         let buffer = d.kv_cache == KvCacheLayout::Buffer;
         let slots = if buffer { capacity } else { 0 };
-        let shape = [batch as i64, d.num_heads as i64, slots as i64, d.head_dim as i64];
+        let row = self.kv_dtype.row_len(d.head_dim);
+        let shape = [batch as i64, d.num_heads as i64, slots as i64, row as i64];
         let mut values = Vec::with_capacity(2 * d.num_layers);
         for _ in 0..2 * d.num_layers {
             values.push(if buffer {
                 self.kv_buffer(shape, None)?
-            } else if d.cache_dtype() == Some(PackageDtype::Fp16) {
-                Tensor::<f16>::from_array((shape, Vec::<f16>::new()))?.into_dyn()
             } else {
-                Tensor::<f32>::from_array((shape, Vec::<f32>::new()))?.into_dyn()
+                KvData::empty(self.kv_dtype).into_value(shape)?
             });
         }
         Ok(Cache {
@@ -497,28 +545,30 @@ impl Package {
     }
 
     /// A cache buffer from ONNX Runtime's allocator (so it can be bound as an output), zeroed
-    /// or filled with `data`.
+    /// or filled with `data` (of the package's cache type).
     fn kv_buffer(&self, shape: [i64; 4], data: Option<KvData>) -> Result<DynValue> {
+        fn filled<T: PrimitiveTensorElementType + Copy + Default + std::fmt::Debug>(
+            alloc: &Allocator,
+            shape: [i64; 4],
+            data: Option<&[T]>,
+        ) -> Result<DynValue> {
+            let mut t = Tensor::<T>::new(alloc, shape)?;
+            let (_, dst) = t.try_extract_tensor_mut::<T>()?;
+            match data {
+                Some(v) => dst.copy_from_slice(v),
+                None => dst.fill(T::default()),
+            }
+            Ok(t.into_dyn())
+        }
         let alloc = self.decoder.allocator();
-        Ok(
-            if self.manifest.decoder.cache_dtype() == Some(PackageDtype::Fp16) {
-                let mut t = Tensor::<f16>::new(alloc, shape)?;
-                let (_, dst) = t.try_extract_tensor_mut::<f16>()?;
-                match data {
-                    Some(KvData::F16(v)) => dst.copy_from_slice(&v),
-                    _ => dst.fill(f16::ZERO),
-                }
-                t.into_dyn()
-            } else {
-                let mut t = Tensor::<f32>::new(alloc, shape)?;
-                let (_, dst) = t.try_extract_tensor_mut::<f32>()?;
-                match data {
-                    Some(KvData::F32(v)) => dst.copy_from_slice(&v),
-                    _ => dst.fill(0.0),
-                }
-                t.into_dyn()
-            },
-        )
+        match (self.kv_dtype, &data) {
+            (KvDtype::Fp32, None) => filled::<f32>(alloc, shape, None),
+            (KvDtype::Fp16, None) => filled::<f16>(alloc, shape, None),
+            (KvDtype::Int8, None) => filled::<i8>(alloc, shape, None),
+            (_, Some(KvData::F32(v))) => filled(alloc, shape, Some(v)),
+            (_, Some(KvData::F16(v))) => filled(alloc, shape, Some(v)),
+            (_, Some(KvData::I8(v))) => filled(alloc, shape, Some(v)),
+        }
     }
 
     /// One decoder call over `b` rows. Returns the logits of each row's last `keep` positions
@@ -1036,55 +1086,16 @@ impl Package {
     fn reorder(&self, kv: &mut Cache, parents: &[usize], from: usize) -> Result<()> {
         let values = std::mem::take(&mut kv.values);
         for v in values {
-            let data = if let Ok((_, d)) = v.try_extract_tensor::<f32>() {
-                KvData::F32(d.to_vec())
-            } else {
-                let (_, d) = v.try_extract_tensor::<f16>()?;
-                KvData::F16(d.to_vec())
-            };
             let shape = v.dtype().tensor_shape().expect("a tensor").to_vec();
             let row = shape[1..].iter().product::<i64>() as usize;
-            let mut new_shape = shape.clone();
-            new_shape[0] = parents.len() as i64;
             debug_assert_eq!(shape[0] as usize, from);
-            if kv.capacity.is_some() {
-                let gathered = match data {
-                    KvData::F32(d) => KvData::F32(
-                        parents
-                            .iter()
-                            .flat_map(|&p| d[p * row..(p + 1) * row].to_vec())
-                            .collect(),
-                    ),
-                    KvData::F16(d) => KvData::F16(
-                        parents
-                            .iter()
-                            .flat_map(|&p| d[p * row..(p + 1) * row].to_vec())
-                            .collect(),
-                    ),
-                };
-                let shape4 = [new_shape[0], new_shape[1], new_shape[2], new_shape[3]];
-                kv.values.push(self.kv_buffer(shape4, Some(gathered))?);
-                continue;
-            }
-            let gathered = match data {
-                KvData::F32(d) => Tensor::from_array((
-                    new_shape,
-                    parents
-                        .iter()
-                        .flat_map(|&p| d[p * row..(p + 1) * row].to_vec())
-                        .collect::<Vec<_>>(),
-                ))?
-                .into_dyn(),
-                KvData::F16(d) => Tensor::from_array((
-                    new_shape,
-                    parents
-                        .iter()
-                        .flat_map(|&p| d[p * row..(p + 1) * row].to_vec())
-                        .collect::<Vec<_>>(),
-                ))?
-                .into_dyn(),
-            };
-            kv.values.push(gathered);
+            let gathered = KvData::of(&v)?.gather(parents, row);
+            let shape = [parents.len() as i64, shape[1], shape[2], shape[3]];
+            kv.values.push(if kv.capacity.is_some() {
+                self.kv_buffer(shape, Some(gathered))?
+            } else {
+                gathered.into_value(shape)?
+            });
         }
         Ok(())
     }

@@ -3,9 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use kosmos_models::package::{PackageManifest, TOKENIZER_FILE, io};
+use kosmos_models::package::{KvDtype, PackageManifest, TOKENIZER_FILE, io};
 use kosmos_models::{KosmosTokenizer, ModelsError};
 use ort::session::Session;
+use ort::value::TensorElementType;
 
 use crate::error::{Result, RtError};
 use crate::ort_env::{SessionOptions, session};
@@ -14,6 +15,8 @@ use crate::speculate::{GuessSchedule, Speculation};
 pub struct Package {
     pub dir: PathBuf,
     pub manifest: PackageManifest,
+    /// The KV cache's element type (`manifest.decoder.kv_dtype`, checked when opened).
+    pub kv_dtype: KvDtype,
     pub tokenizer: KosmosTokenizer,
     pub(crate) vision: Session,
     pub(crate) decoder: Session,
@@ -75,15 +78,17 @@ impl Package {
             .into());
         }
         let manifest = PackageManifest::load(dir)?;
-        if manifest.decoder.cache_dtype().is_none() {
-            return Err(crate::RtError::Package {
+        let kv_dtype = manifest
+            .decoder
+            .cache_dtype()
+            .ok_or_else(|| crate::RtError::Package {
                 path: dir.to_path_buf(),
                 message: format!(
-                    "kosmos_rt.json: unknown decoder.kv_dtype '{}' (float32 or float16)",
-                    manifest.decoder.kv_dtype
+                    "kosmos_rt.json: unknown decoder.kv_dtype '{}' ({})",
+                    manifest.decoder.kv_dtype,
+                    KvDtype::ALL.map(KvDtype::element_type).join(", ")
                 ),
-            });
-        }
+            })?;
         let vision_path = dir.join(&manifest.vision.file);
         let decoder_path = dir.join(&manifest.decoder.file);
         require(&vision_path, "vision graph")?;
@@ -110,6 +115,7 @@ impl Package {
         let pkg = Package {
             dir: dir.to_path_buf(),
             manifest,
+            kv_dtype,
             tokenizer,
             vision,
             decoder,
@@ -170,12 +176,33 @@ impl Package {
             ));
         }
         let kv = dims(&self.decoder, &io::past_key(0), true).unwrap_or_default();
-        if kv.len() != 4 || kv[1] != d.num_heads as i64 || kv[3] != d.head_dim as i64 {
+        let row = self.kv_dtype.row_len(d.head_dim);
+        if kv.len() != 4 || kv[1] != d.num_heads as i64 || kv[3] != row as i64 {
             return Err(bad(
                 &d.file,
                 format!(
-                    "past_key_values.0.key is {kv:?}, expected [batch, {}, past, {}]",
-                    d.num_heads, d.head_dim
+                    "past_key_values.0.key is {kv:?}, expected [batch, {}, past, {row}] ({} cache)",
+                    d.num_heads, d.kv_dtype
+                ),
+            ));
+        }
+        let kv_type = self
+            .decoder
+            .inputs()
+            .iter()
+            .find(|o| o.name() == io::past_key(0))
+            .and_then(|o| o.dtype().tensor_type());
+        let want = match self.kv_dtype {
+            KvDtype::Fp32 => TensorElementType::Float32,
+            KvDtype::Fp16 => TensorElementType::Float16,
+            KvDtype::Int8 => TensorElementType::Int8,
+        };
+        if kv_type != Some(want) {
+            return Err(bad(
+                &d.file,
+                format!(
+                    "past_key_values.0.key holds {kv_type:?}, the manifest's kv_dtype is {}",
+                    d.kv_dtype
                 ),
             ));
         }

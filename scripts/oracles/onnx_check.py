@@ -79,7 +79,9 @@ def reference_logits(pkg, ckpt, atol, rtol, min_top1=None):
     decoder = ort.InferenceSession(os.path.join(pkg, man["decoder"]["file"]), providers=["CPUExecutionProvider"])
     embeds = vision.run(None, {"pixel_values": pixels.numpy()})[0]
     d = man["decoder"]
-    kv = np.float16 if d["kv_dtype"] == "float16" else np.float32
+    # An int8 cache row is head_dim values and the row's exponent (kosmos_plugins' spec).
+    kv = {"float16": np.float16, "int8": np.int8}.get(d["kv_dtype"], np.float32)
+    row = d["head_dim"] + 1 if d["kv_dtype"] == "int8" else d["head_dim"]
     feed = {
         "input_ids": ids.numpy(),
         "image_embeds": embeds,
@@ -94,7 +96,7 @@ def reference_logits(pkg, ckpt, atol, rtol, min_top1=None):
         feed["past_sequence_length"] = np.array([0], np.int64)
     for i in range(d["num_layers"]):
         for part in ("key", "value"):
-            feed[f"past_key_values.{i}.{part}"] = np.zeros((1, d["num_heads"], past, d["head_dim"]), kv)
+            feed[f"past_key_values.{i}.{part}"] = np.zeros((1, d["num_heads"], past, row), kv)
     # logits_to_keep: 0 = every position; k = the last k (checked against the reference's tail).
     keeps = [0, 3] if "logits_to_keep" in d["inputs"] else [None]
     diff, same_argmax, agree, positions = 0.0, True, 0, 0

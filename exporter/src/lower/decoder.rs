@@ -82,10 +82,14 @@ impl Lower<'_, '_, '_> {
             None
         };
         let mut past = Vec::with_capacity(d.decoder_layers);
-        let kv_dt = self.kv_dtype;
+        let kv_dt = DType::from(self.kv_dtype);
+        // An int8 slot row ends with its exponent.
+        let row = self.kv_dtype.row_len(hd as usize) as i64;
         for i in 0..d.decoder_layers {
-            let k = self.g.input(&io::past_key(i), kv_dt, shape![&b, heads, &p, hd]);
-            let v = self.g.input(&io::past_value(i), kv_dt, shape![&b, heads, &p, hd]);
+            let k = self.g.input(&io::past_key(i), kv_dt, shape![&b, heads, &p, row]);
+            let v = self
+                .g
+                .input(&io::past_value(i), kv_dt, shape![&b, heads, &p, row]);
             past.push((k, v));
         }
 

@@ -337,16 +337,23 @@ pub fn cached_attention_function(cache: DType) -> FunctionProto {
     } else {
         // The buffers store the new rows rounded; this call attends to the past as stored and
         // to its own rows as given (the spec, and what the kernel does).
-        let to_cache = || vec![attr_i("to", cache.onnx() as i64)];
-        let to_f32 = || vec![attr_i("to", DType::F32.onnx() as i64)];
         let mut attended = Vec::new();
         for (new, past, present) in [
             ("K", "past_key", "present_key"),
             ("V", "past_value", "present_value"),
         ] {
-            let stored = b.op("Cast", &[new], to_cache());
+            let int8 = cache == DType::I8;
+            let stored = if int8 {
+                quantize_int8_rows(&mut b, new)
+            } else {
+                b.cast(new, cache.onnx())
+            };
             b.op_to("ScatterND", &[past, &idx, &stored], vec![], present);
-            let wide = b.op("Cast", &[past], to_f32());
+            let wide = if int8 {
+                dequantize_int8_rows(&mut b, past)
+            } else {
+                b.cast(past, DType::F32.onnx())
+            };
             attended.push(b.op("ScatterND", &[&wide, &idx, new], vec![]));
         }
         let values = attended.pop().unwrap();
@@ -365,6 +372,62 @@ pub fn cached_attention_function(cache: DType) -> FunctionProto {
         &[],
         "attention of new tokens over a fixed-capacity KV buffer (kosmos_plugins crate docs)",
     )
+}
+
+/// float32 rows `x` [.., d] as int8 cache rows [.., d + 1] (`CachedAttention`'s spec, C = int8):
+/// the least exponent e ≥ −100 with max|x| ≤ 127 · 2^e, from the logarithm and then one exact
+/// comparison each way (127 · 2^e is exact in float32), and x / 2^e rounded to nearest even.
+fn quantize_int8_rows(b: &mut Body, x: &str) -> String {
+    let abs = b.op("Abs", &[x], vec![]);
+    let absmax = b.op(
+        "ReduceMax",
+        &[&abs],
+        vec![attr_ints("axes", &[-1]), attr_i("keepdims", 1)],
+    );
+    let min_e = f32::from(kosmos_plugins::cached_attention::INT8_EXPONENT_MIN);
+    let floor = b.float(127.0 * min_e.exp2());
+    let t = b.op("Max", &[&absmax, &floor], vec![]);
+    let (two, most, one) = (b.float(2.0), b.float(127.0), b.float(1.0));
+    let ratio = b.op("Div", &[&t, &most], vec![]);
+    let ln = b.op("Log", &[&ratio], vec![]);
+    let inv_ln2 = b.float(std::f32::consts::LOG2_E);
+    let log2 = b.op("Mul", &[&ln, &inv_ln2], vec![]);
+    let guess = b.op("Ceil", &[&log2], vec![]);
+    // Holds 127 · 2^e the row's largest value?
+    let holds = |b: &mut Body, e: &str| {
+        let p = b.op("Pow", &[&two, e], vec![]);
+        let top = b.op("Mul", &[&most, &p], vec![]);
+        b.op("LessOrEqual", &[&t, &top], vec![])
+    };
+    let up = b.op("Add", &[&guess, &one], vec![]);
+    let fits = holds(b, &guess);
+    let e = b.op("Where", &[&fits, &guess, &up], vec![]);
+    let down = b.op("Sub", &[&e, &one], vec![]);
+    let fits_lower = holds(b, &down);
+    let e = b.op("Where", &[&fits_lower, &down, &e], vec![]);
+    let (lo, hi) = (b.float(min_e), b.float(127.0));
+    let e = b.op("Clip", &[&e, &lo, &hi], vec![]);
+    let scale = b.op("Pow", &[&two, &e], vec![]);
+    let scaled = b.op("Div", &[x, &scale], vec![]);
+    let rounded = b.op("Round", &[&scaled], vec![]);
+    let neg = b.float(-127.0);
+    let clipped = b.op("Clip", &[&rounded, &neg, &most], vec![]);
+    let values = b.cast(&clipped, DType::I8.onnx());
+    let exponent = b.cast(&e, DType::I8.onnx());
+    b.op("Concat", &[&values, &exponent], vec![attr_i("axis", -1)])
+}
+
+/// int8 cache rows [.., d + 1] as the float32 rows [.., d] they stand for (values · 2^e).
+fn dequantize_int8_rows(b: &mut Body, rows: &str) -> String {
+    let axes = b.ints(&[-1]);
+    let (zero, last, end) = (b.ints(&[0]), b.ints(&[-1]), b.ints(&[i64::MAX]));
+    let values = b.op("Slice", &[rows, &zero, &last, &axes], vec![]);
+    let exponent = b.op("Slice", &[rows, &last, &end, &axes], vec![]);
+    let values = b.cast(&values, DType::F32.onnx());
+    let exponent = b.cast(&exponent, DType::F32.onnx());
+    let two = b.float(2.0);
+    let scale = b.op("Pow", &[&two, &exponent], vec![]);
+    b.op("Mul", &[&values, &scale], vec![])
 }
 
 /// Every `ai.kosmos` function, `CachedAttention`'s for KV buffers of type `cache`.

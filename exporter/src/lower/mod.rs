@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use half::f16;
 use safetensors::SafeTensors;
 
-use kosmos_models::package::Quantization;
+use kosmos_models::package::{KvDtype, Quantization};
 
 use crate::Profile;
 use crate::error::{ExportError, Result};
@@ -132,9 +132,9 @@ pub struct Lower<'a, 'c, 'w> {
     pub packed_linears: bool,
     /// Write the decoder's attention as `ai.kosmos::CachedAttention` (`--cached-attention`).
     pub cached_attention: bool,
-    /// Element type of the decoder's KV buffers (the model's, or F16 under F32 with
-    /// `cached_attention`).
-    pub kv_dtype: DType,
+    /// Element type of the decoder's KV buffers (the model's, or float16 / int8 under a float32
+    /// model with `cached_attention`).
+    pub kv_dtype: KvDtype,
     /// Write linears as `com.microsoft::MatMulNBits` with these settings (the decoder of
     /// `--quantize`).
     pub quantization: Option<Quantization>,

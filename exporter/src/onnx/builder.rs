@@ -6,6 +6,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
+use kosmos_models::package::KvDtype;
+
 use super::external::WeightSink;
 use super::proto::{
     AttributeProto, GraphProto, NodeProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
@@ -22,6 +24,8 @@ pub enum DType {
     Bool,
     /// Packed quantised weights (`MatMulNBits`' `B`).
     U8,
+    /// int8 KV cache rows (`--kv-cache-dtype int8`).
+    I8,
 }
 
 impl DType {
@@ -32,6 +36,7 @@ impl DType {
             DType::I64 => data_type::INT64,
             DType::Bool => data_type::BOOL,
             DType::U8 => data_type::UINT8,
+            DType::I8 => data_type::INT8,
         }
     }
     pub fn size(self) -> usize {
@@ -39,7 +44,7 @@ impl DType {
             DType::F32 => 4,
             DType::F16 => 2,
             DType::I64 => 8,
-            DType::Bool | DType::U8 => 1,
+            DType::Bool | DType::U8 | DType::I8 => 1,
         }
     }
     pub fn name(self) -> &'static str {
@@ -49,6 +54,18 @@ impl DType {
             DType::I64 => "int64",
             DType::Bool => "bool",
             DType::U8 => "uint8",
+            DType::I8 => "int8",
+        }
+    }
+}
+
+impl From<KvDtype> for DType {
+    /// The element type of KV cache tensors of `k`.
+    fn from(k: KvDtype) -> Self {
+        match k {
+            KvDtype::Fp32 => DType::F32,
+            KvDtype::Fp16 => DType::F16,
+            KvDtype::Int8 => DType::I8,
         }
     }
 }

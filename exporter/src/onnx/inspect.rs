@@ -27,6 +27,7 @@ fn dtype_name(t: i32) -> String {
         data_type::INT32 => "int32".into(),
         data_type::BOOL => "bool".into(),
         data_type::UINT8 => "uint8".into(),
+        data_type::INT8 => "int8".into(),
         other => format!("dtype#{other}"),
     }
 }
