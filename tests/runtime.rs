@@ -653,6 +653,37 @@ fn narrow_kv_cache_keeps_the_trained_models_answers(kv_dtype: KvDtype) {
         assert!(r.passed, "{r:?}");
         if quantization.is_none() {
             check_generation(f, &pkg);
+            // What the rounding costs: on held-out examples, the reference keeping its own
+            // float32 cache differs from the package where the stored one did not.
+            let on_data = |own_cache| {
+                let opts = kosmos_export::verify::VerifyOptions {
+                    own_cache,
+                    data: Some("synthetic:shapes".into()),
+                    examples: 8,
+                    decode_steps: 16,
+                    ..Default::default()
+                };
+                kosmos_export::verify::verify(&f.ckpt, &pkg, &opts).expect("verify --data")
+            };
+            let (stored, own) = (on_data(false), on_data(true));
+            eprintln!(
+                "{kv_dtype:?} KV over {} decode positions: KL {:.2e} reading the stored cache, \
+                 {:.2e} (top-1 {:.3}) with the reference's own",
+                own.decode_positions,
+                stored.decode_mean_kl_divergence,
+                own.decode_mean_kl_divergence,
+                own.decode_top1_agreement
+            );
+            assert!(stored.passed && stored.reference_reads_stored_cache, "{stored:?}");
+            assert!(own.passed && !own.reference_reads_stored_cache, "{own:?}");
+            assert_eq!(
+                (own.tolerance_kind.as_str(), own.decode_positions),
+                ("top-1", 8 * 16)
+            );
+            assert!(
+                own.decode_mean_kl_divergence > 10.0 * stored.decode_mean_kl_divergence,
+                "{own:?}"
+            );
         }
     }
 }

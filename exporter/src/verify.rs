@@ -49,6 +49,11 @@ pub struct VerifyOptions {
     /// usable examples become the rows, each whole (image slots, prompt and text, teacher-forced).
     pub data: Option<String>,
     pub examples: usize,
+    /// With a cache narrower than the model (float16 or int8 under float32), let the reference
+    /// keep its own float32 cache instead of reading the package's stored one: the comparison
+    /// then includes what the cache's rounding costs over the decode steps, and is judged by
+    /// top-1 agreement as a quantised package is.
+    pub own_cache: bool,
 }
 
 impl Default for VerifyOptions {
@@ -60,6 +65,7 @@ impl Default for VerifyOptions {
             without_custom_ops: false,
             data: None,
             examples: 4,
+            own_cache: false,
         }
     }
 }
@@ -84,11 +90,14 @@ pub struct VerifyReport {
     pub dtype: String,
     pub profile: String,
     pub kv_cache: String,
-    /// Element type of the KV cache ("float32", "float16").
+    /// Element type of the KV cache ("float32", "float16", "int8").
     pub kv_dtype: String,
     /// Whether the `present.*` differences are measured beyond what storing moved each value
     /// by (a float16 or int8 cache under a float32 model).
     pub presents_beyond_rounding: bool,
+    /// Whether the reference's decode steps read the package's stored cache (a narrow cache,
+    /// without `own_cache`) rather than its own.
+    pub reference_reads_stored_cache: bool,
     pub diffs: Vec<OutputDiff>,
     /// Greedy tokens (argmax of the last position per step and row) of the reference and package.
     pub reference_tokens: Vec<Vec<i64>>,
@@ -106,6 +115,11 @@ pub struct VerifyReport {
     /// those positions.
     pub mean_kl_divergence: f64,
     pub max_kl_divergence: f64,
+    /// The same over the decode steps only (every row's one position per step), where a
+    /// narrow cache's rounding shows: a prefill reads its own keys unrounded.
+    pub decode_top1_agreement: f64,
+    pub decode_positions: usize,
+    pub decode_mean_kl_divergence: f64,
     /// Prompts in the batch and images among them (`data`: the examples used; else the two
     /// arbitrary prompts with one image each).
     pub rows: usize,
@@ -352,6 +366,7 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     // rounding (half a float16 ulp, half an int8 row's step) besides the tolerance, and the
     // older slots must be unchanged.
     let rounded_cache = kv_dtype != KvDtype::from(manifest.dtype);
+    let reads_stored = rounded_cache && !opts.own_cache;
     let mut vision = session_with(&pkg.join(&manifest.vision.file), opts.without_custom_ops)?;
     let mut decoder = session_with(&pkg.join(&manifest.decoder.file), opts.without_custom_ops)?;
 
@@ -448,9 +463,10 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
         step.present,
         &mut out,
         &attention_mask,
-        rounded_cache,
+        (rounded_cache, reads_stored),
         &mut present,
     )?;
+    let mut decode_top1 = Top1::default();
     let last = |l: &Tensor| l.select(1, -1).argmax(-1, false);
     let mut next = last(&step.logits);
     let mut pkg_next = last(&got);
@@ -491,16 +507,18 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
         let mut out = decoder.run(inputs).map_err(ort_err)?;
         let logits = ort_f32(&out[io::LOGITS], io::LOGITS)?;
         diffs.add(io::LOGITS, &to_vec(&step.logits), &logits)?;
-        top1.add(
-            &step.logits.view([-1, vocab]),
-            &Tensor::from_slice(&logits).view([-1, vocab]),
-        );
+        for t in [&mut top1, &mut decode_top1] {
+            t.add(
+                &step.logits.view([-1, vocab]),
+                &Tensor::from_slice(&logits).view([-1, vocab]),
+            );
+        }
         ref_past = collect_present(
             &mut diffs,
             step.present,
             &mut out,
             &attention_mask,
-            rounded_cache,
+            (rounded_cache, reads_stored),
             &mut present,
         )?;
         next = last(&step.logits);
@@ -510,15 +528,17 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     }
 
     let same_tokens = reference_tokens == package_tokens;
-    let (passed, tolerance, kind) = match (manifest.quantization, manifest.dtype) {
-        // Quantised weights move every value a little, and near-ties flip (verify's prompts
-        // are arbitrary token ids); what must survive is the choice of token at nearly every
-        // position, the greedy ones included (DESIGN §7, step 3).
-        (Some(_), _) => {
+    let compare_choices = manifest.quantization.is_some() || rounded_cache && opts.own_cache;
+    let (passed, tolerance, kind) = match (compare_choices, manifest.dtype) {
+        // Quantised weights (or a rounded cache the reference does not read) move every value
+        // a little, and near-ties flip (verify's prompts are arbitrary token ids); what must
+        // survive is the choice of token at nearly every position, the greedy ones included
+        // (DESIGN §7, step 3).
+        (true, _) => {
             let least = opts.tolerance.unwrap_or(QUANTIZED_TOP1);
             (top1.fraction() >= least, least, "top-1")
         }
-        (None, PackageDtype::Fp32) => {
+        (false, PackageDtype::Fp32) => {
             let t = opts.tolerance.unwrap_or(1e-4);
             (
                 same_tokens && diffs.0.iter().all(|d| d.max_abs <= t),
@@ -526,7 +546,7 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
                 "absolute",
             )
         }
-        (None, PackageDtype::Fp16) => {
+        (false, PackageDtype::Fp16) => {
             let t = opts.tolerance.unwrap_or(1e-2);
             (
                 same_tokens && diffs.0.iter().all(|d| d.relative() <= t),
@@ -541,6 +561,7 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
         kv_cache: manifest.decoder.kv_cache.as_str().into(),
         kv_dtype: manifest.decoder.kv_dtype.clone(),
         presents_beyond_rounding: rounded_cache,
+        reference_reads_stored_cache: reads_stored,
         diffs: diffs.0,
         reference_tokens,
         package_tokens,
@@ -550,6 +571,9 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
         positions: top1.positions,
         mean_kl_divergence: top1.mean_kl(),
         max_kl_divergence: top1.kl_max,
+        decode_top1_agreement: decode_top1.fraction(),
+        decode_positions: decode_top1.positions,
+        decode_mean_kl_divergence: decode_top1.mean_kl(),
         rows: images_per_row.len(),
         images: images_per_row.iter().sum(),
         data: opts.data.clone(),
@@ -612,15 +636,16 @@ fn per_row(embeds: &Tensor, images_per_row: &[usize]) -> Tensor {
 /// Compare the package's `present.*` with the reference cache at real (non-padding) positions —
 /// padding slots hold whatever each implementation computes for queries that see no key, and no
 /// real token ever reads them — and keep the package's values for its next step. Returns the
-/// cache the reference's next step reads: its own, or with `rounded_cache` (a float16 cache
-/// under a float32 model) the package's stored one, whose values may then differ from the
-/// reference's by their rounding besides the tolerance (half a float16 ulp, ≤ 2^-11 of each).
+/// cache the reference's next step reads: its own, or with `reads_stored` the package's stored
+/// one. With `rounded_cache` (a float16 or int8 cache under a float32 model) the stored values
+/// may differ from the reference's by their rounding besides the tolerance (half a float16 ulp,
+/// ≤ 2^-11 of each; half an int8 row's step).
 fn collect_present(
     diffs: &mut Diffs,
     reference: Vec<kosmos_train::LayerKv>,
     out: &mut ort::session::SessionOutputs<'_>,
     attention_mask: &Tensor,
-    rounded_cache: bool,
+    (rounded_cache, reads_stored): (bool, bool),
     keep: &mut Vec<DynValue>,
 ) -> Result<Vec<kosmos_train::LayerKv>> {
     let mut stored = Vec::with_capacity(reference.len());
@@ -666,7 +691,7 @@ fn collect_present(
         let key = pair.pop().expect("key");
         stored.push(kosmos_train::LayerKv { key, value });
     }
-    Ok(if rounded_cache { stored } else { reference })
+    Ok(if reads_stored { stored } else { reference })
 }
 
 fn to_i64(t: &Tensor) -> Vec<i64> {
