@@ -317,7 +317,9 @@ fn quantized_packages_keep_the_trained_models_answers() {
 /// `kosmos-rt eval`'s loss and perplexity (the package scoring each line's target text
 /// teacher-forced) equal `kosmos-train eval`'s on the same manifest — captions, VQA items, a
 /// text-only line and an interleaved line with two images — through both KV layouts, and its
-/// exact match over the caption/VQA lines is the trainer's too.
+/// exact match over the caption/VQA lines is the trainer's too. Bad lines (a missing image, one
+/// that does not decode, an empty caption, invalid JSON, non-UTF-8) are skipped and counted by
+/// both; a manifest of bad lines only is an error naming it.
 #[test]
 fn eval_loss_equals_the_trainers() {
     let f = fixture();
@@ -339,8 +341,27 @@ fn eval_loss_equals_the_trainers() {
         "{\"segments\": [{\"text\": \"first\"}, {\"image\": \"0.png\"}, {\"text\": \"a red\"}, \
          {\"image\": \"1.png\"}, {\"text\": \"then the other\"}]}\n",
     );
+    std::fs::write(dir.path().join("corrupt.png"), b"\x89PNG\r\n\x1a\n not an image").unwrap();
+    let bad_lines = [
+        &b"{\"image\": \"missing.png\", \"text\": \"a red circle\"}\n"[..],
+        b"{\"image\": \"corrupt.png\", \"text\": \"a red circle\"}\n",
+        b"{\"image\": \"0.png\", \"text\": \"  \"}\n",
+        b"{\"text\": \"cut off\n",
+        b"{\"text\": \"caf\xe9\"}\n",
+    ];
+    let mut bytes = manifest.into_bytes();
+    for (i, bad) in bad_lines.iter().enumerate() {
+        // Spread among the good lines, so batches hold both.
+        let at = bytes
+            .iter()
+            .enumerate()
+            .filter(|&(_, &b)| b == b'\n')
+            .nth(2 * i)
+            .map_or(bytes.len(), |(j, _)| j + 1);
+        bytes.splice(at..at, bad.iter().copied());
+    }
     let path = dir.path().join("manifest.jsonl");
-    std::fs::write(&path, manifest).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
 
     let (_vs, model, ck) = kosmos_train::checkpoint::load(&f.ckpt, Device::Cpu).unwrap();
     let tok =
@@ -364,8 +385,16 @@ fn eval_loss_equals_the_trainers() {
         );
         assert!((got.perplexity - want.perplexity).abs() <= 1e-4 * want.perplexity);
         assert_eq!(got.exact_match, want.exact_match, "{}", pkg.display());
-        assert_eq!((got.items, got.captioned), (10, 8));
+        assert_eq!((got.items, got.captioned, got.skipped), (10, 8, bad_lines.len()));
     }
+
+    let only_bad = dir.path().join("bad.jsonl");
+    std::fs::write(&only_bad, bad_lines.concat()).unwrap();
+    let err = kosmos_rt::eval::evaluate(&mut open(&f.pkg), &only_bad, 3, None, |_, _| {}).unwrap_err();
+    assert!(
+        err.to_string().contains("bad.jsonl: no usable line (5 bad"),
+        "{err}"
+    );
 }
 
 /// A copy of `ckpt` whose checkpoint tensors `edit` changes (name → values, shape).

@@ -20,10 +20,12 @@ use kosmos_export::{ExportOptions, Profile, export, parse_dtype};
         kosmos-export runs/k1 -o pkg/k1-serve --kv-cache buffer --packed-linears --cached-attention\n  \
         kosmos-export runs/k1 -o pkg/k1-int8 --kv-cache buffer --cached-attention --quantize int8\n  \
         kosmos-export runs/k1 -o pkg/k1-int4 --kv-cache buffer --cached-attention --quantize int4 --kv-cache-dtype fp16\n  \
+        kosmos-export runs/k1 -o pkg/k1-kv8 --kv-cache buffer --cached-attention --kv-cache-dtype int8\n  \
         kosmos-export runs/tiny -o pkg/tiny-awq --quantize int4 --awq synthetic:shapes\n  \
         kosmos-export inspect pkg/tiny/decoder.onnx\n  \
         kosmos-export verify runs/tiny pkg/tiny\n  \
-        kosmos-export verify runs/tiny pkg/tiny-int4 --data synthetic:shapes --examples 8"
+        kosmos-export verify runs/tiny pkg/tiny-int4 --data synthetic:shapes --examples 8\n  \
+        kosmos-export verify runs/k1 pkg/k1-kv8 --data synthetic:shapes --steps 16 --own-cache"
 )]
 struct Cli {
     #[command(subcommand)]

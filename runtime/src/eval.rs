@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use kosmos_models::image::{ImageLimits, load_image};
 use kosmos_models::manifest::{ManifestPart, parse_line};
 use kosmos_models::sequence::Segment;
 
@@ -27,20 +28,45 @@ pub struct EvalReport {
     pub perplexity: f64,
     /// Tokens `loss` is the mean over.
     pub scored_tokens: usize,
+    /// Bad lines left out (invalid JSON or UTF-8, no text, a missing or undecodable image), each
+    /// named in a warning, as `kosmos-train` skips them.
+    pub skipped: usize,
 }
 
-fn read_manifest(path: &Path) -> Result<Vec<Vec<ManifestPart>>> {
+/// The usable lines of the manifest at `path` and how many bad ones were skipped (a warning
+/// names each by line); a manifest with no usable line is an error.
+fn read_manifest(path: &Path) -> Result<(Vec<Vec<ManifestPart>>, usize)> {
     let bytes = std::fs::read(path).map_err(|e| RtError::Input(format!("{}: {e}", path.display())))?;
     let base = path.parent().unwrap_or(Path::new("."));
-    let mut items = Vec::new();
+    let (mut items, mut skipped) = (Vec::new(), 0);
     for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        match parse_line(line, base) {
+        let parts = parse_line(line, base).and_then(|parts| match parts {
+            // An image that does not decode fails the whole batch it lands in: check it here.
+            Some(parts) => match parts.iter().find_map(|p| match p {
+                ManifestPart::Image(image) => load_image(image, ImageLimits::default()).err(),
+                ManifestPart::Text { .. } => None,
+            }) {
+                Some(e) => Err(e.to_string()),
+                None => Ok(Some(parts)),
+            },
+            None => Ok(None),
+        });
+        match parts {
             Ok(Some(parts)) => items.push(parts),
             Ok(None) => {}
-            Err(why) => return Err(RtError::Input(format!("{}:{}: {why}", path.display(), n + 1))),
+            Err(why) => {
+                skipped += 1;
+                tracing::warn!(manifest = %path.display(), line = n + 1, "skipping a bad line: {why}");
+            }
         }
     }
-    Ok(items)
+    if items.is_empty() {
+        return Err(RtError::Input(format!(
+            "{}: no usable line ({skipped} bad, each named above)",
+            path.display()
+        )));
+    }
+    Ok((items, skipped))
 }
 
 /// The prompt of `parts` (images as segments, in order).
@@ -80,7 +106,7 @@ pub fn evaluate(
     limit: Option<usize>,
     mut on_item: impl FnMut(&str, &str),
 ) -> Result<EvalReport> {
-    let mut items = read_manifest(manifest)?;
+    let (mut items, skipped) = read_manifest(manifest)?;
     if let Some(l) = limit {
         items.truncate(l);
     }
@@ -140,5 +166,6 @@ pub fn evaluate(
         loss,
         perplexity: loss.exp(),
         scored_tokens,
+        skipped,
     })
 }

@@ -555,8 +555,12 @@ fn run(cli: Cli) -> Result<()> {
                     Some(m) => format!("exact match {:.1}% ({}/{}), ", 100.0 * m, r.correct, r.captioned),
                     None => String::new(),
                 };
+                let skipped = match r.skipped {
+                    0 => String::new(),
+                    n => format!(" ({n} bad lines skipped)"),
+                };
                 println!(
-                    "{}: {} lines, {exact}loss {:.4}, perplexity {:.4} over {} target tokens",
+                    "{}: {} lines{skipped}, {exact}loss {:.4}, perplexity {:.4} over {} target tokens",
                     data.display(),
                     r.items,
                     r.loss,
