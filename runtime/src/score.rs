@@ -1,5 +1,5 @@
 //! Teacher-forced scoring: the log-probability a package gives each token of a prompt given the
-//! tokens before it, from one decoder call per batch that fits [`LOGITS_BUDGET_BYTES`] (OpenAI's
+//! tokens before it, from one decoder call per batch whose logits fit 256 MiB (OpenAI's
 //! `echo` with `logprobs`, llama.cpp's `perplexity`). `kosmos-rt eval` turns it into loss and perplexity.
 
 use kosmos_models::sequence::Assembled;
@@ -21,11 +21,11 @@ pub struct Scored {
 /// The most bytes of logits one scoring call may return. A call returns every position's
 /// logits (rows × width × vocabulary floats: 0.6 GB for 16 rows of 300 tokens with a 32002-token
 /// vocabulary), so longer batches are scored in several calls.
-pub const LOGITS_BUDGET_BYTES: usize = 256 << 20;
+const LOGITS_BUDGET_BYTES: usize = 256 << 20;
 
 impl Package {
     /// Score `prompts`; with `eos`, each ends with `</s>` (scoring that the text ends there).
-    /// One decoder call scores as many prompts as [`LOGITS_BUDGET_BYTES`] allows (at least one).
+    /// One decoder call scores as many prompts as fit 256 MiB of logits (at least one).
     pub fn score(&mut self, cache: &mut VisionCache, prompts: &[Prompt], eos: bool) -> Result<Vec<Scored>> {
         let end = self.manifest.config.tokenizer.eos_token_id;
         let mut assembled = prompts
