@@ -43,14 +43,13 @@ use half::f16;
 use kosmos_models::package::{KvCacheLayout, KvDtype, io};
 use kosmos_models::sequence::Assembled;
 use ort::AsPointer;
-use ort::memory::{Allocator, MemoryInfo};
+use ort::memory::MemoryInfo;
 use ort::session::IoBinding;
-use ort::value::PrimitiveTensorElementType;
 use ort::value::{DynTensor, DynValueRefMut, Shape, Tensor, TensorRefMut};
 
 use crate::error::{Result, RtError};
-use crate::generate::image_hash;
 use crate::generate::{FinishReason, GenerateParams, RowState, VisionCache, last_positions, logits_to_keep};
+use crate::generate::{filled, image_hash};
 use crate::logprobs::{TokenLogprob, token_logprob};
 use crate::metrics::Metrics;
 use crate::package::Package;
@@ -433,10 +432,11 @@ impl KvPool {
         let mut bases = Vec::with_capacity(tensors);
         for i in 0..tensors {
             let mut t: DynTensor = match self.dtype {
-                KvDtype::Fp32 => zeroed::<f32>(alloc, shape)?,
-                KvDtype::Fp16 => zeroed::<f16>(alloc, shape)?,
-                KvDtype::Int8 => zeroed::<i8>(alloc, shape)?,
-            };
+                KvDtype::Fp32 => filled::<f32>(alloc, shape, None)?,
+                KvDtype::Fp16 => filled::<f16>(alloc, shape, None)?,
+                KvDtype::Int8 => filled::<i8>(alloc, shape, None)?,
+            }
+            .downcast()?;
             let dst = t.data_ptr_mut() as usize;
             if let Some(&src) = self.bases.get(i) {
                 for (r, &u) in used.iter().enumerate() {
@@ -574,16 +574,6 @@ impl KvPool {
             }
         })
     }
-}
-
-/// A buffer of `shape` from `alloc`, zeroed (an int8 row of zeros has exponent 0: zeros).
-fn zeroed<T: PrimitiveTensorElementType + Copy + Default + std::fmt::Debug>(
-    alloc: &Allocator,
-    shape: [i64; 1],
-) -> Result<DynTensor> {
-    let mut t = Tensor::<T>::new(alloc, shape)?;
-    t.try_extract_tensor_mut::<T>()?.1.fill(T::default());
-    Ok(t.upcast())
 }
 
 /// Bind `value` as input `name` without the copy `IoBinding::bind_input` makes of borrowed

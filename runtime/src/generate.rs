@@ -15,8 +15,8 @@ use kosmos_models::package::{KvCacheLayout, KvDtype, io};
 use crate::speculate::{GuessSchedule, Speculation};
 use kosmos_models::sequence::{Assembled, Segment, assemble};
 use ort::memory::Allocator;
-use ort::value::PrimitiveTensorElementType;
 use ort::value::{DynValue, Tensor};
+use ort::value::{IntoShape, PrimitiveTensorElementType};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
@@ -408,6 +408,22 @@ impl KvData {
     }
 }
 
+/// A tensor of `shape` from `alloc` (so it can be bound as an output) holding `data`, or zeros
+/// (an int8 cache row of zeros has exponent 0: zeros).
+pub(crate) fn filled<T: PrimitiveTensorElementType + Copy + Default + std::fmt::Debug>(
+    alloc: &Allocator,
+    shape: impl IntoShape,
+    data: Option<&[T]>,
+) -> Result<DynValue> {
+    let mut t = Tensor::<T>::new(alloc, shape)?;
+    let (_, dst) = t.try_extract_tensor_mut::<T>()?;
+    match data {
+        Some(v) => dst.copy_from_slice(v),
+        None => dst.fill(T::default()),
+    }
+    Ok(t.into_dyn())
+}
+
 /// Decode `img` and CLIP-preprocess it for a vision tower of `image_size` pixels (size limits
 /// enforced).
 pub fn preprocess_image(img: &ImageInput, image_size: u32) -> Result<Vec<f32>> {
@@ -547,19 +563,6 @@ impl Package {
     /// A cache buffer from ONNX Runtime's allocator (so it can be bound as an output), zeroed
     /// or filled with `data` (of the package's cache type).
     fn kv_buffer(&self, shape: [i64; 4], data: Option<KvData>) -> Result<DynValue> {
-        fn filled<T: PrimitiveTensorElementType + Copy + Default + std::fmt::Debug>(
-            alloc: &Allocator,
-            shape: [i64; 4],
-            data: Option<&[T]>,
-        ) -> Result<DynValue> {
-            let mut t = Tensor::<T>::new(alloc, shape)?;
-            let (_, dst) = t.try_extract_tensor_mut::<T>()?;
-            match data {
-                Some(v) => dst.copy_from_slice(v),
-                None => dst.fill(T::default()),
-            }
-            Ok(t.into_dyn())
-        }
         let alloc = self.decoder.allocator();
         match (self.kv_dtype, &data) {
             (KvDtype::Fp32, None) => filled::<f32>(alloc, shape, None),
