@@ -27,7 +27,8 @@ pub fn image_key(hash: &[u8; 32]) -> PositionKey {
 }
 
 /// One sequence's keys and values: per cache tensor (`past_key_values.N.key`/`.value`, in the
-/// pool's order and element type) the bytes of [heads, len, head_dim].
+/// pool's order and element type) the bytes of [heads, len, slot] (a slot: head_dim elements,
+/// and an int8 row's exponent).
 pub struct Entry {
     pub keys: Vec<PositionKey>,
     pub tensors: Vec<Vec<u8>>,
