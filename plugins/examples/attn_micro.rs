@@ -2,8 +2,11 @@
 //! 1267 keys of a 1280-slot buffer (the full-size model's heads and head dim), bound in place as
 //! the runtime binds it, for float32, float16 and int8 buffers. Prints nanoseconds per (key,
 //! head). For kernel work; the whole-model figures come from `scripts/bench/kv_cache_dtype.sh`.
+//! `HEADS=2` (instead of 32) keeps the buffers in L2 cache: the kernel's own cost, without the
+//! memory traffic.
 //!
 //!     cargo run --release -p kosmos-plugins --example attn_micro
+//!     HEADS=2 cargo run --release -p kosmos-plugins --example attn_micro
 
 use half::f16;
 use kosmos_plugins::cached_attention::{Buffers, CacheElement, Dims, run_task};
@@ -26,7 +29,8 @@ fn time<E: CacheElement>(name: &str, isa: Isa, d: Dims, cache: &mut [E], q: &[f3
         present_key: kp,
         present_value: vp,
     };
-    let n = 50;
+    // The same work for any head count.
+    let n = 1600 / d.heads;
     let t = Instant::now();
     for _ in 0..n {
         for task in 0..d.tasks() {
@@ -43,7 +47,12 @@ fn time<E: CacheElement>(name: &str, isa: Isa, d: Dims, cache: &mut [E], q: &[f3
 }
 
 fn main() {
-    let (h, c, hd) = (32usize, 1280usize, 64usize);
+    let h: usize = match std::env::var("HEADS") {
+        Ok(v) => v.parse().expect("HEADS is a positive number of heads"),
+        Err(_) => 32,
+    };
+    assert!(h > 0, "HEADS is a positive number of heads");
+    let (c, hd) = (1280usize, 64usize);
     let d = Dims {
         batch: 1,
         heads: h,

@@ -14,9 +14,10 @@
 //! the next call sees them rounded.
 //!
 //! Two paths, per (row, head): below [`GEMM_MIN_QUERIES`] queries (decode steps) a direct loop
-//! streams each visible key and value once; from there on (prefill) Q·Kᵀ and P·V run through
-//! the `PackedLinear` GEMM on keys and values packed into panels, whose cost is paid once for
-//! many queries.
+//! streams each visible key and value once, four keys' dot products at a time and the output
+//! row held in registers (`decode`); from there on (prefill) Q·Kᵀ and P·V run through the
+//! `PackedLinear` GEMM on keys and values packed into panels, whose cost is paid once for many
+//! queries.
 
 use std::cell::RefCell;
 
@@ -25,8 +26,10 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::packed_linear::{self, Isa, pack_in_out, pack_out_in};
 
+mod decode;
+
 /// Element type of the key and value buffers.
-pub trait CacheElement: Copy + Send + Sync + 'static {
+pub trait CacheElement: Copy + Send + Sync + 'static + decode::Widen {
     /// Elements one slot's row of `head_dim` values takes in a buffer.
     fn row_len(head_dim: usize) -> usize {
         head_dim
@@ -38,18 +41,13 @@ pub trait CacheElement: Copy + Send + Sync + 'static {
     fn narrow(src: &[f32], head_dim: usize, dst: &mut [Self]);
     /// `src` itself when it is float32 already, so a float32 cache is read in place.
     fn as_f32(src: &[Self]) -> Option<&[f32]>;
-    /// One value as float32, inlined into the caller's loop (and its instruction set): a
-    /// decode step widens each key and value where it multiplies it.
+    /// One value as float32 (before the row's [`scale`](Self::scale)), inlined into the
+    /// caller's loop (and its instruction set).
     fn load(self) -> f32;
-    /// `q · row` on `isa` (`row`: one stored row, [`row_len`](Self::row_len) elements).
+    /// The factor every value of a stored row (`row_len` elements) is multiplied by.
     #[inline(always)]
-    fn dot_row(_isa: Isa, q: &[f32], row: &[Self]) -> f32 {
-        dot(q, row)
-    }
-    /// `y += a · row` on `isa`.
-    #[inline(always)]
-    fn axpy_row(_isa: Isa, a: f32, row: &[Self], y: &mut [f32]) {
-        axpy(a, row, y)
+    fn scale(_row: &[Self]) -> f32 {
+        1.0
     }
 }
 
@@ -84,37 +82,6 @@ impl CacheElement for f16 {
     fn load(self) -> f32 {
         f16_to_f32(self.to_bits())
     }
-    // x86 has the conversion as one instruction (a sixth of the bit trick's), which keeps a
-    // decode step's attention memory-bound on a float16 cache.
-    #[inline(always)]
-    fn dot_row(isa: Isa, q: &[f32], row: &[f16]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if q.len() == row.len() {
-            // SAFETY: `isa` came from `Isa::detect`, so the CPU has AVX-512F, or AVX2, FMA and
-            // F16C; equal lengths.
-            match isa {
-                Isa::Avx512 => return unsafe { f16_x86::dot_avx512(q, row) },
-                Isa::Avx2 => return unsafe { f16_x86::dot_avx2(q, row) },
-                Isa::Portable => {}
-            }
-        }
-        let _ = isa;
-        dot(q, row)
-    }
-    #[inline(always)]
-    fn axpy_row(isa: Isa, a: f32, row: &[f16], y: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if y.len() == row.len() {
-            // SAFETY: as in `dot_row`.
-            match isa {
-                Isa::Avx512 => return unsafe { f16_x86::axpy_avx512(a, row, y) },
-                Isa::Avx2 => return unsafe { f16_x86::axpy_avx2(a, row, y) },
-                Isa::Portable => {}
-            }
-        }
-        let _ = isa;
-        axpy(a, row, y)
-    }
 }
 
 /// int8 rows: `head_dim` values `v` and, last, the row's exponent `e`; the row holds `v · 2^e`
@@ -143,132 +110,10 @@ impl CacheElement for i8 {
     fn load(self) -> f32 {
         f32::from(self)
     }
-    // Scaling by a power of two is exact, so it can wait until after the sum. x86 widens 16
-    // (or 8) int8s to float32 in two instructions, which keeps a decode step's attention
-    // memory-bound on an int8 cache.
+    // A power of two: exact, so it can wait until after a dot product's sum.
     #[inline(always)]
-    fn dot_row(isa: Isa, q: &[f32], row: &[i8]) -> f32 {
-        let hd = row.len() - 1;
-        let (values, scale) = (&row[..hd], exp2i(row[hd]));
-        #[cfg(target_arch = "x86_64")]
-        if q.len() == hd {
-            // SAFETY: `isa` came from `Isa::detect`, so the CPU has AVX-512F, or AVX2 and FMA;
-            // equal lengths.
-            match isa {
-                Isa::Avx512 => return unsafe { i8_x86::dot_avx512(q, values) } * scale,
-                Isa::Avx2 => return unsafe { i8_x86::dot_avx2(q, values) } * scale,
-                Isa::Portable => {}
-            }
-        }
-        let _ = isa;
-        dot(q, values) * scale
-    }
-    #[inline(always)]
-    fn axpy_row(isa: Isa, a: f32, row: &[i8], y: &mut [f32]) {
-        let hd = row.len() - 1;
-        let (values, a) = (&row[..hd], a * exp2i(row[hd]));
-        #[cfg(target_arch = "x86_64")]
-        if y.len() == hd {
-            // SAFETY: as in `dot_row`.
-            match isa {
-                Isa::Avx512 => return unsafe { i8_x86::axpy_avx512(a, values, y) },
-                Isa::Avx2 => return unsafe { i8_x86::axpy_avx2(a, values, y) },
-                Isa::Portable => {}
-            }
-        }
-        let _ = isa;
-        axpy(a, values, y)
-    }
-}
-
-/// int8 rows against float32 ones: `vpmovsxbd` and `vcvtdq2ps` (AVX-512, or AVX2).
-#[cfg(target_arch = "x86_64")]
-mod i8_x86 {
-    use std::arch::x86_64::*;
-
-    /// `q · row`.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F; `q` and `row` have equal lengths.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_avx512(q: &[f32], row: &[i8]) -> f32 {
-        let n = q.len() / 16 * 16;
-        let (qp, rp) = (q.as_ptr(), row.as_ptr());
-        let mut acc = _mm512_setzero_ps();
-        for i in (0..n).step_by(16) {
-            // SAFETY: i + 16 ≤ n ≤ both lengths; unaligned loads.
-            unsafe {
-                let k = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(rp.add(i).cast())));
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(i)), k, acc);
-            }
-        }
-        let tail: f32 = q[n..].iter().zip(&row[n..]).map(|(x, &v)| x * f32::from(v)).sum();
-        _mm512_reduce_add_ps(acc) + tail
-    }
-
-    /// `y += a · row`.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F; `row` and `y` have equal lengths.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn axpy_avx512(a: f32, row: &[i8], y: &mut [f32]) {
-        let n = y.len() / 16 * 16;
-        let (yp, rp) = (y.as_mut_ptr(), row.as_ptr());
-        let av = _mm512_set1_ps(a);
-        for i in (0..n).step_by(16) {
-            // SAFETY: i + 16 ≤ n ≤ both lengths; unaligned loads and stores.
-            unsafe {
-                let x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(rp.add(i).cast())));
-                _mm512_storeu_ps(yp.add(i), _mm512_fmadd_ps(av, x, _mm512_loadu_ps(yp.add(i))));
-            }
-        }
-        for (yi, &v) in y[n..].iter_mut().zip(&row[n..]) {
-            *yi += a * f32::from(v);
-        }
-    }
-
-    /// `q · row`.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA; `q` and `row` have equal lengths.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_avx2(q: &[f32], row: &[i8]) -> f32 {
-        let n = q.len() / 8 * 8;
-        let (qp, rp) = (q.as_ptr(), row.as_ptr());
-        let mut acc = _mm256_setzero_ps();
-        for i in (0..n).step_by(8) {
-            // SAFETY: i + 8 ≤ n ≤ both lengths; unaligned 8-byte loads.
-            unsafe {
-                let k = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(rp.add(i).cast())));
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), k, acc);
-            }
-        }
-        let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-        let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        let sum = _mm_add_ss(pairs, _mm_shuffle_ps::<1>(pairs, pairs));
-        let tail: f32 = q[n..].iter().zip(&row[n..]).map(|(x, &v)| x * f32::from(v)).sum();
-        _mm_cvtss_f32(sum) + tail
-    }
-
-    /// `y += a · row`.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA; `row` and `y` have equal lengths.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy_avx2(a: f32, row: &[i8], y: &mut [f32]) {
-        let n = y.len() / 8 * 8;
-        let (yp, rp) = (y.as_mut_ptr(), row.as_ptr());
-        let av = _mm256_set1_ps(a);
-        for i in (0..n).step_by(8) {
-            // SAFETY: i + 8 ≤ n ≤ both lengths; unaligned loads and stores.
-            unsafe {
-                let x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(rp.add(i).cast())));
-                _mm256_storeu_ps(yp.add(i), _mm256_fmadd_ps(av, x, _mm256_loadu_ps(yp.add(i))));
-            }
-        }
-        for (yi, &v) in y[n..].iter_mut().zip(&row[n..]) {
-            *yi += a * f32::from(v);
-        }
+    fn scale(row: &[i8]) -> f32 {
+        exp2i(row[row.len() - 1])
     }
 }
 
@@ -313,99 +158,6 @@ pub fn dequantize_int8_rows(rows: &[i8], head_dim: usize) -> Vec<f32> {
     out
 }
 
-/// float16 rows against float32 ones with `vcvtph2ps` (AVX-512, or F16C beside AVX2).
-#[cfg(target_arch = "x86_64")]
-mod f16_x86 {
-    use std::arch::x86_64::*;
-
-    use half::f16;
-
-    /// `q · row`.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F; `q` and `row` have equal lengths.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_avx512(q: &[f32], row: &[f16]) -> f32 {
-        let n = q.len() / 16 * 16;
-        let (qp, rp) = (q.as_ptr(), row.as_ptr().cast::<__m256i>());
-        let mut acc = _mm512_setzero_ps();
-        for i in (0..n).step_by(16) {
-            // SAFETY: i + 16 ≤ n ≤ both lengths; unaligned loads.
-            unsafe {
-                let k = _mm512_cvtph_ps(_mm256_loadu_si256(rp.add(i / 16)));
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(i)), k, acc);
-            }
-        }
-        let tail: f32 = q[n..].iter().zip(&row[n..]).map(|(x, h)| x * h.to_f32()).sum();
-        _mm512_reduce_add_ps(acc) + tail
-    }
-
-    /// `y += a · row`.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F; `row` and `y` have equal lengths.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn axpy_avx512(a: f32, row: &[f16], y: &mut [f32]) {
-        let n = y.len() / 16 * 16;
-        let (yp, rp) = (y.as_mut_ptr(), row.as_ptr().cast::<__m256i>());
-        let av = _mm512_set1_ps(a);
-        for i in (0..n).step_by(16) {
-            // SAFETY: i + 16 ≤ n ≤ both lengths; unaligned loads and stores.
-            unsafe {
-                let x = _mm512_cvtph_ps(_mm256_loadu_si256(rp.add(i / 16)));
-                _mm512_storeu_ps(yp.add(i), _mm512_fmadd_ps(av, x, _mm512_loadu_ps(yp.add(i))));
-            }
-        }
-        for (yi, h) in y[n..].iter_mut().zip(&row[n..]) {
-            *yi += a * h.to_f32();
-        }
-    }
-
-    /// `q · row`.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `q` and `row` have equal lengths.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_avx2(q: &[f32], row: &[f16]) -> f32 {
-        let n = q.len() / 8 * 8;
-        let (qp, rp) = (q.as_ptr(), row.as_ptr().cast::<__m128i>());
-        let mut acc = _mm256_setzero_ps();
-        for i in (0..n).step_by(8) {
-            // SAFETY: i + 8 ≤ n ≤ both lengths; unaligned loads.
-            unsafe {
-                let k = _mm256_cvtph_ps(_mm_loadu_si128(rp.add(i / 8)));
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), k, acc);
-            }
-        }
-        let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-        let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        let sum = _mm_add_ss(pairs, _mm_shuffle_ps::<1>(pairs, pairs));
-        let tail: f32 = q[n..].iter().zip(&row[n..]).map(|(x, h)| x * h.to_f32()).sum();
-        _mm_cvtss_f32(sum) + tail
-    }
-
-    /// `y += a · row`.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `row` and `y` have equal lengths.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn axpy_avx2(a: f32, row: &[f16], y: &mut [f32]) {
-        let n = y.len() / 8 * 8;
-        let (yp, rp) = (y.as_mut_ptr(), row.as_ptr().cast::<__m128i>());
-        let av = _mm256_set1_ps(a);
-        for i in (0..n).step_by(8) {
-            // SAFETY: i + 8 ≤ n ≤ both lengths; unaligned loads and stores.
-            unsafe {
-                let x = _mm256_cvtph_ps(_mm_loadu_si128(rp.add(i / 8)));
-                _mm256_storeu_ps(yp.add(i), _mm256_fmadd_ps(av, x, _mm256_loadu_ps(yp.add(i))));
-            }
-        }
-        for (yi, h) in y[n..].iter_mut().zip(&row[n..]) {
-            *yi += a * h.to_f32();
-        }
-    }
-}
-
 /// float16 bits to float32, exactly, without branches (so a loop of it vectorises): the
 /// exponent and mantissa moved into float32's places and scaled by 2^112 (which also
 /// normalises subnormals), infinities and NaNs given float32's all-ones exponent.
@@ -434,28 +186,40 @@ struct Slots<'a, E> {
 }
 
 impl<'a, E: CacheElement> Slots<'a, E> {
-    /// `q` · slot `j`.
-    #[inline(always)]
-    fn dot(&self, q: &[f32], j: usize) -> f32 {
-        let hd = self.hd;
-        let new = j.wrapping_sub(self.past);
-        if new < self.new {
-            dot(q, &self.fresh[new * hd..(new + 1) * hd])
-        } else {
-            E::dot_row(self.isa, q, &self.stored[j * self.row..(j + 1) * self.row])
+    /// `out[j] = q ·` slot `j` for the first `out.len()` slots.
+    fn scores(&self, q: &[f32], out: &mut [f32]) {
+        let (n, hd, rl) = (out.len(), self.hd, self.row);
+        let (fresh_from, fresh_to) = (self.past.min(n), (self.past + self.new).min(n));
+        decode::scores(
+            self.isa,
+            q,
+            &self.stored[..fresh_from * rl],
+            &mut out[..fresh_from],
+        );
+        for (j, o) in (fresh_from..fresh_to).zip(&mut out[fresh_from..fresh_to]) {
+            let new = j - self.past;
+            *o = dot(q, &self.fresh[new * hd..(new + 1) * hd]);
         }
+        decode::scores(
+            self.isa,
+            q,
+            &self.stored[fresh_to * rl..n * rl],
+            &mut out[fresh_to..],
+        );
     }
 
-    /// `y += a ·` slot `j`.
-    #[inline(always)]
-    fn axpy(&self, a: f32, j: usize, y: &mut [f32]) {
-        let hd = self.hd;
-        let new = j.wrapping_sub(self.past);
-        if new < self.new {
-            axpy(a, &self.fresh[new * hd..(new + 1) * hd], y)
-        } else {
-            E::axpy_row(self.isa, a, &self.stored[j * self.row..(j + 1) * self.row], y)
+    /// `y += Σ p[j] ·` slot `j` over the first `p.len()` slots where `p[j]` is not 0.
+    fn mix(&self, p: &[f32], y: &mut [f32]) {
+        let (n, hd, rl) = (p.len(), self.hd, self.row);
+        let (fresh_from, fresh_to) = (self.past.min(n), (self.past + self.new).min(n));
+        decode::mix(self.isa, &p[..fresh_from], &self.stored[..fresh_from * rl], y);
+        for (j, &w) in (fresh_from..fresh_to).zip(&p[fresh_from..fresh_to]) {
+            if w != 0.0 {
+                let new = j - self.past;
+                axpy(w, &self.fresh[new * hd..(new + 1) * hd], y);
+            }
         }
+        decode::mix(self.isa, &p[fresh_to..], &self.stored[fresh_to * rl..n * rl], y);
     }
 
     /// Slots `0..n` as one float32 array, in `out` when they must be widened.
@@ -719,10 +483,7 @@ fn attend<E: CacheElement>(
     for (i, _) in lens.iter().enumerate().filter(|&(_, &n)| n == 0) {
         let yi = &mut y[i * hd..(i + 1) * hd];
         yi.fill(0.0);
-        let w = 1.0 / c as f32;
-        for j in 0..c {
-            values.axpy(w, j, yi);
-        }
+        values.mix(&vec![1.0 / c as f32; c], yi);
     }
 }
 
@@ -779,20 +540,12 @@ fn direct<E: CacheElement>(
     visible: &[bool],
     y: &mut [f32],
 ) {
+    // Invisible slots are scored too (four keys go at a time) and masked by the softmax.
     let mut scores = vec![0f32; visible.len()];
-    for (j, (sc, _)) in scores
-        .iter_mut()
-        .zip(visible)
-        .enumerate()
-        .filter(|(_, (_, v))| **v)
-    {
-        *sc = keys.dot(q, j);
-    }
+    keys.scores(q, &mut scores);
     softmax_visible(&mut scores, visible);
     y.fill(0.0);
-    for (j, &p) in scores.iter().enumerate().filter(|&(_, &p)| p != 0.0) {
-        values.axpy(p, j, y);
-    }
+    values.mix(&scores, y);
 }
 
 /// Softmax over the visible entries of `row`; the others become 0 (all 0 when none is visible).
@@ -978,19 +731,7 @@ mod tests {
     /// Past buffers of `E` from values in [-2, 2) through `element` (int8 rows get a random
     /// exponent in their last place).
     fn every_isa_agrees<E: CacheElement + Default + PartialEq + std::fmt::Debug>(element: impl Fn(f32) -> E) {
-        let mut isas = vec![Isa::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-            {
-                isas.push(Isa::Avx2);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                isas.push(Isa::Avx512);
-            }
-        }
+        let isas = isas();
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         let mut value = || {
             seed ^= seed << 13;
@@ -1043,6 +784,87 @@ mod tests {
                 assert!(diff <= 1e-5, "{isa:?}, head_dim {hd}: {diff:e}");
                 assert_eq!(got.present_key, want.present_key, "{isa:?}");
                 assert_eq!(got.present_value, want.present_value, "{isa:?}");
+            }
+        }
+    }
+
+    /// The portable path and every instruction set this CPU has.
+    fn isas() -> Vec<Isa> {
+        let mut isas = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                isas.push(Isa::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                isas.push(Isa::Avx512);
+            }
+        }
+        isas
+    }
+
+    /// A decode step reads no slot its query does not see into its answer: slots before the
+    /// left padding's end and past the last visible one holding NaN (float) or, in int8 rows,
+    /// 127 · 2^127 (infinity once widened) give the answer they give holding zeros, bit for
+    /// bit, on every instruction set, whole and partial register blocks, whole and partial
+    /// groups of four keys.
+    #[test]
+    fn slots_out_of_sight_never_reach_a_decode_steps_answer() {
+        out_of_sight::<f32>(|v| v, |_| f32::NAN);
+        out_of_sight::<f16>(f16::from_f32, |_| f16::NAN);
+        out_of_sight::<i8>(|v| (v * 63.0) as i8, |_| 127);
+    }
+
+    fn out_of_sight<E: CacheElement + Default + std::fmt::Debug>(
+        element: impl Fn(f32) -> E,
+        poison: impl Fn(usize) -> E,
+    ) {
+        let (c, pad, past) = (24, 5, 13);
+        for hd in [64, 19] {
+            let d = Dims {
+                batch: 1,
+                heads: 2,
+                seq: 1,
+                capacity: c,
+                head_dim: hd,
+            };
+            let rl = E::row_len(hd);
+            let new: Vec<f32> = (0..2 * hd).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1).collect();
+            let seen = |slot: usize| (pad..=past).contains(&slot);
+            let past_rows = |unseen: &dyn Fn(usize) -> E| -> Vec<E> {
+                (0..2 * c * rl)
+                    .map(|i| match (seen(i / rl % c), i % rl) {
+                        (false, _) => unseen(i),
+                        // An int8 row's exponent.
+                        (true, at) if at == hd => element(-0.1),
+                        (true, _) => element(((i * 13 % 17) as f32 - 8.0) * 0.1),
+                    })
+                    .collect()
+            };
+            let visible: Vec<bool> = (0..c).map(seen).collect();
+            for isa in isas() {
+                let run = |past_kv: &[E]| {
+                    cached_attention(
+                        isa,
+                        d,
+                        &new,
+                        &new,
+                        &new,
+                        past_kv,
+                        past_kv,
+                        &[past as i64],
+                        &visible,
+                    )
+                    .unwrap()
+                    .y
+                };
+                let (clean, poisoned) = (run(&past_rows(&|_| E::default())), run(&past_rows(&poison)));
+                assert!(clean.iter().all(|y| y.is_finite()), "{isa:?}, head_dim {hd}");
+                let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&poisoned), bits(&clean), "{isa:?}, head_dim {hd}");
             }
         }
     }
