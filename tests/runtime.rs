@@ -375,7 +375,7 @@ fn eval_loss_equals_the_trainers() {
     );
     for pkg in [&f.pkg, &f.pkg_buffer] {
         let mut p = open(pkg);
-        let got = kosmos_rt::eval::evaluate(&mut p, &path, 3, None, |_, _| {}).unwrap();
+        let got = kosmos_rt::eval::evaluate(&mut p, path.to_str().unwrap(), 3, None, |_, _| {}).unwrap();
         assert!(
             (got.loss - want.loss).abs() <= 1e-4 * want.loss,
             "{}: loss {} vs the trainer's {}",
@@ -390,9 +390,90 @@ fn eval_loss_equals_the_trainers() {
 
     let only_bad = dir.path().join("bad.jsonl");
     std::fs::write(&only_bad, bad_lines.concat()).unwrap();
-    let err = kosmos_rt::eval::evaluate(&mut open(&f.pkg), &only_bad, 3, None, |_, _| {}).unwrap_err();
+    let err = kosmos_rt::eval::evaluate(&mut open(&f.pkg), only_bad.to_str().unwrap(), 3, None, |_, _| {})
+        .unwrap_err();
     assert!(
-        err.to_string().contains("bad.jsonl: no usable line (5 bad"),
+        err.to_string().contains("bad.jsonl: no usable example (5 bad"),
+        "{err}"
+    );
+}
+
+/// `kosmos-rt eval` reads every data spec `kosmos-train eval` reads, with the same results:
+/// a WebDataset tar shard (captions, and an entry whose image does not decode, skipped by both)
+/// and `synthetic:shapes-vqa`'s test split (a limit given, and the default 200 without one
+/// where the trainer is asked for 200). An unknown spec is an error naming it.
+#[test]
+fn eval_reads_tar_shards_and_synthetic_specs_as_the_trainer_does() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let shard = dir.path().join("shard-00000.tar");
+    let mut tar = tar::Builder::new(std::fs::File::create(&shard).unwrap());
+    let mut entry = |name: String, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, data).unwrap();
+    };
+    for i in 0..6u64 {
+        let it = item(Task::Shapes, Split::Test, 0, i);
+        let mut png = Vec::new();
+        it.image
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        if i == 3 {
+            entry(format!("{i:06}.png"), b"\x89PNG\r\n\x1a\n not an image");
+        } else {
+            entry(format!("{i:06}.png"), &png);
+        }
+        entry(format!("{i:06}.txt"), it.text.as_bytes());
+    }
+    tar.finish().unwrap();
+    drop(tar);
+
+    let (_vs, model, ck) = kosmos_train::checkpoint::load(&f.ckpt, Device::Cpu).unwrap();
+    let tok =
+        kosmos_models::KosmosTokenizer::load(&ck.dir.join("tokenizer.json"), &ck.config.tokenizer).unwrap();
+    let mut p = open(&f.pkg);
+    // (spec, kosmos-rt's limit, the trainer's count of synthetic examples, examples, skipped)
+    let shard_spec = shard.to_str().unwrap().to_string();
+    for (spec, limit, count, items, skipped) in [
+        (shard_spec.as_str(), None, None, 5, 1),
+        ("synthetic:shapes-vqa", Some(12), Some(12), 12, 0),
+        ("synthetic:shapes", None, Some(200), 200, 0),
+    ] {
+        let mut source = kosmos_train::data::open_source(spec, Split::Test, 0, count).unwrap();
+        let want = kosmos_train::eval::evaluate(
+            &model,
+            &tok,
+            source.as_mut(),
+            count.map(|c| c as usize),
+            8,
+            |_| {},
+        )
+        .unwrap();
+        let got = kosmos_rt::eval::evaluate(&mut p, spec, 8, limit, |_, _| {}).unwrap();
+        assert!(
+            (got.loss - want.loss).abs() <= 1e-4 * want.loss,
+            "{spec}: loss {} vs the trainer's {}",
+            got.loss,
+            want.loss
+        );
+        assert_eq!(got.exact_match, want.exact_match, "{spec}");
+        assert_eq!(
+            (got.items, got.captioned, got.skipped),
+            (items, items, skipped),
+            "{spec}"
+        );
+        assert_eq!(
+            (got.items, got.skipped as u64),
+            (want.examples, want.skipped),
+            "{spec}"
+        );
+    }
+    let err = kosmos_rt::eval::evaluate(&mut p, "captions.csv", 8, None, |_, _| {}).unwrap_err();
+    assert!(
+        err.to_string().contains("\"captions.csv\": unknown data source"),
         "{err}"
     );
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use kosmos_models::KosmosConfig;
-use kosmos_train::synthetic::Split;
+use kosmos_models::data::synthetic::Split;
 use tch::Tensor;
 
 use crate::error::{ExportError, Result};
@@ -33,17 +33,17 @@ pub fn data_rows(
     count: usize,
     room: usize,
 ) -> Result<Vec<Row>> {
-    use kosmos_train::data::example::{SkipCounter, encode};
-    // The trainer's data errors name the source already.
-    let bad = |e: kosmos_train::TrainError| match e {
-        kosmos_train::TrainError::Data(message) => ExportError::Data { option, message },
+    use kosmos_models::data::example::{SkipCounter, encode};
+    // Data errors name the source already.
+    let bad = |e: kosmos_models::ModelsError| match e {
+        kosmos_models::ModelsError::Data(message) => ExportError::Data { option, message },
         other => ExportError::Data {
             option,
             message: format!("{spec}: {other}"),
         },
     };
     let tok = kosmos_models::KosmosTokenizer::load(&ckpt_dir.join("tokenizer.json"), &cfg.tokenizer)?;
-    let mut source = kosmos_train::data::open_source(spec, split, seed, None).map_err(bad)?;
+    let mut source = kosmos_models::data::open_source(spec, split, seed, None).map_err(bad)?;
     let skips = SkipCounter::default();
     let mut rows = Vec::new();
     while rows.len() < count.max(1) {

@@ -43,6 +43,11 @@ pub enum ModelsError {
     #[error("{path}: refusing to overwrite an existing directory (pass --force to replace it)")]
     OutputExists { path: PathBuf },
 
+    /// A data source that cannot be read at all (bad spec, no file, no valid record); a bad
+    /// record within one is skipped with a warning instead.
+    #[error("data: {0}")]
+    Data(String),
+
     #[error("unknown preset {name:?}; available: {available}")]
     UnknownPreset { name: String, available: String },
 }

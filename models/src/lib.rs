@@ -5,18 +5,22 @@
 //! * [`params`]: parameter names and shapes of a checkpoint;
 //! * [`checkpoint`]: reading and atomically writing checkpoint directories;
 //! * [`tokenizer`]: special tokens and the tokenizer wrapper (train a Unigram model, or load any
-//!   `tokenizer.json`).
+//!   `tokenizer.json`);
+//! * [`data`]: the data sources `kosmos-train` trains on and it, `kosmos-export` and `kosmos-rt`
+//!   evaluate on (the built-in synthetic task, JSONL manifests, WebDataset tar shards).
 //!
 //! The library never panics on bad input: every failure is a [`ModelsError`] naming the file.
 
 pub mod atomic;
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod image;
 pub mod manifest;
 pub mod package;
 pub mod params;
+pub mod prng;
 pub mod sequence;
 pub mod tokenizer;
 

@@ -1,13 +1,15 @@
 //! `kosmos-rt eval`: what `kosmos-train eval` measures, through a package — the loss and
-//! perplexity of a manifest's target text (captions, answers, text-only and interleaved lines;
-//! `kosmos_models::manifest`'s format), and greedy exact match on its caption/VQA lines — so a
-//! trained checkpoint, its export and a quantised export compare without the checkpoint at hand.
+//! perplexity of the target text (captions, answers, text-only and interleaved examples), and
+//! greedy exact match on the caption/VQA examples — on the same data specs
+//! (`kosmos_models::data`: a JSONL manifest, WebDataset tar shards, or `synthetic:*`'s test
+//! split), so a trained checkpoint, its export and a quantised export compare without the
+//! checkpoint at hand.
 
-use std::path::Path;
-
-use kosmos_models::image::{ImageLimits, load_image};
-use kosmos_models::manifest::{ManifestPart, parse_line};
-use kosmos_models::sequence::Segment;
+use image::RgbImage;
+use kosmos_models::data::synthetic::Split;
+use kosmos_models::data::{ImageSource, Part, SkipCounter, Source, open_source};
+use kosmos_models::image::{ImageLimits, decode_image, load_image};
+use kosmos_models::sequence::{Segment, assemble};
 
 use crate::error::{Result, RtError};
 use crate::generate::{GenerateParams, ImageInput, Prompt, VisionCache};
@@ -15,113 +17,136 @@ use crate::package::Package;
 
 #[derive(Debug, serde::Serialize)]
 pub struct EvalReport {
-    /// Lines evaluated.
+    /// Examples evaluated.
     pub items: usize,
-    /// Caption/VQA lines (an image, an optional prompt, the reference), the ones generated.
+    /// Caption/VQA examples (an image, an optional prompt, the reference), the ones generated.
     pub captioned: usize,
     pub correct: usize,
-    /// `correct / captioned`; `None` without caption/VQA lines.
+    /// `correct / captioned`; `None` without caption/VQA examples.
     pub exact_match: Option<f64>,
     /// Mean negative log-likelihood (nats) of the target text's tokens — every text but
-    /// prompts, and the `</s>` after text that ends a line — teacher-forced: the trainer's loss.
+    /// prompts, and the `</s>` after text that ends an example — teacher-forced: the trainer's
+    /// loss.
     pub loss: f64,
     pub perplexity: f64,
     /// Tokens `loss` is the mean over.
     pub scored_tokens: usize,
-    /// Bad lines left out (invalid JSON or UTF-8, no text, a missing or undecodable image), each
-    /// named in a warning, as `kosmos-train` skips them.
+    /// Bad records left out (invalid JSON or UTF-8, no text, a missing or undecodable image, a
+    /// damaged shard entry), each named in a warning, as `kosmos-train` skips them.
     pub skipped: usize,
 }
 
-/// The usable lines of the manifest at `path` and how many bad ones were skipped (a warning
-/// names each by line); a manifest with no usable line is an error.
-fn read_manifest(path: &Path) -> Result<(Vec<Vec<ManifestPart>>, usize)> {
-    let bytes = std::fs::read(path).map_err(|e| RtError::Input(format!("{}: {e}", path.display())))?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    let (mut items, mut skipped) = (Vec::new(), 0);
-    for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let parts = parse_line(line, base).and_then(|parts| match parts {
-            // An image that does not decode fails the whole batch it lands in: check it here.
-            Some(parts) => match parts.iter().find_map(|p| match p {
-                ManifestPart::Image(image) => load_image(image, ImageLimits::default()).err(),
-                ManifestPart::Text { .. } => None,
-            }) {
-                Some(e) => Err(e.to_string()),
-                None => Ok(Some(parts)),
-            },
-            None => Ok(None),
-        });
+/// Examples `synthetic:*` gives without a limit (its sources are endless), as `kosmos-train
+/// eval` and `data synth --split test` default to.
+const SYNTHETIC_DEFAULT: usize = 200;
+
+/// One usable example: its parts in order, images decoded (once: checked here, since one that
+/// does not decode would fail its whole batch).
+enum EvalPart {
+    Text { text: String, loss: bool },
+    Image(RgbImage),
+}
+
+/// The next usable example of `source`, or `None` at its end; bad ones are counted in `skips`.
+fn next_item(source: &mut dyn Source, skips: &SkipCounter) -> Result<Option<Vec<EvalPart>>> {
+    let limits = ImageLimits::default();
+    while let Some(ex) = source.next(skips)? {
+        let parts: std::result::Result<Vec<EvalPart>, kosmos_models::ModelsError> = ex
+            .parts
+            .into_iter()
+            .map(|part| match part {
+                Part::Text { text, loss } => Ok(EvalPart::Text { text, loss }),
+                Part::Image(ImageSource::File(path)) => load_image(&path, limits).map(EvalPart::Image),
+                Part::Image(ImageSource::Bytes(bytes)) => {
+                    decode_image(&bytes, &ex.origin, limits).map(EvalPart::Image)
+                }
+                Part::Image(ImageSource::Pixels(img)) => Ok(EvalPart::Image(img)),
+            })
+            .collect();
         match parts {
-            Ok(Some(parts)) => items.push(parts),
-            Ok(None) => {}
-            Err(why) => {
-                skipped += 1;
-                tracing::warn!(manifest = %path.display(), line = n + 1, "skipping a bad line: {why}");
-            }
+            Ok(parts) => return Ok(Some(parts)),
+            Err(e) => skips.skip(&ex.origin, &e.to_string()),
         }
     }
-    if items.is_empty() {
-        return Err(RtError::Input(format!(
-            "{}: no usable line ({skipped} bad, each named above)",
-            path.display()
-        )));
-    }
-    Ok((items, skipped))
+    Ok(None)
 }
 
-/// The prompt of `parts` (images as segments, in order).
-fn prompt_of(parts: &[ManifestPart]) -> Prompt {
-    let mut p = Prompt::default();
-    for part in parts {
-        match part {
-            ManifestPart::Text { text, .. } => p.segments.push(Segment::Text(text.clone())),
-            ManifestPart::Image(path) => {
-                p.segments.push(Segment::Image);
-                p.images.push(ImageInput::Path(path.clone()));
-            }
-        }
-    }
-    p
+/// The decoder's segments of `parts` (images as places).
+fn segments_of(parts: &[EvalPart]) -> Vec<Segment> {
+    parts
+        .iter()
+        .map(|part| match part {
+            EvalPart::Text { text, .. } => Segment::Text(text.clone()),
+            EvalPart::Image(_) => Segment::Image,
+        })
+        .collect()
 }
 
-/// (context, reference) of a caption/VQA line: one image, an optional prompt, the target.
-fn captioned(parts: &[ManifestPart]) -> Option<(&[ManifestPart], &str)> {
+/// The prompt of `parts`, images included.
+fn prompt_of(parts: &[EvalPart]) -> Prompt {
+    let images = parts.iter().filter_map(|part| match part {
+        EvalPart::Image(img) => Some(ImageInput::Rgb(img.clone())),
+        EvalPart::Text { .. } => None,
+    });
+    Prompt {
+        segments: segments_of(parts),
+        images: images.collect(),
+    }
+}
+
+/// (context, reference) of a caption/VQA example: one image, an optional prompt, the target.
+fn captioned(parts: &[EvalPart]) -> Option<(&[EvalPart], &str)> {
     match parts {
-        [ManifestPart::Image(_), ManifestPart::Text { text, loss: true }]
+        [EvalPart::Image(_), EvalPart::Text { text, loss: true }]
         | [
-            ManifestPart::Image(_),
-            ManifestPart::Text { loss: false, .. },
-            ManifestPart::Text { text, loss: true },
+            EvalPart::Image(_),
+            EvalPart::Text { loss: false, .. },
+            EvalPart::Text { text, loss: true },
         ] => Some((&parts[..parts.len() - 1], text)),
         _ => None,
     }
 }
 
-/// Exact match over the caption/VQA lines and loss over every line of `manifest`, `batch` lines
-/// per decoder call; `on_item` sees (reference, generated) for each caption/VQA line.
+/// Exact match over the caption/VQA examples and loss over every example of `data` (a
+/// `kosmos_models::data` spec; `synthetic:*` gives its test split, 200 examples unless
+/// `limit`), `batch` examples per decoder call, streamed; `on_item` sees (reference,
+/// generated) for each caption/VQA example.
 pub fn evaluate(
     pkg: &mut Package,
-    manifest: &Path,
+    data: &str,
     batch: usize,
     limit: Option<usize>,
     mut on_item: impl FnMut(&str, &str),
 ) -> Result<EvalReport> {
-    let (mut items, skipped) = read_manifest(manifest)?;
-    if let Some(l) = limit {
-        items.truncate(l);
-    }
+    let synthetic = data.starts_with("synthetic:");
+    let limit = limit.or(synthetic.then_some(SYNTHETIC_DEFAULT));
+    let count = limit.filter(|_| synthetic).map(|l| l as u64);
+    let mut source = open_source(data, Split::Test, 0, count)?;
+    let skips = SkipCounter::default();
     let mut cache = VisionCache::new(0);
-    let (mut captioned_items, mut correct) = (0, 0);
+    let images_tokens = pkg.manifest.vision.tokens_per_image;
+    let (mut items, mut captioned_items, mut correct) = (0, 0, 0);
     let (mut nll, mut scored_tokens) = (0f64, 0usize);
-    for chunk in items.chunks(batch.max(1)) {
+    loop {
+        let mut chunk = Vec::new();
+        while chunk.len() < batch.max(1) && limit.is_none_or(|l| items + chunk.len() < l) {
+            match next_item(source.as_mut(), &skips)? {
+                Some(parts) => chunk.push(parts),
+                None => break,
+            }
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        items += chunk.len();
         let prompts: Vec<Prompt> = chunk.iter().map(|parts| prompt_of(parts)).collect();
         for (parts, scored) in chunk.iter().zip(pkg.score(&mut cache, &prompts, true)?) {
             // Target positions: each loss text's tokens, found from the lengths of the prefixes.
             let mut start = 1;
             for (i, part) in parts.iter().enumerate() {
-                let end = pkg.assemble(&prompt_of(&parts[..=i]))?.len();
-                if let ManifestPart::Text { loss: true, .. } = part {
-                    // `</s>` follows the line's last part when that part is target text.
+                let end = assemble(&pkg.tokenizer, &segments_of(&parts[..=i]), images_tokens, false)?.len();
+                if let EvalPart::Text { loss: true, .. } = part {
+                    // `</s>` follows the example's last part when that part is target text.
                     let end = if i + 1 == parts.len() { end + 1 } else { end };
                     for lp in scored.logprobs[start..end].iter().flatten() {
                         nll -= f64::from(*lp);
@@ -132,7 +157,7 @@ pub fn evaluate(
             }
         }
 
-        let caption_lines: Vec<(&[ManifestPart], &str)> = chunk.iter().filter_map(|p| captioned(p)).collect();
+        let caption_lines: Vec<(&[EvalPart], &str)> = chunk.iter().filter_map(|p| captioned(p)).collect();
         if caption_lines.is_empty() {
             continue;
         }
@@ -157,15 +182,21 @@ pub fn evaluate(
             on_item(reference, &g.text);
         }
     }
+    if items == 0 {
+        return Err(RtError::Input(format!(
+            "{data}: no usable example ({} bad, each named above)",
+            skips.count()
+        )));
+    }
     let loss = nll / scored_tokens.max(1) as f64;
     Ok(EvalReport {
-        items: items.len(),
+        items,
         captioned: captioned_items,
         correct,
         exact_match: (captioned_items > 0).then(|| correct as f64 / captioned_items as f64),
         loss,
         perplexity: loss.exp(),
         scored_tokens,
-        skipped,
+        skipped: skips.count() as usize,
     })
 }

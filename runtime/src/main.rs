@@ -256,18 +256,22 @@ enum Command {
         #[arg(long)]
         check: Vec<String>,
     },
-    /// Loss and perplexity of a manifest's target text (teacher-forced), and greedy exact match
-    /// on its caption/VQA lines, as `kosmos-train eval` measures them: compare a quantised
-    /// package with its float export on your own data.
-    #[command(after_help = "Example:\n  \
+    /// Loss and perplexity of the data's target text (teacher-forced), and greedy exact match
+    /// on its caption/VQA examples, as `kosmos-train eval` measures them on the same data specs:
+    /// compare a quantised package with its float export on your own data.
+    #[command(after_help = "Examples:\n  \
+        kosmos-rt eval pkg/tiny --data synthetic:shapes-vqa\n  \
         kosmos-train data synth --task shapes --split test --count 200 -o test-captions\n  \
-        kosmos-rt eval pkg/tiny --data test-captions/manifest.jsonl")]
+        kosmos-rt eval pkg/tiny --data test-captions/manifest.jsonl\n  \
+        kosmos-rt eval pkg/k1 --data 'shards/{00000..00009}.tar' --limit 1000 --json")]
     Eval {
         package: PathBuf,
-        /// JSONL manifest, as kosmos-train reads it: {"image": path, "prompt"?: text, "text":
-        /// reference}, {"text": ...} or {"segments": [{"text": ...}, {"image": path}, ...]}.
+        /// What `kosmos-train eval --data` reads: a JSONL manifest ({"image": path, "prompt"?:
+        /// text, "text": reference}, {"text": ...} or {"segments": [{"text": ...}, {"image":
+        /// path}, ...]}), WebDataset tar shards (brace ranges allowed), or synthetic:shapes,
+        /// shapes-captions or shapes-vqa (the test split; 200 examples unless --limit).
         #[arg(long)]
-        data: PathBuf,
+        data: String,
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
         #[arg(long)]
@@ -557,15 +561,11 @@ fn run(cli: Cli) -> Result<()> {
                 };
                 let skipped = match r.skipped {
                     0 => String::new(),
-                    n => format!(" ({n} bad lines skipped)"),
+                    n => format!(" ({n} bad records skipped)"),
                 };
                 println!(
-                    "{}: {} lines{skipped}, {exact}loss {:.4}, perplexity {:.4} over {} target tokens",
-                    data.display(),
-                    r.items,
-                    r.loss,
-                    r.perplexity,
-                    r.scored_tokens
+                    "{data}: {} examples{skipped}, {exact}loss {:.4}, perplexity {:.4} over {} target tokens",
+                    r.items, r.loss, r.perplexity, r.scored_tokens
                 );
             }
             Ok(())

@@ -17,9 +17,10 @@ pub mod init;
 pub mod model;
 pub mod optim;
 pub mod plot;
-pub mod prng;
 pub mod rng;
-pub mod synthetic;
 
 pub use error::{Result, TrainError};
+// The data sources live in `kosmos-models` (the runtime and exporter read them too).
+pub use kosmos_models::data::synthetic;
+pub use kosmos_models::prng;
 pub use model::{Kosmos, LayerKv, StepOutput};

@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::image::{ImageLimits, clip_preprocess, decode_image, load_image};
+use crate::sequence::{Segment, assemble};
+use crate::{KosmosConfig, KosmosTokenizer};
 use image::RgbImage;
-use kosmos_models::image::{ImageLimits, clip_preprocess, decode_image, load_image};
-use kosmos_models::sequence::{Segment, assemble};
-use kosmos_models::{KosmosConfig, KosmosTokenizer};
 
 /// Where an image comes from.
 #[derive(Clone, Debug)]
@@ -81,7 +81,7 @@ impl Encoded {
 }
 
 /// Decode (if needed) and preprocess one image.
-pub fn preprocess(src: &ImageSource, what: &str, size: u32) -> kosmos_models::Result<Vec<f32>> {
+pub fn preprocess(src: &ImageSource, what: &str, size: u32) -> crate::Result<Vec<f32>> {
     let limits = ImageLimits::default();
     let owned;
     let img = match src {
@@ -99,10 +99,10 @@ pub fn preprocess(src: &ImageSource, what: &str, size: u32) -> kosmos_models::Re
 }
 
 /// `<s> parts… </s>` with loss on the text parts that have it and on `</s>` after them.
-pub fn encode(ex: &Example, tok: &KosmosTokenizer, cfg: &KosmosConfig) -> kosmos_models::Result<Encoded> {
+pub fn encode(ex: &Example, tok: &KosmosTokenizer, cfg: &KosmosConfig) -> crate::Result<Encoded> {
     let sp = tok.special();
     let mut out = Encoded::default();
-    let push_seq = |segs: &[Segment], loss: bool, out: &mut Encoded| -> kosmos_models::Result<()> {
+    let push_seq = |segs: &[Segment], loss: bool, out: &mut Encoded| -> crate::Result<()> {
         let a = assemble(tok, segs, cfg.image_tokens(), false)?;
         // `assemble` starts with <s>; only the first call keeps it.
         let skip = usize::from(!out.input_ids.is_empty());

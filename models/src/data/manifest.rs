@@ -4,12 +4,12 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use kosmos_models::manifest::{self, ManifestPart};
+use crate::manifest::{self, ManifestPart};
 use serde_json::{Value, json};
 
 use super::example::{Example, ImageSource, Part, SkipCounter};
 use super::source::{Source, cursor_u64};
-use crate::error::{Result, TrainError};
+use crate::error::{ModelsError, Result};
 
 pub struct ManifestSource {
     name: String,
@@ -24,7 +24,7 @@ pub struct ManifestSource {
 impl ManifestSource {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path)
-            .map_err(|e| TrainError::Data(format!("{}: cannot open manifest: {e}", path.display())))?;
+            .map_err(|e| ModelsError::Data(format!("{}: cannot open manifest: {e}", path.display())))?;
         Ok(ManifestSource {
             name: path.display().to_string(),
             path: path.to_path_buf(),
@@ -65,7 +65,7 @@ impl Source for ManifestSource {
             let n = self
                 .reader
                 .read_until(b'\n', &mut self.buf)
-                .map_err(|e| TrainError::Data(format!("{}: read error: {e}", self.name)))?;
+                .map_err(|e| ModelsError::Data(format!("{}: read error: {e}", self.name)))?;
             if n == 0 {
                 return Ok(None);
             }
@@ -95,7 +95,7 @@ impl Source for ManifestSource {
         let offset = cursor_u64(cursor, "offset")?;
         self.reader
             .seek(SeekFrom::Start(offset))
-            .map_err(|e| TrainError::Data(format!("{}: seek: {e}", self.name)))?;
+            .map_err(|e| ModelsError::Data(format!("{}: seek: {e}", self.name)))?;
         self.line = cursor_u64(cursor, "line")?;
         self.offset = offset;
         Ok(())

@@ -22,7 +22,7 @@ pub trait Source: Send {
 
 pub(crate) fn cursor_u64(c: &Value, key: &str) -> Result<u64> {
     c.get(key).and_then(Value::as_u64).ok_or_else(|| {
-        crate::TrainError::Data(format!(
+        crate::ModelsError::Data(format!(
             "data cursor {c} lacks {key:?} (checkpoint from another version?)"
         ))
     })

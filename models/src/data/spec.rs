@@ -3,10 +3,10 @@
 
 use super::manifest::ManifestSource;
 use super::source::Source;
+use super::synthetic::Split;
 use super::synthetic_source::SyntheticSource;
 use super::webdataset::TarSource;
-use crate::error::{Result, TrainError};
-use crate::synthetic::Split;
+use crate::error::{ModelsError, Result};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct DataSpec {
@@ -48,7 +48,7 @@ pub fn open_source(spec: &str, split: Split, seed: u64, count: Option<u64>) -> R
     if spec.ends_with(".tar") {
         return Ok(Box::new(TarSource::open(spec)?));
     }
-    Err(TrainError::Data(format!(
+    Err(ModelsError::Data(format!(
         "{spec:?}: unknown data source (synthetic:shapes|shapes-captions|shapes-vqa, a .jsonl manifest, or .tar shards)"
     )))
 }

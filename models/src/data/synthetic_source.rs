@@ -5,8 +5,8 @@ use serde_json::{Value, json};
 
 use super::example::{Example, ImageSource, SkipCounter};
 use super::source::{Source, cursor_u64};
+use super::synthetic::{Split, Task, item};
 use crate::error::Result;
-use crate::synthetic::{Split, Task, item};
 
 pub struct SyntheticSource {
     name: String,
@@ -26,7 +26,7 @@ impl SyntheticSource {
             "shapes-captions" => vec![Task::Shapes],
             "shapes-vqa" => vec![Task::ShapesVqa],
             other => {
-                return Err(crate::TrainError::Data(format!(
+                return Err(crate::ModelsError::Data(format!(
                     "unknown synthetic task {other:?} (shapes, shapes-captions, shapes-vqa)"
                 )));
             }

@@ -12,14 +12,14 @@ use serde_json::{Value, json};
 
 use super::example::{Example, ImageSource, SkipCounter};
 use super::source::{Source, cursor_u64};
-use crate::error::{Result, TrainError};
+use crate::error::{ModelsError, Result};
 
 /// `a/{000..003}.tar` → a/000.tar … a/003.tar (zero padding kept); no braces → the spec itself.
 pub fn expand_braces(spec: &str) -> Result<Vec<String>> {
     let (Some(open), Some(close)) = (spec.find('{'), spec.find('}')) else {
         return Ok(vec![spec.to_string()]);
     };
-    let bad = || TrainError::Data(format!("bad brace range in {spec:?} (expected {{00000..00009}})"));
+    let bad = || ModelsError::Data(format!("bad brace range in {spec:?} (expected {{00000..00009}})"));
     let inner = spec.get(open + 1..close).ok_or_else(bad)?;
     let (lo, hi) = inner.split_once("..").ok_or_else(bad)?;
     let (a, b): (u64, u64) = (lo.parse().map_err(|_| bad())?, hi.parse().map_err(|_| bad())?);
@@ -66,7 +66,7 @@ impl TarSource {
     pub fn open(spec: &str) -> Result<Self> {
         let shards: Vec<PathBuf> = expand_braces(spec)?.into_iter().map(PathBuf::from).collect();
         if let Some(missing) = shards.iter().find(|s| !s.is_file()) {
-            return Err(TrainError::Data(format!(
+            return Err(ModelsError::Data(format!(
                 "{}: shard not found",
                 missing.display()
             )));
@@ -91,9 +91,10 @@ impl TarSource {
     fn reader(&mut self) -> Result<&mut BufReader<File>> {
         if self.reader.is_none() {
             let path = &self.shards[self.shard];
-            let mut f = File::open(path).map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
+            let mut f =
+                File::open(path).map_err(|e| ModelsError::Data(format!("{}: {e}", path.display())))?;
             f.seek(SeekFrom::Start(self.offset))
-                .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
+                .map_err(|e| ModelsError::Data(format!("{}: {e}", path.display())))?;
             self.reader = Some(BufReader::new(f));
         }
         Ok(self.reader.as_mut().expect("just opened"))

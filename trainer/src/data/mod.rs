@@ -1,13 +1,9 @@
 //! Training data: sources (synthetic, JSONL manifests, WebDataset shards), mixing by weight,
 //! packing into batches, and a background loader thread.
 
-pub mod example;
-pub mod manifest;
-pub mod source;
-pub mod spec;
 pub mod stream;
-pub mod synthetic_source;
-pub mod webdataset;
+
+pub use kosmos_models::data::{example, manifest, source, spec, synthetic_source, webdataset};
 
 use std::sync::mpsc::{Receiver, sync_channel};
 

@@ -6,10 +6,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::sync::Arc;
 
-use super::example::{Encoded, Example, SkipCounter, encode};
-use super::source::Source;
 use crate::error::{Result, TrainError};
-use crate::prng::Prng;
+use kosmos_models::data::example::{Encoded, Example, SkipCounter, encode};
+use kosmos_models::data::source::Source;
+use kosmos_models::prng::Prng;
 
 /// One packed batch, row-major, right-padded; `targets` is -100 where there is no loss.
 #[derive(Debug)]
