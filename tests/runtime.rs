@@ -375,7 +375,8 @@ fn eval_loss_equals_the_trainers() {
     );
     for pkg in [&f.pkg, &f.pkg_buffer] {
         let mut p = open(pkg);
-        let got = kosmos_rt::eval::evaluate(&mut p, path.to_str().unwrap(), 3, None, |_, _| {}).unwrap();
+        let got =
+            kosmos_rt::eval::evaluate(&mut p, path.to_str().unwrap(), 3, None, |_, _| {}, |_| {}).unwrap();
         assert!(
             (got.loss - want.loss).abs() <= 1e-4 * want.loss,
             "{}: loss {} vs the trainer's {}",
@@ -390,8 +391,15 @@ fn eval_loss_equals_the_trainers() {
 
     let only_bad = dir.path().join("bad.jsonl");
     std::fs::write(&only_bad, bad_lines.concat()).unwrap();
-    let err = kosmos_rt::eval::evaluate(&mut open(&f.pkg), only_bad.to_str().unwrap(), 3, None, |_, _| {})
-        .unwrap_err();
+    let err = kosmos_rt::eval::evaluate(
+        &mut open(&f.pkg),
+        only_bad.to_str().unwrap(),
+        3,
+        None,
+        |_, _| {},
+        |_| {},
+    )
+    .unwrap_err();
     assert!(
         err.to_string().contains("bad.jsonl: no usable example (5 bad"),
         "{err}"
@@ -452,7 +460,7 @@ fn eval_reads_tar_shards_and_synthetic_specs_as_the_trainer_does() {
             |_| {},
         )
         .unwrap();
-        let got = kosmos_rt::eval::evaluate(&mut p, spec, 8, limit, |_, _| {}).unwrap();
+        let got = kosmos_rt::eval::evaluate(&mut p, spec, 8, limit, |_, _| {}, |_| {}).unwrap();
         assert!(
             (got.loss - want.loss).abs() <= 1e-4 * want.loss,
             "{spec}: loss {} vs the trainer's {}",
@@ -471,7 +479,7 @@ fn eval_reads_tar_shards_and_synthetic_specs_as_the_trainer_does() {
             "{spec}"
         );
     }
-    let err = kosmos_rt::eval::evaluate(&mut p, "captions.csv", 8, None, |_, _| {}).unwrap_err();
+    let err = kosmos_rt::eval::evaluate(&mut p, "captions.csv", 8, None, |_, _| {}, |_| {}).unwrap_err();
     assert!(
         err.to_string().contains("\"captions.csv\": unknown data source"),
         "{err}"

@@ -40,6 +40,12 @@ pub struct EvalReport {
 /// eval` and `data synth --split test` default to.
 const SYNTHETIC_DEFAULT: usize = 200;
 
+/// The examples [`evaluate`] reads from `data` with `limit`, where that is known beforehand (a
+/// limit, or `synthetic:*`'s default); a manifest or shards are streamed, not counted first.
+pub fn known_count(data: &str, limit: Option<usize>) -> Option<usize> {
+    limit.or(data.starts_with("synthetic:").then_some(SYNTHETIC_DEFAULT))
+}
+
 /// One usable example: its parts in order, images decoded (once: checked here, since one that
 /// does not decode would fail its whole batch).
 enum EvalPart {
@@ -110,16 +116,17 @@ fn captioned(parts: &[EvalPart]) -> Option<(&[EvalPart], &str)> {
 /// Exact match over the caption/VQA examples and loss over every example of `data` (a
 /// `kosmos_models::data` spec; `synthetic:*` gives its test split, 200 examples unless
 /// `limit`), `batch` examples per decoder call, streamed; `on_item` sees (reference,
-/// generated) for each caption/VQA example.
+/// generated) for each caption/VQA example, `on_progress` the examples done after each batch.
 pub fn evaluate(
     pkg: &mut Package,
     data: &str,
     batch: usize,
     limit: Option<usize>,
     mut on_item: impl FnMut(&str, &str),
+    mut on_progress: impl FnMut(usize),
 ) -> Result<EvalReport> {
     let synthetic = data.starts_with("synthetic:");
-    let limit = limit.or(synthetic.then_some(SYNTHETIC_DEFAULT));
+    let limit = known_count(data, limit);
     let count = limit.filter(|_| synthetic).map(|l| l as u64);
     let mut source = open_source(data, Split::Test, 0, count)?;
     let skips = SkipCounter::default();
@@ -159,6 +166,7 @@ pub fn evaluate(
 
         let caption_lines: Vec<(&[EvalPart], &str)> = chunk.iter().filter_map(|p| captioned(p)).collect();
         if caption_lines.is_empty() {
+            on_progress(items);
             continue;
         }
         let contexts: Vec<Prompt> = caption_lines.iter().map(|(c, _)| prompt_of(c)).collect();
@@ -181,6 +189,7 @@ pub fn evaluate(
             }
             on_item(reference, &g.text);
         }
+        on_progress(items);
     }
     if items == 0 {
         return Err(RtError::Input(format!(

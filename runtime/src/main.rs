@@ -527,6 +527,27 @@ fn main() {
     }
 }
 
+/// `kosmos-rt eval`'s progress on stderr (drawn on a terminal only): a bar where the number of
+/// examples is known, a count otherwise.
+fn eval_progress(data: &str, limit: Option<usize>) -> indicatif::ProgressBar {
+    let (pb, template) = match kosmos_rt::eval::known_count(data, limit) {
+        Some(n) => (
+            indicatif::ProgressBar::new(n as u64),
+            "{elapsed_precise} [{bar:30}] {pos}/{len} examples  {per_sec}  ETA {eta}",
+        ),
+        None => (
+            indicatif::ProgressBar::no_length(),
+            "{elapsed_precise} {spinner} {pos} examples  {per_sec}",
+        ),
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    pb
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Eval {
@@ -544,14 +565,25 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             let mut pkg = open(&package, &engine)?;
-            let r = kosmos_rt::eval::evaluate(&mut pkg, &data, batch_size, limit, |want, got| {
-                if show {
-                    eprintln!(
-                        "{} | {want} | {got}",
-                        if want.trim() == got.trim() { "ok  " } else { "MISS" }
-                    );
-                }
-            })?;
+            let pb = eval_progress(&data, limit);
+            let r = kosmos_rt::eval::evaluate(
+                &mut pkg,
+                &data,
+                batch_size,
+                limit,
+                |want, got| {
+                    if show {
+                        pb.suspend(|| {
+                            eprintln!(
+                                "{} | {want} | {got}",
+                                if want.trim() == got.trim() { "ok  " } else { "MISS" }
+                            )
+                        });
+                    }
+                },
+                |done| pb.set_position(done as u64),
+            )?;
+            pb.finish_and_clear();
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
