@@ -32,6 +32,7 @@ pub enum ScaleType {
 }
 
 impl ScaleType {
+    #[inline]
     fn round(self, v: f32) -> f32 {
         match self {
             ScaleType::F32 => v,
@@ -98,6 +99,18 @@ pub fn quantize_blockwise_clipped(
     }
 }
 
+/// The float32 just below 0.5: `trunc(x + HALF_BELOW)` rounds x ≥ 0 half away from zero
+/// exactly (0.5 + HALF_BELOW rounds up to 1; 0.49999997 + HALF_BELOW stays below it).
+const HALF_BELOW: f32 = 0.499_999_97;
+
+/// `x.round().clamp(0, top) as u8` (`top` ≤ 255), clamped first (the same codes) and then
+/// rounded as `trunc(x + HALF_BELOW)`, LLVM's own lowering of `round`: without SSE4.1,
+/// `f32::round` is a call to libm per weight, a fifth of `--awq`'s search.
+#[inline(always)]
+fn code_of(x: f32, top: f32) -> u8 {
+    (x.clamp(0.0, top) + HALF_BELOW) as u8
+}
+
 /// One block's scale, and its codes into `codes` (one per byte, `codes.len()` = the block size;
 /// positions past `values` are the zero padding's codes).
 fn quantize_block(
@@ -121,10 +134,9 @@ fn quantize_block(
     let reciprocal = if scale != 0.0 { 1.0 / scale } else { 0.0 };
     for (i, code) in codes.iter_mut().enumerate() {
         let v = values.get(i).map_or(0.0, |&v| scale_type.round(v));
-        // Separate multiply and add (no fused multiply-add), rounding half away from zero:
-        // MLAS's `roundf(v * reciprocal_scale + zp)`.
-        let q = v * reciprocal;
-        *code = (q + mid).round().clamp(0.0, top) as u8;
+        // Separate multiply and add (no fused multiply-add): MLAS's
+        // `roundf(v * reciprocal_scale + zp)`, clamped.
+        *code = code_of(v * reciprocal + mid, top);
     }
     scale
 }
@@ -256,6 +268,44 @@ mod tests {
         assert_eq!(q.codes, vec![0x80, 0xfa]);
         // The clamped code is the one lossy value here.
         assert_eq!(dequantize(&q, 1, 4, 4, 4), vec![-2.0, 0.0, 0.5, 1.75]);
+    }
+
+    /// `code_of` is `f32::round` (half away from zero) then clamped, on every float32 in
+    /// [1, 16), around every half from -0.5 to 255.5 (64 neighbours each side), and on
+    /// negatives, large values, infinities and NaN.
+    #[test]
+    fn codes_round_half_away_from_zero_like_roundf() {
+        let want = |x: f32, top: f32| x.round().clamp(0.0, top) as u8;
+        let mut xs: Vec<f32> = (1.0f32.to_bits()..16.0f32.to_bits())
+            .map(f32::from_bits)
+            .collect();
+        for k in -1..=256 {
+            let half = k as f32 + 0.5;
+            for d in -64i32..=64 {
+                xs.push(f32::from_bits((half.abs().to_bits() as i32 + d) as u32).copysign(half));
+            }
+        }
+        xs.extend([
+            0.0,
+            -0.0,
+            0.49999997,
+            -3.0,
+            -1e30,
+            1e30,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ]);
+        for top in [15.0, 255.0] {
+            for &x in &xs {
+                assert_eq!(
+                    code_of(x, top),
+                    want(x, top),
+                    "{x:e} (bits {:#x}), top {top}",
+                    x.to_bits()
+                );
+            }
+        }
     }
 
     #[test]
