@@ -7,8 +7,8 @@
 
 use image::RgbImage;
 use kosmos_models::data::synthetic::Split;
-use kosmos_models::data::{ImageSource, Part, SkipCounter, Source, open_source};
-use kosmos_models::image::{ImageLimits, decode_image, load_image};
+use kosmos_models::data::{Part, SkipCounter, Source, open_source};
+use kosmos_models::image::ImageLimits;
 use kosmos_models::sequence::{Segment, assemble};
 
 use crate::error::{Result, RtError};
@@ -55,18 +55,18 @@ enum EvalPart {
 
 /// The next usable example of `source`, or `None` at its end; bad ones are counted in `skips`.
 fn next_item(source: &mut dyn Source, skips: &SkipCounter) -> Result<Option<Vec<EvalPart>>> {
-    let limits = ImageLimits::default();
     while let Some(ex) = source.next(skips)? {
         let parts: std::result::Result<Vec<EvalPart>, kosmos_models::ModelsError> = ex
             .parts
-            .into_iter()
+            .iter()
             .map(|part| match part {
-                Part::Text { text, loss } => Ok(EvalPart::Text { text, loss }),
-                Part::Image(ImageSource::File(path)) => load_image(&path, limits).map(EvalPart::Image),
-                Part::Image(ImageSource::Bytes(bytes)) => {
-                    decode_image(&bytes, &ex.origin, limits).map(EvalPart::Image)
-                }
-                Part::Image(ImageSource::Pixels(img)) => Ok(EvalPart::Image(img)),
+                Part::Text { text, loss } => Ok(EvalPart::Text {
+                    text: text.clone(),
+                    loss: *loss,
+                }),
+                Part::Image(src) => Ok(EvalPart::Image(
+                    src.decoded(&ex.origin, ImageLimits::default())?.into_owned(),
+                )),
             })
             .collect();
         match parts {

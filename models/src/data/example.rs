@@ -1,6 +1,7 @@
 //! One training example before tokenisation, and its conversion to token ids, image slots,
 //! loss targets and preprocessed pixels.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -80,22 +81,21 @@ impl Encoded {
     }
 }
 
+impl ImageSource {
+    /// The image's pixels, decoded if needed (size limits enforced; `what` names it in errors).
+    pub fn decoded(&self, what: &str, limits: ImageLimits) -> crate::Result<Cow<'_, RgbImage>> {
+        Ok(match self {
+            ImageSource::Pixels(img) => Cow::Borrowed(img),
+            ImageSource::File(p) => Cow::Owned(load_image(p, limits)?),
+            ImageSource::Bytes(b) => Cow::Owned(decode_image(b, what, limits)?),
+        })
+    }
+}
+
 /// Decode (if needed) and preprocess one image.
 pub fn preprocess(src: &ImageSource, what: &str, size: u32) -> crate::Result<Vec<f32>> {
-    let limits = ImageLimits::default();
-    let owned;
-    let img = match src {
-        ImageSource::Pixels(img) => img,
-        ImageSource::File(p) => {
-            owned = load_image(p, limits)?;
-            &owned
-        }
-        ImageSource::Bytes(b) => {
-            owned = decode_image(b, what, limits)?;
-            &owned
-        }
-    };
-    Ok(clip_preprocess(img, size))
+    let img = src.decoded(what, ImageLimits::default())?;
+    Ok(clip_preprocess(&img, size))
 }
 
 /// `<s> parts… </s>` with loss on the text parts that have it and on `</s>` after them.
