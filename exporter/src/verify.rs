@@ -370,7 +370,6 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     let mut vision = session_with(&pkg.join(&manifest.vision.file), opts.without_custom_ops)?;
     let mut decoder = session_with(&pkg.join(&manifest.decoder.file), opts.without_custom_ops)?;
 
-    tch::manual_seed(opts.seed);
     let rows = match &opts.data {
         None => synthetic_rows(cfg),
         Some(spec) => {
@@ -392,8 +391,12 @@ pub fn verify(ckpt: &Path, pkg: &Path, opts: &VerifyOptions) -> Result<VerifyRep
     let b = rows.len() as i64;
     let images_per_row: Vec<usize> = rows.iter().map(|r| r.images).collect();
     let pixels = match &opts.data {
-        // Arbitrary pixels for the synthetic rows: one image each.
-        None => Tensor::randn([b, 3, size, size], (Kind::Float, Device::Cpu)),
+        // Arbitrary pixels for the synthetic rows: one image each. Seeded under the trainer's
+        // lock: libtorch's generator is process-global, and a bare `manual_seed` here let a
+        // concurrent seeded draw (a library caller's, or another test's) take other numbers.
+        None => kosmos_train::rng::seeded(opts.seed, || {
+            Tensor::randn([b, 3, size, size], (Kind::Float, Device::Cpu))
+        }),
         Some(_) => examples::pixels(cfg, &rows),
     };
 
