@@ -1699,3 +1699,137 @@ fn the_auto_schedule_follows_the_package() {
     }
     assert!(kept > 0);
 }
+
+/// A buffer-layout package of a random checkpoint of `config` (seed `seed`) in `dir`.
+fn package_of(config: &kosmos_models::KosmosConfig, seed: i64, dir: &Path) -> std::path::PathBuf {
+    let ckpt = kosmos_e2e::checkpoint(config, seed, &dir.join("ckpt"));
+    let pkg = dir.join("pkg");
+    kosmos_e2e::export_package(
+        &ckpt,
+        &pkg,
+        kosmos_export::Profile::Portable,
+        kosmos_models::package::PackageDtype::Fp32,
+        kosmos_models::package::KvCacheLayout::Buffer,
+    );
+    pkg
+}
+
+fn with_draft(target: &Path, draft: &Path, p_min: f32) -> Package {
+    let mut pkg = Package::open(target, &SessionOptions::default()).unwrap();
+    pkg.set_speculation(Some(speculation(4))).unwrap();
+    let draft = Package::open(draft, &SessionOptions::default()).unwrap();
+    pkg.set_draft(Some(kosmos_rt::Draft::new(draft, p_min).unwrap()))
+        .unwrap();
+    pkg
+}
+
+/// Speculation with a draft model gives what plain generation gives, token for token and text
+/// for text (streamed too): greedy, sampled, constrained (the grammar's forced text and the
+/// draft's guesses mixed), ended by a stop string. A draft that is the target itself has every
+/// greedy guess kept; a smaller model of its own (other layers, widths and image slots: its
+/// cache and the target's are kept in step by position, not by slot) has some kept and some
+/// refused; `p_min` 1 stops all guessing. A draft with another vocabulary, one without the
+/// buffer layout, and the batching engine given a draft are refused, naming why.
+#[test]
+fn draft_model_speculation_equals_plain_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, target) = kosmos_e2e::tiny_buffer_package(&dir.path().join("target"), 7);
+    let mut small = kosmos_models::KosmosConfig::tiny();
+    small.vision.num_hidden_layers = 2;
+    small.resampler.num_latents = 8;
+    small.resampler.depth = 1;
+    small.decoder.decoder_layers = 2;
+    small.decoder.decoder_embed_dim = 128;
+    small.decoder.decoder_ffn_embed_dim = 512;
+    let small = package_of(&small, 3, &dir.path().join("small"));
+
+    let mut plain = Package::open(&target, &SessionOptions::default()).unwrap();
+    let mut cases = speculative_cases();
+    cases.push(stop_case(&mut plain, &cases[0]));
+    let want: Vec<Generation> = cases
+        .iter()
+        .map(|(p, params)| alone(&mut plain, p, params))
+        .collect();
+    // (drafted, kept) per draft.
+    let mut counts = Vec::new();
+    for (name, draft, p_min) in [
+        ("itself", &target, 0.0),
+        ("small", &small, 0.0),
+        ("unsure", &small, 1.0),
+    ] {
+        let mut spec = with_draft(&target, draft, p_min);
+        let (mut drafted, mut kept) = (0, 0);
+        for (i, ((prompt, params), want)) in cases.iter().zip(&want).enumerate() {
+            let mut streamed = String::new();
+            let got = spec
+                .generate(
+                    &mut VisionCache::new(0),
+                    std::slice::from_ref(prompt),
+                    params,
+                    &mut |_, t| {
+                        streamed.push_str(t);
+                        true
+                    },
+                )
+                .unwrap()
+                .remove(0);
+            assert_eq!(got.tokens, want.tokens, "{name}, case {i}: tokens");
+            assert_eq!(got.text, want.text, "{name}, case {i}: text");
+            assert_eq!(streamed, want.text, "{name}, case {i}: streamed");
+            assert_eq!(got.finish_reason, want.finish_reason, "{name}, case {i}");
+            assert!(got.timings.accepted <= got.timings.drafted, "{name}, case {i}");
+            if name == "unsure" && params.constraint.is_none() {
+                // Never sure enough, it guesses nothing (only a grammar's forced text is fed).
+                assert_eq!(got.timings.drafted, 0, "case {i}");
+            }
+            if name == "itself" && i == 0 {
+                // Greedy, unconstrained: the target picks what it guessed, every time.
+                assert!(got.timings.drafted >= 10, "{:?}", got.timings);
+                assert_eq!(got.timings.accepted, got.timings.drafted, "{:?}", got.timings);
+                assert!(got.timings.draft_ms > 0.0);
+            }
+            drafted += got.timings.drafted;
+            kept += got.timings.accepted;
+        }
+        counts.push((drafted, kept));
+    }
+    let [_, (small_fed, small_kept), _] = counts[..] else {
+        unreachable!()
+    };
+    assert!(
+        small_kept > 0 && small_kept < small_fed,
+        "small draft: {small_kept} of {small_fed} kept"
+    );
+
+    // Refusals.
+    let mut other_vocab = kosmos_models::KosmosConfig::tiny();
+    other_vocab.decoder.vocab_size = 384;
+    let other_vocab = package_of(&other_vocab, 3, &dir.path().join("vocab"));
+    let mut pkg = Package::open(&target, &SessionOptions::default()).unwrap();
+    let draft = kosmos_rt::Draft::new(
+        Package::open(&other_vocab, &SessionOptions::default()).unwrap(),
+        0.5,
+    )
+    .unwrap();
+    let e = pkg.set_draft(Some(draft)).unwrap_err().to_string();
+    assert!(
+        e.contains("vocabulary") && e.contains("512 entries against 384"),
+        "{e}"
+    );
+    let (_, concat) = kosmos_e2e::tiny_package(&dir.path().join("concat"), 7);
+    let concat = Package::open(&concat, &SessionOptions::default()).unwrap();
+    let e = kosmos_rt::Draft::new(concat, 0.5).unwrap_err().to_string();
+    assert!(e.contains("--kv-cache buffer"), "{e}");
+    let small_pkg = Package::open(&small, &SessionOptions::default()).unwrap();
+    let e = kosmos_rt::Draft::new(small_pkg, 1.5).unwrap_err().to_string();
+    assert!(e.contains("minimum probability") && e.contains("1.5"), "{e}");
+    let e = Engine::new(
+        with_draft(&target, &small, 0.5),
+        EngineConfig::default(),
+        Arc::new(Metrics::default()),
+    )
+    .err()
+    .expect("the engine refuses a draft")
+    .to_string();
+    assert!(e.contains("draft model"), "{e}");
+}

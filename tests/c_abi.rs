@@ -1054,8 +1054,40 @@ fn c_abi_engine_takes_every_generation_setting() {
         unsafe { kosmos_string_free(out) };
         assert_eq!(text, want.text, "kosmos_generate speculating");
     }
+    // A draft model (here the package itself) guesses instead: the same texts, sampled,
+    // constrained and greedy. Bad settings and packages are refused with their status; NULL drops it.
+    let set_draft = |dir: *const std::ffi::c_char, p_min: f32| unsafe {
+        kosmos_model_set_draft(model, dir, std::ptr::null(), p_min)
+    };
+    let st = set_draft(dir_c.as_ptr(), 1.5);
+    assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("1.5"), "{}", last_error());
+    let missing = CString::new(dir.path().join("nowhere").to_str().unwrap()).unwrap();
+    let st = set_draft(missing.as_ptr(), 0.5);
+    assert_eq!(st, kosmos_status::KOSMOS_ERR_PACKAGE);
+    assert!(last_error().contains("nowhere"), "{}", last_error());
+    for draft in [dir_c.as_ptr(), std::ptr::null()] {
+        let st = set_draft(draft, 0.0);
+        assert_eq!(st, kosmos_status::KOSMOS_OK, "{}", last_error());
+        let runs = [
+            (c_params(&cases[0], -1), &want[0]),
+            (c_params(&cases[2], -1), &want[2]),
+            (repeating, &repeat_want),
+        ];
+        for (params, want) in runs {
+            let st = generate(&params, &mut out);
+            assert_eq!(st, kosmos_status::KOSMOS_OK, "{}", last_error());
+            // SAFETY: `out` came from kosmos_generate.
+            let text = unsafe { CStr::from_ptr(out) }.to_string_lossy().into_owned();
+            unsafe { kosmos_string_free(out) };
+            assert_eq!(text, want.text, "kosmos_generate with a draft");
+        }
+    }
     // SAFETY: the handle is live; freed once.
     assert_eq!(unsafe { kosmos_model_free(model) }, kosmos_status::KOSMOS_OK);
+    // SAFETY: NULL is refused.
+    let st = unsafe { kosmos_model_set_draft(std::ptr::null_mut(), dir_c.as_ptr(), std::ptr::null(), 0.5) };
+    assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_HANDLE);
     // SAFETY: NULL is refused.
     let st = unsafe { kosmos_model_set_speculation(std::ptr::null_mut(), 4, 1, 3, KOSMOS_SPECULATE_FIXED) };
     assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_HANDLE);

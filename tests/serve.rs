@@ -703,6 +703,35 @@ fn speculative_decoding_leaves_answers_unchanged() {
     let m = s(&manifest);
     let e = refused(&["eval", &p, "--data", &m, "--speculative-tokens", "4"]);
     assert!(e.contains("--batch-size 1"), "{e}");
+
+    // A draft model (the package itself): `run` answers the same, `bench` reports its guesses
+    // and its time; serve and batch refuse one before loading anything, naming the flag.
+    let draft = ["--draft-model", &p, "--draft-p-min", "0"];
+    assert_eq!(with(&draft), plain, "run with a draft");
+    let out = Command::new(binary())
+        .args([
+            "bench",
+            &p,
+            "--batch",
+            "1",
+            "--runs",
+            "1",
+            "--new-tokens",
+            "12",
+            "--json",
+        ])
+        .args(draft)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["draft_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["drafted"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["tokens_per_call"].as_f64().unwrap() > 1.0, "{r}");
+    let e = refused(&["serve", &p, "--draft-model", &p]);
+    assert!(e.contains("--draft-model") && e.contains("prompt lookup"), "{e}");
+    let e = refused(&["run", &p, "--draft-model", &p, "--draft-p-min", "2"]);
+    assert!(e.contains("--draft-p-min") && e.contains("[0, 1]"), "{e}");
 }
 
 #[test]

@@ -47,6 +47,13 @@ struct Partial {
     next_hi: u8,
 }
 
+/// A [`Matcher`]'s place in the text, from [`Matcher::snapshot`].
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    state: State,
+    overflowed: bool,
+}
+
 pub struct Matcher {
     g: Arc<Grammar>,
     frames: Vec<(u32, u32)>,
@@ -117,6 +124,22 @@ impl Matcher {
         // Frames made for the rejected path stay interned: they are valid, and few.
         self.state = s;
         true
+    }
+
+    /// Where the text so far is, to go back to with [`Matcher::restore`] after trying a few
+    /// tokens ahead (a draft model's guesses). Cheap: the frontier, not the frames.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            state: self.state.clone(),
+            overflowed: self.overflowed,
+        }
+    }
+
+    /// Back to a [`Matcher::snapshot`] of this matcher. Frames interned since stay (valid, and
+    /// few), as after a refused [`Matcher::accept`].
+    pub fn restore(&mut self, snapshot: Snapshot) {
+        self.state = snapshot.state;
+        self.overflowed = snapshot.overflowed;
     }
 
     /// Whether `bytes` may come next, without feeding them.

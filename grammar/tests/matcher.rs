@@ -489,3 +489,26 @@ fn forced_text_is_the_only_continuation() {
     assert_eq!(m.forced(64), "abcdef");
     assert!(m.accept(b"abcdef7") && m.is_accepting());
 }
+
+/// Restoring a snapshot undoes what was accepted since: the same text is allowed, accepted and
+/// forced as before, and the matcher goes on as if the detour never happened.
+#[test]
+fn a_snapshot_restores_the_place_in_the_text() {
+    let g = compile(r#"root ::= "{\"name\": \"" [a-z]+ "\"}" | "[" [0-9]+ "]""#);
+    let mut m = Matcher::new(g.clone());
+    assert!(m.accept(b"{\"na"));
+    let at = m.snapshot();
+    let forced = m.forced(64);
+    assert_eq!(forced, "me\": \"");
+    assert!(m.accept(b"me\": \"abc\"}"));
+    assert!(m.is_finished());
+    m.restore(at);
+    assert!(!m.is_accepting());
+    assert_eq!(m.forced(64), forced);
+    assert!(!m.allows(b"["));
+    assert!(m.accept(b"me\": \"xyz"));
+    assert!(!m.allows(b"1"));
+    assert!(m.accept(b"\"}"));
+    assert!(m.is_finished());
+    assert!(matches(&g, "{\"name\": \"xyz\"}"));
+}

@@ -277,6 +277,30 @@ impl KosmosTokenizer {
         &self.special
     }
 
+    /// Where `other` gives a token id another meaning, or `None` when every id means the same
+    /// to both: the same size, special tokens and piece per id. A draft model's guesses are ids
+    /// that the model it guesses for reads, so only such tokenizers can pair.
+    pub fn vocabulary_difference(&self, other: &KosmosTokenizer) -> Option<String> {
+        if self.vocab_size() != other.vocab_size() {
+            return Some(format!(
+                "{} entries against {}",
+                self.vocab_size(),
+                other.vocab_size()
+            ));
+        }
+        if self.special != other.special {
+            return Some(format!(
+                "special tokens {:?} against {:?}",
+                self.special.pairs(),
+                other.special.pairs()
+            ));
+        }
+        (0..self.vocab_size() as u32).find_map(|id| {
+            let (a, b) = (self.inner.id_to_token(id), other.inner.id_to_token(id));
+            (a != b).then(|| format!("token {id} is {a:?} against {b:?}"))
+        })
+    }
+
     /// Token ids of `text`, without `<s>`/`</s>` (the sequence assembly adds those).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self

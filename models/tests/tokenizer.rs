@@ -147,3 +147,36 @@ fn training_is_deterministic() {
         assert!(again == first, "a second training gave another tokenizer");
     }
 }
+
+/// Two tokenizers pair (a draft model for a target) only when every id means the same: the
+/// same training gives none; another size, another piece at one id or another special id is
+/// named.
+#[test]
+fn vocabulary_differences_are_named() {
+    let sp = SpecialTokens::default();
+    let a = KosmosTokenizer::train(|| corpus().into_iter(), 512, &sp).unwrap();
+    let same = KosmosTokenizer::train(|| corpus().into_iter(), 512, &sp).unwrap();
+    assert_eq!(a.vocabulary_difference(&same), None);
+    let smaller = KosmosTokenizer::train(|| corpus().into_iter(), 301, &sp).unwrap();
+    let e = a.vocabulary_difference(&smaller).unwrap();
+    assert!(e.contains("512 entries against 301"), "{e}");
+    let mut other_corpus = corpus();
+    other_corpus.push("zebras zebras zebras everywhere zebras".into());
+    let other = KosmosTokenizer::train(|| other_corpus.clone().into_iter(), 512, &sp).unwrap();
+    let e = a.vocabulary_difference(&other).unwrap();
+    assert!(e.starts_with("token "), "{e}");
+    let swapped = SpecialTokens {
+        pad_token: "</s>".into(),
+        pad_token_id: sp.eos_token_id,
+        eos_token: "<pad>".into(),
+        eos_token_id: sp.pad_token_id,
+        ..sp.clone()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    a.save(&path).unwrap();
+    // The same file read with other special tokens (their ids swapped by name).
+    let renamed = KosmosTokenizer::load(&path, &swapped).unwrap();
+    let e = a.vocabulary_difference(&renamed).unwrap();
+    assert!(e.contains("special tokens"), "{e}");
+}

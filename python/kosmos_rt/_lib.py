@@ -150,6 +150,7 @@ _PROTOTYPES = {
     "kosmos_params_init": (c_int, [POINTER(kosmos_params), c_size_t]),
     "kosmos_model_open": (c_int, [c_char_p, c_char_p, POINTER(c_void_p)]),
     "kosmos_model_set_speculation": (c_int, [c_void_p, c_uint32, c_uint32, c_uint32, c_uint32]),
+    "kosmos_model_set_draft": (c_int, [c_void_p, c_char_p, c_char_p, c_float]),
     "kosmos_model_free": (c_int, [c_void_p]),
     "kosmos_generate": (
         c_int,

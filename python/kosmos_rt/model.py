@@ -215,3 +215,12 @@ class Model(OwnsTokenizer, Handle):
                     self._live(), tokens, prompt_lookup_min, prompt_lookup_max, _lib.SPECULATE[schedule]
                 )
             )
+
+    def set_draft(self, package_dir, p_min: float = 0.75, device: str = "cpu") -> None:
+        """Let a draft model (a smaller package with the same tokenizer, exported with
+        `--kv-cache buffer`) make speculative decoding's guesses instead of prompt lookup while
+        speculation is on (`set_speculation`); `None` drops it. It guesses its most likely next
+        tokens while it gives them at least `p_min` probability. Output unchanged."""
+        path = None if package_dir is None else package_path(package_dir)
+        with self._turn:
+            check(lib.kosmos_model_set_draft(self._live(), path, device.encode(), p_min))

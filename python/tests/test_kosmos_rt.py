@@ -119,6 +119,20 @@ class Generating(unittest.TestCase):
             prompt, images, settings = case_args(case)
             self.assertEqual(self.model.generate(prompt, images, **settings), case["text"], case)
 
+    def test_speculating_by_prompt_lookup_or_a_draft_model_changes_no_answer(self):
+        with kosmos_rt.Model(PACKAGE) as model:
+            model.set_speculation(4, schedule="fixed")
+            for draft in (None, PACKAGE):
+                # The package as its own draft: it guesses what the model will say.
+                model.set_draft(draft, p_min=0.0)
+                for case in EXPECTED["cases"]:
+                    prompt, images, settings = case_args(case)
+                    self.assertEqual(model.generate(prompt, images, **settings), case["text"], (draft, case))
+            with self.assertRaisesRegex(kosmos_rt.InvalidArgumentError, "1.5"):
+                model.set_draft(PACKAGE, p_min=1.5)
+            with self.assertRaisesRegex(kosmos_rt.PackageError, "nowhere"):
+                model.set_draft(Path(PACKAGE) / "nowhere")
+
     def test_stream_pieces_make_the_text_and_leaving_early_stops(self):
         streams = []
         for case in EXPECTED["cases"]:

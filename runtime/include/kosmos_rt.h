@@ -477,6 +477,27 @@ enum kosmos_status kosmos_model_set_speculation(struct kosmos_model *model,
                                                 uint32_t schedule);
 
 /*
+ Let the package in `draft_dir` (opened on `device`, NULL = "cpu") make speculative
+ decoding's guesses for `kosmos_generate` on `model` instead of prompt lookup, or drop the
+ draft (`draft_dir` NULL). A draft is a smaller model with the same tokenizer, exported with
+ `--kv-cache buffer`; it reads the prompt and the output and guesses its most likely next
+ tokens while it gives them at least `p_min` probability (llama.cpp's `--draft-p-min`; 0.75
+ there). It guesses only while speculation is on (`kosmos_model_set_speculation`, whose
+ `tokens` bound the guesses per call). The output does not change. Errors:
+ `KOSMOS_ERR_PACKAGE` (the draft cannot be opened, its vocabulary differs from the model's,
+ or its KV layout is not the buffer one), `KOSMOS_ERR_INVALID_ARGUMENT` (`p_min` outside
+ [0, 1], an unknown device), `KOSMOS_ERR_PROVIDER`.
+
+ # Safety
+ `model` is a handle from `kosmos_model_open` (or NULL); `draft_dir` and `device` are NULL
+ or NUL-terminated strings.
+ */
+enum kosmos_status kosmos_model_set_draft(struct kosmos_model *model,
+                                          const char *draft_dir,
+                                          const char *device,
+                                          float p_min);
+
+/*
  Release a model (NULL is ignored; freeing twice is refused, not undefined).
 
  # Safety

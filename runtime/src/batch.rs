@@ -641,6 +641,13 @@ impl Engine {
         if config.max_batch == 0 {
             return Err(RtError::Input("max_batch must be at least 1".into()));
         }
+        if let Some(draft) = pkg.draft() {
+            return Err(RtError::Input(format!(
+                "the batching engine guesses by prompt lookup and cannot run a draft model ({}); \
+                 a draft model speculates in one-prompt generation (`kosmos-rt run`, `bench`, `eval`)",
+                draft.dir().display()
+            )));
+        }
         let d = &pkg.manifest.decoder;
         let mut pool = KvPool::empty(d.num_heads, d.head_dim, pkg.kv_dtype);
         // What a deployment sizes memory by: the cache of one token, and of every row full.

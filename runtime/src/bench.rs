@@ -60,6 +60,9 @@ pub struct BenchReport {
     pub acceptance: Option<f64>,
     /// Tokens per decode call, at the latency batch (1 without speculation).
     pub tokens_per_call: f64,
+    /// With a draft model: its time per generation (vision, prefill and guessing calls),
+    /// median over runs. It counts as decode time in `tokens_per_s`.
+    pub draft_ms: Option<f64>,
     pub new_tokens: usize,
     pub runs: usize,
 }
@@ -127,6 +130,7 @@ pub fn run(pkg: &mut Package, opts: &BenchOptions) -> Result<BenchReport> {
     let mut vision = Vec::new();
     let mut prefill = Vec::new();
     let mut decode1 = Vec::new();
+    let mut draft = Vec::new();
     let mut tokens_per_s = BTreeMap::new();
     let mut e2e = BTreeMap::new();
     let mut prompt_tokens = 0;
@@ -145,7 +149,8 @@ pub fn run(pkg: &mut Package, opts: &BenchOptions) -> Result<BenchReport> {
             wall_total += t0.elapsed().as_secs_f64();
             let t = &g[0].timings;
             generated += g.iter().map(|x| x.tokens.len()).sum::<usize>();
-            decode_total += t.decode_ms.iter().sum::<f64>() / 1e3;
+            // A draft model's calls are part of decoding: without them no guess.
+            decode_total += (t.decode_ms.iter().sum::<f64>() + t.draft_ms) / 1e3;
             // The first token of each prompt comes from the prefill.
             let after_first = g.iter().map(|x| x.tokens.len().saturating_sub(1)).sum::<usize>();
             decode_tokens += after_first;
@@ -159,6 +164,7 @@ pub fn run(pkg: &mut Package, opts: &BenchOptions) -> Result<BenchReport> {
                 prefill.push(t.prefill_ms);
                 ttft.push(t.vision_ms + t.prefill_ms);
                 decode1.extend_from_slice(&t.decode_ms);
+                draft.push(t.draft_ms);
             }
         }
         tokens_per_s.insert(b, decode_tokens as f64 / decode_total.max(1e-9));
@@ -179,6 +185,7 @@ pub fn run(pkg: &mut Package, opts: &BenchOptions) -> Result<BenchReport> {
         drafted,
         acceptance: (drafted > 0).then(|| accepted as f64 / drafted as f64),
         tokens_per_call: decoded as f64 / calls.max(1) as f64 / latency_batch as f64,
+        draft_ms: pkg.draft().is_some().then(|| median(&mut draft)),
         new_tokens: opts.new_tokens,
         runs: opts.runs,
     })

@@ -198,6 +198,15 @@ impl ActiveConstraint {
         debug_assert!(ok, "token {t} was not allowed");
     }
 
+    /// Where the text is, to [`ActiveConstraint::restore`] after trying tokens ahead.
+    pub(crate) fn snapshot(&self) -> kosmos_grammar::matcher::Snapshot {
+        self.matcher.snapshot()
+    }
+
+    pub(crate) fn restore(&mut self, s: kosmos_grammar::matcher::Snapshot) {
+        self.matcher.restore(s);
+    }
+
     /// The text is complete and nothing may follow.
     pub(crate) fn finished(&self) -> bool {
         self.matcher.is_finished()

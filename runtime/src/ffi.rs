@@ -27,6 +27,7 @@ pub use engine::*;
 pub use score::*;
 pub use tokenizer::*;
 
+use crate::draft::Draft;
 use crate::error::RtError;
 use crate::generate::{
     FinishReason, GenerateParams, ImageInput, MAX_STOP, Prompt, VisionCache, bad_word_tokens,
@@ -495,6 +496,58 @@ pub unsafe extern "C" fn kosmos_model_set_speculation(
         }
         let mut guard = model.inner.lock().unwrap_or_else(|p| p.into_inner());
         match guard.0.set_speculation(spec) {
+            Ok(()) => kosmos_status::KOSMOS_OK,
+            Err(e) => fail(kosmos_status::KOSMOS_ERR_PACKAGE, e.to_string()),
+        }
+    })
+}
+
+/// Let the package in `draft_dir` (opened on `device`, NULL = "cpu") make speculative
+/// decoding's guesses for `kosmos_generate` on `model` instead of prompt lookup, or drop the
+/// draft (`draft_dir` NULL). A draft is a smaller model with the same tokenizer, exported with
+/// `--kv-cache buffer`; it reads the prompt and the output and guesses its most likely next
+/// tokens while it gives them at least `p_min` probability (llama.cpp's `--draft-p-min`; 0.75
+/// there). It guesses only while speculation is on (`kosmos_model_set_speculation`, whose
+/// `tokens` bound the guesses per call). The output does not change. Errors:
+/// `KOSMOS_ERR_PACKAGE` (the draft cannot be opened, its vocabulary differs from the model's,
+/// or its KV layout is not the buffer one), `KOSMOS_ERR_INVALID_ARGUMENT` (`p_min` outside
+/// [0, 1], an unknown device), `KOSMOS_ERR_PROVIDER`.
+///
+/// # Safety
+/// `model` is a handle from `kosmos_model_open` (or NULL); `draft_dir` and `device` are NULL
+/// or NUL-terminated strings.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kosmos_model_set_draft(
+    model: *mut kosmos_model,
+    draft_dir: *const c_char,
+    device: *const c_char,
+    p_min: f32,
+) -> kosmos_status {
+    guard(|| {
+        // SAFETY: per this function's contract.
+        let model = match unsafe { MODELS.get(model, "model") } {
+            Ok(m) => m,
+            Err(s) => return s,
+        };
+        let draft = if draft_dir.is_null() {
+            None
+        } else {
+            // Checked before the draft loads.
+            if let Err(m) = crate::draft::check_p_min(p_min) {
+                return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, m);
+            }
+            // SAFETY: per this function's contract.
+            let pkg = match unsafe { open_package(draft_dir, device) } {
+                Ok(p) => p,
+                Err(s) => return s,
+            };
+            match Draft::new(pkg, p_min) {
+                Ok(d) => Some(d),
+                Err(e) => return fail(kosmos_status::KOSMOS_ERR_PACKAGE, e.to_string()),
+            }
+        };
+        let mut guard = model.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.0.set_draft(draft) {
             Ok(()) => kosmos_status::KOSMOS_OK,
             Err(e) => fail(kosmos_status::KOSMOS_ERR_PACKAGE, e.to_string()),
         }

@@ -12,6 +12,7 @@ use kosmos_models::KosmosTokenizer;
 use kosmos_models::image::{ImageLimits, clip_preprocess, decode_image, load_image};
 use kosmos_models::package::{KvCacheLayout, KvDtype, io};
 
+use crate::draft::{Draft, DraftRun};
 use crate::speculate::{GuessSchedule, Speculation};
 use kosmos_models::sequence::{Assembled, Segment, assemble};
 use ort::memory::Allocator;
@@ -302,6 +303,8 @@ pub struct Timings {
     /// Speculating: guessed tokens fed to the decoder, and those the sampler picked too.
     pub drafted: usize,
     pub accepted: usize,
+    /// Speculating with a draft model: its vision, prefill and guessing calls.
+    pub draft_ms: f64,
 }
 
 /// Streaming callback: (prompt index, new text) → keep going.
@@ -349,7 +352,7 @@ impl VisionCache {
 pub(crate) struct Cache {
     values: Vec<DynValue>,
     /// Tokens in the cache.
-    len: usize,
+    pub(crate) len: usize,
     /// Buffer layout: the preallocated slots per row (the values are bound as both past and
     /// present, so the decoder writes new entries in place).
     capacity: Option<usize>,
@@ -792,7 +795,12 @@ impl Package {
         if let Some(spec) = self.speculation().cloned() {
             let row = &mut rows[0];
             let ctx = (params, &mut timings);
-            self.decode_speculatively(&spec, row, logits, &mut kv, ctx, on_token)?;
+            // The draft is lent to the call (it is the package's, and so is `self`).
+            let mut draft = self.draft.take();
+            let guesser = draft.as_deref_mut().map(|d| (d, &prompts[0]));
+            let done = self.decode_speculatively(&spec, row, logits, &mut kv, guesser, ctx, on_token);
+            self.draft = draft;
+            done?;
             row.flush(0, on_token);
             let row = rows.pop().expect("one row");
             return Ok(vec![row.finish(assembled[0].len(), timings)]);
@@ -843,7 +851,9 @@ impl Package {
     }
 
     /// Decode one prompt's row after its prefill (`logits`: its last position's), guessing
-    /// ahead ([`RowState::guesses`]: the text its grammar forces, or prompt lookup). Each call feeds the token just picked and
+    /// ahead: the text its grammar forces, else the draft model's guesses (`draft`: it and the
+    /// prompt it reads, from the first call on, so the first token is not delayed), else prompt
+    /// lookup. Each call feeds the token just picked and
     /// the guesses; the logits of every position are picked from in order, as sequential steps
     /// would, and the guesses are kept up to the first the sampler did not pick, whose pick is
     /// fed next. The cache forgets the rest: the next call writes over their slots.
@@ -854,11 +864,13 @@ impl Package {
         row: &mut RowState,
         mut logits: Vec<f32>,
         kv: &mut Cache,
+        mut draft: Option<(&mut Draft, &Prompt)>,
         (params, timings): (&GenerateParams, &mut Timings),
         on_token: &mut OnToken<'_>,
     ) -> Result<()> {
         let eos = self.manifest.config.tokenizer.eos_token_id;
         let vocab = self.manifest.decoder.vocab_size;
+        let mut draft_run: Option<DraftRun> = None;
         // A token picked and pushed but not fed yet (a rejected guess's replacement).
         let mut picked: Option<u32> = None;
         loop {
@@ -880,7 +892,24 @@ impl Package {
             // Feeding the token and k guesses fills k + 1 slots: within the prompt + max_tokens
             // the cache was made for.
             let room = params.max_tokens - row.tokens.len();
-            let guesses = row.guesses(spec, room);
+            let limit = row.guess_limit(spec, room);
+            let mut guesses = row.forced_guesses(limit);
+            let drafted = guesses.is_empty() && draft.is_some();
+            if guesses.is_empty() {
+                guesses = match draft.as_mut() {
+                    Some((d, prompt)) => {
+                        let t0 = Instant::now();
+                        let run = match &mut draft_run {
+                            Some(run) => run,
+                            None => draft_run.insert(d.start(prompt, params.max_tokens)?),
+                        };
+                        let g = d.propose(run, &row.tokens, limit, row.constraint.as_mut())?;
+                        timings.draft_ms += ms(t0);
+                        g
+                    }
+                    None => spec.propose(&row.seen, limit),
+                };
+            }
             let mut ids = vec![tok as i64];
             ids.extend(guesses.iter().map(|&g| g as i64));
             let past = kv.len;
@@ -909,6 +938,9 @@ impl Package {
             }
             timings.accepted += kept;
             row.guessed(spec, guesses.len(), kept);
+            if let (Some((d, _)), Some(run)) = (draft.as_ref(), draft_run.as_mut()) {
+                d.kept(run, kept, drafted);
+            }
             // The fed token and the guesses kept are in the cache; the rest is forgotten.
             kv.len = past + 1 + kept;
             if row.finish.is_some() || row.tokens.len() >= params.max_tokens {
@@ -1372,19 +1404,29 @@ impl RowState {
     /// its constraint forces next, or else what followed the latest earlier occurrence of its
     /// last n tokens in its prompt's text and its output (what the repetition penalty sees).
     pub(crate) fn guesses(&mut self, spec: &Speculation, limit: usize) -> Vec<u32> {
+        let limit = self.guess_limit(spec, limit);
+        let forced = self.forced_guesses(limit);
+        if !forced.is_empty() {
+            return forced;
+        }
+        spec.propose(&self.seen, limit)
+    }
+
+    /// How many guesses the next call may feed: `room` and the schedule's budget.
+    pub(crate) fn guess_limit(&mut self, spec: &Speculation, room: usize) -> usize {
         if self.guess_budget == 0 {
             self.guess_budget = spec.tokens;
         }
-        let limit = limit.min(self.guess_budget);
-        if let Some(c) = self.constraint.as_mut()
-            && !self.tokens.is_empty()
-        {
-            let forced = c.forced_tokens(limit.min(spec.tokens));
-            if !forced.is_empty() {
-                return forced;
-            }
+        room.min(self.guess_budget)
+    }
+
+    /// Up to `limit` tokens spelling the text this row's constraint forces next (none without
+    /// one, or before the first token).
+    pub(crate) fn forced_guesses(&mut self, limit: usize) -> Vec<u32> {
+        match self.constraint.as_mut() {
+            Some(c) if !self.tokens.is_empty() => c.forced_tokens(limit),
+            _ => Vec::new(),
         }
-        spec.propose(&self.seen, limit)
     }
 
     /// After a call that fed `fed` guesses and kept `kept`, under

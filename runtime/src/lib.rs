@@ -16,6 +16,7 @@ pub mod batch;
 pub mod bench;
 mod chat;
 pub mod constrain;
+pub mod draft;
 pub mod error;
 pub mod eval;
 #[allow(non_camel_case_types)]
@@ -30,6 +31,7 @@ pub mod score;
 pub mod serve;
 pub mod speculate;
 
+pub use draft::Draft;
 pub use error::{Result, RtError};
 pub use generate::{
     FinishReason, GenerateParams, Generation, ImageInput, Prompt, VisionCache, bad_word_tokens,

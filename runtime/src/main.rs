@@ -74,6 +74,15 @@ struct Speculate {
     /// picks by the package.
     #[arg(long, value_enum, default_value = "auto")]
     speculative_schedule: ScheduleArg,
+    /// run, bench, eval: a smaller `--kv-cache buffer` package with the same tokenizer that
+    /// guesses instead of prompt lookup: it reads the prompt (images too) and what is generated,
+    /// and proposes its most likely next tokens (llama.cpp's `--model-draft`). The output is
+    /// still the target's own. Turns speculation on (`--speculative-tokens` defaults to 4).
+    #[arg(long, value_name = "PACKAGE")]
+    draft_model: Option<PathBuf>,
+    /// The draft stops guessing at a token it gives less than this probability.
+    #[arg(long, default_value_t = kosmos_rt::draft::default_p_min(), value_name = "P")]
+    draft_p_min: f32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -84,12 +93,20 @@ enum ScheduleArg {
 }
 
 impl Speculate {
+    /// Whether generation speculates (a number of guesses, or a draft model to make them).
+    fn on(&self) -> bool {
+        self.speculative_tokens > 0 || self.draft_model.is_some()
+    }
+
     fn settings(&self) -> Result<Option<Speculation>> {
-        if self.speculative_tokens == 0 {
+        if !self.on() {
             return Ok(None);
         }
         let s = Speculation {
-            tokens: self.speculative_tokens,
+            tokens: match self.speculative_tokens {
+                0 => Speculation::default().tokens,
+                k => k,
+            },
             ngram_max: self.prompt_lookup_max,
             ngram_min: self.prompt_lookup_min,
             max_batch: self.speculative_max_batch,
@@ -183,6 +200,7 @@ enum Command {
         kosmos-rt run pkg/k1 --image cat.jpg --beams 5 --max-tokens 20\n  \
         kosmos-rt run pkg/tiny --image a.png --json-schema shape.json   # JSON the schema accepts\n  \
         kosmos-rt run pkg/k1 --image form.png --prompt '...' --speculative-tokens 4   # same output, faster\n  \
+        kosmos-rt run pkg/k1 --image cat.jpg --draft-model pkg/k1-small   # a smaller model guesses\n  \
         kosmos-rt run pkg/tiny --image a.png --prompt 'Question: what colour is the circle? Answer:' --choice red --choice blue")]
     Run {
         package: PathBuf,
@@ -289,7 +307,8 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         kosmos-rt bench pkg/tiny\n  \
         kosmos-rt bench pkg/k1 --json --new-tokens 64 --batch 1 --batch 8\n  \
-        kosmos-rt bench pkg/k1 --image form.png --prompt 'Fields as JSON:' --batch 1 --speculative-tokens 4")]
+        kosmos-rt bench pkg/k1 --image form.png --prompt 'Fields as JSON:' --batch 1 --speculative-tokens 4\n  \
+        kosmos-rt bench pkg/k1 --batch 1 --draft-model pkg/k1-int4 --speculative-tokens 6")]
     Bench {
         package: PathBuf,
         /// Words of the built-in prompt's text after its image.
@@ -498,12 +517,32 @@ fn session_options(e: &Engine, package: &std::path::Path) -> SessionOptions {
     }
 }
 
+/// serve and batch run the batching engine, which guesses by prompt lookup only: refused before
+/// anything loads.
+fn no_draft(engine: &Engine) -> Result<()> {
+    if engine.speculate.draft_model.is_some() {
+        anyhow::bail!(
+            "--draft-model: the batching engine (serve, batch) guesses by prompt lookup only; \
+             use --speculative-tokens K, or a draft model with run, bench or eval"
+        );
+    }
+    Ok(())
+}
+
 fn open(package: &std::path::Path, engine: &Engine) -> Result<Package> {
     // Settings are checked before the model loads.
     let speculation = engine.speculate.settings()?;
+    kosmos_rt::draft::check_p_min(engine.speculate.draft_p_min)
+        .map_err(|m| anyhow::anyhow!("--draft-p-min: {m}"))?;
     let mut pkg = Package::open(package, &session_options(engine, package))
         .with_context(|| format!("opening package {}", package.display()))?;
     pkg.set_speculation(speculation).context("--speculative-tokens")?;
+    if let Some(dir) = &engine.speculate.draft_model {
+        let draft = Package::open(dir, &session_options(engine, dir))
+            .with_context(|| format!("opening the draft model {}", dir.display()))?;
+        let draft = kosmos_rt::Draft::new(draft, engine.speculate.draft_p_min).context("--draft-model")?;
+        pkg.set_draft(Some(draft)).context("--draft-model")?;
+    }
     Ok(pkg)
 }
 
@@ -559,9 +598,10 @@ fn run(cli: Cli) -> Result<()> {
             json,
             engine,
         } => {
-            if engine.speculate.speculative_tokens > 0 && batch_size > 1 {
+            if engine.speculate.on() && batch_size > 1 {
                 anyhow::bail!(
-                    "--speculative-tokens: eval generates one prompt at a time with it; add --batch-size 1"
+                    "--speculative-tokens / --draft-model: eval generates one prompt at a time with them; \
+                     add --batch-size 1"
                 );
             }
             let mut pkg = open(&package, &engine)?;
@@ -613,10 +653,10 @@ fn run(cli: Cli) -> Result<()> {
             json,
             engine,
         } => {
-            let speculating = engine.speculate.speculative_tokens > 0;
+            let speculating = engine.speculate.on();
             if speculating && batches.iter().any(|&b| b > 1) {
                 anyhow::bail!(
-                    "--speculative-tokens: bench generates one prompt at a time with it; measure --batch 1 \
+                    "--speculative-tokens / --draft-model: bench generates one prompt at a time with them; measure --batch 1 \
                      (kosmos-rt serve speculates for several sequences at once)"
                 );
             }
@@ -658,8 +698,15 @@ fn run(cli: Cli) -> Result<()> {
                         r.drafted,
                         r.tokens_per_call
                     );
+                } else if engine.speculate.draft_model.is_some() {
+                    println!("speculation      no guess: the draft was never sure enough (--draft-p-min)");
                 } else if speculating {
                     println!("speculation      no guess: prompt lookup found no repeat");
+                }
+                if let Some(d) = r.draft_ms {
+                    println!(
+                        "draft            {d:.1} ms per generation (vision, prefill, guesses; in decode below)"
+                    );
                 }
                 for (b, t) in &r.tokens_per_s {
                     println!(
@@ -680,6 +727,7 @@ fn run(cli: Cli) -> Result<()> {
             settings,
             engine,
         } => {
+            no_draft(&engine)?;
             let pkg = open(&package, &engine)?;
             let cfg = kosmos_rt::serve::ServeConfig {
                 host,
@@ -716,6 +764,7 @@ fn run(cli: Cli) -> Result<()> {
             engine,
         } => {
             use kosmos_rt::serve::batch_job::{BatchJob, plan, run_batch};
+            no_draft(&engine)?;
             // The file is checked before the model loads.
             let plan = plan(BatchJob {
                 input,

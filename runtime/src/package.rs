@@ -8,6 +8,7 @@ use kosmos_models::{KosmosTokenizer, ModelsError};
 use ort::session::Session;
 use ort::value::TensorElementType;
 
+use crate::draft::Draft;
 use crate::error::{Result, RtError};
 use crate::ort_env::{SessionOptions, session};
 use crate::speculate::{GuessSchedule, Speculation};
@@ -27,6 +28,8 @@ pub struct Package {
     constraint_vocab: std::sync::OnceLock<std::sync::Arc<crate::constrain::ConstraintVocab>>,
     /// Prompt-lookup speculative decoding, when turned on ([`Package::set_speculation`]).
     speculation: Option<Speculation>,
+    /// The draft model that guesses instead, when one is set ([`Package::set_draft`]).
+    pub(crate) draft: Option<Box<Draft>>,
 }
 
 impl std::fmt::Debug for Package {
@@ -122,6 +125,7 @@ impl Package {
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             constraint_vocab: std::sync::OnceLock::new(),
             speculation: None,
+            draft: None,
         };
         pkg.check_graphs()?;
         Ok(pkg)
@@ -249,6 +253,24 @@ impl Package {
 
     pub fn speculation(&self) -> Option<&Speculation> {
         self.speculation.as_ref()
+    }
+
+    /// Let `draft` make speculative decoding's guesses in [`Package::generate`] instead of prompt
+    /// lookup (the text a grammar forces still comes first), or not (`None`). It guesses only
+    /// while speculation is on ([`Package::set_speculation`]: its `tokens` bound the guesses per
+    /// call, its schedule adapts them); the batching engine refuses a package with a draft.
+    /// A draft whose token ids mean something else is refused, naming the first difference.
+    pub fn set_draft(&mut self, draft: Option<Draft>) -> Result<()> {
+        if let Some(d) = &draft {
+            d.check_pairs_with(self)?;
+        }
+        self.draft = draft.map(Box::new);
+        Ok(())
+    }
+
+    /// The draft model, when one is set.
+    pub fn draft(&self) -> Option<&Draft> {
+        self.draft.as_deref()
     }
 }
 
