@@ -1729,19 +1729,12 @@ fn with_draft(target: &Path, draft: &Path, p_min: f32) -> Package {
 /// greedy guess kept; a smaller model of its own (other layers, widths and image slots: its
 /// cache and the target's are kept in step by position, not by slot) has some kept and some
 /// refused; `p_min` 1 stops all guessing. A draft with another vocabulary, one without the
-/// buffer layout, and the batching engine given a draft are refused, naming why.
+/// buffer layout, and a probability out of range are refused, naming why.
 #[test]
 fn draft_model_speculation_equals_plain_generation() {
     let dir = tempfile::tempdir().unwrap();
     let (_, target) = kosmos_e2e::tiny_buffer_package(&dir.path().join("target"), 7);
-    let mut small = kosmos_models::KosmosConfig::tiny();
-    small.vision.num_hidden_layers = 2;
-    small.resampler.num_latents = 8;
-    small.resampler.depth = 1;
-    small.decoder.decoder_layers = 2;
-    small.decoder.decoder_embed_dim = 128;
-    small.decoder.decoder_ffn_embed_dim = 512;
-    let small = package_of(&small, 3, &dir.path().join("small"));
+    let small = package_of(&small_draft_config(), 3, &dir.path().join("small"));
 
     let mut plain = Package::open(&target, &SessionOptions::default()).unwrap();
     let mut cases = speculative_cases();
@@ -1823,13 +1816,110 @@ fn draft_model_speculation_equals_plain_generation() {
     let small_pkg = Package::open(&small, &SessionOptions::default()).unwrap();
     let e = kosmos_rt::Draft::new(small_pkg, 1.5).unwrap_err().to_string();
     assert!(e.contains("minimum probability") && e.contains("1.5"), "{e}");
-    let e = Engine::new(
-        with_draft(&target, &small, 0.5),
+}
+
+/// The small draft of [`draft_model_speculation_equals_plain_generation`].
+fn small_draft_config() -> kosmos_models::KosmosConfig {
+    let mut small = kosmos_models::KosmosConfig::tiny();
+    small.vision.num_hidden_layers = 2;
+    small.resampler.num_latents = 8;
+    small.resampler.depth = 1;
+    small.decoder.decoder_layers = 2;
+    small.decoder.decoder_embed_dim = 128;
+    small.decoder.decoder_ffn_embed_dim = 512;
+    small
+}
+
+/// The batching engine with a draft model (the target itself, and a smaller model with half
+/// the image slots; sequences admitted while others decode, prefilled in 7-token chunks, two
+/// waiting for a row, then decoding beside more rows than speculation's limit so the draft
+/// falls behind and catches up) gives what `Package::generate` gives each alone, with guesses
+/// kept; a draft whose vision tower takes other images than the model's is refused, naming
+/// both sizes (requests come preprocessed for the model).
+#[test]
+fn the_engine_with_a_draft_model_generates_what_each_would_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, target) = kosmos_e2e::tiny_buffer_package(&dir.path().join("target"), 7);
+    let small = package_of(&small_draft_config(), 3, &dir.path().join("small"));
+    let mut plain = Package::open(&target, &SessionOptions::default()).unwrap();
+    let mut cases = speculative_cases();
+    cases.push(stop_case(&mut plain, &cases[0]));
+    let want: Vec<Generation> = cases
+        .iter()
+        .map(|(p, params)| alone(&mut plain, p, params))
+        .collect();
+    for (name, draft) in [("itself", &target), ("small", &small)] {
+        let metrics = Arc::new(Metrics::default());
+        let config = EngineConfig {
+            max_batch: 3,
+            prefill_chunk: 7,
+            ..Default::default()
+        };
+        // Speculation's limit is 2 rows: with three running, nobody guesses.
+        let mut pkg = with_draft(&target, draft, 0.0);
+        pkg.set_speculation(Some(speculation(2))).unwrap();
+        let mut engine = Engine::new(pkg, config, metrics.clone()).unwrap();
+        let mut outs = Vec::new();
+        for (i, (prompt, params)) in cases.iter().enumerate() {
+            let (req, out, _) = request(engine.package(), prompt, params);
+            engine.submit(req);
+            outs.push(out);
+            if i == 0 {
+                for _ in 0..6 {
+                    engine.step();
+                }
+            }
+        }
+        while !engine.is_idle() {
+            engine.step();
+        }
+        for (i, want) in want.iter().enumerate() {
+            let c = outs[i].lock().unwrap();
+            let done = c
+                .done
+                .as_ref()
+                .unwrap_or_else(|| panic!("{name}: #{i} did not finish: {:?}", c.failed));
+            assert_eq!(done.tokens, want.tokens, "{name}: #{i} tokens vs generate()");
+            assert_eq!(c.text, want.text, "{name}: #{i} streamed text");
+        }
+        let drafted = metrics.spec_draft_tokens.load(Ordering::Relaxed);
+        let accepted = metrics.spec_accepted_tokens.load(Ordering::Relaxed);
+        assert!(
+            accepted > 0 && accepted <= drafted,
+            "{name}: {accepted} of {drafted}"
+        );
+    }
+
+    // Alone with itself as the draft, the greedy sequence keeps every guess: the draft's cache
+    // follows what the engine keeps.
+    let metrics = Arc::new(Metrics::default());
+    let mut engine = Engine::new(
+        with_draft(&target, &target, 0.0),
         EngineConfig::default(),
-        Arc::new(Metrics::default()),
+        metrics.clone(),
     )
-    .err()
-    .expect("the engine refuses a draft")
-    .to_string();
-    assert!(e.contains("draft model"), "{e}");
+    .unwrap();
+    let (req, out, _) = request(engine.package(), &cases[0].0, &cases[0].1);
+    engine.submit(req);
+    while !engine.is_idle() {
+        engine.step();
+    }
+    assert_eq!(out.lock().unwrap().done.as_ref().unwrap().tokens, want[0].tokens);
+    let drafted = metrics.spec_draft_tokens.load(Ordering::Relaxed);
+    let accepted = metrics.spec_accepted_tokens.load(Ordering::Relaxed);
+    assert!(drafted >= 10 && accepted == drafted, "{accepted} of {drafted}");
+
+    let mut other_eye = kosmos_models::KosmosConfig::tiny();
+    other_eye.vision.image_size = 16;
+    let other_eye = package_of(&other_eye, 3, &dir.path().join("eye"));
+    // One prompt at a time, the draft preprocesses the images for itself.
+    let mut spec = with_draft(&target, &other_eye, 0.0);
+    for (i, ((prompt, params), want)) in cases.iter().zip(&want).enumerate().take(2) {
+        assert_eq!(alone(&mut spec, prompt, params).tokens, want.tokens, "case {i}");
+    }
+    let e = Engine::new(spec, EngineConfig::default(), Arc::new(Metrics::default()))
+        .err()
+        .expect("the engine refuses a draft with other images")
+        .to_string();
+    assert!(e.contains("16 px") && e.contains("32 px"), "{e}");
 }

@@ -947,55 +947,72 @@ fn c_abi_engine_takes_every_generation_setting() {
     // SAFETY: the handle is live; freed once.
     assert_eq!(unsafe { kosmos_engine_free(e) }, kosmos_status::KOSMOS_OK);
 
-    // The same requests, and the repeating one, through an engine that speculates: the same
-    // tokens and text.
-    let speculating = kosmos_engine_config {
+    // The same requests, and the repeating one, through an engine that speculates by prompt
+    // lookup and one whose draft model (the package itself) guesses: the same tokens and text.
+    let bad_draft = kosmos_engine_config {
+        draft_package: dir_c.as_ptr(),
+        draft_p_min: -0.5,
+        ..kosmos_engine_default_config()
+    };
+    let mut none: *mut kosmos_engine = std::ptr::null_mut();
+    // SAFETY: valid strings, config and out pointer.
+    let st = unsafe { kosmos_engine_open(dir_c.as_ptr(), std::ptr::null(), &bad_draft, &mut none) };
+    assert_eq!(st, kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("-0.5"), "{}", last_error());
+    let lookup = kosmos_engine_config {
         speculative_tokens: 4,
         ..kosmos_engine_default_config()
     };
-    let mut fast: *mut kosmos_engine = std::ptr::null_mut();
-    // SAFETY: valid strings, config and out pointer.
-    let st = unsafe { kosmos_engine_open(dir_c.as_ptr(), std::ptr::null(), &speculating, &mut fast) };
-    assert_eq!(st, kosmos_status::KOSMOS_OK, "{}", last_error());
+    let drafted = kosmos_engine_config {
+        draft_package: dir_c.as_ptr(),
+        draft_p_min: 0.0,
+        ..kosmos_engine_default_config()
+    };
     let repeating = kosmos_params {
         max_tokens: 16,
         constraint_kind: KOSMOS_CONSTRAINT_REGEX,
         constraint: repeat_c.as_ptr(),
         ..c_params(&greedy, -1)
     };
-    let runs = cases.iter().map(|g| c_params(g, -1)).chain([repeating]);
-    for (case, (params, want)) in runs.zip(want.iter().chain([&repeat_want])).enumerate() {
-        let shared: Shared = Default::default();
-        // SAFETY: live engine, valid strings; `shared` outlives the request (waited for below).
-        let st = unsafe {
-            kosmos_engine_submit(
-                fast,
-                prompt_c.as_ptr(),
-                std::ptr::null(),
-                0,
-                &params,
-                Some(collect),
-                &shared as *const Shared as *mut std::ffi::c_void,
-                std::ptr::null_mut(),
-            )
-        };
+    for speculating in [lookup, drafted] {
+        let mut fast: *mut kosmos_engine = std::ptr::null_mut();
+        // SAFETY: valid strings, config and out pointer.
+        let st = unsafe { kosmos_engine_open(dir_c.as_ptr(), std::ptr::null(), &speculating, &mut fast) };
         assert_eq!(st, kosmos_status::KOSMOS_OK, "{}", last_error());
-        let r = shared
-            .1
-            .wait_while(shared.0.lock().unwrap(), |r| {
-                r.done.is_none() && r.failed.is_none()
-            })
-            .unwrap();
-        let (_, tokens, text) = r
-            .done
-            .clone()
-            .unwrap_or_else(|| panic!("case {case}: {:?}", r.failed));
-        assert_eq!(tokens, want.tokens, "speculating, case {case}");
-        assert_eq!(text, want.text, "speculating, case {case}");
-        assert_eq!(r.text, want.text, "speculating, case {case}: streamed");
+        let runs = cases.iter().map(|g| c_params(g, -1)).chain([repeating]);
+        for (case, (params, want)) in runs.zip(want.iter().chain([&repeat_want])).enumerate() {
+            let shared: Shared = Default::default();
+            // SAFETY: live engine, valid strings; `shared` outlives the request (waited for below).
+            let st = unsafe {
+                kosmos_engine_submit(
+                    fast,
+                    prompt_c.as_ptr(),
+                    std::ptr::null(),
+                    0,
+                    &params,
+                    Some(collect),
+                    &shared as *const Shared as *mut std::ffi::c_void,
+                    std::ptr::null_mut(),
+                )
+            };
+            assert_eq!(st, kosmos_status::KOSMOS_OK, "{}", last_error());
+            let r = shared
+                .1
+                .wait_while(shared.0.lock().unwrap(), |r| {
+                    r.done.is_none() && r.failed.is_none()
+                })
+                .unwrap();
+            let (_, tokens, text) = r
+                .done
+                .clone()
+                .unwrap_or_else(|| panic!("case {case}: {:?}", r.failed));
+            assert_eq!(tokens, want.tokens, "speculating, case {case}");
+            assert_eq!(text, want.text, "speculating, case {case}");
+            assert_eq!(r.text, want.text, "speculating, case {case}: streamed");
+        }
+        // SAFETY: the handle is live; freed once.
+        assert_eq!(unsafe { kosmos_engine_free(fast) }, kosmos_status::KOSMOS_OK);
     }
-    // SAFETY: the handle is live; freed once.
-    assert_eq!(unsafe { kosmos_engine_free(fast) }, kosmos_status::KOSMOS_OK);
 
     // kosmos_generate has no log-probabilities to report: asking is refused, not ignored.
     let mut model: *mut kosmos_model = std::ptr::null_mut();

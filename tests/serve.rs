@@ -704,8 +704,8 @@ fn speculative_decoding_leaves_answers_unchanged() {
     let e = refused(&["eval", &p, "--data", &m, "--speculative-tokens", "4"]);
     assert!(e.contains("--batch-size 1"), "{e}");
 
-    // A draft model (the package itself): `run` answers the same, `bench` reports its guesses
-    // and its time; serve and batch refuse one before loading anything, naming the flag.
+    // A draft model (the package itself): `run` and the server answer the same, `bench`
+    // reports its guesses and its time, a bad minimum probability is named.
     let draft = ["--draft-model", &p, "--draft-p-min", "0"];
     assert_eq!(with(&draft), plain, "run with a draft");
     let out = Command::new(binary())
@@ -728,8 +728,26 @@ fn speculative_decoding_leaves_answers_unchanged() {
     assert!(r["draft_ms"].as_f64().unwrap() > 0.0, "{r}");
     assert!(r["drafted"].as_u64().unwrap() > 0, "{r}");
     assert!(r["tokens_per_call"].as_f64().unwrap() > 1.0, "{r}");
-    let e = refused(&["serve", &p, "--draft-model", &p]);
-    assert!(e.contains("--draft-model") && e.contains("prompt lookup"), "{e}");
+    let drafting = Server::start(&pkg, &draft);
+    let (status, _, resp) = drafting.http("POST", "/v1/completions", &body(false));
+    assert_eq!(status, 200, "{resp}");
+    let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!(
+        v["choices"][0]["text"].as_str().unwrap().trim(),
+        plain,
+        "served with a draft"
+    );
+    let (_, _, metrics) = drafting.http("GET", "/metrics", "");
+    let drafted = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("kosmos_spec_decode_draft_tokens_total")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap();
+    assert!(drafted > 0.0, "{metrics}");
     let e = refused(&["run", &p, "--draft-model", &p, "--draft-p-min", "2"]);
     assert!(e.contains("--draft-p-min") && e.contains("[0, 1]"), "{e}");
 }

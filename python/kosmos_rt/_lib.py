@@ -86,6 +86,8 @@ class kosmos_engine_config(Structure):
         ("prompt_lookup_min", c_uint32),
         ("speculative_max_batch", c_uint32),
         ("speculative_schedule", c_uint32),
+        ("draft_package", c_char_p),
+        ("draft_p_min", c_float),
     ]
 
 

@@ -173,7 +173,8 @@ class Engine(OwnsTokenizer, Handle):
     Settings (keywords; the library's defaults when left out): max_batch, prefill_chunk,
     vision_cache, kv_preallocate, prefix_cache_mb, priority_preemption, speculative_tokens,
     prompt_lookup_max, prompt_lookup_min, speculative_max_batch, speculative_schedule ("auto",
-    "fixed", "adaptive").
+    "fixed", "adaptive"), draft_package (a draft model's package directory: it guesses instead
+    of prompt lookup), draft_p_min.
     """
 
     def __init__(self, package_dir, device: str = "cpu", **settings):
@@ -191,6 +192,8 @@ class Engine(OwnsTokenizer, Handle):
                         f"speculative_schedule: {value!r} is not one of {', '.join(_lib.SPECULATE)}"
                     )
                 value = _lib.SPECULATE[value]
+            if name == "draft_package":
+                value = package_path(value)
             setattr(config, name, value)
         self._requests = {}
         self._engine_thread = None

@@ -368,6 +368,12 @@ class Batching(unittest.TestCase):
         for case, completion in zip(EXPECTED["cases"], in_threads(self.engine.generate)):
             self.check(case, completion)
 
+    def test_a_draft_model_changes_no_answer(self):
+        # The package as its own draft, guessing for every request at once.
+        with kosmos_rt.Engine(PACKAGE, max_batch=4, draft_package=PACKAGE, draft_p_min=0.0) as engine:
+            for case, completion in zip(EXPECTED["cases"], in_threads(engine.generate)):
+                self.check(case, completion)
+
     def test_asyncio_awaits_and_streams(self):
         cases = EXPECTED["cases"]
 

@@ -354,6 +354,18 @@ typedef struct kosmos_engine_config {
    int8 packages, fixed otherwise), `KOSMOS_SPECULATE_FIXED` or `KOSMOS_SPECULATE_ADAPTIVE`.
    */
   uint32_t speculative_schedule;
+  /*
+   A draft model that makes the guesses instead of prompt lookup: the directory of a
+   smaller `--kv-cache buffer` package with the same tokenizer and image size, opened on the
+   engine's device; NULL = none. With a draft, `speculative_tokens` 0 means 4. (This and
+   `draft_p_min` were appended after `speculative_schedule`.)
+   */
+  const char *draft_package;
+  /*
+   The draft stops guessing at a token it gives less than this probability (default 0.75,
+   llama.cpp's `--draft-p-min`).
+   */
+  float draft_p_min;
 } kosmos_engine_config;
 
 /*
@@ -573,7 +585,7 @@ struct kosmos_engine_config kosmos_engine_default_config(void);
 
  # Safety
  `package_dir` and `device` are NULL or NUL-terminated strings; `config` is NULL (defaults)
- or valid; `out` is NULL or writable.
+ or valid, its `draft_package` NULL or a NUL-terminated string; `out` is NULL or writable.
  */
 enum kosmos_status kosmos_engine_open(const char *package_dir,
                                       const char *device,

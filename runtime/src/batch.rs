@@ -47,6 +47,7 @@ use ort::memory::MemoryInfo;
 use ort::session::IoBinding;
 use ort::value::{DynTensor, DynValueRefMut, Shape, Tensor, TensorRefMut};
 
+use crate::draft::{Draft, DraftRun};
 use crate::error::{Result, RtError};
 use crate::generate::{FinishReason, GenerateParams, RowState, VisionCache, last_positions, logits_to_keep};
 use crate::generate::{filled, image_hash};
@@ -205,6 +206,9 @@ struct Running {
     cached_tokens: usize,
     /// Its prompt's length: `req.assembled` also holds tokens generated before a preemption.
     prompt_len: usize,
+    /// The draft model's cache for this sequence, from its first guess (dropped when it is
+    /// preempted; a resumed sequence's draft reads its prompt and output again).
+    draft: Option<DraftRun>,
 }
 
 /// What a preempted sequence resumes with when it gets a row again.
@@ -614,6 +618,8 @@ struct Call {
 
 pub struct Engine {
     pkg: Package,
+    /// The package's draft model, when it has one: guesses instead of prompt lookup.
+    draft: Option<Draft>,
     config: EngineConfig,
     vision: VisionCache,
     pool: KvPool,
@@ -641,12 +647,23 @@ impl Engine {
         if config.max_batch == 0 {
             return Err(RtError::Input("max_batch must be at least 1".into()));
         }
-        if let Some(draft) = pkg.draft() {
-            return Err(RtError::Input(format!(
-                "the batching engine guesses by prompt lookup and cannot run a draft model ({}); \
-                 a draft model speculates in one-prompt generation (`kosmos-rt run`, `bench`, `eval`)",
-                draft.dir().display()
-            )));
+        let mut pkg = pkg;
+        let draft = pkg.draft.take().map(|d| *d);
+        if let Some(d) = &draft {
+            // Requests come preprocessed for the model; the draft reads the same pixels.
+            let (ours, its) = (
+                pkg.manifest.preprocess.image_size,
+                d.pkg.manifest.preprocess.image_size,
+            );
+            if ours != its {
+                return Err(RtError::Package {
+                    path: d.dir().to_path_buf(),
+                    message: format!(
+                        "the draft's vision tower takes {its} px images and the model's {ours} px; \
+                         the batching engine gives both the same pixels"
+                    ),
+                });
+            }
         }
         let d = &pkg.manifest.decoder;
         let mut pool = KvPool::empty(d.num_heads, d.head_dim, pkg.kv_dtype);
@@ -674,6 +691,7 @@ impl Engine {
         Ok(Engine {
             vision: VisionCache::new(config.vision_cache),
             pkg,
+            draft,
             config,
             pool,
             running: Vec::new(),
@@ -1328,6 +1346,7 @@ impl Engine {
                 failure: None,
                 cached_tokens: resume.cached_tokens,
                 prompt_len: resume.prompt_len,
+                draft: None,
                 req,
             };
             if score_only {
@@ -1411,8 +1430,8 @@ impl Engine {
         if let Some(spec) = self.pkg.speculation().cloned()
             && self.running.len() <= spec.max_batch
         {
-            let guesses = self.guesses(&spec);
-            if guesses.iter().any(|g| !g.is_empty()) {
+            let guesses = self.guesses(&spec)?;
+            if guesses.iter().any(|(g, _)| !g.is_empty()) {
                 return self.speculative_step(&spec, &guesses);
             }
         }
@@ -1449,36 +1468,66 @@ impl Engine {
         Ok(())
     }
 
-    /// Each running sequence's guesses ([`RowState::guesses`]: forced by its grammar, or by
-    /// prompt lookup), within the slots its row has left (every row of a call writes as many
-    /// slots as the longest feed) and its `max_tokens`.
-    fn guesses(&mut self, spec: &Speculation) -> Vec<Vec<u32>> {
+    /// Each running sequence's guesses ([`RowState::guesses`]: forced by its grammar, else the
+    /// draft model's, else prompt lookup's) and whether the draft made them, within the slots
+    /// its row has left (every row of a call writes as many slots as the longest feed) and its
+    /// `max_tokens`. A draft that fails stops guessing for that sequence, which goes on.
+    fn guesses(&mut self, spec: &Speculation) -> Result<Vec<(Vec<u32>, bool)>> {
         let cap = self.pool.capacity;
+        let per = self.pkg.manifest.vision.tokens_per_image;
         let free = self.running.iter().map(|r| cap - r.mask.len()).min().unwrap_or(0);
-        self.running
-            .iter_mut()
-            .map(|run| {
-                let left = run.req.params.max_tokens.saturating_sub(run.state.tokens.len());
-                let room = free.saturating_sub(1).min(left);
-                run.state.guesses(spec, room)
-            })
-            .collect()
+        let mut out = Vec::with_capacity(self.running.len());
+        for run in self.running.iter_mut() {
+            let left = run.req.params.max_tokens.saturating_sub(run.state.tokens.len());
+            let room = free.saturating_sub(1).min(left);
+            let Some(draft) = self.draft.as_mut() else {
+                out.push(run.state.guesses(spec, room, None)?);
+                continue;
+            };
+            let t0 = Instant::now();
+            if run.draft.is_none() {
+                let mut prompt = run.req.assembled.clone();
+                prompt.input_ids.truncate(run.prompt_len);
+                prompt.image_mask.truncate(run.prompt_len);
+                let max_tokens = run.req.params.max_tokens;
+                run.draft = Some(
+                    draft
+                        .start_assembled(&prompt, per, &run.req.pixels, max_tokens)
+                        .unwrap_or_else(|e| {
+                            tracing::warn!(error = %e, "the draft model cannot read this prompt; no guesses for it");
+                            DraftRun::none()
+                        }),
+                );
+            }
+            let dr = run.draft.as_mut().expect("started above");
+            let guesses = run.state.guesses(spec, room, Some((&mut *draft, &mut *dr)));
+            tracing::trace!(ms = t0.elapsed().as_secs_f64() * 1e3, "draft guesses");
+            match guesses {
+                Ok(g) => out.push(g),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the draft model failed; no more guesses for this sequence");
+                    *dr = DraftRun::none();
+                    out.push((Vec::new(), true));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// One decoder call feeding every running sequence its next token and its guesses
     /// (right-padded to the longest feed, the padding masked out), then each row's positions
     /// picked from in order as decode steps would, keeping guesses up to the first the sampler
     /// did not pick. A row's slots past what it kept are overwritten by its next call.
-    fn speculative_step(&mut self, spec: &Speculation, guesses: &[Vec<u32>]) -> Result<()> {
+    fn speculative_step(&mut self, spec: &Speculation, guesses: &[(Vec<u32>, bool)]) -> Result<()> {
         let n = self.running.len();
         let cap = self.pool.capacity;
         let dm = self.pkg.manifest.decoder.hidden_size;
-        let s = 1 + guesses.iter().map(Vec::len).max().unwrap_or(0);
+        let s = 1 + guesses.iter().map(|(g, _)| g.len()).max().unwrap_or(0);
         let pad = self.pkg.manifest.config.tokenizer.pad_token_id as i64;
         let mut ids = Vec::with_capacity(n * s);
         let mut mask = vec![0i64; n * cap];
         let mut past = Vec::with_capacity(n);
-        for (r, (run, g)) in self.running.iter().zip(guesses).enumerate() {
+        for (r, (run, (g, _))) in self.running.iter().zip(guesses).enumerate() {
             let u = run.mask.len();
             mask[r * cap..r * cap + u].copy_from_slice(&run.mask);
             mask[r * cap + u..r * cap + u + 1 + g.len()].fill(1);
@@ -1501,23 +1550,31 @@ impl Engine {
         let vocab = self.pkg.manifest.decoder.vocab_size;
         let (mut drafted, mut accepted) = (0, 0);
         let mut running = std::mem::take(&mut self.running);
-        for (r, (run, g)) in running.iter_mut().zip(guesses).enumerate() {
+        for (r, (run, (g, by_draft))) in running.iter_mut().zip(guesses).enumerate() {
             // The token fed first is in the cache whatever happens to the guesses.
             run.mask.push(1);
             drafted += g.len();
             let mut kept = 0;
             for i in 0..=g.len() {
                 let at = (r * s + i) * vocab;
+                let before = run.state.tokens.len();
                 self.take_token(run, &mut logits[at..at + vocab]);
-                if run.state.finish.is_some() || i == g.len() || run.next != g[i] as i64 {
+                // Guess i was picked (counted even when it ends the sequence).
+                let picked = i < g.len()
+                    && run.state.tokens.len() == before + 1
+                    && run.state.tokens.last() == Some(&g[i]);
+                kept += usize::from(picked);
+                if run.state.finish.is_some() || !picked {
                     break;
                 }
-                // Guess i was picked: its keys, written by this call, are kept.
+                // Its keys, written by this call, are kept.
                 run.mask.push(1);
-                kept += 1;
             }
             accepted += kept;
             run.state.guessed(spec, g.len(), kept);
+            if let (Some(d), Some(dr)) = (self.draft.as_ref(), run.draft.as_mut()) {
+                d.kept(dr, kept, *by_draft);
+            }
         }
         self.running = running;
         self.metrics

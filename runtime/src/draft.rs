@@ -14,6 +14,8 @@ use std::path::Path;
 
 use crate::constrain::ActiveConstraint;
 use crate::error::{Result, RtError};
+use kosmos_models::sequence::Assembled;
+
 use crate::generate::{Cache, Prompt, VisionCache};
 use crate::package::Package;
 
@@ -93,23 +95,71 @@ impl Draft {
         }
     }
 
-    /// Read `prompt` (images through the draft's vision tower) into a fresh cache with room for
-    /// `max_tokens` generated tokens.
+    /// Read `prompt` (images preprocessed for and encoded by the draft's vision tower) into a
+    /// fresh cache with room for `max_tokens` generated tokens.
     pub(crate) fn start(&mut self, prompt: &Prompt, max_tokens: usize) -> Result<DraftRun> {
-        let pkg = &mut self.pkg;
-        let a = pkg.assemble(prompt)?;
+        let a = self.pkg.assemble(prompt)?;
+        let pixels: Vec<Vec<f32>> = prompt
+            .images
+            .iter()
+            .map(|img| self.pkg.preprocess(img))
+            .collect::<Result<_>>()?;
+        self.prefill(a, &pixels, max_tokens)
+    }
+
+    /// [`Draft::start`] from a prompt the target assembled (`tokens_per_image` slots per image)
+    /// and preprocessed (`pixels`, at the draft's image size too: [`Draft::check_pairs_with`]
+    /// for an engine): its image slots become the draft's.
+    pub(crate) fn start_assembled(
+        &mut self,
+        target: &Assembled,
+        tokens_per_image: usize,
+        pixels: &[Vec<f32>],
+        max_tokens: usize,
+    ) -> Result<DraftRun> {
+        let slot = self.pkg.manifest.config.tokenizer.image_slot_id();
+        let per = self.pkg.manifest.vision.tokens_per_image;
+        let mut a = Assembled {
+            input_ids: Vec::with_capacity(target.len()),
+            image_mask: Vec::with_capacity(target.len()),
+            num_images: target.num_images,
+        };
+        let mut slots = 0;
+        for (&id, &image) in target.input_ids.iter().zip(&target.image_mask) {
+            if !image {
+                a.input_ids.push(id);
+                a.image_mask.push(false);
+                continue;
+            }
+            // An image's first slot stands for all of the draft's.
+            if slots % tokens_per_image.max(1) == 0 {
+                a.input_ids.extend(std::iter::repeat_n(slot, per));
+                a.image_mask.extend(std::iter::repeat_n(true, per));
+            }
+            slots += 1;
+        }
+        self.prefill(a, pixels, max_tokens)
+    }
+
+    /// The draft's prefill of its own assembly `a` of the prompt, whose images are `pixels`.
+    fn prefill(&mut self, a: Assembled, pixels: &[Vec<f32>], max_tokens: usize) -> Result<DraftRun> {
         let len = a.len();
-        pkg.check_context(len, max_tokens).map_err(|e| RtError::Package {
-            path: pkg.dir.clone(),
-            message: format!("the draft model cannot follow this generation: {e}"),
-        })?;
-        let (embeds, n_tok) = pkg.prompt_image_embeds(&mut self.vision, std::slice::from_ref(prompt))?;
-        let (ids, img, attn) = pkg.left_padded(std::slice::from_ref(&a), len);
-        let mut kv = pkg.empty_cache(1, len + max_tokens)?;
-        pkg.decode(&ids, &img, (&embeds, n_tok), &attn, (1, 1), &mut kv)?;
+        let capacity = (len + max_tokens).min(self.pkg.context_length());
+        if len >= capacity {
+            // Longer than the draft's context: it cannot guess for this prompt.
+            return Ok(DraftRun::none());
+        }
+        let embeds = self.pkg.encode_images(&mut self.vision, pixels)?;
+        let n_tok = embeds.iter().map(|e| e.len()).sum::<usize>() / self.pkg.manifest.decoder.hidden_size;
+        let embeds: Vec<f32> = embeds.iter().flat_map(|e| e.iter().copied()).collect();
+        let (ids, img, attn) = self.pkg.left_padded(std::slice::from_ref(&a), len);
+        let mut kv = self.pkg.empty_cache(1, capacity)?;
+        self.pkg
+            .decode(&ids, &img, (&embeds, n_tok), &attn, (1, 1), &mut kv)?;
         Ok(DraftRun {
-            kv,
+            kv: Some(kv),
             prompt_len: len,
+            capacity,
             synced: 0,
             fed_guesses: 0,
         })
@@ -127,7 +177,10 @@ impl Draft {
         limit: usize,
         constraint: Option<&mut ActiveConstraint>,
     ) -> Result<Vec<u32>> {
-        if limit == 0 || run.synced >= generated.len() {
+        let todo = generated.len().saturating_sub(run.synced);
+        // Past the draft's cache (its context, or the room made for this generation): no more
+        // guesses for this sequence.
+        if limit == 0 || todo == 0 || run.kv.is_none() || run.prompt_len + generated.len() >= run.capacity {
             return Ok(Vec::new());
         }
         match constraint {
@@ -151,16 +204,20 @@ impl Draft {
         let mut guesses = Vec::new();
         let eos = self.pkg.manifest.config.tokenizer.eos_token_id;
         let vocab = self.pkg.manifest.decoder.vocab_size;
+        let Some(kv) = run.kv.as_mut() else {
+            return Ok(guesses);
+        };
         let mut feed: Vec<i64> = generated[run.synced..].iter().map(|&t| t as i64).collect();
         run.synced = generated.len();
         run.fed_guesses = 0;
         loop {
-            let past = run.kv.len;
+            let past = kv.len;
+            if past + feed.len() > run.capacity {
+                break;
+            }
             let mask = vec![1i64; past + feed.len()];
             let no_img = vec![false; feed.len()];
-            let mut logits = self
-                .pkg
-                .decode(&feed, &no_img, (&[], 0), &mask, (1, 1), &mut run.kv)?;
+            let mut logits = self.pkg.decode(&feed, &no_img, (&[], 0), &mask, (1, 1), kv)?;
             debug_assert_eq!(logits.len(), vocab);
             if !guesses.is_empty() {
                 run.fed_guesses += 1;
@@ -194,20 +251,38 @@ impl Draft {
         let read = if proposed { run.fed_guesses.min(kept) } else { 0 };
         run.synced += read;
         run.fed_guesses = 0;
-        run.kv.len = run.prompt_len + run.synced;
+        if let Some(kv) = run.kv.as_mut() {
+            kv.len = run.prompt_len + run.synced;
+        }
     }
 }
 
 /// A draft's state through one generation.
 pub(crate) struct DraftRun {
-    kv: Cache,
+    /// `None` when the prompt does not fit the draft's context.
+    kv: Option<Cache>,
     /// Slots of the prompt (the draft's assembly: its own image slots).
     prompt_len: usize,
+    /// Slots of the cache: the prompt and the generation's `max_tokens`, within the context.
+    capacity: usize,
     /// Generated tokens whose keys and values the draft's cache holds, in order after the prompt.
     synced: usize,
     /// Of the guesses last proposed, those fed to the draft (all but the last, or all when it
     /// stopped at an unsure one): their keys and values follow the synced tokens.
     fed_guesses: usize,
+}
+
+impl DraftRun {
+    /// A run that never guesses (the draft cannot follow this sequence).
+    pub(crate) fn none() -> Self {
+        DraftRun {
+            kv: None,
+            prompt_len: 0,
+            capacity: 0,
+            synced: 0,
+            fed_guesses: 0,
+        }
+    }
 }
 
 /// The arg max of `logits` and its softmax probability.

@@ -892,24 +892,19 @@ impl Package {
             // Feeding the token and k guesses fills k + 1 slots: within the prompt + max_tokens
             // the cache was made for.
             let room = params.max_tokens - row.tokens.len();
-            let limit = row.guess_limit(spec, room);
-            let mut guesses = row.forced_guesses(limit);
-            let drafted = guesses.is_empty() && draft.is_some();
-            if guesses.is_empty() {
-                guesses = match draft.as_mut() {
-                    Some((d, prompt)) => {
-                        let t0 = Instant::now();
-                        let run = match &mut draft_run {
-                            Some(run) => run,
-                            None => draft_run.insert(d.start(prompt, params.max_tokens)?),
-                        };
-                        let g = d.propose(run, &row.tokens, limit, row.constraint.as_mut())?;
-                        timings.draft_ms += ms(t0);
-                        g
-                    }
-                    None => spec.propose(&row.seen, limit),
-                };
-            }
+            let t0 = Instant::now();
+            let (guesses, drafted) = match draft.as_mut() {
+                Some((d, prompt)) => {
+                    let run = match &mut draft_run {
+                        Some(run) => run,
+                        None => draft_run.insert(d.start(prompt, params.max_tokens)?),
+                    };
+                    let g = row.guesses(spec, room, Some((&mut **d, run)))?;
+                    timings.draft_ms += ms(t0);
+                    g
+                }
+                None => row.guesses(spec, room, None)?,
+            };
             let mut ids = vec![tok as i64];
             ids.extend(guesses.iter().map(|&g| g as i64));
             let past = kv.len;
@@ -1400,20 +1395,33 @@ impl RowState {
         Ok(())
     }
 
-    /// Speculative decoding's guesses for this row, at most `limit`: the tokens spelling what
-    /// its constraint forces next, or else what followed the latest earlier occurrence of its
+    /// Speculative decoding's guesses for this row, at most `room` (and the schedule's budget):
+    /// the tokens spelling what its constraint forces next, else the draft model's (`draft`:
+    /// it and this row's run of it), else what followed the latest earlier occurrence of its
     /// last n tokens in its prompt's text and its output (what the repetition penalty sees).
-    pub(crate) fn guesses(&mut self, spec: &Speculation, limit: usize) -> Vec<u32> {
-        let limit = self.guess_limit(spec, limit);
+    /// Also whether the draft made them (then [`Draft::kept`] follows the call).
+    pub(crate) fn guesses(
+        &mut self,
+        spec: &Speculation,
+        room: usize,
+        draft: Option<(&mut Draft, &mut DraftRun)>,
+    ) -> Result<(Vec<u32>, bool)> {
+        let limit = self.guess_limit(spec, room);
         let forced = self.forced_guesses(limit);
         if !forced.is_empty() {
-            return forced;
+            return Ok((forced, false));
         }
-        spec.propose(&self.seen, limit)
+        match draft {
+            Some((d, run)) => Ok((
+                d.propose(run, &self.tokens, limit, self.constraint.as_mut())?,
+                true,
+            )),
+            None => Ok((spec.propose(&self.seen, limit), false)),
+        }
     }
 
     /// How many guesses the next call may feed: `room` and the schedule's budget.
-    pub(crate) fn guess_limit(&mut self, spec: &Speculation, room: usize) -> usize {
+    fn guess_limit(&mut self, spec: &Speculation, room: usize) -> usize {
         if self.guess_budget == 0 {
             self.guess_budget = spec.tokens;
         }
@@ -1422,7 +1430,7 @@ impl RowState {
 
     /// Up to `limit` tokens spelling the text this row's constraint forces next (none without
     /// one, or before the first token).
-    pub(crate) fn forced_guesses(&mut self, limit: usize) -> Vec<u32> {
+    fn forced_guesses(&mut self, limit: usize) -> Vec<u32> {
         match self.constraint.as_mut() {
             Some(c) if !self.tokens.is_empty() => c.forced_tokens(limit),
             _ => Vec::new(),

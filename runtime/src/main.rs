@@ -74,10 +74,11 @@ struct Speculate {
     /// picks by the package.
     #[arg(long, value_enum, default_value = "auto")]
     speculative_schedule: ScheduleArg,
-    /// run, bench, eval: a smaller `--kv-cache buffer` package with the same tokenizer that
-    /// guesses instead of prompt lookup: it reads the prompt (images too) and what is generated,
-    /// and proposes its most likely next tokens (llama.cpp's `--model-draft`). The output is
-    /// still the target's own. Turns speculation on (`--speculative-tokens` defaults to 4).
+    /// A smaller `--kv-cache buffer` package with the same tokenizer that guesses instead of
+    /// prompt lookup: it reads the prompt (images too) and what is generated, and proposes its
+    /// most likely next tokens (llama.cpp's `--model-draft`). The output is still the model's
+    /// own. Turns speculation on (`--speculative-tokens` defaults to 4). serve and batch need
+    /// the draft's image size to be the model's.
     #[arg(long, value_name = "PACKAGE")]
     draft_model: Option<PathBuf>,
     /// The draft stops guessing at a token it gives less than this probability.
@@ -517,18 +518,6 @@ fn session_options(e: &Engine, package: &std::path::Path) -> SessionOptions {
     }
 }
 
-/// serve and batch run the batching engine, which guesses by prompt lookup only: refused before
-/// anything loads.
-fn no_draft(engine: &Engine) -> Result<()> {
-    if engine.speculate.draft_model.is_some() {
-        anyhow::bail!(
-            "--draft-model: the batching engine (serve, batch) guesses by prompt lookup only; \
-             use --speculative-tokens K, or a draft model with run, bench or eval"
-        );
-    }
-    Ok(())
-}
-
 fn open(package: &std::path::Path, engine: &Engine) -> Result<Package> {
     // Settings are checked before the model loads.
     let speculation = engine.speculate.settings()?;
@@ -727,7 +716,6 @@ fn run(cli: Cli) -> Result<()> {
             settings,
             engine,
         } => {
-            no_draft(&engine)?;
             let pkg = open(&package, &engine)?;
             let cfg = kosmos_rt::serve::ServeConfig {
                 host,
@@ -764,7 +752,6 @@ fn run(cli: Cli) -> Result<()> {
             engine,
         } => {
             use kosmos_rt::serve::batch_job::{BatchJob, plan, run_batch};
-            no_draft(&engine)?;
             // The file is checked before the model loads.
             let plan = plan(BatchJob {
                 input,

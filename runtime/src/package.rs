@@ -258,7 +258,7 @@ impl Package {
     /// Let `draft` make speculative decoding's guesses in [`Package::generate`] instead of prompt
     /// lookup (the text a grammar forces still comes first), or not (`None`). It guesses only
     /// while speculation is on ([`Package::set_speculation`]: its `tokens` bound the guesses per
-    /// call, its schedule adapts them); the batching engine refuses a package with a draft.
+    /// call, its schedule adapts them), here and in the batching engine, which takes it over.
     /// A draft whose token ids mean something else is refused, naming the first difference.
     pub fn set_draft(&mut self, draft: Option<Draft>) -> Result<()> {
         if let Some(d) = &draft {

@@ -18,6 +18,7 @@ use super::{
     kosmos_image, kosmos_params, kosmos_status, open_package, read_request, read_sized, status_of,
 };
 use crate::batch::{Engine, EngineConfig, SeqEvent, SeqFailure, SeqRequest};
+use crate::draft::Draft;
 use crate::error::RtError;
 use crate::generate::{FinishReason, Prompt, assemble_prompt, preprocess_image};
 use crate::logprobs::TokenLogprob;
@@ -62,6 +63,14 @@ pub struct kosmos_engine_config {
     /// How many guesses each call feeds: `KOSMOS_SPECULATE_AUTO` (default: adaptive for int4 /
     /// int8 packages, fixed otherwise), `KOSMOS_SPECULATE_FIXED` or `KOSMOS_SPECULATE_ADAPTIVE`.
     pub speculative_schedule: u32,
+    /// A draft model that makes the guesses instead of prompt lookup: the directory of a
+    /// smaller `--kv-cache buffer` package with the same tokenizer and image size, opened on the
+    /// engine's device; NULL = none. With a draft, `speculative_tokens` 0 means 4. (This and
+    /// `draft_p_min` were appended after `speculative_schedule`.)
+    pub draft_package: *const c_char,
+    /// The draft stops guessing at a token it gives less than this probability (default 0.75,
+    /// llama.cpp's `--draft-p-min`).
+    pub draft_p_min: f32,
 }
 
 /// Bytes of the first `kosmos_engine_config` with `struct_size` (ABI 1): it ended before
@@ -276,6 +285,8 @@ pub extern "C" fn kosmos_engine_default_config() -> kosmos_engine_config {
         prompt_lookup_min: spec.ngram_min as u32,
         speculative_max_batch: spec.max_batch as u32,
         speculative_schedule: KOSMOS_SPECULATE_AUTO,
+        draft_package: std::ptr::null(),
+        draft_p_min: crate::draft::default_p_min(),
     }
 }
 
@@ -285,7 +296,7 @@ pub extern "C" fn kosmos_engine_default_config() -> kosmos_engine_config {
 ///
 /// # Safety
 /// `package_dir` and `device` are NULL or NUL-terminated strings; `config` is NULL (defaults)
-/// or valid; `out` is NULL or writable.
+/// or valid, its `draft_package` NULL or a NUL-terminated string; `out` is NULL or writable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kosmos_engine_open(
     package_dir: *const c_char,
@@ -317,14 +328,21 @@ pub unsafe extern "C" fn kosmos_engine_open(
             Ok(s) => s,
             Err(s) => return s,
         };
-        let speculation = (c.speculative_tokens > 0).then_some(Speculation {
-            tokens: c.speculative_tokens as usize,
+        let drafting = !c.draft_package.is_null();
+        let speculation = (c.speculative_tokens > 0 || drafting).then_some(Speculation {
+            tokens: match c.speculative_tokens {
+                0 => Speculation::default().tokens,
+                k => k as usize,
+            },
             ngram_max: c.prompt_lookup_max as usize,
             ngram_min: c.prompt_lookup_min as usize,
             max_batch: c.speculative_max_batch as usize,
             schedule,
         });
         if let Some(Err(m)) = speculation.as_ref().map(Speculation::check) {
+            return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, format!("config: {m}"));
+        }
+        if let (true, Err(m)) = (drafting, crate::draft::check_p_min(c.draft_p_min)) {
             return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, format!("config: {m}"));
         }
         // SAFETY: per this function's contract.
@@ -334,6 +352,17 @@ pub unsafe extern "C" fn kosmos_engine_open(
         };
         if let Err(e) = pkg.set_speculation(speculation) {
             return fail(status_of(&e), e.to_string());
+        }
+        if drafting {
+            // SAFETY: per this function's contract (the config's strings are valid).
+            let draft = match unsafe { open_package(c.draft_package, device) } {
+                Ok(p) => p,
+                Err(s) => return s,
+            };
+            let set = Draft::new(draft, c.draft_p_min).and_then(|d| pkg.set_draft(Some(d)));
+            if let Err(e) = set {
+                return fail(status_of(&e), e.to_string());
+            }
         }
         let (tokenizer, manifest) = (pkg.tokenizer.clone(), pkg.manifest.clone());
         let config = EngineConfig {
