@@ -4,7 +4,7 @@ library is loaded with ctypes, not built against Python)."""
 from pathlib import Path
 
 import tomllib
-from setuptools import setup
+from setuptools import Distribution, setup
 
 try:
     from setuptools.command.bdist_wheel import bdist_wheel
@@ -12,15 +12,23 @@ except ImportError:  # setuptools < 70
     from wheel.bdist_wheel import bdist_wheel
 
 
-class PlatformWheel(bdist_wheel):
-    def finalize_options(self):
-        super().finalize_options()
-        self.root_is_pure = False
+class BinaryDistribution(Distribution):
+    """A distribution with native code: its files go to platlib (the wheel's root), not to
+    `.data/purelib`, where auditwheel and PyPI refuse a shared library."""
 
+    def has_ext_modules(self):
+        return True
+
+
+class PlatformWheel(bdist_wheel):
     def get_tag(self):
         _, _, platform = super().get_tag()
         return "py3", "none", platform
 
 
 cargo = tomllib.loads((Path(__file__).resolve().parent.parent / "Cargo.toml").read_text())
-setup(version=cargo["workspace"]["package"]["version"], cmdclass={"bdist_wheel": PlatformWheel})
+setup(
+    version=cargo["workspace"]["package"]["version"],
+    distclass=BinaryDistribution,
+    cmdclass={"bdist_wheel": PlatformWheel},
+)

@@ -212,12 +212,53 @@ fn python_wheel_installs_and_runs_outside_the_checkout() {
         .unwrap()
         .path();
     let name = wheel.file_name().unwrap().to_string_lossy().into_owned();
+    let prefix = format!("kosmos_rt-{}-py3-none-manylinux_2_", env!("CARGO_PKG_VERSION"));
+    let glibc_minor: u32 = name
+        .strip_prefix(&prefix)
+        .and_then(|rest| rest.split('_').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{name}: not {prefix}<N>_<arch>.whl"));
+    // A platform wheel: the library at its root (platlib), none under `.data/purelib`, where
+    // PyPI and auditwheel refuse native code.
+    let listing = Command::new(&root.join(".venv/bin/python"))
+        .args(["-m", "zipfile", "-l"])
+        .arg(&wheel)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.contains("kosmos_rt/libkosmos_rt.so"), "{listing}");
+    assert!(!listing.contains(".data/"), "{listing}");
+    let inner = |path: &str| {
+        let out = Command::new(&root.join(".venv/bin/python"))
+            .args([
+                "-c",
+                "import sys, zipfile; sys.stdout.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]).decode())",
+            ])
+            .arg(&wheel)
+            .arg(path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let metadata = inner(&format!(
+        "kosmos_rt-{}.dist-info/WHEEL",
+        env!("CARGO_PKG_VERSION")
+    ));
+    assert!(metadata.contains("Root-Is-Purelib: false"), "{metadata}");
+    // The tag's glibc is no older than the newest GLIBC_2.x symbol version the library needs,
+    // as binutils reads them.
+    let lib = root.join("target/debug/libkosmos_rt.so");
+    let symbols = Command::new("objdump").arg("-T").arg(&lib).output().unwrap();
+    assert!(symbols.status.success(), "objdump -T {}", lib.display());
+    let needed = String::from_utf8_lossy(&symbols.stdout)
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+        .filter_map(|w| w.strip_prefix("GLIBC_2."))
+        .filter_map(|v| v.split('.').next()?.parse::<u32>().ok())
+        .max()
+        .expect("the library uses versioned glibc symbols");
     assert!(
-        name.starts_with(&format!(
-            "kosmos_rt-{}-py3-none-linux_",
-            env!("CARGO_PKG_VERSION")
-        )),
-        "{name}"
+        glibc_minor >= needed,
+        "{name}: tagged for glibc 2.{glibc_minor}, the library needs 2.{needed}"
     );
     let site = dir.path().join("site");
     let python = root.join(".venv/bin/python");
