@@ -220,7 +220,7 @@ fn python_wheel_installs_and_runs_outside_the_checkout() {
         .unwrap_or_else(|| panic!("{name}: not {prefix}<N>_<arch>.whl"));
     // A platform wheel: the library at its root (platlib), none under `.data/purelib`, where
     // PyPI and auditwheel refuse native code.
-    let listing = Command::new(&root.join(".venv/bin/python"))
+    let listing = Command::new(root.join(".venv/bin/python"))
         .args(["-m", "zipfile", "-l"])
         .arg(&wheel)
         .output()
@@ -229,7 +229,7 @@ fn python_wheel_installs_and_runs_outside_the_checkout() {
     assert!(listing.contains("kosmos_rt/libkosmos_rt.so"), "{listing}");
     assert!(!listing.contains(".data/"), "{listing}");
     let inner = |path: &str| {
-        let out = Command::new(&root.join(".venv/bin/python"))
+        let out = Command::new(root.join(".venv/bin/python"))
             .args([
                 "-c",
                 "import sys, zipfile; sys.stdout.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]).decode())",
