@@ -148,10 +148,17 @@ pub fn evaluate(
         items += chunk.len();
         let prompts: Vec<Prompt> = chunk.iter().map(|parts| prompt_of(parts)).collect();
         for (parts, scored) in chunk.iter().zip(pkg.score(&mut cache, &prompts, true)?) {
-            // Target positions: each loss text's tokens, found from the lengths of the prefixes.
+            // Target positions: each loss text's tokens. Segments are encoded one by one, so a
+            // part's tokens are its own assembly's after `<s>`.
             let mut start = 1;
             for (i, part) in parts.iter().enumerate() {
-                let end = assemble(&pkg.tokenizer, &segments_of(&parts[..=i]), images_tokens, false)?.len();
+                let own = assemble(
+                    &pkg.tokenizer,
+                    &segments_of(std::slice::from_ref(part)),
+                    images_tokens,
+                    false,
+                )?;
+                let end = start + own.len() - 1;
                 if let EvalPart::Text { loss: true, .. } = part {
                     // `</s>` follows the example's last part when that part is target text.
                     let end = if i + 1 == parts.len() { end + 1 } else { end };
