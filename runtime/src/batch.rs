@@ -635,7 +635,7 @@ pub struct Engine {
 
 impl Engine {
     /// An engine over `pkg`, which must use the buffer KV layout.
-    pub fn new(pkg: Package, config: EngineConfig, metrics: Arc<Metrics>) -> Result<Self> {
+    pub fn new(mut pkg: Package, config: EngineConfig, metrics: Arc<Metrics>) -> Result<Self> {
         if pkg.manifest.decoder.kv_cache != KvCacheLayout::Buffer {
             return Err(RtError::Package {
                 path: pkg.dir.clone(),
@@ -647,7 +647,6 @@ impl Engine {
         if config.max_batch == 0 {
             return Err(RtError::Input("max_batch must be at least 1".into()));
         }
-        let mut pkg = pkg;
         let draft = pkg.draft.take().map(|d| *d);
         if let Some(d) = &draft {
             // Requests come preprocessed for the model; the draft reads the same pixels.

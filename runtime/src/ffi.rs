@@ -408,7 +408,7 @@ pub unsafe extern "C" fn kosmos_model_open(
             return s;
         }
         // SAFETY: per this function's contract.
-        let pkg = match unsafe { open_package(package_dir, device) } {
+        let pkg = match unsafe { open_package(package_dir, device, false) } {
             Ok(p) => p,
             Err(s) => return s,
         };
@@ -421,11 +421,16 @@ pub unsafe extern "C" fn kosmos_model_open(
     })
 }
 
-/// Open the package in `package_dir` on `device` (NULL = "cpu").
+/// Open the package in `package_dir` on `device` (NULL = "cpu"); `beside_draft`: its calls
+/// alternate with a draft model's ([`SessionOptions::without_spinning`]).
 ///
 /// # Safety
 /// `package_dir` and `device` are NULL or NUL-terminated strings.
-unsafe fn open_package(package_dir: *const c_char, device: *const c_char) -> Result<Package, kosmos_status> {
+unsafe fn open_package(
+    package_dir: *const c_char,
+    device: *const c_char,
+    beside_draft: bool,
+) -> Result<Package, kosmos_status> {
     // SAFETY: per this function's contract.
     let dir = PathBuf::from(unsafe { c_str(package_dir, "package_dir") }?);
     let device = if device.is_null() {
@@ -449,6 +454,7 @@ unsafe fn open_package(package_dir: *const c_char, device: *const c_char) -> Res
     };
     let opts = SessionOptions {
         device,
+        without_spinning: beside_draft,
         ..Default::default()
     };
     Package::open(&dir, &opts).map_err(|e| match e {
@@ -537,7 +543,7 @@ pub unsafe extern "C" fn kosmos_model_set_draft(
                 return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, m);
             }
             // SAFETY: per this function's contract.
-            let pkg = match unsafe { open_package(draft_dir, device) } {
+            let pkg = match unsafe { open_package(draft_dir, device, true) } {
                 Ok(p) => p,
                 Err(s) => return s,
             };

@@ -515,6 +515,8 @@ fn session_options(e: &Engine, package: &std::path::Path) -> SessionOptions {
         allow_fallback: e.allow_fallback,
         threads: e.threads,
         without_custom_ops: e.without_custom_ops,
+        // A draft's calls and the model's alternate: neither's threads may spin through the other's.
+        without_spinning: e.speculate.draft_model.is_some(),
     }
 }
 

@@ -98,6 +98,11 @@ pub struct SessionOptions {
     /// Leave the fused `ai.kosmos` kernels (`kosmos_plugins`) unregistered, so ONNX Runtime
     /// inlines the ops' function bodies instead (a check that both agree).
     pub without_custom_ops: bool,
+    /// Let the intra-op threads sleep as soon as a call ends instead of spinning for more work
+    /// (ONNX Runtime's `session.intra_op.allow_spinning` 0). Spinning saves a wake-up when calls
+    /// follow each other on one session; with a draft model, the two packages' calls alternate
+    /// and each one's spinning threads take the cores from the other's call.
+    pub without_spinning: bool,
 }
 
 /// Check that the loaded ONNX Runtime has the provider `opts.device` needs.
@@ -155,6 +160,9 @@ pub fn session(path: &Path, opts: &SessionOptions) -> Result<Session> {
     let mut b = Session::builder(&env).map_err(err)?;
     if opts.threads > 0 {
         b = b.with_intra_threads(opts.threads).map_err(|e| err(e.into()))?;
+    }
+    if opts.without_spinning {
+        b = b.with_intra_op_spinning(false).map_err(|e| err(e.into()))?;
     }
     // Per-node timings as ONNX Runtime's JSON trace (chrome://tracing), for performance work.
     if let Some(prefix) = std::env::var_os("KOSMOS_ORT_PROFILE") {

@@ -346,7 +346,7 @@ pub unsafe extern "C" fn kosmos_engine_open(
             return fail(kosmos_status::KOSMOS_ERR_INVALID_ARGUMENT, format!("config: {m}"));
         }
         // SAFETY: per this function's contract.
-        let mut pkg = match unsafe { open_package(package_dir, device) } {
+        let mut pkg = match unsafe { open_package(package_dir, device, drafting) } {
             Ok(p) => p,
             Err(s) => return s,
         };
@@ -355,7 +355,7 @@ pub unsafe extern "C" fn kosmos_engine_open(
         }
         if drafting {
             // SAFETY: per this function's contract (the config's strings are valid).
-            let draft = match unsafe { open_package(c.draft_package, device) } {
+            let draft = match unsafe { open_package(c.draft_package, device, true) } {
                 Ok(p) => p,
                 Err(s) => return s,
             };
