@@ -1733,16 +1733,12 @@ fn with_draft(target: &Path, draft: &Path, p_min: f32) -> Package {
 #[test]
 fn draft_model_speculation_equals_plain_generation() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, target) = kosmos_e2e::tiny_buffer_package(&dir.path().join("target"), 7);
-    let small = package_of(&small_draft_config(), 3, &dir.path().join("small"));
-
-    let mut plain = Package::open(&target, &SessionOptions::default()).unwrap();
-    let mut cases = speculative_cases();
-    cases.push(stop_case(&mut plain, &cases[0]));
-    let want: Vec<Generation> = cases
-        .iter()
-        .map(|(p, params)| alone(&mut plain, p, params))
-        .collect();
+    let DraftFixture {
+        target,
+        small,
+        cases,
+        want,
+    } = draft_fixture(dir.path());
     // (drafted, kept) per draft.
     let mut counts = Vec::new();
     for (name, draft, p_min) in [
@@ -1818,7 +1814,34 @@ fn draft_model_speculation_equals_plain_generation() {
     assert!(e.contains("minimum probability") && e.contains("1.5"), "{e}");
 }
 
-/// The small draft of [`draft_model_speculation_equals_plain_generation`].
+/// The draft tests' target package and a smaller draft for it, in `dir`; the speculative
+/// cases (with the stop-string one) and what plain generation makes of each.
+struct DraftFixture {
+    target: std::path::PathBuf,
+    small: std::path::PathBuf,
+    cases: Vec<(Prompt, GenerateParams)>,
+    want: Vec<Generation>,
+}
+
+fn draft_fixture(dir: &Path) -> DraftFixture {
+    let (_, target) = kosmos_e2e::tiny_buffer_package(&dir.join("target"), 7);
+    let small = package_of(&small_draft_config(), 3, &dir.join("small"));
+    let mut plain = Package::open(&target, &SessionOptions::default()).unwrap();
+    let mut cases = speculative_cases();
+    cases.push(stop_case(&mut plain, &cases[0]));
+    let want = cases
+        .iter()
+        .map(|(p, params)| alone(&mut plain, p, params))
+        .collect();
+    DraftFixture {
+        target,
+        small,
+        cases,
+        want,
+    }
+}
+
+/// A draft smaller than the tiny preset in every part, with half its image slots.
 fn small_draft_config() -> kosmos_models::KosmosConfig {
     let mut small = kosmos_models::KosmosConfig::tiny();
     small.vision.num_hidden_layers = 2;
@@ -1839,15 +1862,12 @@ fn small_draft_config() -> kosmos_models::KosmosConfig {
 #[test]
 fn the_engine_with_a_draft_model_generates_what_each_would_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, target) = kosmos_e2e::tiny_buffer_package(&dir.path().join("target"), 7);
-    let small = package_of(&small_draft_config(), 3, &dir.path().join("small"));
-    let mut plain = Package::open(&target, &SessionOptions::default()).unwrap();
-    let mut cases = speculative_cases();
-    cases.push(stop_case(&mut plain, &cases[0]));
-    let want: Vec<Generation> = cases
-        .iter()
-        .map(|(p, params)| alone(&mut plain, p, params))
-        .collect();
+    let DraftFixture {
+        target,
+        small,
+        cases,
+        want,
+    } = draft_fixture(dir.path());
     for (name, draft) in [("itself", &target), ("small", &small)] {
         let metrics = Arc::new(Metrics::default());
         let config = EngineConfig {
