@@ -663,6 +663,7 @@ impl Engine {
                     ),
                 });
             }
+            tracing::info!(draft = %d.dir().display(), p_min = d.p_min, "speculating with a draft model");
         }
         let d = &pkg.manifest.decoder;
         let mut pool = KvPool::empty(d.num_heads, d.head_dim, pkg.kv_dtype);
