@@ -377,7 +377,8 @@ enum Command {
         kosmos-rt serve pkg/k1 --host 0.0.0.0 --api-key \"$KEY\" --max-batch 16\n  \
         kosmos-rt serve pkg/k1 --device cuda --prefill-chunk 2048   # GPU: bigger prefill chunks\n  \
         kosmos-rt serve pkg/k1 --allowed-media-domains images.example.com   # fetch https image URLs from there\n  \
-        kosmos-rt serve pkg/k1 --speculative-tokens 4   # the same answers in fewer decoder calls\n\n\
+        kosmos-rt serve pkg/k1 --speculative-tokens 4   # the same answers in fewer decoder calls\n  \
+        kosmos-rt serve pkg/k1 --draft-model pkg/k1-small   # guesses from a smaller model\n\n\
         curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{\n  \
           \"model\": \"tiny\", \"max_tokens\": 16, \"temperature\": 0,\n  \
           \"messages\": [{\"role\": \"user\", \"content\": [\n    \
