@@ -12,10 +12,10 @@
 
 use std::path::Path;
 
-use crate::constrain::ActiveConstraint;
-use crate::error::{Result, RtError};
 use kosmos_models::sequence::Assembled;
 
+use crate::constrain::ActiveConstraint;
+use crate::error::{Result, RtError};
 use crate::generate::{Cache, Prompt, VisionCache};
 use crate::package::Package;
 
@@ -108,8 +108,8 @@ impl Draft {
     }
 
     /// [`Draft::start`] from a prompt the target assembled (`tokens_per_image` slots per image)
-    /// and preprocessed (`pixels`, at the draft's image size too: [`Draft::check_pairs_with`]
-    /// for an engine): its image slots become the draft's.
+    /// and preprocessed (`pixels`, which must suit the draft's image size too: the batching
+    /// engine refuses a draft whose size differs): its image slots become the draft's.
     pub(crate) fn start_assembled(
         &mut self,
         target: &Assembled,
