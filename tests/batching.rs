@@ -1910,24 +1910,70 @@ fn the_engine_with_a_draft_model_generates_what_each_would_alone() {
         );
     }
 
-    // Alone with itself as the draft, the greedy sequence keeps every guess: the draft's cache
-    // follows what the engine keeps.
-    let metrics = Arc::new(Metrics::default());
-    let mut engine = Engine::new(
-        with_draft(&target, &target, 0.0),
-        EngineConfig::default(),
-        metrics.clone(),
-    )
-    .unwrap();
-    let (req, out, _) = request(engine.package(), &cases[0].0, &cases[0].1);
-    engine.submit(req);
-    while !engine.is_idle() {
-        engine.step();
-    }
-    assert_eq!(out.lock().unwrap().done.as_ref().unwrap().tokens, want[0].tokens);
-    let drafted = metrics.spec_draft_tokens.load(Ordering::Relaxed);
-    let accepted = metrics.spec_accepted_tokens.load(Ordering::Relaxed);
-    assert!(drafted >= 10 && accepted == drafted, "{accepted} of {drafted}");
+    // With itself as the draft, greedy sequences keep every guess: the draft's rows follow
+    // what the engine keeps. Two decoding together (the image question, and the text prompt
+    // made greedy) share the draft's calls: fewer than the two make alone, with the same
+    // guesses.
+    let text_greedy = GenerateParams {
+        max_tokens: cases[1].1.max_tokens,
+        ..Default::default()
+    };
+    let mut plain = Package::open(&target, &SessionOptions::default()).unwrap();
+    let greedy = [
+        (cases[0].clone(), want[0].tokens.clone()),
+        (
+            (cases[1].0.clone(), text_greedy.clone()),
+            alone(&mut plain, &cases[1].0, &text_greedy).tokens,
+        ),
+    ];
+    let with_itself = |which: &[usize]| {
+        let metrics = Arc::new(Metrics::default());
+        let mut engine = Engine::new(
+            with_draft(&target, &target, 0.0),
+            EngineConfig::default(),
+            metrics.clone(),
+        )
+        .unwrap();
+        let outs: Vec<_> = which
+            .iter()
+            .map(|&i| {
+                let ((prompt, params), _) = &greedy[i];
+                let (req, out, _) = request(engine.package(), prompt, params);
+                engine.submit(req);
+                out
+            })
+            .collect();
+        while !engine.is_idle() {
+            engine.step();
+        }
+        for (&i, out) in which.iter().zip(&outs) {
+            let tokens = out.lock().unwrap().done.as_ref().unwrap().tokens.clone();
+            assert_eq!(tokens, greedy[i].1, "#{i} with {which:?}");
+        }
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let (drafted, accepted) = (
+            load(&metrics.spec_draft_tokens),
+            load(&metrics.spec_accepted_tokens),
+        );
+        assert!(
+            drafted >= 10 && accepted == drafted,
+            "{which:?}: {accepted} of {drafted}"
+        );
+        (drafted, load(&metrics.spec_draft_model_calls))
+    };
+    let each: Vec<(u64, u64)> = [0, 1].iter().map(|&i| with_itself(&[i])).collect();
+    let (drafted, calls) = with_itself(&[0, 1]);
+    assert_eq!(
+        drafted,
+        each[0].0 + each[1].0,
+        "the same guesses together as alone"
+    );
+    assert!(
+        calls < each[0].1 + each[1].1,
+        "{calls} draft calls together against {} + {} alone",
+        each[0].1,
+        each[1].1
+    );
 
     let mut other_eye = kosmos_models::KosmosConfig::tiny();
     other_eye.vision.image_size = 16;

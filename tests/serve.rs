@@ -738,16 +738,16 @@ fn speculative_decoding_leaves_answers_unchanged() {
         "served with a draft"
     );
     let (_, _, metrics) = drafting.http("GET", "/metrics", "");
-    let drafted = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("kosmos_spec_decode_draft_tokens_total")?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .unwrap();
-    assert!(drafted > 0.0, "{metrics}");
+    let metric = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    };
+    let drafted = metric("kosmos_spec_decode_draft_tokens_total");
+    // The prompt's reading, and at least one call that guessed.
+    let calls = metric("kosmos_spec_decode_draft_model_calls_total");
+    assert!(drafted > 0.0 && calls >= 2.0, "{metrics}");
     let e = refused(&["run", &p, "--draft-model", &p, "--draft-p-min", "2"]);
     assert!(e.contains("--draft-p-min") && e.contains("[0, 1]"), "{e}");
 }

@@ -47,7 +47,7 @@ use ort::memory::MemoryInfo;
 use ort::session::IoBinding;
 use ort::value::{DynTensor, DynValueRefMut, Shape, Tensor, TensorRefMut};
 
-use crate::draft::{Draft, DraftRun};
+use crate::draft_batch::{Ask, DraftRows, DraftSlot};
 use crate::error::{Result, RtError};
 use crate::generate::{FinishReason, GenerateParams, RowState, VisionCache, last_positions, logits_to_keep};
 use crate::generate::{filled, image_hash};
@@ -206,9 +206,9 @@ struct Running {
     cached_tokens: usize,
     /// Its prompt's length: `req.assembled` also holds tokens generated before a preemption.
     prompt_len: usize,
-    /// The draft model's cache for this sequence, from its first guess (dropped when it is
+    /// Its row in the draft model's pool, read at its first guess (dropped when it is
     /// preempted; a resumed sequence's draft reads its prompt and output again).
-    draft: Option<DraftRun>,
+    draft: DraftSlot,
 }
 
 /// What a preempted sequence resumes with when it gets a row again.
@@ -371,14 +371,14 @@ const GROUP_LENGTH_SLACK: usize = 32;
 /// the 2-core development VM, 9.5 s of it the kernel's first touch of the pages), so a layout
 /// that fits in the buffers already allocated is rearranged in place, and the capacity can
 /// follow the running sequences down and up again for free.
-struct KvPool {
+pub(crate) struct KvPool {
     /// Flat buffers of `allocated` elements each.
     tensors: Vec<DynTensor>,
     /// Data pointers of `tensors` (stable while they live), as integers so the pool is `Send`.
     bases: Vec<usize>,
     allocated: usize,
-    rows: usize,
-    capacity: usize,
+    pub(crate) rows: usize,
+    pub(crate) capacity: usize,
     heads: usize,
     /// Elements of one slot of one head: head_dim, and one more in an int8 row (its exponent).
     slot_elems: usize,
@@ -386,7 +386,7 @@ struct KvPool {
 }
 
 impl KvPool {
-    fn empty(heads: usize, head_dim: usize, dtype: KvDtype) -> Self {
+    pub(crate) fn empty(heads: usize, head_dim: usize, dtype: KvDtype) -> Self {
         KvPool {
             tensors: Vec::new(),
             bases: Vec::new(),
@@ -404,7 +404,7 @@ impl KvPool {
     }
 
     /// Bytes of one (row, head) run of `slots` slots.
-    fn run_bytes(&self, slots: usize) -> usize {
+    pub(crate) fn run_bytes(&self, slots: usize) -> usize {
         slots * self.slot_elems * self.elem()
     }
 
@@ -417,7 +417,7 @@ impl KvPool {
     /// `0..used.len()` (each within `capacity`). Unused slots must hold finite values (they are
     /// masked, but a NaN would survive the mask): new buffers are zeroed, and rearranged ones
     /// hold zeros or earlier keys and values.
-    fn resize(
+    pub(crate) fn resize(
         &mut self,
         pkg: &Package,
         tensors: usize,
@@ -503,7 +503,7 @@ impl KvPool {
     }
 
     /// Copy the first `used` slots of row `from` to row `to`.
-    fn move_row(&mut self, from: usize, to: usize, used: usize) {
+    pub(crate) fn move_row(&mut self, from: usize, to: usize, used: usize) {
         for &base in &self.bases {
             for h in 0..self.heads {
                 // SAFETY: distinct rows of one buffer, runs within the capacity.
@@ -603,23 +603,24 @@ fn bind_input_in_place(binding: &mut IoBinding, name: &str, value: &DynValueRefM
 }
 
 /// Inputs of one decoder call over a range of pool rows.
-struct Call {
-    ids: Vec<i64>,
+pub(crate) struct Call {
+    pub ids: Vec<i64>,
     /// Tokens per row.
-    s: usize,
-    embeds: Vec<f32>,
+    pub s: usize,
+    pub embeds: Vec<f32>,
     /// Image-embedding tokens per row (≥ 1).
-    n_tok: usize,
-    image_mask: Vec<bool>,
+    pub n_tok: usize,
+    pub image_mask: Vec<bool>,
     /// [rows, capacity].
-    mask: Vec<i64>,
-    past: Vec<i64>,
+    pub mask: Vec<i64>,
+    pub past: Vec<i64>,
 }
 
 pub struct Engine {
     pkg: Package,
-    /// The package's draft model, when it has one: guesses instead of prompt lookup.
-    draft: Option<Draft>,
+    /// The package's draft model, when it has one, with a row per running sequence: guesses
+    /// instead of prompt lookup.
+    draft: Option<DraftRows>,
     config: EngineConfig,
     vision: VisionCache,
     pool: KvPool,
@@ -647,8 +648,8 @@ impl Engine {
         if config.max_batch == 0 {
             return Err(RtError::Input("max_batch must be at least 1".into()));
         }
-        let draft = pkg.draft.take().map(|d| *d);
-        if let Some(d) = &draft {
+        let draft = pkg.draft.take().map(|d| DraftRows::new(*d, config.max_batch));
+        if let Some(DraftRows { draft: d, .. }) = &draft {
             // Requests come preprocessed for the model; the draft reads the same pixels.
             let (ours, its) = (
                 pkg.manifest.preprocess.image_size,
@@ -970,6 +971,9 @@ impl Engine {
         if i != last {
             let used = self.running[last].mask.len();
             self.pool.move_row(last, i, used);
+            if let Some(d) = self.draft.as_mut() {
+                d.move_row(last, i, &self.running[last].draft);
+            }
         }
         let Running {
             mut req,
@@ -1346,7 +1350,7 @@ impl Engine {
                 failure: None,
                 cached_tokens: resume.cached_tokens,
                 prompt_len: resume.prompt_len,
-                draft: None,
+                draft: DraftSlot::Unread,
                 req,
             };
             if score_only {
@@ -1471,46 +1475,95 @@ impl Engine {
     /// Each running sequence's guesses ([`RowState::guesses`]: forced by its grammar, else the
     /// draft model's, else prompt lookup's) and whether the draft made them, within the slots
     /// its row has left (every row of a call writes as many slots as the longest feed) and its
-    /// `max_tokens`. A draft that fails stops guessing for that sequence, which goes on.
+    /// `max_tokens`. The draft guesses for every sequence in the same calls
+    /// ([`DraftRows::propose`]); if it fails, those sequences go on without guesses.
     fn guesses(&mut self, spec: &Speculation) -> Result<Vec<(Vec<u32>, bool)>> {
         let cap = self.pool.capacity;
         let per = self.pkg.manifest.vision.tokens_per_image;
         let free = self.running.iter().map(|r| cap - r.mask.len()).min().unwrap_or(0);
         let mut out = Vec::with_capacity(self.running.len());
-        for run in self.running.iter_mut() {
+        // Rows the draft guesses for, and how many guesses each may have.
+        let mut wants: Vec<(usize, usize)> = Vec::new();
+        for (r, run) in self.running.iter_mut().enumerate() {
             let left = run.req.params.max_tokens.saturating_sub(run.state.tokens.len());
             let room = free.saturating_sub(1).min(left);
-            let Some(draft) = self.draft.as_mut() else {
+            if self.draft.is_none() {
                 out.push(run.state.guesses(spec, room, None)?);
                 continue;
-            };
-            let t0 = Instant::now();
-            if run.draft.is_none() {
-                let mut prompt = run.req.assembled.clone();
-                prompt.input_ids.truncate(run.prompt_len);
-                prompt.image_mask.truncate(run.prompt_len);
-                let max_tokens = run.req.params.max_tokens;
-                run.draft = Some(
-                    draft
-                        .start_assembled(&prompt, per, &run.req.pixels, max_tokens)
-                        .unwrap_or_else(|e| {
-                            tracing::warn!(error = %e, "the draft model cannot read this prompt; no guesses for it");
-                            DraftRun::none()
-                        }),
-                );
             }
-            let dr = run.draft.as_mut().expect("started above");
-            let guesses = run.state.guesses(spec, room, Some((&mut *draft, &mut *dr)));
-            tracing::trace!(ms = t0.elapsed().as_secs_f64() * 1e3, "draft guesses");
-            match guesses {
-                Ok(g) => out.push(g),
-                Err(e) => {
-                    tracing::warn!(error = %e, "the draft model failed; no more guesses for this sequence");
-                    *dr = DraftRun::none();
-                    out.push((Vec::new(), true));
+            let (forced, limit) = run.state.forced_or_limit(spec, room);
+            if !forced.is_empty() {
+                out.push((forced, false));
+                continue;
+            }
+            out.push((Vec::new(), true));
+            if limit > 0 && !matches!(run.draft, DraftSlot::Off) {
+                wants.push((r, limit));
+            }
+        }
+        let Some(draft) = self.draft.as_mut() else {
+            return Ok(out);
+        };
+        if wants.is_empty() {
+            return Ok(out);
+        }
+        let (t0, calls) = (Instant::now(), draft.calls);
+        for &(r, _) in &wants {
+            if !matches!(self.running[r].draft, DraftSlot::Unread) {
+                continue;
+            }
+            let used: Vec<usize> = self.running.iter().map(|x| x.draft.len()).collect();
+            let run = &mut self.running[r];
+            let mut prompt = run.req.assembled.clone();
+            prompt.input_ids.truncate(run.prompt_len);
+            prompt.image_mask.truncate(run.prompt_len);
+            let max_tokens = run.req.params.max_tokens;
+            run.draft = draft
+                .start(r, &prompt, per, &run.req.pixels, max_tokens, &used)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "the draft model cannot read this prompt; no guesses for it");
+                    DraftSlot::Off
+                });
+        }
+        let lens: Vec<usize> = self.running.iter().map(|x| x.draft.len()).collect();
+        let mut asks = Vec::with_capacity(wants.len());
+        let mut limits = wants.iter().copied().peekable();
+        for (r, run) in self.running.iter_mut().enumerate() {
+            let Some((_, limit)) = limits.next_if(|w| w.0 == r) else {
+                continue;
+            };
+            let DraftSlot::Row(slot) = &mut run.draft else {
+                continue;
+            };
+            let (generated, constraint) = run.state.draft_view();
+            asks.push(Ask {
+                row: r,
+                slot,
+                generated,
+                limit,
+                constraint,
+            });
+        }
+        let rows: Vec<usize> = asks.iter().map(|a| a.row).collect();
+        let proposed = draft.propose(&mut asks, &lens);
+        drop(asks);
+        match proposed {
+            Ok(guesses) => {
+                for (r, g) in rows.into_iter().zip(guesses) {
+                    out[r].0 = g;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, rows = rows.len(), "the draft model failed; no more guesses for these sequences");
+                for r in rows {
+                    self.running[r].draft = DraftSlot::Off;
                 }
             }
         }
+        self.metrics
+            .spec_draft_model_calls
+            .fetch_add(draft.calls - calls, Ordering::Relaxed);
+        tracing::trace!(ms = t0.elapsed().as_secs_f64() * 1e3, "draft guesses");
         Ok(out)
     }
 
@@ -1572,8 +1625,8 @@ impl Engine {
             }
             accepted += kept;
             run.state.guessed(spec, g.len(), kept);
-            if let (Some(d), Some(dr)) = (self.draft.as_ref(), run.draft.as_mut()) {
-                d.kept(dr, kept, *by_draft);
+            if let DraftSlot::Row(dr) = &mut run.draft {
+                DraftRows::kept(dr, kept, *by_draft);
             }
         }
         self.running = running;
@@ -1605,6 +1658,9 @@ impl Engine {
             if i != last {
                 let used = self.running[last].mask.len();
                 self.pool.move_row(last, i, used);
+                if let Some(d) = self.draft.as_mut() {
+                    d.move_row(last, i, &self.running[last].draft);
+                }
             }
             let mut run = self.running.swap_remove(i);
             let reason = run.state.finish.expect("finished");
@@ -1680,55 +1736,67 @@ impl Engine {
         self.prefix.insert(keys, tensors);
     }
 
-    /// One decoder call over pool rows `rows`, the pool bound in place. Returns the last
-    /// position's logits per row, or with `every_position` those of every new position
-    /// [rows, s, vocab].
+    /// One decoder call over pool rows `rows` ([`pool_call`]).
     fn call(&mut self, rows: Range<usize>, c: Call, every_position: bool) -> Result<Vec<f32>> {
-        let m = rows.len();
-        let d = &self.pkg.manifest.decoder;
-        let (layers, dm, vocab) = (d.num_layers, d.hidden_size, d.vocab_size);
-        let cap = self.pool.capacity;
-        let mut binding = self.pkg.decoder.create_binding()?;
-        binding.bind_input(io::INPUT_IDS, &Tensor::from_array(([m, c.s], c.ids))?)?;
-        binding.bind_input(
-            io::IMAGE_EMBEDS,
-            &Tensor::from_array(([m, c.n_tok, dm], c.embeds))?,
-        )?;
-        binding.bind_input(io::IMAGE_MASK, &Tensor::from_array(([m, c.s], c.image_mask))?)?;
-        binding.bind_input(io::ATTENTION_MASK, &Tensor::from_array(([m, cap], c.mask))?)?;
-        binding.bind_input(io::PAST_SEQUENCE_LENGTH, &Tensor::from_array(([m], c.past))?)?;
-        if d.takes_logits_to_keep() {
-            // 0 keeps every position.
-            let keep = logits_to_keep(if every_position { 0 } else { 1 })?;
-            binding.bind_input(io::LOGITS_TO_KEEP, &keep)?;
-        }
-        // Inputs bound in place must outlive the run.
-        let mut inputs = Vec::with_capacity(2 * layers);
-        for i in 0..2 * layers {
-            let (past, present) = if i % 2 == 0 {
-                (io::past_key(i / 2), io::present_key(i / 2))
-            } else {
-                (io::past_value(i / 2), io::present_value(i / 2))
-            };
-            let input = self.pool.view(i, &rows)?;
-            bind_input_in_place(&mut binding, &past, &input)?;
-            inputs.push(input);
-            binding.bind_output(present, self.pool.view(i, &rows)?)?;
-        }
-        {
-            let mem = self.pkg.decoder.allocator().memory_info();
-            binding.bind_output_to_device(io::LOGITS, mem)?;
-        }
-        let out = self.pkg.decoder.run_binding(&binding)?;
-        let (_, logits) = out[io::LOGITS].try_extract_tensor::<f32>()?;
-        let last = if every_position {
-            logits.to_vec()
-        } else {
-            last_positions(logits, m, vocab, 1)
-        };
-        drop(out);
-        drop(binding);
-        drop(inputs);
-        Ok(last)
+        pool_call(&mut self.pkg, &mut self.pool, rows, c, every_position)
     }
+}
+
+/// One decoder call of `pkg` over rows `rows` of its pool, bound in place (ONNX Runtime
+/// writes the new keys and values into it). Returns the last
+/// position's logits per row, or with `every_position` those of every new position
+/// [rows, s, vocab].
+pub(crate) fn pool_call(
+    pkg: &mut Package,
+    pool: &mut KvPool,
+    rows: Range<usize>,
+    c: Call,
+    every_position: bool,
+) -> Result<Vec<f32>> {
+    let m = rows.len();
+    let d = &pkg.manifest.decoder;
+    let (layers, dm, vocab) = (d.num_layers, d.hidden_size, d.vocab_size);
+    let cap = pool.capacity;
+    let mut binding = pkg.decoder.create_binding()?;
+    binding.bind_input(io::INPUT_IDS, &Tensor::from_array(([m, c.s], c.ids))?)?;
+    binding.bind_input(
+        io::IMAGE_EMBEDS,
+        &Tensor::from_array(([m, c.n_tok, dm], c.embeds))?,
+    )?;
+    binding.bind_input(io::IMAGE_MASK, &Tensor::from_array(([m, c.s], c.image_mask))?)?;
+    binding.bind_input(io::ATTENTION_MASK, &Tensor::from_array(([m, cap], c.mask))?)?;
+    binding.bind_input(io::PAST_SEQUENCE_LENGTH, &Tensor::from_array(([m], c.past))?)?;
+    if d.takes_logits_to_keep() {
+        // 0 keeps every position.
+        let keep = logits_to_keep(if every_position { 0 } else { 1 })?;
+        binding.bind_input(io::LOGITS_TO_KEEP, &keep)?;
+    }
+    // Inputs bound in place must outlive the run.
+    let mut inputs = Vec::with_capacity(2 * layers);
+    for i in 0..2 * layers {
+        let (past, present) = if i % 2 == 0 {
+            (io::past_key(i / 2), io::present_key(i / 2))
+        } else {
+            (io::past_value(i / 2), io::present_value(i / 2))
+        };
+        let input = pool.view(i, &rows)?;
+        bind_input_in_place(&mut binding, &past, &input)?;
+        inputs.push(input);
+        binding.bind_output(present, pool.view(i, &rows)?)?;
+    }
+    {
+        let mem = pkg.decoder.allocator().memory_info();
+        binding.bind_output_to_device(io::LOGITS, mem)?;
+    }
+    let out = pkg.decoder.run_binding(&binding)?;
+    let (_, logits) = out[io::LOGITS].try_extract_tensor::<f32>()?;
+    let last = if every_position {
+        logits.to_vec()
+    } else {
+        last_positions(logits, m, vocab, 1)
+    };
+    drop(out);
+    drop(binding);
+    drop(inputs);
+    Ok(last)
 }

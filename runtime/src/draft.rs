@@ -6,6 +6,10 @@
 //! order and the guesses are kept up to the first the sampler did not pick, so the output is the
 //! target's own, token for token, whatever the draft guesses.
 //!
+//! This module is the draft over one generation at a time ([`Package::generate`]); the batching
+//! engine gives it a pool row per sequence and guesses for all of them in the same calls
+//! ([`crate::draft_batch`]).
+//!
 //! The draft's KV cache is kept in step with what the target keeps: after a call, the draft's
 //! cache holds the prompt and the generated tokens up to the guesses kept; the slots of guesses
 //! the target refused are overwritten by the next call, as the target's are.
@@ -23,7 +27,7 @@ use crate::package::Package;
 pub struct Draft {
     pub(crate) pkg: Package,
     /// Its own image embeddings: the target's differ, even for the same pixels.
-    vision: VisionCache,
+    pub(crate) vision: VisionCache,
     /// Guessing stops at a token the draft gives less than this probability (llama.cpp's
     /// `--draft-p-min`): a guess it is unsure of is seldom kept and costs a draft call and a
     /// position in the target's call.
@@ -107,16 +111,11 @@ impl Draft {
         self.prefill(a, &pixels, max_tokens)
     }
 
-    /// [`Draft::start`] from a prompt the target assembled (`tokens_per_image` slots per image)
-    /// and preprocessed (`pixels`, which must suit the draft's image size too: the batching
-    /// engine refuses a draft whose size differs): its image slots become the draft's.
-    pub(crate) fn start_assembled(
-        &mut self,
-        target: &Assembled,
-        tokens_per_image: usize,
-        pixels: &[Vec<f32>],
-        max_tokens: usize,
-    ) -> Result<DraftRun> {
+    /// The draft's assembly of a prompt the target assembled with `tokens_per_image` slots per
+    /// image: the same tokens, each image with the draft's number of slots. (The batching
+    /// engine gives the draft the target's preprocessed pixels, so it refuses a draft whose
+    /// image size differs.)
+    pub(crate) fn assembly_of(&self, target: &Assembled, tokens_per_image: usize) -> Assembled {
         let slot = self.pkg.manifest.config.tokenizer.image_slot_id();
         let per = self.pkg.manifest.vision.tokens_per_image;
         let mut a = Assembled {
@@ -138,7 +137,7 @@ impl Draft {
             }
             slots += 1;
         }
-        self.prefill(a, pixels, max_tokens)
+        a
     }
 
     /// The draft's prefill of its own assembly `a` of the prompt, whose images are `pixels`.
@@ -286,7 +285,7 @@ impl DraftRun {
 }
 
 /// The arg max of `logits` and its softmax probability.
-fn most_likely(logits: &[f32]) -> (u32, f32) {
+pub(crate) fn most_likely(logits: &[f32]) -> (u32, f32) {
     let (best, &max) =
         logits.iter().enumerate().fold(
             (0, &f32::NEG_INFINITY),

@@ -1406,8 +1406,7 @@ impl RowState {
         room: usize,
         draft: Option<(&mut Draft, &mut DraftRun)>,
     ) -> Result<(Vec<u32>, bool)> {
-        let limit = self.guess_limit(spec, room);
-        let forced = self.forced_guesses(limit);
+        let (forced, limit) = self.forced_or_limit(spec, room);
         if !forced.is_empty() {
             return Ok((forced, false));
         }
@@ -1418,6 +1417,19 @@ impl RowState {
             )),
             None => Ok((spec.propose(&self.seen, limit), false)),
         }
+    }
+
+    /// The tokens this row's constraint forces next, if any (they come before any other
+    /// guess), and how many guesses the next call may feed: `room` and the schedule's budget.
+    pub(crate) fn forced_or_limit(&mut self, spec: &Speculation, room: usize) -> (Vec<u32>, usize) {
+        let limit = self.guess_limit(spec, room);
+        (self.forced_guesses(limit), limit)
+    }
+
+    /// What a draft model reads and obeys for this row: the tokens generated so far and the
+    /// row's constraint, if any.
+    pub(crate) fn draft_view(&mut self) -> (&[u32], Option<&mut ActiveConstraint>) {
+        (&self.tokens, self.constraint.as_mut())
     }
 
     /// How many guesses the next call may feed: `room` and the schedule's budget.

@@ -17,6 +17,7 @@ pub mod bench;
 mod chat;
 pub mod constrain;
 pub mod draft;
+mod draft_batch;
 pub mod error;
 pub mod eval;
 #[allow(non_camel_case_types)]

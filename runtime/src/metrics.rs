@@ -89,6 +89,9 @@ pub struct Metrics {
     /// too (kept; vLLM's `spec_decode_num_draft_tokens` / `num_accepted_tokens`).
     pub spec_draft_tokens: AtomicU64,
     pub spec_accepted_tokens: AtomicU64,
+    /// Decoder calls of the draft model (its reading of prompts and of the tokens kept, and
+    /// its guesses), one per call however many sequences it guesses for.
+    pub spec_draft_model_calls: AtomicU64,
     /// Tokens chosen under a structured-output constraint, and the microseconds spent choosing
     /// them (the grammar's mask and the sampling after it).
     pub constrained_tokens: AtomicU64,
@@ -117,6 +120,7 @@ impl Default for Metrics {
             preemptions: AtomicU64::new(0),
             spec_draft_tokens: AtomicU64::new(0),
             spec_accepted_tokens: AtomicU64::new(0),
+            spec_draft_model_calls: AtomicU64::new(0),
             constrained_tokens: AtomicU64::new(0),
             constrained_pick_us: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BUCKETS),
@@ -245,7 +249,7 @@ impl Metrics {
         counter(
             &mut out,
             "kosmos_spec_decode_draft_tokens_total",
-            "Speculative decoding: tokens guessed by prompt lookup and fed to the decoder.",
+            "Speculative decoding: guessed tokens (by prompt lookup, a draft model or a grammar's forced text) fed to the decoder.",
             &self.spec_draft_tokens,
             "counter",
         );
@@ -254,6 +258,13 @@ impl Metrics {
             "kosmos_spec_decode_accepted_tokens_total",
             "Speculative decoding: guessed tokens the sampler picked too, each a token gained without a decoder call of its own.",
             &self.spec_accepted_tokens,
+            "counter",
+        );
+        counter(
+            &mut out,
+            "kosmos_spec_decode_draft_model_calls_total",
+            "Speculative decoding with a draft model: the draft's decoder calls (reading prompts and kept tokens, and guessing), one per call for every sequence it guesses for.",
+            &self.spec_draft_model_calls,
             "counter",
         );
         counter(

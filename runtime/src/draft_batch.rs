@@ -1,0 +1,319 @@
+//! A draft model's KV rows in the batching engine ([`crate::batch::Engine`]): row r of the
+//! draft's pool belongs to running sequence r (it moves when that sequence moves), so the draft
+//! reads and guesses for every speculating sequence in one decoder call per guess, where one
+//! prompt at a time ([`crate::draft::DraftRun`]) it makes one call per sequence and guess.
+//!
+//! The guesses are those [`Draft::propose`] makes for each sequence alone: each row is fed
+//! exactly its own tokens at its own position (`past_sequence_length` is per row), right-padded
+//! to the longest feed, and its guess is read at its own last position. A row of the call that
+//! has nothing to read (it stopped guessing, or does not speculate) is fed padding after its
+//! slots, which its next call writes over, as the target's rows are (see
+//! [`crate::batch`]'s speculative step).
+
+use kosmos_models::sequence::Assembled;
+
+use crate::batch::{Call, KvPool, pool_call};
+use crate::constrain::ActiveConstraint;
+use crate::draft::{Draft, most_likely};
+use crate::error::Result;
+
+/// The draft model and its rows.
+pub(crate) struct DraftRows {
+    pub(crate) draft: Draft,
+    pool: KvPool,
+    /// Rows of the pool: the engine's `max_batch`.
+    rows: usize,
+    /// Decoder calls the draft has made (prefills, catch-ups and guesses).
+    pub(crate) calls: u64,
+}
+
+/// A running sequence's place in the draft's rows.
+pub(crate) enum DraftSlot {
+    /// The draft has not read the prompt yet: it does before the sequence's first guess.
+    Unread,
+    /// The draft cannot follow this sequence (its prompt is past the draft's context, or the
+    /// draft failed on it): no guesses.
+    Off,
+    Row(DraftRow),
+}
+
+impl DraftSlot {
+    /// Slots of the sequence's row that hold its keys and values.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            DraftSlot::Row(r) => r.len,
+            _ => 0,
+        }
+    }
+}
+
+/// The draft's state of one sequence (as [`crate::draft::DraftRun`], its cache a pool row).
+pub(crate) struct DraftRow {
+    /// Slots of the prompt (the draft's assembly: its own image slots).
+    prompt_len: usize,
+    /// Slots the sequence may use: the prompt and its `max_tokens`, within the draft's context.
+    capacity: usize,
+    /// Generated tokens whose keys and values the row holds, in order after the prompt.
+    synced: usize,
+    /// Of the guesses last proposed, those fed to the draft; they follow the synced tokens.
+    fed_guesses: usize,
+    /// Slots in use: the prompt, the synced tokens and, after a proposal, the guesses fed.
+    len: usize,
+}
+
+/// What one running sequence asks of the draft: at most `limit` guesses to follow `generated`
+/// (every token generated so far), under its constraint, if any.
+pub(crate) struct Ask<'a> {
+    pub row: usize,
+    pub slot: &'a mut DraftRow,
+    pub generated: &'a [u32],
+    pub limit: usize,
+    pub constraint: Option<&'a mut ActiveConstraint>,
+}
+
+/// A row's part in the proposal under way.
+struct Proposal {
+    /// Tokens to feed at the next call (none: this row is done guessing).
+    feed: Vec<i64>,
+    guesses: Vec<u32>,
+}
+
+impl DraftRows {
+    pub(crate) fn new(draft: Draft, rows: usize) -> Self {
+        let d = &draft.pkg.manifest.decoder;
+        let pool = KvPool::empty(d.num_heads, d.head_dim, draft.pkg.kv_dtype);
+        DraftRows {
+            draft,
+            pool,
+            rows,
+            calls: 0,
+        }
+    }
+
+    /// Read running row `row`'s prompt (the target's assembly with `tokens_per_image` slots per
+    /// image, and its preprocessed `pixels`) into the row, with room for `max_tokens`. `used`
+    /// are every running row's [`DraftSlot::len`], kept if the pool grows.
+    pub(crate) fn start(
+        &mut self,
+        row: usize,
+        target: &Assembled,
+        tokens_per_image: usize,
+        pixels: &[Vec<f32>],
+        max_tokens: usize,
+        used: &[usize],
+    ) -> Result<DraftSlot> {
+        let a = self.draft.assembly_of(target, tokens_per_image);
+        let len = a.len();
+        let context = self.draft.pkg.context_length();
+        let capacity = (len + max_tokens).min(context);
+        if len >= capacity {
+            // Longer than the draft's context: it cannot guess for this prompt.
+            return Ok(DraftSlot::Off);
+        }
+        if self.pool.rows != self.rows || capacity > self.pool.capacity {
+            // Round up so that small differences between requests do not reallocate.
+            let grown = (capacity.div_ceil(32) * 32).min(context).max(self.pool.capacity);
+            let tensors = 2 * self.draft.pkg.manifest.decoder.num_layers;
+            self.pool
+                .resize(&self.draft.pkg, tensors, self.rows, grown, used)?;
+            tracing::debug!(rows = self.rows, capacity = grown, "draft KV pool");
+        }
+        let dm = self.draft.pkg.manifest.decoder.hidden_size;
+        let embeds = self.draft.pkg.encode_images(&mut self.draft.vision, pixels)?;
+        let n_tok = embeds.iter().map(|e| e.len()).sum::<usize>() / dm;
+        // No images: one zero row, never read (no slot is marked).
+        let (embeds, n_tok) = if n_tok == 0 {
+            (vec![0f32; dm], 1)
+        } else {
+            (embeds.iter().flat_map(|e| e.iter().copied()).collect(), n_tok)
+        };
+        let cap = self.pool.capacity;
+        let mut mask = vec![0i64; cap];
+        mask[..len].fill(1);
+        let call = Call {
+            ids: a.input_ids.iter().map(|&t| t as i64).collect(),
+            s: len,
+            embeds,
+            n_tok,
+            image_mask: a.image_mask,
+            mask,
+            past: vec![0],
+        };
+        pool_call(&mut self.draft.pkg, &mut self.pool, row..row + 1, call, false)?;
+        self.calls += 1;
+        Ok(DraftSlot::Row(DraftRow {
+            prompt_len: len,
+            capacity,
+            synced: 0,
+            fed_guesses: 0,
+            len,
+        }))
+    }
+
+    /// Running row `from` moved to row `to` (the engine refills a freed row with its last).
+    pub(crate) fn move_row(&mut self, from: usize, to: usize, slot: &DraftSlot) {
+        if slot.len() > 0 {
+            self.pool.move_row(from, to, slot.len());
+        }
+    }
+
+    /// Each ask's guesses (in `asks`' order), as [`Draft::propose`] would make them for each
+    /// sequence alone: the draft first reads the generated tokens it has not read, then guesses
+    /// its most likely next token while it gives it at least [`Draft::p_min`], within the
+    /// ask's limit; under a constraint only tokens it allows (the constraint is left where it
+    /// was). `lens` are every running row's [`DraftSlot::len`].
+    pub(crate) fn propose(&mut self, asks: &mut [Ask<'_>], lens: &[usize]) -> Result<Vec<Vec<u32>>> {
+        let mut lens = lens.to_vec();
+        let mut props: Vec<Proposal> = Vec::with_capacity(asks.len());
+        let mut snapshots = Vec::with_capacity(asks.len());
+        for a in asks.iter_mut() {
+            let slot = &mut *a.slot;
+            let todo = a.generated.len().saturating_sub(slot.synced);
+            // Past the row's room (the draft's context, or the generation's): no more guesses.
+            let feed = if a.limit == 0 || todo == 0 || slot.prompt_len + a.generated.len() >= slot.capacity {
+                Vec::new()
+            } else {
+                let feed = a.generated[slot.synced..].iter().map(|&t| t as i64).collect();
+                slot.synced = a.generated.len();
+                feed
+            };
+            slot.fed_guesses = 0;
+            snapshots.push(a.constraint.as_deref().map(|c| c.snapshot()));
+            props.push(Proposal {
+                feed,
+                guesses: Vec::new(),
+            });
+        }
+        let result = self.guess(asks, &mut props, &mut lens);
+        for (a, at) in asks.iter_mut().zip(snapshots) {
+            if let (Some(c), Some(at)) = (a.constraint.as_deref_mut(), at) {
+                c.restore(at);
+            }
+        }
+        result?;
+        Ok(props.into_iter().map(|p| p.guesses).collect())
+    }
+
+    /// Calls until every row is done guessing.
+    fn guess(&mut self, asks: &mut [Ask<'_>], props: &mut [Proposal], lens: &mut [usize]) -> Result<()> {
+        let eos = self.draft.pkg.manifest.config.tokenizer.eos_token_id;
+        let pad = self.draft.pkg.manifest.config.tokenizer.pad_token_id as i64;
+        let vocab = self.draft.pkg.manifest.decoder.vocab_size;
+        let dm = self.draft.pkg.manifest.decoder.hidden_size;
+        loop {
+            // A row whose next feed would pass its room stops here.
+            for (a, p) in asks.iter().zip(props.iter_mut()) {
+                if a.slot.len + p.feed.len() > a.slot.capacity {
+                    p.feed.clear();
+                }
+            }
+            let s = props.iter().map(|p| p.feed.len()).max().unwrap_or(0);
+            if s == 0 {
+                return Ok(());
+            }
+            let by_row: Vec<Option<usize>> = {
+                let mut v = vec![None; lens.len()];
+                for (i, (a, p)) in asks.iter().zip(props.iter()).enumerate() {
+                    if !p.feed.is_empty() {
+                        v[a.row] = Some(i);
+                    }
+                }
+                v
+            };
+            for rows in self.segments(&by_row, lens, s) {
+                let cap = self.pool.capacity;
+                let m = rows.len();
+                let mut ids = Vec::with_capacity(m * s);
+                let mut mask = vec![0i64; m * cap];
+                let mut past = Vec::with_capacity(m);
+                for (k, r) in rows.clone().enumerate() {
+                    let feed: &[i64] = by_row[r].map(|i| props[i].feed.as_slice()).unwrap_or(&[]);
+                    ids.extend_from_slice(feed);
+                    ids.extend(std::iter::repeat_n(pad, s - feed.len()));
+                    // A row with nothing to read sees its padding (finite keys and values in
+                    // slots past its own, written over by its next call).
+                    let seen = lens[r] + if feed.is_empty() { s } else { feed.len() };
+                    mask[k * cap..k * cap + seen].fill(1);
+                    past.push(lens[r] as i64);
+                }
+                let call = Call {
+                    ids,
+                    s,
+                    embeds: vec![0f32; m * dm],
+                    n_tok: 1,
+                    image_mask: vec![false; m * s],
+                    mask,
+                    past,
+                };
+                let logits = pool_call(&mut self.draft.pkg, &mut self.pool, rows.clone(), call, true)?;
+                self.calls += 1;
+                for (k, r) in rows.enumerate() {
+                    let Some(i) = by_row[r] else { continue };
+                    let (a, p) = (&mut asks[i], &mut props[i]);
+                    let n = p.feed.len();
+                    lens[r] += n;
+                    a.slot.len += n;
+                    if !p.guesses.is_empty() {
+                        a.slot.fed_guesses += 1;
+                    }
+                    let at = (k * s + n - 1) * vocab;
+                    let mut logits = logits[at..at + vocab].to_vec();
+                    p.feed.clear();
+                    if let Some(c) = a.constraint.as_deref_mut() {
+                        // Nothing allowed (or left possible): no guess; the target says why.
+                        if c.restrict(&mut logits, false, true).is_err() {
+                            continue;
+                        }
+                    }
+                    let (best, prob) = most_likely(&logits);
+                    if prob < self.draft.p_min {
+                        continue;
+                    }
+                    p.guesses.push(best);
+                    if p.guesses.len() == a.limit || best == eos {
+                        continue;
+                    }
+                    if let Some(c) = a.constraint.as_deref_mut() {
+                        c.advance(best, false);
+                    }
+                    p.feed.push(best as i64);
+                }
+            }
+        }
+    }
+
+    /// The contiguous row ranges of one call per range that together feed every row with
+    /// something to read (`by_row`): from the first such row to the last, except rows that
+    /// cannot take `s` slots of padding after their `lens` (a range ends before them).
+    fn segments(&self, by_row: &[Option<usize>], lens: &[usize], s: usize) -> Vec<std::ops::Range<usize>> {
+        let mut out = Vec::new();
+        let mut start: Option<usize> = None;
+        let mut last_fed = 0;
+        for r in 0..by_row.len() {
+            let fed = by_row[r].is_some();
+            let fits = fed || lens[r] + s <= self.pool.capacity;
+            if fits && (start.is_some() || fed) {
+                start.get_or_insert(r);
+                if fed {
+                    last_fed = r;
+                }
+            } else if let Some(b) = start.take() {
+                out.push(b..last_fed + 1);
+            }
+        }
+        if let Some(b) = start {
+            out.push(b..last_fed + 1);
+        }
+        out
+    }
+
+    /// The target kept `kept` of the guesses last proposed for this row (or of others, such
+    /// as a grammar's forced text: then `proposed` is false): the row keeps those the draft
+    /// read and forgets the rest.
+    pub(crate) fn kept(slot: &mut DraftRow, kept: usize, proposed: bool) {
+        let read = if proposed { slot.fed_guesses.min(kept) } else { 0 };
+        slot.synced += read;
+        slot.fed_guesses = 0;
+        slot.len = slot.prompt_len + slot.synced;
+    }
+}
