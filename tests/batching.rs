@@ -1723,6 +1723,70 @@ fn with_draft(target: &Path, draft: &Path, p_min: f32) -> Package {
     pkg
 }
 
+/// The draft's rows follow their sequences when rows move: three greedy sequences of different
+/// lengths with the target as its own draft, the first preempted by a more urgent one (the
+/// last row moves into its place) and resumed, rows retiring out of order. Each generates what
+/// it would alone, and every guess is kept: a draft row left behind would guess for another
+/// sequence's text.
+#[test]
+fn draft_rows_follow_their_sequences_through_preemption_and_retirement() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, target) = kosmos_e2e::tiny_buffer_package(&dir.path().join("target"), 7);
+    let mut plain = Package::open(&target, &SessionOptions::default()).unwrap();
+    let image = vec![ImageInput::Bytes(png(3))];
+    let seqs = [
+        // (prompt, params, priority)
+        (
+            Prompt::parse("Question: what colour is the circle? Answer:", image).unwrap(),
+            greedy(40),
+            9,
+        ),
+        (
+            Prompt::parse("a red circle on the left and", vec![]).unwrap(),
+            greedy(32),
+            5,
+        ),
+        (Prompt::parse("colours: red blue", vec![]).unwrap(), greedy(24), 5),
+        (Prompt::parse("green", vec![]).unwrap(), greedy(4), 0),
+    ];
+    let want: Vec<Vec<u32>> = seqs
+        .iter()
+        .map(|(p, params, _)| alone(&mut plain, p, params).tokens)
+        .collect();
+    let metrics = Arc::new(Metrics::default());
+    let config = EngineConfig {
+        max_batch: 3,
+        ..Default::default()
+    };
+    let mut engine = Engine::new(with_draft(&target, &target, 0.0), config, metrics.clone()).unwrap();
+    let mut outs = Vec::new();
+    for (i, (prompt, params, priority)) in seqs.iter().enumerate() {
+        // The least urgent sequence first, alone in row 0; a few tokens later, with every row
+        // taken, the urgent one takes its row and the last row moves into it.
+        if i == 1 || i == 3 {
+            for _ in 0..2 {
+                engine.step();
+            }
+        }
+        let (mut req, out, _) = request(engine.package(), prompt, params);
+        req.priority = *priority;
+        engine.submit(req);
+        outs.push(out);
+    }
+    while !engine.is_idle() {
+        engine.step();
+    }
+    for (i, want) in want.iter().enumerate() {
+        let c = outs[i].lock().unwrap();
+        let done = c.done.as_ref().unwrap_or_else(|| panic!("#{i} did not finish"));
+        assert_eq!(&done.tokens, want, "#{i} tokens vs generate()");
+    }
+    assert_eq!(metrics.preemptions.load(Ordering::Relaxed), 1);
+    let drafted = metrics.spec_draft_tokens.load(Ordering::Relaxed);
+    let accepted = metrics.spec_accepted_tokens.load(Ordering::Relaxed);
+    assert!(drafted >= 20 && accepted == drafted, "{accepted} of {drafted}");
+}
+
 /// Speculation with a draft model gives what plain generation gives, token for token and text
 /// for text (streamed too): greedy, sampled, constrained (the grammar's forced text and the
 /// draft's guesses mixed), ended by a stop string. A draft that is the target itself has every

@@ -616,6 +616,23 @@ pub(crate) struct Call {
     pub past: Vec<i64>,
 }
 
+impl Call {
+    /// A call that feeds tokens only (`s` per row, no image slot) to the rows of `past`, whose
+    /// hidden size is `dm`: the image embeddings are one zero row each, never read.
+    pub(crate) fn text(ids: Vec<i64>, s: usize, dm: usize, mask: Vec<i64>, past: Vec<i64>) -> Self {
+        let rows = past.len();
+        Call {
+            ids,
+            s,
+            embeds: vec![0f32; rows * dm],
+            n_tok: 1,
+            image_mask: vec![false; rows * s],
+            mask,
+            past,
+        }
+    }
+}
+
 pub struct Engine {
     pkg: Package,
     /// The package's draft model, when it has one, with a row per running sequence: guesses
@@ -1450,15 +1467,8 @@ impl Engine {
             mask[r * cap + u] = 1;
             past.push(u as i64);
         }
-        let call = Call {
-            ids: self.running.iter().map(|r| r.next).collect(),
-            s: 1,
-            embeds: vec![0f32; n * dm],
-            n_tok: 1,
-            image_mask: vec![false; n],
-            mask,
-            past,
-        };
+        let ids = self.running.iter().map(|r| r.next).collect();
+        let call = Call::text(ids, 1, dm, mask, past);
         let t0 = Instant::now();
         let mut logits = self.call(0..n, call, false)?;
         tracing::debug!(rows = n, ms = t0.elapsed().as_secs_f64() * 1e3, "decode step");
@@ -1589,15 +1599,7 @@ impl Engine {
             ids.extend(g.iter().map(|&t| t as i64));
             ids.extend(std::iter::repeat_n(pad, s - 1 - g.len()));
         }
-        let call = Call {
-            ids,
-            s,
-            embeds: vec![0f32; n * dm],
-            n_tok: 1,
-            image_mask: vec![false; n * s],
-            mask,
-            past,
-        };
+        let call = Call::text(ids, s, dm, mask, past);
         let t0 = Instant::now();
         let mut logits = self.call(0..n, call, true)?;
         let vocab = self.pkg.manifest.decoder.vocab_size;

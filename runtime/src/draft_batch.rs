@@ -10,6 +10,8 @@
 //! slots, which its next call writes over, as the target's rows are (see
 //! [`crate::batch`]'s speculative step).
 
+use std::ops::Range;
+
 use kosmos_models::sequence::Assembled;
 
 use crate::batch::{Call, KvPool, pool_call};
@@ -196,10 +198,6 @@ impl DraftRows {
 
     /// Calls until every row is done guessing.
     fn guess(&mut self, asks: &mut [Ask<'_>], props: &mut [Proposal], lens: &mut [usize]) -> Result<()> {
-        let eos = self.draft.pkg.manifest.config.tokenizer.eos_token_id;
-        let pad = self.draft.pkg.manifest.config.tokenizer.pad_token_id as i64;
-        let vocab = self.draft.pkg.manifest.decoder.vocab_size;
-        let dm = self.draft.pkg.manifest.decoder.hidden_size;
         loop {
             // A row whose next feed would pass its room stops here.
             for (a, p) in asks.iter().zip(props.iter_mut()) {
@@ -207,104 +205,94 @@ impl DraftRows {
                     p.feed.clear();
                 }
             }
-            let s = props.iter().map(|p| p.feed.len()).max().unwrap_or(0);
-            if s == 0 {
+            let mut todo: Vec<usize> = (0..props.len()).filter(|&i| !props[i].feed.is_empty()).collect();
+            if todo.is_empty() {
                 return Ok(());
             }
-            let by_row: Vec<Option<usize>> = {
-                let mut v = vec![None; lens.len()];
-                for (i, (a, p)) in asks.iter().zip(props.iter()).enumerate() {
-                    if !p.feed.is_empty() {
-                        v[a.row] = Some(i);
-                    }
-                }
-                v
-            };
-            for rows in self.segments(&by_row, lens, s) {
+            while !todo.is_empty() {
+                let s = todo.iter().map(|&i| props[i].feed.len()).max().unwrap_or(0);
+                // Every row of a call writes `s` slots: a row without room for them is fed in a
+                // later call with a shorter feed (the longest feed's row has room: see above).
                 let cap = self.pool.capacity;
-                let m = rows.len();
-                let mut ids = Vec::with_capacity(m * s);
-                let mut mask = vec![0i64; m * cap];
-                let mut past = Vec::with_capacity(m);
-                for (k, r) in rows.clone().enumerate() {
-                    let feed: &[i64] = by_row[r].map(|i| props[i].feed.as_slice()).unwrap_or(&[]);
-                    ids.extend_from_slice(feed);
-                    ids.extend(std::iter::repeat_n(pad, s - feed.len()));
-                    // A row with nothing to read sees its padding (finite keys and values in
-                    // slots past its own, written over by its next call).
-                    let seen = lens[r] + if feed.is_empty() { s } else { feed.len() };
-                    mask[k * cap..k * cap + seen].fill(1);
-                    past.push(lens[r] as i64);
+                let (now, later): (Vec<usize>, Vec<usize>) =
+                    todo.iter().partition(|&&i| lens[asks[i].row] + s <= cap);
+                let mut by_row = vec![None; lens.len()];
+                for &i in &now {
+                    by_row[asks[i].row] = Some(i);
                 }
-                let call = Call {
-                    ids,
-                    s,
-                    embeds: vec![0f32; m * dm],
-                    n_tok: 1,
-                    image_mask: vec![false; m * s],
-                    mask,
-                    past,
-                };
-                let logits = pool_call(&mut self.draft.pkg, &mut self.pool, rows.clone(), call, true)?;
-                self.calls += 1;
-                for (k, r) in rows.enumerate() {
-                    let Some(i) = by_row[r] else { continue };
-                    let (a, p) = (&mut asks[i], &mut props[i]);
-                    let n = p.feed.len();
-                    lens[r] += n;
-                    a.slot.len += n;
-                    if !p.guesses.is_empty() {
-                        a.slot.fed_guesses += 1;
-                    }
-                    let at = (k * s + n - 1) * vocab;
-                    let mut logits = logits[at..at + vocab].to_vec();
-                    p.feed.clear();
-                    if let Some(c) = a.constraint.as_deref_mut() {
-                        // Nothing allowed (or left possible): no guess; the target says why.
-                        if c.restrict(&mut logits, false, true).is_err() {
-                            continue;
-                        }
-                    }
-                    let (best, prob) = most_likely(&logits);
-                    if prob < self.draft.p_min {
-                        continue;
-                    }
-                    p.guesses.push(best);
-                    if p.guesses.len() == a.limit || best == eos {
-                        continue;
-                    }
-                    if let Some(c) = a.constraint.as_deref_mut() {
-                        c.advance(best, false);
-                    }
-                    p.feed.push(best as i64);
-                }
+                self.feed(asks, props, lens, &by_row, s)?;
+                todo = later;
             }
         }
     }
 
-    /// The contiguous row ranges of one call per range that together feed every row with
-    /// something to read (`by_row`): from the first such row to the last, except rows that
-    /// cannot take `s` slots of padding after their `lens` (a range ends before them).
-    fn segments(&self, by_row: &[Option<usize>], lens: &[usize], s: usize) -> Vec<std::ops::Range<usize>> {
-        let mut out = Vec::new();
-        let mut start: Option<usize> = None;
-        let mut last_fed = 0;
-        for r in 0..by_row.len() {
-            let fed = by_row[r].is_some();
-            let fits = fed || lens[r] + s <= self.pool.capacity;
-            if fits && (start.is_some() || fed) {
-                start.get_or_insert(r);
-                if fed {
-                    last_fed = r;
+    /// The calls that feed the rows of `by_row` (each row's ask, if it has one) their feeds,
+    /// `s` slots per row, and take each one's next guess.
+    fn feed(
+        &mut self,
+        asks: &mut [Ask<'_>],
+        props: &mut [Proposal],
+        lens: &mut [usize],
+        by_row: &[Option<usize>],
+        s: usize,
+    ) -> Result<()> {
+        let eos = self.draft.pkg.manifest.config.tokenizer.eos_token_id;
+        let pad = self.draft.pkg.manifest.config.tokenizer.pad_token_id as i64;
+        let vocab = self.draft.pkg.manifest.decoder.vocab_size;
+        let dm = self.draft.pkg.manifest.decoder.hidden_size;
+        for rows in segments(by_row, lens, s, self.pool.capacity) {
+            let cap = self.pool.capacity;
+            let m = rows.len();
+            let mut ids = Vec::with_capacity(m * s);
+            let mut mask = vec![0i64; m * cap];
+            let mut past = Vec::with_capacity(m);
+            for (k, r) in rows.clone().enumerate() {
+                debug_assert!(lens[r] + s <= cap, "row {r} has no room for {s} slots");
+                let feed: &[i64] = by_row[r].map(|i| props[i].feed.as_slice()).unwrap_or(&[]);
+                ids.extend_from_slice(feed);
+                ids.extend(std::iter::repeat_n(pad, s - feed.len()));
+                // A row with nothing to read sees its padding (finite keys and values in
+                // slots past its own, written over by its next call).
+                let seen = lens[r] + if feed.is_empty() { s } else { feed.len() };
+                mask[k * cap..k * cap + seen].fill(1);
+                past.push(lens[r] as i64);
+            }
+            let call = Call::text(ids, s, dm, mask, past);
+            let logits = pool_call(&mut self.draft.pkg, &mut self.pool, rows.clone(), call, true)?;
+            self.calls += 1;
+            for (k, r) in rows.enumerate() {
+                let Some(i) = by_row[r] else { continue };
+                let (a, p) = (&mut asks[i], &mut props[i]);
+                let n = p.feed.len();
+                lens[r] += n;
+                a.slot.len += n;
+                if !p.guesses.is_empty() {
+                    a.slot.fed_guesses += 1;
                 }
-            } else if let Some(b) = start.take() {
-                out.push(b..last_fed + 1);
+                let at = (k * s + n - 1) * vocab;
+                let mut logits = logits[at..at + vocab].to_vec();
+                p.feed.clear();
+                if let Some(c) = a.constraint.as_deref_mut() {
+                    // Nothing allowed (or left possible): no guess; the target says why.
+                    if c.restrict(&mut logits, false, true).is_err() {
+                        continue;
+                    }
+                }
+                let (best, prob) = most_likely(&logits);
+                if prob < self.draft.p_min {
+                    continue;
+                }
+                p.guesses.push(best);
+                if p.guesses.len() == a.limit || best == eos {
+                    continue;
+                }
+                if let Some(c) = a.constraint.as_deref_mut() {
+                    c.advance(best, false);
+                }
+                p.feed.push(best as i64);
             }
         }
-        if let Some(b) = start {
-            out.push(b..last_fed + 1);
-        }
-        out
+        Ok(())
     }
 
     /// The target kept `kept` of the guesses last proposed for this row (or of others, such
@@ -315,5 +303,59 @@ impl DraftRows {
         slot.synced += read;
         slot.fed_guesses = 0;
         slot.len = slot.prompt_len + slot.synced;
+    }
+}
+
+/// The contiguous row ranges of one call per range that together feed every row with
+/// something to read (`by_row`): from the first such row to the last, except rows that
+/// cannot take `s` slots of padding after their `lens` within `capacity` (a range ends
+/// before them).
+fn segments(by_row: &[Option<usize>], lens: &[usize], s: usize, capacity: usize) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start: Option<usize> = None;
+    let mut last_fed = 0;
+    for r in 0..by_row.len() {
+        let fed = by_row[r].is_some();
+        let fits = fed || lens[r] + s <= capacity;
+        if fits && (start.is_some() || fed) {
+            start.get_or_insert(r);
+            if fed {
+                last_fed = r;
+            }
+        } else if let Some(b) = start.take() {
+            out.push(b..last_fed + 1);
+        }
+    }
+    if let Some(b) = start {
+        out.push(b..last_fed + 1);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::segments;
+
+    #[test]
+    fn calls_span_the_rows_fed_and_the_rows_between_that_have_room() {
+        let fed = |rows: &[usize], n: usize| {
+            let mut v = vec![None; n];
+            for (i, &r) in rows.iter().enumerate() {
+                v[r] = Some(i);
+            }
+            v
+        };
+        // Every row fed: one call.
+        assert_eq!(segments(&fed(&[0, 1, 2], 3), &[5, 9, 7], 3, 12), vec![0..3]);
+        // Rows 1 and 4 fed: the rows between have room for the padding, those outside are
+        // left out.
+        assert_eq!(segments(&fed(&[1, 4], 6), &[5, 5, 9, 6, 5, 5], 3, 12), vec![1..5]);
+        // Row 2 has no room for 3 slots of padding: two calls, each from a row fed to a row fed.
+        assert_eq!(
+            segments(&fed(&[1, 4], 6), &[5, 5, 10, 6, 5, 5], 3, 12),
+            vec![1..2, 4..5]
+        );
+        // Nothing fed: no call.
+        assert!(segments(&fed(&[], 3), &[1, 2, 3], 1, 12).is_empty());
     }
 }
