@@ -1754,8 +1754,11 @@ fn draft_rows_follow_their_sequences_through_preemption_and_retirement() {
         .map(|(p, params, _)| alone(&mut plain, p, params).tokens)
         .collect();
     let metrics = Arc::new(Metrics::default());
+    // Prompts (the model's and the draft's reading of them) in chunks of 7 tokens: the image's
+    // slots span chunks.
     let config = EngineConfig {
         max_batch: 3,
+        prefill_chunk: 7,
         ..Default::default()
     };
     let mut engine = Engine::new(with_draft(&target, &target, 0.0), config, metrics.clone()).unwrap();

@@ -1518,22 +1518,33 @@ impl Engine {
             return Ok(out);
         }
         let (t0, calls) = (Instant::now(), draft.calls);
+        // The draft reads a sequence's prompt, a prefill chunk per step, before its first guess.
         for &(r, _) in &wants {
-            if !matches!(self.running[r].draft, DraftSlot::Unread) {
-                continue;
+            if matches!(self.running[r].draft, DraftSlot::Unread) {
+                let used: Vec<usize> = self.running.iter().map(|x| x.draft.len()).collect();
+                let run = &mut self.running[r];
+                let mut prompt = run.req.assembled.clone();
+                prompt.input_ids.truncate(run.prompt_len);
+                prompt.image_mask.truncate(run.prompt_len);
+                let max_tokens = run.req.params.max_tokens;
+                run.draft = draft
+                    .start(&prompt, per, &run.req.pixels, max_tokens, &used)
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "the draft model cannot read this prompt; no guesses for it");
+                        DraftSlot::Off
+                    });
             }
-            let used: Vec<usize> = self.running.iter().map(|x| x.draft.len()).collect();
-            let run = &mut self.running[r];
-            let mut prompt = run.req.assembled.clone();
-            prompt.input_ids.truncate(run.prompt_len);
-            prompt.image_mask.truncate(run.prompt_len);
-            let max_tokens = run.req.params.max_tokens;
-            run.draft = draft
-                .start(r, &prompt, per, &run.req.pixels, max_tokens, &used)
-                .unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "the draft model cannot read this prompt; no guesses for it");
-                    DraftSlot::Off
-                });
+            let slot = &mut self.running[r].draft;
+            if let DraftSlot::Reading(reading) = slot {
+                match draft.read(r, reading, self.config.prefill_chunk) {
+                    Ok(Some(row)) => *slot = DraftSlot::Row(row),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the draft model cannot read this prompt; no guesses for it");
+                        *slot = DraftSlot::Off;
+                    }
+                }
+            }
         }
         let lens: Vec<usize> = self.running.iter().map(|x| x.draft.len()).collect();
         let mut asks = Vec::with_capacity(wants.len());

@@ -31,8 +31,11 @@ pub(crate) struct DraftRows {
 
 /// A running sequence's place in the draft's rows.
 pub(crate) enum DraftSlot {
-    /// The draft has not read the prompt yet: it does before the sequence's first guess.
+    /// The draft has not read the prompt yet: it starts when the sequence first may guess.
     Unread,
+    /// The draft is reading the prompt, a prefill chunk per engine step (a long prompt would
+    /// otherwise stall every running sequence for the draft's whole prefill); no guesses yet.
+    Reading(Reading),
     /// The draft cannot follow this sequence (its prompt is past the draft's context, or the
     /// draft failed on it): no guesses.
     Off,
@@ -44,12 +47,24 @@ impl DraftSlot {
     pub(crate) fn len(&self) -> usize {
         match self {
             DraftSlot::Row(r) => r.len,
+            DraftSlot::Reading(r) => r.row.len,
             _ => 0,
         }
     }
 }
 
+/// A prompt the draft is reading into a row.
+pub(crate) struct Reading {
+    /// The draft's assembly of the prompt.
+    a: Assembled,
+    /// Its images' embeddings by the draft's vision tower, [n_tok, hidden], in prompt order.
+    embeds: Vec<f32>,
+    /// The row once read; until then `len` counts the prompt slots written.
+    row: DraftRow,
+}
+
 /// The draft's state of one sequence (as [`crate::draft::DraftRun`], its cache a pool row).
+#[derive(Clone, Copy)]
 pub(crate) struct DraftRow {
     /// Slots of the prompt (the draft's assembly: its own image slots).
     prompt_len: usize,
@@ -92,12 +107,12 @@ impl DraftRows {
         }
     }
 
-    /// Read running row `row`'s prompt (the target's assembly with `tokens_per_image` slots per
-    /// image, and its preprocessed `pixels`) into the row, with room for `max_tokens`. `used`
-    /// are every running row's [`DraftSlot::len`], kept if the pool grows.
+    /// Start reading a running sequence's prompt (the target's assembly with `tokens_per_image`
+    /// slots per image, and its preprocessed `pixels`) with room for `max_tokens`: its images
+    /// through the draft's vision tower, a row of the pool made room for ([`DraftRows::read`]
+    /// writes it). `used` are every running row's [`DraftSlot::len`], kept if the pool grows.
     pub(crate) fn start(
         &mut self,
-        row: usize,
         target: &Assembled,
         tokens_per_image: usize,
         pixels: &[Vec<f32>],
@@ -120,36 +135,53 @@ impl DraftRows {
                 .resize(&self.draft.pkg, tensors, self.rows, grown, used)?;
             tracing::debug!(rows = self.rows, capacity = grown, "draft KV pool");
         }
-        let dm = self.draft.pkg.manifest.decoder.hidden_size;
         let embeds = self.draft.pkg.encode_images(&mut self.draft.vision, pixels)?;
-        let n_tok = embeds.iter().map(|e| e.len()).sum::<usize>() / dm;
-        // No images: one zero row, never read (no slot is marked).
-        let (embeds, n_tok) = if n_tok == 0 {
-            (vec![0f32; dm], 1)
-        } else {
-            (embeds.iter().flat_map(|e| e.iter().copied()).collect(), n_tok)
-        };
-        let cap = self.pool.capacity;
-        let mut mask = vec![0i64; cap];
-        mask[..len].fill(1);
+        Ok(DraftSlot::Reading(Reading {
+            a,
+            embeds: embeds.iter().flat_map(|e| e.iter().copied()).collect(),
+            row: DraftRow {
+                prompt_len: len,
+                capacity,
+                synced: 0,
+                fed_guesses: 0,
+                len: 0,
+            },
+        }))
+    }
+
+    /// Read the next `chunk` tokens (0: all the rest) of the prompt `reading` into row `row`;
+    /// the row, once the whole prompt is in.
+    pub(crate) fn read(
+        &mut self,
+        row: usize,
+        reading: &mut Reading,
+        chunk: usize,
+    ) -> Result<Option<DraftRow>> {
+        let dm = self.draft.pkg.manifest.decoder.hidden_size;
+        let (from, len) = (reading.row.len, reading.row.prompt_len);
+        let to = if chunk == 0 { len } else { len.min(from + chunk) };
+        let image_mask = &reading.a.image_mask;
+        // The chunk's image slots take the embeddings after those of the slots before it.
+        let before = image_mask[..from].iter().filter(|&&m| m).count();
+        let count = image_mask[from..to].iter().filter(|&&m| m).count();
+        let n_tok = count.max(1);
+        let mut embeds = vec![0f32; n_tok * dm];
+        embeds[..count * dm].copy_from_slice(&reading.embeds[before * dm..(before + count) * dm]);
+        let mut mask = vec![0i64; self.pool.capacity];
+        mask[..to].fill(1);
         let call = Call {
-            ids: a.input_ids.iter().map(|&t| t as i64).collect(),
-            s: len,
+            ids: reading.a.input_ids[from..to].iter().map(|&t| t as i64).collect(),
+            s: to - from,
             embeds,
             n_tok,
-            image_mask: a.image_mask,
+            image_mask: image_mask[from..to].to_vec(),
             mask,
-            past: vec![0],
+            past: vec![from as i64],
         };
         pool_call(&mut self.draft.pkg, &mut self.pool, row..row + 1, call, false)?;
         self.calls += 1;
-        Ok(DraftSlot::Row(DraftRow {
-            prompt_len: len,
-            capacity,
-            synced: 0,
-            fed_guesses: 0,
-            len,
-        }))
+        reading.row.len = to;
+        Ok((to == len).then_some(reading.row))
     }
 
     /// Running row `from` moved to row `to` (the engine refills a freed row with its last).
