@@ -29,7 +29,9 @@
 //! Speculative decoding ([`crate::speculate`], when the package has it on and at most its
 //! `max_batch` sequences run): a decode step feeds each row its next token and its guesses,
 //! samples every position in order and keeps the guesses the sampler picked; the rest of the
-//! slots written are beyond the row's mask and written over by its next call.
+//! slots written are beyond the row's mask and written over by its next call. With a draft
+//! model the guesses are the draft's, made for every row in the same calls on a pool of its
+//! own whose rows move with these ([`crate::draft_batch`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{CStr, CString};
