@@ -1755,10 +1755,11 @@ fn draft_rows_follow_their_sequences_through_preemption_and_retirement() {
         .collect();
     let metrics = Arc::new(Metrics::default());
     // Prompts (the model's and the draft's reading of them) in chunks of 7 tokens: the image's
-    // slots span chunks.
+    // slots span chunks. Both pools allocated up front.
     let config = EngineConfig {
         max_batch: 3,
         prefill_chunk: 7,
+        kv_preallocate: true,
         ..Default::default()
     };
     let mut engine = Engine::new(with_draft(&target, &target, 0.0), config, metrics.clone()).unwrap();

@@ -161,7 +161,7 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Allocate (and fault in) the KV pool for `max_batch` x the whole context up front, so
     /// that no request waits for it to grow; memory: max_batch x context x 2 x layers x hidden
-    /// x element size.
+    /// x element size. A draft model's pool too.
     pub kv_preallocate: bool,
     /// Bytes of finished sequences' keys and values kept for prompts that start the same way
     /// (see [`crate::prefix_cache`]); 0 turns prefix caching off.
@@ -667,8 +667,8 @@ impl Engine {
         if config.max_batch == 0 {
             return Err(RtError::Input("max_batch must be at least 1".into()));
         }
-        let draft = pkg.draft.take().map(|d| DraftRows::new(*d, config.max_batch));
-        if let Some(DraftRows { draft: d, .. }) = &draft {
+        let draft = pkg.draft.take();
+        if let Some(d) = &draft {
             // Requests come preprocessed for the model; the draft reads the same pixels.
             let (ours, its) = (
                 pkg.manifest.preprocess.image_size,
@@ -685,6 +685,9 @@ impl Engine {
             }
             tracing::info!(draft = %d.dir().display(), p_min = d.p_min, "speculating with a draft model");
         }
+        let draft = draft
+            .map(|d| DraftRows::new(*d, config.max_batch, config.kv_preallocate))
+            .transpose()?;
         let d = &pkg.manifest.decoder;
         let mut pool = KvPool::empty(d.num_heads, d.head_dim, pkg.kv_dtype);
         // What a deployment sizes memory by: the cache of one token, and of every row full.

@@ -96,15 +96,29 @@ struct Proposal {
 }
 
 impl DraftRows {
-    pub(crate) fn new(draft: Draft, rows: usize) -> Self {
+    /// The draft's rows for `rows` sequences; with `preallocate` (the engine's
+    /// `kv_preallocate`) its pool is allocated for `rows` x its whole context now, so that no
+    /// request waits for it to grow (faulting fresh memory in takes seconds per GB).
+    pub(crate) fn new(draft: Draft, rows: usize, preallocate: bool) -> Result<Self> {
         let d = &draft.pkg.manifest.decoder;
-        let pool = KvPool::empty(d.num_heads, d.head_dim, draft.pkg.kv_dtype);
-        DraftRows {
+        let mut pool = KvPool::empty(d.num_heads, d.head_dim, draft.pkg.kv_dtype);
+        if preallocate {
+            let capacity = draft.pkg.context_length();
+            let t0 = std::time::Instant::now();
+            pool.resize(&draft.pkg, 2 * d.num_layers, rows, capacity, &[])?;
+            tracing::info!(
+                rows,
+                capacity,
+                ms = t0.elapsed().as_secs_f64() * 1e3,
+                "draft KV pool preallocated"
+            );
+        }
+        Ok(DraftRows {
             draft,
             pool,
             rows,
             calls: 0,
-        }
+        })
     }
 
     /// Start reading a running sequence's prompt (the target's assembly with `tokens_per_image`
@@ -133,7 +147,7 @@ impl DraftRows {
             let tensors = 2 * self.draft.pkg.manifest.decoder.num_layers;
             self.pool
                 .resize(&self.draft.pkg, tensors, self.rows, grown, used)?;
-            tracing::debug!(rows = self.rows, capacity = grown, "draft KV pool");
+            tracing::info!(rows = self.rows, capacity = grown, "draft KV pool");
         }
         let embeds = self.draft.pkg.encode_images(&mut self.draft.vision, pixels)?;
         Ok(DraftSlot::Reading(Reading {
